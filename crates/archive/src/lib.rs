@@ -1,1 +1,65 @@
-//! placeholder
+//! # bastion-archive: the one place that stores and finds
+//!
+//! [`Archive`] runs the ingest pipeline shared by C-STORE and
+//! `bastion import` (DESIGN §4): bound the encoding ([`scan`]), parse the
+//! attributes before Pixel Data with dicom-object, validate the UIDs
+//! ([`extract`]), zero the Part 10 preamble, encrypt into the blob store
+//! (durable), commit the index row (group commit), record the event.
+//!
+//! Invariants:
+//! - an instance is visible (indexed) only after its blob is durable;
+//! - an acknowledged instance is never overwritten silently: a different
+//!   dataset under a stored SOP Instance UID is [`ArchiveError::Conflict`]
+//!   unless the device's policy is replace, which keeps the old version;
+//! - nothing here knows dicom-ul, HTTP or SQL: errors are [`ArchiveError`],
+//!   mapped to DIMSE statuses by `bastion-dimse` in one function.
+
+pub mod extract;
+pub mod ingest;
+pub mod scan;
+
+pub use ingest::{Archive, Ingested, Limits, Origin, Received};
+
+/// Bastion's Implementation Class UID (PS3.7 §D.3.3.2), a UUID-derived UID
+/// under the `2.25` root (PS3.5 §B.2).
+pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.217307463911476283307014052718592140379";
+/// Bastion's Implementation Version Name (≤ 16 characters).
+pub const IMPLEMENTATION_VERSION_NAME: &str = "BASTION_0_1";
+/// The AE title recorded for instances that `bastion import` stored.
+pub const IMPORT_AE: &str = "IMPORT";
+
+/// Why an ingest or a read failed. Each variant maps to one DIMSE status
+/// (see `bastion_dimse::status`).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ArchiveError {
+    /// The bytes are not a parseable dataset or Part 10 file (0xC000).
+    #[error("not a valid DICOM dataset: {0}")]
+    NotDicom(String),
+    /// A required UID is missing or invalid, or the dataset contradicts the
+    /// command (0xA900).
+    #[error("{0}")]
+    InvalidDataset(String),
+    /// A different dataset under a stored SOP Instance UID (0x0111).
+    #[error(
+        "SOP Instance UID {sop_instance_uid} is already stored with different content; refused"
+    )]
+    Conflict {
+        /// The UID.
+        sop_instance_uid: bastion_model::Uid,
+    },
+    /// Over a configured size limit (0xA700).
+    #[error("dataset exceeds the configured limit of {limit} bytes")]
+    TooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The disk is full (0xA700).
+    #[error("out of storage space")]
+    NoSpace,
+    /// No such instance.
+    #[error("no instance with SOP Instance UID {0}")]
+    NotFound(String),
+    /// Anything else (0xA700 on the wire; details in the operator log).
+    #[error("internal error: {0}")]
+    Internal(String),
+}

@@ -1,1 +1,95 @@
-//! placeholder
+//! # bastion-security: who may connect, what they may do, and what happened
+//!
+//! - [`secrets`]: writing and checking secret files (mode 0600, refused when
+//!   readable by others).
+//! - [`pki`]: the private CA, the server certificate and device client
+//!   certificates (rcgen), certificate fingerprints.
+//! - [`db`]: the encrypted security database (SQLCipher) holding devices and
+//!   users.
+//! - [`devices`]: the device allowlist (AE title + network + transport +
+//!   permissions), DESIGN §2.
+//! - [`policy`]: the pure association decision of PS3.8 §9.3.4 over a device.
+//! - [`users`]: local user accounts with argon2id password hashes.
+//! - [`events`]: the append-only security event log (no patient data).
+//!
+//! Invariant: this crate knows no network front (no dicom-ul, no HTTP), and
+//! [`policy::decide`] is a pure function with an exhaustive `match`.
+
+pub mod db;
+pub mod devices;
+pub mod events;
+pub mod pki;
+pub mod policy;
+pub mod secrets;
+pub mod users;
+
+use std::path::PathBuf;
+
+/// Errors of the security layer. Messages name the file or the record and
+/// never contain a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    /// A file could not be read or written.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// Which file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A secret file grants permissions to group or others.
+    #[error("{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")]
+    InsecurePermissions {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The security database failed.
+    #[error("security database: {op}: {source}")]
+    Db {
+        /// What was being done.
+        op: &'static str,
+        /// The SQLite error.
+        source: rusqlite::Error,
+    },
+    /// The security database could not be opened with the derived key.
+    #[error("security database {0} cannot be decrypted with this master key")]
+    WrongKey(PathBuf),
+    /// A device with this AE title already exists.
+    #[error("a device with AE title {0} already exists; use `bastion device update`")]
+    DeviceExists(String),
+    /// No device with this AE title.
+    #[error("no device with AE title {0}")]
+    NoSuchDevice(String),
+    /// A user with this name already exists.
+    #[error("user {0} already exists")]
+    UserExists(String),
+    /// A value given by the operator is invalid.
+    #[error("invalid {what}: {detail}")]
+    Invalid {
+        /// Which setting.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
+    /// Certificate generation or parsing failed.
+    #[error("certificate: {0}")]
+    Certificate(String),
+    /// Password hashing failed.
+    #[error("password hashing: {0}")]
+    PasswordHash(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = SecurityError> = std::result::Result<T, E>;
+
+fn io_err(
+    op: &'static str,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> SecurityError {
+    let path = path.to_path_buf();
+    move |source| SecurityError::Io { op, path, source }
+}

@@ -1,0 +1,632 @@
+//! The one ingest pipeline for C-STORE and `bastion import` (DESIGN §4):
+//! bound → parse → validate → sanitise → encrypt → durable blob → index
+//! commit (grouped) → event. The caller acknowledges only after
+//! [`Archive::ingest`] returned `Ok`.
+
+use std::{
+    io::Read,
+    sync::{mpsc, Arc, Condvar, Mutex},
+    time::Duration,
+};
+
+use bastion_index::{CommitOutcome, Index, NewInstance, OnConflict};
+use bastion_model::Uid;
+use bastion_security::events::{EventLog, Outcome};
+use bastion_store::{BlobId, BlobStore, StoreError};
+use dicom_core::Tag;
+use dicom_dictionary_std::tags;
+use dicom_encoding::transfer_syntax::Endianness;
+use dicom_encoding::TransferSyntaxIndex;
+use dicom_object::{meta::FileMetaTableBuilder, InMemDicomObject};
+use dicom_transfer_syntax_registry::{entries, TransferSyntaxRegistry};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    scan::{self, Encoding, ScanLimits},
+    ArchiveError, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME,
+};
+
+/// Configurable bounds of the pipeline (all sizes in bytes).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest dataset accepted (as received, before inflation).
+    pub max_dataset_bytes: u64,
+    /// Largest single element value.
+    pub max_element_bytes: u64,
+    /// Largest inflated size of a deflated dataset (deflate-bomb cap).
+    pub max_inflated_bytes: u64,
+    /// Deepest sequence nesting.
+    pub max_sequence_depth: u32,
+    /// Parses running at once (each holds one dataset's attributes).
+    pub max_concurrent_parses: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_dataset_bytes: 1 << 30,
+            max_element_bytes: 1 << 30,
+            max_inflated_bytes: 1 << 30,
+            max_sequence_depth: 16,
+            max_concurrent_parses: 4,
+        }
+    }
+}
+
+/// What arrived.
+#[derive(Debug)]
+pub enum Received {
+    /// A dataset from a C-STORE-RQ (PS3.7 §9.1.1): the bytes as received in
+    /// the presentation context's transfer syntax, and the command's
+    /// Affected SOP Class / Instance UIDs.
+    Network {
+        /// Dataset bytes, no preamble or meta.
+        dataset: Vec<u8>,
+        /// Negotiated transfer syntax UID.
+        transfer_syntax: String,
+        /// (0000,0002) Affected SOP Class UID.
+        affected_sop_class: String,
+        /// (0000,1000) Affected SOP Instance UID.
+        affected_sop_instance: String,
+    },
+    /// A PS3.10 file (128-byte preamble, `DICM`, meta, dataset); a file that
+    /// starts directly with `DICM` is accepted too.
+    File(Vec<u8>),
+}
+
+/// Who sent it, for the index, the meta header and the event log.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// Calling AE title, or `IMPORT` for the CLI.
+    pub ae: String,
+    /// Peer address or file path (never logged above debug for files).
+    pub peer: String,
+    /// What to do on a conflicting re-send.
+    pub on_conflict: OnConflict,
+}
+
+/// A successful ingest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ingested {
+    /// A new instance was stored.
+    Stored {
+        /// Its SOP Instance UID.
+        sop_instance_uid: Uid,
+    },
+    /// The identical dataset was stored before; nothing was written.
+    Duplicate {
+        /// Its SOP Instance UID.
+        sop_instance_uid: Uid,
+    },
+    /// A different dataset replaced the stored one, which was kept for
+    /// recovery (`--on-conflict replace`).
+    Replaced {
+        /// Its SOP Instance UID.
+        sop_instance_uid: Uid,
+    },
+}
+
+/// Counting semaphore bounding concurrent parses (std has none; tokio's
+/// cannot be acquired from a blocking thread without a runtime handle).
+struct Slots {
+    free: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl Slots {
+    fn acquire(&self) -> SlotGuard<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            free = self.cv.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+        *free -= 1;
+        SlotGuard(self)
+    }
+}
+
+struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let mut free = self.0.free.lock().unwrap_or_else(|p| p.into_inner());
+        *free += 1;
+        self.0.cv.notify_one();
+    }
+}
+
+type CommitReply = mpsc::SyncSender<Result<CommitOutcome, ArchiveError>>;
+
+/// The archive: blob store + index + event log behind one API. `Send +
+/// Sync`; share it with `Arc`. Methods block (disk and CPU): call them from
+/// `spawn_blocking` in async code.
+pub struct Archive {
+    store: Arc<BlobStore>,
+    index: Arc<Index>,
+    events: Arc<EventLog>,
+    limits: Limits,
+    parses: Slots,
+    committer: Mutex<mpsc::Sender<(NewInstance, CommitReply)>>,
+}
+
+impl Archive {
+    /// Assembles the archive and starts its group-commit thread.
+    pub fn new(
+        store: Arc<BlobStore>,
+        index: Arc<Index>,
+        events: Arc<EventLog>,
+        limits: Limits,
+    ) -> Archive {
+        let (tx, rx) = mpsc::channel::<(NewInstance, CommitReply)>();
+        let idx = index.clone();
+        std::thread::Builder::new()
+            .name("index-commit".into())
+            .spawn(move || group_commit(&idx, &rx))
+            .ok();
+        Archive {
+            store,
+            index,
+            events,
+            parses: Slots {
+                free: Mutex::new(limits.max_concurrent_parses.max(1)),
+                cv: Condvar::new(),
+            },
+            limits,
+            committer: Mutex::new(tx),
+        }
+    }
+
+    /// The index (for read-only queries by the front ends and the CLI).
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// The event log.
+    pub fn events(&self) -> &EventLog {
+        &self.events
+    }
+
+    /// The configured limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Runs the pipeline. Returns only after the instance is durable and
+    /// indexed (or known to be a duplicate).
+    ///
+    /// # Errors
+    /// [`ArchiveError::NotDicom`] (unparseable), [`ArchiveError::InvalidDataset`]
+    /// (missing or invalid UIDs), [`ArchiveError::Conflict`],
+    /// [`ArchiveError::TooLarge`], [`ArchiveError::NoSpace`],
+    /// [`ArchiveError::Internal`]. Nothing is visible after an error.
+    pub fn ingest(&self, received: Received, origin: &Origin) -> Result<Ingested, ArchiveError> {
+        let result = self.ingest_inner(received, origin);
+        match &result {
+            Ok(Ingested::Stored { sop_instance_uid }) => self.events.record(
+                "store.stored",
+                Outcome::Success,
+                serde_json::json!({"ae": origin.ae, "peer": peer_for_log(origin), "sop_instance_uid": sop_instance_uid}),
+            ),
+            Ok(Ingested::Duplicate { sop_instance_uid }) => self.events.record(
+                "store.duplicate",
+                Outcome::Success,
+                serde_json::json!({"ae": origin.ae, "peer": peer_for_log(origin), "sop_instance_uid": sop_instance_uid}),
+            ),
+            Ok(Ingested::Replaced { sop_instance_uid }) => self.events.record(
+                "security.instance_replaced",
+                Outcome::Alert,
+                serde_json::json!({"ae": origin.ae, "peer": peer_for_log(origin), "sop_instance_uid": sop_instance_uid}),
+            ),
+            Err(ArchiveError::Conflict { sop_instance_uid }) => self.events.record(
+                "security.instance_conflict",
+                Outcome::Alert,
+                serde_json::json!({"ae": origin.ae, "peer": peer_for_log(origin), "sop_instance_uid": sop_instance_uid,
+                    "detail": "a different dataset was sent under a stored SOP Instance UID; refused"}),
+            ),
+            Err(e) => self.events.record(
+                "store.refused",
+                Outcome::Refused,
+                serde_json::json!({"ae": origin.ae, "peer": peer_for_log(origin), "reason": e.to_string()}),
+            ),
+        }
+        result
+    }
+
+    fn ingest_inner(&self, received: Received, origin: &Origin) -> Result<Ingested, ArchiveError> {
+        let _slot = self.parses.acquire();
+        let (dataset, ts_uid, affected, preamble_alert) = match received {
+            Received::Network {
+                dataset,
+                transfer_syntax,
+                affected_sop_class,
+                affected_sop_instance,
+            } => (
+                DatasetBytes::Owned(dataset),
+                transfer_syntax,
+                Some((affected_sop_class, affected_sop_instance)),
+                None,
+            ),
+            Received::File(bytes) => {
+                let (offset, ts, alert) = self.split_part10(&bytes)?;
+                (DatasetBytes::Tail(bytes, offset), ts, None, alert)
+            }
+        };
+        let raw = dataset.as_slice();
+        if raw.len() as u64 > self.limits.max_dataset_bytes {
+            return Err(ArchiveError::TooLarge {
+                limit: self.limits.max_dataset_bytes,
+            });
+        }
+        let ts_uid = ts_uid.trim_end_matches(['\0', ' ']).to_owned();
+        let parsed = self.parse(raw, &ts_uid)?;
+        let attrs = crate::extract::extract(&parsed)?;
+        if let Some((class, instance)) = &affected {
+            if class.trim_end_matches(['\0', ' ']) != attrs.instance.sop_class_uid {
+                return Err(ArchiveError::InvalidDataset(format!(
+                    "SOP Class UID in the dataset ({}) differs from the C-STORE Affected SOP Class UID",
+                    attrs.instance.sop_class_uid
+                )));
+            }
+            if instance.trim_end_matches(['\0', ' ']) != attrs.instance.sop_instance_uid {
+                return Err(ArchiveError::InvalidDataset(format!(
+                    "SOP Instance UID in the dataset ({}) differs from the C-STORE Affected SOP Instance UID",
+                    attrs.instance.sop_instance_uid
+                )));
+            }
+        }
+        let sop = Uid::parse(&attrs.instance.sop_instance_uid)
+            .map_err(|e| ArchiveError::InvalidDataset(e.to_string()))?;
+        if let Some(kind) = preamble_alert {
+            self.events.record(
+                "security.preamble_executable",
+                Outcome::Alert,
+                serde_json::json!({"ae": origin.ae, "sop_instance_uid": sop, "header": kind,
+                    "detail": "the 128-byte preamble held an executable header (CVE-2019-11687); it was zeroed"}),
+            );
+            tracing::warn!(ae = %origin.ae, sop_instance_uid = %sop, header = kind, "executable header in the Part 10 preamble zeroed (CVE-2019-11687)");
+        }
+        let content_sha256 = hex::encode(Sha256::digest(raw));
+
+        // Fast path: an identical re-send writes nothing; a refused conflict
+        // costs no blob either. The commit below re-checks under the index
+        // transaction, so concurrent senders cannot race past this.
+        if let Some(existing) = self.index.find_instance(sop.as_str()).map_err(index_err)? {
+            if existing.content_sha256 == content_sha256 {
+                return Ok(Ingested::Duplicate {
+                    sop_instance_uid: sop,
+                });
+            }
+            if origin.on_conflict == OnConflict::Refuse {
+                return Err(ArchiveError::Conflict {
+                    sop_instance_uid: sop,
+                });
+            }
+        }
+
+        let part10 = build_part10(
+            raw,
+            &ts_uid,
+            &attrs.instance.sop_class_uid,
+            sop.as_str(),
+            &origin.ae,
+        )?;
+        let blob = self.store.put(&part10).map_err(store_err)?;
+        drop(part10);
+        let mut attrs = attrs;
+        attrs.instance.transfer_syntax_uid = ts_uid;
+        let record = NewInstance {
+            patient: attrs.patient,
+            study: attrs.study,
+            series: attrs.series,
+            instance: attrs.instance,
+            blob_id: blob.id.as_str().to_owned(),
+            key_id: blob.key_id.clone(),
+            stored_size: blob.plaintext_len,
+            stored_sha256: hex::encode(blob.sha256),
+            content_sha256,
+            source_ae: origin.ae.clone(),
+            received_at: now(),
+            on_conflict: origin.on_conflict,
+        };
+        let outcome = self.commit(record);
+        match outcome {
+            Ok(CommitOutcome::Stored) => Ok(Ingested::Stored {
+                sop_instance_uid: sop,
+            }),
+            Ok(CommitOutcome::Replaced { .. }) => Ok(Ingested::Replaced {
+                sop_instance_uid: sop,
+            }),
+            Ok(CommitOutcome::Duplicate { .. }) => {
+                self.discard(&blob.id);
+                Ok(Ingested::Duplicate {
+                    sop_instance_uid: sop,
+                })
+            }
+            Ok(CommitOutcome::Conflict { .. }) => {
+                self.discard(&blob.id);
+                Err(ArchiveError::Conflict {
+                    sop_instance_uid: sop,
+                })
+            }
+            Err(e) => {
+                self.discard(&blob.id);
+                Err(e)
+            }
+        }
+    }
+
+    fn discard(&self, id: &BlobId) {
+        if let Err(e) = self.store.delete(id) {
+            tracing::warn!(blob = %id.as_str(), error = %e, "could not delete an unreferenced blob; the orphan sweep will retry");
+        }
+    }
+
+    fn commit(&self, record: NewInstance) -> Result<CommitOutcome, ArchiveError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.committer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send((record, tx))
+            .map_err(|_| ArchiveError::Internal("the index commit thread has stopped".into()))?;
+        rx.recv()
+            .map_err(|_| ArchiveError::Internal("the index commit thread has stopped".into()))?
+    }
+
+    /// Finds the meta header of a Part 10 file. Returns the dataset offset,
+    /// the transfer syntax and, when the preamble held an executable header,
+    /// its kind.
+    fn split_part10(
+        &self,
+        bytes: &[u8],
+    ) -> Result<(usize, String, Option<&'static str>), ArchiveError> {
+        let dicm = if bytes.get(128..132) == Some(b"DICM") {
+            128
+        } else if bytes.get(0..4) == Some(b"DICM") {
+            0
+        } else {
+            return Err(ArchiveError::NotDicom(
+                "no DICM prefix at byte 128: not a DICOM Part 10 file".into(),
+            ));
+        };
+        let alert = if dicm == 128 {
+            executable_header(&bytes[..128])
+        } else {
+            None
+        };
+        let meta_start = dicm + 4;
+        let meta_bytes = bytes.get(meta_start..).unwrap_or_default();
+        let report = scan::scan(
+            meta_bytes,
+            Encoding {
+                explicit_vr: true,
+                little_endian: true,
+            },
+            ScanLimits {
+                max_element_len: 64 * 1024,
+                max_depth: 1,
+            },
+            Some(0x0002),
+        )
+        .map_err(|e| ArchiveError::NotDicom(format!("file meta information: {e}")))?;
+        let meta_end = meta_start + report.end;
+        let meta = dicom_object::meta::FileMetaTable::from_reader(&bytes[dicm..meta_end])
+            .map_err(|e| ArchiveError::NotDicom(format!("file meta information: {e}")))?;
+        Ok((meta_end, meta.transfer_syntax().to_owned(), alert))
+    }
+
+    /// Bounds-checks then parses the attributes before Pixel Data.
+    fn parse(&self, raw: &[u8], ts_uid: &str) -> Result<InMemDicomObject, ArchiveError> {
+        let ts = TransferSyntaxRegistry.get(ts_uid).ok_or_else(|| {
+            ArchiveError::NotDicom(format!("unsupported transfer syntax {ts_uid}"))
+        })?;
+        let deflated = matches!(ts_uid, "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.4.95");
+        let inflated;
+        let (buf, enc) = if deflated {
+            // PS3.5 Annex A.5: the dataset is raw deflate of explicit VR LE.
+            let mut out = Vec::new();
+            let cap = self.limits.max_inflated_bytes;
+            flate2::read::DeflateDecoder::new(raw)
+                .take(cap + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| {
+                    ArchiveError::NotDicom(format!("deflated dataset cannot be inflated: {e}"))
+                })?;
+            if out.len() as u64 > cap {
+                return Err(ArchiveError::TooLarge { limit: cap });
+            }
+            inflated = out;
+            (
+                &inflated[..],
+                Encoding {
+                    explicit_vr: true,
+                    little_endian: true,
+                },
+            )
+        } else {
+            let enc = Encoding {
+                explicit_vr: ts_uid != "1.2.840.10008.1.2",
+                little_endian: ts.endianness() == Endianness::Little,
+            };
+            (raw, enc)
+        };
+        let report = scan::scan(
+            buf,
+            enc,
+            ScanLimits {
+                max_element_len: self.limits.max_element_bytes,
+                max_depth: self.limits.max_sequence_depth,
+            },
+            None,
+        )
+        .map_err(|e| ArchiveError::NotDicom(format!("malformed dataset: {e}")))?;
+        let prefix = &buf[..report.pixel_data_offset.unwrap_or(buf.len())];
+        let parse_ts = match (enc.explicit_vr, enc.little_endian) {
+            (false, _) => entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+            (true, true) => entries::EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+            (true, false) => entries::EXPLICIT_VR_BIG_ENDIAN.erased(),
+        };
+        InMemDicomObject::read_dataset_with_ts(prefix, &parse_ts)
+            .map_err(|e| ArchiveError::NotDicom(format!("dataset cannot be parsed: {e}")))
+    }
+
+    /// Decrypts a stored instance as a Part 10 file (zero preamble, `DICM`,
+    /// regenerated meta, the dataset bytes as received).
+    ///
+    /// # Errors
+    /// [`ArchiveError::NotFound`] for an unknown UID; store errors otherwise.
+    pub fn instance_part10(&self, sop_instance_uid: &Uid) -> Result<Vec<u8>, ArchiveError> {
+        let found = self
+            .index
+            .find_instance(sop_instance_uid.as_str())
+            .map_err(index_err)?
+            .ok_or_else(|| ArchiveError::NotFound(sop_instance_uid.to_string()))?;
+        let id = BlobId::parse(&found.blob_id).map_err(store_err)?;
+        let bytes = self.store.get(&id).map_err(store_err)?;
+        if hex::encode(Sha256::digest(&bytes)) != found.stored_sha256 {
+            return Err(ArchiveError::Internal(format!(
+                "instance {sop_instance_uid}: stored bytes do not match their recorded SHA-256"
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Deletes published blobs that no index row references and that are
+    /// older than `min_age` (a crash between blob publish and index commit
+    /// leaves one; the age guard protects an ingest in flight in another
+    /// process). Also clears stale temporary files. Returns how many blobs
+    /// were removed.
+    ///
+    /// # Errors
+    /// Store or index failures.
+    pub fn sweep_orphans(&self, min_age: Duration) -> Result<usize, ArchiveError> {
+        self.store.sweep_tmp(min_age).map_err(store_err)?;
+        let referenced = self.index.blob_ids().map_err(index_err)?;
+        let now = std::time::SystemTime::now();
+        let mut removed = 0;
+        for (id, mtime) in self.store.list().map_err(store_err)? {
+            let old = now
+                .duration_since(mtime)
+                .map(|age| age >= min_age)
+                .unwrap_or(false);
+            if old && !referenced.contains(id.as_str()) {
+                self.store.delete(&id).map_err(store_err)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+enum DatasetBytes {
+    Owned(Vec<u8>),
+    Tail(Vec<u8>, usize),
+}
+
+impl DatasetBytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            DatasetBytes::Owned(v) => v,
+            DatasetBytes::Tail(v, off) => v.get(*off..).unwrap_or_default(),
+        }
+    }
+}
+
+fn group_commit(index: &Index, rx: &mpsc::Receiver<(NewInstance, CommitReply)>) {
+    const MAX_BATCH: usize = 256;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let (records, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        match index.commit_batch(&records) {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                let err = index_err(e);
+                for reply in replies {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// PS3.10 §7.1: 128-byte zero preamble, `DICM`, File Meta Information
+/// (group 0002, explicit VR LE), then the dataset as received.
+fn build_part10(
+    dataset: &[u8],
+    ts: &str,
+    sop_class: &str,
+    sop_instance: &str,
+    source_ae: &str,
+) -> Result<Vec<u8>, ArchiveError> {
+    let mut builder = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(sop_class)
+        .media_storage_sop_instance_uid(sop_instance)
+        .transfer_syntax(ts)
+        .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
+        .implementation_version_name(IMPLEMENTATION_VERSION_NAME);
+    if !source_ae.is_empty() {
+        builder = builder.source_application_entity_title(source_ae);
+    }
+    let meta = builder
+        .build()
+        .map_err(|e| ArchiveError::Internal(format!("file meta: {e}")))?;
+    let mut out = Vec::with_capacity(dataset.len() + 512);
+    out.extend_from_slice(&[0u8; 128]);
+    out.extend_from_slice(b"DICM");
+    meta.write(&mut out)
+        .map_err(|e| ArchiveError::Internal(format!("file meta: {e}")))?;
+    out.extend_from_slice(dataset);
+    Ok(out)
+}
+
+/// CVE-2019-11687: a preamble may hold a PE, ELF or Mach-O header, making
+/// the file also an executable.
+fn executable_header(preamble: &[u8]) -> Option<&'static str> {
+    match preamble.get(0..4)? {
+        [b'M', b'Z', ..] => Some("MZ (PE/DOS)"),
+        [0x7F, b'E', b'L', b'F'] => Some("ELF"),
+        [0xFE, 0xED, 0xFA, 0xCE | 0xCF]
+        | [0xCE | 0xCF, 0xFA, 0xED, 0xFE]
+        | [0xCA, 0xFE, 0xBA, 0xBE] => Some("Mach-O"),
+        _ => None,
+    }
+}
+
+fn peer_for_log(origin: &Origin) -> &str {
+    if origin.ae == crate::IMPORT_AE {
+        "file"
+    } else {
+        &origin.peer
+    }
+}
+
+fn store_err(e: StoreError) -> ArchiveError {
+    match e {
+        StoreError::NoSpace { .. } => ArchiveError::NoSpace,
+        other => ArchiveError::Internal(other.to_string()),
+    }
+}
+
+fn index_err(e: bastion_index::IndexError) -> ArchiveError {
+    match e {
+        bastion_index::IndexError::NoSpace => ArchiveError::NoSpace,
+        other => ArchiveError::Internal(other.to_string()),
+    }
+}
+
+fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+#[allow(dead_code)]
+const _PIXEL: Tag = tags::PIXEL_DATA;

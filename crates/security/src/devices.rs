@@ -1,0 +1,302 @@
+//! The device allowlist: every remote application entity Bastion talks to.
+//!
+//! A device is an AE title plus the network it may connect from, the
+//! transport it must use, the DIMSE services it may request and, for
+//! retrieve destinations, where to reach it (DESIGN §2 "devices").
+
+use std::net::IpAddr;
+
+use bastion_model::{AeTitle, PermissionSet, Transport};
+use ipnet::IpNet;
+use rusqlite::{params, OptionalExtension, Row};
+
+use crate::{db::SecurityDb, Result, SecurityError};
+
+/// What to do when a device sends a different dataset under a SOP Instance
+/// UID that is already stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnConflict {
+    /// Refuse with status 0x0111 and record a security event (default).
+    Refuse,
+    /// Keep the old version for recovery and store the new one.
+    Replace,
+}
+
+impl std::str::FromStr for OnConflict {
+    type Err = SecurityError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "refuse" => Ok(OnConflict::Refuse),
+            "replace" => Ok(OnConflict::Replace),
+            _ => Err(SecurityError::Invalid {
+                what: "on-conflict",
+                detail: format!("{s:?}: expected refuse or replace"),
+            }),
+        }
+    }
+}
+
+impl OnConflict {
+    fn name(self) -> &'static str {
+        match self {
+            OnConflict::Refuse => "refuse",
+            OnConflict::Replace => "replace",
+        }
+    }
+}
+
+/// A registered device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// Its AE title (spaces trimmed).
+    pub ae: AeTitle,
+    /// The network its associations must come from.
+    pub network: IpNet,
+    /// The transport it must use.
+    pub transport: Transport,
+    /// The DIMSE services it may request.
+    pub allow: PermissionSet,
+    /// Pinned SHA-256 of its DER client certificate (64 lowercase hex).
+    pub cert_sha256: Option<String>,
+    /// Host for outbound associations (C-MOVE destination).
+    pub host: Option<String>,
+    /// Port for outbound associations.
+    pub port: Option<u16>,
+    /// Conflict policy for its C-STOREs.
+    pub on_conflict: OnConflict,
+}
+
+impl Device {
+    /// Whether `addr` is inside this device's network. IPv4-mapped IPv6
+    /// addresses are compared as IPv4.
+    pub fn network_contains(&self, addr: IpAddr) -> bool {
+        let addr = match addr {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(addr),
+            v4 => v4,
+        };
+        self.network.contains(&addr)
+    }
+
+    /// JSON form used by `bastion device list --json`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "ae": self.ae.as_str(),
+            "network": self.network.to_string(),
+            "transport": self.transport.name(),
+            "allow": self.allow.iter().map(|p| p.name()).collect::<Vec<_>>(),
+            "cert_sha256": self.cert_sha256,
+            "host": self.host,
+            "port": self.port,
+            "on_conflict": self.on_conflict,
+        })
+    }
+}
+
+/// Normalises a certificate fingerprint: colons and spaces removed, lower
+/// case, exactly 64 hex digits.
+///
+/// # Errors
+/// [`SecurityError::Invalid`] when the result is not 64 hex digits.
+pub fn normalize_fingerprint(raw: &str) -> Result<String> {
+    let fp: String = raw
+        .chars()
+        .filter(|c| *c != ':' && !c.is_whitespace())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(SecurityError::Invalid {
+            what: "cert-sha256",
+            detail: "expected the SHA-256 of the DER certificate as 64 hex digits".into(),
+        });
+    }
+    Ok(fp)
+}
+
+fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn row_to_device(r: &Row<'_>) -> rusqlite::Result<RawDevice> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+    ))
+}
+
+type RawDevice = (
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    String,
+);
+
+fn parse_raw(raw: RawDevice) -> Result<Device> {
+    let (ae, network, transport, allow, cert_sha256, host, port, on_conflict) = raw;
+    let bad = |what, e: String| SecurityError::Invalid { what, detail: e };
+    Ok(Device {
+        ae: AeTitle::parse(&ae).map_err(|e| bad("stored ae", e.to_string()))?,
+        network: network
+            .parse()
+            .map_err(|e: ipnet::AddrParseError| bad("stored network", e.to_string()))?,
+        transport: transport
+            .parse()
+            .map_err(|e: bastion_model::ModelError| bad("stored transport", e.to_string()))?,
+        allow: PermissionSet::parse_list(&allow).map_err(|e| bad("stored allow", e.to_string()))?,
+        cert_sha256,
+        host,
+        port: port.and_then(|p| u16::try_from(p).ok()),
+        on_conflict: on_conflict.parse()?,
+    })
+}
+
+const COLUMNS: &str = "ae, network, transport, allow, cert_sha256, host, port, on_conflict";
+
+/// The device registry over the [`SecurityDb`].
+pub struct DeviceRegistry<'a> {
+    db: &'a SecurityDb,
+}
+
+impl<'a> DeviceRegistry<'a> {
+    /// Wraps the database.
+    pub fn new(db: &'a SecurityDb) -> Self {
+        DeviceRegistry { db }
+    }
+
+    /// Registers a new device.
+    ///
+    /// # Errors
+    /// [`SecurityError::DeviceExists`] when the AE title is taken.
+    pub fn add(&self, d: &Device) -> Result<()> {
+        self.db.with(|c| {
+            let ts = now();
+            let n = c
+                .execute(
+                    &format!("INSERT OR IGNORE INTO devices ({COLUMNS}, created_at, updated_at) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?9)"),
+                    params![
+                        d.ae.as_str(),
+                        d.network.to_string(),
+                        d.transport.name(),
+                        d.allow.to_string(),
+                        d.cert_sha256,
+                        d.host,
+                        d.port.map(i64::from),
+                        d.on_conflict.name(),
+                        ts
+                    ],
+                )
+                .map_err(|source| SecurityError::Db { op: "insert device", source })?;
+            if n == 0 {
+                return Err(SecurityError::DeviceExists(d.ae.to_string()));
+            }
+            Ok(())
+        })
+    }
+
+    /// Replaces an existing device's settings.
+    ///
+    /// # Errors
+    /// [`SecurityError::NoSuchDevice`] when it is not registered.
+    pub fn update(&self, d: &Device) -> Result<()> {
+        self.db.with(|c| {
+            let n = c
+                .execute(
+                    "UPDATE devices SET network=?2, transport=?3, allow=?4, cert_sha256=?5, host=?6, port=?7, on_conflict=?8, updated_at=?9 WHERE ae=?1",
+                    params![
+                        d.ae.as_str(),
+                        d.network.to_string(),
+                        d.transport.name(),
+                        d.allow.to_string(),
+                        d.cert_sha256,
+                        d.host,
+                        d.port.map(i64::from),
+                        d.on_conflict.name(),
+                        now()
+                    ],
+                )
+                .map_err(|source| SecurityError::Db { op: "update device", source })?;
+            if n == 0 {
+                return Err(SecurityError::NoSuchDevice(d.ae.to_string()));
+            }
+            Ok(())
+        })
+    }
+
+    /// Removes a device.
+    ///
+    /// # Errors
+    /// [`SecurityError::NoSuchDevice`] when it is not registered.
+    pub fn remove(&self, ae: &AeTitle) -> Result<()> {
+        self.db.with(|c| {
+            let n = c
+                .execute("DELETE FROM devices WHERE ae=?1", params![ae.as_str()])
+                .map_err(|source| SecurityError::Db {
+                    op: "delete device",
+                    source,
+                })?;
+            if n == 0 {
+                return Err(SecurityError::NoSuchDevice(ae.to_string()));
+            }
+            Ok(())
+        })
+    }
+
+    /// Looks a device up by AE title (already trimmed by [`AeTitle`]).
+    ///
+    /// # Errors
+    /// [`SecurityError::Db`] on database failure.
+    pub fn get(&self, ae: &AeTitle) -> Result<Option<Device>> {
+        let raw = self.db.with(|c| {
+            c.query_row(
+                &format!("SELECT {COLUMNS} FROM devices WHERE ae=?1"),
+                params![ae.as_str()],
+                row_to_device,
+            )
+            .optional()
+            .map_err(|source| SecurityError::Db {
+                op: "read device",
+                source,
+            })
+        })?;
+        raw.map(parse_raw).transpose()
+    }
+
+    /// All devices ordered by AE title.
+    ///
+    /// # Errors
+    /// [`SecurityError::Db`] on database failure.
+    pub fn list(&self) -> Result<Vec<Device>> {
+        let raws = self.db.with(|c| {
+            let mut st = c
+                .prepare(&format!("SELECT {COLUMNS} FROM devices ORDER BY ae"))
+                .map_err(|source| SecurityError::Db {
+                    op: "list devices",
+                    source,
+                })?;
+            let rows = st
+                .query_map([], row_to_device)
+                .map_err(|source| SecurityError::Db {
+                    op: "list devices",
+                    source,
+                })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(|source| SecurityError::Db {
+                    op: "list devices",
+                    source,
+                })
+        })?;
+        raws.into_iter().map(parse_raw).collect()
+    }
+}

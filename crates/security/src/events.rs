@@ -1,0 +1,106 @@
+//! The append-only security event log, `DIR/events/events.log`.
+//!
+//! One JSON object per line: `ts` (RFC 3339 UTC), `type` (e.g.
+//! `association.rejected`), `outcome` (`success`, `refused`, `failure`,
+//! `alert`), then event fields. Fields hold AE titles, addresses, UIDs,
+//! statuses and reasons, never patient names or IDs. The shape follows the
+//! DICOM audit message (PS3.15 A.5: who, what, outcome, objects) so a later
+//! audit trail can convert each record.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use crate::{io_err, Result};
+
+/// Outcome of an event (PS3.15 A.5 EventOutcomeIndicator lineage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The action succeeded.
+    Success,
+    /// A policy refused it.
+    Refused,
+    /// It failed for a technical reason.
+    Failure,
+    /// A security alert (suspicious input or behaviour).
+    Alert,
+}
+
+impl Outcome {
+    fn name(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Refused => "refused",
+            Outcome::Failure => "failure",
+            Outcome::Alert => "alert",
+        }
+    }
+}
+
+/// The event log. `Send + Sync`; each record is one `write` on an
+/// `O_APPEND` file, so concurrent processes (serve and the CLI) interleave
+/// whole lines.
+pub struct EventLog {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl EventLog {
+    /// Opens (creating, mode 0600) the log file.
+    ///
+    /// # Errors
+    /// [`crate::SecurityError::Io`] when the file cannot be opened.
+    pub fn open(path: &Path) -> Result<EventLog> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_err("open", path))?;
+        Ok(EventLog {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+        })
+    }
+
+    /// Appends one event. `fields` must be a JSON object; it must not hold
+    /// patient data. A write failure is reported through `tracing` and does
+    /// not fail the caller's operation (the event is also in the log stream).
+    pub fn record(&self, kind: &str, outcome: Outcome, fields: serde_json::Value) {
+        let ts = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let mut obj = serde_json::Map::new();
+        obj.insert("ts".into(), ts.into());
+        obj.insert("type".into(), kind.into());
+        obj.insert("outcome".into(), outcome.name().into());
+        if let serde_json::Value::Object(m) = fields {
+            obj.extend(m);
+        }
+        let mut line = serde_json::Value::Object(obj).to_string();
+        line.push('\n');
+        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = f.write_all(line.as_bytes()) {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot append to the event log");
+        }
+    }
+
+    /// Reads every event (for tests and `bastion events`).
+    ///
+    /// # Errors
+    /// [`crate::SecurityError::Io`] when the file cannot be read.
+    pub fn read_all(&self) -> Result<Vec<serde_json::Value>> {
+        let text = std::fs::read_to_string(&self.path).map_err(io_err("read", &self.path))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    }
+}

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, build, Rust tests, then the interop tests
+# (DCMTK and pynetdicom against a real `bastion serve`, on the pinned corpus).
+# Idempotent and non-interactive (works with CI=true and no terminal).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DEBIAN_FRONTEND=noninteractive
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+VENV=.cache/venv
+PY_PACKAGES=(pydicom==3.0.2 pynetdicom==3.0.4 pytest==9.2.0 cryptography==50.0.2)
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "1/6 system packages (DCMTK, cmake)"
+need=()
+[[ -x /usr/bin/storescu && -x /usr/bin/echoscu && -x /usr/bin/storescp ]] || need+=(dcmtk)
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+if ((${#need[@]})); then
+    SUDO=
+    if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; fi
+    echo "installing: ${need[*]}"
+    $SUDO apt-get update -q
+    $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
+else
+    echo "dcmtk and cmake present"
+fi
+
+step "2/6 python venv ($VENV)"
+if [[ ! -x $VENV/bin/python ]]; then
+    python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" - "${PY_PACKAGES[@]}" <<'PYEOF'
+import sys
+from importlib.metadata import version, PackageNotFoundError
+for spec in sys.argv[1:]:
+    name, want = spec.split("==")
+    try:
+        if version(name) != want:
+            sys.exit(1)
+    except PackageNotFoundError:
+        sys.exit(1)
+PYEOF
+then
+    "$VENV/bin/python" -m pip install --quiet "${PY_PACKAGES[@]}"
+fi
+"$VENV/bin/python" -c 'import pydicom, pynetdicom, pytest, cryptography; print("pydicom", pydicom.__version__, "pynetdicom", pynetdicom.__version__, "pytest", pytest.__version__)'
+
+step "3/6 test corpus"
+PYTHON=$VENV/bin/python ./scripts/fetch-corpus.sh
+
+step "4/6 cargo fmt + clippy"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "5/6 cargo build + cargo test"
+cargo build --workspace
+cargo test --workspace
+
+step "6/6 interop tests (pytest tests/interop)"
+BASTION_BIN=target/debug/bastion BASTION_CORPUS=.cache/corpus \
+    "$VENV/bin/python" -m pytest tests/interop -v -p no:cacheprovider "$@"
+
+step "all tests passed"

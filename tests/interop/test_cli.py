@@ -1,0 +1,81 @@
+"""init, device and cert CLI contract."""
+import os
+import stat
+
+PASSWORD_LINE = "Initial admin password for user 'admin': "
+
+
+def mode(p):
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_init_layout_and_secrets(make_server):
+    srv = make_server(start=False)
+    d = srv.data
+    assert mode(d) == 0o700
+    for f in ["bastion.toml", "tls/ca.crt", "tls/server.crt", "security.db", "index.db",
+              "events/events.log"]:
+        assert (d / f).is_file(), f
+    assert (d / "blobs").is_dir()
+    for f in ["tls/ca.key", "tls/server.key", "secrets/master.key",
+              "secrets/audit-signing.key", "initial-admin-password"]:
+        assert (d / f).is_file(), f
+        assert mode(d / f) == 0o600, f"{f} has mode {oct(mode(d / f))}"
+    lines = [l for l in srv.init_output.splitlines() if PASSWORD_LINE in l]
+    assert len(lines) == 1, srv.init_output
+    password = lines[0].split(PASSWORD_LINE, 1)[1].strip()
+    assert len(password) >= 12
+    assert (d / "initial-admin-password").read_text().strip() == password
+    # a second init on an initialised dir fails and prints no password
+    r = srv.cli("init", check=False)
+    assert r.returncode != 0
+    assert PASSWORD_LINE not in r.stdout + r.stderr
+
+
+def test_serve_initialises_empty_dir(make_server):
+    srv = make_server(init=False, start=True)
+    assert (srv.data / "tls" / "ca.crt").is_file()
+    assert mode(srv.data / "secrets" / "master.key") == 0o600
+    assert PASSWORD_LINE in srv.log()
+    assert sum(PASSWORD_LINE in l for l in srv.log().splitlines()) == 1
+
+
+def test_device_crud_json(make_server):
+    srv = make_server(start=False)
+    srv.device_add("MOD1", network="10.1.0.0/16", transport="mtls", allow="echo,store",
+                   cert_sha256="AB" * 32)
+    srv.device_add("LEGACY", network="127.0.0.1/32", transport="plain", allow="echo",
+                   host="127.0.0.1", port=11112, on_conflict="replace")
+    r = srv.device_add("MOD1", check=False)
+    assert r.returncode != 0, "adding an existing AE must fail"
+    devs = {d["ae"]: d for d in srv.device_list()}
+    assert set(devs) == {"MOD1", "LEGACY"}
+    m = devs["MOD1"]
+    assert m["network"] == "10.1.0.0/16"
+    assert m["transport"] == "mtls"
+    assert sorted(m["allow"]) == ["echo", "store"]
+    assert m["cert_sha256"].replace(":", "").lower() == "ab" * 32
+    l = devs["LEGACY"]
+    assert l["transport"] == "plain" and l["allow"] == ["echo"]
+    assert l["host"] == "127.0.0.1" and int(l["port"]) == 11112
+    assert l["on_conflict"] == "replace"
+    srv.device_update("LEGACY", network=None, transport=None, allow="echo,store,find")
+    devs = {d["ae"]: d for d in srv.device_list()}
+    assert sorted(devs["LEGACY"]["allow"]) == ["echo", "find", "store"]
+    srv.device_remove("LEGACY")
+    assert [d["ae"] for d in srv.device_list()] == ["MOD1"]
+    assert srv.device_remove("LEGACY", check=False).returncode != 0
+
+
+def test_cert_issue(make_server):
+    import hashlib, ssl
+    srv = make_server(start=False)
+    srv.device_add("MOD1")
+    crt, key, ca, fp = srv.cert_issue("MOD1")
+    assert mode(key) == 0o600
+    assert ca.read_bytes() == (srv.data / "tls" / "ca.crt").read_bytes()
+    pem = crt.read_text()
+    first = pem[: pem.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")]
+    der = ssl.PEM_cert_to_DER_cert(first)
+    assert hashlib.sha256(der).hexdigest() == fp
+    assert "BEGIN PRIVATE KEY" in key.read_text()  # unencrypted PKCS#8
