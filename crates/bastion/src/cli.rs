@@ -1,0 +1,396 @@
+//! Command-line interface (clap) and the small subcommands.
+
+use std::{
+    net::SocketAddr,
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{bail, Context, Result};
+use bastion_model::{AeTitle, PermissionSet, Transport, Uid};
+use bastion_security::{
+    devices::{normalize_fingerprint, Device, DeviceRegistry, OnConflict},
+    events::{EventLog, Outcome},
+    pki,
+};
+use clap::{Args, Parser, Subcommand};
+
+use crate::{config::Config, datadir::DataDir};
+
+/// Bastion: a secure-by-default PACS. Only registered devices may connect;
+/// everything is encrypted in transit and at rest; every decision is logged.
+#[derive(Debug, Parser)]
+#[command(name = "bastion", version, about, long_about = None)]
+pub struct Cli {
+    /// Data directory (keys, certificates, index, encrypted images).
+    #[arg(
+        long,
+        global = true,
+        default_value = "./bastion-data",
+        env = "BASTION_DATA"
+    )]
+    data: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Initialise an empty data directory: master key, audit signing key,
+    /// private CA and server certificate, admin user with a random password.
+    Init(ListenArgs),
+    /// Run the DICOM listeners (initialises an empty data directory first).
+    Serve(ListenArgs),
+    /// Manage the device allowlist (remote AE titles allowed to connect).
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Issue certificates from Bastion's private CA.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Import Part 10 files and folders (recursive) through the ingest pipeline.
+    Import {
+        /// Files or folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Read stored instances.
+    #[command(subcommand)]
+    Instance(InstanceCommand),
+}
+
+/// Listener settings (override `bastion.toml`).
+#[derive(Debug, Args, Clone)]
+pub struct ListenArgs {
+    /// DICOM-TLS listener [default: 127.0.0.1:2762]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub dicom_addr: Option<SocketAddr>,
+    /// Plain (unencrypted) DICOM listener for `plain` devices; off unless given
+    #[arg(long, value_name = "HOST:PORT")]
+    pub dicom_plain_addr: Option<SocketAddr>,
+    /// Our AE title [default: BASTION]
+    #[arg(long)]
+    pub ae_title: Option<String>,
+}
+
+impl ListenArgs {
+    /// Applies the flags over a configuration.
+    pub fn apply(&self, mut c: Config) -> Result<Config> {
+        if let Some(a) = self.dicom_addr {
+            c.dicom.tls_addr = a;
+        }
+        if let Some(a) = self.dicom_plain_addr {
+            c.dicom.plain_addr = Some(a);
+        }
+        if let Some(ae) = &self.ae_title {
+            c.dicom.ae_title = ae.clone();
+        }
+        AeTitle::parse(&c.dicom.ae_title).context("invalid --ae-title")?;
+        Ok(c)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// Register a device. Adding an existing AE title is an error.
+    Add(DeviceArgs),
+    /// Change a registered device (only the flags given change).
+    Update(DeviceArgs),
+    /// Remove a device.
+    Remove {
+        /// AE title.
+        #[arg(long)]
+        ae: String,
+    },
+    /// List devices.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct DeviceArgs {
+    /// The device's AE title (leading/trailing spaces are not significant).
+    #[arg(long)]
+    ae: String,
+    /// Network its associations must come from, as CIDR (e.g. 10.1.2.0/24, 127.0.0.1/32).
+    #[arg(long)]
+    network: Option<ipnet::IpNet>,
+    /// tls (client certificate optional, must chain to our CA), mtls (certificate required:
+    /// our CA or --cert-sha256), plain (legacy, plain listener only).
+    #[arg(long)]
+    transport: Option<String>,
+    /// Comma-separated subset of echo,store,find,move,get.
+    #[arg(long)]
+    allow: Option<String>,
+    /// SHA-256 of the device's DER client certificate (hex; colons and case ignored).
+    #[arg(long)]
+    cert_sha256: Option<String>,
+    /// Host for outbound associations (retrieve destination).
+    #[arg(long)]
+    host: Option<String>,
+    /// Port for outbound associations.
+    #[arg(long)]
+    port: Option<u16>,
+    /// What to do when the device re-sends a different dataset under a stored
+    /// SOP Instance UID: refuse (status 0x0111, default) or replace (keeps the old version).
+    #[arg(long)]
+    on_conflict: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Issue a client certificate for a device: writes OUT/client.key (0600),
+    /// OUT/client.crt and OUT/ca.crt, prints the certificate's SHA-256.
+    Issue {
+        /// The device's AE title (becomes the certificate's CN).
+        #[arg(long)]
+        ae: String,
+        /// Output directory (created).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum InstanceCommand {
+    /// Decrypt one stored instance to a Part 10 file (zero preamble,
+    /// regenerated meta, the dataset exactly as received).
+    Get {
+        /// SOP Instance UID.
+        #[arg(long)]
+        sop_uid: String,
+        /// Output file (created with mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let dir = DataDir::new(&cli.data);
+    match cli.command {
+        Command::Init(listen) => {
+            dir.init(&listen.apply(Config::default())?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve(listen) => crate::serve::serve(&dir, &listen),
+        Command::Device(cmd) => device(&dir, cmd),
+        Command::Cert(CertCommand::Issue { ae, out }) => cert_issue(&dir, &ae, &out),
+        Command::Import { paths } => crate::import::import(&dir, &paths),
+        Command::Instance(InstanceCommand::Get { sop_uid, out }) => {
+            instance_get(&dir, &sop_uid, &out)
+        }
+    }
+}
+
+fn open_events(dir: &DataDir) -> Result<EventLog> {
+    Ok(EventLog::open(&dir.events())?)
+}
+
+fn device(dir: &DataDir, cmd: DeviceCommand) -> Result<ExitCode> {
+    dir.require_initialised()?;
+    dir.check_secret_permissions()?;
+    let master = dir.load_master_key()?;
+    let db = dir.open_security(&master)?;
+    let reg = DeviceRegistry::new(&db);
+    let events = open_events(dir)?;
+    match cmd {
+        DeviceCommand::Add(a) => {
+            let ae = AeTitle::parse(&a.ae)?;
+            let (Some(network), Some(transport), Some(allow)) =
+                (a.network, a.transport.as_deref(), a.allow.as_deref())
+            else {
+                bail!("device add needs --network, --transport and --allow");
+            };
+            let d = Device {
+                ae,
+                network,
+                transport: transport.parse::<Transport>()?,
+                allow: PermissionSet::parse_list(allow)?,
+                cert_sha256: a
+                    .cert_sha256
+                    .as_deref()
+                    .map(normalize_fingerprint)
+                    .transpose()?,
+                host: a.host,
+                port: a.port,
+                on_conflict: a
+                    .on_conflict
+                    .as_deref()
+                    .unwrap_or("refuse")
+                    .parse::<OnConflict>()?,
+            };
+            validate(&d)?;
+            reg.add(&d)?;
+            events.record(
+                "device.added",
+                Outcome::Success,
+                serde_json::json!({"actor": "cli", "device": d.to_json()}),
+            );
+            println!("device {} added", d.ae);
+        }
+        DeviceCommand::Update(a) => {
+            let ae = AeTitle::parse(&a.ae)?;
+            let Some(mut d) = reg.get(&ae)? else {
+                bail!("no device with AE title {ae}")
+            };
+            if let Some(n) = a.network {
+                d.network = n;
+            }
+            if let Some(t) = a.transport.as_deref() {
+                d.transport = t.parse()?;
+            }
+            if let Some(p) = a.allow.as_deref() {
+                d.allow = PermissionSet::parse_list(p)?;
+            }
+            if let Some(c) = a.cert_sha256.as_deref() {
+                d.cert_sha256 = if c.is_empty() {
+                    None
+                } else {
+                    Some(normalize_fingerprint(c)?)
+                };
+            }
+            if a.host.is_some() {
+                d.host = a.host;
+            }
+            if a.port.is_some() {
+                d.port = a.port;
+            }
+            if let Some(o) = a.on_conflict.as_deref() {
+                d.on_conflict = o.parse()?;
+            }
+            validate(&d)?;
+            reg.update(&d)?;
+            events.record(
+                "device.updated",
+                Outcome::Success,
+                serde_json::json!({"actor": "cli", "device": d.to_json()}),
+            );
+            println!("device {} updated", d.ae);
+        }
+        DeviceCommand::Remove { ae } => {
+            let ae = AeTitle::parse(&ae)?;
+            reg.remove(&ae)?;
+            events.record(
+                "device.removed",
+                Outcome::Success,
+                serde_json::json!({"actor": "cli", "ae": ae.as_str()}),
+            );
+            println!("device {ae} removed");
+        }
+        DeviceCommand::List { json } => {
+            let list = reg.list()?;
+            if json {
+                let v: Vec<_> = list.iter().map(Device::to_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if list.is_empty() {
+                println!("no devices registered: add one with `bastion device add`");
+            } else {
+                println!(
+                    "{:<16} {:<20} {:<9} {:<24} {:<8} DESTINATION",
+                    "AE", "NETWORK", "TRANSPORT", "ALLOW", "CONFLICT"
+                );
+                for d in list {
+                    let dest = match (&d.host, d.port) {
+                        (Some(h), Some(p)) => format!("{h}:{p}"),
+                        _ => "-".into(),
+                    };
+                    let conflict = if d.on_conflict == OnConflict::Replace {
+                        "replace"
+                    } else {
+                        "refuse"
+                    };
+                    println!(
+                        "{:<16} {:<20} {:<9} {:<24} {:<8} {dest}",
+                        d.ae.to_string(),
+                        d.network.to_string(),
+                        d.transport.to_string(),
+                        d.allow.to_string(),
+                        conflict
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate(d: &Device) -> Result<()> {
+    if d.host.is_some() != d.port.is_some() {
+        bail!("--host and --port go together");
+    }
+    if d.transport == Transport::Plain && d.cert_sha256.is_some() {
+        bail!("--cert-sha256 has no effect on a plain device; use --transport mtls");
+    }
+    Ok(())
+}
+
+fn cert_issue(dir: &DataDir, ae: &str, out: &Path) -> Result<ExitCode> {
+    dir.require_initialised()?;
+    dir.check_secret_permissions()?;
+    let ae = AeTitle::parse(ae)?;
+    let host = {
+        let master = dir.load_master_key()?;
+        let db = dir.open_security(&master)?;
+        DeviceRegistry::new(&db).get(&ae)?.and_then(|d| d.host)
+    };
+    let issued = pki::issue_client(&dir.pki(), ae.as_str(), host.as_deref())?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(out)
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    let key = out.join("client.key");
+    let crt = out.join("client.crt");
+    let ca = out.join("ca.crt");
+    for p in [&key, &crt, &ca] {
+        if p.exists() {
+            bail!("{} exists; refusing to overwrite", p.display());
+        }
+    }
+    bastion_security::secrets::write_secret(&key, issued.key_pem.as_bytes())?;
+    bastion_security::secrets::write_public(&crt, issued.cert_pem.as_bytes())?;
+    std::fs::copy(dir.pki().ca_cert, &ca).context("cannot copy ca.crt")?;
+    open_events(dir)?.record(
+        "cert.issued",
+        Outcome::Success,
+        serde_json::json!({"actor": "cli", "ae": ae.as_str(), "certificate_sha256": issued.sha256}),
+    );
+    println!(
+        "wrote {}, {} and {}",
+        key.display(),
+        crt.display(),
+        ca.display()
+    );
+    println!("certificate SHA-256: {}", issued.sha256);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn instance_get(dir: &DataDir, sop_uid: &str, out: &Path) -> Result<ExitCode> {
+    dir.require_initialised()?;
+    dir.check_secret_permissions()?;
+    let uid = Uid::parse(sop_uid)?;
+    let config = Config::load(&dir.config())?;
+    let master = dir.load_master_key()?;
+    let archive = dir.open_archive(&master, &config)?;
+    let bytes = archive.instance_part10(&uid)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    std::io::Write::write_all(&mut f, &bytes)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    archive.events().record(
+        "instance.exported",
+        Outcome::Success,
+        serde_json::json!({"actor": "cli", "sop_instance_uid": uid}),
+    );
+    println!("wrote {} ({} bytes)", out.display(), bytes.len());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,162 @@
+//! `DIR/bastion.toml`: every setting, with its default, commented.
+
+use std::{net::SocketAddr, path::Path};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// DICOM network settings.
+    pub dicom: DicomSection,
+    /// Ingest limits.
+    pub limits: LimitsSection,
+}
+
+/// `[dicom]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DicomSection {
+    /// Our AE title.
+    pub ae_title: String,
+    /// DICOM-TLS listener address.
+    pub tls_addr: SocketAddr,
+    /// Plain DICOM listener address; off when absent.
+    pub plain_addr: Option<SocketAddr>,
+    /// Maximum PDU length announced and accepted, bytes.
+    pub max_pdu_length: u32,
+    /// Concurrent associations.
+    pub max_associations: usize,
+    /// Idle association timeout, seconds.
+    pub idle_timeout_secs: u64,
+    /// TLS handshake + A-ASSOCIATE-RQ timeout, seconds.
+    pub handshake_timeout_secs: u64,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Largest dataset accepted, bytes.
+    pub max_dataset_bytes: u64,
+    /// Largest single element value, bytes.
+    pub max_element_bytes: u64,
+    /// Largest inflated size of a deflated dataset, bytes.
+    pub max_inflated_bytes: u64,
+    /// Deepest sequence nesting.
+    pub max_sequence_depth: u32,
+    /// Datasets parsed at once.
+    pub max_concurrent_parses: usize,
+}
+
+impl Default for DicomSection {
+    fn default() -> Self {
+        DicomSection {
+            ae_title: "BASTION".into(),
+            tls_addr: SocketAddr::from(([127, 0, 0, 1], 2762)),
+            plain_addr: None,
+            max_pdu_length: 131_072,
+            max_associations: 64,
+            idle_timeout_secs: 60,
+            handshake_timeout_secs: 10,
+        }
+    }
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_dataset_bytes: 1 << 30,
+            max_element_bytes: 1 << 30,
+            max_inflated_bytes: 1 << 30,
+            max_sequence_depth: 16,
+            max_concurrent_parses: 4,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&text)
+            .with_context(|| format!("invalid configuration in {}", path.display()))
+    }
+
+    /// The commented file written by `bastion init`.
+    pub fn render(&self) -> String {
+        let d = &self.dicom;
+        let l = &self.limits;
+        let plain = match d.plain_addr {
+            Some(a) => format!("plain_addr = \"{a}\""),
+            None => "# plain_addr = \"127.0.0.1:11112\"".into(),
+        };
+        format!(
+            r#"# Bastion PACS configuration. Command-line flags override these values.
+# Secrets are not in this file: they live in secrets/ and tls/ (mode 0600).
+
+[dicom]
+# Our Application Entity title (PS3.8 Called AE Title). Associations that
+# call another AE title are rejected (A-ASSOCIATE-RJ 1/1/7).
+ae_title = "{ae}"
+# DICOM over TLS listener (IANA port 2762). Binds to loopback until you
+# change it: set the address modalities reach, e.g. "10.1.2.3:2762".
+tls_addr = "{tls}"
+# Unencrypted DICOM listener for legacy devices registered with
+# `--transport plain`. Off unless set. Prefer TLS.
+{plain}
+# Maximum PDU length announced and accepted, bytes (PS3.8 D.1).
+max_pdu_length = {pdu}
+# Associations served at once; more are rejected.
+max_associations = {assoc}
+# An association silent for this many seconds is aborted.
+idle_timeout_secs = {idle}
+# Seconds allowed for the TLS handshake and the A-ASSOCIATE-RQ.
+handshake_timeout_secs = {hs}
+
+[limits]
+# Largest dataset accepted in one C-STORE or file, bytes (larger: 0xA700).
+max_dataset_bytes = {mds}
+# Largest declared length of a single element, bytes.
+max_element_bytes = {meb}
+# Largest inflated size of a Deflated Explicit VR Little Endian dataset.
+max_inflated_bytes = {mib}
+# Deepest sequence nesting accepted.
+max_sequence_depth = {msd}
+# Datasets parsed at once (bounds memory under load).
+max_concurrent_parses = {mcp}
+"#,
+            ae = d.ae_title,
+            tls = d.tls_addr,
+            pdu = d.max_pdu_length,
+            assoc = d.max_associations,
+            idle = d.idle_timeout_secs,
+            hs = d.handshake_timeout_secs,
+            mds = l.max_dataset_bytes,
+            meb = l.max_element_bytes,
+            mib = l.max_inflated_bytes,
+            msd = l.max_sequence_depth,
+            mcp = l.max_concurrent_parses,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendered_file_parses_back_to_the_defaults() {
+        let c = Config::default();
+        let parsed: Result<Config, _> = toml::from_str(&c.render());
+        let Ok(parsed) = parsed else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!(parsed.dicom.tls_addr, c.dicom.tls_addr);
+        assert_eq!(parsed.limits.max_dataset_bytes, c.limits.max_dataset_bytes);
+        assert!(toml::from_str::<Config>("[dicom]\nbogus = 1\n").is_err());
+    }
+}

@@ -1,0 +1,86 @@
+//! `bastion serve`: listeners, periodic orphan sweep, clean shutdown on
+//! SIGTERM / SIGINT.
+
+use std::{process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use bastion_dimse::{tls::TlsIdentity, Dimse, DimseConfig};
+use bastion_model::AeTitle;
+use bastion_security::policy::Listener;
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{cli::ListenArgs, config::Config, datadir::DataDir};
+
+/// Blobs younger than this are never swept (an ingest in another process
+/// may be between blob publish and index commit).
+const ORPHAN_MIN_AGE: Duration = Duration::from_secs(60);
+
+/// Runs the server until a signal.
+pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
+    if !dir.is_initialised() {
+        dir.init(&listen.apply(Config::default())?)?;
+    }
+    dir.check_secret_permissions()?;
+    let config = listen.apply(Config::load(&dir.config())?)?;
+    let master = dir.load_master_key()?;
+    let archive = dir.open_archive(&master, &config)?;
+    let security = Arc::new(dir.open_security(&master)?);
+    let p = dir.pki();
+    let tls = TlsIdentity::load(&p.server_cert, &p.server_key, &p.ca_cert)?;
+    let d = &config.dicom;
+    let dimse_config = DimseConfig {
+        ae_title: AeTitle::parse(&d.ae_title)?,
+        max_pdu_length: d.max_pdu_length,
+        max_associations: d.max_associations,
+        idle_timeout: Duration::from_secs(d.idle_timeout_secs),
+        handshake_timeout: Duration::from_secs(d.handshake_timeout_secs),
+        max_dataset_bytes: config.limits.max_dataset_bytes,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let dimse = Arc::new(Dimse::new(archive.clone(), security, dimse_config.clone(), Some(tls)));
+        let (tx, rx) = watch::channel(false);
+        let mut servers = Vec::new();
+        let tls_listener = TcpListener::bind(d.tls_addr).await.with_context(|| format!("cannot listen on {}", d.tls_addr))?;
+        tracing::info!("DICOM-TLS listening on {} as AE {}", tls_listener.local_addr()?, dimse_config.ae_title);
+        servers.push(tokio::spawn(dimse.clone().serve(tls_listener, Listener::Tls, rx.clone())));
+        if let Some(addr) = d.plain_addr {
+            let l = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            tracing::warn!(
+                "plain DICOM listening on {} as AE {} (unencrypted; only devices registered with --transport plain may use it)",
+                l.local_addr()?,
+                dimse_config.ae_title
+            );
+            servers.push(tokio::spawn(dimse.clone().serve(l, Listener::Plain, rx.clone())));
+        }
+        let sweeper = {
+            let archive = archive.clone();
+            tokio::spawn(async move {
+                loop {
+                    let a = archive.clone();
+                    match tokio::task::spawn_blocking(move || a.sweep_orphans(ORPHAN_MIN_AGE)).await {
+                        Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "removed orphan blobs left by an interrupted ingest"),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "orphan sweep failed"),
+                        _ => {}
+                    }
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            })
+        };
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+        }
+        let _ = tx.send(true);
+        sweeper.abort();
+        for s in servers {
+            let _ = s.await;
+        }
+        tracing::info!("stopped");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

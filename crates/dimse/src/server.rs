@@ -1,0 +1,716 @@
+//! The DIMSE service provider: listeners, association policy, C-ECHO and
+//! C-STORE SCP (PS3.7 §9.1.1, §9.1.5; PS3.4 Annexes A and B).
+//!
+//! Flow of one connection: TCP accept (TCP_NODELAY) → TLS handshake on the
+//! TLS listener (client certificate recorded, see [`crate::tls`]) →
+//! A-ASSOCIATE-RQ → [`ConnectionPolicy`] applies
+//! [`bastion_security::policy::decide`] with the peer address, listener and
+//! certificate (A-ASSOCIATE-RJ 1/1/3 or 1/1/7 on refusal) → P-DATA loop:
+//! command and dataset fragments are assembled per message, each request is
+//! checked against the device's permissions (0x0124 when missing), C-STORE
+//! datasets go to the archive's ingest pipeline and the C-STORE-RSP is sent
+//! only after the instance is durable and indexed.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use bastion_archive::{Archive, Ingested, Origin, Received};
+use bastion_model::{AeTitle, Permission};
+use bastion_security::{
+    db::SecurityDb,
+    devices::{Device, DeviceRegistry, OnConflict},
+    events::Outcome,
+    policy::{self, AssociationAttempt, Listener, PeerCertificate},
+};
+use dicom_ul::{
+    association::server::{AccessControl, AsyncServerAssociation, ServerAssociationOptions},
+    pdu::{
+        AbortRQServiceProviderReason, AbortRQSource, AssociationRJServiceUserReason, PDataValue,
+        PDataValueType, Pdu, PresentationContextResultReason, UserIdentity,
+    },
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinSet,
+};
+
+use crate::{
+    command::{self, field, Request, Response},
+    status::{self, Status},
+    tls::{CertSlot, TlsIdentity},
+};
+
+/// Settings of the DIMSE front end (all configurable in `bastion.toml`).
+#[derive(Debug, Clone)]
+pub struct DimseConfig {
+    /// Our AE title (PS3.8 §9.3.2 Called AE Title must equal it).
+    pub ae_title: AeTitle,
+    /// Maximum PDU length we announce and accept (PS3.8 D.1), bytes.
+    pub max_pdu_length: u32,
+    /// Associations served at once across both listeners.
+    pub max_associations: usize,
+    /// An association silent for this long is aborted.
+    pub idle_timeout: Duration,
+    /// Time allowed for the TLS handshake plus the A-ASSOCIATE-RQ.
+    pub handshake_timeout: Duration,
+    /// Largest dataset accepted in one C-STORE, bytes (larger: 0xA700).
+    pub max_dataset_bytes: u64,
+}
+
+/// The DIMSE front end. Share with `Arc`; one instance serves every
+/// listener.
+pub struct Dimse {
+    archive: Arc<Archive>,
+    security: Arc<SecurityDb>,
+    config: DimseConfig,
+    tls: Option<TlsIdentity>,
+    active: AtomicUsize,
+}
+
+impl Dimse {
+    /// Assembles the front end. `tls` is required to serve a TLS listener.
+    pub fn new(
+        archive: Arc<Archive>,
+        security: Arc<SecurityDb>,
+        config: DimseConfig,
+        tls: Option<TlsIdentity>,
+    ) -> Dimse {
+        Dimse {
+            archive,
+            security,
+            config,
+            tls,
+            active: AtomicUsize::new(0),
+        }
+    }
+
+    /// Serves `listener` until `shutdown` turns true, then stops accepting
+    /// and waits (at most 30 s) for open associations: a C-STORE in flight
+    /// completes and is acknowledged, or is not acknowledged at all.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        kind: Listener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut tasks = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((socket, peer)) => {
+                        let me = self.clone();
+                        let sd = shutdown.clone();
+                        tasks.spawn(async move { me.handle(socket, peer, kind, sd).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        let drain = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(30), drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!("associations still open after 30 s of shutdown; closing them");
+        }
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        socket: TcpStream,
+        peer: SocketAddr,
+        kind: Listener,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        if let Err(e) = socket.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+        }
+        let count = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+        let _guard = ActiveGuard(&self.active);
+        let cert_slot: CertSlot = Arc::new(Mutex::new(None));
+        let accepted: Arc<Mutex<Option<Device>>> = Arc::new(Mutex::new(None));
+        let policy = ConnectionPolicy {
+            dimse: self.clone(),
+            peer: peer.ip(),
+            listener: kind,
+            cert_slot: cert_slot.clone(),
+            accepted: accepted.clone(),
+            over_limit: count > self.config.max_associations,
+        };
+        let options = ServerAssociationOptions::new()
+            .ae_access_control(policy)
+            .ae_title(self.config.ae_title.as_str().to_owned())
+            // Any abstract syntax is accepted at negotiation; each request is
+            // then checked (permissions, SOP class) and answered with the
+            // standard status. This accepts private Storage SOP classes.
+            .promiscuous(true)
+            .strict(true)
+            .max_pdu_length(self.config.max_pdu_length)
+            .read_timeout(self.config.idle_timeout)
+            .write_timeout(self.config.idle_timeout);
+        let listener_name = match kind {
+            Listener::Tls => "tls",
+            Listener::Plain => "plain",
+        };
+        match kind {
+            Listener::Tls => {
+                let Some(tls) = &self.tls else {
+                    tracing::error!("TLS listener without a TLS identity");
+                    return;
+                };
+                let cfg = match tls.config_for_connection(cert_slot) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot build the TLS configuration");
+                        return;
+                    }
+                };
+                let options = options.tls_config(cfg);
+                match tokio::time::timeout(
+                    self.config.handshake_timeout,
+                    options.establish_tls_async(socket),
+                )
+                .await
+                {
+                    Ok(Ok(assoc)) => {
+                        self.run(assoc, peer, &accepted, listener_name, shutdown)
+                            .await
+                    }
+                    Ok(Err(e)) => self.establish_failed(peer, listener_name, &e.to_string()),
+                    Err(_) => self.establish_failed(
+                        peer,
+                        listener_name,
+                        "TLS handshake or A-ASSOCIATE-RQ timed out",
+                    ),
+                }
+            }
+            Listener::Plain => {
+                match tokio::time::timeout(
+                    self.config.handshake_timeout,
+                    options.establish_async(socket),
+                )
+                .await
+                {
+                    Ok(Ok(assoc)) => {
+                        self.run(assoc, peer, &accepted, listener_name, shutdown)
+                            .await
+                    }
+                    Ok(Err(e)) => self.establish_failed(peer, listener_name, &e.to_string()),
+                    Err(_) => {
+                        self.establish_failed(peer, listener_name, "A-ASSOCIATE-RQ timed out")
+                    }
+                }
+            }
+        }
+    }
+
+    fn establish_failed(&self, peer: SocketAddr, listener: &str, reason: &str) {
+        // Rejections were already logged and recorded by the policy.
+        if reason.contains("rejected") || reason.contains("Rejected") {
+            return;
+        }
+        tracing::warn!(%peer, listener, reason, "association not established");
+        self.archive.events().record(
+            "association.failed",
+            Outcome::Failure,
+            serde_json::json!({"peer": peer.to_string(), "listener": listener, "reason": clip(reason, 200)}),
+        );
+    }
+
+    async fn run<S>(
+        &self,
+        mut assoc: AsyncServerAssociation<S>,
+        peer: SocketAddr,
+        accepted: &Mutex<Option<Device>>,
+        listener: &str,
+        mut shutdown: watch::Receiver<bool>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let Some(device) = accepted.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            tracing::error!(%peer, "association established without a policy decision; aborting");
+            let _ = assoc.abort().await;
+            return;
+        };
+        let ae = device.ae.to_string();
+        tracing::info!(%peer, ae = %ae, listener, "association accepted");
+        self.archive.events().record(
+            "association.accepted",
+            Outcome::Success,
+            serde_json::json!({"ae": ae, "peer": peer.to_string(), "listener": listener, "transport": device.transport.name()}),
+        );
+        let mut session = Session {
+            device,
+            peer,
+            command: Vec::new(),
+            dataset: Vec::new(),
+            pending: None,
+            overflow: false,
+        };
+        let end = loop {
+            let pdu = tokio::select! {
+                r = assoc.receive() => r,
+                _ = shutdown.changed() => break End::Abort("server shutting down"),
+            };
+            match pdu {
+                Ok(Pdu::PData { data }) => {
+                    match self.on_pdata(&mut assoc, &mut session, data).await {
+                        Ok(()) => {}
+                        Err(reason) => break End::Abort(reason),
+                    }
+                }
+                Ok(Pdu::ReleaseRQ) => {
+                    let _ = assoc.send(&Pdu::ReleaseRP).await;
+                    break End::Released;
+                }
+                Ok(Pdu::AbortRQ { .. }) => break End::PeerAborted,
+                Ok(Pdu::AssociationRQ(_)) => {
+                    break End::Abort("unexpected A-ASSOCIATE-RQ inside an association")
+                }
+                Ok(other) => {
+                    tracing::warn!(%peer, ae = %ae, pdu = %other.short_description(), "unexpected PDU");
+                    break End::Abort("unexpected PDU");
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    tracing::warn!(%peer, ae = %ae, error = %msg, "association receive failed");
+                    break End::AbortOwned(msg);
+                }
+            }
+        };
+        match end {
+            End::Released => tracing::info!(%peer, ae = %ae, "association released"),
+            End::PeerAborted => tracing::info!(%peer, ae = %ae, "association aborted by the peer"),
+            End::Abort(reason) => self.abort(assoc, peer, &ae, reason).await,
+            End::AbortOwned(reason) => self.abort(assoc, peer, &ae, &reason).await,
+        }
+    }
+
+    async fn abort<S>(
+        &self,
+        mut assoc: AsyncServerAssociation<S>,
+        peer: SocketAddr,
+        ae: &str,
+        reason: &str,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        tracing::warn!(%peer, ae, reason, "aborting association");
+        self.archive.events().record(
+            "association.aborted",
+            Outcome::Failure,
+            serde_json::json!({"ae": ae, "peer": peer.to_string(), "reason": clip(reason, 200)}),
+        );
+        // PS3.8 §9.3.8: A-ABORT source 2 (service provider).
+        let abort = Pdu::AbortRQ {
+            source: AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::UnexpectedPdu),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), assoc.send(&abort)).await;
+    }
+
+    async fn on_pdata<S>(
+        &self,
+        assoc: &mut AsyncServerAssociation<S>,
+        s: &mut Session,
+        data: Vec<PDataValue>,
+    ) -> Result<(), &'static str>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        for pdv in data {
+            match pdv.value_type {
+                PDataValueType::Command => {
+                    if s.pending.is_some() {
+                        return Err("command fragment while a dataset was expected");
+                    }
+                    if s.command.len() + pdv.data.len() > command::MAX_COMMAND_BYTES {
+                        return Err("command set too large");
+                    }
+                    s.command.extend_from_slice(&pdv.data);
+                    if !pdv.is_last {
+                        continue;
+                    }
+                    let bytes = std::mem::take(&mut s.command);
+                    let request = match command::decode(&bytes) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::warn!(peer = %s.peer, ae = %s.device.ae, error = %e, "undecodable DIMSE command");
+                            return Err("undecodable DIMSE command");
+                        }
+                    };
+                    if request.has_dataset() {
+                        s.pending = Some((pdv.presentation_context_id, request));
+                        s.overflow = false;
+                    } else {
+                        self.dispatch(assoc, s, pdv.presentation_context_id, request, None)
+                            .await?;
+                    }
+                }
+                PDataValueType::Data => {
+                    let Some((pc_id, _)) = &s.pending else {
+                        return Err("dataset fragment without a command");
+                    };
+                    if *pc_id != pdv.presentation_context_id {
+                        return Err("dataset fragment on another presentation context");
+                    }
+                    if s.overflow
+                        || (s.dataset.len() + pdv.data.len()) as u64 > self.config.max_dataset_bytes
+                    {
+                        // Keep reading (and discarding) so the peer gets a
+                        // status instead of a broken association.
+                        s.overflow = true;
+                        s.dataset = Vec::new();
+                    } else {
+                        s.dataset.extend_from_slice(&pdv.data);
+                    }
+                    if pdv.is_last {
+                        let Some((pc_id, request)) = s.pending.take() else {
+                            continue;
+                        };
+                        let dataset = std::mem::take(&mut s.dataset);
+                        let dataset = if s.overflow { None } else { Some(dataset) };
+                        let overflow = s.overflow;
+                        s.overflow = false;
+                        if overflow {
+                            self.respond(
+                                assoc,
+                                pc_id,
+                                &request,
+                                Status::OUT_OF_RESOURCES,
+                                Some(format!(
+                                    "dataset exceeds the configured limit of {} bytes",
+                                    self.config.max_dataset_bytes
+                                )),
+                            )
+                            .await?;
+                        } else {
+                            self.dispatch(assoc, s, pc_id, request, dataset).await?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn dispatch<S>(
+        &self,
+        assoc: &mut AsyncServerAssociation<S>,
+        s: &Session,
+        pc_id: u8,
+        request: Request,
+        dataset: Option<Vec<u8>>,
+    ) -> Result<(), &'static str>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let pc = assoc
+            .presentation_contexts()
+            .iter()
+            .find(|pc| pc.id == pc_id && pc.reason == PresentationContextResultReason::Acceptance)
+            .map(|pc| pc.transfer_syntax.clone());
+        let Some(transfer_syntax) = pc else {
+            return Err("message on a presentation context that was not accepted");
+        };
+        let needed = match &request {
+            Request::CEcho { .. } => Permission::Echo,
+            Request::CStore { .. } => Permission::Store,
+            Request::Other {
+                command_field: field::C_FIND_RQ,
+                ..
+            } => Permission::Find,
+            Request::Other {
+                command_field: field::C_MOVE_RQ,
+                ..
+            } => Permission::Move,
+            Request::Other {
+                command_field: field::C_GET_RQ,
+                ..
+            } => Permission::Get,
+            Request::Other {
+                command_field: field::C_CANCEL_RQ,
+                ..
+            } => return Ok(()),
+            Request::Other { .. } => {
+                return self
+                    .respond(
+                        assoc,
+                        pc_id,
+                        &request,
+                        Status::UNRECOGNIZED_OPERATION,
+                        Some("operation not supported".into()),
+                    )
+                    .await;
+            }
+        };
+        if !s.device.allow.allows(needed) {
+            tracing::warn!(peer = %s.peer, ae = %s.device.ae, permission = needed.name(), "request refused: device lacks permission");
+            self.archive.events().record(
+                "dimse.not_authorized",
+                Outcome::Refused,
+                serde_json::json!({"ae": s.device.ae.as_str(), "peer": s.peer.to_string(), "permission": needed.name()}),
+            );
+            return self
+                .respond(
+                    assoc,
+                    pc_id,
+                    &request,
+                    Status::NOT_AUTHORIZED,
+                    Some(format!("device lacks the {} permission", needed.name())),
+                )
+                .await;
+        }
+        match request {
+            Request::CEcho { .. } => {
+                self.respond(assoc, pc_id, &request, Status::SUCCESS, None)
+                    .await
+            }
+            Request::CStore {
+                ref sop_class,
+                ref sop_instance,
+                ..
+            } => {
+                let received = Received::Network {
+                    dataset: dataset.unwrap_or_default(),
+                    transfer_syntax,
+                    affected_sop_class: sop_class.clone(),
+                    affected_sop_instance: sop_instance.clone(),
+                };
+                let origin = Origin {
+                    ae: s.device.ae.to_string(),
+                    peer: s.peer.to_string(),
+                    on_conflict: match s.device.on_conflict {
+                        OnConflict::Refuse => bastion_index::OnConflict::Refuse,
+                        OnConflict::Replace => bastion_index::OnConflict::Replace,
+                    },
+                };
+                let archive = self.archive.clone();
+                let result = tokio::task::spawn_blocking(move || archive.ingest(received, &origin))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(bastion_archive::ArchiveError::Internal(format!(
+                            "ingest task failed: {e}"
+                        )))
+                    });
+                let (st, comment) = match &result {
+                    Ok(
+                        Ingested::Stored { .. }
+                        | Ingested::Duplicate { .. }
+                        | Ingested::Replaced { .. },
+                    ) => (Status::SUCCESS, None),
+                    Err(e) => {
+                        let (st, comment) = status::for_ingest_error(e);
+                        tracing::warn!(peer = %s.peer, ae = %s.device.ae, status = %st, reason = %e, "C-STORE refused");
+                        (st, Some(comment))
+                    }
+                };
+                self.respond(assoc, pc_id, &request, st, comment).await
+            }
+            Request::Other { .. } => {
+                // Query/Retrieve services arrive with issue 3.
+                self.respond(
+                    assoc,
+                    pc_id,
+                    &request,
+                    Status::UNRECOGNIZED_OPERATION,
+                    Some("operation not supported yet".into()),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn respond<S>(
+        &self,
+        assoc: &mut AsyncServerAssociation<S>,
+        pc_id: u8,
+        request: &Request,
+        status: Status,
+        error_comment: Option<String>,
+    ) -> Result<(), &'static str>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let rsp = match request {
+            Request::CEcho {
+                message_id,
+                sop_class,
+            } => Response {
+                command_field: field::C_ECHO_RSP,
+                message_id: *message_id,
+                sop_class: sop_class.clone(),
+                sop_instance: None,
+                status,
+                error_comment,
+            },
+            Request::CStore {
+                message_id,
+                sop_class,
+                sop_instance,
+            } => Response {
+                command_field: field::C_STORE_RSP,
+                message_id: *message_id,
+                sop_class: sop_class.clone(),
+                sop_instance: Some(sop_instance.clone()),
+                status,
+                error_comment,
+            },
+            Request::Other {
+                command_field,
+                message_id,
+                sop_class,
+                ..
+            } => Response {
+                command_field: command_field | 0x8000,
+                message_id: *message_id,
+                sop_class: sop_class.clone(),
+                sop_instance: None,
+                status,
+                error_comment,
+            },
+        };
+        let pdu = Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc_id,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: command::encode(&rsp),
+            }],
+        };
+        assoc.send(&pdu).await.map_err(|e| {
+            tracing::warn!(error = %e, "cannot send a DIMSE response");
+            "cannot send a DIMSE response"
+        })
+    }
+}
+
+enum End {
+    Released,
+    PeerAborted,
+    Abort(&'static str),
+    AbortOwned(String),
+}
+
+struct Session {
+    device: Device,
+    peer: SocketAddr,
+    command: Vec<u8>,
+    dataset: Vec<u8>,
+    pending: Option<(u8, Request)>,
+    overflow: bool,
+}
+
+struct ActiveGuard<'a>(&'a AtomicUsize);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The per-connection access-control hook handed to dicom-ul. dicom-ul
+/// gives it only the AE titles, so it carries the peer address, the
+/// listener and the recorded client certificate itself, reads the device
+/// from the registry (so CLI changes apply to the next association), and
+/// records every decision in the event log.
+pub struct ConnectionPolicy {
+    dimse: Arc<Dimse>,
+    peer: IpAddr,
+    listener: Listener,
+    cert_slot: CertSlot,
+    accepted: Arc<Mutex<Option<Device>>>,
+    over_limit: bool,
+}
+
+impl AccessControl for ConnectionPolicy {
+    fn check_access(
+        &self,
+        _this_ae_title: &str,
+        calling_ae_title: &str,
+        called_ae_title: &str,
+        _user_identity: Option<&UserIdentity>,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        let events = self.dimse.archive.events();
+        let calling = clip(calling_ae_title.trim(), 16);
+        let called = clip(called_ae_title.trim(), 16);
+        if self.over_limit {
+            tracing::warn!(peer = %self.peer, calling_ae = %calling, "association refused: association limit reached");
+            events.record(
+                "association.rejected",
+                Outcome::Refused,
+                serde_json::json!({"calling_ae": calling, "called_ae": called, "peer": self.peer.to_string(), "reason": "association_limit"}),
+            );
+            return Err(AssociationRJServiceUserReason::NoReasonGiven);
+        }
+        let device = match AeTitle::parse(calling_ae_title) {
+            Ok(ae) => match DeviceRegistry::new(&self.dimse.security).get(&ae) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the device registry; refusing the association");
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        let cert: Option<PeerCertificate> = self
+            .cert_slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let attempt = AssociationAttempt {
+            our_ae: &self.dimse.config.ae_title,
+            called_ae: called_ae_title,
+            calling_ae: calling_ae_title,
+            peer: self.peer,
+            listener: self.listener,
+            certificate: cert.as_ref(),
+        };
+        match policy::decide(&attempt, device.as_ref()) {
+            Ok(()) => {
+                *self.accepted.lock().unwrap_or_else(|p| p.into_inner()) = device;
+                Ok(())
+            }
+            Err(refusal) => {
+                tracing::warn!(
+                    peer = %self.peer, calling_ae = %calling, called_ae = %called,
+                    reason = refusal.describe(), "association rejected"
+                );
+                events.record(
+                    "association.rejected",
+                    Outcome::Refused,
+                    serde_json::json!({
+                        "calling_ae": calling, "called_ae": called, "peer": self.peer.to_string(),
+                        "reason": refusal.code(), "certificate_sha256": cert.as_ref().map(|c| c.sha256.clone()),
+                    }),
+                );
+                Err(if refusal.rejects_called_ae() {
+                    AssociationRJServiceUserReason::CalledAETitleNotRecognized
+                } else {
+                    AssociationRJServiceUserReason::CallingAETitleNotRecognized
+                })
+            }
+        }
+    }
+}
+
+/// Printable ASCII only, at most `n` characters: peer-supplied text that
+/// reaches logs must not forge log lines.
+fn clip(s: &str, n: usize) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(n)
+        .collect()
+}

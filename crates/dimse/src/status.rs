@@ -1,0 +1,59 @@
+//! DIMSE status codes (PS3.7 Annex C; PS3.4 B.2.3 for C-STORE) and the one
+//! mapping from archive errors to statuses.
+
+use bastion_archive::ArchiveError;
+
+/// A DIMSE status (0000,0900).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Status(u16);
+
+impl Status {
+    /// 0x0000 Success.
+    pub const SUCCESS: Status = Status(0x0000);
+    /// 0x0111 Duplicate SOP Instance (PS3.7 C.5.x): used for a different
+    /// dataset sent under a stored SOP Instance UID.
+    pub const DUPLICATE_SOP_INSTANCE: Status = Status(0x0111);
+    /// 0x0122 Refused: SOP Class not supported.
+    pub const SOP_CLASS_NOT_SUPPORTED: Status = Status(0x0122);
+    /// 0x0124 Refused: Not Authorized (PS3.7 C.5.x).
+    pub const NOT_AUTHORIZED: Status = Status(0x0124);
+    /// 0x0211 Unrecognized operation.
+    pub const UNRECOGNIZED_OPERATION: Status = Status(0x0211);
+    /// 0xA700 Refused: Out of Resources (PS3.4 B.2.3).
+    pub const OUT_OF_RESOURCES: Status = Status(0xA700);
+    /// 0xA900 Error: Data Set does not match SOP Class (PS3.4 B.2.3).
+    pub const DATASET_DOES_NOT_MATCH_SOP_CLASS: Status = Status(0xA900);
+    /// 0xC000 Error: Cannot understand (PS3.4 B.2.3).
+    pub const CANNOT_UNDERSTAND: Status = Status(0xC000);
+
+    /// The 16-bit code.
+    pub fn code(self) -> u16 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "0x{:04X}", self.0)
+    }
+}
+
+/// The C-STORE-RSP status and Error Comment for an ingest failure. The only
+/// place where archive errors become DIMSE statuses.
+pub fn for_ingest_error(e: &ArchiveError) -> (Status, String) {
+    let status = match e {
+        ArchiveError::NotDicom(_) => Status::CANNOT_UNDERSTAND,
+        ArchiveError::InvalidDataset(_) => Status::DATASET_DOES_NOT_MATCH_SOP_CLASS,
+        ArchiveError::Conflict { .. } => Status::DUPLICATE_SOP_INSTANCE,
+        ArchiveError::TooLarge { .. } | ArchiveError::NoSpace => Status::OUT_OF_RESOURCES,
+        ArchiveError::NotFound(_) | ArchiveError::Internal(_) => Status::OUT_OF_RESOURCES,
+    };
+    let comment = match e {
+        // Internal details stay in the operator log.
+        ArchiveError::Internal(_) | ArchiveError::NotFound(_) => {
+            "internal error; see the archive log".to_owned()
+        }
+        other => other.to_string(),
+    };
+    (status, comment)
+}
