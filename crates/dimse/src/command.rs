@@ -262,8 +262,8 @@ mod tests {
         let group_len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
         assert_eq!(&bytes[0..4], &[0, 0, 0, 0], "starts with (0000,0000)");
         assert_eq!(group_len, bytes.len() - 12);
-        // exactly one Command Group Length element
-        assert_eq!(bytes.windows(4).filter(|w| *w == [0, 0, 0, 0]).count(), 1);
+        // exactly one Command Group Length: the next element is (0000,0002)
+        assert_eq!(&bytes[12..16], &[0x00, 0x00, 0x02, 0x00]);
         assert_eq!(
             uid_of(&obj, tags::ERROR_COMMENT),
             "already storedwithdifferent content"
