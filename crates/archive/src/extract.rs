@@ -4,7 +4,7 @@
 
 use bastion_index::{InstanceAttrs, PatientAttrs, SeriesAttrs, StudyAttrs};
 use bastion_model::Uid;
-use dicom_core::Tag;
+use dicom_core::{Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
@@ -23,11 +23,19 @@ pub struct Extracted {
     pub instance: InstanceAttrs,
 }
 
+/// The text of an attribute, trimmed of padding. Values encoded with VR UN
+/// (e.g. by converters that lost the dictionary, as in the pydicom corpus'
+/// `rtdose_rle.dcm`) are read as their raw characters.
 fn text(obj: &InMemDicomObject, tag: Tag) -> String {
-    obj.get(tag)
-        .and_then(|e| e.to_str().ok())
-        .map(|s| s.trim_end_matches(['\0', ' ']).trim_start().to_owned())
-        .unwrap_or_default()
+    let Some(e) = obj.get(tag) else {
+        return String::new();
+    };
+    let s = if e.vr() == VR::UN {
+        e.to_bytes().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    } else {
+        e.to_str().map(|s| s.into_owned()).unwrap_or_default()
+    };
+    s.trim_end_matches(['\0', ' ']).trim_start().to_owned()
 }
 
 fn int(obj: &InMemDicomObject, tag: Tag) -> Option<i64> {
