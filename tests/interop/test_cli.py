@@ -79,3 +79,21 @@ def test_cert_issue(make_server):
     der = ssl.PEM_cert_to_DER_cert(first)
     assert hashlib.sha256(der).hexdigest() == fp
     assert "BEGIN PRIVATE KEY" in key.read_text()  # unencrypted PKCS#8
+
+
+def test_serve_refuses_secret_readable_by_others(make_server):
+    """A secret file readable by group/others stops `serve` with a message naming it."""
+    srv = make_server(start=False)
+    key = srv.data / "secrets" / "master.key"
+    os.chmod(key, 0o640)
+    r = srv.cli("serve", "--dicom-addr", "127.0.0.1:0", check=False, timeout=30)
+    assert r.returncode != 0
+    assert "master.key" in r.stderr and "readable by other users" in r.stderr, r.stderr
+    # the other commands refuse too
+    r = srv.cli("device", "list", check=False)
+    assert r.returncode != 0 and "master.key" in r.stderr
+    os.chmod(key, 0o600)
+    srv.device_add("MOD1", transport="tls", allow="echo")
+    srv.start()
+    assert srv.echo("MOD1") == 0x0000
+    assert srv.stop() == 0, "SIGTERM must end serve with exit code 0"
