@@ -189,6 +189,7 @@ impl Dimse {
                         self.run(assoc, peer, &accepted, listener_name, shutdown)
                             .await
                     }
+                    Ok(Err(dicom_ul::association::Error::Rejected { .. })) => {} // logged and recorded by the policy
                     Ok(Err(e)) => self.establish_failed(peer, listener_name, &e.to_string()),
                     Err(_) => self.establish_failed(
                         peer,
@@ -208,6 +209,7 @@ impl Dimse {
                         self.run(assoc, peer, &accepted, listener_name, shutdown)
                             .await
                     }
+                    Ok(Err(dicom_ul::association::Error::Rejected { .. })) => {} // logged and recorded by the policy
                     Ok(Err(e)) => self.establish_failed(peer, listener_name, &e.to_string()),
                     Err(_) => {
                         self.establish_failed(peer, listener_name, "A-ASSOCIATE-RQ timed out")
@@ -218,10 +220,6 @@ impl Dimse {
     }
 
     fn establish_failed(&self, peer: SocketAddr, listener: &str, reason: &str) {
-        // Rejections were already logged and recorded by the policy.
-        if reason.contains("rejected") || reason.contains("Rejected") {
-            return;
-        }
         tracing::warn!(%peer, listener, reason, "association not established");
         self.archive.events().record(
             "association.failed",
@@ -263,13 +261,13 @@ impl Dimse {
         let end = loop {
             let pdu = tokio::select! {
                 r = assoc.receive() => r,
-                _ = shutdown.changed() => break End::Abort("server shutting down"),
+                _ = shutdown.changed() => break End::Abort(AbortRQServiceProviderReason::ReasonNotSpecified, "server shutting down".into()),
             };
             match pdu {
                 Ok(Pdu::PData { data }) => {
                     match self.on_pdata(&mut assoc, &mut session, data).await {
                         Ok(()) => {}
-                        Err(reason) => break End::Abort(reason),
+                        Err(reason) => break End::Abort(AbortRQServiceProviderReason::UnexpectedPdu, reason.into()),
                     }
                 }
                 Ok(Pdu::ReleaseRQ) => {
@@ -278,24 +276,40 @@ impl Dimse {
                 }
                 Ok(Pdu::AbortRQ { .. }) => break End::PeerAborted,
                 Ok(Pdu::AssociationRQ(_)) => {
-                    break End::Abort("unexpected A-ASSOCIATE-RQ inside an association")
+                    break End::Abort(
+                        AbortRQServiceProviderReason::UnexpectedPdu,
+                        "unexpected A-ASSOCIATE-RQ inside an association".into(),
+                    )
+                }
+                Ok(Pdu::Unknown { pdu_type, .. }) => {
+                    break End::Abort(
+                        AbortRQServiceProviderReason::UnrecognizedPdu,
+                        format!("unrecognized PDU type 0x{pdu_type:02X}"),
+                    )
                 }
                 Ok(other) => {
-                    tracing::warn!(%peer, ae = %ae, pdu = %other.short_description(), "unexpected PDU");
-                    break End::Abort("unexpected PDU");
+                    break End::Abort(
+                        AbortRQServiceProviderReason::UnexpectedPdu,
+                        format!("unexpected PDU {}", other.short_description()),
+                    )
                 }
                 Err(e) => {
                     let msg = e.to_string();
-                    tracing::warn!(%peer, ae = %ae, error = %msg, "association receive failed");
-                    break End::AbortOwned(msg);
+                    // PS3.8 D.1: a PDU longer than our announced maximum is an
+                    // invalid PDU parameter (A-ABORT source 2, reason 6).
+                    let code = if msg.contains("too large") || msg.contains("exceeds") || msg.contains("max") {
+                        AbortRQServiceProviderReason::InvalidPduParameter
+                    } else {
+                        AbortRQServiceProviderReason::ReasonNotSpecified
+                    };
+                    break End::Abort(code, msg);
                 }
             }
         };
         match end {
             End::Released => tracing::info!(%peer, ae = %ae, "association released"),
             End::PeerAborted => tracing::info!(%peer, ae = %ae, "association aborted by the peer"),
-            End::Abort(reason) => self.abort(assoc, peer, &ae, reason).await,
-            End::AbortOwned(reason) => self.abort(assoc, peer, &ae, &reason).await,
+            End::Abort(code, reason) => self.abort(assoc, peer, &ae, code, &reason).await,
         }
     }
 
@@ -304,6 +318,7 @@ impl Dimse {
         mut assoc: AsyncServerAssociation<S>,
         peer: SocketAddr,
         ae: &str,
+        code: AbortRQServiceProviderReason,
         reason: &str,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -316,7 +331,7 @@ impl Dimse {
         );
         // PS3.8 §9.3.8: A-ABORT source 2 (service provider).
         let abort = Pdu::AbortRQ {
-            source: AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::UnexpectedPdu),
+            source: AbortRQSource::ServiceProvider(code),
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), assoc.send(&abort)).await;
     }
@@ -600,8 +615,9 @@ impl Dimse {
 enum End {
     Released,
     PeerAborted,
-    Abort(&'static str),
-    AbortOwned(String),
+    /// Abort with A-ABORT source 2 (service provider) and this reason
+    /// (PS3.8 §9.3.8), and the operator-facing explanation.
+    Abort(AbortRQServiceProviderReason, String),
 }
 
 struct Session {
