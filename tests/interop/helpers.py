@@ -312,6 +312,20 @@ def _recv_exact(sock, n):
     return buf
 
 
+def read_abort(sock: socket.socket, timeout: float = 15.0):
+    """Read until an A-ABORT arrives; return its (source, reason) fields
+    (PS3.8 §9.3.8), or None when the connection closed without one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pdu = read_pdu(sock, timeout=max(0.1, deadline - time.monotonic()))
+        if pdu is None:
+            return None
+        typ, body = pdu
+        if typ == 0x07:
+            return body[2], body[3]
+    raise AssertionError("no A-ABORT within the timeout")
+
+
 def ends_in_abort_or_close(sock: socket.socket, timeout: float = 15.0) -> str:
     """Read until an A-ABORT (0x07) arrives or the connection closes.
     Returns "abort", "close" or raises on timeout / anything else."""

@@ -75,21 +75,24 @@ def test_oversized_pdu(srv):
     with _associated_plain(srv) as s:
         # P-DATA-TF declaring 1 GiB: must be refused without reading (or allocating) it
         s.sendall(struct.pack(">BBI", 0x04, 0, 0x40000000) + b"\0" * 1024)
-        assert helpers.ends_in_abort_or_close(s) in ("abort", "close")
+        # PS3.8: A-ABORT, source 2 (service provider), reason 6 (invalid PDU parameter)
+        assert helpers.read_abort(s) == (2, 6)
     still_serving(srv)
 
 
 def test_second_associate_rq_mid_association(srv):
     with _associated_plain(srv) as s:
         s.sendall(helpers.associate_rq("RAWPLAIN"))
-        assert helpers.ends_in_abort_or_close(s) in ("abort", "close")
+        # A-ABORT, source 2, reason 2 (unexpected PDU)
+        assert helpers.read_abort(s) == (2, 2)
     still_serving(srv)
 
 
 def test_garbage_pdu_type(srv):
     with _associated_plain(srv) as s:
         s.sendall(struct.pack(">BBI", 0x42, 0, 4) + b"\xde\xad\xbe\xef")
-        assert helpers.ends_in_abort_or_close(s) in ("abort", "close")
+        # A-ABORT, source 2, reason 1 (unrecognized PDU)
+        assert helpers.read_abort(s) == (2, 1)
     still_serving(srv)
 
 

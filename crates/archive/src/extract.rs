@@ -31,7 +31,9 @@ fn text(obj: &InMemDicomObject, tag: Tag) -> String {
         return String::new();
     };
     let s = if e.vr() == VR::UN {
-        e.to_bytes().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+        e.to_bytes()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
     } else {
         e.to_str().map(|s| s.into_owned()).unwrap_or_default()
     };

@@ -190,7 +190,7 @@ impl Dimse {
                             .await
                     }
                     Ok(Err(dicom_ul::association::Error::Rejected { .. })) => {} // logged and recorded by the policy
-                    Ok(Err(e)) => self.establish_failed(peer, listener_name, &e.to_string()),
+                    Ok(Err(e)) => self.establish_failed(peer, listener_name, &error_chain(&e)),
                     Err(_) => self.establish_failed(
                         peer,
                         listener_name,
@@ -210,7 +210,7 @@ impl Dimse {
                             .await
                     }
                     Ok(Err(dicom_ul::association::Error::Rejected { .. })) => {} // logged and recorded by the policy
-                    Ok(Err(e)) => self.establish_failed(peer, listener_name, &e.to_string()),
+                    Ok(Err(e)) => self.establish_failed(peer, listener_name, &error_chain(&e)),
                     Err(_) => {
                         self.establish_failed(peer, listener_name, "A-ASSOCIATE-RQ timed out")
                     }
@@ -267,7 +267,12 @@ impl Dimse {
                 Ok(Pdu::PData { data }) => {
                     match self.on_pdata(&mut assoc, &mut session, data).await {
                         Ok(()) => {}
-                        Err(reason) => break End::Abort(AbortRQServiceProviderReason::UnexpectedPdu, reason.into()),
+                        Err(reason) => {
+                            break End::Abort(
+                                AbortRQServiceProviderReason::UnexpectedPdu,
+                                reason.into(),
+                            )
+                        }
                     }
                 }
                 Ok(Pdu::ReleaseRQ) => {
@@ -294,10 +299,13 @@ impl Dimse {
                     )
                 }
                 Err(e) => {
-                    let msg = e.to_string();
+                    let msg = error_chain(&e);
                     // PS3.8 D.1: a PDU longer than our announced maximum is an
                     // invalid PDU parameter (A-ABORT source 2, reason 6).
-                    let code = if msg.contains("too large") || msg.contains("exceeds") || msg.contains("max") {
+                    let code = if msg.contains("too large")
+                        || msg.contains("exceeds")
+                        || msg.contains("max")
+                    {
                         AbortRQServiceProviderReason::InvalidPduParameter
                     } else {
                         AbortRQServiceProviderReason::ReasonNotSpecified
@@ -720,6 +728,18 @@ impl AccessControl for ConnectionPolicy {
             }
         }
     }
+}
+
+/// An error with its sources, `outer: inner: innermost`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        msg.push_str(": ");
+        msg.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    msg
 }
 
 /// Printable ASCII only, at most `n` characters: peer-supplied text that
