@@ -1,0 +1,261 @@
+//! The ingest pipeline through its public API, on a real (encrypted)
+//! blob store, index and event log in a temporary directory.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use bastion_archive::{Archive, ArchiveError, Ingested, Limits, Origin, Received};
+use bastion_index::{Index, OnConflict};
+use bastion_model::Uid;
+use bastion_security::events::EventLog;
+use bastion_store::{BlobStore, MasterKey};
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::{meta::FileMetaTableBuilder, InMemDicomObject};
+use dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN;
+
+const NAME: &str = "Qwertzuiop^Asdfgh";
+const PID: &str = "PID-4711-ZZ";
+
+fn archive(dir: &Path) -> Arc<Archive> {
+    let master = MasterKey::from_bytes([9u8; 32]);
+    let store = BlobStore::open(&dir.join("blobs"), master.clone()).expect("store");
+    let index =
+        Index::open(&dir.join("index.db"), &master.derive("bastion index v1")).expect("index");
+    let events = EventLog::open(&dir.join("events/events.log")).expect("events");
+    Arc::new(Archive::new(
+        Arc::new(store),
+        Arc::new(index),
+        Arc::new(events),
+        Limits::default(),
+    ))
+}
+
+/// Dataset bytes (explicit VR LE) and the same as a Part 10 file.
+fn instance(sop: &str, description: &str) -> (Vec<u8>, Vec<u8>) {
+    let mut obj = InMemDicomObject::new_empty();
+    let put = |o: &mut InMemDicomObject, tag, vr, v: &str| {
+        o.put(DataElement::new(tag, vr, PrimitiveValue::from(v)))
+    };
+    put(
+        &mut obj,
+        tags::SOP_CLASS_UID,
+        VR::UI,
+        "1.2.840.10008.5.1.4.1.1.7",
+    );
+    put(&mut obj, tags::SOP_INSTANCE_UID, VR::UI, sop);
+    put(&mut obj, tags::PATIENT_NAME, VR::PN, NAME);
+    put(&mut obj, tags::PATIENT_ID, VR::LO, PID);
+    put(&mut obj, tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3.4");
+    put(&mut obj, tags::SERIES_INSTANCE_UID, VR::UI, "1.2.3.4.5");
+    put(&mut obj, tags::SERIES_DESCRIPTION, VR::LO, description);
+    let mut ds = Vec::new();
+    obj.write_dataset_with_ts(&mut ds, &EXPLICIT_VR_LITTLE_ENDIAN.erased())
+        .expect("encode");
+    let meta = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.7")
+        .media_storage_sop_instance_uid(sop)
+        .transfer_syntax("1.2.840.10008.1.2.1")
+        .implementation_class_uid("1.2.3")
+        .build()
+        .expect("meta");
+    let mut file = vec![0u8; 128];
+    file.extend_from_slice(b"DICM");
+    meta.write(&mut file).expect("meta");
+    file.extend_from_slice(&ds);
+    (ds, file)
+}
+
+fn origin(on_conflict: OnConflict) -> Origin {
+    Origin {
+        ae: "MOD1".into(),
+        peer: "127.0.0.1:1".into(),
+        on_conflict,
+    }
+}
+
+fn network(ds: Vec<u8>, sop: &str) -> Received {
+    Received::Network {
+        dataset: ds,
+        transfer_syntax: "1.2.840.10008.1.2.1".into(),
+        affected_sop_class: "1.2.840.10008.5.1.4.1.1.7".into(),
+        affected_sop_instance: sop.into(),
+    }
+}
+
+#[test]
+fn store_duplicate_conflict_replace() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = archive(dir.path());
+    let uid = Uid::parse("1.2.3.4.5.6").expect("uid");
+    let (ds, _) = instance("1.2.3.4.5.6", "first");
+    let r = a.ingest(
+        network(ds.clone(), "1.2.3.4.5.6"),
+        &origin(OnConflict::Refuse),
+    );
+    assert_eq!(
+        r.ok(),
+        Some(Ingested::Stored {
+            sop_instance_uid: uid.clone()
+        })
+    );
+
+    // read back: zero preamble, DICM, and the dataset bytes exactly as sent
+    let back = a.instance_part10(&uid).expect("stored");
+    assert_eq!(&back[..128], &[0u8; 128][..]);
+    assert_eq!(&back[128..132], b"DICM");
+    assert!(back.ends_with(&ds));
+
+    let r = a.ingest(
+        network(ds.clone(), "1.2.3.4.5.6"),
+        &origin(OnConflict::Refuse),
+    );
+    assert_eq!(
+        r.ok(),
+        Some(Ingested::Duplicate {
+            sop_instance_uid: uid.clone()
+        })
+    );
+    assert_eq!(a.index().counts().expect("counts").instances, 1);
+
+    let (other, _) = instance("1.2.3.4.5.6", "second");
+    let r = a.ingest(
+        network(other.clone(), "1.2.3.4.5.6"),
+        &origin(OnConflict::Refuse),
+    );
+    assert!(matches!(r, Err(ArchiveError::Conflict { .. })), "{r:?}");
+    assert!(
+        a.instance_part10(&uid).expect("still there").ends_with(&ds),
+        "conflict must not overwrite"
+    );
+
+    let r = a.ingest(
+        network(other.clone(), "1.2.3.4.5.6"),
+        &origin(OnConflict::Replace),
+    );
+    assert_eq!(
+        r.ok(),
+        Some(Ingested::Replaced {
+            sop_instance_uid: uid.clone()
+        })
+    );
+    assert!(a.instance_part10(&uid).expect("replaced").ends_with(&other));
+    let kinds: Vec<String> = a
+        .events()
+        .read_all()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["type"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "store.stored",
+            "store.duplicate",
+            "security.instance_conflict",
+            "security.instance_replaced"
+        ]
+    );
+}
+
+#[test]
+fn refusals_name_the_problem() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = archive(dir.path());
+    let o = origin(OnConflict::Refuse);
+    let (ds, _) = instance("../../x", "bad");
+    match a.ingest(network(ds, "1.2.3"), &o) {
+        Err(ArchiveError::InvalidDataset(m)) => assert!(m.contains("SOP Instance UID"), "{m}"),
+        other => panic!("expected InvalidDataset, got {other:?}"),
+    }
+    // dataset UID differs from the command's Affected SOP Instance UID
+    let (ds, _) = instance("1.2.3.9", "x");
+    assert!(matches!(
+        a.ingest(network(ds, "1.2.3.8"), &o),
+        Err(ArchiveError::InvalidDataset(_))
+    ));
+    // truncated
+    let (ds, _) = instance("1.2.3.10", "truncated");
+    let cut = ds[..ds.len() - 5].to_vec();
+    assert!(matches!(
+        a.ingest(network(cut, "1.2.3.10"), &o),
+        Err(ArchiveError::NotDicom(_))
+    ));
+    // not DICOM at all
+    assert!(matches!(
+        a.ingest(Received::File(b"GET / HTTP/1.1\r\n\r\n".to_vec()), &o),
+        Err(ArchiveError::NotDicom(_))
+    ));
+    // an element declaring ~4 GiB with 4 bytes present: refused before any allocation
+    let mut huge = b"\x09\x00\x10\x10OB\x00\x00\xF0\xFF\xFF\xFF".to_vec();
+    huge.extend_from_slice(&[1, 2, 3, 4]);
+    assert!(matches!(
+        a.ingest(network(huge, "1.2.3"), &o),
+        Err(ArchiveError::NotDicom(_))
+    ));
+    assert_eq!(a.index().counts().expect("counts").instances, 0);
+}
+
+#[test]
+fn executable_preamble_is_zeroed_and_recorded() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = archive(dir.path());
+    let (ds, mut file) = instance("1.2.3.77", "polyglot");
+    file[..4].copy_from_slice(b"MZ\x90\x00");
+    let r = a.ingest(Received::File(file), &origin(OnConflict::Refuse));
+    assert!(matches!(r, Ok(Ingested::Stored { .. })), "{r:?}");
+    let back = a
+        .instance_part10(&Uid::parse("1.2.3.77").expect("uid"))
+        .expect("stored");
+    assert_eq!(&back[..128], &[0u8; 128][..]);
+    assert!(back.ends_with(&ds));
+    let events = a.events().read_all().expect("events");
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "security.preamble_executable"));
+}
+
+#[test]
+fn no_plaintext_patient_data_on_disk_and_orphans_swept() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = archive(dir.path());
+    let (ds, _) = instance("1.2.3.88", "phi");
+    assert!(a
+        .ingest(network(ds, "1.2.3.88"), &origin(OnConflict::Refuse))
+        .is_ok());
+    a.index().checkpoint().expect("checkpoint");
+    for entry in walkdir(dir.path()) {
+        let bytes = std::fs::read(&entry).expect("read");
+        for needle in [NAME.as_bytes(), PID.as_bytes()] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "plaintext PHI in {}",
+                entry.display()
+            );
+        }
+    }
+    // an orphan blob (published, never indexed) is swept; the indexed one stays
+    let store = BlobStore::open(&dir.path().join("blobs"), MasterKey::from_bytes([9u8; 32]))
+        .expect("store");
+    let orphan = store.put(b"orphan").expect("put");
+    assert_eq!(a.sweep_orphans(Duration::ZERO).expect("sweep"), 1);
+    assert!(store.get(&orphan.id).is_err());
+    assert!(a
+        .instance_part10(&Uid::parse("1.2.3.88").expect("uid"))
+        .is_ok());
+}
+
+fn walkdir(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
