@@ -97,3 +97,45 @@ def test_serve_refuses_secret_readable_by_others(make_server):
     srv.start()
     assert srv.echo("MOD1") == 0x0000
     assert srv.stop() == 0, "SIGTERM must end serve with exit code 0"
+
+
+def test_second_serve_on_same_data_dir_refused(make_server):
+    srv = make_server()
+    r = srv.cli("serve", "--dicom-addr", "127.0.0.1:0", check=False, timeout=30)
+    assert r.returncode != 0
+    assert "already running" in r.stderr, r.stderr
+
+
+def test_instance_get_never_overwrites(make_server, corpus_root, tmp_path):
+    srv = make_server(start=False)
+    ct = corpus_root / "pydicom" / "test_files" / "CT_small.dcm"
+    code, summary, _, out = srv.import_(ct)
+    assert code == 0 and summary["stored"] == 1, out
+    uid = "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"
+    existing = tmp_path / "exists.dcm"
+    existing.write_bytes(b"keep me")
+    r = srv.cli("instance", "get", "--sop-uid", uid, "--out", str(existing), check=False)
+    assert r.returncode != 0 and "must not exist" in r.stderr
+    assert existing.read_bytes() == b"keep me"
+    fresh = tmp_path / "fresh.dcm"
+    srv.cli("instance", "get", "--sop-uid", uid, "--out", str(fresh))
+    assert mode(fresh) == 0o600
+    assert fresh.read_bytes()[128:132] == b"DICM"
+
+
+def test_import_reports_what_it_skips(make_server, corpus_root, tmp_path):
+    srv = make_server(start=False)
+    ct = corpus_root / "pydicom" / "test_files" / "CT_small.dcm"
+    folder = tmp_path / "imp"
+    folder.mkdir()
+    (folder / "link.dcm").symlink_to(ct)
+    os.mkfifo(folder / "pipe")
+    code, summary, rejected, out = srv.import_(folder)
+    assert code == 1, out
+    assert summary["rejected"] == 2 and summary["stored"] == 0, out
+    reasons = {os.path.basename(p): r for p, r in rejected}
+    assert "symbolic link" in reasons["link.dcm"]
+    assert "not a regular file" in reasons["pipe"]
+    # a symlink named on the command line is followed
+    code, summary, _, out = srv.import_(folder / "link.dcm")
+    assert code == 0 and summary["stored"] == 1, out

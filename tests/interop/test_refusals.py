@@ -80,9 +80,35 @@ def test_mtls_foreign_cert_refused_unless_pinned(server, tmp_path):
     pinned = ":".join(fp[i:i + 2] for i in range(0, 64, 2)).upper()
     server.device_add("MTLS3", transport="mtls", allow="echo", cert_sha256=pinned)
     assert server.echo("MTLS3", ctx=ctx) == SUCCESS
-    # our own CA's cert for a device with a different pin still chains: accepted
+    # a pin is exclusive: even a certificate from our own CA, issued to this
+    # very device, is refused while the device pins another one
     own = server.tls_context("MTLS3")
-    assert server.echo("MTLS3", ctx=own) == SUCCESS
+    assert refused(associate(server.tls_port, "MTLS3", tls=own)) == RJ_CALLING
+
+
+def test_ca_certificate_is_bound_to_its_device(server):
+    """A certificate from Bastion's CA names one AE title (subject CN); it
+    cannot be used to connect as another registered device."""
+    server.device_add("CTA", transport="mtls", allow="echo")
+    server.device_add("CTB", transport="mtls", allow="echo")
+    server.device_add("TLSB", transport="tls", allow="echo")
+    ctx_b = server.tls_context("CTB")
+    assert server.echo("CTB", ctx=ctx_b) == SUCCESS
+    assert refused(associate(server.tls_port, "CTA", tls=ctx_b)) == RJ_CALLING
+    assert refused(associate(server.tls_port, "TLSB", tls=ctx_b)) == RJ_CALLING
+    rejected = [e for e in server.events() if e.get("type") == "association.rejected"
+                and e.get("calling_ae") == "CTA"]
+    assert rejected and rejected[-1]["reason"] == "certificate_for_another_device"
+    accepted = [e for e in server.events() if e.get("type") == "association.accepted"
+                and e.get("ae") == "CTB"]
+    assert accepted and len(accepted[-1]["certificate_sha256"]) == 64
+
+
+def test_cert_issue_needs_a_registered_device(server):
+    r = server.cli("cert", "issue", "--ae", "GHOST", "--out", str(server.base / "ghost"), check=False)
+    assert r.returncode != 0
+    assert "no device with AE title GHOST" in r.stderr
+    assert not (server.base / "ghost" / "client.key").exists()
 
 
 def test_tls_foreign_cert_refused(server, tmp_path):
@@ -126,6 +152,25 @@ def test_invalid_uid_refused(server, tmp_path, field):
     assert server.instance_get(good_uid, check=False) is None
     # nothing was written outside blobs/ under a name derived from the UID
     assert not any("x" == q.name for q in server.data.parent.rglob("x"))
+
+
+def test_invalid_uid_value_is_not_echoed(server, tmp_path):
+    """A patient name pasted into a UID field is refused (0xA900) and the
+    value appears neither in the log, nor in the event log, nor on disk."""
+    server.device_add("BADUID2", transport="plain", allow="store")
+    ds = helpers.make_dataset()
+    ds.StudyInstanceUID = "Zzyzx^Quintessa"
+    p = tmp_path / "phi-uid.dcm"
+    helpers.dataset_file(ds, p)
+    st, rsp = helpers.store_one(server.plain_port, "BADUID2", p)
+    assert st == DATASET_MISMATCH
+    assert "Study Instance UID" in str(rsp.ErrorComment)
+    assert "Zzyzx" not in str(rsp.ErrorComment)
+    server.stop()
+    assert "Zzyzx" not in server.log()
+    for f in server.data.rglob("*"):
+        if f.is_file():
+            assert b"Zzyzx" not in f.read_bytes(), f
 
 
 def test_missing_study_uid_refused(server, tmp_path):

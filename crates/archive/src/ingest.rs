@@ -257,7 +257,7 @@ impl Archive {
             });
         }
         let ts_uid = ts_uid.trim_end_matches(['\0', ' ']).to_owned();
-        let parsed = self.parse(raw, &ts_uid)?;
+        let (parsed, content_sha256) = self.parse(raw, &ts_uid)?;
         let attrs = crate::extract::extract(&parsed)?;
         if let Some((class, instance)) = &affected {
             if class.trim_end_matches(['\0', ' ']) != attrs.instance.sop_class_uid {
@@ -284,7 +284,6 @@ impl Archive {
             );
             tracing::warn!(ae = %origin.ae, sop_instance_uid = %sop, header = kind, "executable header in the Part 10 preamble zeroed (CVE-2019-11687)");
         }
-        let content_sha256 = hex::encode(Sha256::digest(raw));
 
         // Fast path: an identical re-send writes nothing; a refused conflict
         // costs no blob either. The commit below re-checks under the index
@@ -413,8 +412,11 @@ impl Archive {
         Ok((meta_end, meta.transfer_syntax().to_owned(), alert))
     }
 
-    /// Bounds-checks then parses the attributes before Pixel Data.
-    fn parse(&self, raw: &[u8], ts_uid: &str) -> Result<InMemDicomObject, ArchiveError> {
+    /// Bounds-checks then parses the attributes before Pixel Data. Also
+    /// returns the content hash used to tell an identical re-send from a
+    /// conflicting one: SHA-256 of the (inflated) dataset bytes without
+    /// group lengths and trailing padding, which senders drop or add freely.
+    fn parse(&self, raw: &[u8], ts_uid: &str) -> Result<(InMemDicomObject, String), ArchiveError> {
         let ts = TransferSyntaxRegistry.get(ts_uid).ok_or_else(|| {
             ArchiveError::NotDicom(format!("unsupported transfer syntax {ts_uid}"))
         })?;
@@ -464,8 +466,16 @@ impl Archive {
             (true, true) => entries::EXPLICIT_VR_LITTLE_ENDIAN.erased(),
             (true, false) => entries::EXPLICIT_VR_BIG_ENDIAN.erased(),
         };
-        InMemDicomObject::read_dataset_with_ts(prefix, &parse_ts)
-            .map_err(|e| ArchiveError::NotDicom(format!("dataset cannot be parsed: {e}")))
+        let obj = InMemDicomObject::read_dataset_with_ts(prefix, &parse_ts)
+            .map_err(|e| ArchiveError::NotDicom(format!("dataset cannot be parsed: {e}")))?;
+        let mut hasher = Sha256::new();
+        let mut at = 0;
+        for &(start, end) in &report.non_content {
+            hasher.update(&buf[at..start]);
+            at = end;
+        }
+        hasher.update(&buf[at..]);
+        Ok((obj, hex::encode(hasher.finalize())))
     }
 
     /// Decrypts a stored instance as a Part 10 file (zero preamble, `DICM`,

@@ -37,13 +37,18 @@ pub struct ScanLimits {
 }
 
 /// What [`scan`] learnt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScanReport {
     /// Byte offset of the top-level (7FE0,0010) Pixel Data element header.
     pub pixel_data_offset: Option<usize>,
     /// Byte offset where the scan stopped (the end of the input, or the
     /// first element whose group differs from `only_group`).
     pub end: usize,
+    /// Byte ranges `[start, end)` of top-level elements that carry no
+    /// content of their own: group lengths (gggg,0000), retired and freely
+    /// dropped by peers such as DCMTK, and Data Set Trailing Padding
+    /// (FFFC,FFFC). The identical-re-send check ignores them.
+    pub non_content: Vec<(usize, usize)>,
 }
 
 /// A malformed or oversized encoding, with the byte offset where it was found.
@@ -60,6 +65,7 @@ const ITEM: Tag = Tag(0xFFFE, 0xE000);
 const ITEM_DELIMITATION: Tag = Tag(0xFFFE, 0xE00D);
 const SEQUENCE_DELIMITATION: Tag = Tag(0xFFFE, 0xE0DD);
 const PIXEL_DATA: Tag = Tag(0x7FE0, 0x0010);
+const TRAILING_PADDING: Tag = Tag(0xFFFC, 0xFFFC);
 const UNDEFINED: u32 = 0xFFFF_FFFF;
 
 /// Scans `buf` as a dataset. When `only_group` is set (file meta, group
@@ -79,11 +85,13 @@ pub fn scan(
         limits,
         pos: 0,
         pixel: None,
+        non_content: Vec::new(),
     };
     s.dataset(buf.len(), 0, only_group)?;
     Ok(ScanReport {
         pixel_data_offset: s.pixel,
         end: s.pos,
+        non_content: s.non_content,
     })
 }
 
@@ -93,6 +101,7 @@ struct Scanner<'a> {
     limits: ScanLimits,
     pos: usize,
     pixel: Option<usize>,
+    non_content: Vec<(usize, usize)>,
 }
 
 enum Stop {
@@ -245,6 +254,9 @@ impl Scanner<'_> {
             } else {
                 self.skip_value(len, end)?;
             }
+            if depth == 0 && (tag.1 == 0x0000 || tag == TRAILING_PADDING) {
+                self.non_content.push((start, self.pos));
+            }
         }
         if self.pos > end {
             return self.err("element overruns its container");
@@ -368,12 +380,15 @@ mod tests {
         ds.extend([
             0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0, 4, 0, 0, 0, 1, 2, 3, 4,
         ]);
+        let padding = ds.len();
+        ds.extend([0xFC, 0xFF, 0xFC, 0xFF, b'O', b'B', 0, 0, 2, 0, 0, 0, 0, 0]);
         let r = scan(&ds, EVRLE, LIMITS, None);
         assert_eq!(
             r,
             Ok(ScanReport {
                 pixel_data_offset: Some(px),
-                end: ds.len()
+                end: ds.len(),
+                non_content: vec![(padding, ds.len())],
             })
         );
     }

@@ -62,10 +62,10 @@ enum Command {
 /// Listener settings (override `bastion.toml`).
 #[derive(Debug, Args, Clone)]
 pub struct ListenArgs {
-    /// DICOM-TLS listener [default: 127.0.0.1:2762]
+    /// DICOM-TLS listener, IP:PORT (overrides bastion.toml; default 127.0.0.1:2762)
     #[arg(long, value_name = "HOST:PORT")]
     pub dicom_addr: Option<SocketAddr>,
-    /// Plain (unencrypted) DICOM listener for `plain` devices; off unless given
+    /// Plain (unencrypted) DICOM listener for `plain` devices, IP:PORT; off unless given
     #[arg(long, value_name = "HOST:PORT")]
     pub dicom_plain_addr: Option<SocketAddr>,
     /// Our AE title [default: BASTION]
@@ -115,17 +115,18 @@ struct DeviceArgs {
     /// The device's AE title (leading/trailing spaces are not significant).
     #[arg(long)]
     ae: String,
-    /// Network its associations must come from, as CIDR (e.g. 10.1.2.0/24, 127.0.0.1/32).
+    /// Network its associations must come from, as CIDR (e.g. 10.1.2.0/24, 127.0.0.1/32). Required for `add`.
     #[arg(long)]
     network: Option<ipnet::IpNet>,
     /// tls (client certificate optional, must chain to our CA), mtls (certificate required:
-    /// our CA or --cert-sha256), plain (legacy, plain listener only).
+    /// our CA or --cert-sha256), plain (legacy, plain listener only). Required for `add`.
     #[arg(long)]
     transport: Option<String>,
-    /// Comma-separated subset of echo,store,find,move,get.
+    /// Comma-separated subset of echo,store,find,move,get. Required for `add`.
     #[arg(long)]
     allow: Option<String>,
-    /// SHA-256 of the device's DER client certificate (hex; colons and case ignored).
+    /// SHA-256 of the device's DER client certificate (hex; colons and case
+    /// ignored). When set, it is the only certificate accepted for the device.
     #[arg(long)]
     cert_sha256: Option<String>,
     /// Host for outbound associations (retrieve destination).
@@ -142,8 +143,10 @@ struct DeviceArgs {
 
 #[derive(Debug, Subcommand)]
 enum CertCommand {
-    /// Issue a client certificate for a device: writes OUT/client.key (0600),
-    /// OUT/client.crt and OUT/ca.crt, prints the certificate's SHA-256.
+    /// Issue a client certificate for a registered device: writes
+    /// OUT/client.key (0600), OUT/client.crt and OUT/ca.crt, prints the
+    /// certificate's SHA-256. The certificate's subject CN is the AE title,
+    /// and Bastion accepts it only from that device.
     Issue {
         /// The device's AE title (becomes the certificate's CN).
         #[arg(long)]
@@ -322,6 +325,39 @@ fn validate(d: &Device) -> Result<()> {
     if d.host.is_some() != d.port.is_some() {
         bail!("--host and --port go together");
     }
+    if d.port == Some(0) {
+        bail!("--port 0 is not a port a device can listen on");
+    }
+    if let Some(h) = &d.host {
+        let hostname_ok = !h.is_empty()
+            && h.len() <= 253
+            && h.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if h.parse::<std::net::IpAddr>().is_err() && !hostname_ok {
+            bail!("--host {h:?} is neither an IP address nor a valid host name");
+        }
+    }
+    if d.network != d.network.trunc() {
+        bail!(
+            "--network {} has host bits set; did you mean {}?",
+            d.network,
+            d.network.trunc()
+        );
+    }
+    if let ipnet::IpNet::V6(v6) = d.network {
+        if v6.addr().to_ipv4_mapped().is_some() {
+            bail!("--network {v6} is an IPv4-mapped range; give the IPv4 network instead (e.g. 127.0.0.1/32)");
+        }
+    }
+    if d.network.prefix_len() == 0 {
+        eprintln!(
+            "warning: --network {} lets the device connect from any address",
+            d.network
+        );
+    }
     if d.transport == Transport::Plain && d.cert_sha256.is_some() {
         bail!("--cert-sha256 has no effect on a plain device; use --transport mtls");
     }
@@ -335,7 +371,13 @@ fn cert_issue(dir: &DataDir, ae: &str, out: &Path) -> Result<ExitCode> {
     let host = {
         let master = dir.load_master_key()?;
         let db = dir.open_security(&master)?;
-        DeviceRegistry::new(&db).get(&ae)?.and_then(|d| d.host)
+        let Some(device) = DeviceRegistry::new(&db).get(&ae)? else {
+            bail!("no device with AE title {ae}: register it first with `bastion device add --ae {ae} ...`; a certificate is bound to one registered device");
+        };
+        if device.transport == Transport::Plain {
+            bail!("device {ae} uses the plain transport; change it with `bastion device update --ae {ae} --transport mtls` first");
+        }
+        device.host
     };
     let issued = pki::issue_client(&dir.pki(), ae.as_str(), host.as_deref())?;
     std::fs::DirBuilder::new()
@@ -377,13 +419,14 @@ fn instance_get(dir: &DataDir, sop_uid: &str, out: &Path) -> Result<ExitCode> {
     let master = dir.load_master_key()?;
     let archive = dir.open_archive(&master, &config)?;
     let bytes = archive.instance_part10(&uid)?;
+    // create_new: never overwrite (or follow a symlink at) the destination,
+    // and the decrypted patient data is readable by the owner only.
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(out)
-        .with_context(|| format!("cannot create {}", out.display()))?;
+        .with_context(|| format!("cannot create {} (it must not exist yet)", out.display()))?;
     std::io::Write::write_all(&mut f, &bytes)
         .with_context(|| format!("cannot write {}", out.display()))?;
     archive.events().record(

@@ -21,24 +21,30 @@ pub fn import(dir: &DataDir, paths: &[PathBuf]) -> Result<ExitCode> {
     let mut files = Vec::new();
     let mut rejected: Vec<(PathBuf, String)> = Vec::new();
     for p in paths {
-        if !p.exists() {
-            rejected.push((p.clone(), "no such file or directory".into()));
-            continue;
-        }
-        for entry in walkdir::WalkDir::new(p)
-            .follow_links(false)
-            .sort_by_file_name()
-        {
-            match entry {
-                Ok(e) if e.file_type().is_file() => files.push(e.into_path()),
-                Ok(_) => {}
-                Err(e) => rejected.push((
-                    e.path()
-                        .map(|p| p.to_path_buf())
-                        .unwrap_or_else(|| p.clone()),
-                    e.to_string(),
-                )),
+        // A path named on the command line is followed if it is a symlink;
+        // inside folders, symlinks are not followed (loops, surprises) and,
+        // like FIFOs and devices, are reported as rejected, never skipped
+        // silently.
+        match std::fs::metadata(p) {
+            Err(e) => rejected.push((p.clone(), format!("cannot access: {e}"))),
+            Ok(m) if m.is_file() => files.push(p.clone()),
+            Ok(m) if m.is_dir() => {
+                for entry in walkdir::WalkDir::new(p)
+                    .follow_links(false)
+                    .sort_by_file_name()
+                {
+                    match entry {
+                        Ok(e) if e.file_type().is_file() => files.push(e.into_path()),
+                        Ok(e) if e.file_type().is_dir() => {}
+                        Ok(e) if e.path_is_symlink() => {
+                            rejected.push((e.into_path(), "symbolic link inside a folder (not followed; name it directly to import it)".into()))
+                        }
+                        Ok(e) => rejected.push((e.into_path(), "not a regular file".into())),
+                        Err(e) => rejected.push((e.path().map(|p| p.to_path_buf()).unwrap_or_else(|| p.clone()), e.to_string())),
+                    }
+                }
             }
+            Ok(_) => rejected.push((p.clone(), "not a regular file or folder".into())),
         }
     }
     let bar = ProgressBar::new(files.len() as u64);

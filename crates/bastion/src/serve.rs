@@ -21,6 +21,22 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         dir.init(&listen.apply(Config::default())?)?;
     }
     dir.check_secret_permissions()?;
+    // One `serve` per data directory: a second one would sweep orphans and
+    // group-commit behind the first one's back. The lock is released when
+    // the process exits, however it exits.
+    let lock_path = dir.root.join("serve.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        anyhow::bail!(
+            "another `bastion serve` is already running on {}",
+            dir.root.display()
+        );
+    }
     let config = listen.apply(Config::load(&dir.config())?)?;
     let master = dir.load_master_key()?;
     let archive = dir.open_archive(&master, &config)?;
@@ -80,6 +96,7 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
             let _ = s.await;
         }
         tracing::info!("stopped");
+        drop(lock);
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)

@@ -141,7 +141,8 @@ impl Dimse {
         let count = self.active.fetch_add(1, Ordering::SeqCst) + 1;
         let _guard = ActiveGuard(&self.active);
         let cert_slot: CertSlot = Arc::new(Mutex::new(None));
-        let accepted: Arc<Mutex<Option<Device>>> = Arc::new(Mutex::new(None));
+        let accepted: Arc<Mutex<Option<(Device, Option<PeerCertificate>)>>> =
+            Arc::new(Mutex::new(None));
         let policy = ConnectionPolicy {
             dimse: self.clone(),
             peer: peer.ip(),
@@ -232,13 +233,15 @@ impl Dimse {
         &self,
         mut assoc: AsyncServerAssociation<S>,
         peer: SocketAddr,
-        accepted: &Mutex<Option<Device>>,
+        accepted: &Mutex<Option<(Device, Option<PeerCertificate>)>>,
         listener: &str,
         mut shutdown: watch::Receiver<bool>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let Some(device) = accepted.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+        let Some((device, certificate)) =
+            accepted.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        else {
             tracing::error!(%peer, "association established without a policy decision; aborting");
             let _ = assoc.abort().await;
             return;
@@ -248,7 +251,10 @@ impl Dimse {
         self.archive.events().record(
             "association.accepted",
             Outcome::Success,
-            serde_json::json!({"ae": ae, "peer": peer.to_string(), "listener": listener, "transport": device.transport.name()}),
+            serde_json::json!({
+                "ae": ae, "peer": peer.to_string(), "listener": listener, "transport": device.transport.name(),
+                "certificate_sha256": certificate.as_ref().map(|c| c.sha256.clone()),
+            }),
         );
         let mut session = Session {
             device,
@@ -655,7 +661,7 @@ pub struct ConnectionPolicy {
     peer: IpAddr,
     listener: Listener,
     cert_slot: CertSlot,
-    accepted: Arc<Mutex<Option<Device>>>,
+    accepted: Arc<Mutex<Option<(Device, Option<PeerCertificate>)>>>,
     over_limit: bool,
 }
 
@@ -704,7 +710,8 @@ impl AccessControl for ConnectionPolicy {
         };
         match policy::decide(&attempt, device.as_ref()) {
             Ok(()) => {
-                *self.accepted.lock().unwrap_or_else(|p| p.into_inner()) = device;
+                *self.accepted.lock().unwrap_or_else(|p| p.into_inner()) =
+                    device.map(|d| (d, cert.clone()));
                 Ok(())
             }
             Err(refusal) => {

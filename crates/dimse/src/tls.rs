@@ -136,9 +136,11 @@ impl ClientCertVerifier for RecordingVerifier {
             .verify_client_cert(end_entity, intermediates, now)
             .is_ok();
         let sha256 = hex::encode(Sha256::digest(end_entity.as_ref()));
+        let subject_cn = subject_common_name(end_entity.as_ref());
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(PeerCertificate {
             sha256,
             chains_to_ca,
+            subject_cn,
         });
         Ok(ClientCertVerified::assertion())
     }
@@ -164,4 +166,17 @@ impl ClientCertVerifier for RecordingVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+/// The first subject Common Name of a DER certificate, if it parses.
+fn subject_common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_owned();
+    Some(cn)
 }

@@ -27,11 +27,13 @@ pub use uid::Uid;
 /// Why a value could not be parsed into one of this crate's types.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ModelError {
-    /// The text is not a valid DICOM UID (PS3.5 §9.1).
-    #[error("invalid UID {value:?}: {reason}")]
+    /// The text is not a valid DICOM UID (PS3.5 §9.1). The value itself is
+    /// not kept: a malformed "UID" may hold patient data (a name pasted into
+    /// the wrong field), and this message reaches logs and the event log.
+    #[error("invalid UID ({len} characters): {reason}")]
     InvalidUid {
-        /// The offending value, truncated to 80 characters.
-        value: String,
+        /// Length of the offending value in characters.
+        len: usize,
         /// What rule it breaks.
         reason: &'static str,
     },

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::{clip, ModelError};
+use crate::ModelError;
 
 /// A syntactically valid DICOM UID: 1–64 characters, components of digits
 /// separated by `.`, no empty component, no leading zero in a component of
@@ -22,7 +22,7 @@ impl Uid {
     pub fn parse(raw: &str) -> Result<Uid, ModelError> {
         let value = raw.trim_end_matches('\0').trim();
         let err = |reason| ModelError::InvalidUid {
-            value: clip(raw),
+            len: raw.chars().count(),
             reason,
         };
         if value.is_empty() {
@@ -72,6 +72,16 @@ mod tests {
             assert_eq!(Uid::parse(ok).map(|u| u.0), Ok(ok.to_owned()), "{ok}");
         }
         assert_eq!(Uid::parse("1.2.3\0").map(|u| u.0), Ok("1.2.3".to_owned()));
+    }
+
+    #[test]
+    fn errors_do_not_echo_the_value() {
+        let e = Uid::parse("Doe^John")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(!e.contains("Doe"), "{e}");
+        assert!(e.contains("8 characters"), "{e}");
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct PeerCertificate {
     pub sha256: String,
     /// Whether it chains to Bastion's CA (and is valid for client auth now).
     pub chains_to_ca: bool,
+    /// The subject Common Name; `bastion cert issue` sets it to the device's
+    /// AE title, which binds a CA-issued certificate to one device.
+    pub subject_cn: Option<String>,
 }
 
 /// One association request as seen by the policy.
@@ -60,6 +63,8 @@ pub enum Refusal {
     CertificateRequired,
     /// The client certificate neither chains to our CA nor matches the pin.
     CertificateNotTrusted,
+    /// The certificate chains to our CA but was issued to another AE title.
+    CertificateForAnotherDevice,
 }
 
 impl Refusal {
@@ -81,7 +86,10 @@ impl Refusal {
             }
             Refusal::CertificateRequired => "mtls device sent no client certificate",
             Refusal::CertificateNotTrusted => {
-                "client certificate does not chain to Bastion's CA nor match the pinned fingerprint"
+                "client certificate does not chain to Bastion's CA or does not match the pinned fingerprint"
+            }
+            Refusal::CertificateForAnotherDevice => {
+                "client certificate was issued to another AE title (subject CN differs from the calling AE)"
             }
         }
     }
@@ -95,6 +103,7 @@ impl Refusal {
             Refusal::WrongTransport => "wrong_transport",
             Refusal::CertificateRequired => "certificate_required",
             Refusal::CertificateNotTrusted => "certificate_not_trusted",
+            Refusal::CertificateForAnotherDevice => "certificate_for_another_device",
         }
     }
 }
@@ -116,23 +125,30 @@ pub fn decide(attempt: &AssociationAttempt<'_>, device: Option<&Device>) -> Resu
         (Transport::Tls | Transport::Mtls, Listener::Plain) => Err(Refusal::WrongTransport),
         (Transport::Tls, Listener::Tls) => match attempt.certificate {
             None => Ok(()),
-            Some(c) if c.chains_to_ca || pinned(device, c) => Ok(()),
-            Some(_) => Err(Refusal::CertificateNotTrusted),
+            Some(c) => certificate_trusted(device, c),
         },
         (Transport::Mtls, Listener::Tls) => match attempt.certificate {
             None => Err(Refusal::CertificateRequired),
-            Some(c) if c.chains_to_ca || pinned(device, c) => Ok(()),
-            Some(_) => Err(Refusal::CertificateNotTrusted),
+            Some(c) => certificate_trusted(device, c),
         },
     }
 }
 
-fn pinned(device: &Device, cert: &PeerCertificate) -> bool {
+/// A device with a pinned fingerprint accepts that certificate only. A
+/// device without one accepts a certificate that chains to Bastion's CA *and*
+/// names the device's AE title as its subject CN, so a certificate issued to
+/// one device cannot be used to connect as another.
+fn certificate_trusted(device: &Device, cert: &PeerCertificate) -> Result<(), Refusal> {
     use subtle::ConstantTimeEq;
-    device
-        .cert_sha256
-        .as_deref()
-        .is_some_and(|pin| pin.as_bytes().ct_eq(cert.sha256.as_bytes()).into())
+    match device.cert_sha256.as_deref() {
+        Some(pin) if bool::from(pin.as_bytes().ct_eq(cert.sha256.as_bytes())) => Ok(()),
+        Some(_) => Err(Refusal::CertificateNotTrusted),
+        None if !cert.chains_to_ca => Err(Refusal::CertificateNotTrusted),
+        None => match cert.subject_cn.as_deref().map(AeTitle::parse) {
+            Some(Ok(cn)) if cn == device.ae => Ok(()),
+            _ => Err(Refusal::CertificateForAnotherDevice),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -163,10 +179,17 @@ mod tests {
         let good = PeerCertificate {
             sha256: "a".repeat(64),
             chains_to_ca: true,
+            subject_cn: Some("MOD1".into()),
+        };
+        let other_device = PeerCertificate {
+            sha256: "c".repeat(64),
+            chains_to_ca: true,
+            subject_cn: Some("CT9".into()),
         };
         let foreign = PeerCertificate {
             sha256: "b".repeat(64),
             chains_to_ca: false,
+            subject_cn: Some("MOD1".into()),
         };
         let at = |called, peer, listener, certificate| AssociationAttempt {
             our_ae: &ours,
@@ -232,6 +255,20 @@ mod tests {
                 pinned_mtls.as_ref()
             ),
             Ok(())
+        );
+        // a pin excludes every other certificate, even one from our CA
+        assert_eq!(
+            decide(&at("BASTION", lo, Tls, Some(&good)), pinned_mtls.as_ref()),
+            Err(Refusal::CertificateNotTrusted)
+        );
+        // a CA-issued certificate binds to its AE title (subject CN)
+        assert_eq!(
+            decide(&at("BASTION", lo, Tls, Some(&other_device)), mtls.as_ref()),
+            Err(Refusal::CertificateForAnotherDevice)
+        );
+        assert_eq!(
+            decide(&at("BASTION", lo, Tls, Some(&other_device)), tls.as_ref()),
+            Err(Refusal::CertificateForAnotherDevice)
         );
     }
 }
