@@ -134,3 +134,28 @@ def test_idle_connections_do_not_delay_echo(srv):
     finally:
         for s in idle:
             s.close()
+
+
+def test_socket_flood_from_another_address_does_not_lock_out_devices(srv):
+    """Unauthenticated sockets (no TLS handshake, no A-ASSOCIATE-RQ) do not
+    use association slots: 100 of them from 127.0.0.2 (more than
+    max_associations and the per-address cap) leave a registered device on
+    127.0.0.1 able to connect."""
+    idle = []
+    try:
+        for _ in range(100):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.bind(("127.0.0.2", 0))
+            try:
+                s.connect(("127.0.0.1", srv.tls_port))
+            except OSError:
+                s.close()
+                continue
+            idle.append(s)
+        assert len(idle) >= 65
+        time.sleep(0.3)
+        assert helpers.echo_status(srv.tls_port, "RAWTLS", tls=srv.tls_context()) == SUCCESS
+    finally:
+        for s in idle:
+            s.close()

@@ -29,6 +29,8 @@ pub struct DicomSection {
     pub max_pdu_length: u32,
     /// Concurrent associations.
     pub max_associations: usize,
+    /// Unfinished handshakes per source address.
+    pub max_pending_per_address: usize,
     /// Idle association timeout, seconds.
     pub idle_timeout_secs: u64,
     /// TLS handshake + A-ASSOCIATE-RQ timeout, seconds.
@@ -59,6 +61,7 @@ impl Default for DicomSection {
             plain_addr: None,
             max_pdu_length: 131_072,
             max_associations: 64,
+            max_pending_per_address: 64,
             idle_timeout_secs: 60,
             handshake_timeout_secs: 10,
         }
@@ -110,8 +113,12 @@ tls_addr = "{tls}"
 {plain}
 # Maximum PDU length announced and accepted, bytes (PS3.8 D.1).
 max_pdu_length = {pdu}
-# Associations served at once; more are rejected.
+# Associations served at once (counted after the device is authenticated);
+# more are rejected (A-ASSOCIATE-RJ 1/1/1).
 max_associations = {assoc}
+# Connections from one address still in the TLS handshake or before their
+# A-ASSOCIATE-RQ; more are closed at once (protects against socket floods).
+max_pending_per_address = {pending}
 # An association silent for this many seconds is aborted.
 idle_timeout_secs = {idle}
 # Seconds allowed for the TLS handshake and the A-ASSOCIATE-RQ.
@@ -133,6 +140,7 @@ max_concurrent_parses = {mcp}
             tls = d.tls_addr,
             pdu = d.max_pdu_length,
             assoc = d.max_associations,
+            pending = d.max_pending_per_address,
             idle = d.idle_timeout_secs,
             hs = d.handshake_timeout_secs,
             mds = l.max_dataset_bytes,

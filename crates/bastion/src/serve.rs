@@ -48,6 +48,7 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         ae_title: AeTitle::parse(&d.ae_title)?,
         max_pdu_length: d.max_pdu_length,
         max_associations: d.max_associations,
+        max_pending_per_address: d.max_pending_per_address,
         idle_timeout: Duration::from_secs(d.idle_timeout_secs),
         handshake_timeout: Duration::from_secs(d.handshake_timeout_secs),
         max_dataset_bytes: config.limits.max_dataset_bytes,

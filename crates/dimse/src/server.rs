@@ -12,6 +12,7 @@
 //! only after the instance is durable and indexed.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -55,8 +56,12 @@ pub struct DimseConfig {
     pub ae_title: AeTitle,
     /// Maximum PDU length we announce and accept (PS3.8 D.1), bytes.
     pub max_pdu_length: u32,
-    /// Associations served at once across both listeners.
+    /// Associations served at once across both listeners (counted once the
+    /// policy accepted them; more get A-ASSOCIATE-RJ 1/1/1).
     pub max_associations: usize,
+    /// Connections from one source address allowed in the TLS handshake /
+    /// A-ASSOCIATE-RQ phase at once; more are closed at once.
+    pub max_pending_per_address: usize,
     /// An association silent for this long is aborted.
     pub idle_timeout: Duration,
     /// Time allowed for the TLS handshake plus the A-ASSOCIATE-RQ.
@@ -72,7 +77,10 @@ pub struct Dimse {
     security: Arc<SecurityDb>,
     config: DimseConfig,
     tls: Option<TlsIdentity>,
+    /// Established associations (accepted by the policy).
     active: AtomicUsize,
+    /// Connections per source address still in the handshake phase.
+    pending: Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl Dimse {
@@ -89,6 +97,7 @@ impl Dimse {
             config,
             tls,
             active: AtomicUsize::new(0),
+            pending: Mutex::new(HashMap::new()),
         }
     }
 
@@ -138,18 +147,25 @@ impl Dimse {
         if let Err(e) = socket.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
         }
-        let count = self.active.fetch_add(1, Ordering::SeqCst) + 1;
-        let _guard = ActiveGuard(&self.active);
+        // Connections still in the TLS handshake / A-ASSOCIATE-RQ phase are
+        // capped per source address, so one host cannot starve others; only
+        // associations the policy accepted count against max_associations.
+        let Some(_pending) = PendingGuard::enter(
+            &self.pending,
+            peer.ip(),
+            self.config.max_pending_per_address,
+        ) else {
+            tracing::warn!(%peer, "connection dropped: too many unfinished handshakes from this address");
+            return;
+        };
         let cert_slot: CertSlot = Arc::new(Mutex::new(None));
-        let accepted: Arc<Mutex<Option<(Device, Option<PeerCertificate>)>>> =
-            Arc::new(Mutex::new(None));
+        let accepted: Decision = Arc::new(Mutex::new(None));
         let policy = ConnectionPolicy {
             dimse: self.clone(),
             peer: peer.ip(),
             listener: kind,
             cert_slot: cert_slot.clone(),
             accepted: accepted.clone(),
-            over_limit: count > self.config.max_associations,
         };
         let options = ServerAssociationOptions::new()
             .ae_access_control(policy)
@@ -180,12 +196,14 @@ impl Dimse {
                     }
                 };
                 let options = options.tls_config(cfg);
-                match tokio::time::timeout(
+                let established = tokio::time::timeout(
                     self.config.handshake_timeout,
                     options.establish_tls_async(socket),
                 )
-                .await
-                {
+                .await;
+                drop(_pending);
+                let _active = self.active_guard(&accepted);
+                match established {
                     Ok(Ok(assoc)) => {
                         self.run(assoc, peer, &accepted, listener_name, shutdown)
                             .await
@@ -200,12 +218,14 @@ impl Dimse {
                 }
             }
             Listener::Plain => {
-                match tokio::time::timeout(
+                let established = tokio::time::timeout(
                     self.config.handshake_timeout,
                     options.establish_async(socket),
                 )
-                .await
-                {
+                .await;
+                drop(_pending);
+                let _active = self.active_guard(&accepted);
+                match established {
                     Ok(Ok(assoc)) => {
                         self.run(assoc, peer, &accepted, listener_name, shutdown)
                             .await
@@ -218,6 +238,16 @@ impl Dimse {
                 }
             }
         }
+    }
+
+    /// Releases the association slot taken by the policy when the
+    /// association ends (whether or not the A-ASSOCIATE-AC reached the peer).
+    fn active_guard(&self, accepted: &Decision) -> Option<ActiveGuard<'_>> {
+        accepted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+            .then(|| ActiveGuard(&self.active))
     }
 
     fn establish_failed(&self, peer: SocketAddr, listener: &str, reason: &str) {
@@ -233,7 +263,7 @@ impl Dimse {
         &self,
         mut assoc: AsyncServerAssociation<S>,
         peer: SocketAddr,
-        accepted: &Mutex<Option<(Device, Option<PeerCertificate>)>>,
+        accepted: &Decision,
         listener: &str,
         mut shutdown: watch::Receiver<bool>,
     ) where
@@ -643,6 +673,44 @@ struct Session {
     overflow: bool,
 }
 
+/// The policy's decision for one connection: the accepted device and the
+/// client certificate it presented.
+type Decision = Arc<Mutex<Option<(Device, Option<PeerCertificate>)>>>;
+
+/// Counts one connection in the handshake phase for its source address.
+struct PendingGuard<'a> {
+    map: &'a Mutex<HashMap<IpAddr, usize>>,
+    ip: IpAddr,
+}
+
+impl<'a> PendingGuard<'a> {
+    fn enter(
+        map: &'a Mutex<HashMap<IpAddr, usize>>,
+        ip: IpAddr,
+        max: usize,
+    ) -> Option<PendingGuard<'a>> {
+        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PendingGuard { map, ip })
+    }
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 struct ActiveGuard<'a>(&'a AtomicUsize);
 
 impl Drop for ActiveGuard<'_> {
@@ -661,8 +729,7 @@ pub struct ConnectionPolicy {
     peer: IpAddr,
     listener: Listener,
     cert_slot: CertSlot,
-    accepted: Arc<Mutex<Option<(Device, Option<PeerCertificate>)>>>,
-    over_limit: bool,
+    accepted: Decision,
 }
 
 impl AccessControl for ConnectionPolicy {
@@ -676,15 +743,6 @@ impl AccessControl for ConnectionPolicy {
         let events = self.dimse.archive.events();
         let calling = clip(calling_ae_title.trim(), 16);
         let called = clip(called_ae_title.trim(), 16);
-        if self.over_limit {
-            tracing::warn!(peer = %self.peer, calling_ae = %calling, "association refused: association limit reached");
-            events.record(
-                "association.rejected",
-                Outcome::Refused,
-                serde_json::json!({"calling_ae": calling, "called_ae": called, "peer": self.peer.to_string(), "reason": "association_limit"}),
-            );
-            return Err(AssociationRJServiceUserReason::NoReasonGiven);
-        }
         let device = match AeTitle::parse(calling_ae_title) {
             Ok(ae) => match DeviceRegistry::new(&self.dimse.security).get(&ae) {
                 Ok(d) => d,
