@@ -5,6 +5,12 @@
 //! and SHA-256). Blob names are random and never derived from any input, so no caller
 //! data can steer a path.
 //!
+//! Why not `object_store`: its local backend neither exposes the
+//! write-fsync-rename-fsync(dir) publish sequence this crate guarantees nor
+//! keeps `ENOSPC` distinguishable (needed for DICOM status 0xA700), and the
+//! envelope encryption must wrap whatever backend is used anyway. An S3
+//! backend can sit behind the same `put`/`get`/`list`/`delete` surface.
+//!
 //! # Main types
 //!
 //! - [`MasterKey`]: the 32-byte root secret; derives the key-encryption key (KEK), the
