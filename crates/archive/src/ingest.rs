@@ -301,15 +301,18 @@ impl Archive {
             }
         }
 
-        let part10 = build_part10(
-            raw,
+        // The Part 10 header (zero preamble, DICM, regenerated meta) and the
+        // dataset bytes are streamed into the store without concatenating.
+        let header = part10_header(
             &ts_uid,
             &attrs.instance.sop_class_uid,
             sop.as_str(),
             &origin.ae,
         )?;
-        let blob = self.store.put(&part10).map_err(store_err)?;
-        drop(part10);
+        let blob = self
+            .store
+            .put_reader(&mut (&header[..]).chain(raw))
+            .map_err(store_err)?;
         let mut attrs = attrs;
         attrs.instance.transfer_syntax_uid = ts_uid;
         let record = NewInstance {
@@ -568,9 +571,8 @@ fn group_commit(index: &Index, rx: &mpsc::Receiver<(NewInstance, CommitReply)>) 
 }
 
 /// PS3.10 §7.1: 128-byte zero preamble, `DICM`, File Meta Information
-/// (group 0002, explicit VR LE), then the dataset as received.
-fn build_part10(
-    dataset: &[u8],
+/// (group 0002, explicit VR LE). The dataset as received follows it.
+fn part10_header(
     ts: &str,
     sop_class: &str,
     sop_instance: &str,
@@ -588,12 +590,11 @@ fn build_part10(
     let meta = builder
         .build()
         .map_err(|e| ArchiveError::Internal(format!("file meta: {e}")))?;
-    let mut out = Vec::with_capacity(dataset.len() + 512);
+    let mut out = Vec::with_capacity(512);
     out.extend_from_slice(&[0u8; 128]);
     out.extend_from_slice(b"DICM");
     meta.write(&mut out)
         .map_err(|e| ArchiveError::Internal(format!("file meta: {e}")))?;
-    out.extend_from_slice(dataset);
     Ok(out)
 }
 
