@@ -43,6 +43,7 @@
 //! durable before [`Index::commit_batch`] returns, so that a C-STORE success is sent
 //! only for committed rows.
 
+pub mod query;
 mod schema;
 
 use std::fs::OpenOptions;
@@ -169,6 +170,10 @@ pub struct StudyAttrs {
     pub study_description: String,
     /// Referring Physician's Name (0008,0090).
     pub referring_physician_name: String,
+    /// Indexed sequence attributes, opaque text owned by the caller (schema v2;
+    /// `""` when none). The archive layer writes JSON, see `bastion-archive`'s
+    /// `query` module.
+    pub sequences: String,
 }
 
 /// Series-level attributes, as received (`""`/`None` when absent).
@@ -184,6 +189,9 @@ pub struct SeriesAttrs {
     pub series_description: String,
     /// Body Part Examined (0018,0015).
     pub body_part_examined: String,
+    /// Indexed sequence attributes, opaque text owned by the caller (schema v2;
+    /// `""` when none).
+    pub sequences: String,
 }
 
 /// Instance-level attributes, as received (`""`/`None` when absent).
@@ -573,7 +581,7 @@ fn migrate(conn: &mut Connection) -> Result<(), IndexError> {
     tx.commit().map_err(sql_err("commit migration"))
 }
 
-const SELECT_INSTANCE: &str = "SELECT i.sop_instance_uid, i.sop_class_uid, st.study_instance_uid,
+pub(crate) const SELECT_INSTANCE: &str = "SELECT i.sop_instance_uid, i.sop_class_uid, st.study_instance_uid,
         se.series_instance_uid, i.transfer_syntax_uid, i.blob_id, i.key_id, i.stored_size,
         i.stored_sha256, i.content_sha256, i.received_at, i.id, i.series_ref
     FROM instances i
@@ -581,7 +589,7 @@ const SELECT_INSTANCE: &str = "SELECT i.sop_instance_uid, i.sop_class_uid, st.st
     JOIN studies st ON st.id = se.study_ref";
 
 /// A row of [`SELECT_INSTANCE`] before range checks.
-struct RawRow {
+pub(crate) struct RawRow {
     stored: StoredInstance,
     stored_size: i64,
     id: i64,
@@ -589,13 +597,13 @@ struct RawRow {
 }
 
 /// Row ids needed to update or clean up after a replace.
-struct RowIds {
+pub(crate) struct RowIds {
     id: i64,
     series_ref: i64,
 }
 
 impl RawRow {
-    fn into_stored(self) -> Result<(StoredInstance, RowIds), IndexError> {
+    pub(crate) fn into_stored(self) -> Result<(StoredInstance, RowIds), IndexError> {
         let mut stored = self.stored;
         stored.stored_size = to_u64(self.stored_size, "stored_size")?;
         Ok((
@@ -608,7 +616,7 @@ impl RawRow {
     }
 }
 
-fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+pub(crate) fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
     Ok(RawRow {
         stored: StoredInstance {
             sop_instance_uid: r.get(0)?,
@@ -785,8 +793,9 @@ fn upsert_hierarchy(tx: &Transaction<'_>, rec: &NewInstance) -> Result<i64, Inde
         let id = tx
             .prepare_cached(
                 "INSERT INTO studies (patient_ref, study_instance_uid, study_date, study_time,
-                    accession_number, study_id, study_description, referring_physician_name)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                    accession_number, study_id, study_description, referring_physician_name,
+                    sequences)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT (study_instance_uid) DO UPDATE SET
                     patient_ref = excluded.patient_ref,
                     study_date = excluded.study_date,
@@ -794,7 +803,8 @@ fn upsert_hierarchy(tx: &Transaction<'_>, rec: &NewInstance) -> Result<i64, Inde
                     accession_number = excluded.accession_number,
                     study_id = excluded.study_id,
                     study_description = excluded.study_description,
-                    referring_physician_name = excluded.referring_physician_name
+                    referring_physician_name = excluded.referring_physician_name,
+                    sequences = excluded.sequences
                  RETURNING id",
             )
             .and_then(|mut stmt| {
@@ -807,7 +817,8 @@ fn upsert_hierarchy(tx: &Transaction<'_>, rec: &NewInstance) -> Result<i64, Inde
                         s.accession_number,
                         s.study_id,
                         s.study_description,
-                        s.referring_physician_name
+                        s.referring_physician_name,
+                        s.sequences
                     ],
                     |r| r.get(0),
                 )
@@ -827,14 +838,15 @@ fn upsert_hierarchy(tx: &Transaction<'_>, rec: &NewInstance) -> Result<i64, Inde
     let series_ref: i64 = tx
         .prepare_cached(
             "INSERT INTO series (study_ref, series_instance_uid, modality, series_number,
-                series_description, body_part_examined)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                series_description, body_part_examined, sequences)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (series_instance_uid) DO UPDATE SET
                 study_ref = excluded.study_ref,
                 modality = excluded.modality,
                 series_number = excluded.series_number,
                 series_description = excluded.series_description,
-                body_part_examined = excluded.body_part_examined
+                body_part_examined = excluded.body_part_examined,
+                sequences = excluded.sequences
              RETURNING id",
         )
         .and_then(|mut stmt| {
@@ -845,7 +857,8 @@ fn upsert_hierarchy(tx: &Transaction<'_>, rec: &NewInstance) -> Result<i64, Inde
                     se.modality,
                     se.series_number,
                     se.series_description,
-                    se.body_part_examined
+                    se.body_part_examined,
+                    se.sequences
                 ],
                 |r| r.get(0),
             )

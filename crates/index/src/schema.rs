@@ -98,5 +98,17 @@ CREATE INDEX replaced_instances_sop_instance_uid ON replaced_instances (sop_inst
 CREATE INDEX replaced_instances_blob_id          ON replaced_instances (blob_id);
 "#;
 
+/// Schema version 2: matchable sequences for C-FIND/QIDO (PS3.4 §C.2.2.2.6).
+///
+/// `sequences` holds the indexed sequence attributes of a study or series as opaque
+/// text written by the archive layer (JSON: `{"00081032": [{"00080100": "X"}]}`);
+/// the index neither parses nor interprets it. Rows indexed before version 2 hold `''`
+/// (no sequence known) until their instances are re-indexed.
+const V2: &str = r#"
+ALTER TABLE studies ADD COLUMN sequences TEXT NOT NULL DEFAULT '';
+ALTER TABLE series  ADD COLUMN sequences TEXT NOT NULL DEFAULT '';
+CREATE INDEX studies_study_id ON studies (study_id);
+"#;
+
 /// All migrations in order; the schema version after applying `MIGRATIONS[..n]` is `n`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];

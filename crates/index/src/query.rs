@@ -1,0 +1,426 @@
+//! Read access for the query engine (C-FIND, later QIDO-RS and retrieval).
+//!
+//! The index does no DICOM matching: [`Index::scan`] walks the entities of one level
+//! with their ancestors' attributes, optionally narrowed by exact-value
+//! [`Prefilter`]s on indexed columns, and the caller (the archive's query engine,
+//! which implements PS3.4 §C.2.2.2) decides what matches. The other methods compute
+//! the per-entity counts that Q/R returns (PS3.4 §C.3.4, Table C.3-x "Number of ...
+//! Related ...") and list the instances below an entity for retrieval.
+
+use rusqlite::params_from_iter;
+
+use crate::{
+    sql_err, to_u64, Index, IndexError, InstanceAttrs, PatientAttrs, SeriesAttrs,
+    StoredInstance, StudyAttrs,
+};
+
+/// A level of the patient / study / series / instance hierarchy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Level {
+    /// Patients.
+    Patient,
+    /// Studies.
+    Study,
+    /// Series.
+    Series,
+    /// Instances (Q/R level IMAGE).
+    Instance,
+}
+
+/// An indexed text column a [`Prefilter`] can narrow on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Column {
+    /// `patients.patient_id`.
+    PatientId,
+    /// `patients.issuer_of_patient_id`.
+    IssuerOfPatientId,
+    /// `studies.study_instance_uid`.
+    StudyInstanceUid,
+    /// `studies.accession_number`.
+    AccessionNumber,
+    /// `studies.study_id`.
+    StudyId,
+    /// `studies.study_date`.
+    StudyDate,
+    /// `series.series_instance_uid`.
+    SeriesInstanceUid,
+    /// `series.modality`.
+    Modality,
+    /// `instances.sop_instance_uid`.
+    SopInstanceUid,
+    /// `instances.sop_class_uid`.
+    SopClassUid,
+}
+
+impl Column {
+    fn sql(self) -> &'static str {
+        match self {
+            Column::PatientId => "p.patient_id",
+            Column::IssuerOfPatientId => "p.issuer_of_patient_id",
+            Column::StudyInstanceUid => "st.study_instance_uid",
+            Column::AccessionNumber => "st.accession_number",
+            Column::StudyId => "st.study_id",
+            Column::StudyDate => "st.study_date",
+            Column::SeriesInstanceUid => "se.series_instance_uid",
+            Column::Modality => "se.modality",
+            Column::SopInstanceUid => "i.sop_instance_uid",
+            Column::SopClassUid => "i.sop_class_uid",
+        }
+    }
+
+    /// The level whose table holds the column.
+    pub fn level(self) -> Level {
+        match self {
+            Column::PatientId | Column::IssuerOfPatientId => Level::Patient,
+            Column::StudyInstanceUid
+            | Column::AccessionNumber
+            | Column::StudyId
+            | Column::StudyDate => Level::Study,
+            Column::SeriesInstanceUid | Column::Modality => Level::Series,
+            Column::SopInstanceUid | Column::SopClassUid => Level::Instance,
+        }
+    }
+}
+
+/// Keeps only rows whose `column` equals one of `any_of` exactly (byte-wise,
+/// case-sensitive). A prefilter must never exclude a row the caller's matcher would
+/// accept: it is an optimisation, not the matching rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prefilter {
+    /// The column.
+    pub column: Column,
+    /// Accepted values (OR). An empty list matches nothing.
+    pub any_of: Vec<String>,
+}
+
+/// Row ids of one entity and its ancestors (`None` below the scanned level).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EntityIds {
+    /// Patient row id.
+    pub patient: i64,
+    /// Study row id.
+    pub study: Option<i64>,
+    /// Series row id.
+    pub series: Option<i64>,
+    /// Instance row id.
+    pub instance: Option<i64>,
+}
+
+/// One entity of the scanned level with its ancestors' attributes. Attributes of
+/// levels below the scanned one are left at their defaults. Of the instance, only the
+/// attributes C-FIND can return are read (`transfer_syntax_uid` is filled, blob data
+/// is not part of a row).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EntityRow {
+    /// Row ids.
+    pub ids: EntityIds,
+    /// Patient attributes.
+    pub patient: PatientAttrs,
+    /// Study attributes (level ≥ study).
+    pub study: StudyAttrs,
+    /// Series attributes (level ≥ series).
+    pub series: SeriesAttrs,
+    /// Instance attributes (level instance).
+    pub instance: InstanceAttrs,
+}
+
+/// Counts below one patient (PS3.4 Number of Patient Related Studies/Series/Instances).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PatientCounts {
+    /// Studies of the patient.
+    pub studies: u64,
+    /// Series of the patient.
+    pub series: u64,
+    /// Instances of the patient.
+    pub instances: u64,
+}
+
+/// Counts and modalities below one study.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StudyCounts {
+    /// Series of the study.
+    pub series: u64,
+    /// Instances of the study.
+    pub instances: u64,
+    /// Distinct non-empty Modality values of its series, sorted.
+    pub modalities: Vec<String>,
+    /// Distinct non-empty SOP Class UIDs of its instances, sorted.
+    pub sop_classes: Vec<String>,
+}
+
+const PATIENT_COLS: &str = "p.id, p.patient_id, p.issuer_of_patient_id, p.patient_name,
+    p.patient_birth_date, p.patient_sex";
+const STUDY_COLS: &str = "st.id, st.study_instance_uid, st.study_date, st.study_time,
+    st.accession_number, st.study_id, st.study_description, st.referring_physician_name,
+    st.sequences";
+const SERIES_COLS: &str = "se.id, se.series_instance_uid, se.modality, se.series_number,
+    se.series_description, se.body_part_examined, se.sequences";
+const INSTANCE_COLS: &str = r#"i.id, i.sop_instance_uid, i.sop_class_uid, i.instance_number,
+    i.transfer_syntax_uid, i."rows", i."columns", i.number_of_frames,
+    i.specific_character_set"#;
+
+fn scan_sql(level: Level, prefilters: &[Prefilter]) -> (String, Vec<String>) {
+    let (cols, from, order) = match level {
+        Level::Patient => (PATIENT_COLS.to_owned(), "patients p", "p.id"),
+        Level::Study => (
+            format!("{PATIENT_COLS}, {STUDY_COLS}"),
+            "studies st JOIN patients p ON p.id = st.patient_ref",
+            "st.id",
+        ),
+        Level::Series => (
+            format!("{PATIENT_COLS}, {STUDY_COLS}, {SERIES_COLS}"),
+            "series se JOIN studies st ON st.id = se.study_ref
+             JOIN patients p ON p.id = st.patient_ref",
+            "se.id",
+        ),
+        Level::Instance => (
+            format!("{PATIENT_COLS}, {STUDY_COLS}, {SERIES_COLS}, {INSTANCE_COLS}"),
+            "instances i JOIN series se ON se.id = i.series_ref
+             JOIN studies st ON st.id = se.study_ref
+             JOIN patients p ON p.id = st.patient_ref",
+            "i.id",
+        ),
+    };
+    let mut sql = format!("SELECT {cols} FROM {from}");
+    let mut args = Vec::new();
+    let mut first = true;
+    for f in prefilters.iter().filter(|f| f.column.level() <= level) {
+        sql.push_str(if first { " WHERE " } else { " AND " });
+        first = false;
+        if f.any_of.is_empty() {
+            sql.push_str("0");
+            continue;
+        }
+        sql.push_str(f.column.sql());
+        sql.push_str(" IN (");
+        for (i, v) in f.any_of.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('?');
+            args.push(v.clone());
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ORDER BY ");
+    sql.push_str(order);
+    (sql, args)
+}
+
+fn read_entity(r: &rusqlite::Row<'_>, level: Level) -> rusqlite::Result<EntityRow> {
+    let mut e = EntityRow::default();
+    e.ids.patient = r.get(0)?;
+    e.patient = PatientAttrs {
+        patient_id: r.get(1)?,
+        issuer_of_patient_id: r.get(2)?,
+        patient_name: r.get(3)?,
+        patient_birth_date: r.get(4)?,
+        patient_sex: r.get(5)?,
+    };
+    if level >= Level::Study {
+        e.ids.study = Some(r.get(6)?);
+        e.study = StudyAttrs {
+            study_instance_uid: r.get(7)?,
+            study_date: r.get(8)?,
+            study_time: r.get(9)?,
+            accession_number: r.get(10)?,
+            study_id: r.get(11)?,
+            study_description: r.get(12)?,
+            referring_physician_name: r.get(13)?,
+            sequences: r.get(14)?,
+        };
+    }
+    if level >= Level::Series {
+        e.ids.series = Some(r.get(15)?);
+        e.series = SeriesAttrs {
+            series_instance_uid: r.get(16)?,
+            modality: r.get(17)?,
+            series_number: r.get(18)?,
+            series_description: r.get(19)?,
+            body_part_examined: r.get(20)?,
+            sequences: r.get(21)?,
+        };
+    }
+    if level >= Level::Instance {
+        e.ids.instance = Some(r.get(22)?);
+        e.instance = InstanceAttrs {
+            sop_instance_uid: r.get(23)?,
+            sop_class_uid: r.get(24)?,
+            instance_number: r.get(25)?,
+            transfer_syntax_uid: r.get(26)?,
+            rows: r.get(27)?,
+            columns: r.get(28)?,
+            number_of_frames: r.get(29)?,
+            specific_character_set: r.get(30)?,
+        };
+    }
+    Ok(e)
+}
+
+impl Index {
+    /// Walks every entity of `level` that passes all `prefilters` (those on columns
+    /// below `level` are ignored), in insertion order, calling `each` per row until it
+    /// returns `false`. The index lock is held for the walk: keep `each` cheap and
+    /// never block in it (collect, then act).
+    ///
+    /// # Errors
+    /// [`IndexError::Sqlite`].
+    pub fn scan(
+        &self,
+        level: Level,
+        prefilters: &[Prefilter],
+        mut each: impl FnMut(EntityRow) -> bool,
+    ) -> Result<(), IndexError> {
+        let (sql, args) = scan_sql(level, prefilters);
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(&sql).map_err(sql_err("query scan"))?;
+        let mut rows = stmt
+            .query(params_from_iter(args.iter()))
+            .map_err(sql_err("query scan"))?;
+        while let Some(row) = rows.next().map_err(sql_err("query scan"))? {
+            let e = read_entity(row, level).map_err(sql_err("query scan"))?;
+            if !each(e) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Studies, series and instances of patient row `patient`.
+    ///
+    /// # Errors
+    /// [`IndexError::Sqlite`], [`IndexError::Corrupt`].
+    pub fn patient_counts(&self, patient: i64) -> Result<PatientCounts, IndexError> {
+        let conn = self.lock();
+        let (a, b, c): (i64, i64, i64) = conn
+            .prepare_cached(
+                "SELECT (SELECT count(*) FROM studies WHERE patient_ref = ?1),
+                        (SELECT count(*) FROM series se JOIN studies st ON st.id = se.study_ref
+                            WHERE st.patient_ref = ?1),
+                        (SELECT count(*) FROM instances i JOIN series se ON se.id = i.series_ref
+                            JOIN studies st ON st.id = se.study_ref WHERE st.patient_ref = ?1)",
+            )
+            .and_then(|mut s| s.query_row([patient], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))))
+            .map_err(sql_err("patient counts"))?;
+        Ok(PatientCounts {
+            studies: to_u64(a, "count")?,
+            series: to_u64(b, "count")?,
+            instances: to_u64(c, "count")?,
+        })
+    }
+
+    /// Series and instance counts, modalities and SOP classes of study row `study`.
+    ///
+    /// # Errors
+    /// [`IndexError::Sqlite`], [`IndexError::Corrupt`].
+    pub fn study_counts(&self, study: i64) -> Result<StudyCounts, IndexError> {
+        let conn = self.lock();
+        let (a, b): (i64, i64) = conn
+            .prepare_cached(
+                "SELECT (SELECT count(*) FROM series WHERE study_ref = ?1),
+                        (SELECT count(*) FROM instances i JOIN series se ON se.id = i.series_ref
+                            WHERE se.study_ref = ?1)",
+            )
+            .and_then(|mut s| s.query_row([study], |r| Ok((r.get(0)?, r.get(1)?))))
+            .map_err(sql_err("study counts"))?;
+        let strings = |sql: &str| -> Result<Vec<String>, IndexError> {
+            let mut stmt = conn.prepare_cached(sql).map_err(sql_err("study counts"))?;
+            let rows = stmt
+                .query_map([study], |r| r.get::<_, String>(0))
+                .map_err(sql_err("study counts"))?;
+            rows.collect::<Result<_, _>>()
+                .map_err(sql_err("study counts"))
+        };
+        let modalities = strings(
+            "SELECT DISTINCT modality FROM series WHERE study_ref = ?1 AND modality <> ''
+             ORDER BY modality",
+        )?;
+        let sop_classes = strings(
+            "SELECT DISTINCT i.sop_class_uid FROM instances i JOIN series se ON se.id = i.series_ref
+             WHERE se.study_ref = ?1 AND i.sop_class_uid <> '' ORDER BY i.sop_class_uid",
+        )?;
+        Ok(StudyCounts {
+            series: to_u64(a, "count")?,
+            instances: to_u64(b, "count")?,
+            modalities,
+            sop_classes,
+        })
+    }
+
+    /// Instances of series row `series`.
+    ///
+    /// # Errors
+    /// [`IndexError::Sqlite`], [`IndexError::Corrupt`].
+    pub fn series_instance_count(&self, series: i64) -> Result<u64, IndexError> {
+        let conn = self.lock();
+        let n: i64 = conn
+            .prepare_cached("SELECT count(*) FROM instances WHERE series_ref = ?1")
+            .and_then(|mut s| s.query_row([series], |r| r.get(0)))
+            .map_err(sql_err("series counts"))?;
+        to_u64(n, "count")
+    }
+
+    /// Every stored instance at or below the entity `ids` identifies at `level`
+    /// (for retrieval: C-MOVE/C-GET sub-operations, WADO-RS), in insertion order.
+    ///
+    /// # Errors
+    /// [`IndexError::Sqlite`], [`IndexError::Corrupt`]; an id missing for `level`
+    /// is [`IndexError::Corrupt`].
+    pub fn instances_under(
+        &self,
+        level: Level,
+        ids: &EntityIds,
+    ) -> Result<Vec<StoredInstance>, IndexError> {
+        let missing = || IndexError::Corrupt {
+            reason: format!("no row id for level {level:?}"),
+        };
+        let (cond, id) = match level {
+            Level::Patient => ("st.patient_ref = ?1", ids.patient),
+            Level::Study => ("st.id = ?1", ids.study.ok_or_else(missing)?),
+            Level::Series => ("se.id = ?1", ids.series.ok_or_else(missing)?),
+            Level::Instance => ("i.id = ?1", ids.instance.ok_or_else(missing)?),
+        };
+        let sql = format!("{} WHERE {cond} ORDER BY i.id", crate::SELECT_INSTANCE);
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(&sql).map_err(sql_err("list instances"))?;
+        let rows = stmt
+            .query_map([id], crate::read_row)
+            .map_err(sql_err("list instances"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row.map_err(sql_err("list instances"))?.into_stored()?.0);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefilters_below_the_level_are_ignored_and_empty_lists_match_nothing() {
+        let (sql, args) = scan_sql(
+            Level::Study,
+            &[
+                Prefilter {
+                    column: Column::StudyInstanceUid,
+                    any_of: vec!["1.2".into(), "1.3".into()],
+                },
+                Prefilter {
+                    column: Column::SopInstanceUid,
+                    any_of: vec!["9".into()],
+                },
+                Prefilter {
+                    column: Column::PatientId,
+                    any_of: vec![],
+                },
+            ],
+        );
+        assert!(sql.contains("st.study_instance_uid IN (?, ?)"), "{sql}");
+        assert!(!sql.contains("sop_instance_uid"), "{sql}");
+        assert!(sql.contains(" AND 0"), "{sql}");
+        assert_eq!(args, vec!["1.2".to_owned(), "1.3".to_owned()]);
+    }
+}
