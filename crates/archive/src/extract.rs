@@ -82,6 +82,7 @@ pub fn extract(obj: &InMemDicomObject) -> Result<Extracted, ArchiveError> {
             study_id: text(obj, tags::STUDY_ID),
             study_description: text(obj, tags::STUDY_DESCRIPTION),
             referring_physician_name: text(obj, tags::REFERRING_PHYSICIAN_NAME),
+            sequences: crate::query::sequences_json(obj, crate::query::Level::Study),
         },
         series: SeriesAttrs {
             series_instance_uid,
@@ -89,6 +90,7 @@ pub fn extract(obj: &InMemDicomObject) -> Result<Extracted, ArchiveError> {
             series_number: int(obj, tags::SERIES_NUMBER),
             series_description: text(obj, tags::SERIES_DESCRIPTION),
             body_part_examined: text(obj, tags::BODY_PART_EXAMINED),
+            sequences: crate::query::sequences_json(obj, crate::query::Level::Series),
         },
         instance: InstanceAttrs {
             sop_instance_uid,

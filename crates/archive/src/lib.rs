@@ -11,11 +11,15 @@
 //! - an acknowledged instance is never overwritten silently: a different
 //!   dataset under a stored SOP Instance UID is [`ArchiveError::Conflict`]
 //!   unless the device's policy is replace, which keeps the old version;
+//! - the query engine ([`query`]) implements PS3.4 §C.2.2.2 matching once, for
+//!   C-FIND, QIDO-RS and retrieve resolution; it never logs patient data and
+//!   records every query in the event log;
 //! - nothing here knows dicom-ul, HTTP or SQL: errors are [`ArchiveError`],
 //!   mapped to DIMSE statuses by `bastion-dimse` in one function.
 
 pub mod extract;
 pub mod ingest;
+pub mod query;
 pub mod scan;
 
 pub use ingest::{Archive, Ingested, Limits, Origin, Received};
@@ -59,6 +63,22 @@ pub enum ArchiveError {
     /// No such instance.
     #[error("no instance with SOP Instance UID {0}")]
     NotFound(String),
+    /// A query identifier the engine refuses (0xA900 Identifier does not match SOP
+    /// Class, with Offending Element (0000,0901); PS3.4 §C.4.1.1.4).
+    #[error("{comment}")]
+    InvalidQuery {
+        /// Why, naming the attribute by tag, never its value.
+        comment: String,
+        /// The attribute(s) at fault.
+        offending: Vec<dicom_core::Tag>,
+    },
+    /// A query matched more than the configured `max_matches` (0xA700 Refused: Out
+    /// of Resources, and no match is returned).
+    #[error("more than {limit} matches: refine the query")]
+    TooManyMatches {
+        /// The configured limit.
+        limit: usize,
+    },
     /// Anything else (0xA700 on the wire; details in the operator log).
     #[error("internal error: {0}")]
     Internal(String),
