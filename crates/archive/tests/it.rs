@@ -259,3 +259,58 @@ fn walkdir(root: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Mutation smoke test of the untrusted-input path (scan → parse → extract):
+/// thousands of corrupted variants of a valid dataset never panic, never
+/// allocate beyond what they carry, and are either stored or refused with a
+/// NotDicom / InvalidDataset error. Deterministic (fixed seed), bounded count.
+#[test]
+fn mutated_datasets_are_refused_or_stored_never_panic() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = archive(dir.path());
+    let (ds, _) = instance("1.2.3.99", "mutation base");
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut stored, mut refused) = (0, 0);
+    for i in 0..3000u32 {
+        let mut m = ds.clone();
+        match next() % 4 {
+            0 => {
+                let at = (next() as usize) % m.len();
+                m[at] ^= 1 << (next() % 8);
+            }
+            1 => {
+                let at = (next() as usize) % m.len();
+                m.truncate(at);
+            }
+            2 => {
+                // overwrite 4 bytes with a large little-endian length
+                let at = (next() as usize) % m.len().saturating_sub(4).max(1);
+                let len = (next() as u32) | 0x1000_0000;
+                m[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            }
+            _ => {
+                let at = (next() as usize) % m.len();
+                let junk: Vec<u8> = (0..(next() % 64)).map(|_| next() as u8).collect();
+                m.splice(at..at, junk);
+            }
+        }
+        let sop = format!("1.2.3.99.{i}");
+        match a.ingest(network(m, &sop), &origin(OnConflict::Refuse)) {
+            Ok(_) => stored += 1,
+            Err(
+                ArchiveError::NotDicom(_)
+                | ArchiveError::InvalidDataset(_)
+                | ArchiveError::Conflict { .. },
+            ) => refused += 1,
+            Err(other) => panic!("mutation {i}: unexpected error {other}"),
+        }
+    }
+    assert_eq!(stored + refused, 3000);
+    assert!(refused > 1000, "most mutations must be refused ({refused})");
+}
