@@ -139,3 +139,24 @@ def test_import_reports_what_it_skips(make_server, corpus_root, tmp_path):
     # a symlink named on the command line is followed
     code, summary, _, out = srv.import_(folder / "link.dcm")
     assert code == 0 and summary["stored"] == 1, out
+
+
+def test_cert_server_renews_server_certificate(make_server):
+    """`cert server` replaces the server certificate under the same CA:
+    clients keep their ca.crt, the new certificate names the extra host."""
+    import ssl
+    srv = make_server(start=False)
+    before = (srv.data / "tls" / "server.crt").read_bytes()
+    ca_before = (srv.data / "tls" / "ca.crt").read_bytes()
+    r = srv.cli("cert", "server", "--host", "pacs.example.org")
+    assert "restart" in r.stdout
+    after = (srv.data / "tls" / "server.crt").read_bytes()
+    assert after != before
+    assert (srv.data / "tls" / "ca.crt").read_bytes() == ca_before
+    assert mode(srv.data / "tls" / "server.key") == 0o600
+    srv.device_add("RENEW", transport="tls", allow="echo")
+    srv.start()
+    assert srv.echo("RENEW") == 0x0000
+    # the running server presents the new certificate
+    pem = ssl.get_server_certificate(("127.0.0.1", srv.tls_port))
+    assert ssl.PEM_cert_to_DER_cert(pem) == ssl.PEM_cert_to_DER_cert(after.decode())

@@ -143,6 +143,15 @@ struct DeviceArgs {
 
 #[derive(Debug, Subcommand)]
 enum CertCommand {
+    /// Replace the server certificate (signed by the existing CA) so that its
+    /// subject alternative names cover the configured listen addresses and
+    /// any --host given; restart `serve` afterwards. Clients keep trusting
+    /// the same ca.crt.
+    Server {
+        /// Extra DNS name or IP address for the certificate (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
     /// Issue a client certificate for a registered device: writes
     /// OUT/client.key (0600), OUT/client.crt and OUT/ca.crt, prints the
     /// certificate's SHA-256. The certificate's subject CN is the AE title,
@@ -182,6 +191,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve(listen) => crate::serve::serve(&dir, &listen),
         Command::Device(cmd) => device(&dir, cmd),
         Command::Cert(CertCommand::Issue { ae, out }) => cert_issue(&dir, &ae, &out),
+        Command::Cert(CertCommand::Server { hosts }) => cert_server(&dir, hosts),
         Command::Import { paths } => crate::import::import(&dir, &paths),
         Command::Instance(InstanceCommand::Get { sop_uid, out }) => {
             instance_get(&dir, &sop_uid, &out)
@@ -408,6 +418,33 @@ fn cert_issue(dir: &DataDir, ae: &str, out: &Path) -> Result<ExitCode> {
         ca.display()
     );
     println!("certificate SHA-256: {}", issued.sha256);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cert_server(dir: &DataDir, mut hosts: Vec<String>) -> Result<ExitCode> {
+    dir.require_initialised()?;
+    dir.check_secret_permissions()?;
+    let config = Config::load(&dir.config())?;
+    for addr in [Some(config.dicom.tls_addr), config.dicom.plain_addr]
+        .into_iter()
+        .flatten()
+    {
+        if !addr.ip().is_unspecified() {
+            hosts.push(addr.ip().to_string());
+        }
+    }
+    pki::renew_server(&dir.pki(), &hosts)?;
+    open_events(dir)?.record(
+        "cert.server_renewed",
+        Outcome::Success,
+        serde_json::json!({"actor": "cli", "hosts": hosts}),
+    );
+    println!(
+        "wrote a new {} for localhost, 127.0.0.1, ::1{}{}; restart `bastion serve` to use it",
+        dir.pki().server_cert.display(),
+        if hosts.is_empty() { "" } else { ", " },
+        hosts.join(", ")
+    );
     Ok(ExitCode::SUCCESS)
 }
 

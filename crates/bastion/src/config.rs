@@ -13,6 +13,24 @@ pub struct Config {
     pub dicom: DicomSection,
     /// Ingest limits.
     pub limits: LimitsSection,
+    /// Query (C-FIND) limits.
+    pub query: QuerySection,
+}
+
+/// `[query]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuerySection {
+    /// A query matching more entities than this is refused (0xA700) with no match.
+    pub max_matches: usize,
+}
+
+impl Default for QuerySection {
+    fn default() -> Self {
+        QuerySection {
+            max_matches: bastion_archive::query::DEFAULT_MAX_MATCHES,
+        }
+    }
 }
 
 /// `[dicom]`.
@@ -106,7 +124,8 @@ impl Config {
 # call another AE title are rejected (A-ASSOCIATE-RJ 1/1/7).
 ae_title = "{ae}"
 # DICOM over TLS listener (IANA port 2762). Binds to loopback until you
-# change it: set the address modalities reach, e.g. "10.1.2.3:2762".
+# change it: set the address modalities reach, e.g. "10.1.2.3:2762", then run
+# `bastion cert server` so the server certificate names that address.
 tls_addr = "{tls}"
 # Unencrypted DICOM listener for legacy devices registered with
 # `--transport plain`. Off unless set. Prefer TLS.
@@ -135,6 +154,12 @@ max_inflated_bytes = {mib}
 max_sequence_depth = {msd}
 # Datasets parsed at once (bounds memory under load).
 max_concurrent_parses = {mcp}
+
+[query]
+# A C-FIND matching more than this many entities is refused with 0xA700
+# (Refused: Out of Resources) and an Error Comment asking to refine it, and
+# returns no match: listing a whole archive is how PACS are harvested.
+max_matches = {mm}
 "#,
             ae = d.ae_title,
             tls = d.tls_addr,
@@ -148,6 +173,7 @@ max_concurrent_parses = {mcp}
             mib = l.max_inflated_bytes,
             msd = l.max_sequence_depth,
             mcp = l.max_concurrent_parses,
+            mm = self.query.max_matches,
         )
     }
 }
@@ -165,6 +191,7 @@ mod tests {
         };
         assert_eq!(parsed.dicom.tls_addr, c.dicom.tls_addr);
         assert_eq!(parsed.limits.max_dataset_bytes, c.limits.max_dataset_bytes);
+        assert_eq!(parsed.query.max_matches, 1000);
         assert!(toml::from_str::<Config>("[dicom]\nbogus = 1\n").is_err());
     }
 }

@@ -101,6 +101,24 @@ pub fn generate(paths: &PkiPaths, hosts: &[String]) -> Result<()> {
     validity(&mut ca, 3650);
     let ca_cert = ca.self_signed(&ca_key).map_err(cert_err)?;
 
+    let (server_key, server_cert) = server_certificate(&Issuer::from_params(&ca, &ca_key), hosts)?;
+
+    if let Some(dir) = paths.ca_cert.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+    }
+    secrets::write_secret(&paths.ca_key, ca_key.serialize_pem().as_bytes())?;
+    secrets::write_public(&paths.ca_cert, ca_cert.pem().as_bytes())?;
+    secrets::write_secret(&paths.server_key, server_key.serialize_pem().as_bytes())?;
+    secrets::write_public(&paths.server_cert, server_cert.pem().as_bytes())?;
+    Ok(())
+}
+
+/// An RSA server key and certificate for `localhost`, `127.0.0.1`, `::1`
+/// and `hosts`, with serverAuth and clientAuth usages.
+fn server_certificate(
+    issuer: &Issuer<'_, impl rcgen::SigningKey>,
+    hosts: &[String],
+) -> Result<(KeyPair, rcgen::Certificate)> {
     let mut names = vec![
         "localhost".to_owned(),
         "127.0.0.1".to_owned(),
@@ -122,16 +140,33 @@ pub fn generate(paths: &PkiPaths, hosts: &[String]) -> Result<()> {
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     validity(&mut sp, 825);
-    let issuer = Issuer::from_params(&ca, &ca_key);
-    let server_cert = sp.signed_by(&server_key, &issuer).map_err(cert_err)?;
+    let cert = sp.signed_by(&server_key, issuer).map_err(cert_err)?;
+    Ok((server_key, cert))
+}
 
-    if let Some(dir) = paths.ca_cert.parent() {
-        std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+/// Replaces the server certificate and key (signed by the existing CA) with
+/// one whose SAN lists `hosts` besides the loopback names, e.g. after the
+/// listen address changed. The previous files are kept as `*.old`. `serve`
+/// must be restarted to use them.
+///
+/// # Errors
+/// [`SecurityError::InsecurePermissions`] when the CA key is readable by
+/// others; [`SecurityError::Certificate`] / [`SecurityError::Io`] otherwise.
+pub fn renew_server(paths: &PkiPaths, hosts: &[String]) -> Result<()> {
+    let ca_key_pem = String::from_utf8(secrets::read_secret(&paths.ca_key)?)
+        .map_err(|_| SecurityError::Certificate("CA key is not PEM".into()))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(cert_err)?;
+    let ca_pem = std::fs::read_to_string(&paths.ca_cert).map_err(io_err("read", &paths.ca_cert))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key).map_err(cert_err)?;
+    let (key, cert) = server_certificate(&issuer, hosts)?;
+    for p in [&paths.server_key, &paths.server_cert] {
+        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let old = p.with_extension(format!("{ext}.old"));
+        let _ = std::fs::remove_file(&old);
+        std::fs::rename(p, &old).map_err(io_err("keep previous", p))?;
     }
-    secrets::write_secret(&paths.ca_key, ca_key.serialize_pem().as_bytes())?;
-    secrets::write_public(&paths.ca_cert, ca_cert.pem().as_bytes())?;
-    secrets::write_secret(&paths.server_key, server_key.serialize_pem().as_bytes())?;
-    secrets::write_public(&paths.server_cert, server_cert.pem().as_bytes())?;
+    secrets::write_secret(&paths.server_key, key.serialize_pem().as_bytes())?;
+    secrets::write_public(&paths.server_cert, cert.pem().as_bytes())?;
     Ok(())
 }
 
@@ -197,6 +232,14 @@ mod tests {
         assert!(issued.key_pem.contains("PRIVATE KEY"));
         // A second generate on the same directory must not overwrite keys.
         assert!(generate(&paths, &[]).is_err());
+        let before =
+            std::fs::read(&paths.server_cert).map_err(io_err("read", &paths.server_cert))?;
+        renew_server(&paths, &["10.1.2.3".into()])?;
+        let after =
+            std::fs::read(&paths.server_cert).map_err(io_err("read", &paths.server_cert))?;
+        assert_ne!(before, after);
+        secrets::check_private(&paths.server_key)?;
+        assert!(paths.server_cert.with_extension("crt.old").exists());
         Ok(())
     }
 }
