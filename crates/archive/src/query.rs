@@ -60,8 +60,8 @@ use bastion_index::query::{Column, EntityRow, Prefilter, StudyCounts};
 use bastion_index::StoredInstance;
 use bastion_model::Uid;
 use bastion_security::events::Outcome;
-use dicom_core::value::{DataSetSequence, PrimitiveValue, Value};
 use dicom_core::header::Header;
+use dicom_core::value::{DataSetSequence, PrimitiveValue, Value};
 use dicom_core::{DataElement, Length, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
@@ -162,7 +162,10 @@ pub fn unique_key(level: Level) -> Tag {
 enum Kind {
     /// Wildcard-capable text; `pn`: Person Name rules; `multi`: stored value may
     /// hold several `\`-separated values.
-    Text { pn: bool, multi: bool },
+    Text {
+        pn: bool,
+        multi: bool,
+    },
     Uid,
     Date,
     Time,
@@ -230,13 +233,33 @@ const INDEXED: &[(Tag, VR, Level)] = &[
 /// Return-only attributes computed per entity (PS3.4 §C.3.4 Table C.3-5 …): (tag, VR,
 /// level of the entity they describe).
 const COMPUTED: &[(Tag, VR, Level)] = &[
-    (tags::NUMBER_OF_PATIENT_RELATED_STUDIES, VR::IS, Level::Patient),
-    (tags::NUMBER_OF_PATIENT_RELATED_SERIES, VR::IS, Level::Patient),
-    (tags::NUMBER_OF_PATIENT_RELATED_INSTANCES, VR::IS, Level::Patient),
+    (
+        tags::NUMBER_OF_PATIENT_RELATED_STUDIES,
+        VR::IS,
+        Level::Patient,
+    ),
+    (
+        tags::NUMBER_OF_PATIENT_RELATED_SERIES,
+        VR::IS,
+        Level::Patient,
+    ),
+    (
+        tags::NUMBER_OF_PATIENT_RELATED_INSTANCES,
+        VR::IS,
+        Level::Patient,
+    ),
     (tags::NUMBER_OF_STUDY_RELATED_SERIES, VR::IS, Level::Study),
-    (tags::NUMBER_OF_STUDY_RELATED_INSTANCES, VR::IS, Level::Study),
+    (
+        tags::NUMBER_OF_STUDY_RELATED_INSTANCES,
+        VR::IS,
+        Level::Study,
+    ),
     (tags::SOP_CLASSES_IN_STUDY, VR::UI, Level::Study),
-    (tags::NUMBER_OF_SERIES_RELATED_INSTANCES, VR::IS, Level::Series),
+    (
+        tags::NUMBER_OF_SERIES_RELATED_INSTANCES,
+        VR::IS,
+        Level::Series,
+    ),
 ];
 
 /// Sequences whose items are indexed (written by [`sequences_json`]).
@@ -347,7 +370,10 @@ fn parse_cond(tag: Tag, vr: VR, kind: Kind, raw: &str) -> Result<Cond, ArchiveEr
             }
             let values: Vec<&str> = raw.split('\\').collect();
             if values.len() > 1 && tag != tags::MODALITIES_IN_STUDY {
-                return Err(invalid(tag, "multiple values are not a matching key type for"));
+                return Err(invalid(
+                    tag,
+                    "multiple values are not a matching key type for",
+                ));
             }
             let pats = values
                 .into_iter()
@@ -530,7 +556,10 @@ fn parse_range(kind: Kind, raw: &str) -> Option<Cond> {
         let n = raw.len() - 5;
         if raw[n..].starts_with('-') && raw[..n].split('.').next().is_some_and(|m| m.len() >= 10) {
             if let Some(d) = digits_of(kind, raw) {
-                return Some(Cond::Range(Some(norm_lo(kind, &d)), Some(norm_hi(kind, &d))));
+                return Some(Cond::Range(
+                    Some(norm_lo(kind, &d)),
+                    Some(norm_hi(kind, &d)),
+                ));
             }
         }
     }
@@ -547,7 +576,10 @@ fn parse_range(kind: Kind, raw: &str) -> Option<Cond> {
         }
     }
     let d = digits_of(kind, raw)?;
-    Some(Cond::Range(Some(norm_lo(kind, &d)), Some(norm_hi(kind, &d))))
+    Some(Cond::Range(
+        Some(norm_lo(kind, &d)),
+        Some(norm_hi(kind, &d)),
+    ))
 }
 
 /// A stored DA/TM/DT value as a comparable string, or `None` when it is empty or
@@ -570,12 +602,14 @@ fn text_matches(stored: &str, pats: &[Pattern], pn: bool, multi: bool) -> bool {
     }
     let mut candidates: Vec<Vec<char>> = Vec::new();
     if pn {
-        candidates.push(fold(trim_pn(stored)));
-        if stored.contains('=') {
-            for g in stored.split('=') {
-                let g = trim_pn(g);
-                if !g.is_empty() {
-                    candidates.push(fold(g));
+        for value in stored.split('\\') {
+            candidates.push(fold(trim_pn(value.trim())));
+            if value.contains('=') {
+                for g in value.split('=') {
+                    let g = trim_pn(g.trim());
+                    if !g.is_empty() {
+                        candidates.push(fold(g));
+                    }
                 }
             }
         }
@@ -975,7 +1009,9 @@ impl Query {
     }
 
     fn modalities_key(&self) -> Option<&Key> {
-        self.keys.iter().find(|k| k.tag == tags::MODALITIES_IN_STUDY)
+        self.keys
+            .iter()
+            .find(|k| k.tag == tags::MODALITIES_IN_STUDY)
     }
 }
 
@@ -1229,7 +1265,8 @@ impl Archive {
                 let value = match l {
                     Level::Patient => {
                         if extras.patient.is_none() {
-                            extras.patient = Some(idx.patient_counts(row.ids.patient).map_err(ierr)?);
+                            extras.patient =
+                                Some(idx.patient_counts(row.ids.patient).map_err(ierr)?);
                         }
                         let c = extras.patient.unwrap_or_default();
                         match tag {
@@ -1380,7 +1417,12 @@ mod tests {
 
     #[test]
     fn glob_basics() {
-        let g = |p: &str, s: &str| glob(&p.chars().collect::<Vec<_>>(), &s.chars().collect::<Vec<_>>());
+        let g = |p: &str, s: &str| {
+            glob(
+                &p.chars().collect::<Vec<_>>(),
+                &s.chars().collect::<Vec<_>>(),
+            )
+        };
         assert!(g("*", ""));
         assert!(g("a*c", "abbbc"));
         assert!(g("a*c", "ac"));
@@ -1405,11 +1447,12 @@ mod tests {
         assert!(m(VR::PN, "doe^john", "Doe^John"));
         assert!(m(VR::PN, "D?e^*", "DOE^JANE"));
         assert!(!m(VR::PN, "D?e^*", "Doerr^J"));
-        assert!(m(VR::PN, "Doe^J*", "Doerr^J") == false);
+        assert!(!m(VR::PN, "Doe^J*", "Doerr^J"));
         assert!(m(VR::PN, "Doe^John", "Doe^John^^^"));
         assert!(m(VR::PN, "王*", "Wang^XiaoDong=王^小東="));
         assert!(m(VR::PN, "Wang^XiaoDong", "Wang^XiaoDong=王^小東="));
         assert!(m(VR::PN, "müller*", "MÜLLER^Jörg"));
+        assert!(m(VR::PN, "Buc^Jérôme", "Buc^Jérôme\\Buc^Pierre"));
         assert!(!m(VR::PN, "Doe", "Doe^John"));
         assert!(!m(VR::PN, "x*", ""));
     }
@@ -1440,12 +1483,23 @@ mod tests {
         assert!(m(VR::TM, "09-12", "125959"));
         assert!(m(VR::TM, "0930", "093059"));
         assert!(m(VR::TM, "0930", "09:30:10"));
-        assert!(m(VR::DT, "20140101-20141231235959", "20140601120000.5+0100"));
+        assert!(m(
+            VR::DT,
+            "20140101-20141231235959",
+            "20140601120000.5+0100"
+        ));
         assert!(m(VR::DT, "2014-2015", "20151231"));
         assert!(m(VR::DT, "20140101120000-0500", "20140101120000"));
         assert!(!m(VR::DT, "-2013", "20140101"));
         let t = Tag(0x0008, 0x0030);
-        for bad in ["20140901090909-20140902101010", "9-10", "2501", "*", "0900-1200-1300", "-"] {
+        for bad in [
+            "20140901090909-20140902101010",
+            "9-10",
+            "2501",
+            "*",
+            "0900-1200-1300",
+            "-",
+        ] {
             assert!(parse_cond(t, VR::TM, Kind::Time, bad).is_err(), "{bad}");
         }
         for bad in ["2014", "201403091", "2014*", "20140309\\20140310"] {
@@ -1463,9 +1517,13 @@ mod tests {
         assert!(parse_cond(t, VR::UI, Kind::Uid, "1.2.3\\x").is_err());
         // lists are refused for non-UI single-valued keys
         assert!(parse_cond(tags::PATIENT_ID, VR::LO, kind_of_vr(VR::LO), "A\\B").is_err());
-        assert!(
-            parse_cond(tags::MODALITIES_IN_STUDY, VR::CS, kind_of_vr(VR::CS), "CT\\MR").is_ok()
-        );
+        assert!(parse_cond(
+            tags::MODALITIES_IN_STUDY,
+            VR::CS,
+            kind_of_vr(VR::CS),
+            "CT\\MR"
+        )
+        .is_ok());
     }
 
     #[test]
@@ -1474,7 +1532,11 @@ mod tests {
         let item = |v: &str, s: &str| {
             InMemDicomObject::from_element_iter([
                 DataElement::new(tags::CODE_VALUE, VR::SH, PrimitiveValue::from(v)),
-                DataElement::new(tags::CODING_SCHEME_DESIGNATOR, VR::SH, PrimitiveValue::from(s)),
+                DataElement::new(
+                    tags::CODING_SCHEME_DESIGNATOR,
+                    VR::SH,
+                    PrimitiveValue::from(s),
+                ),
             ])
         };
         obj.put(DataElement::new(
@@ -1496,9 +1558,15 @@ mod tests {
         };
         let any = |keys: &[Key]| items.iter().any(|it| item_matches(it, keys));
         assert!(any(&[k(tags::CODE_VALUE, "DEVICE2")]));
-        assert!(any(&[k(tags::CODE_VALUE, "DEVICE2"), k(tags::CODING_SCHEME_DESIGNATOR, "99Y")]));
+        assert!(any(&[
+            k(tags::CODE_VALUE, "DEVICE2"),
+            k(tags::CODING_SCHEME_DESIGNATOR, "99Y")
+        ]));
         // every key of the query item must match the same stored item
-        assert!(!any(&[k(tags::CODE_VALUE, "DEVICE2"), k(tags::CODING_SCHEME_DESIGNATOR, "99X")]));
+        assert!(!any(&[
+            k(tags::CODE_VALUE, "DEVICE2"),
+            k(tags::CODING_SCHEME_DESIGNATOR, "99X")
+        ]));
         assert!(!any(&[k(tags::CODE_VALUE, "DEVICE3")]));
     }
 
@@ -1512,12 +1580,24 @@ mod tests {
                 PrimitiveValue::from(level),
             ));
             if let Some(s) = study {
-                o.put(DataElement::new(tags::STUDY_INSTANCE_UID, VR::UI, PrimitiveValue::from(s)));
+                o.put(DataElement::new(
+                    tags::STUDY_INSTANCE_UID,
+                    VR::UI,
+                    PrimitiveValue::from(s),
+                ));
             }
             if let Some(s) = series {
-                o.put(DataElement::new(tags::SERIES_INSTANCE_UID, VR::UI, PrimitiveValue::from(s)));
+                o.put(DataElement::new(
+                    tags::SERIES_INSTANCE_UID,
+                    VR::UI,
+                    PrimitiveValue::from(s),
+                ));
             }
-            o.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.3.4")));
+            o.put(DataElement::new(
+                tags::SOP_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from("1.2.3.4"),
+            ));
             o
         };
         let off = |r: Result<Query, ArchiveError>| match r {
@@ -1527,15 +1607,27 @@ mod tests {
         let m = Model::StudyRoot;
         assert!(Query::parse(&ident("IMAGE", Some("1.2"), Some("1.2.3")), m, false).is_ok());
         assert_eq!(
-            off(Query::parse(&ident("IMAGE", Some(""), Some("1.2.3")), m, false)),
+            off(Query::parse(
+                &ident("IMAGE", Some(""), Some("1.2.3")),
+                m,
+                false
+            )),
             vec![tags::STUDY_INSTANCE_UID]
         );
         assert_eq!(
-            off(Query::parse(&ident("IMAGE", Some("1.2"), Some("*")), m, false)),
+            off(Query::parse(
+                &ident("IMAGE", Some("1.2"), Some("*")),
+                m,
+                false
+            )),
             vec![tags::SERIES_INSTANCE_UID]
         );
         assert_eq!(
-            off(Query::parse(&ident("IMAGE", Some("1.2\\1.3"), Some("1.2.3")), m, false)),
+            off(Query::parse(
+                &ident("IMAGE", Some("1.2\\1.3"), Some("1.2.3")),
+                m,
+                false
+            )),
             vec![tags::STUDY_INSTANCE_UID]
         );
         // relational: zero-length is universal; `*` in UI is still not a wildcard

@@ -581,7 +581,8 @@ fn migrate(conn: &mut Connection) -> Result<(), IndexError> {
     tx.commit().map_err(sql_err("commit migration"))
 }
 
-pub(crate) const SELECT_INSTANCE: &str = "SELECT i.sop_instance_uid, i.sop_class_uid, st.study_instance_uid,
+pub(crate) const SELECT_INSTANCE: &str =
+    "SELECT i.sop_instance_uid, i.sop_class_uid, st.study_instance_uid,
         se.series_instance_uid, i.transfer_syntax_uid, i.blob_id, i.key_id, i.stored_size,
         i.stored_sha256, i.content_sha256, i.received_at, i.id, i.series_ref
     FROM instances i

@@ -10,8 +10,8 @@
 use rusqlite::params_from_iter;
 
 use crate::{
-    sql_err, to_u64, Index, IndexError, InstanceAttrs, PatientAttrs, SeriesAttrs,
-    StoredInstance, StudyAttrs,
+    sql_err, to_u64, Index, IndexError, InstanceAttrs, PatientAttrs, SeriesAttrs, StoredInstance,
+    StudyAttrs,
 };
 
 /// A level of the patient / study / series / instance hierarchy.
@@ -189,7 +189,7 @@ fn scan_sql(level: Level, prefilters: &[Prefilter]) -> (String, Vec<String>) {
         sql.push_str(if first { " WHERE " } else { " AND " });
         first = false;
         if f.any_of.is_empty() {
-            sql.push_str("0");
+            sql.push('0');
             continue;
         }
         sql.push_str(f.column.sql());
@@ -383,7 +383,9 @@ impl Index {
         };
         let sql = format!("{} WHERE {cond} ORDER BY i.id", crate::SELECT_INSTANCE);
         let conn = self.lock();
-        let mut stmt = conn.prepare_cached(&sql).map_err(sql_err("list instances"))?;
+        let mut stmt = conn
+            .prepare_cached(&sql)
+            .map_err(sql_err("list instances"))?;
         let rows = stmt
             .query_map([id], crate::read_row)
             .map_err(sql_err("list instances"))?;
