@@ -22,6 +22,8 @@ pub mod field {
     pub const C_GET_RQ: u16 = 0x0010;
     /// C-FIND-RQ.
     pub const C_FIND_RQ: u16 = 0x0020;
+    /// C-FIND-RSP.
+    pub const C_FIND_RSP: u16 = 0x8020;
     /// C-MOVE-RQ.
     pub const C_MOVE_RQ: u16 = 0x0021;
     /// C-ECHO-RQ.
@@ -58,6 +60,21 @@ pub enum Request {
         /// (0000,1000) Affected SOP Instance UID.
         sop_instance: String,
     },
+    /// C-FIND-RQ (PS3.7 §9.1.2.1); an Identifier follows.
+    CFind {
+        /// (0000,0110) Message ID.
+        message_id: u16,
+        /// (0000,0002) Affected SOP Class UID: the Q/R information model.
+        sop_class: String,
+        /// (0000,0700) Priority: 0 medium, 1 high, 2 low (PS3.7 §9.3.2.1). Bastion
+        /// serves requests in arrival order; the value is kept for the log.
+        priority: u16,
+    },
+    /// C-CANCEL-RQ (PS3.7 §9.3.2.3): cancels the operation whose Message ID it names.
+    CCancel {
+        /// (0000,0120) Message ID Being Responded To.
+        message_id_being_responded_to: u16,
+    },
     /// Any other command: answered "unrecognized operation" or "not
     /// authorized" according to the device's permissions.
     Other {
@@ -77,7 +94,8 @@ impl Request {
     pub fn has_dataset(&self) -> bool {
         match self {
             Request::CEcho { .. } => false,
-            Request::CStore { .. } => true,
+            Request::CStore { .. } | Request::CFind { .. } => true,
+            Request::CCancel { .. } => false,
             Request::Other { has_dataset, .. } => *has_dataset,
         }
     }
@@ -98,6 +116,11 @@ pub struct Response {
     pub status: Status,
     /// (0000,0902) Error Comment (≤ 64 characters, PS3.7 §C.4).
     pub error_comment: Option<String>,
+    /// (0000,0901) Offending Element: the attributes at fault (PS3.7 §C.4.2).
+    pub offending_elements: Vec<Tag>,
+    /// Whether a dataset (C-FIND Identifier) follows: Command Data Set Type is then
+    /// 0x0000 instead of 0x0101 (PS3.7 §E.1).
+    pub dataset_follows: bool,
 }
 
 /// A command set that cannot be decoded.
@@ -158,6 +181,15 @@ pub fn decode(bytes: &[u8]) -> Result<Request, CommandError> {
             sop_class,
             sop_instance: uid_of(&obj, tags::AFFECTED_SOP_INSTANCE_UID),
         },
+        field::C_FIND_RQ if has_dataset => Request::CFind {
+            message_id,
+            sop_class,
+            priority: u16_of(&obj, tags::PRIORITY).unwrap_or(0),
+        },
+        field::C_CANCEL_RQ => Request::CCancel {
+            message_id_being_responded_to: u16_of(&obj, tags::MESSAGE_ID_BEING_RESPONDED_TO)
+                .unwrap_or(0),
+        },
         _ => Request::Other {
             command_field,
             message_id,
@@ -187,7 +219,14 @@ pub fn encode(rsp: &Response) -> Vec<u8> {
     elements.push(DataElement::new(
         tags::COMMAND_DATA_SET_TYPE,
         VR::US,
-        dicom_value!(U16, [NO_DATASET]),
+        dicom_value!(
+            U16,
+            [if rsp.dataset_follows {
+                0x0000
+            } else {
+                NO_DATASET
+            }]
+        ),
     ));
     elements.push(DataElement::new(
         tags::STATUS,
@@ -199,6 +238,13 @@ pub fn encode(rsp: &Response) -> Vec<u8> {
             tags::AFFECTED_SOP_INSTANCE_UID,
             VR::UI,
             PrimitiveValue::from(pad_uid(inst)),
+        ));
+    }
+    if !rsp.offending_elements.is_empty() {
+        elements.push(DataElement::new(
+            tags::OFFENDING_ELEMENT,
+            VR::AT,
+            PrimitiveValue::Tags(rsp.offending_elements.iter().copied().collect()),
         ));
     }
     if let Some(comment) = &rsp.error_comment {
@@ -230,6 +276,65 @@ pub fn encode(rsp: &Response) -> Vec<u8> {
     out
 }
 
+/// Largest C-FIND identifier accepted, bytes.
+pub const MAX_IDENTIFIER_BYTES: usize = 1024 * 1024;
+
+/// Decodes a C-FIND Identifier received in transfer syntax `ts_uid`, after a bounds
+/// check of every declared length. Text is decoded with the Identifier's own
+/// Specific Character Set (0008,0005) (dicom-rs honours single-valued sets).
+///
+/// # Errors
+/// [`CommandError`] when the transfer syntax is unknown or the bytes are oversized
+/// or malformed.
+pub fn decode_identifier(bytes: &[u8], ts_uid: &str) -> Result<InMemDicomObject, CommandError> {
+    use dicom_encoding::TransferSyntaxIndex;
+    if bytes.len() > MAX_IDENTIFIER_BYTES {
+        return Err(CommandError(format!(
+            "identifier of {} bytes exceeds {MAX_IDENTIFIER_BYTES}",
+            bytes.len()
+        )));
+    }
+    let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+        .get(ts_uid.trim_end_matches(['\0', ' ']))
+        .ok_or_else(|| CommandError("unknown transfer syntax".into()))?;
+    let uid = ts.uid();
+    if matches!(uid, "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.4.95") {
+        return Err(CommandError(
+            "deflated identifiers are not supported".into(),
+        ));
+    }
+    scan::scan(
+        bytes,
+        Encoding {
+            explicit_vr: uid != "1.2.840.10008.1.2",
+            little_endian: ts.endianness() == dicom_encoding::transfer_syntax::Endianness::Little,
+        },
+        ScanLimits {
+            max_element_len: MAX_IDENTIFIER_BYTES as u64,
+            max_depth: 4,
+        },
+        None,
+    )
+    .map_err(|e| CommandError(e.to_string()))?;
+    InMemDicomObject::read_dataset_with_ts(bytes, ts).map_err(|e| CommandError(e.to_string()))
+}
+
+/// Encodes a response Identifier in transfer syntax `ts_uid`; text is written in the
+/// character set its (0008,0005) names (UTF-8 for `ISO_IR 192`).
+///
+/// # Errors
+/// [`CommandError`] when the transfer syntax is unknown or encoding fails.
+pub fn encode_identifier(obj: &InMemDicomObject, ts_uid: &str) -> Result<Vec<u8>, CommandError> {
+    use dicom_encoding::TransferSyntaxIndex;
+    let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+        .get(ts_uid.trim_end_matches(['\0', ' ']))
+        .ok_or_else(|| CommandError("unknown transfer syntax".into()))?;
+    let mut out = Vec::new();
+    obj.write_dataset_with_ts(&mut out, ts)
+        .map_err(|e| CommandError(e.to_string()))?;
+    Ok(out)
+}
+
 fn pad_uid(uid: &str) -> String {
     if uid.len() % 2 == 1 {
         format!("{uid}\0")
@@ -251,6 +356,8 @@ mod tests {
             sop_instance: Some("1.2.3".into()),
             status: Status::DUPLICATE_SOP_INSTANCE,
             error_comment: Some("already stored\\with\ndifferent content".into()),
+            offending_elements: vec![],
+            dataset_follows: false,
         };
         let bytes = encode(&rsp);
         let obj =

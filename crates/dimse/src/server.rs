@@ -15,13 +15,16 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::Duration,
 };
 
-use bastion_archive::{Archive, Ingested, Origin, Received};
+use bastion_archive::{
+    query::{self, FindOptions, FindResponse, Model, Query},
+    Archive, ArchiveError, Ingested, Origin, Received,
+};
 use bastion_model::{AeTitle, Permission};
 use bastion_security::{
     db::SecurityDb,
@@ -30,7 +33,10 @@ use bastion_security::{
     policy::{self, AssociationAttempt, Listener, PeerCertificate},
 };
 use dicom_ul::{
-    association::server::{AccessControl, AsyncServerAssociation, ServerAssociationOptions},
+    association::{
+        server::{AccessControl, AsyncServerAssociation, Negotiation, ServerAssociationOptions},
+        Association,
+    },
     pdu::{
         AbortRQServiceProviderReason, AbortRQSource, AssociationRJServiceUserReason, PDataValue,
         PDataValueType, Pdu, PresentationContextResultReason, UserIdentity,
@@ -39,7 +45,7 @@ use dicom_ul::{
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
-    sync::watch,
+    sync::{mpsc, watch},
     task::JoinSet,
 };
 
@@ -174,6 +180,7 @@ impl Dimse {
             // then checked (permissions, SOP class) and answered with the
             // standard status. This accepts private Storage SOP classes.
             .promiscuous(true)
+            .with_negotiation(QueryNegotiation)
             .strict(true)
             .max_pdu_length(self.config.max_pdu_length)
             .read_timeout(self.config.idle_timeout)
@@ -293,10 +300,23 @@ impl Dimse {
             dataset: Vec::new(),
             pending: None,
             overflow: false,
+            find: None,
         };
         let end = loop {
+            // While a C-FIND runs (on a blocking thread), its responses arrive on a
+            // channel; the loop keeps reading PDUs so that a C-CANCEL-RQ is seen
+            // between two pending responses. `receive` is cancel-safe (buffered).
             let pdu = tokio::select! {
+                // PDUs first: a C-CANCEL already received stops the find before
+                // its next response.
+                biased;
                 r = assoc.receive() => r,
+                msg = next_find_message(&mut session.find) => {
+                    match self.on_find_message(&mut assoc, &mut session, msg).await {
+                        Ok(()) => continue,
+                        Err(reason) => break End::Abort(AbortRQServiceProviderReason::ReasonNotSpecified, reason.into()),
+                    }
+                }
                 _ = shutdown.changed() => break End::Abort(AbortRQServiceProviderReason::ReasonNotSpecified, "server shutting down".into()),
             };
             match pdu {
@@ -350,6 +370,9 @@ impl Dimse {
                 }
             }
         };
+        if let Some(f) = session.find.take() {
+            f.cancel.store(true, Ordering::Relaxed);
+        }
         match end {
             End::Released => tracing::info!(%peer, ae = %ae, "association released"),
             End::PeerAborted => tracing::info!(%peer, ae = %ae, "association aborted by the peer"),
@@ -468,7 +491,7 @@ impl Dimse {
     async fn dispatch<S>(
         &self,
         assoc: &mut AsyncServerAssociation<S>,
-        s: &Session,
+        s: &mut Session,
         pc_id: u8,
         request: Request,
         dataset: Option<Vec<u8>>,
@@ -484,9 +507,31 @@ impl Dimse {
         let Some(transfer_syntax) = pc else {
             return Err("message on a presentation context that was not accepted");
         };
+        if let Request::CCancel {
+            message_id_being_responded_to,
+        } = request
+        {
+            // PS3.7 §9.3.2.3: no response to a C-CANCEL; a cancel for an operation
+            // that is not running is ignored.
+            if let Some(f) = &s.find {
+                if f.message_id == message_id_being_responded_to {
+                    f.cancel.store(true, Ordering::Relaxed);
+                }
+            }
+            return Ok(());
+        }
+        if s.find.is_some() {
+            // Asynchronous operations are not negotiated (PS3.7 §D.3.3.3): one
+            // operation at a time.
+            return Err(
+                "request while a C-FIND is in progress (asynchronous operations not negotiated)",
+            );
+        }
         let needed = match &request {
             Request::CEcho { .. } => Permission::Echo,
             Request::CStore { .. } => Permission::Store,
+            Request::CFind { .. } => Permission::Find,
+            Request::CCancel { .. } => return Ok(()),
             Request::Other {
                 command_field: field::C_FIND_RQ,
                 ..
@@ -578,14 +623,222 @@ impl Dimse {
                 };
                 self.respond(assoc, pc_id, &request, st, comment).await
             }
+            Request::CFind {
+                message_id,
+                ref sop_class,
+                priority,
+            } => {
+                self.start_find(
+                    assoc,
+                    s,
+                    pc_id,
+                    &request,
+                    message_id,
+                    sop_class,
+                    priority,
+                    &transfer_syntax,
+                    dataset.unwrap_or_default(),
+                )
+                .await
+            }
+            Request::CCancel { .. } => Ok(()),
             Request::Other { .. } => {
-                // Query/Retrieve services arrive with issue 3.
+                // C-MOVE / C-GET arrive later in issue 3.
                 self.respond(
                     assoc,
                     pc_id,
                     &request,
                     Status::UNRECOGNIZED_OPERATION,
                     Some("operation not supported yet".into()),
+                )
+                .await
+            }
+        }
+    }
+
+    /// Starts a C-FIND (PS3.4 §C.4.1): decodes and parses the identifier (a
+    /// failure is answered at once), then runs [`Archive::find`] on a blocking
+    /// thread whose responses the association loop sends as they come.
+    #[allow(clippy::too_many_arguments)]
+    async fn start_find<S>(
+        &self,
+        assoc: &mut AsyncServerAssociation<S>,
+        s: &mut Session,
+        pc_id: u8,
+        request: &Request,
+        message_id: u16,
+        sop_class: &str,
+        priority: u16,
+        transfer_syntax: &str,
+        dataset: Vec<u8>,
+    ) -> Result<(), &'static str>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let uid = sop_class.trim_end_matches(['\0', ' ']);
+        let ae = s.device.ae.to_string();
+        let peer = s.peer.to_string();
+        let Some(model) = Model::for_find_sop_class(uid) else {
+            return self
+                .respond(
+                    assoc,
+                    pc_id,
+                    request,
+                    Status::SOP_CLASS_NOT_SUPPORTED,
+                    Some("only Patient Root and Study Root FIND are supported".into()),
+                )
+                .await;
+        };
+        let relational = assoc
+            .extended_negotiation_for(uid)
+            .and_then(|v| v.first().copied())
+            == Some(1);
+        tracing::debug!(peer = %s.peer, ae = %ae, priority, relational, "C-FIND-RQ");
+        let parsed = command::decode_identifier(&dataset, transfer_syntax)
+            .map_err(|e| {
+                tracing::warn!(peer = %s.peer, ae = %ae, error = %e, "undecodable C-FIND identifier");
+                ArchiveError::NotDicom(e.to_string())
+            })
+            .and_then(|ident| Query::parse(&ident, model, relational));
+        let query = match parsed {
+            Ok(q) => q,
+            Err(e) => {
+                let (st, comment, offending) = match &e {
+                    ArchiveError::NotDicom(_) => (
+                        Status::CANNOT_UNDERSTAND,
+                        "identifier cannot be decoded".to_owned(),
+                        Vec::new(),
+                    ),
+                    other => status::for_query_error(other),
+                };
+                tracing::warn!(peer = %s.peer, ae = %ae, status = %st, reason = %comment, "C-FIND refused");
+                self.archive.events().record(
+                    "query.find",
+                    Outcome::Refused,
+                    serde_json::json!({"ae": ae, "peer": peer, "model": model.name(),
+                        "status": st.code(), "reason": comment,
+                        "offending": offending.iter().map(|t| t.to_string()).collect::<Vec<_>>()}),
+                );
+                return send_find_rsp(
+                    assoc,
+                    pc_id,
+                    message_id,
+                    uid,
+                    st,
+                    Some(comment),
+                    offending,
+                    None,
+                )
+                .await;
+            }
+        };
+        let (tx, rx) = mpsc::channel(FIND_CHANNEL);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let opts = FindOptions {
+            ae,
+            peer,
+            retrieve_ae: self.config.ae_title.to_string(),
+            max_matches: query::configured_max_matches(),
+        };
+        let archive = self.archive.clone();
+        let flag = cancel.clone();
+        let ts = transfer_syntax.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut encode_failed = false;
+            let mut sink = |r: FindResponse| {
+                if flag.load(Ordering::Relaxed) {
+                    return false;
+                }
+                let st = if r.optional_keys_unsupported {
+                    Status::PENDING_WARNING
+                } else {
+                    Status::PENDING
+                };
+                match command::encode_identifier(&r.identifier, &ts) {
+                    Ok(bytes) => {
+                        tx.blocking_send(FindMessage::Pending(bytes, st)).is_ok()
+                            && !flag.load(Ordering::Relaxed)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot encode a C-FIND response identifier");
+                        encode_failed = true;
+                        false
+                    }
+                }
+            };
+            let result = archive.find(&query, &opts, &mut sink);
+            let fin = match result {
+                Ok(_) if encode_failed => FindMessage::Final(
+                    Status::CANNOT_UNDERSTAND,
+                    Some("unable to encode a response; see the archive log".into()),
+                    Vec::new(),
+                ),
+                Ok(sum) if sum.cancelled => FindMessage::Final(Status::CANCEL, None, Vec::new()),
+                Ok(_) => FindMessage::Final(Status::SUCCESS, None, Vec::new()),
+                Err(e) => {
+                    if !matches!(e, ArchiveError::TooManyMatches { .. }) {
+                        tracing::error!(error = %e, "C-FIND failed");
+                    }
+                    let (st, comment, offending) = status::for_query_error(&e);
+                    FindMessage::Final(st, Some(comment), offending)
+                }
+            };
+            let _ = tx.blocking_send(fin);
+        });
+        s.find = Some(RunningFind {
+            message_id,
+            pc_id,
+            sop_class: uid.to_owned(),
+            cancel,
+            rx,
+        });
+        Ok(())
+    }
+
+    /// Sends one response of the running C-FIND; the final one ends it.
+    async fn on_find_message<S>(
+        &self,
+        assoc: &mut AsyncServerAssociation<S>,
+        s: &mut Session,
+        msg: Option<FindMessage>,
+    ) -> Result<(), &'static str>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let Some(f) = &s.find else { return Ok(()) };
+        let (pc_id, message_id, sop_class) = (f.pc_id, f.message_id, f.sop_class.clone());
+        match msg {
+            Some(FindMessage::Pending(bytes, st)) => {
+                send_find_rsp(
+                    assoc,
+                    pc_id,
+                    message_id,
+                    &sop_class,
+                    st,
+                    None,
+                    Vec::new(),
+                    Some(bytes),
+                )
+                .await
+            }
+            Some(FindMessage::Final(st, comment, offending)) => {
+                s.find = None;
+                send_find_rsp(
+                    assoc, pc_id, message_id, &sop_class, st, comment, offending, None,
+                )
+                .await
+            }
+            None => {
+                s.find = None;
+                send_find_rsp(
+                    assoc,
+                    pc_id,
+                    message_id,
+                    &sop_class,
+                    Status::CANNOT_UNDERSTAND,
+                    Some("unable to process the query; see the archive log".into()),
+                    Vec::new(),
+                    None,
                 )
                 .await
             }
@@ -614,6 +867,8 @@ impl Dimse {
                 sop_instance: None,
                 status,
                 error_comment,
+                offending_elements: Vec::new(),
+                dataset_follows: false,
             },
             Request::CStore {
                 message_id,
@@ -626,7 +881,25 @@ impl Dimse {
                 sop_instance: Some(sop_instance.clone()),
                 status,
                 error_comment,
+                offending_elements: Vec::new(),
+                dataset_follows: false,
             },
+            Request::CFind {
+                message_id,
+                sop_class,
+                ..
+            } => Response {
+                command_field: field::C_FIND_RSP,
+                message_id: *message_id,
+                sop_class: sop_class.clone(),
+                sop_instance: None,
+                status,
+                error_comment,
+                offending_elements: Vec::new(),
+                dataset_follows: false,
+            },
+            // Never answered (PS3.7 §9.3.2.3).
+            Request::CCancel { .. } => return Ok(()),
             Request::Other {
                 command_field,
                 message_id,
@@ -639,6 +912,8 @@ impl Dimse {
                 sop_instance: None,
                 status,
                 error_comment,
+                offending_elements: Vec::new(),
+                dataset_follows: false,
             },
         };
         let pdu = Pdu::PData {
@@ -656,6 +931,72 @@ impl Dimse {
     }
 }
 
+/// Sends a C-FIND-RSP (PS3.7 §9.3.2.2) and, for a pending one, its Identifier in
+/// P-DATA fragments that fit the peer's maximum PDU length.
+#[allow(clippy::too_many_arguments)]
+async fn send_find_rsp<S>(
+    assoc: &mut AsyncServerAssociation<S>,
+    pc_id: u8,
+    message_id: u16,
+    sop_class: &str,
+    status: Status,
+    error_comment: Option<String>,
+    offending_elements: Vec<dicom_core::Tag>,
+    identifier: Option<Vec<u8>>,
+) -> Result<(), &'static str>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let rsp = Response {
+        command_field: field::C_FIND_RSP,
+        message_id,
+        sop_class: sop_class.to_owned(),
+        sop_instance: None,
+        status,
+        error_comment,
+        offending_elements,
+        dataset_follows: identifier.is_some(),
+    };
+    let fail = |e: dicom_ul::association::Error| {
+        tracing::warn!(error = %e, "cannot send a C-FIND response");
+        "cannot send a C-FIND response"
+    };
+    assoc
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc_id,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: command::encode(&rsp),
+            }],
+        })
+        .await
+        .map_err(fail)?;
+    let Some(bytes) = identifier else {
+        return Ok(());
+    };
+    // PDU variable part = PDV item (4-byte length, context id, header byte) + data.
+    let max = assoc.peer_max_pdu_length().clamp(1024, 1 << 24) as usize - 6;
+    let mut chunks = bytes.chunks(max).peekable();
+    if chunks.peek().is_none() {
+        return Err("empty C-FIND identifier");
+    }
+    while let Some(chunk) = chunks.next() {
+        assoc
+            .send(&Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: pc_id,
+                    value_type: PDataValueType::Data,
+                    is_last: chunks.peek().is_none(),
+                    data: chunk.to_vec(),
+                }],
+            })
+            .await
+            .map_err(fail)?;
+    }
+    Ok(())
+}
+
 enum End {
     Released,
     PeerAborted,
@@ -671,6 +1012,50 @@ struct Session {
     dataset: Vec<u8>,
     pending: Option<(u8, Request)>,
     overflow: bool,
+    /// The C-FIND in progress, if any.
+    find: Option<RunningFind>,
+}
+
+/// A C-FIND running on a blocking thread, streaming its responses.
+struct RunningFind {
+    message_id: u16,
+    pc_id: u8,
+    sop_class: String,
+    /// Raised by a C-CANCEL-RQ (or the end of the association); the find stops
+    /// before its next response.
+    cancel: Arc<AtomicBool>,
+    rx: mpsc::Receiver<FindMessage>,
+}
+
+/// What the find thread sends to the association loop.
+enum FindMessage {
+    /// A match: the encoded Identifier and its pending status (0xFF00 / 0xFF01).
+    Pending(Vec<u8>, Status),
+    /// The final status, Error Comment and Offending Elements.
+    Final(Status, Option<String>, Vec<dicom_core::Tag>),
+}
+
+/// Pending responses buffered between the find thread and the association.
+const FIND_CHANNEL: usize = 8;
+
+async fn next_find_message(find: &mut Option<RunningFind>) -> Option<FindMessage> {
+    match find {
+        Some(f) => f.rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// SOP Class Extended Negotiation for the Q/R FIND SOP classes (PS3.4 §C.5.1):
+/// relational queries (byte 1) are supported; combined date-time matching, fuzzy
+/// semantic PN matching, timezone adjustment and the other options are not.
+pub struct QueryNegotiation;
+
+impl Negotiation for QueryNegotiation {
+    fn extended_negotiation(&self, sop_class_uid: &str, input: &[u8]) -> Option<Vec<u8>> {
+        let uid = sop_class_uid.trim_end_matches(['\0', ' ']);
+        Model::for_find_sop_class(uid)?;
+        Some(vec![u8::from(input.first() == Some(&1))])
+    }
 }
 
 /// The policy's decision for one connection: the accepted device and the

@@ -23,8 +23,18 @@ impl Status {
     pub const OUT_OF_RESOURCES: Status = Status(0xA700);
     /// 0xA900 Error: Data Set does not match SOP Class (PS3.4 B.2.3).
     pub const DATASET_DOES_NOT_MATCH_SOP_CLASS: Status = Status(0xA900);
-    /// 0xC000 Error: Cannot understand (PS3.4 B.2.3).
+    /// 0xC000 Error: Cannot understand (PS3.4 B.2.3); for C-FIND "Unable to
+    /// process" (PS3.4 C.4.1.1.4).
     pub const CANNOT_UNDERSTAND: Status = Status(0xC000);
+    /// 0xA900 Failed: Identifier does not match SOP Class (PS3.4 C.4.1.1.4).
+    pub const IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS: Status = Status(0xA900);
+    /// 0xFE00 Cancel: matching terminated due to Cancel request (PS3.4 C.4.1.1.4).
+    pub const CANCEL: Status = Status(0xFE00);
+    /// 0xFF00 Pending: matches are continuing (PS3.4 C.4.1.1.4).
+    pub const PENDING: Status = Status(0xFF00);
+    /// 0xFF01 Pending: matches are continuing, but one or more Optional Keys were
+    /// not supported (PS3.4 C.4.1.1.4).
+    pub const PENDING_WARNING: Status = Status(0xFF01);
 
     /// The 16-bit code.
     pub fn code(self) -> u16 {
@@ -47,6 +57,8 @@ pub fn for_ingest_error(e: &ArchiveError) -> (Status, String) {
         ArchiveError::Conflict { .. } => Status::DUPLICATE_SOP_INSTANCE,
         ArchiveError::TooLarge { .. } | ArchiveError::NoSpace => Status::OUT_OF_RESOURCES,
         ArchiveError::NotFound(_) | ArchiveError::Internal(_) => Status::OUT_OF_RESOURCES,
+        ArchiveError::InvalidQuery { .. } => Status::IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        ArchiveError::TooManyMatches { .. } => Status::OUT_OF_RESOURCES,
     };
     let comment = match e {
         // Internal details stay in the operator log.
@@ -56,4 +68,24 @@ pub fn for_ingest_error(e: &ArchiveError) -> (Status, String) {
         other => other.to_string(),
     };
     (status, comment)
+}
+
+/// The final C-FIND-RSP status, Error Comment and Offending Elements for a query
+/// failure (PS3.4 C.4.1.1.4): 0xA900 for a refused identifier (with the offending
+/// attributes), 0xA700 over `max_matches` ("refine the query"), 0xC000 Unable to
+/// process for anything else (details in the operator log).
+pub fn for_query_error(e: &ArchiveError) -> (Status, String, Vec<dicom_core::Tag>) {
+    match e {
+        ArchiveError::InvalidQuery { comment, offending } => (
+            Status::IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+            comment.clone(),
+            offending.clone(),
+        ),
+        ArchiveError::TooManyMatches { .. } => (Status::OUT_OF_RESOURCES, e.to_string(), vec![]),
+        _ => (
+            Status::CANNOT_UNDERSTAND,
+            "unable to process the query; see the archive log".to_owned(),
+            vec![],
+        ),
+    }
 }
