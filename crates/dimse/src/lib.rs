@@ -2,13 +2,14 @@
 //!
 //! Association policy on top of dicom-ul, typed DIMSE messages
 //! ([`command`]), statuses ([`status`]), the DICOM-TLS configuration
-//! ([`tls`]) and the C-ECHO / C-STORE service provider ([`server`]).
+//! ([`tls`]) and the C-ECHO / C-STORE / C-FIND service provider ([`server`]).
 //!
 //! Invariant: a protocol adapter only. No SQL, no file paths: it calls
 //! `bastion-archive` and `bastion-security`, and archive errors become DIMSE
 //! statuses in exactly one function, [`status::for_ingest_error`].
 
 pub mod command;
+pub mod scu;
 pub mod server;
 pub mod status;
 pub mod tls;

@@ -40,6 +40,7 @@ pub type CertSlot = Arc<Mutex<Option<PeerCertificate>>>;
 pub struct TlsIdentity {
     certified: Arc<CertifiedKey>,
     ca_verifier: Arc<dyn ClientCertVerifier>,
+    client: Arc<rustls::ClientConfig>,
 }
 
 impl TlsIdentity {
@@ -58,6 +59,8 @@ impl TlsIdentity {
             .map_err(|e| tls("cannot parse certificate", cert, e.to_string()))?;
         let key_der = PrivateKeyDer::from_pem_file(key)
             .map_err(|e| tls("cannot read private key", key, e.to_string()))?;
+        let client_chain = chain.clone();
+        let client_key = key_der.clone_key();
         let provider = rustls::crypto::aws_lc_rs::default_provider();
         let certified = CertifiedKey::from_der(chain, key_der, &provider)
             .map_err(|e| tls("certificate and key do not match", cert, e.to_string()))?;
@@ -70,15 +73,30 @@ impl TlsIdentity {
                 .add(c)
                 .map_err(|e| tls("cannot use CA", ca, e.to_string()))?;
         }
-        let ca_verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::new(provider))
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| tls("cannot build verifier from", ca, e.to_string()))?;
+        let roots = Arc::new(roots);
+        // Outbound associations (C-MOVE destinations) trust only our CA and
+        // present the server certificate, which carries clientAuth.
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(provider.clone()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| DimseError::Tls(e.to_string()))?
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(client_chain, client_key)
+            .map_err(|e| tls("cannot use as client certificate", cert, e.to_string()))?;
+        let ca_verifier = WebPkiClientVerifier::builder_with_provider(roots, Arc::new(provider))
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| tls("cannot build verifier from", ca, e.to_string()))?;
         Ok(TlsIdentity {
             certified: Arc::new(certified),
             ca_verifier,
+            client: Arc::new(client),
         })
+    }
+
+    /// The client configuration for outbound associations: trusts only
+    /// Bastion's CA, presents the server certificate as client certificate.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        self.client.clone()
     }
 
     /// A server configuration for one connection, recording the client
