@@ -9,7 +9,10 @@
 //! command and dataset fragments are assembled per message, each request is
 //! checked against the device's permissions (0x0124 when missing), C-STORE
 //! datasets go to the archive's ingest pipeline and the C-STORE-RSP is sent
-//! only after the instance is durable and indexed.
+//! only after the instance is durable and indexed. A C-FIND runs on a
+//! blocking thread ([`bastion_archive::Archive::find`]) whose responses reach
+//! the loop through a bounded channel; the loop keeps reading PDUs meanwhile,
+//! so a C-CANCEL-RQ stops the find before its next pending response.
 
 use std::{
     collections::HashMap,

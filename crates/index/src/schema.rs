@@ -107,7 +107,6 @@ CREATE INDEX replaced_instances_blob_id          ON replaced_instances (blob_id)
 const V2: &str = r#"
 ALTER TABLE studies ADD COLUMN sequences TEXT NOT NULL DEFAULT '';
 ALTER TABLE series  ADD COLUMN sequences TEXT NOT NULL DEFAULT '';
-CREATE INDEX studies_study_id ON studies (study_id);
 "#;
 
 /// All migrations in order; the schema version after applying `MIGRATIONS[..n]` is `n`.
