@@ -581,7 +581,7 @@ impl BlobStore {
             .decrypt_in_place(
                 &header[OFF_WRAP_NONCE..OFF_WRAPPED],
                 &header[..OFF_WRAP_NONCE],
-                &mut *data_key,
+                &mut data_key,
             )
             .map_err(|_| corrupt("data key failed authentication (header tampered)"))?;
         if data_key.len() != 32 {
@@ -780,7 +780,7 @@ impl BlobStore {
         {
             let (aad, rest) = header.split_at(OFF_WRAP_NONCE);
             kek_cipher
-                .encrypt_in_place(&rest[..WRAP_NONCE_LEN], aad, &mut *wrapped)
+                .encrypt_in_place(&rest[..WRAP_NONCE_LEN], aad, &mut wrapped)
                 .map_err(|_| StoreError::Crypto {
                     op: "wrapping the data key",
                 })?;
@@ -1010,37 +1010,6 @@ fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>, StoreError> {
         .map_err(|e| io_err("read directory", dir, e))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn store_is_send_and_sync() {
-        fn check<T: Send + Sync>() {}
-        check::<BlobStore>();
-        check::<MasterKey>();
-        fn check_send<T: Send>() {}
-        check_send::<BlobReader>();
-    }
-
-    #[test]
-    fn header_offsets_add_up() {
-        assert_eq!(OFF_PREFIX + PREFIX_LEN, HEADER_LEN);
-        assert_eq!(OFF_WRAP_NONCE, 29);
-    }
-
-    #[test]
-    fn key_id_is_16_lowercase_hex() {
-        let k = MasterKey::from_bytes([7; 32]);
-        let id = k.key_id();
-        assert_eq!(id.len(), 16);
-        assert!(id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
-        assert_eq!(id, MasterKey::from_bytes([7; 32]).key_id());
-        assert_ne!(id, MasterKey::from_bytes([8; 32]).key_id());
-        assert_ne!(*k.derive("a"), *k.derive("b"));
-    }
-}
-
 /// AES-256-GCM through aws-lc-rs (already linked for TLS): its AVX-512/CLMUL
 /// GCM is several times faster than the portable RustCrypto implementation
 /// on the ingest path, and it is the same FIPS-validated library rustls uses.
@@ -1079,5 +1048,36 @@ impl Cipher {
             .len();
         buf.truncate(len);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<BlobStore>();
+        check::<MasterKey>();
+        fn check_send<T: Send>() {}
+        check_send::<BlobReader>();
+    }
+
+    #[test]
+    fn header_offsets_add_up() {
+        assert_eq!(OFF_PREFIX + PREFIX_LEN, HEADER_LEN);
+        assert_eq!(OFF_WRAP_NONCE, 29);
+    }
+
+    #[test]
+    fn key_id_is_16_lowercase_hex() {
+        let k = MasterKey::from_bytes([7; 32]);
+        let id = k.key_id();
+        assert_eq!(id.len(), 16);
+        assert!(id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+        assert_eq!(id, MasterKey::from_bytes([7; 32]).key_id());
+        assert_ne!(id, MasterKey::from_bytes([8; 32]).key_id());
+        assert_ne!(*k.derive("a"), *k.derive("b"));
     }
 }
