@@ -86,7 +86,7 @@ class Server:
 
     def device_add(self, ae, network="127.0.0.1/32", transport="tls",
                    allow="echo,store", cert_sha256=None, host=None, port=None,
-                   on_conflict=None, check=True, verb="add"):
+                   on_conflict=None, move_destinations=None, check=True, verb="add"):
         args = ["device", verb, "--ae", ae]
         if network is not None:
             args += ["--network", network]
@@ -100,6 +100,8 @@ class Server:
             args += ["--host", host, "--port", str(port)]
         if on_conflict:
             args += ["--on-conflict", on_conflict]
+        if move_destinations is not None:
+            args += ["--move-destinations", move_destinations]
         return self.cli(*args, check=check)
 
     def device_update(self, ae, **kw):

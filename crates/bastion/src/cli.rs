@@ -10,7 +10,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use bastion_model::{AeTitle, PermissionSet, Transport, Uid};
 use bastion_security::{
-    devices::{normalize_fingerprint, Device, DeviceRegistry, OnConflict},
+    devices::{normalize_fingerprint, parse_ae_list, Device, DeviceRegistry, OnConflict},
     events::{EventLog, Outcome},
     pki,
 };
@@ -139,6 +139,11 @@ struct DeviceArgs {
     /// SOP Instance UID: refuse (status 0x0111, default) or replace (keeps the old version).
     #[arg(long)]
     on_conflict: Option<String>,
+    /// Comma-separated AE titles of other registered devices this device may
+    /// name as C-MOVE destination (it may always move to itself when it has
+    /// --host/--port). An empty value clears the list.
+    #[arg(long)]
+    move_destinations: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -235,6 +240,12 @@ fn device(dir: &DataDir, cmd: DeviceCommand) -> Result<ExitCode> {
                     .as_deref()
                     .unwrap_or("refuse")
                     .parse::<OnConflict>()?,
+                move_destinations: a
+                    .move_destinations
+                    .as_deref()
+                    .map(parse_ae_list)
+                    .transpose()?
+                    .unwrap_or_default(),
             };
             validate(&d)?;
             reg.add(&d)?;
@@ -275,6 +286,9 @@ fn device(dir: &DataDir, cmd: DeviceCommand) -> Result<ExitCode> {
             if let Some(o) = a.on_conflict.as_deref() {
                 d.on_conflict = o.parse()?;
             }
+            if let Some(m) = a.move_destinations.as_deref() {
+                d.move_destinations = parse_ae_list(m)?;
+            }
             validate(&d)?;
             reg.update(&d)?;
             events.record(
@@ -303,8 +317,8 @@ fn device(dir: &DataDir, cmd: DeviceCommand) -> Result<ExitCode> {
                 println!("no devices registered: add one with `bastion device add`");
             } else {
                 println!(
-                    "{:<16} {:<20} {:<9} {:<24} {:<8} DESTINATION",
-                    "AE", "NETWORK", "TRANSPORT", "ALLOW", "CONFLICT"
+                    "{:<16} {:<20} {:<9} {:<24} {:<8} {:<22} MOVE TO",
+                    "AE", "NETWORK", "TRANSPORT", "ALLOW", "CONFLICT", "DESTINATION"
                 );
                 for d in list {
                     let dest = match (&d.host, d.port) {
@@ -316,8 +330,17 @@ fn device(dir: &DataDir, cmd: DeviceCommand) -> Result<ExitCode> {
                     } else {
                         "refuse"
                     };
+                    let moves = if d.move_destinations.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        d.move_destinations
+                            .iter()
+                            .map(AeTitle::as_str)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    };
                     println!(
-                        "{:<16} {:<20} {:<9} {:<24} {:<8} {dest}",
+                        "{:<16} {:<20} {:<9} {:<24} {:<8} {dest:<22} {moves}",
                         d.ae.to_string(),
                         d.network.to_string(),
                         d.transport.to_string(),

@@ -65,6 +65,9 @@ pub struct Device {
     pub port: Option<u16>,
     /// Conflict policy for its C-STOREs.
     pub on_conflict: OnConflict,
+    /// Other devices this device may name as C-MOVE destination (issue 3).
+    /// A device may always move to itself when it has a host and port.
+    pub move_destinations: Vec<AeTitle>,
 }
 
 impl Device {
@@ -78,6 +81,13 @@ impl Device {
         self.network.contains(&addr)
     }
 
+    /// Whether this device may name `dest` as Move Destination: itself, or
+    /// a device listed in [`Device::move_destinations`] (AE titles compare
+    /// with spaces trimmed, as [`AeTitle`] stores them).
+    pub fn may_move_to(&self, dest: &AeTitle) -> bool {
+        &self.ae == dest || self.move_destinations.iter().any(|d| d == dest)
+    }
+
     /// JSON form used by `bastion device list --json`.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
@@ -89,6 +99,7 @@ impl Device {
             "host": self.host,
             "port": self.port,
             "on_conflict": self.on_conflict,
+            "move_destinations": self.move_destinations.iter().map(AeTitle::as_str).collect::<Vec<_>>(),
         })
     }
 }
@@ -129,6 +140,7 @@ fn row_to_device(r: &Row<'_>) -> rusqlite::Result<RawDevice> {
         r.get(5)?,
         r.get(6)?,
         r.get(7)?,
+        r.get(8)?,
     ))
 }
 
@@ -141,10 +153,11 @@ type RawDevice = (
     Option<String>,
     Option<i64>,
     String,
+    String,
 );
 
 fn parse_raw(raw: RawDevice) -> Result<Device> {
-    let (ae, network, transport, allow, cert_sha256, host, port, on_conflict) = raw;
+    let (ae, network, transport, allow, cert_sha256, host, port, on_conflict, moves) = raw;
     let bad = |what, e: String| SecurityError::Invalid { what, detail: e };
     Ok(Device {
         ae: AeTitle::parse(&ae).map_err(|e| bad("stored ae", e.to_string()))?,
@@ -159,10 +172,42 @@ fn parse_raw(raw: RawDevice) -> Result<Device> {
         host,
         port: port.and_then(|p| u16::try_from(p).ok()),
         on_conflict: on_conflict.parse()?,
+        move_destinations: parse_ae_list(&moves)
+            .map_err(|e| bad("stored move_destinations", e.to_string()))?,
     })
 }
 
-const COLUMNS: &str = "ae, network, transport, allow, cert_sha256, host, port, on_conflict";
+/// Parses a comma-separated list of AE titles (empty string: none). Spaces
+/// around each title are not significant; duplicates are removed.
+///
+/// # Errors
+/// [`SecurityError::Invalid`] naming the first invalid AE title.
+pub fn parse_ae_list(raw: &str) -> Result<Vec<AeTitle>> {
+    let mut out: Vec<AeTitle> = Vec::new();
+    for part in raw.split(',') {
+        if part.trim().is_empty() {
+            continue;
+        }
+        let ae = AeTitle::parse(part).map_err(|e| SecurityError::Invalid {
+            what: "move-destinations",
+            detail: e.to_string(),
+        })?;
+        if !out.contains(&ae) {
+            out.push(ae);
+        }
+    }
+    Ok(out)
+}
+
+fn ae_list(list: &[AeTitle]) -> String {
+    list.iter()
+        .map(AeTitle::as_str)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+const COLUMNS: &str =
+    "ae, network, transport, allow, cert_sha256, host, port, on_conflict, move_destinations";
 
 /// The device registry over the [`SecurityDb`].
 pub struct DeviceRegistry<'a> {
@@ -184,7 +229,7 @@ impl<'a> DeviceRegistry<'a> {
             let ts = now();
             let n = c
                 .execute(
-                    &format!("INSERT OR IGNORE INTO devices ({COLUMNS}, created_at, updated_at) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?9)"),
+                    &format!("INSERT OR IGNORE INTO devices ({COLUMNS}, created_at, updated_at) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?10)"),
                     params![
                         d.ae.as_str(),
                         d.network.to_string(),
@@ -194,6 +239,7 @@ impl<'a> DeviceRegistry<'a> {
                         d.host,
                         d.port.map(i64::from),
                         d.on_conflict.name(),
+                        ae_list(&d.move_destinations),
                         ts
                     ],
                 )
@@ -213,7 +259,7 @@ impl<'a> DeviceRegistry<'a> {
         self.db.with(|c| {
             let n = c
                 .execute(
-                    "UPDATE devices SET network=?2, transport=?3, allow=?4, cert_sha256=?5, host=?6, port=?7, on_conflict=?8, updated_at=?9 WHERE ae=?1",
+                    "UPDATE devices SET network=?2, transport=?3, allow=?4, cert_sha256=?5, host=?6, port=?7, on_conflict=?8, move_destinations=?9, updated_at=?10 WHERE ae=?1",
                     params![
                         d.ae.as_str(),
                         d.network.to_string(),
@@ -223,6 +269,7 @@ impl<'a> DeviceRegistry<'a> {
                         d.host,
                         d.port.map(i64::from),
                         d.on_conflict.name(),
+                        ae_list(&d.move_destinations),
                         now()
                     ],
                 )
@@ -298,5 +345,51 @@ impl<'a> DeviceRegistry<'a> {
                 })
         })?;
         raws.into_iter().map(parse_raw).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn move_destination_lists_trim_and_dedupe() {
+        let Ok(list) = parse_ae_list(" STORE1 ,STORE2,,STORE1") else {
+            panic!("parses")
+        };
+        assert_eq!(ae_list(&list), "STORE1,STORE2");
+        assert_eq!(parse_ae_list("").ok(), Some(vec![]));
+        assert!(parse_ae_list("A, ,THIS_TITLE_IS_WAY_TOO_LONG").is_err());
+    }
+
+    #[test]
+    fn a_device_moves_to_itself_and_listed_devices_only() {
+        let (Ok(me), Ok(other), Ok(third), Ok(net), Ok(allow)) = (
+            AeTitle::parse("MOD1"),
+            AeTitle::parse("STORE1"),
+            AeTitle::parse("STORE2"),
+            "127.0.0.0/8".parse::<IpNet>(),
+            PermissionSet::parse_list("move"),
+        ) else {
+            panic!("fixtures")
+        };
+        let d = Device {
+            ae: me.clone(),
+            network: net,
+            transport: Transport::Tls,
+            allow,
+            cert_sha256: None,
+            host: None,
+            port: None,
+            on_conflict: OnConflict::Refuse,
+            move_destinations: vec![other.clone()],
+        };
+        assert!(d.may_move_to(&me));
+        let Ok(padded) = AeTitle::parse(" STORE1 ") else {
+            panic!("AE")
+        };
+        assert!(d.may_move_to(&padded));
+        assert!(d.may_move_to(&other));
+        assert!(!d.may_move_to(&third));
     }
 }

@@ -167,6 +167,7 @@ mod tests {
             host: None,
             port: None,
             on_conflict: OnConflict::Refuse,
+            move_destinations: Vec::new(),
         })
     }
 
