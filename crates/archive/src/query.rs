@@ -75,6 +75,15 @@ pub const PATIENT_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.1.1";
 /// Study Root Query/Retrieve Information Model – FIND (PS3.4 §C.6.2).
 pub const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
 
+/// Patient Root Query/Retrieve Information Model – MOVE (PS3.4 §C.6.1).
+pub const PATIENT_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.1.2";
+/// Patient Root Query/Retrieve Information Model – GET (PS3.4 §C.6.1).
+pub const PATIENT_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.1.3";
+/// Study Root Query/Retrieve Information Model – MOVE (PS3.4 §C.6.2).
+pub const STUDY_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.2.2";
+/// Study Root Query/Retrieve Information Model – GET (PS3.4 §C.6.2).
+pub const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
+
 /// Default of `[query] max_matches`.
 pub const DEFAULT_MAX_MATCHES: usize = 1000;
 
@@ -107,6 +116,24 @@ impl Model {
         match uid {
             PATIENT_ROOT_FIND => Some(Model::PatientRoot),
             STUDY_ROOT_FIND => Some(Model::StudyRoot),
+            _ => None,
+        }
+    }
+
+    /// The model of a MOVE SOP Class UID.
+    pub fn for_move_sop_class(uid: &str) -> Option<Model> {
+        match uid {
+            PATIENT_ROOT_MOVE => Some(Model::PatientRoot),
+            STUDY_ROOT_MOVE => Some(Model::StudyRoot),
+            _ => None,
+        }
+    }
+
+    /// The model of a GET SOP Class UID.
+    pub fn for_get_sop_class(uid: &str) -> Option<Model> {
+        match uid {
+            PATIENT_ROOT_GET => Some(Model::PatientRoot),
+            STUDY_ROOT_GET => Some(Model::StudyRoot),
             _ => None,
         }
     }

@@ -20,12 +20,16 @@ pub mod field {
     pub const C_STORE_RSP: u16 = 0x8001;
     /// C-GET-RQ.
     pub const C_GET_RQ: u16 = 0x0010;
+    /// C-GET-RSP.
+    pub const C_GET_RSP: u16 = 0x8010;
     /// C-FIND-RQ.
     pub const C_FIND_RQ: u16 = 0x0020;
     /// C-FIND-RSP.
     pub const C_FIND_RSP: u16 = 0x8020;
     /// C-MOVE-RQ.
     pub const C_MOVE_RQ: u16 = 0x0021;
+    /// C-MOVE-RSP.
+    pub const C_MOVE_RSP: u16 = 0x8021;
     /// C-ECHO-RQ.
     pub const C_ECHO_RQ: u16 = 0x0030;
     /// C-ECHO-RSP.
@@ -70,6 +74,33 @@ pub enum Request {
         /// serves requests in arrival order; the value is kept for the log.
         priority: u16,
     },
+    /// C-MOVE-RQ (PS3.7 §9.1.4.1); an Identifier follows.
+    CMove {
+        /// (0000,0110) Message ID.
+        message_id: u16,
+        /// (0000,0002) Affected SOP Class UID: the Q/R information model.
+        sop_class: String,
+        /// (0000,0700) Priority (kept for the log).
+        priority: u16,
+        /// (0000,0600) Move Destination, as received (trimmed when looked up).
+        move_destination: String,
+    },
+    /// C-GET-RQ (PS3.7 §9.1.3.1); an Identifier follows.
+    CGet {
+        /// (0000,0110) Message ID.
+        message_id: u16,
+        /// (0000,0002) Affected SOP Class UID: the Q/R information model.
+        sop_class: String,
+        /// (0000,0700) Priority (kept for the log).
+        priority: u16,
+    },
+    /// C-STORE-RSP (PS3.7 §9.3.1.2) answering one of our C-GET sub-operations.
+    CStoreRsp {
+        /// (0000,0120) Message ID Being Responded To.
+        message_id_being_responded_to: u16,
+        /// (0000,0900) Status.
+        status: u16,
+    },
     /// C-CANCEL-RQ (PS3.7 §9.3.2.3): cancels the operation whose Message ID it names.
     CCancel {
         /// (0000,0120) Message ID Being Responded To.
@@ -94,8 +125,11 @@ impl Request {
     pub fn has_dataset(&self) -> bool {
         match self {
             Request::CEcho { .. } => false,
-            Request::CStore { .. } | Request::CFind { .. } => true,
-            Request::CCancel { .. } => false,
+            Request::CStore { .. }
+            | Request::CFind { .. }
+            | Request::CMove { .. }
+            | Request::CGet { .. } => true,
+            Request::CCancel { .. } | Request::CStoreRsp { .. } => false,
             Request::Other { has_dataset, .. } => *has_dataset,
         }
     }
@@ -121,6 +155,22 @@ pub struct Response {
     /// Whether a dataset (C-FIND Identifier) follows: Command Data Set Type is then
     /// 0x0000 instead of 0x0101 (PS3.7 §E.1).
     pub dataset_follows: bool,
+    /// Sub-operation counts of a C-MOVE-RSP / C-GET-RSP (PS3.7 §9.3.3.2, §9.3.4.2).
+    pub sub_operations: Option<SubOperations>,
+}
+
+/// Sub-operation counts (0000,1020)–(0000,1023) of a C-MOVE-RSP or C-GET-RSP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubOperations {
+    /// (0000,1020) Number of Remaining Sub-operations: present in pending and
+    /// cancel responses only (PS3.7 §9.3.3.2).
+    pub remaining: Option<u16>,
+    /// (0000,1021) Number of Completed Sub-operations.
+    pub completed: u16,
+    /// (0000,1022) Number of Failed Sub-operations.
+    pub failed: u16,
+    /// (0000,1023) Number of Warning Sub-operations.
+    pub warning: u16,
 }
 
 /// A command set that cannot be decoded.
@@ -186,6 +236,27 @@ pub fn decode(bytes: &[u8]) -> Result<Request, CommandError> {
             sop_class,
             priority: u16_of(&obj, tags::PRIORITY).unwrap_or(0),
         },
+        field::C_MOVE_RQ if has_dataset => Request::CMove {
+            message_id,
+            sop_class,
+            priority: u16_of(&obj, tags::PRIORITY).unwrap_or(0),
+            move_destination: obj
+                .get(tags::MOVE_DESTINATION)
+                .and_then(|e| e.to_str().ok())
+                .map(|s| s.trim_matches(['\0', ' ']).to_owned())
+                .unwrap_or_default(),
+        },
+        field::C_GET_RQ if has_dataset => Request::CGet {
+            message_id,
+            sop_class,
+            priority: u16_of(&obj, tags::PRIORITY).unwrap_or(0),
+        },
+        field::C_STORE_RSP if !has_dataset => Request::CStoreRsp {
+            message_id_being_responded_to: u16_of(&obj, tags::MESSAGE_ID_BEING_RESPONDED_TO)
+                .unwrap_or(0),
+            status: u16_of(&obj, tags::STATUS)
+                .ok_or_else(|| CommandError("C-STORE-RSP without a Status".into()))?,
+        },
         field::C_CANCEL_RQ => Request::CCancel {
             message_id_being_responded_to: u16_of(&obj, tags::MESSAGE_ID_BEING_RESPONDED_TO)
                 .unwrap_or(0),
@@ -239,6 +310,18 @@ pub fn encode(rsp: &Response) -> Vec<u8> {
             VR::UI,
             PrimitiveValue::from(pad_uid(inst)),
         ));
+    }
+    if let Some(n) = rsp.sub_operations {
+        for (tag, v) in [
+            (tags::NUMBER_OF_REMAINING_SUBOPERATIONS, n.remaining),
+            (tags::NUMBER_OF_COMPLETED_SUBOPERATIONS, Some(n.completed)),
+            (tags::NUMBER_OF_FAILED_SUBOPERATIONS, Some(n.failed)),
+            (tags::NUMBER_OF_WARNING_SUBOPERATIONS, Some(n.warning)),
+        ] {
+            if let Some(v) = v {
+                elements.push(DataElement::new(tag, VR::US, dicom_value!(U16, [v])));
+            }
+        }
     }
     if !rsp.offending_elements.is_empty() {
         elements.push(DataElement::new(
@@ -335,6 +418,21 @@ pub fn encode_identifier(obj: &InMemDicomObject, ts_uid: &str) -> Result<Vec<u8>
     Ok(out)
 }
 
+/// Encodes the Identifier of a final C-MOVE-RSP / C-GET-RSP: the Failed SOP
+/// Instance UID List (0008,0058) (PS3.4 C.4.2.1.5, C.4.3.1.4), in transfer syntax
+/// `ts_uid`.
+///
+/// # Errors
+/// [`CommandError`] when the transfer syntax is unknown or encoding fails.
+pub fn encode_failed_list(uids: &[String], ts_uid: &str) -> Result<Vec<u8>, CommandError> {
+    let obj = InMemDicomObject::from_element_iter([DataElement::new(
+        tags::FAILED_SOP_INSTANCE_UID_LIST,
+        VR::UI,
+        PrimitiveValue::Strs(uids.iter().cloned().collect()),
+    )]);
+    encode_identifier(&obj, ts_uid)
+}
+
 fn pad_uid(uid: &str) -> String {
     if uid.len() % 2 == 1 {
         format!("{uid}\0")
@@ -358,6 +456,7 @@ mod tests {
             error_comment: Some("already stored\\with\ndifferent content".into()),
             offending_elements: vec![],
             dataset_follows: false,
+            sub_operations: None,
         };
         let bytes = encode(&rsp);
         let obj =

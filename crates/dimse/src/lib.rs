@@ -2,13 +2,15 @@
 //!
 //! Association policy on top of dicom-ul, typed DIMSE messages
 //! ([`command`]), statuses ([`status`]), the DICOM-TLS configuration
-//! ([`tls`]) and the C-ECHO / C-STORE / C-FIND service provider ([`server`]).
+//! ([`tls`]), the C-ECHO / C-STORE / C-FIND / C-MOVE / C-GET service provider
+//! ([`server`]) and the Storage SCU for C-MOVE sub-operations ([`scu`]).
 //!
 //! Invariant: a protocol adapter only. No SQL, no file paths: it calls
 //! `bastion-archive` and `bastion-security`, and archive errors become DIMSE
 //! statuses in exactly one function, [`status::for_ingest_error`].
 
 pub mod command;
+mod retrieve;
 pub mod scu;
 pub mod server;
 pub mod status;

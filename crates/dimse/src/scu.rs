@@ -294,8 +294,8 @@ fn pad(uid: &str) -> String {
     }
 }
 
-/// C-STORE-RQ command set (PS3.7 §9.3.1.1).
-fn encode_store_rq(message_id: u16, req: &StoreRequest<'_>) -> Vec<u8> {
+/// C-STORE-RQ command set (PS3.7 §9.3.1.1); also used for C-GET sub-operations.
+pub(crate) fn encode_store_rq(message_id: u16, req: &StoreRequest<'_>) -> Vec<u8> {
     let mut elements = vec![
         DataElement::new(
             tags::AFFECTED_SOP_CLASS_UID,

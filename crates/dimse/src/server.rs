@@ -13,6 +13,10 @@
 //! blocking thread ([`bastion_archive::Archive::find`]) whose responses reach
 //! the loop through a bounded channel; the loop keeps reading PDUs meanwhile,
 //! so a C-CANCEL-RQ stops the find before its next pending response.
+//! C-MOVE and C-GET follow the same pattern ([`crate::retrieve`]): their
+//! producer reports over a channel, the loop sends the pending responses and,
+//! for C-GET, the C-STORE sub-operations on this association, reading their
+//! C-STORE-RSPs (and any C-CANCEL-RQ) from the same PDU stream.
 
 use std::{
     collections::HashMap,
@@ -25,7 +29,7 @@ use std::{
 };
 
 use bastion_archive::{
-    query::{self, FindOptions, FindResponse, Model, Query},
+    query::{self, level_name, unique_key, FindOptions, FindResponse, Model, Query},
     Archive, ArchiveError, Ingested, Origin, Received,
 };
 use bastion_model::{AeTitle, Permission};
@@ -42,7 +46,8 @@ use dicom_ul::{
     },
     pdu::{
         AbortRQServiceProviderReason, AbortRQSource, AssociationRJServiceUserReason, PDataValue,
-        PDataValueType, Pdu, PresentationContextResultReason, UserIdentity,
+        PDataValueType, Pdu, PresentationContextResultReason, RequestorRoles, UserIdentity,
+        UserVariableItem,
     },
 };
 use tokio::{
@@ -53,7 +58,9 @@ use tokio::{
 };
 
 use crate::{
-    command::{self, field, Request, Response},
+    command::{self, field, Request, Response, SubOperations},
+    retrieve::{self, RetrieveKind, RetrieveMsg, RunningRetrieve, SubOpOutcome},
+    scu::Destination,
     status::{self, Status},
     tls::{CertSlot, TlsIdentity},
 };
@@ -304,6 +311,8 @@ impl Dimse {
             pending: None,
             overflow: false,
             find: None,
+            retrieve: None,
+            next_store_id: 0,
         };
         let end = loop {
             // While a C-FIND runs (on a blocking thread), its responses arrive on a
@@ -316,6 +325,12 @@ impl Dimse {
                 r = assoc.receive() => r,
                 msg = next_find_message(&mut session.find) => {
                     match self.on_find_message(&mut assoc, &mut session, msg).await {
+                        Ok(()) => continue,
+                        Err(reason) => break End::Abort(AbortRQServiceProviderReason::ReasonNotSpecified, reason.into()),
+                    }
+                }
+                msg = retrieve::next_message(&mut session.retrieve) => {
+                    match self.on_retrieve_message(&mut assoc, &mut session, msg).await {
                         Ok(()) => continue,
                         Err(reason) => break End::Abort(AbortRQServiceProviderReason::ReasonNotSpecified, reason.into()),
                     }
@@ -375,6 +390,9 @@ impl Dimse {
         };
         if let Some(f) = session.find.take() {
             f.cancel.store(true, Ordering::Relaxed);
+        }
+        if let Some(r) = session.retrieve.take() {
+            r.cancel.store(true, Ordering::Relaxed);
         }
         match end {
             End::Released => tracing::info!(%peer, ae = %ae, "association released"),
@@ -521,7 +539,26 @@ impl Dimse {
                     f.cancel.store(true, Ordering::Relaxed);
                 }
             }
+            if let Some(r) = &s.retrieve {
+                if r.message_id == message_id_being_responded_to {
+                    r.cancel.store(true, Ordering::Relaxed);
+                }
+            }
             return Ok(());
+        }
+        if let Request::CStoreRsp {
+            message_id_being_responded_to,
+            status,
+        } = request
+        {
+            return self
+                .on_get_store_rsp(assoc, s, message_id_being_responded_to, status)
+                .await;
+        }
+        if s.retrieve.is_some() {
+            return Err(
+                "request while a C-MOVE or C-GET is in progress (asynchronous operations not negotiated)",
+            );
         }
         if s.find.is_some() {
             // Asynchronous operations are not negotiated (PS3.7 §D.3.3.3): one
@@ -534,7 +571,9 @@ impl Dimse {
             Request::CEcho { .. } => Permission::Echo,
             Request::CStore { .. } => Permission::Store,
             Request::CFind { .. } => Permission::Find,
-            Request::CCancel { .. } => return Ok(()),
+            Request::CMove { .. } => Permission::Move,
+            Request::CGet { .. } => Permission::Get,
+            Request::CCancel { .. } | Request::CStoreRsp { .. } => return Ok(()),
             Request::Other {
                 command_field: field::C_FIND_RQ,
                 ..
@@ -644,15 +683,25 @@ impl Dimse {
                 )
                 .await
             }
-            Request::CCancel { .. } => Ok(()),
+            Request::CMove { .. } | Request::CGet { .. } => {
+                self.start_retrieve(
+                    assoc,
+                    s,
+                    pc_id,
+                    &request,
+                    &transfer_syntax,
+                    dataset.unwrap_or_default(),
+                )
+                .await
+            }
+            Request::CCancel { .. } | Request::CStoreRsp { .. } => Ok(()),
             Request::Other { .. } => {
-                // C-MOVE / C-GET arrive later in issue 3.
                 self.respond(
                     assoc,
                     pc_id,
                     &request,
                     Status::UNRECOGNIZED_OPERATION,
-                    Some("operation not supported yet".into()),
+                    Some("operation not supported".into()),
                 )
                 .await
             }
@@ -848,6 +897,454 @@ impl Dimse {
         }
     }
 
+    /// Starts a C-MOVE or C-GET (PS3.4 §C.4.2, §C.4.3). Refusals are answered at
+    /// once with no sub-operation: unsupported SOP class (0x0122), Move
+    /// Destination unknown or not allowed for this device (0xA801, no outbound
+    /// connection), malformed identifier or no unique key at the retrieve level
+    /// (0xA900 / 0xC000). Otherwise the producer starts and the association loop
+    /// sends the responses as sub-operations finish.
+    async fn start_retrieve<S>(
+        &self,
+        assoc: &mut AsyncServerAssociation<S>,
+        s: &mut Session,
+        pc_id: u8,
+        request: &Request,
+        transfer_syntax: &str,
+        dataset: Vec<u8>,
+    ) -> Result<(), &'static str>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let (message_id, sop_class, move_destination, priority) = match request {
+            Request::CMove {
+                message_id,
+                sop_class,
+                move_destination,
+                priority,
+            } => (
+                *message_id,
+                sop_class.as_str(),
+                Some(move_destination.as_str()),
+                *priority,
+            ),
+            Request::CGet {
+                message_id,
+                sop_class,
+                priority,
+            } => (*message_id, sop_class.as_str(), None, *priority),
+            _ => return Ok(()),
+        };
+        let is_move = move_destination.is_some();
+        let event = if is_move {
+            "retrieve.move"
+        } else {
+            "retrieve.get"
+        };
+        let uid = sop_class.trim_end_matches(['\0', ' ']);
+        let ae = s.device.ae.to_string();
+        let peer = s.peer.to_string();
+        let model = if is_move {
+            Model::for_move_sop_class(uid)
+        } else {
+            Model::for_get_sop_class(uid)
+        };
+        let Some(model) = model else {
+            return self
+                .respond(
+                    assoc,
+                    pc_id,
+                    request,
+                    Status::SOP_CLASS_NOT_SUPPORTED,
+                    Some("only Patient Root and Study Root MOVE/GET are supported".into()),
+                )
+                .await;
+        };
+        tracing::debug!(peer = %s.peer, ae = %ae, priority, event, "retrieve request");
+        let destination = match move_destination {
+            Some(raw) => match self.move_destination(&s.device, raw) {
+                Ok(d) => Some(d),
+                Err(reason) => {
+                    let dest = clip(raw.trim(), 16);
+                    tracing::warn!(peer = %s.peer, ae = %ae, destination = %dest, reason, "C-MOVE refused: Move Destination unknown");
+                    self.archive.events().record(
+                        event,
+                        Outcome::Refused,
+                        serde_json::json!({"ae": ae, "peer": peer, "destination": dest,
+                            "model": model.name(), "status": Status::MOVE_DESTINATION_UNKNOWN.code(),
+                            "reason": reason}),
+                    );
+                    let rsp = retrieve_rsp(
+                        true,
+                        message_id,
+                        uid,
+                        Status::MOVE_DESTINATION_UNKNOWN,
+                        Some("Move Destination unknown".into()),
+                        Vec::new(),
+                        None,
+                        false,
+                    );
+                    return send_rsp(assoc, pc_id, rsp, None).await;
+                }
+            },
+            None => None,
+        };
+        let parsed = command::decode_identifier(&dataset, transfer_syntax)
+            .map_err(|e| {
+                tracing::warn!(peer = %s.peer, ae = %ae, error = %e, "undecodable retrieve identifier");
+                ArchiveError::NotDicom(e.to_string())
+            })
+            .and_then(|ident| {
+                let q = Query::parse(&ident, model, false)?;
+                let key = unique_key(q.level());
+                let present = ident
+                    .get(key)
+                    .and_then(|e| e.to_str().ok())
+                    .is_some_and(|v| !v.trim_matches(['\0', ' ']).is_empty());
+                if !present {
+                    return Err(ArchiveError::InvalidQuery {
+                        comment: "retrieve: the unique key of the Query/Retrieve Level is required"
+                            .into(),
+                        offending: vec![key],
+                    });
+                }
+                Ok(q)
+            });
+        let query = match parsed {
+            Ok(q) => q,
+            Err(e) => {
+                let (st, comment, offending) = match &e {
+                    ArchiveError::NotDicom(_) => (
+                        Status::CANNOT_UNDERSTAND,
+                        "identifier cannot be decoded".to_owned(),
+                        Vec::new(),
+                    ),
+                    other => status::for_query_error(other),
+                };
+                tracing::warn!(peer = %s.peer, ae = %ae, status = %st, reason = %comment, "retrieve refused");
+                self.archive.events().record(
+                    event,
+                    Outcome::Refused,
+                    serde_json::json!({"ae": ae, "peer": peer, "model": model.name(),
+                        "destination": destination.as_ref().map(|d| d.ae.as_str().to_owned()),
+                        "status": st.code(), "reason": comment,
+                        "offending": offending.iter().map(|t| t.to_string()).collect::<Vec<_>>()}),
+                );
+                let rsp = retrieve_rsp(
+                    is_move,
+                    message_id,
+                    uid,
+                    st,
+                    Some(comment),
+                    offending,
+                    None,
+                    false,
+                );
+                return send_rsp(assoc, pc_id, rsp, None).await;
+            }
+        };
+        let (tx, rx) = mpsc::channel(retrieve::RETRIEVE_CHANNEL);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let level = level_name(query.level());
+        let max_matches = query::configured_max_matches();
+        let kind = match destination {
+            Some(destination) => {
+                let dest_ae = destination.ae.clone();
+                tokio::spawn(retrieve::run_move(retrieve::MoveJob {
+                    archive: self.archive.clone(),
+                    query,
+                    max_matches,
+                    our_ae: self.config.ae_title.clone(),
+                    destination,
+                    tls: self.tls.as_ref().map(TlsIdentity::client_config),
+                    originator: (ae, message_id),
+                    timeout: self.config.idle_timeout.min(Duration::from_secs(30)),
+                    cancel: cancel.clone(),
+                    tx,
+                }));
+                RetrieveKind::Move {
+                    destination: dest_ae,
+                }
+            }
+            None => {
+                retrieve::spawn_get_producer(
+                    self.archive.clone(),
+                    query,
+                    max_matches,
+                    cancel.clone(),
+                    tx,
+                );
+                RetrieveKind::Get
+            }
+        };
+        s.retrieve = Some(RunningRetrieve::new(
+            kind,
+            message_id,
+            pc_id,
+            uid.to_owned(),
+            transfer_syntax.to_owned(),
+            model.name(),
+            level,
+            cancel,
+            rx,
+        ));
+        Ok(())
+    }
+
+    /// The registered destination `raw` names, if `device` may move to it and
+    /// it has a host and port; otherwise the reason (for the event log only:
+    /// the peer always gets "Move Destination unknown").
+    fn move_destination(&self, device: &Device, raw: &str) -> Result<Destination, &'static str> {
+        let ae = AeTitle::parse(raw).map_err(|_| "not a valid AE title")?;
+        let dest = DeviceRegistry::new(&self.security)
+            .get(&ae)
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot read the device registry");
+                "device registry unavailable"
+            })?
+            .ok_or("not a registered device")?;
+        if !device.may_move_to(&dest.ae) {
+            return Err("destination not allowed for this device");
+        }
+        let (Some(host), Some(port)) = (dest.host.clone(), dest.port) else {
+            return Err("destination has no host and port");
+        };
+        Ok(Destination {
+            ae: dest.ae,
+            host,
+            port,
+            transport: dest.transport,
+        })
+    }
+
+    /// Handles one message of the running retrieval's producer (`None`: it has
+    /// ended, send the final response).
+    async fn on_retrieve_message<S>(
+        &self,
+        assoc: &mut AsyncServerAssociation<S>,
+        s: &mut Session,
+        msg: Option<RetrieveMsg>,
+    ) -> Result<(), &'static str>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let Some(r) = s.retrieve.as_mut() else {
+            return Ok(());
+        };
+        match msg {
+            Some(RetrieveMsg::Resolved { uids, studies }) => {
+                r.uids = Some(uids);
+                r.studies = studies;
+                Ok(())
+            }
+            Some(RetrieveMsg::Refused(st, comment, offending)) => {
+                let Some(r) = s.retrieve.take() else {
+                    return Ok(());
+                };
+                tracing::warn!(peer = %s.peer, ae = %s.device.ae, status = %st, reason = %comment, "retrieve refused");
+                self.record_retrieve(s, &r, st, Some(&comment));
+                let rsp = retrieve_rsp(
+                    !r.is_get(),
+                    r.message_id,
+                    &r.sop_class,
+                    st,
+                    Some(comment),
+                    offending,
+                    None,
+                    false,
+                );
+                send_rsp(assoc, r.pc_id, rsp, None).await
+            }
+            Some(RetrieveMsg::SubOp { uid, outcome }) => {
+                r.record(&uid, outcome);
+                send_pending(assoc, r).await
+            }
+            Some(RetrieveMsg::Stopped(reason)) => {
+                r.stopped = Some(reason);
+                Ok(())
+            }
+            Some(RetrieveMsg::Instance(Err((uid, reason)))) => {
+                tracing::error!(reason, "cannot read a stored instance for C-GET");
+                r.record(&uid, SubOpOutcome::Failed);
+                send_pending(assoc, r).await
+            }
+            Some(RetrieveMsg::Instance(Ok(inst))) => {
+                // PS3.4 §C.4.3.3, PS3.7 §D.3.3.4: only on a context for this SOP
+                // class, in the stored transfer syntax, whose SCP role the
+                // requestor proposed and we accepted; otherwise the sub-operation
+                // fails (never sent, never waited for).
+                let pc = assoc
+                    .presentation_contexts()
+                    .iter()
+                    .find(|pc| {
+                        pc.reason == PresentationContextResultReason::Acceptance
+                            && pc.abstract_syntax.trim_end_matches(['\0', ' ']) == inst.sop_class
+                            && pc.transfer_syntax.trim_end_matches(['\0', ' '])
+                                == inst.transfer_syntax
+                    })
+                    .map(|pc| pc.id)
+                    .filter(|_| scp_role_accepted(assoc.user_variables(), &inst.sop_class));
+                let Some(store_pc) = pc else {
+                    tracing::info!(peer = %s.peer, ae = %s.device.ae, sop_class = %inst.sop_class,
+                        transfer_syntax = %inst.transfer_syntax,
+                        "C-GET sub-operation failed: no presentation context with the SCP role for this SOP class and transfer syntax");
+                    r.record(&inst.sop_instance, SubOpOutcome::Failed);
+                    return send_pending(assoc, r).await;
+                };
+                s.next_store_id = s.next_store_id.wrapping_add(1).max(1);
+                let id = s.next_store_id;
+                let cmd = crate::scu::encode_store_rq(
+                    id,
+                    &crate::scu::StoreRequest {
+                        sop_class: &inst.sop_class,
+                        sop_instance: &inst.sop_instance,
+                        transfer_syntax: &inst.transfer_syntax,
+                        dataset: &[],
+                        move_originator: None,
+                    },
+                );
+                let fail = |e: dicom_ul::association::Error| {
+                    tracing::warn!(error = %e, "cannot send a C-GET sub-operation");
+                    "cannot send a C-GET sub-operation"
+                };
+                assoc
+                    .send(&Pdu::PData {
+                        data: vec![PDataValue {
+                            presentation_context_id: store_pc,
+                            value_type: PDataValueType::Command,
+                            is_last: true,
+                            data: cmd,
+                        }],
+                    })
+                    .await
+                    .map_err(fail)?;
+                send_fragments(assoc, store_pc, &inst.dataset)
+                    .await
+                    .map_err(fail)?;
+                r.awaiting = Some((id, inst.sop_instance));
+                Ok(())
+            }
+            None => {
+                let Some(mut r) = s.retrieve.take() else {
+                    return Ok(());
+                };
+                if r.uids.is_none() {
+                    tracing::error!(peer = %s.peer, ae = %s.device.ae, "retrieve task ended without resolving the identifier");
+                    let st = Status::CANNOT_UNDERSTAND;
+                    self.record_retrieve(s, &r, st, Some("retrieve task failed"));
+                    let rsp = retrieve_rsp(
+                        !r.is_get(),
+                        r.message_id,
+                        &r.sop_class,
+                        st,
+                        Some("unable to process; see the archive log".into()),
+                        Vec::new(),
+                        None,
+                        false,
+                    );
+                    return send_rsp(assoc, r.pc_id, rsp, None).await;
+                }
+                let (st, with_remaining) = r.finish();
+                let comment = if st == Status::UNABLE_TO_PERFORM_SUBOPERATIONS {
+                    Some(if r.stopped.is_some() {
+                        "Move Destination unreachable or failed".to_owned()
+                    } else {
+                        "no sub-operation could be performed".to_owned()
+                    })
+                } else {
+                    None
+                };
+                let identifier = if st == Status::SUCCESS {
+                    None
+                } else {
+                    match command::encode_failed_list(&r.failed_uids, &r.transfer_syntax) {
+                        Ok(b) => Some(b),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot encode the Failed SOP Instance UID List");
+                            None
+                        }
+                    }
+                };
+                let stopped = r.stopped.clone();
+                self.record_retrieve(s, &r, st, stopped.as_deref());
+                let counts = r.counts(with_remaining);
+                let has_identifier = identifier.is_some();
+                let rsp = retrieve_rsp(
+                    !r.is_get(),
+                    r.message_id,
+                    &r.sop_class,
+                    st,
+                    comment,
+                    Vec::new(),
+                    Some(counts),
+                    has_identifier,
+                );
+                send_rsp(assoc, r.pc_id, rsp, identifier).await
+            }
+        }
+    }
+
+    /// A C-STORE-RSP from the C-GET requestor for our outstanding sub-operation.
+    async fn on_get_store_rsp<S>(
+        &self,
+        assoc: &mut AsyncServerAssociation<S>,
+        s: &mut Session,
+        responding_to: u16,
+        status: u16,
+    ) -> Result<(), &'static str>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let Some(r) = s.retrieve.as_mut() else {
+            return Err("C-STORE-RSP while no C-GET is in progress");
+        };
+        let Some((id, uid)) = r.awaiting.take() else {
+            return Err("C-STORE-RSP without an outstanding C-STORE-RQ");
+        };
+        if id != responding_to {
+            return Err("C-STORE-RSP for another message");
+        }
+        let outcome = SubOpOutcome::of_store_status(status);
+        if outcome != SubOpOutcome::Completed {
+            tracing::info!(peer = %s.peer, ae = %s.device.ae, status = format!("0x{status:04X}"), "C-GET sub-operation not completed");
+        }
+        r.record(&uid, outcome);
+        send_pending(assoc, r).await
+    }
+
+    /// Records the end (or refusal) of a retrieval: device, destination, model,
+    /// level, counts, status and the Study Instance UIDs touched (never patient
+    /// names or IDs).
+    fn record_retrieve(&self, s: &Session, r: &RunningRetrieve, st: Status, reason: Option<&str>) {
+        let (event, destination) = match &r.kind {
+            RetrieveKind::Move { destination } => {
+                ("retrieve.move", Some(destination.as_str().to_owned()))
+            }
+            RetrieveKind::Get => ("retrieve.get", None),
+        };
+        let outcome = if st == Status::SUCCESS || st == Status::CANCEL {
+            Outcome::Success
+        } else if r.uids.is_none() {
+            Outcome::Refused
+        } else {
+            Outcome::Failure
+        };
+        tracing::info!(peer = %s.peer, ae = %s.device.ae, event, status = %st,
+            completed = r.completed, failed = r.failed, warning = r.warning, remaining = r.remaining(),
+            "retrieve finished");
+        self.archive.events().record(
+            event,
+            outcome,
+            serde_json::json!({
+                "ae": s.device.ae.as_str(), "peer": s.peer.to_string(), "destination": destination,
+                "model": r.model, "level": r.level, "status": st.code(),
+                "cancelled": st == Status::CANCEL,
+                "completed": r.completed, "failed": r.failed, "warning": r.warning,
+                "remaining": r.remaining(), "studies": r.studies,
+                "reason": reason.map(|x| clip(x, 200)),
+            }),
+        );
+    }
+
     async fn respond<S>(
         &self,
         assoc: &mut AsyncServerAssociation<S>,
@@ -872,6 +1369,7 @@ impl Dimse {
                 error_comment,
                 offending_elements: Vec::new(),
                 dataset_follows: false,
+                sub_operations: None,
             },
             Request::CStore {
                 message_id,
@@ -886,6 +1384,7 @@ impl Dimse {
                 error_comment,
                 offending_elements: Vec::new(),
                 dataset_follows: false,
+                sub_operations: None,
             },
             Request::CFind {
                 message_id,
@@ -900,9 +1399,34 @@ impl Dimse {
                 error_comment,
                 offending_elements: Vec::new(),
                 dataset_follows: false,
+                sub_operations: None,
+            },
+            Request::CMove {
+                message_id,
+                sop_class,
+                ..
+            }
+            | Request::CGet {
+                message_id,
+                sop_class,
+                ..
+            } => Response {
+                command_field: if matches!(request, Request::CMove { .. }) {
+                    field::C_MOVE_RSP
+                } else {
+                    field::C_GET_RSP
+                },
+                message_id: *message_id,
+                sop_class: sop_class.clone(),
+                sop_instance: None,
+                status,
+                error_comment,
+                offending_elements: Vec::new(),
+                dataset_follows: false,
+                sub_operations: None,
             },
             // Never answered (PS3.7 §9.3.2.3).
-            Request::CCancel { .. } => return Ok(()),
+            Request::CCancel { .. } | Request::CStoreRsp { .. } => return Ok(()),
             Request::Other {
                 command_field,
                 message_id,
@@ -917,6 +1441,7 @@ impl Dimse {
                 error_comment,
                 offending_elements: Vec::new(),
                 dataset_follows: false,
+                sub_operations: None,
             },
         };
         let pdu = Pdu::PData {
@@ -932,6 +1457,132 @@ impl Dimse {
             "cannot send a DIMSE response"
         })
     }
+}
+
+/// A C-MOVE-RSP or C-GET-RSP (PS3.7 §9.3.4.2, §9.3.3.2).
+#[allow(clippy::too_many_arguments)]
+fn retrieve_rsp(
+    is_move: bool,
+    message_id: u16,
+    sop_class: &str,
+    status: Status,
+    error_comment: Option<String>,
+    offending_elements: Vec<dicom_core::Tag>,
+    sub_operations: Option<SubOperations>,
+    dataset_follows: bool,
+) -> Response {
+    Response {
+        command_field: if is_move {
+            field::C_MOVE_RSP
+        } else {
+            field::C_GET_RSP
+        },
+        message_id,
+        sop_class: sop_class.to_owned(),
+        sop_instance: None,
+        status,
+        error_comment,
+        offending_elements,
+        dataset_follows,
+        sub_operations,
+    }
+}
+
+/// A pending C-MOVE-RSP / C-GET-RSP with the counts, while sub-operations remain
+/// (PS3.4 C.4.2.3.1: Remaining + Completed + Failed + Warning = total).
+async fn send_pending<S>(
+    assoc: &mut AsyncServerAssociation<S>,
+    r: &RunningRetrieve,
+) -> Result<(), &'static str>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    if r.remaining() == 0 {
+        return Ok(());
+    }
+    let rsp = retrieve_rsp(
+        !r.is_get(),
+        r.message_id,
+        &r.sop_class,
+        Status::PENDING,
+        None,
+        Vec::new(),
+        Some(r.counts(true)),
+        false,
+    );
+    send_rsp(assoc, r.pc_id, rsp, None).await
+}
+
+/// Sends a response command and, when given, its dataset in fragments that fit
+/// the peer's maximum PDU length.
+async fn send_rsp<S>(
+    assoc: &mut AsyncServerAssociation<S>,
+    pc_id: u8,
+    rsp: Response,
+    dataset: Option<Vec<u8>>,
+) -> Result<(), &'static str>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let fail = |e: dicom_ul::association::Error| {
+        tracing::warn!(error = %e, "cannot send a DIMSE response");
+        "cannot send a DIMSE response"
+    };
+    assoc
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc_id,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: command::encode(&rsp),
+            }],
+        })
+        .await
+        .map_err(fail)?;
+    if let Some(bytes) = dataset {
+        send_fragments(assoc, pc_id, &bytes).await.map_err(fail)?;
+    }
+    Ok(())
+}
+
+/// Sends `bytes` as data PDVs (at least one, the last flagged), each P-DATA-TF
+/// within the peer's maximum PDU length (PS3.8 D.1; a stated 0 is "no limit",
+/// then [`MAX_SEND_PDU`] applies).
+async fn send_fragments<S>(
+    assoc: &mut AsyncServerAssociation<S>,
+    pc_id: u8,
+    bytes: &[u8],
+) -> Result<(), dicom_ul::association::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let max = fragment_len(assoc.peer_max_pdu_length());
+    let mut chunks = bytes.chunks(max).peekable();
+    if chunks.peek().is_none() {
+        return assoc
+            .send(&Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: pc_id,
+                    value_type: PDataValueType::Data,
+                    is_last: true,
+                    data: Vec::new(),
+                }],
+            })
+            .await;
+    }
+    while let Some(chunk) = chunks.next() {
+        assoc
+            .send(&Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: pc_id,
+                    value_type: PDataValueType::Data,
+                    is_last: chunks.peek().is_none(),
+                    data: chunk.to_vec(),
+                }],
+            })
+            .await?;
+    }
+    Ok(())
 }
 
 /// Sends a C-FIND-RSP (PS3.7 §9.3.2.2) and, for a pending one, its Identifier in
@@ -959,6 +1610,7 @@ where
         error_comment,
         offending_elements,
         dataset_follows: identifier.is_some(),
+        sub_operations: None,
     };
     let fail = |e: dicom_ul::association::Error| {
         tracing::warn!(error = %e, "cannot send a C-FIND response");
@@ -1017,6 +1669,10 @@ struct Session {
     overflow: bool,
     /// The C-FIND in progress, if any.
     find: Option<RunningFind>,
+    /// The C-MOVE or C-GET in progress, if any.
+    retrieve: Option<RunningRetrieve>,
+    /// Message ID of our last C-STORE-RQ (C-GET sub-operation).
+    next_store_id: u16,
 }
 
 /// A C-FIND running on a blocking thread, streaming its responses.
@@ -1051,6 +1707,12 @@ async fn next_find_message(find: &mut Option<RunningFind>) -> Option<FindMessage
 /// SOP Class Extended Negotiation for the Q/R FIND SOP classes (PS3.4 §C.5.1):
 /// relational queries (byte 1) are supported; combined date-time matching, fuzzy
 /// semantic PN matching, timezone adjustment and the other options are not.
+///
+/// SCP/SCU Role Selection (PS3.7 §D.3.3.4): for storage SOP classes (any class
+/// that is neither Verification nor a Query/Retrieve model) the proposed roles
+/// are accepted as proposed and echoed in the A-ASSOCIATE-AC, so a C-GET
+/// requestor that proposed the SCP role receives C-STORE sub-operations on
+/// those contexts. Other classes get no role item (default roles).
 pub struct QueryNegotiation;
 
 impl Negotiation for QueryNegotiation {
@@ -1059,6 +1721,45 @@ impl Negotiation for QueryNegotiation {
         Model::for_find_sop_class(uid)?;
         Some(vec![u8::from(input.first() == Some(&1))])
     }
+
+    fn negotiate_roles(
+        &self,
+        sop_class_uid: &str,
+        scu_role: bool,
+        scp_role: bool,
+    ) -> Option<RequestorRoles> {
+        let uid = sop_class_uid.trim_end_matches(['\0', ' ']);
+        if uid == VERIFICATION || uid.starts_with(QR_PREFIX) {
+            return None;
+        }
+        Some(RequestorRoles {
+            scu: scu_role,
+            scp: scp_role,
+        })
+    }
+}
+
+/// Verification SOP Class (PS3.4 Annex A).
+const VERIFICATION: &str = "1.2.840.10008.1.1";
+/// Prefix of the Query/Retrieve SOP classes (PS3.4 Annex C, §C.6).
+const QR_PREFIX: &str = "1.2.840.10008.5.1.4.1.2.";
+
+/// Whether the A-ASSOCIATE-AC accepted the SCP role for `sop_class` (an SCP/SCU
+/// Role Selection item with SCP-role = 1, PS3.7 §D.3.3.4).
+fn scp_role_accepted(user_variables: &[UserVariableItem], sop_class: &str) -> bool {
+    user_variables.iter().any(|uv| {
+        matches!(uv, UserVariableItem::ScuScpRoleSelectionSubItem(uid, roles)
+            if uid.trim_end_matches(['\0', ' ']) == sop_class && roles.scp)
+    })
+}
+
+/// Largest P-DATA-TF we send when the peer allows more (or stated no limit).
+const MAX_SEND_PDU: usize = 1 << 20;
+
+/// Data bytes per PDV so that one P-DATA-TF stays within the peer's maximum
+/// PDU length (PS3.8 D.1; a PDV item costs 6 bytes of the variable field).
+fn fragment_len(peer_max: u32) -> usize {
+    (peer_max as usize).clamp(64, MAX_SEND_PDU) - 6
 }
 
 /// The policy's decision for one connection: the accepted device and the

@@ -30,7 +30,18 @@ impl Status {
     pub const IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS: Status = Status(0xA900);
     /// 0xFE00 Cancel: matching terminated due to Cancel request (PS3.4 C.4.1.1.4).
     pub const CANCEL: Status = Status(0xFE00);
-    /// 0xFF00 Pending: matches are continuing (PS3.4 C.4.1.1.4).
+    /// 0xA702 Refused: Out of Resources – Unable to perform sub-operations
+    /// (PS3.4 C.4.2.1.5, C.4.3.1.4): used as the final C-MOVE/C-GET status when
+    /// every sub-operation failed (destination unreachable, no SCP-role context).
+    pub const UNABLE_TO_PERFORM_SUBOPERATIONS: Status = Status(0xA702);
+    /// 0xA801 Refused: Move Destination unknown (PS3.4 C.4.2.1.5); also used for
+    /// a registered destination the requesting device may not move to.
+    pub const MOVE_DESTINATION_UNKNOWN: Status = Status(0xA801);
+    /// 0xB000 Warning: Sub-operations Complete – One or more Failures or
+    /// Warnings (PS3.4 C.4.2.1.5, C.4.3.1.4).
+    pub const SUBOPERATIONS_WARNING: Status = Status(0xB000);
+    /// 0xFF00 Pending: matches are continuing (PS3.4 C.4.1.1.4); for C-MOVE and
+    /// C-GET, sub-operations are continuing.
     pub const PENDING: Status = Status(0xFF00);
     /// 0xFF01 Pending: matches are continuing, but one or more Optional Keys were
     /// not supported (PS3.4 C.4.1.1.4).
