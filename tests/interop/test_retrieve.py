@@ -261,12 +261,18 @@ def move(env, identifier, dest, calling=RETR, ctx=None, cancel_after=None, msg_i
     return out
 
 
-def get(env, identifier, with_role=True, calling=RETR, ctx=None, msg_id=11, max_pdu=None):
-    """(responses, received {uid: dataset bytes}) of one C-GET."""
+def get(env, identifier, with_role=True, calling=RETR, ctx=None, msg_id=11, max_pdu=None,
+        delay=0.0, cancel_after=None, times=None):
+    """(responses, received {uid: dataset bytes}) of one C-GET. `times` collects
+    the arrival time of each C-STORE; with cancel_after=k a C-CANCEL-RQ is sent
+    once a pending response reports k sub-operations done."""
     received: dict[str, bytes] = {}
 
     def on_store(event):
         received[str(event.request.AffectedSOPInstanceUID)] = bytes(event.request.DataSet.getvalue())
+        if times is not None:
+            times.append(time.monotonic())
+        time.sleep(delay)
         return 0x0000
 
     roles = [build_role(CT, scp_role=True)] if with_role else []
@@ -274,9 +280,16 @@ def get(env, identifier, with_role=True, calling=RETR, ctx=None, msg_id=11, max_
                    ctx=ctx or (env["ctx"] if calling == RETR else None), roles=roles,
                    handlers=[(evt.EVT_C_STORE, on_store)], max_pdu=max_pdu)
     out = []
+    cancelled = False
     try:
         for st, ident in assoc.send_c_get(identifier, STUDY_GET, msg_id=msg_id):
-            out.append((st.Status if "Status" in st else None, st, ident))
+            code = st.Status if "Status" in st else None
+            out.append((code, st, ident, time.monotonic()))
+            if code == PENDING and cancel_after is not None and not cancelled:
+                if st.NumberOfCompletedSuboperations + st.NumberOfFailedSuboperations >= cancel_after:
+                    cid = assoc._get_valid_context(STUDY_GET, "", "scu").context_id
+                    assoc.send_c_cancel(msg_id, cid)
+                    cancelled = True
     finally:
         if assoc.is_established:
             assoc.release()
@@ -384,7 +397,7 @@ def test_get_with_role_selection(rv):
     final = rsps[-1]
     assert final[0] == 0x0000, rsps
     assert counts(final[1])[1:] == (3, 0, 0)
-    for code, st, _ in rsps[:-1]:
+    for code, st, _, _ in rsps[:-1]:
         assert code == PENDING
         assert sum(counts(st)) == 3
     want = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: dataset_bytes(p)
@@ -408,7 +421,7 @@ def test_get_without_role_selection_fails_every_suboperation(rv):
     rsps, received = get(rv, study_identifier(study), with_role=False)
     assert time.monotonic() - t0 < 15, "C-GET without an SCP role must not hang"
     assert received == {}
-    code, st, ident = rsps[-1]
+    code, st, ident, _ = rsps[-1]
     assert code == ALL_FAILED, rsps
     assert counts(st)[1:] == (0, 3, 0)
     want = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files)
@@ -555,3 +568,16 @@ def test_cancel_after_the_first_pending(rv):
     code = out[-1][0].Status
     assert code == CANCEL, [o[0] for o in out][-3:]
     assert len(scp.uids()) < 50
+
+
+def test_cancel_a_get_of_200_instances(rv):
+    study, _, _ = rv["studies"]["many"]
+    times: list[float] = []
+    rsps, received = get(rv, study_identifier(study), delay=0.02, cancel_after=10, times=times)
+    code, st, ident, t_final = rsps[-1]
+    assert code == CANCEL, [r[0] for r in rsps][-3:]
+    remaining, completed, failed, warning = counts(st)
+    assert completed + failed + warning == len(received)
+    assert 10 <= len(received) < 200
+    assert remaining == 200 - len(received)
+    assert all(t < t_final for t in times), "C-STORE after the final C-GET-RSP"

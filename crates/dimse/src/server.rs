@@ -1904,3 +1904,42 @@ fn clip(s: &str, n: usize) -> String {
         .take(n)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_are_echoed_for_storage_classes_only() {
+        let n = QueryNegotiation;
+        assert_eq!(
+            n.negotiate_roles("1.2.840.10008.5.1.4.1.1.2\0", false, true),
+            Some(RequestorRoles {
+                scu: false,
+                scp: true
+            })
+        );
+        assert_eq!(n.negotiate_roles(VERIFICATION, true, true), None);
+        assert_eq!(
+            n.negotiate_roles("1.2.840.10008.5.1.4.1.2.2.3", true, true),
+            None
+        );
+        let uv = vec![UserVariableItem::ScuScpRoleSelectionSubItem(
+            "1.2.840.10008.5.1.4.1.1.2".into(),
+            RequestorRoles {
+                scu: false,
+                scp: true,
+            },
+        )];
+        assert!(scp_role_accepted(&uv, "1.2.840.10008.5.1.4.1.1.2"));
+        assert!(!scp_role_accepted(&uv, "1.2.840.10008.5.1.4.1.1.4"));
+        assert!(!scp_role_accepted(&[], "1.2.840.10008.5.1.4.1.1.2"));
+    }
+
+    #[test]
+    fn fragments_fit_the_peer_maximum() {
+        assert_eq!(fragment_len(16384), 16378);
+        assert_eq!(fragment_len(u32::MAX), MAX_SEND_PDU - 6);
+        assert!(fragment_len(0) > 0);
+    }
+}
