@@ -21,6 +21,12 @@ import helpers
 from conftest import Server
 
 from pynetdicom import build_context
+
+
+@pytest.fixture(autouse=True)
+def _reactor_race_fixed():
+    with helpers.pynetdicom_reactor_race_fixed():
+        yield
 from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind as PATIENT_ROOT,
