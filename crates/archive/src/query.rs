@@ -987,6 +987,18 @@ impl Query {
                 t if t == tags::MODALITY => Column::Modality,
                 t if t == tags::SOP_INSTANCE_UID => Column::SopInstanceUid,
                 t if t == tags::SOP_CLASS_UID => Column::SopClassUid,
+                // Study Date ranges (and single dates, which parse as ranges)
+                // use the index on studies.study_date.
+                t if t == tags::STUDY_DATE => {
+                    if let Cond::Range(lo, hi) = &k.cond {
+                        out.push(Prefilter {
+                            column: Column::StudyDate,
+                            any_of: Vec::new(),
+                            range: Some((lo.clone(), hi.clone())),
+                        });
+                    }
+                    continue;
+                }
                 _ => continue,
             };
             let any_of = match &k.cond {
@@ -1013,7 +1025,11 @@ impl Query {
                 }
                 _ => continue,
             };
-            out.push(Prefilter { column, any_of });
+            out.push(Prefilter {
+                column,
+                any_of,
+                range: None,
+            });
         }
         out
     }

@@ -84,14 +84,19 @@ impl Column {
 }
 
 /// Keeps only rows whose `column` equals one of `any_of` exactly (byte-wise,
-/// case-sensitive). A prefilter must never exclude a row the caller's matcher would
-/// accept: it is an optimisation, not the matching rule.
+/// case-sensitive), or, when `range` is set, whose value lies in the inclusive
+/// range of fixed-width digit strings (DA `YYYYMMDD`; either end open). Stored
+/// values that are not plain digits of the bound's width are always kept, for
+/// the caller's matcher to judge. A prefilter must never exclude a row the
+/// caller's matcher would accept: it is an optimisation, not the matching rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Prefilter {
     /// The column.
     pub column: Column,
-    /// Accepted values (OR). An empty list matches nothing.
+    /// Accepted values (OR). An empty list matches nothing. Ignored with `range`.
     pub any_of: Vec<String>,
+    /// Inclusive `(low, high)` bounds, each optional (PS3.4 C.2.2.2.5 ranges).
+    pub range: Option<(Option<String>, Option<String>)>,
 }
 
 /// Row ids of one entity and its ancestors (`None` below the scanned level).
@@ -188,6 +193,24 @@ fn scan_sql(level: Level, prefilters: &[Prefilter]) -> (String, Vec<String>) {
     for f in prefilters.iter().filter(|f| f.column.level() <= level) {
         sql.push_str(if first { " WHERE " } else { " AND " });
         first = false;
+        if let Some((lo, hi)) = &f.range {
+            let col = f.column.sql();
+            let width = lo.as_ref().or(hi.as_ref()).map_or(0, String::len);
+            // Non-canonical stored values stay in for the matcher.
+            sql.push_str(&format!(
+                "(length({col}) != {width} OR {col} GLOB '*[^0-9]*' OR (1"
+            ));
+            if let Some(lo) = lo {
+                sql.push_str(&format!(" AND {col} >= ?"));
+                args.push(lo.clone());
+            }
+            if let Some(hi) = hi {
+                sql.push_str(&format!(" AND {col} <= ?"));
+                args.push(hi.clone());
+            }
+            sql.push_str("))");
+            continue;
+        }
         if f.any_of.is_empty() {
             sql.push('0');
             continue;
@@ -409,14 +432,17 @@ mod tests {
                 Prefilter {
                     column: Column::StudyInstanceUid,
                     any_of: vec!["1.2".into(), "1.3".into()],
+                    range: None,
                 },
                 Prefilter {
                     column: Column::SopInstanceUid,
                     any_of: vec!["9".into()],
+                    range: None,
                 },
                 Prefilter {
                     column: Column::PatientId,
                     any_of: vec![],
+                    range: None,
                 },
             ],
         );

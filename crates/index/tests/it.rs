@@ -339,3 +339,62 @@ fn full_disk_gives_no_space() -> TestResult {
     assert!(idx.counts()?.instances > 0);
     Ok(())
 }
+
+/// The StudyDate range prefilter keeps exactly the canonical dates inside
+/// the range, and every non-canonical stored value (for the matcher to judge).
+#[test]
+fn study_date_range_prefilter() -> TestResult {
+    use bastion_index::query::{Column, Level, Prefilter};
+    let dir = tempfile::tempdir()?;
+    let index = Index::open(&dir.path().join("index.db"), &KEY)?;
+    let dates = [
+        "20140101",
+        "20140309",
+        "20150309",
+        "20150310",
+        "2014.03.10",
+        "",
+    ];
+    let records: Vec<NewInstance> = dates
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let mut r = rec(
+                &format!("1.2.{i}"),
+                &format!("1.2.{i}.1"),
+                &format!("1.2.{i}.1.1"),
+                &format!("c{i}"),
+            );
+            r.study.study_date = (*d).into();
+            r
+        })
+        .collect();
+    index.commit_batch(&records)?;
+    let range = |lo: Option<&str>, hi: Option<&str>| -> Result<Vec<String>, IndexError> {
+        let mut found = Vec::new();
+        let f = Prefilter {
+            column: Column::StudyDate,
+            any_of: Vec::new(),
+            range: Some((lo.map(str::to_owned), hi.map(str::to_owned))),
+        };
+        index.scan(Level::Study, &[f], |row| {
+            found.push(row.study.study_date.clone());
+            true
+        })?;
+        found.sort();
+        Ok(found)
+    };
+    assert_eq!(
+        range(Some("20140309"), Some("20150309"))?,
+        ["", "2014.03.10", "20140309", "20150309"]
+    );
+    assert_eq!(
+        range(None, Some("20140309"))?,
+        ["", "2014.03.10", "20140101", "20140309"]
+    );
+    assert_eq!(
+        range(Some("20150310"), None)?,
+        ["", "2014.03.10", "20150310"]
+    );
+    Ok(())
+}
