@@ -440,15 +440,26 @@ pub(crate) async fn run_move(job: MoveJob) {
             return;
         }
     };
-    for inst in instances {
+    // The next instance is decrypted while the current one is on the wire.
+    let load = |uid: String| {
+        let a = archive.clone();
+        tokio::task::spawn_blocking(move || load_dataset(&a, &uid))
+    };
+    let mut prefetch = instances.first().map(|i| load(i.sop_instance_uid.clone()));
+    for (n, inst) in instances.iter().cloned().enumerate() {
+        let Some(current) = prefetch.take() else {
+            break;
+        };
         if cancel.load(Ordering::Relaxed) {
+            current.abort();
             break;
         }
-        let a = archive.clone();
-        let uid = inst.sop_instance_uid.clone();
-        let loaded = tokio::task::spawn_blocking(move || load_dataset(&a, &uid))
+        let loaded = current
             .await
             .unwrap_or_else(|e| Err(format!("load task failed: {e}")));
+        prefetch = instances
+            .get(n + 1)
+            .map(|i| load(i.sop_instance_uid.clone()));
         let outcome = match loaded {
             Ok(dataset) => {
                 let req = StoreRequest {
