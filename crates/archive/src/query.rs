@@ -56,7 +56,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use bastion_index::query::{Column, EntityRow, Prefilter, StudyCounts};
+use bastion_index::query::{Column, EntityRow, Filter, Prefilter, StudyCounts};
 use bastion_index::StoredInstance;
 use bastion_model::Uid;
 use bastion_security::events::Outcome;
@@ -993,9 +993,34 @@ impl Query {
                     if let Cond::Range(lo, hi) = &k.cond {
                         out.push(Prefilter {
                             column: Column::StudyDate,
-                            any_of: Vec::new(),
-                            range: Some((lo.clone(), hi.clone())),
+                            filter: Filter::Range(lo.clone(), hi.clone()),
                         });
+                    }
+                    continue;
+                }
+                // PN keys (case-folded patterns): the literal ASCII prefix of
+                // every pattern narrows the scan with a case-insensitive LIKE.
+                t if t == tags::PATIENT_NAME => {
+                    if let Cond::Text(pats) = &k.cond {
+                        let prefixes: Option<Vec<String>> = pats
+                            .iter()
+                            .map(|p| {
+                                let chars = match p {
+                                    Pattern::Exact(c) | Pattern::Glob(c) => c,
+                                };
+                                let prefix: String = chars
+                                    .iter()
+                                    .take_while(|c| **c != '*' && **c != '?')
+                                    .collect();
+                                (!prefix.is_empty() && prefix.is_ascii()).then_some(prefix)
+                            })
+                            .collect();
+                        if let Some(prefixes) = prefixes.filter(|v| !v.is_empty()) {
+                            out.push(Prefilter {
+                                column: Column::PatientName,
+                                filter: Filter::PrefixNoCase(prefixes),
+                            });
+                        }
                     }
                     continue;
                 }
@@ -1027,8 +1052,7 @@ impl Query {
             };
             out.push(Prefilter {
                 column,
-                any_of,
-                range: None,
+                filter: Filter::AnyOf(any_of),
             });
         }
         out

@@ -35,6 +35,8 @@ pub enum Column {
     PatientId,
     /// `patients.issuer_of_patient_id`.
     IssuerOfPatientId,
+    /// `patients.patient_name`.
+    PatientName,
     /// `studies.study_instance_uid`.
     StudyInstanceUid,
     /// `studies.accession_number`.
@@ -58,6 +60,7 @@ impl Column {
         match self {
             Column::PatientId => "p.patient_id",
             Column::IssuerOfPatientId => "p.issuer_of_patient_id",
+            Column::PatientName => "p.patient_name",
             Column::StudyInstanceUid => "st.study_instance_uid",
             Column::AccessionNumber => "st.accession_number",
             Column::StudyId => "st.study_id",
@@ -72,7 +75,7 @@ impl Column {
     /// The level whose table holds the column.
     pub fn level(self) -> Level {
         match self {
-            Column::PatientId | Column::IssuerOfPatientId => Level::Patient,
+            Column::PatientId | Column::IssuerOfPatientId | Column::PatientName => Level::Patient,
             Column::StudyInstanceUid
             | Column::AccessionNumber
             | Column::StudyId
@@ -83,20 +86,31 @@ impl Column {
     }
 }
 
-/// Keeps only rows whose `column` equals one of `any_of` exactly (byte-wise,
-/// case-sensitive), or, when `range` is set, whose value lies in the inclusive
-/// range of fixed-width digit strings (DA `YYYYMMDD`; either end open). Stored
-/// values that are not plain digits of the bound's width are always kept, for
-/// the caller's matcher to judge. A prefilter must never exclude a row the
-/// caller's matcher would accept: it is an optimisation, not the matching rule.
+/// How a [`Prefilter`] narrows a column.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Filter {
+    /// Equals one of the values exactly (byte-wise, case-sensitive). An empty
+    /// list matches nothing.
+    AnyOf(Vec<String>),
+    /// Lies in the inclusive range of fixed-width digit strings (DA
+    /// `YYYYMMDD`; either end open, PS3.4 C.2.2.2.5). Stored values that are
+    /// not plain digits of the bound's width are kept for the matcher.
+    Range(Option<String>, Option<String>),
+    /// Starts with one of the (ASCII) prefixes, compared case-insensitively
+    /// (PN wildcard keys such as `DOE^J*`). Stored values with several values
+    /// (`\`) or component groups (`=`) are kept for the matcher.
+    PrefixNoCase(Vec<String>),
+}
+
+/// Narrows a scan in SQL before the caller's matcher runs. A prefilter must
+/// never exclude a row the caller's matcher would accept: it is an
+/// optimisation, not the matching rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Prefilter {
     /// The column.
     pub column: Column,
-    /// Accepted values (OR). An empty list matches nothing. Ignored with `range`.
-    pub any_of: Vec<String>,
-    /// Inclusive `(low, high)` bounds, each optional (PS3.4 C.2.2.2.5 ranges).
-    pub range: Option<(Option<String>, Option<String>)>,
+    /// The condition.
+    pub filter: Filter,
 }
 
 /// Row ids of one entity and its ancestors (`None` below the scanned level).
@@ -193,38 +207,56 @@ fn scan_sql(level: Level, prefilters: &[Prefilter]) -> (String, Vec<String>) {
     for f in prefilters.iter().filter(|f| f.column.level() <= level) {
         sql.push_str(if first { " WHERE " } else { " AND " });
         first = false;
-        if let Some((lo, hi)) = &f.range {
-            let col = f.column.sql();
-            let width = lo.as_ref().or(hi.as_ref()).map_or(0, String::len);
-            // Non-canonical stored values stay in for the matcher.
-            sql.push_str(&format!(
-                "(length({col}) != {width} OR {col} GLOB '*[^0-9]*' OR (1"
-            ));
-            if let Some(lo) = lo {
-                sql.push_str(&format!(" AND {col} >= ?"));
-                args.push(lo.clone());
+        let col = f.column.sql();
+        match &f.filter {
+            Filter::Range(lo, hi) => {
+                let width = lo.as_ref().or(hi.as_ref()).map_or(0, String::len);
+                // Non-canonical stored values stay in for the matcher.
+                sql.push_str(&format!(
+                    "(length({col}) != {width} OR {col} GLOB '*[^0-9]*' OR (1"
+                ));
+                if let Some(lo) = lo {
+                    sql.push_str(&format!(" AND {col} >= ?"));
+                    args.push(lo.clone());
+                }
+                if let Some(hi) = hi {
+                    sql.push_str(&format!(" AND {col} <= ?"));
+                    args.push(hi.clone());
+                }
+                sql.push_str("))");
             }
-            if let Some(hi) = hi {
-                sql.push_str(&format!(" AND {col} <= ?"));
-                args.push(hi.clone());
+            Filter::PrefixNoCase(prefixes) => {
+                // LIKE is case-insensitive for ASCII; `\` escapes % and _.
+                sql.push_str(&format!(
+                    "(instr({col}, '=') > 0 OR instr({col}, char(92)) > 0"
+                ));
+                for p in prefixes {
+                    sql.push_str(&format!(" OR {col} LIKE ? ESCAPE '\\'"));
+                    let escaped: String = p
+                        .chars()
+                        .flat_map(|c| match c {
+                            '%' | '_' | '\\' => vec!['\\', c],
+                            c => vec![c],
+                        })
+                        .collect();
+                    args.push(format!("{escaped}%"));
+                }
+                sql.push(')');
             }
-            sql.push_str("))");
-            continue;
-        }
-        if f.any_of.is_empty() {
-            sql.push('0');
-            continue;
-        }
-        sql.push_str(f.column.sql());
-        sql.push_str(" IN (");
-        for (i, v) in f.any_of.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
+            Filter::AnyOf(values) if values.is_empty() => sql.push('0'),
+            Filter::AnyOf(values) => {
+                sql.push_str(col);
+                sql.push_str(" IN (");
+                for (i, v) in values.iter().enumerate() {
+                    if i > 0 {
+                        sql.push_str(", ");
+                    }
+                    sql.push('?');
+                    args.push(v.clone());
+                }
+                sql.push(')');
             }
-            sql.push('?');
-            args.push(v.clone());
         }
-        sql.push(')');
     }
     sql.push_str(" ORDER BY ");
     sql.push_str(order);
@@ -431,18 +463,15 @@ mod tests {
             &[
                 Prefilter {
                     column: Column::StudyInstanceUid,
-                    any_of: vec!["1.2".into(), "1.3".into()],
-                    range: None,
+                    filter: Filter::AnyOf(vec!["1.2".into(), "1.3".into()]),
                 },
                 Prefilter {
                     column: Column::SopInstanceUid,
-                    any_of: vec!["9".into()],
-                    range: None,
+                    filter: Filter::AnyOf(vec!["9".into()]),
                 },
                 Prefilter {
                     column: Column::PatientId,
-                    any_of: vec![],
-                    range: None,
+                    filter: Filter::AnyOf(vec![]),
                 },
             ],
         );

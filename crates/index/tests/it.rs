@@ -344,7 +344,7 @@ fn full_disk_gives_no_space() -> TestResult {
 /// the range, and every non-canonical stored value (for the matcher to judge).
 #[test]
 fn study_date_range_prefilter() -> TestResult {
-    use bastion_index::query::{Column, Level, Prefilter};
+    use bastion_index::query::{Column, Filter, Level, Prefilter};
     let dir = tempfile::tempdir()?;
     let index = Index::open(&dir.path().join("index.db"), &KEY)?;
     let dates = [
@@ -374,8 +374,7 @@ fn study_date_range_prefilter() -> TestResult {
         let mut found = Vec::new();
         let f = Prefilter {
             column: Column::StudyDate,
-            any_of: Vec::new(),
-            range: Some((lo.map(str::to_owned), hi.map(str::to_owned))),
+            filter: Filter::Range(lo.map(str::to_owned), hi.map(str::to_owned)),
         };
         index.scan(Level::Study, &[f], |row| {
             found.push(row.study.study_date.clone());
@@ -396,5 +395,58 @@ fn study_date_range_prefilter() -> TestResult {
         range(Some("20150310"), None)?,
         ["", "2014.03.10", "20150310"]
     );
+    Ok(())
+}
+
+/// The PN prefix prefilter keeps case-insensitive prefix matches and every
+/// multi-valued or multi-group name (for the matcher to judge).
+#[test]
+fn patient_name_prefix_prefilter() -> TestResult {
+    use bastion_index::query::{Column, Filter, Level, Prefilter};
+    let dir = tempfile::tempdir()?;
+    let index = Index::open(&dir.path().join("index.db"), &KEY)?;
+    let names = [
+        "Doe^John",
+        "DOE^JANE",
+        "Doerr^J",
+        "Smith^A=スミス",
+        "Roe^R\\Doe^X",
+        "D%e^Q",
+    ];
+    let records: Vec<NewInstance> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let mut r = rec(
+                &format!("1.3.{i}"),
+                &format!("1.3.{i}.1"),
+                &format!("1.3.{i}.1.1"),
+                &format!("n{i}"),
+            );
+            r.patient.patient_id = format!("P{i}");
+            r.patient.patient_name = (*n).into();
+            r
+        })
+        .collect();
+    index.commit_batch(&records)?;
+    let found = |prefixes: &[&str]| -> Result<Vec<String>, IndexError> {
+        let mut out = Vec::new();
+        let f = Prefilter {
+            column: Column::PatientName,
+            filter: Filter::PrefixNoCase(prefixes.iter().map(|p| (*p).to_owned()).collect()),
+        };
+        index.scan(Level::Patient, &[f], |row| {
+            out.push(row.patient.patient_name.clone());
+            true
+        })?;
+        out.sort();
+        Ok(out)
+    };
+    assert_eq!(
+        found(&["doe^j"])?,
+        ["DOE^JANE", "Doe^John", "Roe^R\\Doe^X", "Smith^A=スミス"]
+    );
+    // % and _ in a prefix are literal characters
+    assert_eq!(found(&["d%"])?, ["D%e^Q", "Roe^R\\Doe^X", "Smith^A=スミス"]);
     Ok(())
 }
