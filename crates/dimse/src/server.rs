@@ -1612,44 +1612,9 @@ where
         dataset_follows: identifier.is_some(),
         sub_operations: None,
     };
-    let fail = |e: dicom_ul::association::Error| {
-        tracing::warn!(error = %e, "cannot send a C-FIND response");
-        "cannot send a C-FIND response"
-    };
-    assoc
-        .send(&Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: pc_id,
-                value_type: PDataValueType::Command,
-                is_last: true,
-                data: command::encode(&rsp),
-            }],
-        })
-        .await
-        .map_err(fail)?;
-    let Some(bytes) = identifier else {
-        return Ok(());
-    };
-    // PDU variable part = PDV item (4-byte length, context id, header byte) + data.
-    let max = assoc.peer_max_pdu_length().clamp(1024, 1 << 24) as usize - 6;
-    let mut chunks = bytes.chunks(max).peekable();
-    if chunks.peek().is_none() {
-        return Err("empty C-FIND identifier");
-    }
-    while let Some(chunk) = chunks.next() {
-        assoc
-            .send(&Pdu::PData {
-                data: vec![PDataValue {
-                    presentation_context_id: pc_id,
-                    value_type: PDataValueType::Data,
-                    is_last: chunks.peek().is_none(),
-                    data: chunk.to_vec(),
-                }],
-            })
-            .await
-            .map_err(fail)?;
-    }
-    Ok(())
+    // send_fragments honours the peer's maximum PDU length, including a
+    // stated 0 ("no limit", pitfall C01).
+    send_rsp(assoc, pc_id, rsp, identifier).await
 }
 
 enum End {
