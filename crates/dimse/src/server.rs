@@ -219,20 +219,16 @@ impl Dimse {
                 )
                 .await;
                 drop(_pending);
-                let _active = self.active_guard(&accepted);
-                match established {
-                    Ok(Ok(assoc)) => {
-                        self.run(assoc, peer, &accepted, listener_name, shutdown)
-                            .await
-                    }
-                    Ok(Err(dicom_ul::association::Error::Rejected { .. })) => {} // logged and recorded by the policy
-                    Ok(Err(e)) => self.establish_failed(peer, listener_name, &error_chain(&e)),
-                    Err(_) => self.establish_failed(
-                        peer,
-                        listener_name,
-                        "TLS handshake or A-ASSOCIATE-RQ timed out",
-                    ),
-                }
+                let timed_out = "TLS handshake or A-ASSOCIATE-RQ timed out";
+                self.after_establish(
+                    established,
+                    peer,
+                    &accepted,
+                    listener_name,
+                    shutdown,
+                    timed_out,
+                )
+                .await;
             }
             Listener::Plain => {
                 let established = tokio::time::timeout(
@@ -241,19 +237,42 @@ impl Dimse {
                 )
                 .await;
                 drop(_pending);
-                let _active = self.active_guard(&accepted);
-                match established {
-                    Ok(Ok(assoc)) => {
-                        self.run(assoc, peer, &accepted, listener_name, shutdown)
-                            .await
-                    }
-                    Ok(Err(dicom_ul::association::Error::Rejected { .. })) => {} // logged and recorded by the policy
-                    Ok(Err(e)) => self.establish_failed(peer, listener_name, &error_chain(&e)),
-                    Err(_) => {
-                        self.establish_failed(peer, listener_name, "A-ASSOCIATE-RQ timed out")
-                    }
-                }
+                let timed_out = "A-ASSOCIATE-RQ timed out";
+                self.after_establish(
+                    established,
+                    peer,
+                    &accepted,
+                    listener_name,
+                    shutdown,
+                    timed_out,
+                )
+                .await;
             }
+        }
+    }
+
+    /// Runs an established association, or logs why establishment failed
+    /// (rejections were already logged and recorded by the policy).
+    async fn after_establish<S>(
+        &self,
+        established: Result<
+            Result<AsyncServerAssociation<S>, dicom_ul::association::Error>,
+            tokio::time::error::Elapsed,
+        >,
+        peer: SocketAddr,
+        accepted: &Decision,
+        listener: &str,
+        shutdown: watch::Receiver<bool>,
+        timed_out: &str,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let _active = self.active_guard(accepted);
+        match established {
+            Ok(Ok(assoc)) => self.run(assoc, peer, accepted, listener, shutdown).await,
+            Ok(Err(dicom_ul::association::Error::Rejected { .. })) => {}
+            Ok(Err(e)) => self.establish_failed(peer, listener, &error_chain(&e)),
+            Err(_) => self.establish_failed(peer, listener, timed_out),
         }
     }
 
