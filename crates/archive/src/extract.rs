@@ -62,6 +62,8 @@ fn uid(obj: &InMemDicomObject, tag: Tag, name: &str) -> Result<String, ArchiveEr
 /// # Errors
 /// [`ArchiveError::InvalidDataset`] naming the missing or invalid UID.
 pub fn extract(obj: &InMemDicomObject) -> Result<Extracted, ArchiveError> {
+    // Multi-valued / ISO 2022 (0008,0005): text decoded with code extensions.
+    let obj = &*crate::charset::normalize(obj);
     let sop_class_uid = uid(obj, tags::SOP_CLASS_UID, "SOP Class UID")?;
     let sop_instance_uid = uid(obj, tags::SOP_INSTANCE_UID, "SOP Instance UID")?;
     let study_instance_uid = uid(obj, tags::STUDY_INSTANCE_UID, "Study Instance UID")?;

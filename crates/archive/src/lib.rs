@@ -17,6 +17,7 @@
 //! - nothing here knows dicom-ul, HTTP or SQL: errors are [`ArchiveError`],
 //!   mapped to DIMSE statuses by `bastion-dimse` in one function.
 
+pub mod charset;
 pub mod extract;
 pub mod ingest;
 pub mod query;

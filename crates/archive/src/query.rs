@@ -812,6 +812,8 @@ impl Query {
         model: Model,
         relational: bool,
     ) -> Result<Query, ArchiveError> {
+        // Multi-valued / ISO 2022 (0008,0005): text decoded with code extensions.
+        let identifier = &*crate::charset::normalize(identifier);
         let level_tag = tags::QUERY_RETRIEVE_LEVEL;
         let level = identifier
             .get(level_tag)
