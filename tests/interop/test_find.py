@@ -328,13 +328,20 @@ def test_cancel_stops_a_find_with_many_matches(make_server):
 # chrFrenMulti.dcm shares chrFren.dcm's SOP Instance UID (a conflict, not stored).
 SINGLE_VALUED = ["chrArab.dcm", "chrFren.dcm", "chrGerm.dcm",
                  "chrGreek.dcm", "chrHbrw.dcm", "chrRuss.dcm", "chrX1.dcm", "chrX2.dcm"]
+# Multi-valued (0008,0005) with ISO 2022 code extensions (PS3.5 Annexes H-K).
+# chrJapMultiExplicitIR6.dcm shares chrJapMulti.dcm's SOP Instance UID (its
+# charset is used as a query charset instead); chrSQEncoding1.dcm has no SOP
+# Instance UID.
+MULTI_VALUED = ["chrH31.dcm", "chrH32.dcm", "chrI2.dcm", "chrJapMulti.dcm",
+                "chrKoreanMulti.dcm"]
+CHARSET_FILES = SINGLE_VALUED + MULTI_VALUED
 
 
 @pytest.fixture(scope="module")
 def charset_server(bastion_bin, tmp_path_factory, corpus_root):
     srv = Server(bastion_bin, tmp_path_factory.mktemp("charsets"))
     srv.init()
-    files = [corpus_root / "pydicom" / "charset_files" / f for f in SINGLE_VALUED]
+    files = [corpus_root / "pydicom" / "charset_files" / f for f in CHARSET_FILES]
     rc, summary, rejected, out = srv.import_(*files)
     assert summary["stored"] + summary["duplicates"] == len(files), out
     srv.start(plain=False)
@@ -343,7 +350,7 @@ def charset_server(bastion_bin, tmp_path_factory, corpus_root):
     srv.stop()
 
 
-@pytest.mark.parametrize("name", SINGLE_VALUED)
+@pytest.mark.parametrize("name", CHARSET_FILES)
 @pytest.mark.parametrize("query_charset", ["own", "ISO_IR 192"])
 def test_charset_files_found_by_name(charset_server, name, query_charset):
     srv, ctx, files = charset_server
@@ -353,8 +360,9 @@ def test_charset_files_found_by_name(charset_server, name, query_charset):
         src.PatientName[0] if isinstance(src.PatientName, pydicom.multival.MultiValue) else src.PatientName)
     ident = Dataset()
     charset = src.SpecificCharacterSet if query_charset == "own" else "ISO_IR 192"
-    if isinstance(charset, pydicom.multival.MultiValue):
+    if isinstance(charset, pydicom.multival.MultiValue) and name not in MULTI_VALUED:
         charset = charset[0]
+    # multi-valued: pydicom encodes the query with ISO 2022 escape sequences
     ident.SpecificCharacterSet = charset
     ident.QueryRetrieveLevel = "STUDY"
     ident.PatientName = want
@@ -370,3 +378,21 @@ def test_charset_files_found_by_name(charset_server, name, query_charset):
             assert str(first) == want
             if any(ord(c) > 127 for c in str(r.PatientName)):
                 assert r.SpecificCharacterSet == "ISO_IR 192"
+
+
+def test_charset_explicit_ir6_query_finds_iso2022_name(charset_server):
+    """A query whose (0008,0005) is `ISO 2022 IR 6\\ISO 2022 IR 87` (as in
+    chrJapMultiExplicitIR6.dcm) matches the JIS X 0208 name stored from
+    chrJapMulti.dcm."""
+    srv, ctx, files = charset_server
+    path = next(f for f in files if f.name == "chrJapMulti.dcm")
+    src = pydicom.dcmread(path, stop_before_pixels=True)
+    ident = Dataset()
+    ident.SpecificCharacterSet = ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.PatientName = "やまだ^たろう"
+    ident.StudyInstanceUID = ""
+    rsps = find(srv, ctx, STUDY_ROOT, ident)
+    assert rsps[-1][0] == 0, rsps
+    got = {r.StudyInstanceUID: str(r.PatientName) for s, r, _ in rsps[:-1]}
+    assert got.get(src.StudyInstanceUID) == "やまだ^たろう", got
