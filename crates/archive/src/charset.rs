@@ -318,4 +318,57 @@ mod tests {
         assert!(needs_extensions(&terms("ISO 2022 IR 100")));
         assert!(!needs_extensions(&terms("ISO_IR 100")));
     }
+
+    fn parse(charset: &[u8], pn: &[u8]) -> InMemDicomObject {
+        use dicom_encoding::TransferSyntaxIndex;
+        let mut bytes = Vec::new();
+        for (tag, v) in [((0x0008u16, 0x0005u16), charset), ((0x0010, 0x0010), pn)] {
+            let mut v = v.to_vec();
+            if v.len() % 2 == 1 {
+                v.push(b' ');
+            }
+            bytes.extend_from_slice(&tag.0.to_le_bytes());
+            bytes.extend_from_slice(&tag.1.to_le_bytes());
+            bytes.extend_from_slice(&u32::try_from(v.len()).expect("short value").to_le_bytes());
+            bytes.extend_from_slice(&v);
+        }
+        let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+            .get("1.2.840.10008.1.2")
+            .expect("implicit VR little endian");
+        InMemDicomObject::read_dataset_with_ts(&bytes[..], ts).expect("parsed")
+    }
+
+    fn name(obj: &InMemDicomObject) -> String {
+        normalize(obj)
+            .get(tags::PATIENT_NAME)
+            .expect("PatientName")
+            .to_str()
+            .expect("text")
+            .trim_end()
+            .to_owned()
+    }
+
+    /// Through dicom-rs's parser: the bytes are recovered from its decoding
+    /// with the first term (default, IR 13, IR 6) and decoded here.
+    #[test]
+    fn normalize_parsed_datasets() {
+        let obj = parse(
+            b"ISO 2022 IR 13\\ISO 2022 IR 87",
+            b"\xd4\xcf\xc0\xde^\xc0\xdb\xb3=\x1b$B;3ED\x1b(J^\x1b$BB@O:\x1b(J",
+        );
+        assert_eq!(name(&obj), "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎");
+        let obj = parse(
+            b"\\ISO 2022 IR 149",
+            b"Hong^Gildong=\x1b$)C\xfb\xf3^\x1b$)C\xd1\xce\xd4\xd7",
+        );
+        assert_eq!(name(&obj), "Hong^Gildong=洪^吉洞");
+        let obj = parse(
+            b"ISO 2022 IR 6\\ISO 2022 IR 87",
+            b"\x1b$B$d$^$@\x1b(B^\x1b$B$?$m$&\x1b(B",
+        );
+        assert_eq!(name(&obj), "やまだ^たろう");
+        // A single-valued set is left to dicom-rs.
+        let obj = parse(b"ISO_IR 100", b"Buc^J\xe9r\xf4me");
+        assert!(matches!(normalize(&obj), Cow::Borrowed(_)));
+    }
 }
