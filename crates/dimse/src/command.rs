@@ -364,7 +364,9 @@ pub const MAX_IDENTIFIER_BYTES: usize = 1024 * 1024;
 
 /// Decodes a C-FIND Identifier received in transfer syntax `ts_uid`, after a bounds
 /// check of every declared length. Text is decoded with the Identifier's own
-/// Specific Character Set (0008,0005) (dicom-rs honours single-valued sets).
+/// Specific Character Set (0008,0005) (dicom-rs honours single-valued sets; with a
+/// multi-valued or ISO 2022 set, `Query::parse` re-decodes the text with
+/// `bastion_archive::charset`).
 ///
 /// # Errors
 /// [`CommandError`] when the transfer syntax is unknown or the bytes are oversized
