@@ -209,6 +209,26 @@ fn ae_list(list: &[AeTitle]) -> String {
 const COLUMNS: &str =
     "ae, network, transport, allow, cert_sha256, host, port, on_conflict, move_destinations";
 
+/// The values of [`COLUMNS`] in order, then the timestamp: ?1..?10 of the
+/// insert and update statements.
+fn bind(d: &Device, ts: String) -> Vec<rusqlite::types::Value> {
+    use rusqlite::types::Value;
+    let text = |s: &str| Value::Text(s.to_owned());
+    let opt = |s: &Option<String>| s.clone().map_or(Value::Null, Value::Text);
+    vec![
+        text(d.ae.as_str()),
+        Value::Text(d.network.to_string()),
+        text(d.transport.name()),
+        Value::Text(d.allow.to_string()),
+        opt(&d.cert_sha256),
+        opt(&d.host),
+        d.port.map_or(Value::Null, |p| Value::Integer(i64::from(p))),
+        text(d.on_conflict.name()),
+        Value::Text(ae_list(&d.move_destinations)),
+        Value::Text(ts),
+    ]
+}
+
 /// The device registry over the [`SecurityDb`].
 pub struct DeviceRegistry<'a> {
     db: &'a SecurityDb,
@@ -230,18 +250,7 @@ impl<'a> DeviceRegistry<'a> {
             let n = c
                 .execute(
                     &format!("INSERT OR IGNORE INTO devices ({COLUMNS}, created_at, updated_at) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?10)"),
-                    params![
-                        d.ae.as_str(),
-                        d.network.to_string(),
-                        d.transport.name(),
-                        d.allow.to_string(),
-                        d.cert_sha256,
-                        d.host,
-                        d.port.map(i64::from),
-                        d.on_conflict.name(),
-                        ae_list(&d.move_destinations),
-                        ts
-                    ],
+                    rusqlite::params_from_iter(bind(d, ts)),
                 )
                 .map_err(|source| SecurityError::Db { op: "insert device", source })?;
             if n == 0 {
@@ -260,18 +269,7 @@ impl<'a> DeviceRegistry<'a> {
             let n = c
                 .execute(
                     "UPDATE devices SET network=?2, transport=?3, allow=?4, cert_sha256=?5, host=?6, port=?7, on_conflict=?8, move_destinations=?9, updated_at=?10 WHERE ae=?1",
-                    params![
-                        d.ae.as_str(),
-                        d.network.to_string(),
-                        d.transport.name(),
-                        d.allow.to_string(),
-                        d.cert_sha256,
-                        d.host,
-                        d.port.map(i64::from),
-                        d.on_conflict.name(),
-                        ae_list(&d.move_destinations),
-                        now()
-                    ],
+                    rusqlite::params_from_iter(bind(d, now())),
                 )
                 .map_err(|source| SecurityError::Db { op: "update device", source })?;
             if n == 0 {

@@ -113,6 +113,30 @@ pub fn generate(paths: &PkiPaths, hosts: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Parameters of an end-entity certificate: CN (and O), SANs, digital
+/// signature + key encipherment, serverAuth + clientAuth (servers also open
+/// outbound associations; devices may also be C-MOVE destinations), 825 days.
+fn leaf_params(cn: &str, org: Option<&str>, names: &[String]) -> Result<CertificateParams> {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    if let Some(o) = org {
+        dn.push(DnType::OrganizationName, o);
+    }
+    p.distinguished_name = dn;
+    p.subject_alt_names = sans(names)?;
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    validity(&mut p, 825);
+    Ok(p)
+}
+
 /// An RSA server key and certificate for `localhost`, `127.0.0.1`, `::1`
 /// and `hosts`, with serverAuth and clientAuth usages.
 fn server_certificate(
@@ -126,20 +150,7 @@ fn server_certificate(
     ];
     names.extend(hosts.iter().cloned());
     let server_key = KeyPair::generate_for(&PKCS_RSA_SHA256).map_err(cert_err)?;
-    let mut sp = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "Bastion PACS server");
-    sp.distinguished_name = dn;
-    sp.subject_alt_names = sans(&names)?;
-    sp.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    sp.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    validity(&mut sp, 825);
+    let sp = leaf_params("Bastion PACS server", None, &names)?;
     let cert = sp.signed_by(&server_key, issuer).map_err(cert_err)?;
     Ok((server_key, cert))
 }
@@ -185,23 +196,8 @@ pub fn issue_client(paths: &PkiPaths, ae: &str, host: Option<&str>) -> Result<Is
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key).map_err(cert_err)?;
 
     let key = KeyPair::generate_for(&PKCS_RSA_SHA256).map_err(cert_err)?;
-    let mut p = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, ae);
-    dn.push(DnType::OrganizationName, "Bastion PACS device");
-    p.distinguished_name = dn;
-    if let Some(h) = host {
-        p.subject_alt_names = sans(&[h.to_owned()])?;
-    }
-    p.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ClientAuth,
-        ExtendedKeyUsagePurpose::ServerAuth,
-    ];
-    validity(&mut p, 825);
+    let hosts: Vec<String> = host.map(str::to_owned).into_iter().collect();
+    let p = leaf_params(ae, Some("Bastion PACS device"), &hosts)?;
     let cert = p.signed_by(&key, &issuer).map_err(cert_err)?;
     Ok(IssuedCert {
         key_pem: key.serialize_pem(),
