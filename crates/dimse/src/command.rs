@@ -415,9 +415,35 @@ pub fn encode_identifier(obj: &InMemDicomObject, ts_uid: &str) -> Result<Vec<u8>
         .get(ts_uid.trim_end_matches(['\0', ' ']))
         .ok_or_else(|| CommandError("unknown transfer syntax".into()))?;
     let mut out = Vec::new();
-    obj.write_dataset_with_ts(&mut out, ts)
+    pad_ui_values(obj)
+        .write_dataset_with_ts(&mut out, ts)
         .map_err(|e| CommandError(e.to_string()))?;
     Ok(out)
+}
+
+/// A copy of `obj` in which every odd-length UI value ends with the NUL
+/// padding byte that PS3.5 §6.2 (VR UI) requires; dicom-object would pad it
+/// with a space. Applied through sequence items too.
+fn pad_ui_values(obj: &InMemDicomObject) -> InMemDicomObject {
+    use dicom_core::{
+        header::Header,
+        value::{DataSetSequence, Value},
+    };
+    InMemDicomObject::from_element_iter(obj.iter().map(|e| match e.value() {
+        Value::Primitive(p) if e.vr() == VR::UI => {
+            let joined = p.to_str();
+            if joined.len() % 2 == 1 {
+                DataElement::new(e.tag(), VR::UI, PrimitiveValue::from(format!("{joined}\0")))
+            } else {
+                e.clone()
+            }
+        }
+        Value::Sequence(seq) => {
+            let items: Vec<InMemDicomObject> = seq.items().iter().map(pad_ui_values).collect();
+            DataElement::new(e.tag(), VR::SQ, DataSetSequence::from(items))
+        }
+        _ => e.clone(),
+    }))
 }
 
 /// Encodes the Identifier of a final C-MOVE-RSP / C-GET-RSP: the Failed SOP
@@ -446,6 +472,27 @@ fn pad_uid(uid: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identifier_uids_are_nul_padded() {
+        let obj = InMemDicomObject::from_element_iter([
+            DataElement::new(
+                tags::STUDY_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from("1.2.345"),
+            ),
+            DataElement::new(
+                tags::FAILED_SOP_INSTANCE_UID_LIST,
+                VR::UI,
+                PrimitiveValue::Strs(["1.2".into(), "1.234".into()].into_iter().collect()),
+            ),
+        ]);
+        let bytes = encode_identifier(&obj, "1.2.840.10008.1.2.1").unwrap_or_default();
+        let find = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        assert!(find(b"1.2.345\0"), "{bytes:?}");
+        assert!(find(b"1.2\\1.234\0"), "{bytes:?}");
+        assert!(!find(b"1.2.345 "));
+    }
 
     #[test]
     fn response_roundtrips_through_the_decoder_shape() {
