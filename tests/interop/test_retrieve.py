@@ -142,28 +142,31 @@ class TlsRelay:
         for s in (c, t):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             s.settimeout(60)
-
-        def pump(src, dst):
-            try:
-                while True:
-                    b = src.recv(65536)
-                    if not b:
+        # One thread per connection: an SSLSocket must not be read and written
+        # from two threads at once (OpenSSL objects are not thread-safe; with
+        # TLS 1.3 session tickets this stalled the handshake now and then).
+        import select
+        try:
+            while True:
+                ready = [t] if t.pending() else select.select([c, t], [], [], 60)[0]
+                if not ready:
+                    break
+                done = False
+                for src in ready:
+                    data = src.recv(65536)
+                    if not data:
+                        done = True
                         break
-                    dst.sendall(b)
+                    (t if src is c else c).sendall(data)
+                if done:
+                    break
+        except OSError:
+            pass
+        for s in (c, t):
+            try:
+                s.close()
             except OSError:
                 pass
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-        a = threading.Thread(target=pump, args=(c, t), daemon=True)
-        a.start()
-        pump(t, c)
-        a.join(timeout=60)
-        c.close()
-        t.close()
 
     def close(self):
         self.stop_flag = True
@@ -262,7 +265,7 @@ def move(env, identifier, dest, calling=RETR, ctx=None, cancel_after=None, msg_i
 
 
 def get(env, identifier, with_role=True, calling=RETR, ctx=None, msg_id=11, max_pdu=None,
-        delay=0.0, cancel_after=None, times=None):
+        delay=0.0, cancel_after=None, times=None, ts=ExplicitVRLittleEndian):
     """(responses, received {uid: dataset bytes}) of one C-GET. `times` collects
     the arrival time of each C-STORE; with cancel_after=k a C-CANCEL-RQ is sent
     once a pending response reports k sub-operations done."""
@@ -276,7 +279,7 @@ def get(env, identifier, with_role=True, calling=RETR, ctx=None, msg_id=11, max_
         return 0x0000
 
     roles = [build_role(CT, scp_role=True)] if with_role else []
-    assoc = _assoc(env, calling, [STUDY_GET, (CT, [ExplicitVRLittleEndian])],
+    assoc = _assoc(env, calling, [STUDY_GET, (CT, [ts])],
                    ctx=ctx or (env["ctx"] if calling == RETR else None), roles=roles,
                    handlers=[(evt.EVT_C_STORE, on_store)], max_pdu=max_pdu)
     out = []
@@ -581,3 +584,61 @@ def test_cancel_a_get_of_200_instances(rv):
     assert 10 <= len(received) < 200
     assert remaining == 200 - len(received)
     assert all(t < t_final for t in times), "C-STORE after the final C-GET-RSP"
+
+
+# --------------------------------------------------------------------------
+# Transfer syntax fallback (PS3.4 C.4.2.2 / C.4.3.3: the stored syntax first,
+# else an uncompressed one Bastion can produce)
+# --------------------------------------------------------------------------
+def _same_dataset(original_file: Path, received: bytes, implicit: bool) -> None:
+    import io
+    from pydicom.filereader import read_dataset
+    want = pydicom.dcmread(original_file)
+    got = read_dataset(io.BytesIO(received), is_implicit_VR=implicit, is_little_endian=True)
+    assert got.SOPInstanceUID == want.SOPInstanceUID
+    assert got.PixelData == want.PixelData
+    for kw in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns"):
+        assert getattr(got, kw, None) == getattr(want, kw, None), kw
+
+
+def test_get_converts_to_implicit_vr_when_only_that_is_offered(rv):
+    study, _, files = rv["studies"]["small"]  # stored Explicit VR Little Endian
+    from pydicom.uid import ImplicitVRLittleEndian
+    rsps, received = get(rv, study_identifier(study), ts=ImplicitVRLittleEndian)
+    assert rsps[-1][0] == 0x0000, rsps
+    assert counts(rsps[-1][1])[1:] == (3, 0, 0)
+    by_uid = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in files}
+    assert set(received) == set(by_uid)
+    for uid, data in received.items():
+        assert data != dataset_bytes(by_uid[uid]), "must have been re-encoded"
+        _same_dataset(by_uid[uid], data, implicit=True)
+
+
+def test_move_converts_for_an_implicit_only_destination(rv):
+    from pydicom.uid import ImplicitVRLittleEndian
+    srv = rv["srv"]
+    port = helpers.free_port()
+    got: dict[str, tuple[str, bytes]] = {}
+
+    def on_store(event):
+        got[str(event.request.AffectedSOPInstanceUID)] = (
+            str(event.context.transfer_syntax), bytes(event.request.DataSet.getvalue()))
+        return 0x0000
+
+    ae = AE(ae_title="IVRONLY")
+    ae.add_supported_context(CT, [ImplicitVRLittleEndian])
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        srv.device_add("IVRDEST", transport="plain", allow="echo", host="127.0.0.1", port=port)
+        srv.device_update(RETR, network=None, transport=None, allow=None,
+                          move_destinations=f"{DCM_DEST},{SLOW_DEST},IVRDEST")
+        study, _, files = rv["studies"]["small"]
+        rsps = move(rv, study_identifier(study), "IVRDEST")
+        assert rsps[-1][0] == 0x0000, rsps
+        by_uid = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in files}
+        assert set(got) == set(by_uid)
+        for uid, (ts, data) in got.items():
+            assert ts == ImplicitVRLittleEndian
+            _same_dataset(by_uid[uid], data, implicit=True)
+    finally:
+        server.shutdown()

@@ -22,6 +22,7 @@ pub mod extract;
 pub mod ingest;
 pub mod query;
 pub mod scan;
+pub mod transcode;
 
 pub use ingest::{Archive, Ingested, Limits, Origin, Received};
 

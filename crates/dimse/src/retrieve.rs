@@ -31,7 +31,7 @@ use std::{
     time::Duration,
 };
 
-use bastion_archive::{query::Query, Archive, ArchiveError};
+use bastion_archive::{query::Query, transcode, Archive, ArchiveError};
 use bastion_model::{AeTitle, Uid};
 use tokio::sync::mpsc;
 
@@ -427,9 +427,17 @@ pub(crate) async fn run_move(job: MoveJob) {
     }
     let mut contexts: Vec<(String, String)> = Vec::new();
     for i in &instances {
-        let pair = (i.sop_class_uid.clone(), i.transfer_syntax_uid.clone());
-        if !contexts.contains(&pair) {
-            contexts.push(pair);
+        // The stored transfer syntax first, then the uncompressed ones we can
+        // produce from it (PS3.4 C.4.2.2).
+        let fallbacks = transcode::FALLBACKS
+            .iter()
+            .filter(|fb| transcode::can_transcode(&i.transfer_syntax_uid, fb))
+            .map(|fb| (*fb).to_owned());
+        for ts in std::iter::once(i.transfer_syntax_uid.clone()).chain(fallbacks) {
+            let pair = (i.sop_class_uid.clone(), ts);
+            if !contexts.contains(&pair) {
+                contexts.push(pair);
+            }
         }
     }
     let mut scu = match StoreScu::connect(&our_ae, &destination, &contexts, tls, timeout).await {
@@ -460,12 +468,35 @@ pub(crate) async fn run_move(job: MoveJob) {
         prefetch = instances
             .get(n + 1)
             .map(|i| load(i.sop_instance_uid.clone()));
+        let loaded = match loaded {
+            Ok(dataset) if !scu.accepts(&inst.sop_class_uid, &inst.transfer_syntax_uid) => {
+                match transcode::FALLBACKS.iter().find(|fb| {
+                    transcode::can_transcode(&inst.transfer_syntax_uid, fb)
+                        && scu.accepts(&inst.sop_class_uid, fb)
+                }) {
+                    Some(fb) => {
+                        let (from, to) = (inst.transfer_syntax_uid.clone(), (*fb).to_owned());
+                        let target = to.clone();
+                        tokio::task::spawn_blocking(move || {
+                            transcode::transcode(&dataset, &from, &target)
+                        })
+                        .await
+                        .map_err(|e| format!("transcode task failed: {e}"))
+                        .and_then(|r| r.map_err(|e| e.to_string()))
+                        .map(|bytes| (bytes, to))
+                    }
+                    None => Ok((dataset, inst.transfer_syntax_uid.clone())),
+                }
+            }
+            Ok(dataset) => Ok((dataset, inst.transfer_syntax_uid.clone())),
+            Err(e) => Err(e),
+        };
         let outcome = match loaded {
-            Ok(dataset) => {
+            Ok((dataset, ts_out)) => {
                 let req = StoreRequest {
                     sop_class: &inst.sop_class_uid,
                     sop_instance: &inst.sop_instance_uid,
-                    transfer_syntax: &inst.transfer_syntax_uid,
+                    transfer_syntax: &ts_out,
                     dataset: &dataset,
                     move_originator: Some((originator.0.as_str(), originator.1)),
                 };

@@ -164,6 +164,12 @@ impl StoreScu {
         })
     }
 
+    /// Whether the destination accepted a presentation context for this SOP
+    /// class in this transfer syntax.
+    pub fn accepts(&self, sop_class: &str, ts: &str) -> bool {
+        self.context_for(sop_class, ts).is_some()
+    }
+
     /// The presentation context accepted for this SOP class and transfer
     /// syntax, if any.
     fn context_for(&self, sop_class: &str, ts: &str) -> Option<u8> {

@@ -30,7 +30,7 @@ use std::{
 
 use bastion_archive::{
     query::{self, level_name, unique_key, FindOptions, FindResponse, Model, Query},
-    Archive, ArchiveError, Ingested, Origin, Received,
+    transcode, Archive, ArchiveError, Ingested, Origin, Received,
 };
 use bastion_model::{AeTitle, Permission};
 use bastion_security::{
@@ -1191,24 +1191,73 @@ impl Dimse {
                 // class, in the stored transfer syntax, whose SCP role the
                 // requestor proposed and we accepted; otherwise the sub-operation
                 // fails (never sent, never waited for).
-                let pc = assoc
+                let with_role = scp_role_accepted(assoc.user_variables(), &inst.sop_class);
+                let offered: Vec<(u8, String)> = assoc
                     .presentation_contexts()
                     .iter()
-                    .find(|pc| {
-                        pc.reason == PresentationContextResultReason::Acceptance
+                    .filter(|pc| {
+                        with_role
+                            && pc.reason == PresentationContextResultReason::Acceptance
                             && pc.abstract_syntax.trim_end_matches(['\0', ' ']) == inst.sop_class
-                            && pc.transfer_syntax.trim_end_matches(['\0', ' '])
-                                == inst.transfer_syntax
                     })
-                    .map(|pc| pc.id)
-                    .filter(|_| scp_role_accepted(assoc.user_variables(), &inst.sop_class));
-                let Some(store_pc) = pc else {
+                    .map(|pc| {
+                        (
+                            pc.id,
+                            pc.transfer_syntax.trim_end_matches(['\0', ' ']).to_owned(),
+                        )
+                    })
+                    .collect();
+                // The stored transfer syntax first; else an uncompressed one we
+                // can produce from it (PS3.4 C.4.3.3.1).
+                let chosen = offered
+                    .iter()
+                    .find(|(_, ts)| *ts == inst.transfer_syntax)
+                    .map(|(id, _)| (*id, None))
+                    .or_else(|| {
+                        transcode::FALLBACKS.iter().find_map(|fb| {
+                            offered
+                                .iter()
+                                .find(|(_, ts)| {
+                                    ts == fb && transcode::can_transcode(&inst.transfer_syntax, fb)
+                                })
+                                .map(|(id, ts)| (*id, Some(ts.clone())))
+                        })
+                    });
+                let Some((store_pc, convert_to)) = chosen else {
                     tracing::info!(peer = %s.peer, ae = %s.device.ae, sop_class = %inst.sop_class,
                         transfer_syntax = %inst.transfer_syntax,
-                        "C-GET sub-operation failed: no presentation context with the SCP role for this SOP class and transfer syntax");
+                        "C-GET sub-operation failed: no presentation context with the SCP role for this SOP class in a transfer syntax Bastion can send");
                     r.record(&inst.sop_instance, SubOpOutcome::Failed);
                     return send_pending(assoc, r).await;
                 };
+                let mut inst = inst;
+                if let Some(to) = convert_to {
+                    let (from, data) = (
+                        inst.transfer_syntax.clone(),
+                        std::mem::take(&mut inst.dataset),
+                    );
+                    let target = to.clone();
+                    let converted = tokio::task::spawn_blocking(move || {
+                        transcode::transcode(&data, &from, &target)
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(ArchiveError::Internal(format!(
+                            "transcode task failed: {e}"
+                        )))
+                    });
+                    match converted {
+                        Ok(bytes) => {
+                            inst.dataset = bytes;
+                            inst.transfer_syntax = to;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "C-GET sub-operation failed: cannot convert the stored transfer syntax");
+                            r.record(&inst.sop_instance, SubOpOutcome::Failed);
+                            return send_pending(assoc, r).await;
+                        }
+                    }
+                }
                 s.next_store_id = s.next_store_id.wrapping_add(1).max(1);
                 let id = s.next_store_id;
                 let cmd = crate::scu::encode_store_rq(
