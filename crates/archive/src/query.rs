@@ -54,7 +54,6 @@
 //! for (0008,0005)).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bastion_index::query::{Column, EntityRow, Filter, Prefilter, StudyCounts};
 use bastion_index::StoredInstance;
@@ -86,20 +85,6 @@ pub const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
 
 /// Default of `[query] max_matches`.
 pub const DEFAULT_MAX_MATCHES: usize = 1000;
-
-static MAX_MATCHES: AtomicUsize = AtomicUsize::new(DEFAULT_MAX_MATCHES);
-
-/// Sets the process-wide configured `max_matches` (from `bastion.toml` `[query]`),
-/// read by the front ends through [`configured_max_matches`]. Values below 1 are
-/// raised to 1.
-pub fn set_configured_max_matches(n: usize) {
-    MAX_MATCHES.store(n.max(1), Ordering::Relaxed);
-}
-
-/// The configured `max_matches` ([`DEFAULT_MAX_MATCHES`] unless set).
-pub fn configured_max_matches() -> usize {
-    MAX_MATCHES.load(Ordering::Relaxed)
-}
 
 /// A Query/Retrieve Information Model (PS3.4 §C.6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

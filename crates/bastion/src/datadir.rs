@@ -123,7 +123,6 @@ impl DataDir {
         let index = Index::open(&self.index_db(), &key)
             .with_context(|| format!("cannot open {}", self.index_db().display()))?;
         let events = EventLog::open(&self.events())?;
-        bastion_archive::query::set_configured_max_matches(config.query.max_matches);
         let l = &config.limits;
         let limits = Limits {
             max_dataset_bytes: l.max_dataset_bytes,

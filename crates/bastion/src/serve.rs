@@ -52,6 +52,7 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         idle_timeout: Duration::from_secs(d.idle_timeout_secs),
         handshake_timeout: Duration::from_secs(d.handshake_timeout_secs),
         max_dataset_bytes: config.limits.max_dataset_bytes,
+        max_matches: config.query.max_matches.max(1),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

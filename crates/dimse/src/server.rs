@@ -29,7 +29,7 @@ use std::{
 };
 
 use bastion_archive::{
-    query::{self, level_name, unique_key, FindOptions, FindResponse, Model, Query},
+    query::{level_name, unique_key, FindOptions, FindResponse, Model, Query},
     transcode, Archive, ArchiveError, Ingested, Origin, Received,
 };
 use bastion_model::{AeTitle, Permission};
@@ -84,6 +84,9 @@ pub struct DimseConfig {
     pub handshake_timeout: Duration,
     /// Largest dataset accepted in one C-STORE, bytes (larger: 0xA700).
     pub max_dataset_bytes: u64,
+    /// Most matches a C-FIND may return, and most instances a C-MOVE/C-GET may
+    /// resolve (`[query] max_matches`); more → 0xA700 (PS3.4 C.4.1.1.4).
+    pub max_matches: usize,
 }
 
 /// The DIMSE front end. Share with `Arc`; one instance serves every
@@ -809,7 +812,7 @@ impl Dimse {
             ae,
             peer,
             retrieve_ae: self.config.ae_title.to_string(),
-            max_matches: query::configured_max_matches(),
+            max_matches: self.config.max_matches,
         };
         let archive = self.archive.clone();
         let flag = cancel.clone();
@@ -1064,7 +1067,7 @@ impl Dimse {
         let (tx, rx) = mpsc::channel(retrieve::RETRIEVE_CHANNEL);
         let cancel = Arc::new(AtomicBool::new(false));
         let level = level_name(query.level());
-        let max_matches = query::configured_max_matches();
+        let max_matches = self.config.max_matches;
         let kind = match destination {
             Some(destination) => {
                 let dest_ae = destination.ae.clone();
