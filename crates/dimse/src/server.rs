@@ -166,6 +166,25 @@ impl Dimse {
         if let Err(e) = socket.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
         }
+        // A second handle on the connection: after an A-ASSOCIATE-RJ the
+        // transport stays open until the requestor closes it (PS3.8 §9.1.3,
+        // ARTIM), so the peer reads the RJ before it sees the connection end.
+        let (socket, artim) = match socket.into_std() {
+            Ok(std) => {
+                let artim = std.try_clone().ok();
+                match TcpStream::from_std(std) {
+                    Ok(s) => (s, artim),
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "cannot register the connection");
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot inspect the connection");
+                return;
+            }
+        };
         // Connections still in the TLS handshake / A-ASSOCIATE-RQ phase are
         // capped per source address, so one host cannot starve others; only
         // associations the policy accepted count against max_associations.
@@ -222,16 +241,8 @@ impl Dimse {
                 )
                 .await;
                 drop(_pending);
-                let timed_out = "TLS handshake or A-ASSOCIATE-RQ timed out";
-                self.after_establish(
-                    established,
-                    peer,
-                    &accepted,
-                    listener_name,
-                    shutdown,
-                    timed_out,
-                )
-                .await;
+                self.after_establish(established, peer, &accepted, listener_name, shutdown, artim)
+                    .await;
             }
             Listener::Plain => {
                 let established = tokio::time::timeout(
@@ -240,16 +251,8 @@ impl Dimse {
                 )
                 .await;
                 drop(_pending);
-                let timed_out = "A-ASSOCIATE-RQ timed out";
-                self.after_establish(
-                    established,
-                    peer,
-                    &accepted,
-                    listener_name,
-                    shutdown,
-                    timed_out,
-                )
-                .await;
+                self.after_establish(established, peer, &accepted, listener_name, shutdown, artim)
+                    .await;
             }
         }
     }
@@ -266,16 +269,34 @@ impl Dimse {
         accepted: &Decision,
         listener: &str,
         shutdown: watch::Receiver<bool>,
-        timed_out: &str,
+        artim: Option<std::net::TcpStream>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let _active = self.active_guard(accepted);
         match established {
-            Ok(Ok(assoc)) => self.run(assoc, peer, accepted, listener, shutdown).await,
-            Ok(Err(dicom_ul::association::Error::Rejected { .. })) => {}
+            Ok(Ok(assoc)) => {
+                drop(artim);
+                self.run(assoc, peer, accepted, listener, shutdown).await
+            }
+            Ok(Err(dicom_ul::association::Error::Rejected { .. })) => {
+                // Logged and recorded by the policy; wait for the requestor
+                // to close (bounded), then close our side.
+                if let Some(conn) = artim {
+                    let _ =
+                        tokio::task::spawn_blocking(move || wait_for_close(conn, ARTIM_TIMEOUT))
+                            .await;
+                }
+            }
             Ok(Err(e)) => self.establish_failed(peer, listener, &error_chain(&e)),
-            Err(_) => self.establish_failed(peer, listener, timed_out),
+            Err(_) => {
+                let what = if listener == "tls" {
+                    "TLS handshake or A-ASSOCIATE-RQ"
+                } else {
+                    "A-ASSOCIATE-RQ"
+                };
+                self.establish_failed(peer, listener, &format!("{what} timed out"));
+            }
         }
     }
 
@@ -1916,6 +1937,30 @@ impl AccessControl for ConnectionPolicy {
                     AssociationRJServiceUserReason::CallingAETitleNotRecognized
                 })
             }
+        }
+    }
+}
+
+/// How long a rejected requestor has to close the connection (ARTIM timer,
+/// PS3.8 §9.1.3).
+const ARTIM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads (and discards) until the peer closes the connection, an error, or
+/// `timeout` elapses.
+fn wait_for_close(mut conn: std::net::TcpStream, timeout: Duration) {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + timeout;
+    if conn.set_nonblocking(false).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 1024];
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        if left.is_zero() || conn.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
         }
     }
 }
