@@ -473,6 +473,8 @@ class Bench:
         return ["ip", "netns", "exec", self.args.netns, *cmd]
 
     def run_worker(self, spec: dict, in_netns: bool, timeout: float) -> dict:
+        if self.args.client == "rust" and spec["op"] in ("find", "get", "move"):
+            return self.run_rust_client(spec, in_netns, timeout)
         self.n += 1
         sp, op = self.work / f"spec-{self.n}.json", self.work / f"out-{self.n}.json"
         sp.write_text(json.dumps(spec))
@@ -487,6 +489,47 @@ class Bench:
             return {"error": f"worker {spec['op']} rc={p.returncode}: "
                              f"{p.stderr.decode(errors='replace')[-2000:]}"}
         return json.loads(op.read_text())
+
+    def run_rust_client(self, spec: dict, in_netns: bool, timeout: float) -> dict:
+        """bench/client (Rust, dicom-ul): the same spec, results in the Python worker's shape."""
+        self.n += 1
+        sp, op = self.work / f"spec-{self.n}.json", self.work / f"out-{self.n}.json"
+        sp.write_text(json.dumps(spec))
+        cmd = [str(self.args.client_bin), str(sp), str(op)]
+        if in_netns:
+            cmd = self.netns(["env", "TCP_NODELAY=1", *cmd])
+        try:
+            p = subprocess.run(cmd, capture_output=True, timeout=timeout, env=ENV)
+        except subprocess.TimeoutExpired:
+            return {"error": f"bench-client {spec['op']} timed out after {timeout} s"}
+        if not op.exists():
+            return {"error": f"bench-client {spec['op']} rc={p.returncode}: "
+                             f"{p.stderr.decode(errors='replace')[-2000:]}"}
+        r = json.loads(op.read_text())
+        if "error" in r or spec["op"] != "find":
+            if spec["op"] != "find" and "error" not in r and r["status"] != 0:
+                st = r["status"]
+                r["status_text"] = f"status 0x{st:04X}"
+                r["error"] = f"final {r['status_text']} {r['counts']} {r.get('comment', '')}".strip()
+                r["not_implemented"] = st in NOT_IMPLEMENTED
+            return r
+        lat, wrong, errors, matches, examples = [], 0, [], 0, []
+        for q, res in zip(spec["queries"], r["results"]):
+            lat.append(res["secs"])
+            uids = res["uids"]
+            matches += len(uids)
+            if res["status"] != 0:
+                errors.append(f"{q['value']!r}: final status {res['status']:#06x}")
+            elif sorted(uids) != q["expected"] or res["missing"]:
+                wrong += 1
+                if len(examples) < 5:
+                    examples.append({"value": q["value"], "expected": len(q["expected"]),
+                                     "got": len(uids), "distinct": len(set(uids)),
+                                     "unexpected": len(set(uids) - set(q["expected"])),
+                                     "missing": len(set(q["expected"]) - set(uids)),
+                                     "missing_return_keys": sorted(res["missing"])})
+        return {"lat": lat, "wrong": wrong, "errors": errors[:5], "n_errors": len(errors),
+                "matches": matches, "examples": examples}
 
     def start(self, cmd, logname, in_netns=False) -> subprocess.Popen:
         logf = open(self.work / logname, "ab")
@@ -691,6 +734,10 @@ def main() -> None:
     ap.add_argument("--nagle", action="store_true",
                     help="leave Nagle's algorithm on in the pynetdicom client (pynetdicom's "
                          "default; adds ~40 ms per C-FIND on loopback)")
+    ap.add_argument("--client", choices=["rust", "pynetdicom"], default="rust",
+                    help="measuring client for C-FIND/C-GET/C-MOVE: bench/client (Rust, "
+                         "dicom-ul; default) or the pynetdicom worker")
+    ap.add_argument("--client-bin", default=str(REPO / "target" / "release" / "bench-client"))
     ap.add_argument("--netns", default="bastion-bench")
     ap.add_argument("--orthanc-storage-access", default="Always",
                     help="Orthanc StorageAccessOnFind (Always is its default)")
@@ -808,7 +855,7 @@ def report(res: dict, m: dict, args, bench: Bench) -> None:
           f"{len(m['patients'])} patients; retrieval study: {RETRIEVE_N} CT instances, "
           f"{mib:.1f} MiB of Part 10 files. Load: bastion import "
           f"{bench.loads.get('bastion', 0):.0f} s, Orthanc storescu x2 "
-          f"{bench.loads.get('orthanc', 0):.0f} s. Client: pynetdicom (both servers), "
+          f"{bench.loads.get('orthanc', 0):.0f} s. Client: {args.client} (both servers), "
           f"max PDU {args.max_pdu}, TCP_NODELAY {'off' if args.nagle else 'on'}; Bastion over TLS, Orthanc plain in netns "
           f"`{args.netns}`, StorageAccessOnFind={args.orthanc_storage_access}.")
     print()

@@ -24,7 +24,7 @@ if (( ${#need[@]} )); then
     timeout 1200 env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"
 fi
 PYTHON=$VENV/bin/python ./scripts/fetch-corpus.sh
-timeout --foreground 3600 cargo build --release -p bastion
+timeout --foreground 3600 cargo build --release -p bastion -p bastion-bench-client
 mkdir -p bench/out
 # query.py deletes the namespace itself; this catches an interrupted run too
 trap 'ip netns del "$NETNS" 2>/dev/null || true' EXIT
