@@ -572,6 +572,12 @@ class Bench:
         cli("device", "add", "--ae", "BENCH", "--network", "127.0.0.1/32", "--transport", "tls",
             "--allow", "echo,find,get,move", "--host", "127.0.0.1",
             "--port", str(self.b_dest_port))
+        # BENCHP: the same client over Bastion's plain listener, moving to a plain
+        # storescp: the transport Orthanc uses, for a like-for-like row.
+        self.b_dest_port_plain = free_port()
+        cli("device", "add", "--ae", "BENCHP", "--network", "127.0.0.1/32", "--transport",
+            "plain", "--allow", "echo,get,move", "--host", "127.0.0.1",
+            "--port", str(self.b_dest_port_plain))
         certs = self.work / "bench-cert"
         cli("cert", "issue", "--ae", "BENCH", "--out", str(certs))
         t0 = time.monotonic()
@@ -582,9 +588,10 @@ class Bench:
         if p.returncode != 0:
             raise SystemExit(f"bastion import failed: {p.stderr.decode(errors='replace')[-2000:]}")
         log(f"bastion import: {load:.1f} s ({' '.join(summary)})")
-        port = free_port()
+        port, plain_port = free_port(), free_port()
         self.b_proc = self.start([b, "serve", "--data", str(data), "--dicom-addr",
-                                  f"127.0.0.1:{port}"], "bastion.log")
+                                  f"127.0.0.1:{port}", "--dicom-plain-addr",
+                                  f"127.0.0.1:{plain_port}"], "bastion.log")
         self.b_certs = certs
         spec = {"host": "127.0.0.1", "port": port, "calling": "BENCH", "called": "BASTION",
                 "max_pdu": self.args.max_pdu, "nagle": self.args.nagle,
@@ -594,6 +601,9 @@ class Bench:
         if not r.get("ok"):
             raise SystemExit(f"bastion does not answer C-ECHO: {r}")
         self.loads = {"bastion": load}
+        self.b_plain_spec = {"host": "127.0.0.1", "port": plain_port, "calling": "BENCHP",
+                             "called": "BASTION", "max_pdu": self.args.max_pdu,
+                             "nagle": self.args.nagle}
         return spec
 
     # -- Orthanc ----------------------------------------------------------
@@ -658,24 +668,33 @@ class Bench:
 
     # -- measurements -----------------------------------------------------
     def cpu_ms(self, server: str) -> float:
-        pid = (self.b_proc if server == "bastion" else self.o_proc).pid
+        pid = (self.o_proc if server == "orthanc" else self.b_proc).pid
         f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(f[11]) + int(f[12])) * 1000.0 / os.sysconf("SC_CLK_TCK")
 
     def start_dest(self, server: str, out: Path) -> subprocess.Popen:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
+        # +B: files written as received, so that the destination's own parsing is
+        # not what is measured (--dest-parse turns it off).
+        bp = [] if self.args.dest_parse else ["+B"]
         if server == "bastion":  # Bastion connects with TLS (device transport tls), our CA
             c = self.b_certs
             cmd = ["/usr/bin/storescp", "-aet", "BENCH", "+tls", str(c / "client.key"),
-                   str(c / "client.crt"), "-pw", "+cf", str(c / "ca.crt"), "-od", str(out),
+                   str(c / "client.crt"), "-pw", "+cf", str(c / "ca.crt"), *bp, "-od", str(out),
                    str(self.b_dest_port)]
             p = self.start(cmd, "storescp-bastion.log")
+        elif server == "bastion-plain":
+            cmd = ["/usr/bin/storescp", "-aet", "BENCHP", *bp, "-od", str(out),
+                   str(self.b_dest_port_plain)]
+            p = self.start(cmd, "storescp-bastion-plain.log")
         else:
-            cmd = ["/usr/bin/storescp", "-aet", "BENCH", "-od", str(out), str(self.o_dest_port)]
+            cmd = ["/usr/bin/storescp", "-aet", "BENCH", *bp, "-od", str(out),
+                   str(self.o_dest_port)]
             p = self.start(cmd, "storescp-orthanc.log", in_netns=True)
-        port = self.b_dest_port if server == "bastion" else self.o_dest_port
-        if server == "bastion":
+        port = {"bastion": self.b_dest_port, "bastion-plain": self.b_dest_port_plain,
+                "orthanc": self.o_dest_port}[server]
+        if server != "orthanc":
             wait_port(port, 20, p)
         else:  # probe inside the netns
             for _ in range(100):
@@ -738,6 +757,9 @@ def main() -> None:
                     help="measuring client for C-FIND/C-GET/C-MOVE: bench/client (Rust, "
                          "dicom-ul; default) or the pynetdicom worker")
     ap.add_argument("--client-bin", default=str(REPO / "target" / "release" / "bench-client"))
+    ap.add_argument("--dest-parse", action="store_true",
+                    help="C-MOVE destination storescp parses and re-encodes each file "
+                         "(default: +B, written as received)")
     ap.add_argument("--netns", default="bastion-bench")
     ap.add_argument("--orthanc-storage-access", default="Always",
                     help="Orthanc StorageAccessOnFind (Always is its default)")
@@ -765,7 +787,10 @@ def main() -> None:
     res: dict = {}
     try:
         specs = {"bastion": bench.setup_bastion(inst_dir), "orthanc": bench.setup_orthanc(inst_dir)}
-        in_ns = {"bastion": False, "orthanc": True}
+        specs["bastion-plain"] = bench.b_plain_spec
+        in_ns = {"bastion": False, "bastion-plain": False, "orthanc": True}
+        retr_order = [["bastion", "orthanc", "bastion-plain"], ["orthanc", "bastion-plain", "bastion"],
+                      ["bastion-plain", "bastion", "orthanc"]]
 
         # C-FIND, pynetdicom: per type, `blocks` associations per server, alternating
         for ti, (qt, label) in enumerate(QTYPES):
@@ -812,23 +837,23 @@ def main() -> None:
 
         # C-GET of the 100-instance study
         for rnd in range(args.rounds):
-            for srv in (["bastion", "orthanc"] if rnd % 2 == 0 else ["orthanc", "bastion"]):
+            for srv in retr_order[rnd % 3]:
                 r = bench.run_worker(dict(specs[srv], op="get", study=m["retrieve_study"]),
                                      in_ns[srv], 600)
                 res.setdefault(("get", srv), []).append(r)
-                log(f"C-GET  round {rnd + 1} {srv:8s}: " + (
+                log(f"C-GET  round {rnd + 1} {srv:13s}: " + (
                     f"{r['secs']:.3f} s, {r['received']} instances, "
                     f"{r['bytes'] / 2**20 / r['secs']:.1f} MiB/s" if "error" not in r
                     else r["error"]))
 
-        # C-MOVE of the study to DCMTK storescp (AE BENCH)
+        # C-MOVE of the study to DCMTK storescp (AE BENCH; BENCHP for Bastion in plain)
         for rnd in range(args.rounds):
-            for srv in (["bastion", "orthanc"] if rnd % 2 == 0 else ["orthanc", "bastion"]):
+            for srv in retr_order[rnd % 3]:
                 dest_dir = work / f"move-{srv}"
                 dest = bench.start_dest(srv, dest_dir)
                 try:
                     r = bench.run_worker(dict(specs[srv], op="move", study=m["retrieve_study"],
-                                              destination="BENCH"), in_ns[srv], 600)
+                                              destination=specs[srv]["calling"]), in_ns[srv], 600)
                 finally:
                     time.sleep(0.2)
                     bench.stop(dest)
@@ -838,7 +863,7 @@ def main() -> None:
                 if "error" not in r and r["dest_files"] != RETRIEVE_N:
                     r["error"] = f"destination received {r['dest_files']} files"
                 res.setdefault(("move", srv), []).append(r)
-                log(f"C-MOVE round {rnd + 1} {srv:8s}: " + (
+                log(f"C-MOVE round {rnd + 1} {srv:13s}: " + (
                     f"{r['secs']:.3f} s, {r['dest_files']} files at the destination"
                     if "error" not in r else r["error"]))
                 shutil.rmtree(dest_dir, ignore_errors=True)
@@ -924,16 +949,18 @@ def report(res: dict, m: dict, args, bench: Bench) -> None:
         return None, f"n/a (failed: {bad['error']}, {bad.get('received', 0)} received)"
 
     for op, label in (("get", "C-GET"), ("move", "C-MOVE")):
-        (bs, be), (os_, oe) = retr(op, "bastion"), retr(op, "orthanc")
-        print(f"| {label} of the {RETRIEVE_N}-instance study: s (median of {args.rounds}) "
-              f"| {be or f'{bs:.3f}'} | {oe or f'{os_:.3f}'} "
-              f"| {'**' + fmt_ratio(bs, os_) + '**' if op == 'move' else fmt_ratio(bs, os_)} "
-              f"| {'≤ 0.5' if op == 'move' else ''} |")
-        bm = mib / bs if bs else None
-        om = mib / os_ if os_ else None
-        print(f"| {label}: MiB/s | {be or f'{bm:.1f}'} | {oe or f'{om:.1f}'} "
-              f"| {'**' + fmt_ratio(bm, om) + '**' if op == 'get' else fmt_ratio(bm, om)} "
-              f"| {'≥ 1.5' if op == 'get' else ''} |")
+        for bsrv, how in (("bastion", "Bastion over TLS"),
+                          ("bastion-plain", "Bastion in plain, as Orthanc")):
+            (bs, be), (os_, oe) = retr(op, bsrv), retr(op, "orthanc")
+            print(f"| {label} of the {RETRIEVE_N}-instance study, {how}: s (median of "
+                  f"{args.rounds}) | {be or f'{bs:.3f}'} | {oe or f'{os_:.3f}'} "
+                  f"| {'**' + fmt_ratio(bs, os_) + '**' if op == 'move' else fmt_ratio(bs, os_)} "
+                  f"| {'≤ 0.5' if op == 'move' else ''} |")
+            bm = mib / bs if bs else None
+            om = mib / os_ if os_ else None
+            print(f"| {label}, {how}: MiB/s | {be or f'{bm:.1f}'} | {oe or f'{om:.1f}'} "
+                  f"| {'**' + fmt_ratio(bm, om) + '**' if op == 'get' else fmt_ratio(bm, om)} "
+                  f"| {'≥ 1.5' if op == 'get' else ''} |")
     if notes:
         print()
         print("\n".join(notes))

@@ -300,25 +300,88 @@ struct Message {
     pc: u8,
     command: InMemDicomObject,
     dataset: Option<Vec<u8>>,
+    /// Bytes of the dataset (also when only counted).
+    dataset_len: u64,
 }
 
 /// Reassembles DIMSE messages from P-DATA-TF PDUs (PS3.8 Annex E).
+///
+/// Each PDU is read whole with one `read_exact` into a reused buffer
+/// (dicom-ul's own `receive` reads through a fresh 8 KiB buffer each time and
+/// copies every fragment, which made this client the bottleneck). P-DATA-TF
+/// PDV items are split here (PS3.8 §9.3.5: item length, context ID, message
+/// control header); a data fragment that is only counted is never copied.
+/// Any other PDU is decoded by dicom-ul's `read_pdu` and is an error here.
 struct Receiver {
-    queue: std::collections::VecDeque<PDataValue>,
+    /// PDVs of the last PDU not yet consumed, with their data length.
+    queue: std::collections::VecDeque<(PDataValue, usize)>,
+    buf: Vec<u8>,
+    /// Whether data PDVs are only counted, not kept (C-GET datasets).
+    count_only: bool,
 }
 
 impl Receiver {
+    fn new(count_only: bool) -> Receiver {
+        Receiver {
+            queue: Default::default(),
+            buf: Vec::new(),
+            count_only,
+        }
+    }
+
     fn next_pdv<S: CloseSocket + Read + Write>(
         &mut self,
         a: &mut ClientAssociation<S>,
-    ) -> Result<PDataValue> {
+    ) -> Result<(PDataValue, usize)> {
         loop {
             if let Some(p) = self.queue.pop_front() {
                 return Ok(p);
             }
-            match a.receive().map_err(|e| anyhow!("{e}"))? {
-                Pdu::PData { data } => self.queue.extend(data),
-                other => bail!("unexpected {}", other.short_description()),
+            let stream = a.inner_stream();
+            self.buf.resize(6, 0);
+            stream.read_exact(&mut self.buf[..6])?;
+            let len = u32::from_be_bytes([self.buf[2], self.buf[3], self.buf[4], self.buf[5]]);
+            if len > (1 << 24) {
+                bail!("PDU of {len} bytes");
+            }
+            self.buf.resize(6 + len as usize, 0);
+            stream.read_exact(&mut self.buf[6..])?;
+            if self.buf[0] != 0x04 {
+                let mut cursor = std::io::Cursor::new(&self.buf[..]);
+                match dicom_ul::pdu::read_pdu(&mut cursor, 1 << 24, false)? {
+                    Some(other) => bail!("unexpected {}", other.short_description()),
+                    None => bail!("incomplete PDU"),
+                }
+            }
+            let mut pos = 6;
+            while pos < self.buf.len() {
+                let head = self
+                    .buf
+                    .get(pos..pos + 6)
+                    .ok_or_else(|| anyhow!("truncated PDV item"))?;
+                let item_len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+                let (pc, mch) = (head[4], head[5]);
+                let end = pos + 4 + item_len;
+                let data = self
+                    .buf
+                    .get(pos + 6..end)
+                    .ok_or_else(|| anyhow!("PDV item overruns its PDU"))?;
+                let is_command = mch & 1 == 1;
+                let keep = is_command || !self.count_only;
+                self.queue.push_back((
+                    PDataValue {
+                        presentation_context_id: pc,
+                        value_type: if is_command {
+                            PDataValueType::Command
+                        } else {
+                            PDataValueType::Data
+                        },
+                        is_last: mch & 2 == 2,
+                        data: if keep { data.to_vec() } else { Vec::new() },
+                    },
+                    data.len(),
+                ));
+                pos = end;
             }
         }
     }
@@ -329,7 +392,7 @@ impl Receiver {
     ) -> Result<Message> {
         let mut cmd = Vec::new();
         let pc = loop {
-            let p = self.next_pdv(a)?;
+            let (p, _) = self.next_pdv(a)?;
             if p.value_type != PDataValueType::Command {
                 bail!("dataset fragment where a command was expected");
             }
@@ -344,14 +407,18 @@ impl Receiver {
             .get(tags::COMMAND_DATA_SET_TYPE)
             .and_then(|e| e.to_int::<u16>().ok())
             .is_some_and(|v| v != 0x0101);
+        let mut dataset_len = 0u64;
         let dataset = if has_ds {
             let mut ds = Vec::new();
             loop {
-                let p = self.next_pdv(a)?;
+                let (p, len) = self.next_pdv(a)?;
                 if p.value_type != PDataValueType::Data {
                     bail!("command fragment where a dataset was expected");
                 }
-                if ds.is_empty() {
+                dataset_len += len as u64;
+                if self.count_only {
+                    // Only the length is needed.
+                } else if ds.is_empty() {
                     ds = p.data;
                 } else {
                     ds.extend_from_slice(&p.data);
@@ -368,6 +435,7 @@ impl Receiver {
             pc,
             command,
             dataset,
+            dataset_len,
         })
     }
 }
@@ -384,9 +452,7 @@ fn find<S: CloseSocket + Read + Write>(a: &mut ClientAssociation<S>, spec: &Spec
         "StudyDate" => (tags::STUDY_DATE, VR::DA),
         other => bail!("unknown qtype {other}"),
     };
-    let mut rx = Receiver {
-        queue: Default::default(),
-    };
+    let mut rx = Receiver::new(false);
     let mut results = Vec::new();
     let all = spec.queries[..spec.warmup.min(spec.queries.len())]
         .iter()
@@ -485,9 +551,7 @@ fn retrieve<S: CloseSocket + Read + Write>(
             )],
         )?
     };
-    let mut rx = Receiver {
-        queue: Default::default(),
-    };
+    let mut rx = Receiver::new(true);
     let (mut received, mut bytes) = (0u64, 0u64);
     let t0 = Instant::now();
     send_message(a, pc, cmd, Some(ds))?;
@@ -497,7 +561,7 @@ fn retrieve<S: CloseSocket + Read + Write>(
         if field == 0x0001 {
             // C-STORE-RQ of a C-GET sub-operation: count, answer Success.
             received += 1;
-            bytes += m.dataset.as_ref().map_or(0, |d| d.len() as u64);
+            bytes += m.dataset_len;
             let text = |t: Tag| {
                 m.command
                     .get(t)

@@ -10,6 +10,7 @@
 //! statuses in exactly one function, [`status::for_ingest_error`].
 
 pub mod command;
+mod pdata;
 mod retrieve;
 pub mod scu;
 pub mod server;

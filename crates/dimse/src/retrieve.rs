@@ -102,7 +102,7 @@ pub(crate) struct LoadedInstance {
     pub sop_instance: String,
     pub transfer_syntax: String,
     /// Dataset bytes as received (no preamble, no meta).
-    pub dataset: Vec<u8>,
+    pub dataset: Dataset,
 }
 
 /// A C-MOVE or C-GET in progress on one association.
@@ -320,15 +320,39 @@ fn resolved_msg(instances: &[bastion_index::StoredInstance]) -> RetrieveMsg {
     }
 }
 
+/// A dataset's bytes inside a buffer (a decrypted Part 10 file, kept whole so
+/// that a 500 KiB instance is not copied once more just to drop its meta).
+#[derive(Debug, Default)]
+pub(crate) struct Dataset {
+    bytes: Vec<u8>,
+    start: usize,
+}
+
+impl Dataset {
+    /// A dataset that is the whole of `bytes`.
+    pub(crate) fn whole(bytes: Vec<u8>) -> Dataset {
+        Dataset { bytes, start: 0 }
+    }
+
+    /// The dataset bytes.
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        self.bytes.get(self.start..).unwrap_or_default()
+    }
+}
+
 /// Decrypts one stored instance and returns its dataset bytes.
-fn load_dataset(archive: &Archive, uid: &str) -> Result<Vec<u8>, String> {
+fn load_dataset(archive: &Archive, uid: &str) -> Result<Dataset, String> {
     let parsed = Uid::parse(uid).map_err(|e| e.to_string())?;
     let part10 = archive
         .instance_part10(&parsed)
         .map_err(|e| e.to_string())?;
-    dataset_of_part10(&part10)
-        .map(<[u8]>::to_vec)
-        .ok_or_else(|| "stored object is not a Part 10 file".to_owned())
+    let len = dataset_of_part10(&part10)
+        .map(<[u8]>::len)
+        .ok_or_else(|| "stored object is not a Part 10 file".to_owned())?;
+    Ok(Dataset {
+        start: part10.len() - len,
+        bytes: part10,
+    })
 }
 
 /// C-GET producer: resolves `query` and loads each instance in turn on a
@@ -478,12 +502,12 @@ pub(crate) async fn run_move(job: MoveJob) {
                         let (from, to) = (inst.transfer_syntax_uid.clone(), (*fb).to_owned());
                         let target = to.clone();
                         tokio::task::spawn_blocking(move || {
-                            transcode::transcode(&dataset, &from, &target)
+                            transcode::transcode(dataset.as_slice(), &from, &target)
                         })
                         .await
                         .map_err(|e| format!("transcode task failed: {e}"))
                         .and_then(|r| r.map_err(|e| e.to_string()))
-                        .map(|bytes| (bytes, to))
+                        .map(|bytes| (Dataset::whole(bytes), to))
                     }
                     None => Ok((dataset, inst.transfer_syntax_uid.clone())),
                 }
@@ -497,7 +521,7 @@ pub(crate) async fn run_move(job: MoveJob) {
                     sop_class: &inst.sop_class_uid,
                     sop_instance: &inst.sop_instance_uid,
                     transfer_syntax: &ts_out,
-                    dataset: &dataset,
+                    dataset: dataset.as_slice(),
                     move_originator: Some((originator.0.as_str(), originator.1)),
                 };
                 match scu.store(req).await {

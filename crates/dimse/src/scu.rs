@@ -18,7 +18,7 @@ use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
 use dicom_ul::{
     association::client::{AsyncClientAssociation, AsyncTlsStream, ClientAssociationOptions},
-    pdu::{PDataValue, PDataValueType, Pdu, PresentationContextResultReason},
+    pdu::{PDataValueType, Pdu, PresentationContextResultReason},
 };
 use tokio::net::TcpStream;
 
@@ -92,6 +92,8 @@ pub struct StoreScu {
     link: Link,
     message_id: u16,
     max_data: usize,
+    /// Longest one C-STORE-RQ may take to write.
+    timeout: Duration,
 }
 
 /// Largest data fragment sent when the peer states no limit.
@@ -161,6 +163,7 @@ impl StoreScu {
             link,
             message_id: 0,
             max_data,
+            timeout,
         })
     }
 
@@ -184,14 +187,6 @@ impl StoreScu {
                     && pc.transfer_syntax.trim_end_matches('\0') == ts
             })
             .map(|pc| pc.id)
-    }
-
-    async fn send(&mut self, pdu: &Pdu) -> Result<(), ScuError> {
-        let r = match &mut self.link {
-            Link::Plain(a) => a.send(pdu).await,
-            Link::Tls(a) => a.send(pdu).await,
-        };
-        r.map_err(|e| ScuError::Protocol(e.to_string()))
     }
 
     async fn receive(&mut self) -> Result<Pdu, ScuError> {
@@ -218,39 +213,32 @@ impl StoreScu {
             })?;
         self.message_id = self.message_id.wrapping_add(1).max(1);
         let cmd = encode_store_rq(self.message_id, &req);
-        self.send(&Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: pc,
-                value_type: PDataValueType::Command,
-                is_last: true,
-                data: cmd,
-            }],
-        })
-        .await?;
-        let mut chunks = req.dataset.chunks(self.max_data).peekable();
-        if chunks.peek().is_none() {
-            self.send(&Pdu::PData {
-                data: vec![PDataValue {
-                    presentation_context_id: pc,
-                    value_type: PDataValueType::Data,
-                    is_last: true,
-                    data: Vec::new(),
-                }],
-            })
-            .await?;
-        }
-        while let Some(chunk) = chunks.next() {
-            let is_last = chunks.peek().is_none();
-            self.send(&Pdu::PData {
-                data: vec![PDataValue {
-                    presentation_context_id: pc,
-                    value_type: PDataValueType::Data,
-                    is_last,
-                    data: chunk.to_vec(),
-                }],
-            })
-            .await?;
-        }
+        let (max, timeout) = (self.max_data, self.timeout);
+        let written = match &mut self.link {
+            Link::Plain(a) => {
+                crate::pdata::write_message(
+                    a.inner_stream(),
+                    pc,
+                    &cmd,
+                    Some(req.dataset),
+                    max,
+                    timeout,
+                )
+                .await
+            }
+            Link::Tls(a) => {
+                crate::pdata::write_message(
+                    a.inner_stream(),
+                    pc,
+                    &cmd,
+                    Some(req.dataset),
+                    max,
+                    timeout,
+                )
+                .await
+            }
+        };
+        written.map_err(|e| ScuError::Protocol(e.to_string()))?;
         let mut rsp = Vec::new();
         loop {
             match self.receive().await? {

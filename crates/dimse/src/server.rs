@@ -1262,7 +1262,7 @@ impl Dimse {
                     );
                     let target = to.clone();
                     let converted = tokio::task::spawn_blocking(move || {
-                        transcode::transcode(&data, &from, &target)
+                        transcode::transcode(data.as_slice(), &from, &target)
                     })
                     .await
                     .unwrap_or_else(|e| {
@@ -1272,7 +1272,7 @@ impl Dimse {
                     });
                     match converted {
                         Ok(bytes) => {
-                            inst.dataset = bytes;
+                            inst.dataset = crate::retrieve::Dataset::whole(bytes);
                             inst.transfer_syntax = to;
                         }
                         Err(e) => {
@@ -1294,24 +1294,18 @@ impl Dimse {
                         move_originator: None,
                     },
                 );
-                let fail = |e: dicom_ul::association::Error| {
+                send_message(
+                    assoc,
+                    store_pc,
+                    &cmd,
+                    Some(inst.dataset.as_slice()),
+                    self.config.idle_timeout,
+                )
+                .await
+                .map_err(|e| {
                     tracing::warn!(error = %e, "cannot send a C-GET sub-operation");
                     "cannot send a C-GET sub-operation"
-                };
-                assoc
-                    .send(&Pdu::PData {
-                        data: vec![PDataValue {
-                            presentation_context_id: store_pc,
-                            value_type: PDataValueType::Command,
-                            is_last: true,
-                            data: cmd,
-                        }],
-                    })
-                    .await
-                    .map_err(fail)?;
-                send_fragments(assoc, store_pc, &inst.dataset)
-                    .await
-                    .map_err(fail)?;
+                })?;
                 r.awaiting = Some((id, inst.sop_instance));
                 Ok(())
             }
@@ -1616,65 +1610,40 @@ async fn send_rsp<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let fail = |e: dicom_ul::association::Error| {
+    send_message(
+        assoc,
+        pc_id,
+        &command::encode(&rsp),
+        dataset.as_deref(),
+        RESPONSE_WRITE_TIMEOUT,
+    )
+    .await
+    .map_err(|e| {
         tracing::warn!(error = %e, "cannot send a DIMSE response");
         "cannot send a DIMSE response"
-    };
-    assoc
-        .send(&Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: pc_id,
-                value_type: PDataValueType::Command,
-                is_last: true,
-                data: command::encode(&rsp),
-            }],
-        })
-        .await
-        .map_err(fail)?;
-    if let Some(bytes) = dataset {
-        send_fragments(assoc, pc_id, &bytes).await.map_err(fail)?;
-    }
-    Ok(())
+    })
 }
 
-/// Sends `bytes` as data PDVs (at least one, the last flagged), each P-DATA-TF
-/// within the peer's maximum PDU length (PS3.8 D.1; a stated 0 is "no limit",
-/// then [`MAX_SEND_PDU`] applies).
-async fn send_fragments<S>(
+/// Longest a DIMSE response may take to write before the association is
+/// given up.
+const RESPONSE_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sends one DIMSE message (command, then the dataset if any), each
+/// P-DATA-TF within the peer's maximum PDU length (PS3.8 D.1; a stated 0 is
+/// "no limit", then [`MAX_SEND_PDU`] applies), written straight to the stream
+/// in as few writes as possible ([`crate::pdata`]).
+async fn send_message<S>(
     assoc: &mut AsyncServerAssociation<S>,
     pc_id: u8,
-    bytes: &[u8],
-) -> Result<(), dicom_ul::association::Error>
+    command: &[u8],
+    dataset: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<(), std::io::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let max = fragment_len(assoc.peer_max_pdu_length());
-    let mut chunks = bytes.chunks(max).peekable();
-    if chunks.peek().is_none() {
-        return assoc
-            .send(&Pdu::PData {
-                data: vec![PDataValue {
-                    presentation_context_id: pc_id,
-                    value_type: PDataValueType::Data,
-                    is_last: true,
-                    data: Vec::new(),
-                }],
-            })
-            .await;
-    }
-    while let Some(chunk) = chunks.next() {
-        assoc
-            .send(&Pdu::PData {
-                data: vec![PDataValue {
-                    presentation_context_id: pc_id,
-                    value_type: PDataValueType::Data,
-                    is_last: chunks.peek().is_none(),
-                    data: chunk.to_vec(),
-                }],
-            })
-            .await?;
-    }
-    Ok(())
+    crate::pdata::write_message(assoc.inner_stream(), pc_id, command, dataset, max, timeout).await
 }
 
 /// Sends a C-FIND-RSP (PS3.7 §9.3.2.2) and, for a pending one, its Identifier in
@@ -1704,7 +1673,7 @@ where
         dataset_follows: identifier.is_some(),
         sub_operations: None,
     };
-    // send_fragments honours the peer's maximum PDU length, including a
+    // send_message honours the peer's maximum PDU length, including a
     // stated 0 ("no limit", pitfall C01).
     send_rsp(assoc, pc_id, rsp, identifier).await
 }

@@ -44,18 +44,18 @@
 //! <root>/<ab>/<abcd…>     published blobs; <ab> = first two hex chars of the id
 //! ```
 //!
-//! # Blob file format, version 1
+//! # Blob file format, versions 1 and 2
 //!
 //! All integers are big-endian. The header is [`HEADER_LEN`] = 96 bytes:
 //!
 //! | offset | length | field |
 //! |-------:|-------:|-------|
 //! | 0  | 8  | magic `b"BSTNBLB1"` |
-//! | 8  | 1  | format version, `1` |
+//! | 8  | 1  | format version, `2` (`1` still read) |
 //! | 9  | 4  | `segment_size`: plaintext bytes per segment (65536 when written by this version) |
 //! | 13 | 16 | key id of the master key, 16 lowercase ASCII hex chars ([`MasterKey::key_id`]) |
 //! | 29 | 12 | wrap nonce (random) |
-//! | 41 | 48 | wrapped data key: AES-256-GCM of the 32-byte data key under KEK = `master.derive("bastion blob kek v1")`, AAD = bytes 0..29 (magic, version, segment_size, key id) |
+//! | 41 | 48 | wrapped data key: AES-256-GCM of the 32-byte data key under KEK = `master.derive("bastion blob kek v1")`, AAD = bytes 0..29 (magic, version, segment_size, key id) followed, in version 2, by the blob's id (its 32 hex characters) |
 //! | 89 | 7  | random nonce prefix for the segments |
 //!
 //! The header is followed by one or more segments. Segment `i` (counting from 0) is
@@ -70,6 +70,12 @@
 //! dropping or duplicating segments, and appending data are all detected as
 //! authentication failures ([`StoreError::Corrupt`]). Because the header is the AAD of
 //! every segment, editing any header byte is detected too.
+//!
+//! Version 2 binds a blob to its id: the data key unwraps only under the id it was
+//! written for, so a blob file copied or renamed over another id fails authentication
+//! ([`BlobReader::bound_to_id`]). Callers that map ids to content elsewhere (the index)
+//! need no content hash to detect swapped files. Version 1 blobs (no binding) are still
+//! read; [`BlobReader::bound_to_id`] is `false` for them.
 
 use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions};
@@ -86,8 +92,8 @@ use zeroize::Zeroizing;
 
 /// Magic bytes that open every blob file (format version 1).
 pub const MAGIC: &[u8; 8] = b"BSTNBLB1";
-/// Blob format version written by this crate.
-pub const FORMAT_VERSION: u8 = 1;
+/// Blob format version written by this crate (1 is still read).
+pub const FORMAT_VERSION: u8 = 2;
 /// Plaintext bytes per segment written by this crate (64 KiB).
 pub const SEGMENT_SIZE: u32 = 65536;
 /// Length in bytes of the blob header (see the crate docs for the layout).
@@ -496,7 +502,7 @@ impl BlobStore {
     pub fn put_reader(&self, r: &mut dyn Read) -> Result<BlobInfo, StoreError> {
         let id = BlobId::random();
         let tmp_path = self.tmp.join(format!("{}{TMP_SUFFIX}", BlobId::random()));
-        let result = self.write_and_publish(&id, &tmp_path, r);
+        let result = self.write_and_publish(&id, &tmp_path, FORMAT_VERSION, r);
         if result.is_err() {
             if let Err(e) = fs::remove_file(&tmp_path) {
                 if e.kind() != io::ErrorKind::NotFound {
@@ -548,7 +554,8 @@ impl BlobStore {
         if &header[..8] != MAGIC {
             return Err(corrupt("bad magic (not a Bastion blob)"));
         }
-        if header[8] != FORMAT_VERSION {
+        let version = header[8];
+        if version != 1 && version != FORMAT_VERSION {
             return Err(StoreError::Corrupt {
                 id: id.clone(),
                 reason: format!("unsupported format version {}", header[8]),
@@ -580,10 +587,12 @@ impl BlobStore {
         kek_cipher
             .decrypt_in_place(
                 &header[OFF_WRAP_NONCE..OFF_WRAPPED],
-                &header[..OFF_WRAP_NONCE],
+                &wrap_aad(&header, (version >= 2).then_some(id)),
                 &mut data_key,
             )
-            .map_err(|_| corrupt("data key failed authentication (header tampered)"))?;
+            .map_err(|_| {
+                corrupt("data key failed authentication (header tampered, or the file belongs to another blob id)")
+            })?;
         if data_key.len() != 32 {
             return Err(corrupt("unwrapped data key has the wrong length"));
         }
@@ -595,6 +604,7 @@ impl BlobStore {
             file,
             path,
             id: id.clone(),
+            version,
             cipher,
             header,
             prefix,
@@ -727,6 +737,7 @@ impl BlobStore {
         &self,
         id: &BlobId,
         tmp_path: &Path,
+        version: u8,
         r: &mut dyn Read,
     ) -> Result<BlobInfo, StoreError> {
         let mut file = OpenOptions::new()
@@ -735,7 +746,7 @@ impl BlobStore {
             .mode(0o600)
             .open(tmp_path)
             .map_err(|e| io_err("create temp file", tmp_path, e))?;
-        let (plaintext_len, sha256) = self.encrypt_to(&mut file, tmp_path, r)?;
+        let (plaintext_len, sha256) = self.encrypt_to(&mut file, tmp_path, id, version, r)?;
         file.sync_all()
             .map_err(|e| io_err("fsync temp file", tmp_path, e))?;
         drop(file);
@@ -762,6 +773,8 @@ impl BlobStore {
         &self,
         out: &mut File,
         path: &Path,
+        id: &BlobId,
+        version: u8,
         r: &mut dyn Read,
     ) -> Result<(u64, [u8; 32]), StoreError> {
         // Header and wrapped data key.
@@ -769,7 +782,7 @@ impl BlobStore {
         OsRng.fill_bytes(&mut data_key[..]);
         let mut header = [0u8; HEADER_LEN];
         header[..8].copy_from_slice(MAGIC);
-        header[8] = FORMAT_VERSION;
+        header[8] = version;
         header[9..13].copy_from_slice(&SEGMENT_SIZE.to_be_bytes());
         header[OFF_KEY_ID..OFF_WRAP_NONCE].copy_from_slice(self.current_id.as_bytes());
         OsRng.fill_bytes(&mut header[OFF_WRAP_NONCE..OFF_WRAPPED]);
@@ -778,9 +791,9 @@ impl BlobStore {
         let kek_cipher = Cipher::new(&kek[..])?;
         let mut wrapped = Zeroizing::new(data_key.to_vec());
         {
-            let (aad, rest) = header.split_at(OFF_WRAP_NONCE);
+            let aad = wrap_aad(&header, (version >= 2).then_some(id));
             kek_cipher
-                .encrypt_in_place(&rest[..WRAP_NONCE_LEN], aad, &mut wrapped)
+                .encrypt_in_place(&header[OFF_WRAP_NONCE..OFF_WRAPPED], &aad, &mut wrapped)
                 .map_err(|_| StoreError::Crypto {
                     op: "wrapping the data key",
                 })?;
@@ -845,6 +858,8 @@ pub struct BlobReader {
     file: File,
     path: PathBuf,
     id: BlobId,
+    /// Format version of the file (1 or 2).
+    version: u8,
     cipher: Cipher,
     header: [u8; HEADER_LEN],
     prefix: [u8; PREFIX_LEN],
@@ -874,6 +889,15 @@ impl BlobReader {
     /// The blob being read.
     pub fn id(&self) -> &BlobId {
         &self.id
+    }
+
+    /// Whether the blob's authentication covers its id (format version 2): its
+    /// plaintext is then exactly what was [`put`](BlobStore::put) under this id, and
+    /// a file moved from another id has already failed in
+    /// [`open_blob`](BlobStore::open_blob). `false` for version 1 blobs, whose
+    /// callers must check content some other way (a recorded hash).
+    pub fn bound_to_id(&self) -> bool {
+        self.version >= 2
     }
 
     /// Returns the next authenticated plaintext segment, or `None` after the final one.
@@ -962,6 +986,15 @@ impl Read for BlobReader {
 }
 
 /// Nonce of segment `counter`: prefix(7) || u32 BE counter || u8 last flag.
+/// AAD of the wrapped data key: header bytes 0..29, then (version 2) the blob id.
+fn wrap_aad(header: &[u8; HEADER_LEN], id: Option<&BlobId>) -> Vec<u8> {
+    let mut aad = header[..OFF_WRAP_NONCE].to_vec();
+    if let Some(id) = id {
+        aad.extend_from_slice(id.as_str().as_bytes());
+    }
+    aad
+}
+
 fn segment_nonce(prefix: &[u8; PREFIX_LEN], counter: u32, last: bool) -> [u8; 12] {
     let mut n = [0u8; 12];
     n[..PREFIX_LEN].copy_from_slice(prefix);
@@ -1062,6 +1095,29 @@ mod tests {
         check::<MasterKey>();
         fn check_send<T: Send>() {}
         check_send::<BlobReader>();
+    }
+
+    /// Version 1 blobs (written before the id binding) are still read, and say
+    /// that they are not bound to their id.
+    #[test]
+    fn version_1_blobs_are_read_and_not_bound() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| io_err("tempdir", Path::new("."), e))?;
+        let store = BlobStore::open(dir.path(), MasterKey::generate())?;
+        let id = BlobId::random();
+        let tmp = store.tmp.join("v1.tmp");
+        let data = vec![42u8; 200_000];
+        let mut r = &data[..];
+        store.write_and_publish(&id, &tmp, 1, &mut r)?;
+        let mut reader = store.open_blob(&id)?;
+        assert!(!reader.bound_to_id());
+        let mut out = Vec::new();
+        reader
+            .read_to_end(&mut out)
+            .map_err(|e| io_err("read", Path::new("."), e))?;
+        assert_eq!(out, data);
+        let v2 = store.put(b"v2")?;
+        assert!(store.open_blob(&v2.id)?.bound_to_id());
+        Ok(())
     }
 
     #[test]

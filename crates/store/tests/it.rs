@@ -165,6 +165,21 @@ fn tampering_is_detected() -> TestResult {
     Ok(())
 }
 
+/// Format version 2 binds a blob to its id: a blob file copied over another
+/// id's file (a swap on disk) fails authentication instead of returning the
+/// other blob's plaintext.
+#[test]
+fn a_blob_file_moved_to_another_id_is_detected() -> TestResult {
+    let (_d, s) = store()?;
+    let a = s.put(b"instance A")?;
+    let b = s.put(b"instance B")?;
+    assert!(s.open_blob(&a.id)?.bound_to_id());
+    fs::copy(blob_file(&s, &b.id), blob_file(&s, &a.id))?;
+    expect_corrupt(s.get(&a.id), "blob B under id A");
+    assert_eq!(s.get(&b.id)?, b"instance B");
+    Ok(())
+}
+
 #[test]
 fn empty_blob_cannot_be_extended_or_emptied() -> TestResult {
     let (_d, s) = store()?;

@@ -1,0 +1,148 @@
+//! Writing a dataset as P-DATA-TF PDUs straight onto the association's
+//! stream (PS3.8 §9.3.5, Annex E), for the large datasets of C-GET and
+//! C-MOVE sub-operations.
+//!
+//! dicom-ul's `send` takes an owned [`dicom_ul::pdu::Pdu`], so each fragment
+//! would be copied twice (into the PDU's `Vec`, then into its write buffer)
+//! before TLS copies it a third time; a retrieval is mostly memory copies
+//! otherwise. Here each fragment is copied once, behind its 12-byte PDU and
+//! PDV headers, into a reused buffer of a few PDUs that is written in one
+//! call. Commands and everything else still go through dicom-ul. This is the
+//! only place Bastion encodes PDU headers itself.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+/// P-DATA-TF PDU type (PS3.8 Table 9-22).
+const P_DATA_TF: u8 = 0x04;
+/// Bytes of PDU header (type, reserved, length) plus PDV item header (item
+/// length, presentation context ID, message control header).
+const HEADERS: usize = 6 + 6;
+/// The buffer is written out once it holds this much.
+const BATCH: usize = 256 * 1024;
+
+/// Writes one DIMSE message: the `command` set as command PDVs, then the
+/// `dataset` (if any) as data PDVs, each PDV at most `max_data` bytes (at
+/// least one PDV per part; the last of each part carries the last-fragment
+/// flag), one PDV per P-DATA-TF PDU, on presentation context `pc_id`; then
+/// flushes.
+///
+/// # Errors
+/// The stream's I/O error, or `TimedOut` when the whole write takes longer
+/// than `timeout`.
+pub(crate) async fn write_message<W>(
+    stream: &mut W,
+    pc_id: u8,
+    command: &[u8],
+    dataset: Option<&[u8]>,
+    max_data: usize,
+    timeout: Duration,
+) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let max_data = max_data.max(1);
+    let mut buf = Vec::with_capacity(BATCH + HEADERS + max_data.min(1 << 20));
+    let work = async {
+        let parts = std::iter::once((command, true)).chain(dataset.map(|d| (d, false)));
+        for (bytes, is_command) in parts {
+            let mut chunks = bytes.chunks(max_data).peekable();
+            let mut first = true;
+            while first || chunks.peek().is_some() {
+                first = false;
+                let chunk = chunks.next().unwrap_or_default();
+                let last = chunks.peek().is_none();
+                push_pdu(&mut buf, pc_id, chunk, is_command, last);
+                if buf.len() >= BATCH {
+                    stream.write_all(&buf).await?;
+                    buf.clear();
+                }
+            }
+        }
+        stream.write_all(&buf).await?;
+        stream.flush().await
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+}
+
+/// Appends one P-DATA-TF PDU holding one PDV.
+fn push_pdu(buf: &mut Vec<u8>, pc_id: u8, data: &[u8], is_command: bool, last: bool) {
+    // Lengths fit: `max_data` comes from a u32 maximum PDU length, and the
+    // chunk is at most that.
+    let item_len = (data.len() + 2) as u32;
+    let pdu_len = item_len + 4;
+    buf.reserve(HEADERS + data.len());
+    buf.push(P_DATA_TF);
+    buf.push(0);
+    buf.extend_from_slice(&pdu_len.to_be_bytes());
+    buf.extend_from_slice(&item_len.to_be_bytes());
+    buf.push(pc_id);
+    // Message Control Header (PS3.8 E.2): bit 0 command, bit 1 last fragment.
+    buf.push(u8::from(is_command) | if last { 0x02 } else { 0x00 });
+    buf.extend_from_slice(data);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dicom_ul::pdu::{read_pdu, PDataValueType, Pdu};
+
+    /// What we write is what dicom-ul reads: the command fragments then the
+    /// data fragments, in order, with the last flag on the final one of each.
+    #[tokio::test]
+    async fn dicom_ul_reads_what_we_write() {
+        for (len, max) in [
+            (0usize, 100usize),
+            (1, 100),
+            (100, 100),
+            (101, 100),
+            (300_000, 64),
+        ] {
+            let command: Vec<u8> = (0..150u8).collect();
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut out: Vec<u8> = Vec::new();
+            write_message(
+                &mut out,
+                3,
+                &command,
+                Some(&data),
+                max,
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("write to a Vec");
+            let mut cursor = std::io::Cursor::new(&out[..]);
+            let (mut got_cmd, mut got) = (Vec::new(), Vec::new());
+            let (mut cmd_lasts, mut lasts) = (Vec::new(), Vec::new());
+            while (cursor.position() as usize) < out.len() {
+                match read_pdu(&mut cursor, 1 << 20, true).expect("valid PDU") {
+                    Some(Pdu::PData { data: pdvs }) => {
+                        assert_eq!(pdvs.len(), 1);
+                        let pdv = &pdvs[0];
+                        assert_eq!(pdv.presentation_context_id, 3);
+                        assert!(pdv.data.len() <= max);
+                        if pdv.value_type == PDataValueType::Command {
+                            assert!(lasts.is_empty(), "command after data");
+                            got_cmd.extend_from_slice(&pdv.data);
+                            cmd_lasts.push(pdv.is_last);
+                        } else {
+                            got.extend_from_slice(&pdv.data);
+                            lasts.push(pdv.is_last);
+                        }
+                    }
+                    other => panic!("expected P-DATA-TF, got {other:?}"),
+                }
+            }
+            assert_eq!(got_cmd, command);
+            assert_eq!(got, data, "len {len} max {max}");
+            for l in [&cmd_lasts, &lasts] {
+                assert_eq!(l.iter().filter(|l| **l).count(), 1);
+                assert_eq!(l.last(), Some(&true));
+            }
+            assert_eq!(lasts.len(), len.div_ceil(max).max(1));
+        }
+    }
+}
