@@ -2,7 +2,8 @@
 //!
 //! Small value types shared by every layer: DICOM unique identifiers ([`Uid`]),
 //! application entity titles ([`AeTitle`]), what a remote device may do
-//! ([`Permission`]) and how it must connect ([`Transport`]).
+//! ([`Permission`]) and how it must connect ([`Transport`]), and what a
+//! person may do over the web front end ([`Role`], [`WebPermission`]).
 //!
 //! Invariant: this crate does no I/O, has no async code and depends on no
 //! other Bastion crate. Types here are *parsed*, not merely validated: a
@@ -18,10 +19,12 @@
 
 mod ae;
 mod permission;
+mod role;
 mod uid;
 
 pub use ae::AeTitle;
 pub use permission::{Permission, PermissionSet, Transport};
+pub use role::{Role, WebPermission};
 pub use uid::Uid;
 
 /// Why a value could not be parsed into one of this crate's types.
@@ -53,6 +56,10 @@ pub enum ModelError {
     /// A transport name outside `tls`, `mtls`, `plain`.
     #[error("unknown transport {0:?}: expected tls, mtls or plain")]
     UnknownTransport(String),
+    /// A role name outside `admin`, `clinician`, `technologist`, `auditor`,
+    /// `researcher`.
+    #[error("unknown role {0:?}: expected admin, clinician, technologist, auditor or researcher")]
+    UnknownRole(String),
 }
 
 /// Truncates a peer-supplied value for inclusion in an error message.
