@@ -1,4 +1,5 @@
-//! The security database: devices and users, SQLite encrypted with SQLCipher.
+//! The security database: devices, users, web sessions and API tokens,
+//! SQLite encrypted with SQLCipher.
 //!
 //! The key is 32 bytes derived from the master key by the caller. The file is
 //! shared by `bastion serve` and the CLI (WAL mode, busy timeout), so
@@ -16,7 +17,8 @@ pub struct SecurityDb {
     conn: Mutex<Connection>,
 }
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE devices (
     ae TEXT PRIMARY KEY NOT NULL,
     network TEXT NOT NULL,
@@ -37,7 +39,38 @@ CREATE TABLE users (
     must_change_password INTEGER NOT NULL DEFAULT 1,
     created_at TEXT NOT NULL
 );
-"#];
+"#,
+    // 2: accounts (issue 4). Users gain state for throttling, disabling and
+    // TOTP; web sessions and API tokens are stored hashed. Times in the new
+    // columns are Unix milliseconds (UTC).
+    r#"
+ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN locked INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN failed_logins INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN last_failure_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN totp_secret BLOB;
+ALTER TABLE users ADD COLUMN totp_last_step INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE sessions (
+    id_hash TEXT PRIMARY KEY NOT NULL,
+    username TEXT NOT NULL,
+    csrf TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+);
+CREATE INDEX sessions_username ON sessions(username);
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY NOT NULL,
+    username TEXT NOT NULL,
+    hash BLOB NOT NULL,
+    scope TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    revoked_ms INTEGER,
+    last_used_ms INTEGER
+);
+CREATE INDEX tokens_username ON tokens(username);
+"#,
+];
 
 impl SecurityDb {
     /// Opens (creating when missing, mode 0600) the database at `path`.
@@ -72,23 +105,36 @@ impl SecurityDb {
         .map_err(db("pragmas"))?;
         conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);")
             .map_err(db("schema_version"))?;
-        let version: i64 = conn
+        let current: i64 = conn
             .query_row(
                 "SELECT coalesce(max(version), 0) FROM schema_version",
                 [],
                 |r| r.get(0),
             )
             .map_err(db("read schema version"))?;
-        for (i, sql) in MIGRATIONS
-            .iter()
-            .enumerate()
-            .skip(usize::try_from(version).unwrap_or(0))
-        {
-            conn.execute_batch(&format!(
-                "BEGIN IMMEDIATE; {sql}; INSERT INTO schema_version VALUES ({}); COMMIT;",
-                i + 1
-            ))
-            .map_err(db("migrate"))?;
+        let skip = usize::try_from(current).unwrap_or(0);
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(skip) {
+            let target = i64::try_from(i + 1).unwrap_or(i64::MAX);
+            // Version read and migration in one IMMEDIATE transaction: a CLI
+            // command and `serve` opening an old file at once migrate it once.
+            let tx = rusqlite::Transaction::new_unchecked(
+                &conn,
+                rusqlite::TransactionBehavior::Immediate,
+            )
+            .map_err(db("begin migration"))?;
+            let version: i64 = tx
+                .query_row(
+                    "SELECT coalesce(max(version), 0) FROM schema_version",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(db("read schema version"))?;
+            if version < target {
+                tx.execute_batch(sql).map_err(db("migrate"))?;
+                tx.execute("INSERT INTO schema_version VALUES (?1)", [target])
+                    .map_err(db("migrate"))?;
+            }
+            tx.commit().map_err(db("commit migration"))?;
         }
         Ok(SecurityDb {
             conn: Mutex::new(conn),

@@ -9,12 +9,16 @@
 //! - [`devices`]: the device allowlist (AE title + network + transport +
 //!   permissions), DESIGN §2.
 //! - [`policy`]: the pure association decision of PS3.8 §9.3.4 over a device.
-//! - [`users`]: local user accounts with argon2id password hashes.
+//! - [`users`]: password hashing (argon2id, OWASP parameters) and the
+//!   password policy (length, zxcvbn strength).
+//! - [`accounts`]: user accounts, roles, web sessions, API tokens, TOTP and
+//!   login throttling: the service the web front end and the CLI call.
 //! - [`events`]: the append-only security event log (no patient data).
 //!
 //! Invariant: this crate knows no network front (no dicom-ul, no HTTP), and
 //! [`policy::decide`] is a pure function with an exhaustive `match`.
 
+pub mod accounts;
 pub mod db;
 pub mod devices;
 pub mod events;
@@ -81,6 +85,38 @@ pub enum SecurityError {
     /// Password hashing failed.
     #[error("password hashing: {0}")]
     PasswordHash(String),
+    /// A value of the shared vocabulary (e.g. a role name) is invalid.
+    #[error(transparent)]
+    Model(#[from] bastion_model::ModelError),
+    /// No user with this name.
+    #[error("no user named {0:?}")]
+    NoSuchUser(String),
+    /// No API token with this id.
+    #[error("no token with id {0:?}; `bastion token list` shows them")]
+    NoSuchToken(String),
+    /// A new password does not meet the policy. The message says why and
+    /// never contains the password.
+    #[error("password refused: {0}")]
+    WeakPassword(String),
+    /// The user name or the (old) password is wrong. Deliberately the same
+    /// for both.
+    #[error("wrong user name or password")]
+    BadCredentials,
+    /// Too many recent failures: try again after `retry_after`.
+    #[error("too many failed attempts; retry in {} s", retry_after.as_secs().max(1))]
+    Throttled {
+        /// How long to wait.
+        retry_after: std::time::Duration,
+    },
+    /// The account is locked after repeated failures.
+    #[error("account locked after repeated failures; an administrator lifts it with `bastion user unlock`")]
+    AccountLocked,
+    /// The account is disabled.
+    #[error("account disabled")]
+    AccountDisabled,
+    /// The operation would leave no enabled admin account.
+    #[error("refusing to {0} the last enabled admin account; add another admin first")]
+    LastAdmin(&'static str),
 }
 
 /// Shorthand for results of this crate.

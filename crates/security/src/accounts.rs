@@ -1,0 +1,1121 @@
+//! User accounts for the web front end (DESIGN §2 "users"): login with
+//! throttling and TOTP, server-side sessions, API tokens, and the account
+//! management the CLI (and later an admin API) performs.
+//!
+//! Everything here is synchronous and may block (argon2 takes tens of
+//! milliseconds, the database fsyncs): async callers run it on a blocking
+//! thread (`tokio::task::spawn_blocking`).
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use bastion_security::{accounts::*, db::SecurityDb, events::EventLog};
+//! # fn f(db: Arc<SecurityDb>, events: Arc<EventLog>) -> bastion_security::Result<()> {
+//! let accounts = Accounts::new(db, events, AccountPolicy::default());
+//! let req = LoginRequest {
+//!     username: "alice",
+//!     password: "correct horse battery staple",
+//!     totp: None,
+//!     source: "192.0.2.7".parse().unwrap(),
+//! };
+//! if let LoginOutcome::Ok { session, .. } = accounts.login(&req)? {
+//!     // Set-Cookie: session.id; send session.csrf to the page.
+//!     let (principal, _csrf) = accounts.session(&session.id)?.expect("fresh session");
+//!     assert!(principal.may(bastion_model::WebPermission::Query) || true);
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Decisions
+//!
+//! - **Sessions** live in the security database, keyed by the SHA-256 of the
+//!   cookie value (the value itself is never stored), so that `bastion user
+//!   passwd`/`disable`/`remove`, run in another process, end them at once.
+//!   They survive a restart of `serve`. `last_seen` is written at most every
+//!   [`AccountPolicy::session_idle`]` / 10` (capped at one minute) so that a
+//!   busy viewer does not cost one fsync per request.
+//! - **Throttling per account** (known names: in the database, so that it
+//!   survives restarts and `bastion user unlock` clears it; unknown names: in
+//!   memory, so that an unknown name is answered exactly like a known one
+//!   with a wrong password): after `k` consecutive failures the next attempt
+//!   is refused with [`LoginOutcome::Throttled`] until
+//!   `base_delay · 2^(k−1)` (at most `max_delay`) has passed since the last
+//!   one; after `lock_after_failures` the account is locked
+//!   ([`LoginOutcome::Locked`], event `user.locked`) until `bastion user
+//!   unlock` or a password change by an administrator. An attempt counts as
+//!   a failure *before* the password is checked (and is given back when it
+//!   succeeds), so parallel guesses cannot slip through one back-off window.
+//! - **Throttling per source address** (in memory; IPv6 grouped by /64):
+//!   delays only, never a lock, so one noisy address behind a shared NAT
+//!   cannot lock everyone out. The first [`ADDRESS_FREE_FAILURES`] failures
+//!   are free; then `base_delay · 2^(k−free−1)`, at most
+//!   `per_address_max_delay` (30 s by default). A successful login from the
+//!   address clears it.
+//! - **Same answer, same timing**: an unknown user and a wrong password both
+//!   give [`LoginOutcome::Failed`] after exactly one argon2 verification
+//!   (against a fixed dummy hash for unknown names). `Throttled` and
+//!   `Locked` are answered without any verification, for known and unknown
+//!   names alike.
+//! - **TOTP** (RFC 6238: SHA-1, 6 digits, 30 s steps, ±1 step, 160-bit
+//!   secret stored in the encrypted database): a code is accepted once (a
+//!   replayed code of an already used step is refused). `admin` accounts
+//!   without TOTP cannot log in while [`AccountPolicy::admin_requires_totp`]
+//!   holds: [`LoginOutcome::TotpSetupRequired`]. API tokens made with the CLI
+//!   are not subject to TOTP.
+//! - **Must change password**: an account whose password was generated
+//!   (`bastion user add` / `user passwd` without `--password-stdin`, the
+//!   initial `admin`) logs in, but its [`Principal::may`] is `false` for
+//!   everything until [`Accounts::change_password`] succeeds.
+//! - **Tokens**: `bst_<16 hex id>_<43 base64url>` (64 characters, 256 random
+//!   bits); stored as SHA-256 only, looked up by id, compared in constant
+//!   time.
+
+mod admin;
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
+use bastion_model::{Role, WebPermission};
+use rand::{rngs::OsRng, RngCore};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+pub use admin::{PasswordChoice, TokenInfo, UserInfo, MAX_TOKEN_LIFETIME};
+
+use crate::{
+    db::SecurityDb,
+    events::{EventLog, Outcome},
+    users, Result, SecurityError,
+};
+
+/// Failures per source address that cost no delay (a few typos from a
+/// shared NAT address are normal).
+pub const ADDRESS_FREE_FAILURES: u32 = 5;
+/// TOTP step in seconds (RFC 6238 §4: 30 s recommended).
+pub const TOTP_STEP_SECS: u64 = 30;
+/// TOTP digits.
+pub const TOTP_DIGITS: usize = 6;
+/// TOTP secret length in bytes (160 bits, RFC 4226 §4 recommendation).
+pub const TOTP_SECRET_BYTES: usize = 20;
+/// TOTP issuer shown by authenticator apps.
+pub const TOTP_ISSUER: &str = "Bastion";
+/// Entries kept per in-memory throttle table (unknown names, addresses);
+/// older entries are dropped beyond it.
+const MAX_TRACKED: usize = 100_000;
+
+/// What a credential may be used for, on top of what the user's role allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Everything the role allows (sessions; the default for tokens).
+    Full,
+    /// Read only: query, view, and the event log ([`WebPermission::Query`],
+    /// [`WebPermission::View`], [`WebPermission::Audit`]).
+    Read,
+    /// Upload only ([`WebPermission::Upload`]), e.g. for a STOW-RS sender.
+    Upload,
+}
+
+impl Scope {
+    /// Parses `full`, `read` or `upload`.
+    ///
+    /// # Errors
+    /// [`SecurityError::Invalid`] for anything else.
+    pub fn parse(s: &str) -> Result<Scope> {
+        match s {
+            "full" => Ok(Scope::Full),
+            "read" => Ok(Scope::Read),
+            "upload" => Ok(Scope::Upload),
+            _ => Err(SecurityError::Invalid {
+                what: "scope",
+                detail: format!(
+                    "{:?}: expected read or upload (or full, the default)",
+                    clip(s)
+                ),
+            }),
+        }
+    }
+
+    /// The storage / CLI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Full => "full",
+            Scope::Read => "read",
+            Scope::Upload => "upload",
+        }
+    }
+
+    /// Whether the scope admits `p` (the role must allow it too).
+    pub fn allows(self, p: WebPermission) -> bool {
+        use WebPermission as P;
+        match (self, p) {
+            (Scope::Full, _) => true,
+            (Scope::Read, P::Query | P::View | P::Audit) => true,
+            (Scope::Read, P::Upload | P::Admin) => false,
+            (Scope::Upload, P::Upload) => true,
+            (Scope::Upload, P::Query | P::View | P::Audit | P::Admin) => false,
+        }
+    }
+}
+
+/// How a request was authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// A session cookie; `id_hash` is the hex SHA-256 of the cookie value
+    /// (safe to log, useless to replay).
+    Session {
+        /// Hex SHA-256 of the session id.
+        id_hash: String,
+    },
+    /// A bearer token; `id` is its public id (as in `bastion token list`).
+    Token {
+        /// The token id.
+        id: String,
+    },
+}
+
+/// An authenticated person. Made only by [`Accounts::session`],
+/// [`Accounts::verify_token`] (authentication); authorisation asks
+/// [`Principal::may`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The account name.
+    pub username: String,
+    /// The account's role at the time of the request.
+    pub role: Role,
+    /// The credential's scope ([`Scope::Full`] for sessions).
+    pub scope: Scope,
+    /// Session or token.
+    pub method: AuthMethod,
+    /// The account must change its (generated) password first: while set,
+    /// [`Principal::may`] refuses everything.
+    pub must_change_password: bool,
+}
+
+impl Principal {
+    /// Whether this principal may do `p`: the role allows it, the
+    /// credential's scope admits it, and no password change is pending.
+    pub fn may(&self, p: WebPermission) -> bool {
+        !self.must_change_password && self.role.allows(p) && self.scope.allows(p)
+    }
+}
+
+/// One login attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct LoginRequest<'a> {
+    /// The user name as typed.
+    pub username: &'a str,
+    /// The password as typed.
+    pub password: &'a str,
+    /// The TOTP code, when the client sent one.
+    pub totp: Option<&'a str>,
+    /// The peer's address (throttling per address, events).
+    pub source: IpAddr,
+}
+
+/// The answer to a login attempt. Suggested HTTP mapping for the web layer:
+/// `Ok` → 200 + cookie; `Failed` → 401; `TotpRequired` → 401 with a body
+/// asking for the code; `TotpSetupRequired` → 403 saying that an
+/// administrator must run `bastion user totp-enable`; `Throttled` → 429 with
+/// `Retry-After: retry_after`; `Locked` → 429 with `Retry-After:
+/// max_delay` (the lock itself lasts until an administrator lifts it);
+/// `Disabled` → 403.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginOutcome {
+    /// Logged in: a new session (never a client-chosen id).
+    Ok {
+        /// Cookie value and CSRF token.
+        session: NewSession,
+        /// The account must change its password before anything else
+        /// ([`Principal::may`] refuses everything until then).
+        must_change_password: bool,
+    },
+    /// Wrong user name or password: the same answer and the same work for
+    /// both.
+    Failed,
+    /// The password is right but the TOTP code is missing, wrong or
+    /// replayed (counted as a failure).
+    TotpRequired,
+    /// The password is right, but the account is an `admin` without TOTP
+    /// while the policy requires it: `bastion user totp-enable NAME` first.
+    TotpSetupRequired,
+    /// Too many recent failures for this account or from this address.
+    Throttled {
+        /// When to try again.
+        retry_after: Duration,
+    },
+    /// The account is locked after repeated failures.
+    Locked,
+    /// The password is right but the account is disabled.
+    Disabled,
+}
+
+/// A freshly created session.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NewSession {
+    /// The cookie value: 256 random bits, base64url without padding (43
+    /// characters).
+    pub id: String,
+    /// The CSRF token to echo in state-changing requests: 256 random bits,
+    /// base64url.
+    pub csrf: String,
+}
+
+impl std::fmt::Debug for NewSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NewSession { .. }")
+    }
+}
+
+/// Login throttling and session lifetimes (numbers in docs/defaults.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountPolicy {
+    /// Consecutive failures that lock an account (default 10).
+    pub lock_after_failures: u32,
+    /// Delay after the first failure; doubles with each consecutive one
+    /// (default 1 s).
+    pub base_delay: Duration,
+    /// Largest per-account delay (default 15 min).
+    pub max_delay: Duration,
+    /// Largest per-address delay (default 30 s); addresses are never locked.
+    pub per_address_max_delay: Duration,
+    /// A session unused for this long ends (default 30 min).
+    pub session_idle: Duration,
+    /// A session ends this long after login whatever its use (default 12 h).
+    pub session_absolute: Duration,
+    /// `admin` accounts must have TOTP to log in (default true; turning it
+    /// off is for the configuration to log loudly).
+    pub admin_requires_totp: bool,
+}
+
+impl Default for AccountPolicy {
+    fn default() -> Self {
+        AccountPolicy {
+            lock_after_failures: 10,
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(15 * 60),
+            per_address_max_delay: Duration::from_secs(30),
+            session_idle: Duration::from_secs(30 * 60),
+            session_absolute: Duration::from_secs(12 * 3600),
+            admin_requires_totp: true,
+        }
+    }
+}
+
+/// The wall clock, replaceable in tests.
+pub trait Clock: Send + Sync {
+    /// The current time.
+    fn now(&self) -> SystemTime;
+}
+
+/// [`Clock`] reading [`SystemTime::now`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// The account service. `Send + Sync`; share it in an `Arc`.
+pub struct Accounts {
+    db: Arc<SecurityDb>,
+    events: Arc<EventLog>,
+    policy: AccountPolicy,
+    clock: Arc<dyn Clock>,
+    /// argon2 hash verified for unknown names (same cost as a real one).
+    dummy_hash: OnceLock<String>,
+    /// Throttle state of names that are not accounts.
+    unknown: Mutex<HashMap<String, Backoff>>,
+    /// Throttle state per source address (IPv6 per /64).
+    addresses: Mutex<HashMap<IpAddr, Backoff>>,
+}
+
+/// Consecutive failures and the time of the last one.
+#[derive(Debug, Clone, Copy, Default)]
+struct Backoff {
+    failures: u32,
+    last_ms: i64,
+}
+
+/// The account row as needed by a login.
+struct UserRow {
+    role: Role,
+    hash: String,
+    disabled: bool,
+    must_change_password: bool,
+    totp_secret: Option<Vec<u8>>,
+    totp_last_step: i64,
+}
+
+/// Result of reserving an attempt on an account.
+enum Reservation {
+    Locked,
+    Wait(Duration),
+    /// Go ahead; the attempt has been counted. `None`: no such account.
+    Go(Option<UserRow>),
+}
+
+impl Accounts {
+    /// The service over `db` and `events` with the wall clock.
+    pub fn new(db: Arc<SecurityDb>, events: Arc<EventLog>, policy: AccountPolicy) -> Accounts {
+        Accounts::with_clock(db, events, policy, Arc::new(SystemClock))
+    }
+
+    /// The service with another [`Clock`] (tests).
+    pub fn with_clock(
+        db: Arc<SecurityDb>,
+        events: Arc<EventLog>,
+        policy: AccountPolicy,
+        clock: Arc<dyn Clock>,
+    ) -> Accounts {
+        Accounts {
+            db,
+            events,
+            policy,
+            clock,
+            dummy_hash: OnceLock::new(),
+            unknown: Mutex::new(HashMap::new()),
+            addresses: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &AccountPolicy {
+        &self.policy
+    }
+
+    /// One login attempt; see the module documentation for the rules. Blocks
+    /// for one argon2 verification unless throttled.
+    ///
+    /// # Errors
+    /// [`SecurityError::Db`] and [`SecurityError::PasswordHash`] only: every
+    /// refusal is an [`LoginOutcome`].
+    pub fn login(&self, req: &LoginRequest) -> Result<LoginOutcome> {
+        let now = self.now_ms();
+        let source = req.source.to_string();
+        let refuse = |reason: &str, outcome: LoginOutcome| {
+            self.events.record(
+                "login.refused",
+                Outcome::Refused,
+                json!({"username": clip(req.username), "source": source, "reason": reason}),
+            );
+            Ok(outcome)
+        };
+        // Per address: delays only.
+        if let Some(wait) = self.reserve_address(req.source, now) {
+            return refuse(
+                "throttled_address",
+                LoginOutcome::Throttled { retry_after: wait },
+            );
+        }
+        // Per account (reserving counts the attempt as a failure).
+        let user = match self.reserve_account(req.username, now)? {
+            Reservation::Locked => return refuse("locked", LoginOutcome::Locked),
+            Reservation::Wait(wait) => {
+                return refuse(
+                    "throttled_account",
+                    LoginOutcome::Throttled { retry_after: wait },
+                )
+            }
+            Reservation::Go(user) => user,
+        };
+        let dummy = self.dummy_hash()?;
+        let Some(user) = user else {
+            let _ = users::verify_hash(dummy, dummy, req.password);
+            self.events.record(
+                "login.failure",
+                Outcome::Failure,
+                json!({"username": clip(req.username), "source": source, "reason": "unknown_user"}),
+            );
+            return Ok(LoginOutcome::Failed);
+        };
+        if !users::verify_hash(&user.hash, dummy, req.password) {
+            self.after_failure(req.username, &source, "wrong_password")?;
+            return Ok(LoginOutcome::Failed);
+        }
+        // The password is right from here on.
+        if user.disabled {
+            self.give_back(req.username, req.source)?;
+            return refuse("disabled", LoginOutcome::Disabled);
+        }
+        let step = match &user.totp_secret {
+            None if user.role == Role::Admin && self.policy.admin_requires_totp => {
+                self.give_back(req.username, req.source)?;
+                return refuse("totp_setup_required", LoginOutcome::TotpSetupRequired);
+            }
+            None => None,
+            Some(secret) => {
+                let found = req
+                    .totp
+                    .and_then(|code| totp_match(secret, code, now, user.totp_last_step));
+                match found {
+                    Some(step) => Some(step),
+                    None => {
+                        let reason = if req.totp.is_some() {
+                            "totp_wrong"
+                        } else {
+                            "totp_missing"
+                        };
+                        self.after_failure(req.username, &source, reason)?;
+                        return Ok(LoginOutcome::TotpRequired);
+                    }
+                }
+            }
+        };
+        let session = self.succeed(req.username, req.source, step, now)?;
+        self.events.record(
+            "login.success",
+            Outcome::Success,
+            json!({"username": req.username, "source": source, "role": user.role.as_str(),
+                   "totp": step.is_some(), "session": sha256_hex(session.id.as_bytes())}),
+        );
+        Ok(LoginOutcome::Ok {
+            session,
+            must_change_password: user.must_change_password,
+        })
+    }
+
+    /// Looks a session cookie up: `None` when unknown, expired (idle or
+    /// absolute timeout; the row is then deleted) or when the account is
+    /// disabled or gone. Otherwise the principal and the session's CSRF
+    /// token; the session's last use is updated.
+    ///
+    /// # Errors
+    /// [`SecurityError::Db`].
+    pub fn session(&self, cookie_value: &str) -> Result<Option<(Principal, String)>> {
+        if !is_credential_text(cookie_value, 128) {
+            return Ok(None);
+        }
+        let now = self.now_ms();
+        let id_hash = sha256_hex(cookie_value.as_bytes());
+        let idle = millis(self.policy.session_idle);
+        let absolute = millis(self.policy.session_absolute);
+        let touch_every = (idle / 10).min(60_000);
+        self.db.with(|c| {
+            let row = c
+                .query_row(
+                    "SELECT s.username, s.csrf, s.created_ms, s.last_seen_ms, u.role, u.disabled, u.must_change_password
+                     FROM sessions s JOIN users u ON u.username = s.username WHERE s.id_hash = ?1",
+                    params![id_hash],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?,
+                            r.get::<_, String>(4)?,
+                            r.get::<_, bool>(5)?,
+                            r.get::<_, bool>(6)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(db_err("read session"))?;
+            let Some((username, csrf, created, last_seen, role, disabled, must_change)) = row
+            else {
+                return Ok(None);
+            };
+            let expired = now.saturating_sub(last_seen) >= idle
+                || now.saturating_sub(created) >= absolute;
+            let role = Role::parse(&role);
+            if expired || disabled || role.is_err() {
+                c.execute("DELETE FROM sessions WHERE id_hash = ?1", params![id_hash])
+                    .map_err(db_err("delete session"))?;
+                return Ok(None);
+            }
+            if now.saturating_sub(last_seen) >= touch_every {
+                c.execute(
+                    "UPDATE sessions SET last_seen_ms = ?2 WHERE id_hash = ?1",
+                    params![id_hash, now],
+                )
+                .map_err(db_err("touch session"))?;
+            }
+            let role = role?;
+            Ok(Some((
+                Principal {
+                    username,
+                    role,
+                    scope: Scope::Full,
+                    method: AuthMethod::Session { id_hash },
+                    must_change_password: must_change,
+                },
+                csrf,
+            )))
+        })
+    }
+
+    /// Ends a session (unknown values are ignored).
+    ///
+    /// # Errors
+    /// [`SecurityError::Db`].
+    pub fn logout(&self, cookie_value: &str) -> Result<()> {
+        if !is_credential_text(cookie_value, 128) {
+            return Ok(());
+        }
+        let id_hash = sha256_hex(cookie_value.as_bytes());
+        let user: Option<String> = self.db.with(|c| {
+            let user = c
+                .query_row(
+                    "SELECT username FROM sessions WHERE id_hash = ?1",
+                    params![id_hash],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db_err("read session"))?;
+            c.execute("DELETE FROM sessions WHERE id_hash = ?1", params![id_hash])
+                .map_err(db_err("delete session"))?;
+            Ok(user)
+        })?;
+        if let Some(u) = user {
+            self.events.record(
+                "logout",
+                Outcome::Success,
+                json!({"username": u, "session": id_hash}),
+            );
+        }
+        Ok(())
+    }
+
+    /// Changes a password knowing the old one (the first-login change, or a
+    /// user's own change). The new password must pass
+    /// [`users::check_password_policy`] and differ from the old one. On
+    /// success every session of the user ends and the must-change flag and
+    /// failure count are cleared. Throttled and locked exactly like
+    /// [`Accounts::login`] per account (a locked account cannot use this to
+    /// get around the lock). TOTP is not asked for here.
+    ///
+    /// # Errors
+    /// [`SecurityError::WeakPassword`], [`SecurityError::BadCredentials`]
+    /// (unknown user or wrong old password, same answer),
+    /// [`SecurityError::Throttled`], [`SecurityError::AccountLocked`],
+    /// [`SecurityError::AccountDisabled`], [`SecurityError::Db`].
+    pub fn change_password(&self, username: &str, old: &str, new: &str) -> Result<()> {
+        users::check_password_policy(username, new)?;
+        let now = self.now_ms();
+        let user = match self.reserve_account(username, now)? {
+            Reservation::Locked => return Err(SecurityError::AccountLocked),
+            Reservation::Wait(retry_after) => return Err(SecurityError::Throttled { retry_after }),
+            Reservation::Go(user) => user,
+        };
+        let dummy = self.dummy_hash()?;
+        let Some(user) = user else {
+            let _ = users::verify_hash(dummy, dummy, old);
+            return Err(SecurityError::BadCredentials);
+        };
+        if !users::verify_hash(&user.hash, dummy, old) {
+            self.after_failure(username, "-", "wrong_password_on_change")?;
+            return Err(SecurityError::BadCredentials);
+        }
+        if user.disabled {
+            self.give_back_account(username)?;
+            return Err(SecurityError::AccountDisabled);
+        }
+        if old == new {
+            self.give_back_account(username)?;
+            return Err(SecurityError::WeakPassword(
+                "the new password must differ from the current one".into(),
+            ));
+        }
+        let hash = users::hash_password(new)?;
+        let ended = self.store_password(username, &hash, false)?;
+        self.events.record(
+            "user.password_changed",
+            Outcome::Success,
+            json!({"actor": username, "username": username, "sessions_ended": ended}),
+        );
+        Ok(())
+    }
+
+    /// Verifies an `Authorization: Bearer` token: `None` when malformed,
+    /// unknown, revoked, expired, or when its account is disabled or gone.
+    /// The hash comparison is constant-time. Locks, must-change flags and
+    /// TOTP do not apply to tokens (they are made on the host by an
+    /// administrator).
+    ///
+    /// # Errors
+    /// [`SecurityError::Db`].
+    pub fn verify_token(&self, bearer: &str) -> Result<Option<Principal>> {
+        let Some(id) = token_id(bearer) else {
+            return Ok(None);
+        };
+        let now = self.now_ms();
+        let presented = Sha256::digest(bearer.as_bytes());
+        self.db.with(|c| {
+            let row = c
+                .query_row(
+                    "SELECT t.hash, t.scope, t.expires_ms, t.revoked_ms, t.last_used_ms, t.username, u.role, u.disabled
+                     FROM tokens t JOIN users u ON u.username = t.username WHERE t.id = ?1",
+                    params![id],
+                    |r| {
+                        Ok((
+                            r.get::<_, Vec<u8>>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, Option<i64>>(3)?,
+                            r.get::<_, Option<i64>>(4)?,
+                            r.get::<_, String>(5)?,
+                            r.get::<_, String>(6)?,
+                            r.get::<_, bool>(7)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(db_err("read token"))?;
+            let Some((hash, scope, expires, revoked, last_used, username, role, disabled)) = row
+            else {
+                // Same work as a known id.
+                let _ = presented.as_slice().ct_eq(&[0u8; 32]);
+                return Ok(None);
+            };
+            let hash_ok: bool = presented.as_slice().ct_eq(&hash).into();
+            if !hash_ok || revoked.is_some() || now >= expires || disabled {
+                return Ok(None);
+            }
+            let (Ok(role), Ok(scope)) = (Role::parse(&role), Scope::parse(&scope)) else {
+                return Ok(None);
+            };
+            if last_used.is_none_or(|t| now.saturating_sub(t) >= 60_000) {
+                c.execute(
+                    "UPDATE tokens SET last_used_ms = ?2 WHERE id = ?1",
+                    params![id, now],
+                )
+                .map_err(db_err("touch token"))?;
+            }
+            Ok(Some(Principal {
+                username,
+                role,
+                scope,
+                method: AuthMethod::Token { id: id.to_owned() },
+                must_change_password: false,
+            }))
+        })
+    }
+
+    // ---- throttling -----------------------------------------------------
+
+    /// Checks the per-address delay; when free, counts the attempt.
+    fn reserve_address(&self, source: IpAddr, now: i64) -> Option<Duration> {
+        let key = address_key(source);
+        let mut map = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        prune(&mut map, now, millis(self.policy.per_address_max_delay));
+        let b = map.entry(key).or_default();
+        let counted = b.failures.saturating_sub(ADDRESS_FREE_FAILURES);
+        let wait = remaining(
+            *b,
+            counted,
+            self.policy.base_delay,
+            self.policy.per_address_max_delay,
+            now,
+        );
+        if wait.is_some() {
+            return wait;
+        }
+        b.failures = b.failures.saturating_add(1);
+        b.last_ms = now;
+        None
+    }
+
+    /// Checks lock and back-off of an account (known or not); when free,
+    /// counts the attempt as a failure and returns the account row.
+    fn reserve_account(&self, username: &str, now: i64) -> Result<Reservation> {
+        let known = self.db.with(|c| {
+            let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)
+                .map_err(db_err("begin"))?;
+            let row = tx
+                .query_row(
+                    "SELECT role, password_hash, disabled, must_change_password, totp_secret, totp_last_step,
+                            locked, failed_logins, last_failure_ms
+                     FROM users WHERE username = ?1",
+                    params![username],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, bool>(2)?,
+                            r.get::<_, bool>(3)?,
+                            r.get::<_, Option<Vec<u8>>>(4)?,
+                            r.get::<_, i64>(5)?,
+                            r.get::<_, bool>(6)?,
+                            r.get::<_, i64>(7)?,
+                            r.get::<_, i64>(8)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(db_err("read user"))?;
+            let Some((role, hash, disabled, must_change, totp_secret, totp_last_step, locked, failures, last)) =
+                row
+            else {
+                return Ok(None);
+            };
+            if locked {
+                return Ok(Some(Reservation::Locked));
+            }
+            let b = Backoff {
+                failures: u32::try_from(failures.max(0)).unwrap_or(u32::MAX),
+                last_ms: last,
+            };
+            if let Some(wait) =
+                remaining(b, b.failures, self.policy.base_delay, self.policy.max_delay, now)
+            {
+                return Ok(Some(Reservation::Wait(wait)));
+            }
+            tx.execute(
+                "UPDATE users SET failed_logins = failed_logins + 1, last_failure_ms = ?2 WHERE username = ?1",
+                params![username, now],
+            )
+            .map_err(db_err("count attempt"))?;
+            tx.commit().map_err(db_err("commit"))?;
+            // An unparsable stored role is treated as a wrong password.
+            let role = Role::parse(&role).unwrap_or(Role::Researcher);
+            Ok(Some(Reservation::Go(Some(UserRow {
+                role,
+                hash,
+                disabled,
+                must_change_password: must_change,
+                totp_secret,
+                totp_last_step,
+            }))))
+        })?;
+        if let Some(r) = known {
+            return Ok(r);
+        }
+        // Not an account: the same rules, in memory.
+        let mut map = self.unknown.lock().unwrap_or_else(|p| p.into_inner());
+        prune(&mut map, now, millis(self.policy.max_delay));
+        let b = map.entry(clip(username)).or_default();
+        if b.failures >= self.policy.lock_after_failures {
+            return Ok(Reservation::Locked);
+        }
+        if let Some(wait) = remaining(
+            *b,
+            b.failures,
+            self.policy.base_delay,
+            self.policy.max_delay,
+            now,
+        ) {
+            return Ok(Reservation::Wait(wait));
+        }
+        b.failures = b.failures.saturating_add(1);
+        b.last_ms = now;
+        Ok(Reservation::Go(None))
+    }
+
+    /// After a counted failure on a known account: lock it at the threshold.
+    fn after_failure(&self, username: &str, source: &str, reason: &str) -> Result<()> {
+        let limit = i64::from(self.policy.lock_after_failures);
+        let (failures, locked_now) = self.db.with(|c| {
+            let failures: i64 = c
+                .query_row(
+                    "SELECT failed_logins FROM users WHERE username = ?1",
+                    params![username],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db_err("read user"))?
+                .unwrap_or(0);
+            let n = if failures >= limit {
+                c.execute(
+                    "UPDATE users SET locked = 1 WHERE username = ?1 AND locked = 0",
+                    params![username],
+                )
+                .map_err(db_err("lock user"))?
+            } else {
+                0
+            };
+            Ok((failures, n > 0))
+        })?;
+        self.events.record(
+            "login.failure",
+            Outcome::Failure,
+            json!({"username": username, "source": source, "reason": reason, "consecutive_failures": failures}),
+        );
+        if locked_now {
+            self.events.record(
+                "user.locked",
+                Outcome::Alert,
+                json!({"username": username, "source": source, "consecutive_failures": failures}),
+            );
+        }
+        Ok(())
+    }
+
+    /// Undoes the counting of an attempt whose password was right but that
+    /// did not log in (disabled, TOTP setup needed).
+    fn give_back(&self, username: &str, source: IpAddr) -> Result<()> {
+        let mut map = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = map.get_mut(&address_key(source)) {
+            b.failures = b.failures.saturating_sub(1);
+        }
+        drop(map);
+        self.give_back_account(username)
+    }
+
+    fn give_back_account(&self, username: &str) -> Result<()> {
+        self.db.with(|c| {
+            c.execute(
+                "UPDATE users SET failed_logins = max(failed_logins - 1, 0) WHERE username = ?1",
+                params![username],
+            )
+            .map_err(db_err("uncount attempt"))?;
+            Ok(())
+        })
+    }
+
+    /// A successful login: clears the counters, records the TOTP step,
+    /// creates the session and drops expired ones.
+    fn succeed(
+        &self,
+        username: &str,
+        source: IpAddr,
+        totp_step: Option<i64>,
+        now: i64,
+    ) -> Result<NewSession> {
+        {
+            let mut map = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+            map.remove(&address_key(source));
+        }
+        let session = NewSession {
+            id: random_b64(32),
+            csrf: random_b64(32),
+        };
+        let idle = millis(self.policy.session_idle);
+        let absolute = millis(self.policy.session_absolute);
+        self.db.with(|c| {
+            let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)
+                .map_err(db_err("begin"))?;
+            tx.execute(
+                "UPDATE users SET failed_logins = 0, totp_last_step = coalesce(?2, totp_last_step) WHERE username = ?1",
+                params![username, totp_step],
+            )
+            .map_err(db_err("reset failures"))?;
+            tx.execute(
+                "DELETE FROM sessions WHERE last_seen_ms <= ?1 OR created_ms <= ?2",
+                params![now.saturating_sub(idle), now.saturating_sub(absolute)],
+            )
+            .map_err(db_err("expire sessions"))?;
+            tx.execute(
+                "INSERT INTO sessions (id_hash, username, csrf, created_ms, last_seen_ms) VALUES (?1,?2,?3,?4,?4)",
+                params![sha256_hex(session.id.as_bytes()), username, session.csrf, now],
+            )
+            .map_err(db_err("insert session"))?;
+            tx.commit().map_err(db_err("commit"))?;
+            Ok(())
+        })?;
+        Ok(session)
+    }
+
+    /// Stores a new password hash; clears lock, failures and sessions.
+    /// Returns the number of sessions ended.
+    fn store_password(&self, username: &str, hash: &str, must_change: bool) -> Result<usize> {
+        self.db.with(|c| {
+            let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)
+                .map_err(db_err("begin"))?;
+            let n = tx
+                .execute(
+                    "UPDATE users SET password_hash = ?2, must_change_password = ?3, locked = 0,
+                            failed_logins = 0, last_failure_ms = 0 WHERE username = ?1",
+                    params![username, hash, must_change],
+                )
+                .map_err(db_err("update password"))?;
+            if n == 0 {
+                return Err(SecurityError::NoSuchUser(username.to_owned()));
+            }
+            let ended = end_sessions(&tx, username)?;
+            tx.commit().map_err(db_err("commit"))?;
+            Ok(ended)
+        })
+    }
+
+    fn dummy_hash(&self) -> Result<&str> {
+        if let Some(h) = self.dummy_hash.get() {
+            return Ok(h);
+        }
+        let h = users::hash_password(&random_b64(16))?;
+        Ok(self.dummy_hash.get_or_init(|| h))
+    }
+
+    fn now_ms(&self) -> i64 {
+        unix_ms(self.clock.now())
+    }
+}
+
+/// Deletes every session of `username`; returns how many there were.
+fn end_sessions(c: &Connection, username: &str) -> Result<usize> {
+    c.execute(
+        "DELETE FROM sessions WHERE username = ?1",
+        params![username],
+    )
+    .map_err(db_err("end sessions"))
+}
+
+/// The wait left before the next attempt, if any: `failures` (already
+/// reduced by any free allowance) set the delay.
+fn remaining(
+    b: Backoff,
+    failures: u32,
+    base: Duration,
+    max: Duration,
+    now: i64,
+) -> Option<Duration> {
+    if failures == 0 {
+        return None;
+    }
+    let delay = base
+        .checked_mul(1u32.checked_shl(failures - 1).unwrap_or(u32::MAX))
+        .unwrap_or(max)
+        .min(max);
+    let until = b.last_ms.saturating_add(millis(delay));
+    if now < until {
+        let left = u64::try_from(until - now).unwrap_or(0);
+        Some(Duration::from_millis(left))
+    } else {
+        None
+    }
+}
+
+/// Drops stale entries of an in-memory throttle table when it is full.
+fn prune<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Backoff>, now: i64, max_delay_ms: i64) {
+    if map.len() < MAX_TRACKED {
+        return;
+    }
+    map.retain(|_, b| now.saturating_sub(b.last_ms) < max_delay_ms);
+    if map.len() >= MAX_TRACKED {
+        map.clear();
+    }
+}
+
+/// IPv4 as is (IPv4-mapped IPv6 unmapped); IPv6 by its /64 (one host
+/// usually has a whole /64).
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut s = v6.segments();
+                s[4..].fill(0);
+                IpAddr::V6(s.into())
+            }
+        },
+    }
+}
+
+/// The TOTP step matched by `code` at `now` (±1 step), if any and later
+/// than `last_step` (a used code is not accepted twice).
+fn totp_match(secret: &[u8], code: &str, now_ms: i64, last_step: i64) -> Option<i64> {
+    let code = code.trim();
+    if code.len() != TOTP_DIGITS || !code.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let totp = totp_for(secret, "-").ok()?;
+    let now = u64::try_from(now_ms / 1000).ok()?;
+    let current = now / TOTP_STEP_SECS;
+    let mut found = None;
+    for step in [current.saturating_sub(1), current, current + 1] {
+        let expected = totp.generate(step * TOTP_STEP_SECS);
+        let ok: bool = expected.as_bytes().ct_eq(code.as_bytes()).into();
+        let step = i64::try_from(step).ok()?;
+        if ok && step > last_step && found.is_none() {
+            found = Some(step);
+        }
+    }
+    found
+}
+
+/// The RFC 6238 generator for a secret (SHA-1, 6 digits, 30 s).
+pub(crate) fn totp_for(secret: &[u8], account: &str) -> Result<totp_rs::TOTP> {
+    totp_rs::TOTP::new(
+        totp_rs::Algorithm::SHA1,
+        TOTP_DIGITS,
+        1,
+        TOTP_STEP_SECS,
+        secret.to_vec(),
+        Some(TOTP_ISSUER.to_owned()),
+        account.to_owned(),
+    )
+    .map_err(|e| SecurityError::Invalid {
+        what: "TOTP",
+        detail: e.to_string(),
+    })
+}
+
+/// The id of a well-formed token `bst_<16 hex>_<43 base64url>`.
+fn token_id(bearer: &str) -> Option<&str> {
+    let rest = bearer.strip_prefix(TOKEN_PREFIX)?;
+    let (id, secret) = (rest.get(..16)?, rest.get(16..)?);
+    let secret = secret.strip_prefix('_')?;
+    let hex_ok = id
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    (hex_ok && secret.len() == 43 && is_credential_text(secret, 43)).then_some(id)
+}
+
+/// Tokens start with this (recognisable by secret scanners).
+pub(crate) const TOKEN_PREFIX: &str = "bst_";
+
+/// Base64url characters only, 1..=max bytes.
+fn is_credential_text(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `n` random bytes, base64url without padding.
+pub(crate) fn random_b64(n: usize) -> String {
+    let mut buf = vec![0u8; n];
+    OsRng.fill_bytes(&mut buf);
+    URL_SAFE_NO_PAD.encode(&buf)
+}
+
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+pub(crate) fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// RFC 3339 UTC text for Unix milliseconds.
+pub(crate) fn rfc3339_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+pub(crate) fn db_err(op: &'static str) -> impl FnOnce(rusqlite::Error) -> SecurityError {
+    move |source| SecurityError::Db { op, source }
+}
+
+/// Clips text from a client for events and messages (64 printable ASCII
+/// characters).
+pub(crate) fn clip(s: &str) -> String {
+    s.chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
