@@ -57,6 +57,12 @@ enum Command {
     /// Read stored instances.
     #[command(subcommand)]
     Instance(InstanceCommand),
+    /// Manage user accounts (web front end).
+    #[command(subcommand)]
+    User(crate::accounts_cli::UserCommand),
+    /// Manage API tokens (bearer tokens for DICOMweb clients).
+    #[command(subcommand)]
+    Token(crate::accounts_cli::TokenCommand),
 }
 
 /// Listener settings (override `bastion.toml`).
@@ -201,6 +207,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Instance(InstanceCommand::Get { sop_uid, out }) => {
             instance_get(&dir, &sop_uid, &out)
         }
+        Command::User(cmd) => crate::accounts_cli::user(&dir, cmd),
+        Command::Token(cmd) => crate::accounts_cli::token(&dir, cmd),
     }
 }
 

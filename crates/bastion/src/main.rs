@@ -2,6 +2,7 @@
 //! (default `./bastion-data`), never prompts, and works while `bastion serve`
 //! runs on the same directory.
 
+mod accounts_cli;
 mod cli;
 mod config;
 mod datadir;
