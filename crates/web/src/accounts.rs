@@ -1,0 +1,238 @@
+//! What the HTTPS front end needs from the account service
+//! (`bastion_security`'s `Accounts`): logins, sessions, tokens, password
+//! changes. A trait so that the router can be unit-tested with a fake and so
+//! that the front end sees only the decisions, never hashes or secrets.
+//!
+//! Every method may block (argon2id, database): call them from
+//! `tokio::task::spawn_blocking`.
+
+use std::{net::IpAddr, time::Duration};
+
+use bastion_model::{Role, WebPermission};
+use bastion_security::{
+    accounts::{Accounts, LoginOutcome, LoginRequest, Principal},
+    SecurityError,
+};
+
+/// An authenticated person, as the front end sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Account name (recorded in events).
+    pub username: String,
+    /// The account's role.
+    pub role: Role,
+    /// What this credential allows: the role's permissions, narrowed by a
+    /// token's scope.
+    pub permissions: Vec<WebPermission>,
+    /// The account must change its (generated) password before anything
+    /// else.
+    pub must_change_password: bool,
+}
+
+impl Identity {
+    /// Whether this credential grants `p`.
+    pub fn may(&self, p: WebPermission) -> bool {
+        self.permissions.contains(&p)
+    }
+}
+
+/// A live session, looked up by its cookie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionView {
+    /// Who.
+    pub identity: Identity,
+    /// The session's CSRF token (`X-CSRF-Token` must equal it).
+    pub csrf: String,
+}
+
+/// A login attempt.
+#[derive(Debug, Clone)]
+pub struct LoginAttempt {
+    /// Account name as typed.
+    pub username: String,
+    /// Password as typed.
+    pub password: String,
+    /// TOTP code, when given.
+    pub totp: Option<String>,
+    /// Source address (per-address throttling, events).
+    pub source: IpAddr,
+}
+
+/// The outcome of [`AccountService::login`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginResult {
+    /// A new session.
+    Success {
+        /// The new session id (cookie value).
+        session_id: String,
+        /// Its CSRF token.
+        csrf: String,
+        /// Who logged in.
+        identity: Identity,
+        /// Absolute session lifetime (cookie Max-Age).
+        max_age: Duration,
+    },
+    /// Unknown user, wrong password, wrong or missing second factor,
+    /// disabled account: one answer for all.
+    Failed,
+    /// Too many recent failures: try again after `retry_after`.
+    Throttled {
+        /// Back-off.
+        retry_after: Duration,
+    },
+    /// The account is locked (an administrator must unlock it); the wait
+    /// is a hint for `Retry-After`.
+    Locked {
+        /// Hint for `Retry-After`.
+        retry_after: Duration,
+    },
+    /// The password is right, the TOTP code missing, wrong or replayed.
+    TotpRequired,
+    /// The password is right, but the account must have TOTP and has none
+    /// (an administrator runs `bastion user totp-enable`).
+    TotpSetupRequired,
+    /// The password is right but the account is disabled.
+    Disabled,
+}
+
+/// A password change request (the first-login change needs no session).
+#[derive(Debug, Clone)]
+pub struct PasswordChangeRequest {
+    /// Account name.
+    pub username: String,
+    /// Current password.
+    pub old_password: String,
+    /// New password.
+    pub new_password: String,
+    /// Source address.
+    pub source: IpAddr,
+}
+
+/// The outcome of [`AccountService::change_password`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PasswordChangeResult {
+    /// Changed; the account's sessions were ended.
+    Changed,
+    /// Unknown user or wrong current password (same answer).
+    Failed,
+    /// The new password is refused (too short, too common…): the reason
+    /// names the rule, never the password.
+    Rejected(String),
+    /// Too many attempts.
+    Throttled {
+        /// Back-off.
+        retry_after: Duration,
+    },
+}
+
+/// The account service behind the HTTPS front end.
+pub trait AccountService: Send + Sync + 'static {
+    /// Verifies a login (throttled, recorded by the service) and opens a
+    /// session on success.
+    fn login(&self, attempt: &LoginAttempt) -> LoginResult;
+    /// The live session with this id (idle and absolute timeouts applied),
+    /// touching its idle timer.
+    fn session(&self, session_id: &str) -> Option<SessionView>;
+    /// The identity of a bearer token that is known, unexpired and not
+    /// revoked.
+    fn verify_token(&self, token: &str) -> Option<Identity>;
+    /// Ends a session (no error if it is already gone).
+    fn logout(&self, session_id: &str);
+    /// Changes a password given the current one.
+    fn change_password(&self, request: &PasswordChangeRequest) -> PasswordChangeResult;
+}
+
+fn identity(p: &Principal) -> Identity {
+    Identity {
+        username: p.username.clone(),
+        role: p.role,
+        permissions: WebPermission::ALL
+            .into_iter()
+            .filter(|w| p.may(*w))
+            .collect(),
+        must_change_password: p.must_change_password,
+    }
+}
+
+fn logged<T>(what: &str, r: Result<T, SecurityError>) -> Option<T> {
+    r.map_err(|e| tracing::error!(error = %e, "account service: {what} failed"))
+        .ok()
+}
+
+/// The real service: `bastion_security::accounts::Accounts`.
+impl AccountService for Accounts {
+    fn login(&self, a: &LoginAttempt) -> LoginResult {
+        let req = LoginRequest {
+            username: &a.username,
+            password: &a.password,
+            totp: a.totp.as_deref(),
+            source: a.source,
+        };
+        let Some(outcome) = logged("login", Accounts::login(self, &req)) else {
+            return LoginResult::Failed;
+        };
+        match outcome {
+            LoginOutcome::Ok {
+                session,
+                must_change_password: _,
+            } => match logged("session", Accounts::session(self, &session.id)).flatten() {
+                Some((principal, _)) => LoginResult::Success {
+                    identity: identity(&principal),
+                    session_id: session.id.clone(),
+                    csrf: session.csrf.clone(),
+                    max_age: self.policy().session_absolute,
+                },
+                None => LoginResult::Failed,
+            },
+            LoginOutcome::Failed => LoginResult::Failed,
+            LoginOutcome::TotpRequired => LoginResult::TotpRequired,
+            LoginOutcome::TotpSetupRequired => LoginResult::TotpSetupRequired,
+            LoginOutcome::Throttled { retry_after } => LoginResult::Throttled { retry_after },
+            LoginOutcome::Locked => LoginResult::Locked {
+                retry_after: self.policy().max_delay,
+            },
+            LoginOutcome::Disabled => LoginResult::Disabled,
+        }
+    }
+
+    fn session(&self, session_id: &str) -> Option<SessionView> {
+        logged("session", Accounts::session(self, session_id))
+            .flatten()
+            .map(|(p, csrf)| SessionView {
+                identity: identity(&p),
+                csrf,
+            })
+    }
+
+    fn verify_token(&self, token: &str) -> Option<Identity> {
+        logged("token", Accounts::verify_token(self, token))
+            .flatten()
+            .map(|p| identity(&p))
+    }
+
+    fn logout(&self, session_id: &str) {
+        let _ = logged("logout", Accounts::logout(self, session_id));
+    }
+
+    fn change_password(&self, r: &PasswordChangeRequest) -> PasswordChangeResult {
+        match Accounts::change_password(self, &r.username, &r.old_password, &r.new_password) {
+            Ok(()) => PasswordChangeResult::Changed,
+            Err(SecurityError::WeakPassword(why)) => {
+                PasswordChangeResult::Rejected(format!("password refused: {why}"))
+            }
+            Err(SecurityError::Throttled { retry_after }) => {
+                PasswordChangeResult::Throttled { retry_after }
+            }
+            Err(SecurityError::AccountLocked) => PasswordChangeResult::Throttled {
+                retry_after: self.policy().max_delay,
+            },
+            Err(SecurityError::BadCredentials | SecurityError::AccountDisabled) => {
+                PasswordChangeResult::Failed
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "account service: password change failed");
+                PasswordChangeResult::Failed
+            }
+        }
+    }
+}

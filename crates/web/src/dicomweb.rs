@@ -1,0 +1,1107 @@
+//! DICOMweb (PS3.18) routes under `/dicomweb`: QIDO-RS search (§10.6),
+//! WADO-RS retrieve (§10.4: instances, metadata, frames, bulk data,
+//! rendered, thumbnail) and STOW-RS store (§10.5), on the archive and the
+//! `bastion-dicomweb` building blocks.
+//!
+//! - QIDO-RS: `application/dicom+json` (or `application/json`); an empty
+//!   result is `200 []`; `limit`/`offset` applied after matching; more
+//!   than `max_matches` matches → 400 ("refine the query"), as C-FIND
+//!   refuses them; keys the engine cannot match → `Warning: 299`.
+//! - WADO-RS instances: `multipart/related; type="application/dicom"`,
+//!   a random boundary, streamed one instance at a time. `transfer-syntax=*`
+//!   returns the stored bytes; an explicit transfer syntax is produced by
+//!   `bastion_archive::transcode` or answered 406; without one, Explicit VR
+//!   Little Endian (the default of PS3.18 §8.7.3.5.2) when it can be
+//!   produced, else the stored syntax (documented leniency: every part's
+//!   Content-Type names its real transfer syntax).
+//! - STOW-RS: `multipart/related; type="application/dicom"`, each part
+//!   through `Archive::ingest` (the C-STORE pipeline); 200 all stored, 202
+//!   some failed, 409 none stored (§10.5.3), with ReferencedSOPSequence /
+//!   FailedSOPSequence and a FailureReason per instance.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    body::Body,
+    extract::{Path, Query, Request, State},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Extension, Router,
+};
+use bastion_archive::{
+    query::{FindOptions, Query as ArchiveQuery},
+    transcode::{can_transcode, transcode, EXPLICIT_VR_LE},
+    Archive, ArchiveError, Ingested, Origin, Received,
+};
+use bastion_dicomweb::{
+    frame_transfer_syntax, json::bulk_value, qido_result_json, qido_to_query, retrieve_url,
+    ImageFormat, JsonOptions, MultipartLimits, MultipartRelated, MultipartWriter, PathUids,
+    QidoLevel, RenderOptions,
+};
+use bastion_index::StoredInstance;
+use bastion_model::{Uid, WebPermission};
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use crate::{
+    audit::Note,
+    auth::Caller,
+    body::read_body,
+    error::{failure_reason, ApiError},
+    negotiate::{parse_accept, MediaRange},
+    AppState,
+};
+
+/// Media type of DICOM JSON (PS3.18 §8.7.3.2).
+const DICOM_JSON: &str = "application/dicom+json";
+
+type Params = Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>;
+
+/// The `/dicomweb` routes.
+pub fn routes() -> Router<AppState> {
+    const I: &str = "/studies/{study}/series/{series}/instances/{sop}";
+    Router::new()
+        .route("/studies", get(search_studies).post(stow_all))
+        .route("/studies/{study}", get(retrieve_study).post(stow_study))
+        .route("/studies/{study}/metadata", get(metadata_study))
+        .route("/studies/{study}/series", get(search_series_in_study))
+        .route("/studies/{study}/instances", get(search_instances_in_study))
+        .route("/studies/{study}/series/{series}", get(retrieve_series))
+        .route(
+            "/studies/{study}/series/{series}/metadata",
+            get(metadata_series),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances",
+            get(search_instances_in_series),
+        )
+        .route(I, get(retrieve_instance))
+        .route(&format!("{I}/metadata"), get(metadata_instance))
+        .route(&format!("{I}/frames/{{frames}}"), get(frames))
+        .route(
+            &format!("{I}/frames/{{frames}}/rendered"),
+            get(rendered_frame),
+        )
+        .route(&format!("{I}/rendered"), get(rendered_instance))
+        .route(&format!("{I}/thumbnail"), get(thumbnail))
+        .route(&format!("{I}/bulk/{{*path}}"), get(bulk))
+        .route("/series", get(search_series))
+        .route("/instances", get(search_instances))
+}
+
+// ---------------------------------------------------------------- common
+
+fn uid(s: &str) -> Result<Uid, ApiError> {
+    Uid::parse(s).map_err(|_| ApiError::BadRequest("invalid UID in the resource path".into()))
+}
+
+fn params(p: Params) -> Result<Vec<(String, String)>, ApiError> {
+    p.map(|Query(v)| v)
+        .map_err(|_| ApiError::BadRequest("malformed query string".into()))
+}
+
+/// The service root as the client addressed it: `https://{Host}/dicomweb`.
+fn base_url(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .unwrap_or("localhost");
+    format!("https://{host}/dicomweb")
+}
+
+fn accept(headers: &HeaderMap) -> Vec<MediaRange> {
+    parse_accept(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()))
+}
+
+/// A JSON response is acceptable (`application/dicom+json`,
+/// `application/json` or a wildcard), else 406.
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    if accept(headers)
+        .iter()
+        .any(|r| r.matches(DICOM_JSON) || r.matches("application/json"))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::NotAcceptable(
+            "this resource is available as application/dicom+json".into(),
+        ))
+    }
+}
+
+fn json_response(value: &Value) -> Result<Response, ApiError> {
+    let body = serde_json::to_vec(value).map_err(|e| ApiError::internal("JSON", e))?;
+    Ok(([(header::CONTENT_TYPE, DICOM_JSON)], body).into_response())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal("DICOMweb task", e))?
+}
+
+fn peer_of(ext: &axum::http::Extensions) -> String {
+    crate::auth::peer(ext)
+        .map(|a: SocketAddr| a.to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+// ---------------------------------------------------------------- QIDO-RS
+
+struct Search {
+    level: QidoLevel,
+    path: PathUids,
+    action: &'static str,
+}
+
+async fn search(
+    state: AppState,
+    req: Request,
+    s: Search,
+    params: Vec<(String, String)>,
+) -> Result<Response, ApiError> {
+    let note = req.extensions().get::<Note>().cloned().unwrap_or_default();
+    note.action(s.action);
+    let caller = req
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or(ApiError::Unauthenticated)?;
+    caller.require(WebPermission::Query)?;
+    require_json(req.headers())?;
+    let (query, opts) = qido_to_query(s.level, &s.path, &params)?;
+    let base = base_url(req.headers());
+    let find = FindOptions {
+        ae: format!("web:{}", caller.identity.username),
+        peer: peer_of(req.extensions()),
+        retrieve_ae: state.config().ae_title.clone(),
+        max_matches: state.config().max_matches,
+    };
+    let unsupported = query.has_unsupported_keys();
+    let archive = state.archive();
+    let level = s.level;
+    let (results, studies) = blocking(move || {
+        let json_opts = JsonOptions {
+            bulk_base: base.clone(),
+            ..JsonOptions::default()
+        };
+        let mut seen = 0usize;
+        let limit = opts.limit.unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        let mut studies = Vec::new();
+        archive.find(&query, &find, &mut |r| {
+            seen += 1;
+            if seen > opts.offset && out.len() < limit {
+                if let Some(st) = r
+                    .identifier
+                    .get(dicom_dictionary_std::tags::STUDY_INSTANCE_UID)
+                    .and_then(|e| e.to_str().ok())
+                {
+                    studies.push(st.trim_end_matches(['\0', ' ']).to_owned());
+                }
+                out.push(qido_result_json(&r.identifier, level, &base, &json_opts));
+            }
+            out.len() < limit
+        })?;
+        Ok((out, studies))
+    })
+    .await?;
+    for st in &studies {
+        note.study(st);
+    }
+    let mut r = json_response(&Value::Array(results))?;
+    if unsupported {
+        r.headers_mut().insert(
+            header::WARNING,
+            HeaderValue::from_static(
+                "299 bastion \"some attributes in the query are not matched and were treated as universal\"",
+            ),
+        );
+    }
+    Ok(r)
+}
+
+async fn search_studies(
+    State(st): State<AppState>,
+    p: Params,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let s = Search {
+        level: QidoLevel::Study,
+        path: PathUids::default(),
+        action: "qido.studies",
+    };
+    search(st, req, s, params(p)?).await
+}
+
+async fn search_series(
+    State(st): State<AppState>,
+    p: Params,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let s = Search {
+        level: QidoLevel::Series,
+        path: PathUids::default(),
+        action: "qido.series",
+    };
+    search(st, req, s, params(p)?).await
+}
+
+async fn search_instances(
+    State(st): State<AppState>,
+    p: Params,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let s = Search {
+        level: QidoLevel::Instance,
+        path: PathUids::default(),
+        action: "qido.instances",
+    };
+    search(st, req, s, params(p)?).await
+}
+
+async fn search_series_in_study(
+    State(st): State<AppState>,
+    Path(study): Path<String>,
+    p: Params,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let path = PathUids {
+        study: Some(uid(&study)?),
+        series: None,
+    };
+    let s = Search {
+        level: QidoLevel::Series,
+        path,
+        action: "qido.series",
+    };
+    search(st, req, s, params(p)?).await
+}
+
+async fn search_instances_in_study(
+    State(st): State<AppState>,
+    Path(study): Path<String>,
+    p: Params,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let path = PathUids {
+        study: Some(uid(&study)?),
+        series: None,
+    };
+    let s = Search {
+        level: QidoLevel::Instance,
+        path,
+        action: "qido.instances",
+    };
+    search(st, req, s, params(p)?).await
+}
+
+async fn search_instances_in_series(
+    State(st): State<AppState>,
+    Path((study, series)): Path<(String, String)>,
+    p: Params,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let path = PathUids {
+        study: Some(uid(&study)?),
+        series: Some(uid(&series)?),
+    };
+    let s = Search {
+        level: QidoLevel::Instance,
+        path,
+        action: "qido.instances",
+    };
+    search(st, req, s, params(p)?).await
+}
+
+// ---------------------------------------------------------------- WADO-RS
+
+/// A resource of WADO-RS: a study, a series or an instance.
+#[derive(Debug, Clone)]
+struct Target {
+    study: Uid,
+    series: Option<Uid>,
+    sop: Option<Uid>,
+}
+
+impl Target {
+    fn study(study: &str) -> Result<Target, ApiError> {
+        Ok(Target {
+            study: uid(study)?,
+            series: None,
+            sop: None,
+        })
+    }
+    fn series(study: &str, series: &str) -> Result<Target, ApiError> {
+        Ok(Target {
+            study: uid(study)?,
+            series: Some(uid(series)?),
+            sop: None,
+        })
+    }
+    fn instance(study: &str, series: &str, sop: &str) -> Result<Target, ApiError> {
+        Ok(Target {
+            study: uid(study)?,
+            series: Some(uid(series)?),
+            sop: Some(uid(sop)?),
+        })
+    }
+
+    /// The engine query naming exactly this resource.
+    fn query(&self) -> Result<ArchiveQuery, ApiError> {
+        let path = PathUids {
+            study: Some(self.study.clone()),
+            series: self.series.clone(),
+        };
+        let (level, params) = match (&self.series, &self.sop) {
+            (None, _) => (QidoLevel::Study, vec![]),
+            (Some(_), None) => (QidoLevel::Series, vec![]),
+            (Some(_), Some(sop)) => (
+                QidoLevel::Instance,
+                vec![("SOPInstanceUID".to_owned(), sop.to_string())],
+            ),
+        };
+        Ok(qido_to_query(level, &path, &params)?.0)
+    }
+}
+
+/// The checks every WADO-RS handler starts with: view permission, action
+/// and study recorded, the stored instances of the resource (404 when none).
+async fn resolve(
+    state: &AppState,
+    caller: &Caller,
+    note: &Note,
+    action: &'static str,
+    target: &Target,
+) -> Result<Vec<StoredInstance>, ApiError> {
+    note.action(action);
+    note.study(target.study.as_str());
+    caller.require(WebPermission::View)?;
+    let query = target.query()?;
+    let archive = state.archive();
+    let max = state.config().max_matches;
+    let found = blocking(move || Ok(archive.resolve_instances(&query, max)?)).await?;
+    if found.is_empty() {
+        return Err(ApiError::NotFound);
+    }
+    Ok(found)
+}
+
+/// What to send for each instance.
+#[derive(Debug, Clone, PartialEq)]
+enum Syntax {
+    /// The stored bytes.
+    Stored,
+    /// Exactly this transfer syntax.
+    Exactly(String),
+    /// Explicit VR Little Endian when it can be produced, else stored.
+    Default,
+}
+
+/// Picks the first acceptable representation for `instances` (406 when
+/// none).
+fn negotiate_instances(
+    headers: &HeaderMap,
+    instances: &[StoredInstance],
+) -> Result<Syntax, ApiError> {
+    for r in accept(headers) {
+        if !r.matches("multipart/related") {
+            continue;
+        }
+        match r.param("type") {
+            None | Some("application/dicom") => {}
+            Some(_) => continue,
+        }
+        match r.param("transfer-syntax") {
+            None => return Ok(Syntax::Default),
+            Some("*") => return Ok(Syntax::Stored),
+            Some(ts) => {
+                let ok = instances.iter().all(|i| {
+                    i.transfer_syntax_uid == ts || can_transcode(&i.transfer_syntax_uid, ts)
+                });
+                if ok {
+                    return Ok(Syntax::Exactly(ts.to_owned()));
+                }
+            }
+        }
+    }
+    Err(ApiError::NotAcceptable(
+        "instances are available as multipart/related; type=\"application/dicom\" in their stored transfer syntax (transfer-syntax=*) or one Bastion can transcode to".into(),
+    ))
+}
+
+/// Splits a Part 10 file into (offset of the dataset, transfer syntax).
+fn split_part10(bytes: &[u8]) -> Result<usize, ApiError> {
+    // Stored files always start with a zero preamble, DICM, then group 2
+    // in Explicit VR Little Endian, written by the archive.
+    let bad = || ApiError::internal("stored instance", "malformed file meta information");
+    if bytes.get(128..132) != Some(b"DICM") {
+        return Err(bad());
+    }
+    let mut pos = 132usize;
+    loop {
+        let Some(h) = bytes.get(pos..pos + 8) else {
+            return Err(bad());
+        };
+        let group = u16::from_le_bytes([h[0], h[1]]);
+        if group != 0x0002 {
+            return Ok(pos);
+        }
+        let vr = &h[4..6];
+        let (len, head) = if matches!(
+            vr,
+            b"OB" | b"OW" | b"OF" | b"SQ" | b"UT" | b"UN" | b"UC" | b"UR" | b"OD" | b"OL" | b"OV"
+        ) {
+            let l = bytes.get(pos + 8..pos + 12).ok_or_else(bad)?;
+            (u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize, 12)
+        } else {
+            (u16::from_le_bytes([h[6], h[7]]) as usize, 8)
+        };
+        pos = pos
+            .checked_add(head + len)
+            .filter(|p| *p <= bytes.len())
+            .ok_or_else(bad)?;
+    }
+}
+
+/// A Part 10 file of `inst` in transfer syntax `ts` (transcoded from the
+/// stored bytes).
+fn part10_in(inst: &StoredInstance, stored: &[u8], ts: &str) -> Result<Vec<u8>, ApiError> {
+    let at = split_part10(stored)?;
+    let dataset = transcode(&stored[at..], &inst.transfer_syntax_uid, ts)?;
+    let meta = dicom_object::meta::FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(inst.sop_class_uid.as_str())
+        .media_storage_sop_instance_uid(inst.sop_instance_uid.as_str())
+        .transfer_syntax(ts)
+        .implementation_class_uid(bastion_archive::IMPLEMENTATION_CLASS_UID)
+        .implementation_version_name(bastion_archive::IMPLEMENTATION_VERSION_NAME)
+        .build()
+        .map_err(|e| ApiError::internal("file meta", e))?;
+    let mut out = Vec::with_capacity(dataset.len() + 512);
+    out.extend_from_slice(&[0u8; 128]);
+    out.extend_from_slice(b"DICM");
+    meta.write(&mut out)
+        .map_err(|e| ApiError::internal("file meta", e))?;
+    out.extend_from_slice(&dataset);
+    Ok(out)
+}
+
+/// Streams the instances as `multipart/related; type="application/dicom"`,
+/// one instance decrypted (and transcoded) at a time on a blocking thread.
+fn stream_instances(
+    archive: Arc<Archive>,
+    instances: Vec<StoredInstance>,
+    syntax: Syntax,
+) -> Response {
+    let mut writer = MultipartWriter::new();
+    let content_type = writer.content_type();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+    tokio::task::spawn_blocking(move || {
+        for inst in &instances {
+            let produced = (|| -> Result<(Vec<u8>, String), ApiError> {
+                let uid = Uid::parse(&inst.sop_instance_uid)
+                    .map_err(|e| ApiError::internal("stored UID", e))?;
+                let stored = archive.instance_part10(&uid)?;
+                let ts = inst.transfer_syntax_uid.clone();
+                Ok(match &syntax {
+                    Syntax::Stored => (stored, ts),
+                    Syntax::Exactly(t) if *t == ts => (stored, ts),
+                    Syntax::Exactly(t) => (part10_in(inst, &stored, t)?, t.clone()),
+                    Syntax::Default
+                        if ts == EXPLICIT_VR_LE || !can_transcode(&ts, EXPLICIT_VR_LE) =>
+                    {
+                        (stored, ts)
+                    }
+                    Syntax::Default => (
+                        part10_in(inst, &stored, EXPLICIT_VR_LE)?,
+                        EXPLICIT_VR_LE.to_owned(),
+                    ),
+                })
+            })();
+            match produced {
+                Ok((bytes, ts)) => {
+                    let head =
+                        writer.part_header(&format!("application/dicom; transfer-syntax={ts}"));
+                    if tx.blocking_send(Ok(head.into())).is_err()
+                        || tx.blocking_send(Ok(bytes.into())).is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, sop_instance_uid = %inst.sop_instance_uid, "WADO-RS: instance could not be sent; response aborted");
+                    let _ =
+                        tx.blocking_send(Err(std::io::Error::other("instance could not be read")));
+                    return;
+                }
+            }
+        }
+        let _ = tx.blocking_send(Ok(writer.closing().into()));
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    (
+        [(header::CONTENT_TYPE, content_type)],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+async fn retrieve(
+    state: AppState,
+    req: Request,
+    target: Target,
+    action: &'static str,
+) -> Result<Response, ApiError> {
+    let (caller, note) = who(&req)?;
+    let instances = resolve(&state, &caller, &note, action, &target).await?;
+    let syntax = negotiate_instances(req.headers(), &instances)?;
+    Ok(stream_instances(state.archive(), instances, syntax))
+}
+
+fn who(req: &Request) -> Result<(Caller, Note), ApiError> {
+    let caller = req
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or(ApiError::Unauthenticated)?;
+    let note = req.extensions().get::<Note>().cloned().unwrap_or_default();
+    Ok((caller, note))
+}
+
+async fn retrieve_study(
+    State(st): State<AppState>,
+    Path(study): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    retrieve(st, req, Target::study(&study)?, "wado.study").await
+}
+
+async fn retrieve_series(
+    State(st): State<AppState>,
+    Path((study, series)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    retrieve(st, req, Target::series(&study, &series)?, "wado.series").await
+}
+
+async fn retrieve_instance(
+    State(st): State<AppState>,
+    Path((study, series, sop)): Path<(String, String, String)>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    retrieve(
+        st,
+        req,
+        Target::instance(&study, &series, &sop)?,
+        "wado.instance",
+    )
+    .await
+}
+
+/// The stored dataset of one instance: (stored instance, Part 10 bytes,
+/// offset of the dataset).
+async fn one_instance(
+    state: &AppState,
+    (caller, note): &(Caller, Note),
+    action: &'static str,
+    target: &Target,
+) -> Result<(StoredInstance, Vec<u8>, usize), ApiError> {
+    let mut found = resolve(state, caller, note, action, target).await?;
+    let inst = found.swap_remove(0);
+    let archive = state.archive();
+    let uid =
+        Uid::parse(&inst.sop_instance_uid).map_err(|e| ApiError::internal("stored UID", e))?;
+    let bytes = blocking(move || Ok(archive.instance_part10(&uid)?)).await?;
+    let at = split_part10(&bytes)?;
+    Ok((inst, bytes, at))
+}
+
+async fn metadata(
+    state: AppState,
+    req: Request,
+    target: Target,
+    action: &'static str,
+) -> Result<Response, ApiError> {
+    require_json(req.headers())?;
+    let (caller, note) = who(&req)?;
+    let instances = resolve(&state, &caller, &note, action, &target).await?;
+    let base = base_url(req.headers());
+    let archive = state.archive();
+    let threshold = state.config().bulk_threshold;
+    let out = blocking(move || {
+        let mut out = Vec::with_capacity(instances.len());
+        for inst in &instances {
+            let uid = Uid::parse(&inst.sop_instance_uid)
+                .map_err(|e| ApiError::internal("stored UID", e))?;
+            let bytes = archive.instance_part10(&uid)?;
+            let obj = dicom_object::from_reader(&bytes[128..])
+                .map_err(|e| ApiError::internal("stored instance", e))?
+                .into_inner();
+            let opts = JsonOptions {
+                bulk_base: format!(
+                    "{base}/studies/{}/series/{}/instances/{}/bulk",
+                    inst.study_instance_uid, inst.series_instance_uid, inst.sop_instance_uid
+                ),
+                bulk_threshold: threshold,
+            };
+            out.push(bastion_dicomweb::to_dicom_json(&obj, &opts));
+        }
+        Ok(out)
+    })
+    .await?;
+    json_response(&Value::Array(out))
+}
+
+async fn metadata_study(
+    State(st): State<AppState>,
+    Path(study): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    metadata(st, req, Target::study(&study)?, "wado.metadata").await
+}
+
+async fn metadata_series(
+    State(st): State<AppState>,
+    Path((study, series)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    metadata(st, req, Target::series(&study, &series)?, "wado.metadata").await
+}
+
+async fn metadata_instance(
+    State(st): State<AppState>,
+    Path((study, series, sop)): Path<(String, String, String)>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    metadata(
+        st,
+        req,
+        Target::instance(&study, &series, &sop)?,
+        "wado.metadata",
+    )
+    .await
+}
+
+fn frame_numbers(list: &str) -> Result<Vec<u32>, ApiError> {
+    let numbers: Result<Vec<u32>, _> = list.split(',').map(|n| n.trim().parse::<u32>()).collect();
+    match numbers {
+        Ok(n) if !n.is_empty() && n.len() <= 10_000 && !n.contains(&0) => Ok(n),
+        _ => Err(ApiError::BadRequest(
+            "frame list must be comma-separated frame numbers from 1".into(),
+        )),
+    }
+}
+
+async fn frames(
+    State(st): State<AppState>,
+    Path((study, series, sop, list)): Path<(String, String, String, String)>,
+    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
+    Extension(note): Extension<Note>,
+) -> Result<Response, ApiError> {
+    let who = (caller, note);
+    let numbers = frame_numbers(&list)?;
+    let target = Target::instance(&study, &series, &sop)?;
+    let (inst, bytes, at) = one_instance(&st, &who, "wado.frames", &target).await?;
+    let frame_ts = frame_transfer_syntax(&inst.transfer_syntax_uid).to_owned();
+    let acceptable = accept(&headers).iter().any(|r| {
+        r.matches("multipart/related")
+            && matches!(r.param("type"), None | Some("application/octet-stream"))
+            && matches!(r.param("transfer-syntax"), None | Some("*"))
+            || r.param("transfer-syntax") == Some(frame_ts.as_str())
+    });
+    if !acceptable {
+        return Err(ApiError::NotAcceptable(format!(
+            "frames are available as multipart/related; type=\"application/octet-stream\"; transfer-syntax={frame_ts}"
+        )));
+    }
+    let ts = inst.transfer_syntax_uid.clone();
+    let parts =
+        blocking(move || Ok(bastion_dicomweb::frames(&bytes[at..], &ts, &numbers)?)).await?;
+    let mut w = MultipartWriter::with_type("application/octet-stream");
+    for p in &parts {
+        w.add_part(
+            &format!("application/octet-stream; transfer-syntax={frame_ts}"),
+            p,
+        );
+    }
+    let ct = w.content_type();
+    Ok(([(header::CONTENT_TYPE, ct)], w.finish()).into_response())
+}
+
+async fn bulk(
+    State(st): State<AppState>,
+    Path((study, series, sop, path)): Path<(String, String, String, String)>,
+    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
+    Extension(note): Extension<Note>,
+) -> Result<Response, ApiError> {
+    let who = (caller, note);
+    let target = Target::instance(&study, &series, &sop)?;
+    if !accept(&headers)
+        .iter()
+        .any(|r| r.matches("multipart/related"))
+    {
+        return Err(ApiError::NotAcceptable(
+            "bulk data is available as multipart/related; type=\"application/octet-stream\"".into(),
+        ));
+    }
+    let (_, bytes, _) = one_instance(&st, &who, "wado.bulk", &target).await?;
+    let value = blocking(move || {
+        let obj = dicom_object::from_reader(&bytes[128..])
+            .map_err(|e| ApiError::internal("stored instance", e))?
+            .into_inner();
+        Ok(bulk_value(&obj, &path)?)
+    })
+    .await?;
+    let mut w = MultipartWriter::with_type("application/octet-stream");
+    w.add_part("application/octet-stream", &value);
+    let ct = w.content_type();
+    Ok(([(header::CONTENT_TYPE, ct)], w.finish()).into_response())
+}
+
+/// The image format from `Accept` (PNG unless JPEG is preferred), else 406.
+fn image_format(headers: &HeaderMap) -> Result<ImageFormat, ApiError> {
+    for r in accept(headers) {
+        if r.essence == "image/jpeg" {
+            return Ok(ImageFormat::Jpeg);
+        }
+        if r.matches("image/png") {
+            return Ok(ImageFormat::Png);
+        }
+    }
+    Err(ApiError::NotAcceptable(
+        "rendered images are available as image/png or image/jpeg".into(),
+    ))
+}
+
+/// Rendering parameters (PS3.18 §8.3.5.1): `window=center,width[,function]`,
+/// `viewport=vw,vh`, `quality=q`; others are refused (400).
+fn render_options(
+    params: &[(String, String)],
+    format: ImageFormat,
+) -> Result<RenderOptions, ApiError> {
+    let bad = |what: &str| ApiError::BadRequest(format!("invalid {what} parameter"));
+    let mut o = RenderOptions {
+        format,
+        ..RenderOptions::default()
+    };
+    for (name, value) in params {
+        match name.as_str() {
+            "window" => {
+                let v: Vec<&str> = value.split(',').collect();
+                if !(2..=3).contains(&v.len())
+                    || v.get(2).is_some_and(|f| !f.eq_ignore_ascii_case("linear"))
+                {
+                    return Err(bad("window"));
+                }
+                let c: f64 = v[0].trim().parse().map_err(|_| bad("window"))?;
+                let w: f64 = v[1].trim().parse().map_err(|_| bad("window"))?;
+                o.window = Some((c, w));
+            }
+            "viewport" => {
+                let v: Vec<&str> = value.split(',').collect();
+                let (Some(w), Some(h), 2) = (v.first(), v.get(1), v.len()) else {
+                    return Err(bad("viewport"));
+                };
+                o.viewport = Some((
+                    w.trim().parse().map_err(|_| bad("viewport"))?,
+                    h.trim().parse().map_err(|_| bad("viewport"))?,
+                ));
+            }
+            "quality" => o.quality = value.parse().map_err(|_| bad("quality"))?,
+            "accept" | "charset" => {}
+            _ => return Err(ApiError::BadRequest("unknown rendering parameter".into())),
+        }
+    }
+    Ok(o)
+}
+
+async fn rendered(
+    st: AppState,
+    headers: &HeaderMap,
+    who: (Caller, Note),
+    target: Target,
+    frame: u32,
+    p: Vec<(String, String)>,
+) -> Result<Response, ApiError> {
+    let format = image_format(headers)?;
+    let opts = render_options(&p, format)?;
+    let (inst, bytes, at) = one_instance(&st, &who, "wado.rendered", &target).await?;
+    let ts = inst.transfer_syntax_uid.clone();
+    let image =
+        blocking(move || Ok(bastion_dicomweb::render(&bytes[at..], &ts, frame, &opts)?)).await?;
+    Ok(([(header::CONTENT_TYPE, format.media_type())], image).into_response())
+}
+
+async fn rendered_instance(
+    State(st): State<AppState>,
+    Path((study, series, sop)): Path<(String, String, String)>,
+    p: Params,
+    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
+    Extension(note): Extension<Note>,
+) -> Result<Response, ApiError> {
+    let who = (caller, note);
+    let target = Target::instance(&study, &series, &sop)?;
+    rendered(st, &headers, who, target, 1, params(p)?).await
+}
+
+async fn rendered_frame(
+    State(st): State<AppState>,
+    Path((study, series, sop, list)): Path<(String, String, String, String)>,
+    p: Params,
+    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
+    Extension(note): Extension<Note>,
+) -> Result<Response, ApiError> {
+    let who = (caller, note);
+    let target = Target::instance(&study, &series, &sop)?;
+    let numbers = frame_numbers(&list)?;
+    let [frame] = numbers[..] else {
+        return Err(ApiError::BadRequest(
+            "a rendered frame resource names one frame".into(),
+        ));
+    };
+    rendered(st, &headers, who, target, frame, params(p)?).await
+}
+
+async fn thumbnail(
+    State(st): State<AppState>,
+    Path((study, series, sop)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
+    Extension(note): Extension<Note>,
+) -> Result<Response, ApiError> {
+    let who = (caller, note);
+    let target = Target::instance(&study, &series, &sop)?;
+    let format = image_format(&headers)?;
+    let (inst, bytes, at) = one_instance(&st, &who, "wado.thumbnail", &target).await?;
+    let ts = inst.transfer_syntax_uid.clone();
+    let image =
+        blocking(move || Ok(bastion_dicomweb::thumbnail(&bytes[at..], &ts, format)?)).await?;
+    Ok(([(header::CONTENT_TYPE, format.media_type())], image).into_response())
+}
+
+// ---------------------------------------------------------------- STOW-RS
+
+async fn stow_all(State(st): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    stow(st, req, None).await
+}
+
+async fn stow_study(
+    State(st): State<AppState>,
+    Path(study): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let study = uid(&study)?;
+    stow(st, req, Some(study)).await
+}
+
+/// One instance of a STOW-RS request.
+enum Stored {
+    Ok {
+        class: String,
+        sop: String,
+        study: String,
+    },
+    Failed {
+        class: String,
+        sop: String,
+        reason: u16,
+    },
+}
+
+async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Response, ApiError> {
+    let (caller, note) = who(&req)?;
+    note.action("stow");
+    if let Some(s) = &study {
+        note.study(s.as_str());
+    }
+    caller.require(WebPermission::Upload)?;
+    require_json(req.headers())?;
+    let (parts, body) = req.into_parts();
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::UnsupportedMediaType("a multipart/related body is required".into())
+        })?;
+    let related = MultipartRelated::from_content_type(content_type)?;
+    if !matches!(
+        related.root_type.as_deref(),
+        None | Some("application/dicom")
+    ) {
+        return Err(ApiError::UnsupportedMediaType(
+            "STOW-RS accepts multipart/related; type=\"application/dicom\"".into(),
+        ));
+    }
+    let cfg = state.config();
+    let body = read_body(&parts.headers, body, cfg.max_upload_bytes, cfg.body_timeout).await?;
+    let base = base_url(&parts.headers);
+    let origin = Origin {
+        ae: "DICOMWEB".into(),
+        peer: format!(
+            "{} user={}",
+            peer_of(&parts.extensions),
+            caller.identity.username
+        ),
+        on_conflict: bastion_index::OnConflict::Refuse,
+    };
+    let archive = state.archive();
+    let limits = MultipartLimits {
+        max_part_bytes: usize::try_from(archive.limits().max_dataset_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1 << 20),
+        ..MultipartLimits::default()
+    };
+    let expected = study.clone();
+    let results = blocking(move || {
+        let mut results = Vec::new();
+        for part in related.parts(&body, &limits) {
+            let part = part?;
+            let is_dicom = part
+                .content_type()
+                .map(|c| c.trim().to_ascii_lowercase())
+                .is_some_and(|c| c == "application/dicom" || c.starts_with("application/dicom;"));
+            if !is_dicom {
+                results.push(Stored::Failed {
+                    class: String::new(),
+                    sop: String::new(),
+                    reason: 0xC000,
+                });
+                continue;
+            }
+            if let Some(expected) = &expected {
+                match crate::peek::study_uid(part.body) {
+                    Some(s) if s == expected.as_str() => {}
+                    Some(_) | None => {
+                        results.push(Stored::Failed {
+                            class: String::new(),
+                            sop: String::new(),
+                            reason: 0xA900,
+                        });
+                        continue;
+                    }
+                }
+            }
+            match archive.ingest(Received::File(part.body.to_vec()), &origin) {
+                Ok(
+                    Ingested::Stored { sop_instance_uid }
+                    | Ingested::Duplicate { sop_instance_uid }
+                    | Ingested::Replaced { sop_instance_uid },
+                ) => {
+                    let row = archive
+                        .index()
+                        .find_instance(sop_instance_uid.as_str())
+                        .map_err(|e| ApiError::internal("index", e))?;
+                    let (class, study) = row
+                        .map(|r| (r.sop_class_uid, r.study_instance_uid))
+                        .unwrap_or_default();
+                    results.push(Stored::Ok {
+                        class,
+                        sop: sop_instance_uid.to_string(),
+                        study,
+                    });
+                }
+                Err(e) => {
+                    let sop = match &e {
+                        ArchiveError::Conflict { sop_instance_uid } => sop_instance_uid.to_string(),
+                        _ => String::new(),
+                    };
+                    results.push(Stored::Failed {
+                        class: String::new(),
+                        sop,
+                        reason: failure_reason(&e),
+                    });
+                }
+            }
+        }
+        Ok(results)
+    })
+    .await?;
+    let mut referenced = Vec::new();
+    let mut failed = Vec::new();
+    let mut studies = std::collections::BTreeSet::new();
+    for r in &results {
+        match r {
+            Stored::Ok { class, sop, study } => {
+                note.study(study);
+                studies.insert(study.clone());
+                let mut item = serde_json::Map::new();
+                item.insert("00081150".into(), ui(class));
+                item.insert("00081155".into(), ui(sop));
+                if let (Ok(st), Ok(se)) = (Uid::parse(study), Uid::parse(sop)) {
+                    // The instance's URL needs its series; the study URL is enough here.
+                    let _ = se;
+                    item.insert(
+                        "00081190".into(),
+                        json!({"vr": "UR", "Value": [retrieve_url(&base, &st, None, None)]}),
+                    );
+                }
+                referenced.push(Value::Object(item));
+            }
+            Stored::Failed { class, sop, reason } => {
+                let mut item = serde_json::Map::new();
+                item.insert("00081150".into(), ui(class));
+                item.insert("00081155".into(), ui(sop));
+                item.insert("00081197".into(), json!({"vr": "US", "Value": [reason]}));
+                failed.push(Value::Object(item));
+            }
+        }
+    }
+    let mut out = serde_json::Map::new();
+    if studies.len() == 1 {
+        if let Some(Ok(st)) = studies.iter().next().map(|s| Uid::parse(s)) {
+            out.insert(
+                "00081190".into(),
+                json!({"vr": "UR", "Value": [retrieve_url(&base, &st, None, None)]}),
+            );
+        }
+    }
+    if !failed.is_empty() {
+        out.insert("00081198".into(), json!({"vr": "SQ", "Value": failed}));
+    }
+    if !referenced.is_empty() {
+        out.insert("00081199".into(), json!({"vr": "SQ", "Value": referenced}));
+    }
+    let status = match (referenced.is_empty(), failed.is_empty()) {
+        (false, true) => StatusCode::OK,
+        (false, false) => StatusCode::ACCEPTED,
+        (true, _) => StatusCode::CONFLICT,
+    };
+    let body =
+        serde_json::to_vec(&Value::Object(out)).map_err(|e| ApiError::internal("JSON", e))?;
+    Ok((status, [(header::CONTENT_TYPE, DICOM_JSON)], body).into_response())
+}
+
+/// A UI attribute in DICOM JSON (empty: no Value).
+fn ui(v: &str) -> Value {
+    if v.is_empty() {
+        json!({"vr": "UI"})
+    } else {
+        json!({"vr": "UI", "Value": [v]})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_lists() {
+        assert_eq!(frame_numbers("1,3, 2").ok(), Some(vec![1, 3, 2]));
+        assert!(frame_numbers("0").is_err());
+        assert!(frame_numbers("a").is_err());
+        assert!(frame_numbers("").is_err());
+    }
+}

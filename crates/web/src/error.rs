@@ -1,0 +1,204 @@
+//! [`ApiError`]: every failure the HTTPS front end answers, mapped to an
+//! HTTP status in one place ([`ApiError::status`]).
+//!
+//! The client sees `{"error": "<message>", "status": N}` with a message
+//! that names no internal detail: archive, database and I/O failures are
+//! logged here (tracing, warn/error, no patient data) and answered as a bare
+//! "internal error".
+
+use std::time::Duration;
+
+use axum::{
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use bastion_archive::ArchiveError;
+use bastion_dicomweb::DicomWebError;
+
+/// A request that cannot be answered normally.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No credentials, or credentials that are not valid (401 with
+    /// `WWW-Authenticate: Bearer`).
+    #[error("authentication required")]
+    Unauthenticated,
+    /// A login that failed: unknown user, wrong password or second factor
+    /// (401; one message for all, so an attacker learns nothing).
+    #[error("invalid username or password")]
+    LoginFailed,
+    /// The password was right; a TOTP code is needed (401).
+    #[error("second factor required: send the TOTP code as \"totp\"")]
+    TotpRequired,
+    /// Authenticated, but the role or token scope lacks the permission
+    /// (403).
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
+    /// A state-changing request authenticated by the session cookie without
+    /// the session's `X-CSRF-Token` (403).
+    #[error("missing or invalid X-CSRF-Token")]
+    Csrf,
+    /// A login whose `Origin` is neither ours nor an allowed CORS origin (403).
+    #[error("origin not allowed")]
+    Origin,
+    /// The account must change its password first (403).
+    #[error("password change required: POST /api/password")]
+    PasswordChangeRequired,
+    /// A token in the query string (400): tokens travel in `Authorization`
+    /// only, never in URLs that end up in logs and browser history.
+    #[error("access tokens are accepted in the Authorization header only")]
+    TokenInQuery,
+    /// Too many attempts (429 with `Retry-After`).
+    #[error("too many attempts; retry later")]
+    Throttled {
+        /// Seconds until the next attempt may succeed.
+        retry_after: Duration,
+    },
+    /// Malformed request (400); the message names what, never a value.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such resource (404).
+    #[error("not found")]
+    NotFound,
+    /// The representation asked for in `Accept` cannot be produced (406).
+    #[error("not acceptable: {0}")]
+    NotAcceptable(String),
+    /// The body exceeds the configured limit (413).
+    #[error("request body too large")]
+    TooLarge,
+    /// The body did not arrive within the body timeout (408).
+    #[error("request body timeout")]
+    BodyTimeout,
+    /// Unsupported request media type or content coding (415).
+    #[error("unsupported media type: {0}")]
+    UnsupportedMediaType(String),
+    /// A request the archive refused as unprocessable (422).
+    #[error("{0}")]
+    Unprocessable(String),
+    /// Out of resources (503), e.g. the disk is full.
+    #[error("service unavailable")]
+    Unavailable,
+    /// Anything else (500); the detail is logged, never sent.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The one mapping of errors to HTTP statuses.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthenticated | ApiError::LoginFailed | ApiError::TotpRequired => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::Forbidden(_)
+            | ApiError::Csrf
+            | ApiError::Origin
+            | ApiError::PasswordChangeRequired => StatusCode::FORBIDDEN,
+            ApiError::TokenInQuery | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// An internal failure: logged now, answered as "internal error".
+    pub fn internal(context: &str, e: impl std::fmt::Display) -> ApiError {
+        ApiError::Internal(format!("{context}: {e}"))
+    }
+}
+
+/// The JSON error body `{"error": message, "status": code}`.
+pub fn error_body(status: StatusCode, message: &str) -> Response {
+    let mut r = (
+        status,
+        Json(serde_json::json!({"error": message, "status": status.as_u16()})),
+    )
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"bastion\""),
+        );
+    }
+    r
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let ApiError::Internal(detail) = &self {
+            tracing::error!(detail = %detail, "HTTP request failed");
+        }
+        let mut r = error_body(status, &self.to_string());
+        if let ApiError::Throttled { retry_after } = self {
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        r
+    }
+}
+
+impl From<ArchiveError> for ApiError {
+    fn from(e: ArchiveError) -> ApiError {
+        match e {
+            ArchiveError::NotFound(_) => ApiError::NotFound,
+            ArchiveError::InvalidQuery { comment, .. } => ApiError::BadRequest(comment),
+            ArchiveError::TooManyMatches { limit } => {
+                ApiError::BadRequest(format!("more than {limit} matches: refine the query"))
+            }
+            ArchiveError::TooLarge { .. } => ApiError::TooLarge,
+            ArchiveError::NoSpace => {
+                tracing::error!("out of storage space");
+                ApiError::Unavailable
+            }
+            e @ (ArchiveError::NotDicom(_)
+            | ArchiveError::InvalidDataset(_)
+            | ArchiveError::Conflict { .. }) => ApiError::Unprocessable(e.to_string()),
+            ArchiveError::Internal(d) => ApiError::Internal(format!("archive: {d}")),
+        }
+    }
+}
+
+impl From<DicomWebError> for ApiError {
+    fn from(e: DicomWebError) -> ApiError {
+        let msg = e.to_string();
+        match e {
+            DicomWebError::UnknownAttribute { .. }
+            | DicomWebError::InvalidParameter { .. }
+            | DicomWebError::InvalidQuery(_)
+            | DicomWebError::BadMultipart(_) => ApiError::BadRequest(msg),
+            DicomWebError::FrameNotFound { .. } | DicomWebError::NoPixelData => ApiError::NotFound,
+            DicomWebError::Unsupported(m) => ApiError::NotAcceptable(m),
+            DicomWebError::MultipartTooLarge { .. } => ApiError::TooLarge,
+            DicomWebError::UnsupportedMediaType(m) => ApiError::UnsupportedMediaType(m),
+            DicomWebError::InvalidImage(m) => ApiError::Unprocessable(m),
+            DicomWebError::InvalidDataset(m) => ApiError::Internal(format!("stored dataset: {m}")),
+        }
+    }
+}
+
+/// The Failure Reason (0008,1197) of a STOW-RS instance the archive refused
+/// (PS3.18 §10.5.3, PS3.4 Annex B.2.3 statuses), the same codes C-STORE
+/// answers: 0xC000 cannot understand, 0xA900 data set does not match SOP
+/// class, 0x0111 duplicate SOP instance (conflicting re-send), 0xA700 out of
+/// resources.
+pub fn failure_reason(e: &ArchiveError) -> u16 {
+    match e {
+        ArchiveError::NotDicom(_) => 0xC000,
+        ArchiveError::InvalidDataset(_) | ArchiveError::InvalidQuery { .. } => 0xA900,
+        ArchiveError::Conflict { .. } => 0x0111,
+        ArchiveError::TooLarge { .. }
+        | ArchiveError::NoSpace
+        | ArchiveError::NotFound(_)
+        | ArchiveError::TooManyMatches { .. }
+        | ArchiveError::Internal(_) => 0xA700,
+    }
+}

@@ -1,0 +1,168 @@
+//! # bastion-web: the HTTPS front end
+//!
+//! DICOMweb (PS3.18: QIDO-RS, WADO-RS, STOW-RS) under `/dicomweb` and the
+//! account API under `/api`, served over TLS only (rustls with aws-lc-rs,
+//! TLS 1.3 and 1.2, the server certificate DICOM-TLS uses). A protocol
+//! adapter: the archive stores and finds, `bastion-dicomweb` turns datasets
+//! into DICOM JSON and multipart bodies, the account service
+//! ([`accounts::AccountService`]) decides logins; this crate routes,
+//! authenticates, authorises, negotiates and records.
+//!
+//! Main items: [`router`] builds the whole application from an [`AppState`]
+//! (testable with `tower::ServiceExt::oneshot`, no socket), [`server::serve`]
+//! accepts TLS connections on a listener the binary bound, and
+//! [`server::tls_config`] is the TLS policy.
+//!
+//! ```no_run
+//! # async fn demo(state: bastion_web::AppState, tls: std::sync::Arc<rustls::ServerConfig>) -> std::io::Result<()> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8443").await?;
+//! let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+//! let limits = bastion_web::server::ConnectionLimits::default();
+//! bastion_web::server::serve(listener, tls, bastion_web::router(state), limits, stop_rx).await;
+//! # Ok(()) }
+//! ```
+//!
+//! Invariants:
+//! - every route is authenticated except `POST /api/login`, `POST
+//!   /api/password` and CORS preflights; authorisation is one
+//!   [`auth::Caller::require`] call per handler, by [`bastion_model::WebPermission`];
+//! - every response carries the security headers ([`protect`]), errors
+//!   included; errors map to HTTP statuses in one place ([`error::ApiError`])
+//!   and never carry internal details;
+//! - bodies are read only through [`body::read_body`]: declared length
+//!   checked before reading, bytes capped, whole body within a deadline;
+//! - every request is recorded in the event log ([`audit`]) with user,
+//!   address, action, status and Study Instance UIDs, never patient names.
+
+pub mod accounts;
+pub mod audit;
+pub mod auth;
+pub mod body;
+pub mod dicomweb;
+pub mod error;
+mod negotiate;
+mod peek;
+pub mod protect;
+pub mod server;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    middleware::{from_fn, from_fn_with_state},
+    routing::{get, post},
+    Router,
+};
+use bastion_archive::Archive;
+use tower_http::{
+    limit::RequestBodyLimitLayer, set_header::SetResponseHeaderLayer,
+    timeout::RequestBodyTimeoutLayer,
+};
+
+use crate::{accounts::AccountService, error::ApiError};
+
+/// Settings of the HTTPS front end (`[http]` in `bastion.toml`).
+#[derive(Debug, Clone)]
+pub struct WebConfig {
+    /// Origins allowed by CORS (empty: CORS off).
+    pub cors_origins: Vec<String>,
+    /// Largest STOW-RS request body, bytes.
+    pub max_upload_bytes: usize,
+    /// Largest JSON request body (login, password), bytes.
+    pub max_json_bytes: usize,
+    /// A request body must arrive completely within this time.
+    pub body_timeout: Duration,
+    /// QIDO-RS: more matches than this are refused (400, "refine the query").
+    pub max_matches: usize,
+    /// Our AE title (Retrieve AE Title in QIDO-RS results).
+    pub ae_title: String,
+    /// Values larger than this are BulkDataURIs in metadata, bytes.
+    pub bulk_threshold: usize,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            cors_origins: Vec::new(),
+            max_upload_bytes: 2 << 30,
+            max_json_bytes: 64 << 10,
+            body_timeout: Duration::from_secs(300),
+            max_matches: bastion_archive::query::DEFAULT_MAX_MATCHES,
+            ae_title: "BASTION".into(),
+            bulk_threshold: 1024,
+        }
+    }
+}
+
+/// What the handlers share: the archive, the account service, the settings.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+struct Inner {
+    archive: Arc<Archive>,
+    accounts: Arc<dyn AccountService>,
+    config: WebConfig,
+}
+
+impl AppState {
+    /// Assembles the state.
+    pub fn new(
+        archive: Arc<Archive>,
+        accounts: Arc<dyn AccountService>,
+        config: WebConfig,
+    ) -> AppState {
+        AppState(Arc::new(Inner {
+            archive,
+            accounts,
+            config,
+        }))
+    }
+
+    /// The archive.
+    pub fn archive(&self) -> Arc<Archive> {
+        self.0.archive.clone()
+    }
+
+    /// The account service.
+    pub fn accounts(&self) -> Arc<dyn AccountService> {
+        self.0.accounts.clone()
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &WebConfig {
+        &self.0.config
+    }
+}
+
+/// The whole application. Layers, outermost first: security headers, CORS
+/// (when configured), JSON error bodies, event record, body size limit
+/// (declared length checked before the handler runs), body idle timeout,
+/// `Content-Encoding` refusal, authentication; then the routes.
+pub fn router(state: AppState) -> Router {
+    let config = state.config().clone();
+    let api = Router::new()
+        .route("/api/login", post(auth::login))
+        .route("/api/password", post(auth::change_password))
+        .route("/api/logout", post(auth::logout))
+        .route("/api/me", get(auth::me))
+        .route("/api/events", get(audit::events));
+    let app = Router::new()
+        .merge(api)
+        .nest("/dicomweb", dicomweb::routes())
+        .fallback(|| async { ApiError::NotFound })
+        .layer(from_fn_with_state(state.clone(), auth::authenticate))
+        .layer(from_fn(protect::refuse_content_encoding))
+        .layer(RequestBodyTimeoutLayer::new(config.body_timeout))
+        .layer(RequestBodyLimitLayer::new(config.max_upload_bytes))
+        .layer(from_fn_with_state(state.clone(), audit::record))
+        .layer(from_fn(protect::json_errors))
+        .with_state(state);
+    let app = match protect::cors(&config.cors_origins) {
+        Some(cors) => app.layer(cors),
+        None => app,
+    };
+    protect::security_headers()
+        .into_iter()
+        .fold(app, |app, (name, value)| {
+            app.layer(SetResponseHeaderLayer::overriding(name, value))
+        })
+}
