@@ -79,7 +79,12 @@ impl Geometry {
                 g.rows, g.cols, g.samples, g.frames
             )));
         }
-        if g.bits_stored == 0 || g.bits_stored > g.bits_allocated || g.high_bit >= g.bits_allocated
+        // PS3.5 §8.1.1: the stored bits end at High Bit, within the
+        // allocated ones (also keeps the sample shift non-negative).
+        if g.bits_stored == 0
+            || g.bits_stored > g.bits_allocated
+            || g.high_bit >= g.bits_allocated
+            || g.high_bit + 1 < g.bits_stored
         {
             return Err(bad(format!(
                 "Bits Stored {} / High Bit {} do not fit Bits Allocated {}",
@@ -113,5 +118,34 @@ impl Geometry {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+
+    use super::*;
+
+    #[test]
+    fn bit_layout_is_checked() {
+        let image = |stored: u16, high: u16| {
+            InMemDicomObject::from_element_iter([
+                DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(2_u16)),
+                DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(2_u16)),
+                DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1_u16)),
+                DataElement::new(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16_u16)),
+                DataElement::new(tags::BITS_STORED, VR::US, PrimitiveValue::from(stored)),
+                DataElement::new(tags::HIGH_BIT, VR::US, PrimitiveValue::from(high)),
+            ])
+        };
+        assert!(Geometry::of(&image(12, 11)).is_ok());
+        assert!(Geometry::of(&image(12, 15)).is_ok());
+        assert!(
+            Geometry::of(&image(16, 7)).is_err(),
+            "high bit below stored bits"
+        );
+        assert!(Geometry::of(&image(17, 16)).is_err());
+        assert!(Geometry::of(&image(0, 0)).is_err());
     }
 }
