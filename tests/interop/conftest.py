@@ -62,6 +62,7 @@ class Server:
         self.ae_title = ae_title
         self.tls_port = helpers.free_port()
         self.plain_port = helpers.free_port()
+        self.http_port = helpers.free_port()
         self.proc: subprocess.Popen | None = None
         self.log_path = base / "serve.log"
         self._log = None
@@ -167,7 +168,8 @@ class Server:
         self._log.write(f"\n===== start #{self.starts + 1} =====\n".encode())
         self._log.flush()
         cmd = [str(self.bin), "serve", "--data", str(self.data),
-               "--dicom-addr", f"127.0.0.1:{self.tls_port}", "--ae-title", self.ae_title]
+               "--dicom-addr", f"127.0.0.1:{self.tls_port}", "--ae-title", self.ae_title,
+               "--http-addr", f"127.0.0.1:{self.http_port}"]
         if plain:
             cmd += ["--dicom-plain-addr", f"127.0.0.1:{self.plain_port}"]
         cmd += list(extra)

@@ -40,7 +40,7 @@ enum Command {
     /// Initialise an empty data directory: master key, audit signing key,
     /// private CA and server certificate, admin user with a random password.
     Init(ListenArgs),
-    /// Run the DICOM listeners (initialises an empty data directory first).
+    /// Run the DICOM and HTTPS listeners (initialises an empty data directory first).
     Serve(ListenArgs),
     /// Manage the device allowlist (remote AE titles allowed to connect).
     #[command(subcommand)]
@@ -77,6 +77,9 @@ pub struct ListenArgs {
     /// Our AE title [default: BASTION]
     #[arg(long)]
     pub ae_title: Option<String>,
+    /// HTTPS listener (DICOMweb, account API), IP:PORT or `off` (overrides bastion.toml; default 127.0.0.1:8443)
+    #[arg(long, value_name = "HOST:PORT|off")]
+    pub http_addr: Option<String>,
 }
 
 impl ListenArgs {
@@ -91,7 +94,11 @@ impl ListenArgs {
         if let Some(ae) = &self.ae_title {
             c.dicom.ae_title = ae.clone();
         }
+        if let Some(a) = &self.http_addr {
+            c.http.addr = a.clone();
+        }
         AeTitle::parse(&c.dicom.ae_title).context("invalid --ae-title")?;
+        c.http.listen_addr().context("invalid --http-addr")?;
         Ok(c)
     }
 }
@@ -456,7 +463,8 @@ fn cert_server(dir: &DataDir, mut hosts: Vec<String>) -> Result<ExitCode> {
     dir.require_initialised()?;
     dir.check_secret_permissions()?;
     let config = Config::load(&dir.config())?;
-    for addr in [Some(config.dicom.tls_addr), config.dicom.plain_addr]
+    let http = config.http.listen_addr()?;
+    for addr in [Some(config.dicom.tls_addr), config.dicom.plain_addr, http]
         .into_iter()
         .flatten()
     {

@@ -15,6 +15,72 @@ pub struct Config {
     pub limits: LimitsSection,
     /// Query (C-FIND) limits.
     pub query: QuerySection,
+    /// HTTPS (DICOMweb and account API) settings.
+    pub http: HttpSection,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// HTTPS listener address, or `off`.
+    pub addr: String,
+    /// Origins allowed to call the API from a browser (CORS); empty: CORS off.
+    pub cors_origins: Vec<String>,
+    /// Largest STOW-RS request body, bytes.
+    pub max_upload_bytes: u64,
+    /// Largest JSON request body (login, password change), bytes.
+    pub max_json_bytes: u64,
+    /// Seconds allowed for the TLS handshake.
+    pub handshake_timeout_secs: u64,
+    /// Seconds allowed for a request's headers (slowloris bound).
+    pub header_timeout_secs: u64,
+    /// Seconds allowed for a whole request body.
+    pub body_timeout_secs: u64,
+    /// HTTPS connections served at once.
+    pub max_connections: usize,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            addr: "127.0.0.1:8443".into(),
+            cors_origins: Vec::new(),
+            max_upload_bytes: 2 << 30,
+            max_json_bytes: 64 << 10,
+            handshake_timeout_secs: 10,
+            header_timeout_secs: 10,
+            body_timeout_secs: 300,
+            max_connections: 256,
+        }
+    }
+}
+
+impl HttpSection {
+    /// The listener address; `None` when `off`.
+    ///
+    /// # Errors
+    /// Neither `off` nor `HOST:PORT` with an IP address; a CORS origin that
+    /// is not `scheme://host[:port]` (or is `*`).
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>> {
+        for o in &self.cors_origins {
+            let ok = (o.starts_with("https://") || o.starts_with("http://"))
+                && !o.contains('*')
+                && o.split("://")
+                    .nth(1)
+                    .is_some_and(|h| !h.is_empty() && !h.contains('/'));
+            if !ok {
+                anyhow::bail!("[http] cors_origins: {o:?} is not an origin like \"https://viewer.example.org\" (no path, no wildcard)");
+            }
+        }
+        if self.addr.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        self.addr
+            .parse()
+            .map(Some)
+            .with_context(|| format!("[http] addr {:?} is neither \"off\" nor IP:PORT", self.addr))
+    }
 }
 
 /// `[query]`.
@@ -160,6 +226,26 @@ max_concurrent_parses = {mcp}
 # (Refused: Out of Resources) and an Error Comment asking to refine it, and
 # returns no match: listing a whole archive is how PACS are harvested.
 max_matches = {mm}
+
+[http]
+# HTTPS listener for DICOMweb (/dicomweb) and the account API (/api), with
+# the DICOM-TLS server certificate; "off" disables it. There is no plain
+# HTTP listener. Loopback until you change it (then `bastion cert server`).
+addr = "{http_addr}"
+# Browser origins allowed to call the API (CORS), e.g. an OHIF viewer at
+# ["https://viewer.example.org"]. Empty: CORS off. Never "*".
+cors_origins = {cors}
+# Largest STOW-RS request body, bytes (held in memory while it is stored).
+max_upload_bytes = {mub}
+# Largest JSON request body (login, password change), bytes.
+max_json_bytes = {mjb}
+# Seconds allowed for the TLS handshake, for a request's headers, and for a
+# whole request body (slow clients are cut off: 408).
+handshake_timeout_secs = {hts}
+header_timeout_secs = {hdt}
+body_timeout_secs = {bdt}
+# HTTPS connections served at once; more are closed at accept.
+max_connections = {mc}
 "#,
             ae = d.ae_title,
             tls = d.tls_addr,
@@ -174,6 +260,22 @@ max_matches = {mm}
             msd = l.max_sequence_depth,
             mcp = l.max_concurrent_parses,
             mm = self.query.max_matches,
+            http_addr = self.http.addr,
+            cors = format!(
+                "[{}]",
+                self.http
+                    .cors_origins
+                    .iter()
+                    .map(|o| format!("{o:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            mub = self.http.max_upload_bytes,
+            mjb = self.http.max_json_bytes,
+            hts = self.http.handshake_timeout_secs,
+            hdt = self.http.header_timeout_secs,
+            bdt = self.http.body_timeout_secs,
+            mc = self.http.max_connections,
         )
     }
 }
@@ -193,5 +295,14 @@ mod tests {
         assert_eq!(parsed.limits.max_dataset_bytes, c.limits.max_dataset_bytes);
         assert_eq!(parsed.query.max_matches, 1000);
         assert!(toml::from_str::<Config>("[dicom]\nbogus = 1\n").is_err());
+        assert_eq!(
+            parsed.http.listen_addr().ok().flatten(),
+            Some(SocketAddr::from(([127, 0, 0, 1], 8443)))
+        );
+        let mut off = parsed.http.clone();
+        off.addr = "off".into();
+        assert_eq!(off.listen_addr().ok(), Some(None));
+        off.cors_origins = vec!["*".into()];
+        assert!(off.listen_addr().is_err());
     }
 }

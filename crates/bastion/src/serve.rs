@@ -6,7 +6,10 @@ use std::{process::ExitCode, sync::Arc, time::Duration};
 use anyhow::{Context, Result};
 use bastion_dimse::{tls::TlsIdentity, Dimse, DimseConfig};
 use bastion_model::AeTitle;
+use bastion_security::accounts::{AccountPolicy, Accounts};
+use bastion_security::events::EventLog;
 use bastion_security::policy::Listener;
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{cli::ListenArgs, config::Config, datadir::DataDir};
@@ -54,6 +57,10 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         max_dataset_bytes: config.limits.max_dataset_bytes,
         max_matches: config.query.max_matches.max(1),
     };
+    let http = match config.http.listen_addr()? {
+        Some(addr) => Some((addr, web_app(dir, &config, &archive, &security)?)),
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -72,6 +79,13 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
                 dimse_config.ae_title
             );
             servers.push(tokio::spawn(dimse.clone().serve(l, Listener::Plain, rx.clone())));
+        }
+        if let Some((addr, (tls, app, limits))) = http {
+            let l = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            tracing::info!("HTTPS (DICOMweb, account API) listening on {}", l.local_addr()?);
+            servers.push(tokio::spawn(bastion_web::server::serve(l, tls, app, limits, rx.clone())));
+        } else {
+            tracing::info!("HTTPS listener off (--http-addr off)");
         }
         let sweeper = {
             let archive = archive.clone();
@@ -102,4 +116,53 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The HTTPS application: TLS configuration (the DICOM-TLS server
+/// certificate and key), router, connection limits.
+fn web_app(
+    dir: &DataDir,
+    config: &Config,
+    archive: &Arc<bastion_archive::Archive>,
+    security: &Arc<bastion_security::db::SecurityDb>,
+) -> Result<(
+    Arc<rustls::ServerConfig>,
+    bastion_web::Router,
+    bastion_web::server::ConnectionLimits,
+)> {
+    let p = dir.pki();
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&p.server_cert)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .with_context(|| format!("cannot read {}", p.server_cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&p.server_key)
+        .with_context(|| format!("cannot read {}", p.server_key.display()))?;
+    let tls = bastion_web::server::tls_config(chain, key)
+        .with_context(|| format!("cannot use {} for HTTPS", p.server_cert.display()))?;
+    let events = Arc::new(EventLog::open(&dir.events())?);
+    let accounts = Arc::new(Accounts::new(
+        security.clone(),
+        events,
+        AccountPolicy::default(),
+    ));
+    let h = &config.http;
+    if !h.cors_origins.is_empty() {
+        tracing::warn!(origins = ?h.cors_origins, "CORS enabled: these browser origins may call the API with users' credentials");
+    }
+    let web = bastion_web::WebConfig {
+        cors_origins: h.cors_origins.clone(),
+        max_upload_bytes: usize::try_from(h.max_upload_bytes).unwrap_or(usize::MAX),
+        max_json_bytes: usize::try_from(h.max_json_bytes).unwrap_or(usize::MAX),
+        body_timeout: Duration::from_secs(h.body_timeout_secs),
+        max_matches: config.query.max_matches.max(1),
+        ae_title: config.dicom.ae_title.clone(),
+        ..bastion_web::WebConfig::default()
+    };
+    let state = bastion_web::AppState::new(archive.clone(), accounts, web);
+    let limits = bastion_web::server::ConnectionLimits {
+        max_connections: h.max_connections.max(1),
+        handshake_timeout: Duration::from_secs(h.handshake_timeout_secs),
+        header_timeout: Duration::from_secs(h.header_timeout_secs),
+        ..bastion_web::server::ConnectionLimits::default()
+    };
+    Ok((tls, bastion_web::router(state), limits))
 }

@@ -45,12 +45,13 @@ mod peek;
 pub mod protect;
 pub mod server;
 
+pub use axum::Router;
+
 use std::{sync::Arc, time::Duration};
 
 use axum::{
     middleware::{from_fn, from_fn_with_state},
     routing::{get, post},
-    Router,
 };
 use bastion_archive::Archive;
 use tower_http::{
