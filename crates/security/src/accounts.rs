@@ -20,7 +20,7 @@
 //! if let LoginOutcome::Ok { session, .. } = accounts.login(&req)? {
 //!     // Set-Cookie: session.id; send session.csrf to the page.
 //!     let (principal, _csrf) = accounts.session(&session.id)?.expect("fresh session");
-//!     assert!(principal.may(bastion_model::WebPermission::Query) || true);
+//!     let _may_search = principal.may(bastion_model::WebPermission::Query);
 //! }
 //! # Ok(()) }
 //! ```
@@ -47,7 +47,7 @@
 //! - **Throttling per source address** (in memory; IPv6 grouped by /64):
 //!   delays only, never a lock, so one noisy address behind a shared NAT
 //!   cannot lock everyone out. The first [`ADDRESS_FREE_FAILURES`] failures
-//!   are free; then `base_delay · 2^(k−free−1)`, at most
+//!   are free; after `k ≥ free` failures, `base_delay · 2^(k−free)`, at most
 //!   `per_address_max_delay` (30 s by default). A successful login from the
 //!   address clears it.
 //! - **Same answer, same timing**: an unknown user and a wrong password both
@@ -706,7 +706,11 @@ impl Accounts {
         let mut map = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
         prune(&mut map, now, millis(self.policy.per_address_max_delay));
         let b = map.entry(key).or_default();
-        let counted = b.failures.saturating_sub(ADDRESS_FREE_FAILURES);
+        // After the free failures, the next attempt waits `base_delay`.
+        let counted = b
+            .failures
+            .saturating_add(1)
+            .saturating_sub(ADDRESS_FREE_FAILURES);
         let wait = remaining(
             *b,
             counted,
