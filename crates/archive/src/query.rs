@@ -955,6 +955,15 @@ impl Query {
         self.unsupported_keys
     }
 
+    /// Whether a response needs the study-level computed attributes
+    /// (NumberOfStudyRelated*, SOPClassesInStudy, ModalitiesInStudy).
+    fn needs_study_counts(&self) -> bool {
+        self.returns.iter().any(|rk| {
+            rk.tag == tags::MODALITIES_IN_STUDY
+                || computed(rk.tag).is_some_and(|(_, l)| l == Level::Study && l <= self.level)
+        })
+    }
+
     /// Whether no key restricts the result (every key universal).
     pub fn is_universal(&self) -> bool {
         self.keys.is_empty()
@@ -1214,11 +1223,27 @@ impl Archive {
         };
         let mut studies = BTreeSet::new();
         let mut result = Ok(());
+        // Study-level computed attributes for every match in one read (four
+        // statements), not four statements per match.
+        let study_counts = if query.needs_study_counts() {
+            let ids: Vec<i64> = rows
+                .iter()
+                .filter_map(|r| r.ids.study)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            self.index()
+                .study_counts_many(&ids)
+                .map_err(|e| ArchiveError::Internal(format!("query: {e}")))?
+        } else {
+            Default::default()
+        };
         for row in &rows {
             if !row.study.study_instance_uid.is_empty() {
                 studies.insert(row.study.study_instance_uid.clone());
             }
-            let identifier = match self.response(query, row, opts) {
+            let pre = row.ids.study.and_then(|s| study_counts.get(&s).cloned());
+            let identifier = match self.response(query, row, opts, pre) {
                 Ok(i) => i,
                 Err(e) => {
                     result = Err(e);
@@ -1280,9 +1305,13 @@ impl Archive {
         q: &Query,
         row: &EntityRow,
         opts: &FindOptions,
+        study_counts: Option<StudyCounts>,
     ) -> Result<InMemDicomObject, ArchiveError> {
         let mut obj = InMemDicomObject::new_empty();
-        let mut extras = Extras::default();
+        let mut extras = Extras {
+            study: study_counts,
+            ..Extras::default()
+        };
         let mut non_ascii = false;
         let mut put_text = |obj: &mut InMemDicomObject, tag: Tag, vr: VR, s: String| {
             non_ascii |= !s.is_ascii();

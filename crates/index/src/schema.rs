@@ -109,5 +109,18 @@ ALTER TABLE studies ADD COLUMN sequences TEXT NOT NULL DEFAULT '';
 ALTER TABLE series  ADD COLUMN sequences TEXT NOT NULL DEFAULT '';
 "#;
 
+/// Schema version 3: StudyDate range matching through an index.
+///
+/// A range on `studies.study_date` is answered as "canonical values in range
+/// (`studies_study_date`) or any non-canonical value (this partial index, which
+/// holds only the rare values that are not 8 digits: empty, ACR-NEMA dotted,
+/// padded)"; the archive's matcher then decides those. The WHERE clause here
+/// must stay identical to [`crate::query`]'s `NONCANONICAL_DATE` for SQLite to
+/// use the index.
+const V3: &str = r#"
+CREATE INDEX studies_study_date_noncanonical ON studies (study_date)
+    WHERE length(study_date) != 8 OR study_date GLOB '*[^0-9]*';
+"#;
+
 /// All migrations in order; the schema version after applying `MIGRATIONS[..n]` is `n`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3];

@@ -306,7 +306,7 @@ fn full_disk_gives_no_space() -> TestResult {
     let mnt = d.path().join("mnt");
     fs::create_dir(&mnt)?;
     let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs"])
         .arg(&mnt)
         .stderr(std::process::Stdio::null())
         .status()
