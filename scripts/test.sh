@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 
 VENV=.cache/venv
-PY_PACKAGES=(pydicom==3.0.2 pynetdicom==3.0.4 pytest==9.2.0 cryptography==50.0.2)
+PY_PACKAGES=(pydicom==3.0.2 pynetdicom==3.0.4 pytest==9.2.0 cryptography==50.0.2 dicomweb-client==0.61.2 requests==2.34.2)
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -46,7 +46,7 @@ PYEOF
 then
     "$VENV/bin/python" -m pip install --quiet "${PY_PACKAGES[@]}"
 fi
-"$VENV/bin/python" -c 'import pydicom, pynetdicom, pytest, cryptography; print("pydicom", pydicom.__version__, "pynetdicom", pynetdicom.__version__, "pytest", pytest.__version__)'
+"$VENV/bin/python" -c 'import pydicom, pynetdicom, pytest, cryptography, dicomweb_client, requests; print("pydicom", pydicom.__version__, "pynetdicom", pynetdicom.__version__, "pytest", pytest.__version__, "dicomweb-client", dicomweb_client.__version__)'
 
 step "3/6 test corpus"
 PYTHON=$VENV/bin/python ./scripts/fetch-corpus.sh
