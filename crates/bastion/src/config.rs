@@ -177,6 +177,14 @@ impl Config {
     pub fn render(&self) -> String {
         let d = &self.dicom;
         let l = &self.limits;
+        let cors = self
+            .http
+            .cors_origins
+            .iter()
+            .map(|o| format!("{o:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let cors = format!("[{cors}]");
         let plain = match d.plain_addr {
             Some(a) => format!("plain_addr = \"{a}\""),
             None => "# plain_addr = \"127.0.0.1:11112\"".into(),
@@ -261,15 +269,7 @@ max_connections = {mc}
             mcp = l.max_concurrent_parses,
             mm = self.query.max_matches,
             http_addr = self.http.addr,
-            cors = format!(
-                "[{}]",
-                self.http
-                    .cors_origins
-                    .iter()
-                    .map(|o| format!("{o:?}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            cors = cors,
             mub = self.http.max_upload_bytes,
             mjb = self.http.max_json_bytes,
             hts = self.http.handshake_timeout_secs,

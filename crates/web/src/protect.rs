@@ -65,17 +65,19 @@ pub async fn refuse_content_encoding(req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
-/// Middleware: an error response without a JSON body (from a library
+/// Middleware: an error response without a body of ours (from a library
 /// layer: 413 from the body limit, 405 from the router…) gets the standard
 /// `{"error", "status"}` body; its other headers are kept.
 pub async fn json_errors(req: Request, next: Next) -> Response {
     let response = next.run(req).await;
     let status = response.status();
-    let is_json = response
+    // Ours carry a JSON (or DICOM JSON) body; the libraries' are empty or
+    // text/plain.
+    let plain = response
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        .is_none_or(|v| v.as_bytes().starts_with(b"text/plain"));
+    if !(status.is_client_error() || status.is_server_error()) || !plain {
         return response;
     }
     let (parts, _) = response.into_parts();
