@@ -179,10 +179,11 @@ pub enum AuthMethod {
     },
 }
 
-/// An authenticated person. Made only by [`Accounts::session`],
-/// [`Accounts::verify_token`] (authentication); authorisation asks
-/// [`Principal::may`].
+/// An authenticated person. Made only by [`Accounts::session`] and
+/// [`Accounts::verify_token`] (authentication; `#[non_exhaustive]` keeps
+/// other crates from building one); authorisation asks [`Principal::may`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Principal {
     /// The account name.
     pub username: String,
