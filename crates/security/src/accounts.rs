@@ -48,8 +48,10 @@
 //!   delays only, never a lock, so one noisy address behind a shared NAT
 //!   cannot lock everyone out. The first [`ADDRESS_FREE_FAILURES`] failures
 //!   are free; after `k ≥ free` failures, `base_delay · 2^(k−free)`, at most
-//!   `per_address_max_delay` (30 s by default). A successful login from the
-//!   address clears it.
+//!   `per_address_max_delay` (30 s by default). A successful login only
+//!   takes back its own attempt (logging in to one account must not reset
+//!   an address that sprays guesses at others); an address's failures are
+//!   forgotten [`ADDRESS_MEMORY`] (15 min) after its last one.
 //! - **Same answer, same timing**: an unknown user and a wrong password both
 //!   give [`LoginOutcome::Failed`] after exactly one argon2 verification
 //!   (against a fixed dummy hash for unknown names). `Throttled` and
@@ -97,6 +99,8 @@ use crate::{
 /// Failures per source address that cost no delay (a few typos from a
 /// shared NAT address are normal).
 pub const ADDRESS_FREE_FAILURES: u32 = 5;
+/// How long an address's failures are remembered after its last one.
+pub const ADDRESS_MEMORY: Duration = Duration::from_secs(15 * 60);
 /// TOTP step in seconds (RFC 6238 §4: 30 s recommended).
 pub const TOTP_STEP_SECS: u64 = 30;
 /// TOTP digits.
@@ -705,8 +709,11 @@ impl Accounts {
     fn reserve_address(&self, source: IpAddr, now: i64) -> Option<Duration> {
         let key = address_key(source);
         let mut map = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
-        prune(&mut map, now, millis(self.policy.per_address_max_delay));
+        prune(&mut map, now, millis(ADDRESS_MEMORY));
         let b = map.entry(key).or_default();
+        if now.saturating_sub(b.last_ms) >= millis(ADDRESS_MEMORY) {
+            *b = Backoff::default();
+        }
         // After the free failures, the next attempt waits `base_delay`.
         let counted = b
             .failures
@@ -884,8 +891,12 @@ impl Accounts {
         now: i64,
     ) -> Result<NewSession> {
         {
+            // A success only takes back its own attempt: logging in to one
+            // account must not reset an address spraying guesses at others.
             let mut map = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
-            map.remove(&address_key(source));
+            if let Some(b) = map.get_mut(&address_key(source)) {
+                b.failures = b.failures.saturating_sub(1);
+            }
         }
         let session = NewSession {
             id: random_b64(32),

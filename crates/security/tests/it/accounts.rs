@@ -281,6 +281,40 @@ fn per_address_throttling_delays_but_never_locks() {
         .login(&req("dave", GOOD, None, noisy))
         .expect("login");
     assert!(matches!(s, LoginOutcome::Ok { .. }), "{s:?}");
+    // A success takes back only its own attempt: a valid account does not
+    // reset an address's budget for guesses at others.
+    let sprayer = "203.0.113.77";
+    for i in 0..4u32 {
+        let o = f.accounts.login(&req(
+            &format!("spray{i}"),
+            "guess guess guess",
+            None,
+            sprayer,
+        ));
+        assert_eq!(o.expect("login"), LoginOutcome::Failed);
+    }
+    let o = f
+        .accounts
+        .login(&req("dave", GOOD, None, sprayer))
+        .expect("login");
+    assert!(matches!(o, LoginOutcome::Ok { .. }), "{o:?}");
+    let o = f
+        .accounts
+        .login(&req("spray9", "guess guess guess", None, sprayer));
+    assert_eq!(o.expect("login"), LoginOutcome::Failed);
+    let o = f
+        .accounts
+        .login(&req("spray10", "guess guess guess", None, sprayer));
+    assert!(matches!(o.expect("login"), LoginOutcome::Throttled { .. }));
+    // Failures are forgotten 15 min after the last one: the free allowance
+    // is back.
+    f.clock.advance(Duration::from_secs(15 * 60));
+    for i in 0..5u32 {
+        let o = f
+            .accounts
+            .login(&req(&format!("again{i}"), "guess guess guess", None, noisy));
+        assert_eq!(o.expect("login"), LoginOutcome::Failed, "{i}");
+    }
     // IPv6 neighbours in one /64 share a budget.
     for i in 0..6u32 {
         let src = format!("2001:db8::{i:x}");
