@@ -33,10 +33,11 @@
 //!   They survive a restart of `serve`. `last_seen` is written at most every
 //!   [`AccountPolicy::session_idle`]` / 10` (capped at one minute) so that a
 //!   busy viewer does not cost one fsync per request.
-//! - **Throttling per account** (known names: in the database, so that it
-//!   survives restarts and `bastion user unlock` clears it; unknown names: in
-//!   memory, so that an unknown name is answered exactly like a known one
-//!   with a wrong password): after `k` consecutive failures the next attempt
+//! - **Throttling per account** (in the database, so that it survives
+//!   restarts and `bastion user unlock` clears it; names that are not
+//!   accounts get the same state and the same database work in
+//!   `unknown_logins`, keyed by the SHA-256 of the name, so that an unknown
+//!   name is answered exactly like a known one with a wrong password): after `k` consecutive failures the next attempt
 //!   is refused with [`LoginOutcome::Throttled`] until
 //!   `base_delay · 2^(k−1)` (at most `max_delay`) has passed since the last
 //!   one; after `lock_after_failures` the account is locked
@@ -99,6 +100,9 @@ use crate::{
 /// Failures per source address that cost no delay (a few typos from a
 /// shared NAT address are normal).
 pub const ADDRESS_FREE_FAILURES: u32 = 5;
+/// How long (ms) a name that is not an account is remembered after its last
+/// failure, unless it reached the lock threshold.
+const UNKNOWN_NAME_MEMORY_MS: i64 = 24 * 3600 * 1000;
 /// How long an address's failures are remembered after its last one.
 pub const ADDRESS_MEMORY: Duration = Duration::from_secs(15 * 60);
 /// TOTP step in seconds (RFC 6238 §4: 30 s recommended).
@@ -109,8 +113,8 @@ pub const TOTP_DIGITS: usize = 6;
 pub const TOTP_SECRET_BYTES: usize = 20;
 /// TOTP issuer shown by authenticator apps.
 pub const TOTP_ISSUER: &str = "Bastion";
-/// Entries kept per in-memory throttle table (unknown names, addresses);
-/// older entries are dropped beyond it.
+/// Entries kept in the in-memory per-address table; older entries are
+/// dropped beyond it.
 const MAX_TRACKED: usize = 100_000;
 
 /// What a credential may be used for, on top of what the user's role allows.
@@ -336,8 +340,6 @@ pub struct Accounts {
     clock: Arc<dyn Clock>,
     /// argon2 hash verified for unknown names (same cost as a real one).
     dummy_hash: OnceLock<String>,
-    /// Throttle state of names that are not accounts.
-    unknown: Mutex<HashMap<String, Backoff>>,
     /// Throttle state per source address (IPv6 per /64).
     addresses: Mutex<HashMap<IpAddr, Backoff>>,
 }
@@ -373,20 +375,21 @@ impl Accounts {
         Accounts::with_clock(db, events, policy, Arc::new(SystemClock))
     }
 
-    /// The service with another [`Clock`] (tests).
+    /// The service with another [`Clock`] (tests). A `lock_after_failures`
+    /// of 0 is taken as 1.
     pub fn with_clock(
         db: Arc<SecurityDb>,
         events: Arc<EventLog>,
-        policy: AccountPolicy,
+        mut policy: AccountPolicy,
         clock: Arc<dyn Clock>,
     ) -> Accounts {
+        policy.lock_after_failures = policy.lock_after_failures.max(1);
         Accounts {
             db,
             events,
             policy,
             clock,
             dummy_hash: OnceLock::new(),
-            unknown: Mutex::new(HashMap::new()),
             addresses: Mutex::new(HashMap::new()),
         }
     }
@@ -434,15 +437,11 @@ impl Accounts {
         let dummy = self.dummy_hash()?;
         let Some(user) = user else {
             let _ = users::verify_hash(dummy, dummy, req.password);
-            self.events.record(
-                "login.failure",
-                Outcome::Failure,
-                json!({"username": clip(req.username), "source": source, "reason": "unknown_user"}),
-            );
+            self.after_failure(req.username, false, &source, "unknown_user")?;
             return Ok(LoginOutcome::Failed);
         };
         if !users::verify_hash(&user.hash, dummy, req.password) {
-            self.after_failure(req.username, &source, "wrong_password")?;
+            self.after_failure(req.username, true, &source, "wrong_password")?;
             return Ok(LoginOutcome::Failed);
         }
         // The password is right from here on.
@@ -468,7 +467,7 @@ impl Accounts {
                         } else {
                             "totp_missing"
                         };
-                        self.after_failure(req.username, &source, reason)?;
+                        self.after_failure(req.username, true, &source, reason)?;
                         return Ok(LoginOutcome::TotpRequired);
                     }
                 }
@@ -615,7 +614,7 @@ impl Accounts {
             return Err(SecurityError::BadCredentials);
         };
         if !users::verify_hash(&user.hash, dummy, old) {
-            self.after_failure(username, "-", "wrong_password_on_change")?;
+            self.after_failure(username, true, "-", "wrong_password_on_change")?;
             return Err(SecurityError::BadCredentials);
         }
         if user.disabled {
@@ -737,7 +736,7 @@ impl Accounts {
     /// Checks lock and back-off of an account (known or not); when free,
     /// counts the attempt as a failure and returns the account row.
     fn reserve_account(&self, username: &str, now: i64) -> Result<Reservation> {
-        let known = self.db.with(|c| {
+        self.db.with(|c| {
             let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)
                 .map_err(db_err("begin"))?;
             let row = tx
@@ -765,10 +764,10 @@ impl Accounts {
             let Some((role, hash, disabled, must_change, totp_secret, totp_last_step, locked, failures, last)) =
                 row
             else {
-                return Ok(None);
+                return self.reserve_unknown(tx, username, now);
             };
             if locked {
-                return Ok(Some(Reservation::Locked));
+                return Ok(Reservation::Locked);
             }
             let b = Backoff {
                 failures: u32::try_from(failures.max(0)).unwrap_or(u32::MAX),
@@ -777,7 +776,7 @@ impl Accounts {
             if let Some(wait) =
                 remaining(b, b.failures, self.policy.base_delay, self.policy.max_delay, now)
             {
-                return Ok(Some(Reservation::Wait(wait)));
+                return Ok(Reservation::Wait(wait));
             }
             tx.execute(
                 "UPDATE users SET failed_logins = failed_logins + 1, last_failure_ms = ?2 WHERE username = ?1",
@@ -787,27 +786,46 @@ impl Accounts {
             tx.commit().map_err(db_err("commit"))?;
             // An unparsable stored role is treated as a wrong password.
             let role = Role::parse(&role).unwrap_or(Role::Researcher);
-            Ok(Some(Reservation::Go(Some(UserRow {
+            Ok(Reservation::Go(Some(UserRow {
                 role,
                 hash,
                 disabled,
                 must_change_password: must_change,
                 totp_secret,
                 totp_last_step,
-            }))))
-        })?;
-        if let Some(r) = known {
-            return Ok(r);
-        }
-        // Not an account: the same rules, in memory.
-        let mut map = self.unknown.lock().unwrap_or_else(|p| p.into_inner());
-        prune(&mut map, now, millis(self.policy.max_delay));
-        let b = map.entry(clip(username)).or_default();
+            })))
+        })
+    }
+
+    /// [`Accounts::reserve_account`] for a name that is not an account: the
+    /// same rules and the same database work (read, counted write, commit),
+    /// in `unknown_logins` keyed by the SHA-256 of the name, so that neither
+    /// the answers nor the timing tell which names exist.
+    fn reserve_unknown(
+        &self,
+        tx: rusqlite::Transaction,
+        username: &str,
+        now: i64,
+    ) -> Result<Reservation> {
+        let key = sha256_hex(username.as_bytes());
+        let (failures, last): (i64, i64) = tx
+            .query_row(
+                "SELECT failures, last_failure_ms FROM unknown_logins WHERE name_hash = ?1",
+                params![key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db_err("read unknown name"))?
+            .unwrap_or((0, 0));
+        let b = Backoff {
+            failures: u32::try_from(failures.max(0)).unwrap_or(u32::MAX),
+            last_ms: last,
+        };
         if b.failures >= self.policy.lock_after_failures {
             return Ok(Reservation::Locked);
         }
         if let Some(wait) = remaining(
-            *b,
+            b,
             b.failures,
             self.policy.base_delay,
             self.policy.max_delay,
@@ -815,25 +833,47 @@ impl Accounts {
         ) {
             return Ok(Reservation::Wait(wait));
         }
-        b.failures = b.failures.saturating_add(1);
-        b.last_ms = now;
+        tx.execute(
+            "INSERT INTO unknown_logins (name_hash, failures, last_failure_ms) VALUES (?1, 1, ?2)
+             ON CONFLICT(name_hash) DO UPDATE SET failures = failures + 1, last_failure_ms = ?2",
+            params![key, now],
+        )
+        .map_err(db_err("count attempt"))?;
+        // Forget names that stopped failing a day ago, unless "locked".
+        tx.execute(
+            "DELETE FROM unknown_logins WHERE last_failure_ms < ?1 AND failures < ?2",
+            params![
+                now.saturating_sub(UNKNOWN_NAME_MEMORY_MS),
+                i64::from(self.policy.lock_after_failures)
+            ],
+        )
+        .map_err(db_err("prune unknown names"))?;
+        tx.commit().map_err(db_err("commit"))?;
         Ok(Reservation::Go(None))
     }
 
-    /// After a counted failure on a known account: lock it at the threshold.
-    fn after_failure(&self, username: &str, source: &str, reason: &str) -> Result<()> {
+    /// After a counted failure: lock a known account at the threshold (an
+    /// unknown name is "locked" by its count alone, with the same read).
+    fn after_failure(&self, username: &str, known: bool, source: &str, reason: &str) -> Result<()> {
         let limit = i64::from(self.policy.lock_after_failures);
         let (failures, locked_now) = self.db.with(|c| {
-            let failures: i64 = c
-                .query_row(
+            let failures: i64 = if known {
+                c.query_row(
                     "SELECT failed_logins FROM users WHERE username = ?1",
                     params![username],
                     |r| r.get(0),
                 )
-                .optional()
-                .map_err(db_err("read user"))?
-                .unwrap_or(0);
-            let n = if failures >= limit {
+            } else {
+                c.query_row(
+                    "SELECT failures FROM unknown_logins WHERE name_hash = ?1",
+                    params![sha256_hex(username.as_bytes())],
+                    |r| r.get(0),
+                )
+            }
+            .optional()
+            .map_err(db_err("read failures"))?
+            .unwrap_or(0);
+            let n = if known && failures >= limit {
                 c.execute(
                     "UPDATE users SET locked = 1 WHERE username = ?1 AND locked = 0",
                     params![username],
@@ -844,6 +884,11 @@ impl Accounts {
             };
             Ok((failures, n > 0))
         })?;
+        let username = if known {
+            username.to_owned()
+        } else {
+            clip(username)
+        };
         self.events.record(
             "login.failure",
             Outcome::Failure,

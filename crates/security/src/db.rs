@@ -70,6 +70,16 @@ CREATE TABLE tokens (
 );
 CREATE INDEX tokens_username ON tokens(username);
 "#,
+    // 3: login throttling state of names that are not accounts (SHA-256 of
+    // the name), so that they cost the same work as real ones.
+    r#"
+CREATE TABLE unknown_logins (
+    name_hash TEXT PRIMARY KEY NOT NULL,
+    failures INTEGER NOT NULL,
+    last_failure_ms INTEGER NOT NULL
+);
+CREATE INDEX unknown_logins_last ON unknown_logins(last_failure_ms);
+"#,
 ];
 
 impl SecurityDb {

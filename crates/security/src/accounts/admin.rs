@@ -130,6 +130,14 @@ impl Accounts {
         let (pw, generated) = chosen(username, password)?;
         let hash = users::hash_password(&pw)?;
         users::insert_user(&self.db, username, &hash, role, generated)?;
+        self.db.with(|c| {
+            c.execute(
+                "DELETE FROM unknown_logins WHERE name_hash = ?1",
+                params![super::sha256_hex(username.as_bytes())],
+            )
+            .map_err(db_err("forget unknown name"))?;
+            Ok(())
+        })?;
         self.events.record(
             "user.added",
             Outcome::Success,

@@ -45,6 +45,7 @@ impl Clock for ManualClock {
 
 struct Fixture {
     _dir: tempfile::TempDir,
+    db: Arc<SecurityDb>,
     accounts: Accounts,
     clock: Arc<ManualClock>,
     events: Arc<EventLog>,
@@ -60,9 +61,10 @@ fn fixture(policy: AccountPolicy) -> Fixture {
     let clock = Arc::new(ManualClock(Mutex::new(
         UNIX_EPOCH + Duration::from_secs(1_800_000_000),
     )));
-    let accounts = Accounts::with_clock(db, events.clone(), policy, clock.clone());
+    let accounts = Accounts::with_clock(db.clone(), events.clone(), policy, clock.clone());
     Fixture {
         _dir: dir,
+        db,
         accounts,
         clock,
         events,
@@ -150,6 +152,23 @@ fn unknown_user_and_wrong_password_get_the_same_answers() {
         .iter()
         .any(|o| matches!(o, LoginOutcome::Throttled { .. })));
     assert_eq!(known.last(), Some(&LoginOutcome::Locked));
+    // Both states outlive the service (a restart of `serve`).
+    let again = Accounts::with_clock(
+        f.db.clone(),
+        f.events.clone(),
+        AccountPolicy::default(),
+        f.clock.clone(),
+    );
+    f.clock.advance(Duration::from_secs(48 * 3600));
+    for name in ["alice", "mallory"] {
+        let o = again
+            .login(&req(name, GOOD, None, "10.0.2.1"))
+            .expect("login");
+        assert_eq!(o, LoginOutcome::Locked, "{name}");
+    }
+    // The event log tells the administrator which attempts named no account.
+    let log = events_text(&f.events_path);
+    assert!(log.contains("\"reason\":\"unknown_user\""));
 }
 
 #[test]
