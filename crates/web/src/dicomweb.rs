@@ -912,6 +912,7 @@ enum Stored {
         class: String,
         sop: String,
         study: String,
+        series: String,
     },
     Failed {
         class: String,
@@ -1004,13 +1005,14 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
                         .index()
                         .find_instance(sop_instance_uid.as_str())
                         .map_err(|e| ApiError::internal("index", e))?;
-                    let (class, study) = row
-                        .map(|r| (r.sop_class_uid, r.study_instance_uid))
+                    let (class, study, series) = row
+                        .map(|r| (r.sop_class_uid, r.study_instance_uid, r.series_instance_uid))
                         .unwrap_or_default();
                     results.push(Stored::Ok {
                         class,
                         sop: sop_instance_uid.to_string(),
                         study,
+                        series,
                     });
                 }
                 Err(e) => {
@@ -1034,18 +1036,23 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
     let mut studies = std::collections::BTreeSet::new();
     for r in &results {
         match r {
-            Stored::Ok { class, sop, study } => {
+            Stored::Ok {
+                class,
+                sop,
+                study,
+                series,
+            } => {
                 note.study(study);
                 studies.insert(study.clone());
                 let mut item = serde_json::Map::new();
                 item.insert("00081150".into(), ui(class));
                 item.insert("00081155".into(), ui(sop));
-                if let (Ok(st), Ok(se)) = (Uid::parse(study), Uid::parse(sop)) {
-                    // The instance's URL needs its series; the study URL is enough here.
-                    let _ = se;
+                if let (Ok(st), Ok(se), Ok(i)) =
+                    (Uid::parse(study), Uid::parse(series), Uid::parse(sop))
+                {
                     item.insert(
                         "00081190".into(),
-                        json!({"vr": "UR", "Value": [retrieve_url(&base, &st, None, None)]}),
+                        json!({"vr": "UR", "Value": [retrieve_url(&base, &st, Some(&se), Some(&i))]}),
                     );
                 }
                 referenced.push(Value::Object(item));
