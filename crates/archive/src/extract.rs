@@ -103,6 +103,8 @@ pub fn extract(obj: &InMemDicomObject) -> Result<Extracted, ArchiveError> {
             columns: int(obj, tags::COLUMNS),
             number_of_frames: int(obj, tags::NUMBER_OF_FRAMES),
             specific_character_set: text(obj, tags::SPECIFIC_CHARACTER_SET),
+            // DT is ASCII digits, `.`, `+`/`-`: no character set applies.
+            acquisition_date_time: text(obj, tags::ACQUISITION_DATE_TIME),
         },
     })
 }

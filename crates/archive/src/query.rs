@@ -36,8 +36,17 @@
 //! - **Range** (§C.2.2.2.5) for DA, TM and DT: `A-B`, `-B`, `A-`, inclusive. A single
 //!   DA/TM/DT value is the range of its own precision (`09` = 09:00 to 09:59:59.999999).
 //!   Date and time are matched independently (combined date-time matching is not
-//!   negotiated); DT offsets are ignored (no timezone adjustment). Malformed values
-//!   (e.g. a TM range made of date-times) are refused.
+//!   negotiated). DT (Acquisition DateTime at IMAGE level): a UTC offset suffix
+//!   (`&ZZXX`) is taken into account when the key bound and the stored value both
+//!   carry one: they are compared as instants (`20150101003000+0100` is
+//!   `20141231233000+0000`; a bound of lower precision is the start or end of its
+//!   period in its own offset). When either lacks an offset, the local date-times
+//!   are compared digit by digit, i.e. the value without an offset is taken to be in
+//!   the other's timezone: Bastion does not know a sender's local timezone, and
+//!   neither indexes Timezone Offset From UTC (0008,0201) nor reads it from the
+//!   identifier (no timezone query adjustment). Malformed values (e.g. a TM range
+//!   made of date-times, an offset beyond −1200/+1400, non-ASCII) are refused;
+//!   stored values that are malformed match only universal keys.
 //! - **List of UID** (§C.2.2.2.2): `\`-separated UIDs, any matches. Other multi-valued
 //!   keys are refused, except Modalities in Study, whose values are OR-ed.
 //! - **Sequence** (§C.2.2.2.6): a stored sequence matches when any of its items
@@ -240,6 +249,7 @@ const INDEXED: &[(Tag, VR, Level)] = &[
     (tags::ROWS, VR::US, Level::Instance),
     (tags::COLUMNS, VR::US, Level::Instance),
     (tags::NUMBER_OF_FRAMES, VR::IS, Level::Instance),
+    (tags::ACQUISITION_DATE_TIME, VR::DT, Level::Instance),
 ];
 
 /// Return-only attributes computed per entity (PS3.4 §C.3.4 Table C.3-5 …): (tag, VR,
@@ -503,8 +513,14 @@ fn digits_of(kind: Kind, v: &str) -> Option<String> {
         }
         Kind::DateTime => {
             // YYYY[MM[DD[HH[MM[SS[.F{1-6}]]]]]][&ZZXX]
+            if !v.is_ascii() {
+                return None;
+            }
             let body = match v.len().checked_sub(5) {
-                Some(n) if v[n..].starts_with(['+', '-']) && all_digits(&v[n + 1..]) => &v[..n],
+                Some(n) if v[n..].starts_with(['+', '-']) && all_digits(&v[n + 1..]) => {
+                    dt_offset(v)?;
+                    &v[..n]
+                }
                 _ => v,
             };
             let (main, frac) = match body.split_once('.') {
@@ -554,11 +570,16 @@ fn norm_hi(kind: Kind, digits: &str) -> String {
 
 fn parse_range(kind: Kind, raw: &str) -> Option<Cond> {
     let raw = raw.trim();
-    let side = |v: &str| -> Option<Option<String>> {
+    if !raw.is_ascii() {
+        return None;
+    }
+    let lo = |v: &str| Some(with_offset(kind, v, norm_lo(kind, &digits_of(kind, v)?)));
+    let hi = |v: &str| Some(with_offset(kind, v, norm_hi(kind, &digits_of(kind, v)?)));
+    let side = |v: &str, bound: &dyn Fn(&str) -> Option<String>| -> Option<Option<String>> {
         if v.is_empty() {
             Some(None)
         } else {
-            digits_of(kind, v).map(Some)
+            bound(v).map(Some)
         }
     };
     // A DT offset also uses '-': a single DT with an offset after at least the hour
@@ -567,31 +588,98 @@ fn parse_range(kind: Kind, raw: &str) -> Option<Cond> {
     if kind == Kind::DateTime && raw.len() > 5 {
         let n = raw.len() - 5;
         if raw[n..].starts_with('-') && raw[..n].split('.').next().is_some_and(|m| m.len() >= 10) {
-            if let Some(d) = digits_of(kind, raw) {
-                return Some(Cond::Range(
-                    Some(norm_lo(kind, &d)),
-                    Some(norm_hi(kind, &d)),
-                ));
+            if let (Some(l), Some(h)) = (lo(raw), hi(raw)) {
+                return Some(Cond::Range(Some(l), Some(h)));
             }
         }
     }
     for (pos, _) in raw.match_indices('-') {
         let (a, b) = (&raw[..pos], &raw[pos + 1..]);
-        if let (Some(lo), Some(hi)) = (side(a), side(b)) {
-            if lo.is_none() && hi.is_none() {
+        if let (Some(l), Some(h)) = (side(a, &lo), side(b, &hi)) {
+            if l.is_none() && h.is_none() {
                 return None;
             }
-            return Some(Cond::Range(
-                lo.map(|d| norm_lo(kind, &d)),
-                hi.map(|d| norm_hi(kind, &d)),
-            ));
+            return Some(Cond::Range(l, h));
         }
     }
-    let d = digits_of(kind, raw)?;
-    Some(Cond::Range(
-        Some(norm_lo(kind, &d)),
-        Some(norm_hi(kind, &d)),
-    ))
+    Some(Cond::Range(Some(lo(raw)?), Some(hi(raw)?)))
+}
+
+/// `norm` (a normalised DA/TM/DT value) followed by the UTC offset suffix of the
+/// DT value `v` (`+HHMM` / `-HHMM`) when it has one; see [`point_cmp`].
+fn with_offset(kind: Kind, v: &str, mut norm: String) -> String {
+    if kind == Kind::DateTime && dt_offset(v).is_some() {
+        norm.push_str(&v[v.len() - 5..]);
+    }
+    norm
+}
+
+/// The UTC offset suffix `&ZZXX` of an (ASCII) DT value, in minutes east of UTC;
+/// `None` when there is none or it is out of range (PS3.5 Table 6.2-1: −1200 to
+/// +1400, minutes below 60).
+fn dt_offset(v: &str) -> Option<i32> {
+    let n = v.len().checked_sub(5)?;
+    let (sign, d) = (v.as_bytes().get(n)?, v.get(n + 1..)?);
+    if !matches!(sign, b'+' | b'-') || !all_digits(d) {
+        return None;
+    }
+    let (h, m): (i32, i32) = (d.get(..2)?.parse().ok()?, d.get(2..)?.parse().ok()?);
+    let minutes = h * 60 + m;
+    match sign {
+        b'+' if m < 60 && minutes <= 14 * 60 => Some(minutes),
+        b'-' if m < 60 && minutes <= 12 * 60 => Some(-minutes),
+        _ => None,
+    }
+}
+
+/// Orders two normalised points of `kind` ([`norm_lo`]/[`norm_hi`], and for DT
+/// [`with_offset`]). DT points that both carry a UTC offset are compared as
+/// instants (PS3.4 §C.2.2.2.5: the offset "shall be taken into account");
+/// otherwise, and for DA/TM, digit by digit (local date-times: a DT without an
+/// offset is taken to be in the other value's timezone).
+fn point_cmp(kind: Kind, a: &str, b: &str) -> std::cmp::Ordering {
+    const DIGITS: usize = 20;
+    if kind == Kind::DateTime && a.len() == DIGITS + 5 && b.len() == DIGITS + 5 {
+        if let (Some(oa), Some(ob)) = (dt_offset(a), dt_offset(b)) {
+            return dt_instant(&a[..DIGITS], oa).cmp(&dt_instant(&b[..DIGITS], ob));
+        }
+    }
+    let (a, b) = if kind == Kind::DateTime {
+        (a.get(..DIGITS).unwrap_or(a), b.get(..DIGITS).unwrap_or(b))
+    } else {
+        (a, b)
+    };
+    a.cmp(b)
+}
+
+/// Microseconds since 1970-01-01T00:00Z of 20 normalised DT digits
+/// (`YYYYMMDDHHMMSSFFFFFF`) at `offset` minutes east of UTC. Padding outside a
+/// field's range (`00` months and days of a lower bound, `99` of an upper one) is
+/// clamped to the field's first or last valid value, so a bound stays the start or
+/// end of the period it denotes; a leap second counts as second 59.
+fn dt_instant(d: &str, offset: i32) -> i64 {
+    let field = |from: usize, to: usize| -> i64 {
+        d.get(from..to).and_then(|s| s.parse().ok()).unwrap_or(0)
+    };
+    let year = field(0, 4);
+    let month = field(4, 6).clamp(1, 12);
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let month_days = match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    let day = field(6, 8).clamp(1, month_days);
+    // Days from civil (proleptic Gregorian), H. Hinnant's algorithm.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let minutes =
+        (days * 24 + field(8, 10).min(23)) * 60 + field(10, 12).min(59) - i64::from(offset);
+    (minutes * 60 + field(12, 14).min(59)) * 1_000_000 + field(14, 20)
 }
 
 /// A stored DA/TM/DT value as a comparable string, or `None` when it is empty or
@@ -605,7 +693,10 @@ fn stored_point(kind: Kind, v: &str) -> Option<String> {
     } else {
         v
     };
-    digits_of(kind, v).map(|d| norm_lo(kind, &d))
+    if !v.is_ascii() {
+        return None;
+    }
+    digits_of(kind, v).map(|d| with_offset(kind, v, norm_lo(kind, &d)))
 }
 
 fn text_matches(stored: &str, pats: &[Pattern], pn: bool, multi: bool) -> bool {
@@ -649,7 +740,9 @@ fn value_matches(key: &Key, stored: &str) -> bool {
         }
         (Cond::Range(lo, hi), k) => match stored_point(k, stored) {
             Some(v) => {
-                lo.as_ref().is_none_or(|lo| v >= *lo) && hi.as_ref().is_none_or(|hi| v <= *hi)
+                use std::cmp::Ordering::{Greater, Less};
+                lo.as_ref().is_none_or(|lo| point_cmp(k, &v, lo) != Less)
+                    && hi.as_ref().is_none_or(|hi| point_cmp(k, &v, hi) != Greater)
             }
             None => false,
         },
@@ -778,6 +871,7 @@ fn stored_text(row: &EntityRow, tag: Tag) -> Option<String> {
         t if t == tags::ROWS => int(row.instance.rows),
         t if t == tags::COLUMNS => int(row.instance.columns),
         t if t == tags::NUMBER_OF_FRAMES => int(row.instance.number_of_frames),
+        t if t == tags::ACQUISITION_DATE_TIME => row.instance.acquisition_date_time.clone(),
         _ => return None,
     })
 }
@@ -1574,6 +1668,39 @@ mod tests {
         assert!(m(VR::DT, "2014-2015", "20151231"));
         assert!(m(VR::DT, "20140101120000-0500", "20140101120000"));
         assert!(!m(VR::DT, "-2013", "20140101"));
+        // Acquisition DateTime as stored by the corpus (examples_palette.dcm).
+        assert!(m(VR::DT, "20110525145628.35", "20110525145628.350000"));
+        assert!(!m(VR::DT, "20110525145628.36", "20110525145628.350000"));
+        assert!(m(VR::DT, "20110525-20110525", "20110525145628.350000"));
+        // UTC offsets on both sides: compared as instants.
+        assert!(m(VR::DT, "20141231233000+0000", "20150101003000+0100"));
+        assert!(!m(VR::DT, "20141231233000+0000", "20141231233000+0100"));
+        assert!(m(VR::DT, "20141231230000+0000-", "20150101003000+0100"));
+        assert!(!m(VR::DT, "20141231233001+0000-", "20150101003000+0100"));
+        assert!(m(VR::DT, "-20141231233000-0100", "20150101003000+0100"));
+        assert!(m(VR::DT, "2015+0100", "20141231233000+0000"));
+        assert!(!m(VR::DT, "2015+0100", "20151231233000+0000"));
+        // An offset on one side only: local date-times, digit by digit.
+        assert!(m(VR::DT, "20150101003000", "20150101003000+0100"));
+        assert!(m(VR::DT, "20150101003000-0500", "20150101003000"));
+        assert!(!m(VR::DT, "2015+0100", "20141231233000"));
+        // Stored values that are not DT never match; offsets out of range are malformed.
+        assert!(!m(VR::DT, "2014-", "2014€€"));
+        assert!(!m(VR::DT, "2014-", "20140101+9999"));
+        let dt = tags::ACQUISITION_DATE_TIME;
+        for bad in [
+            "20140101120000+1500",
+            "20140101120000+1060",
+            "2014+0160",
+            "€€€€€€",
+            "2014€-",
+        ] {
+            assert!(
+                parse_cond(dt, VR::DT, Kind::DateTime, bad).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(parse_cond(t_of_study_time(), VR::TM, Kind::Time, "€€€€€€").is_err());
         let t = Tag(0x0008, 0x0030);
         for bad in [
             "20140901090909-20140902101010",
@@ -1588,6 +1715,37 @@ mod tests {
         for bad in ["2014", "201403091", "2014*", "20140309\\20140310"] {
             assert!(parse_cond(t, VR::DA, Kind::Date, bad).is_err(), "{bad}");
         }
+    }
+
+    fn t_of_study_time() -> Tag {
+        tags::STUDY_TIME
+    }
+
+    #[test]
+    fn dt_instants() {
+        assert_eq!(dt_instant("19700101000000000000", 0), 0);
+        assert_eq!(
+            dt_instant("20000301000000000000", 0),
+            11_017 * 86_400 * 1_000_000
+        );
+        assert_eq!(dt_instant("19700101010000000001", 60), 1);
+        // Padded bounds: the first and last instants of the period.
+        assert_eq!(
+            dt_instant("20240000000000000000", 0),
+            dt_instant("20240101000000000000", 0)
+        );
+        assert_eq!(
+            dt_instant("20249999999999999999", 0),
+            dt_instant("20241231235959999999", 0)
+        );
+        assert_eq!(
+            dt_instant("20240299999999999999", 0) + 1,
+            dt_instant("20240301000000000000", 0)
+        );
+        assert_eq!(
+            dt_instant("19000299999999999999", 0) + 1,
+            dt_instant("19000301000000000000", 0)
+        );
     }
 
     #[test]

@@ -213,6 +213,9 @@ pub struct InstanceAttrs {
     pub number_of_frames: Option<i64>,
     /// Specific Character Set (0008,0005), values joined with `\`.
     pub specific_character_set: String,
+    /// Acquisition DateTime (0008,002A), DT as received (`YYYYMMDDHHMMSS.FFFFFF&ZZXX`,
+    /// any precision, offset suffix kept); schema v4, `""` for rows indexed before.
+    pub acquisition_date_time: String,
 }
 
 /// What to do when an instance with the same SOP Instance UID but different content
@@ -661,8 +664,9 @@ fn commit_one(tx: &Transaction<'_>, rec: &NewInstance) -> Result<CommitOutcome, 
         tx.prepare_cached(
             r#"INSERT INTO instances (series_ref, sop_instance_uid, sop_class_uid, instance_number,
                 transfer_syntax_uid, "rows", "columns", number_of_frames, specific_character_set,
-                blob_id, key_id, stored_size, stored_sha256, content_sha256, source_ae, received_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"#,
+                blob_id, key_id, stored_size, stored_sha256, content_sha256, source_ae, received_at,
+                acquisition_date_time)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"#,
         )
         .and_then(|mut stmt| {
             stmt.execute(params![
@@ -682,6 +686,7 @@ fn commit_one(tx: &Transaction<'_>, rec: &NewInstance) -> Result<CommitOutcome, 
                 rec.content_sha256,
                 rec.source_ae,
                 rec.received_at,
+                i.acquisition_date_time,
             ])
         })
         .map_err(sql_err("insert instance"))?;
@@ -699,12 +704,12 @@ fn commit_one(tx: &Transaction<'_>, rec: &NewInstance) -> Result<CommitOutcome, 
         r#"INSERT INTO replaced_instances (sop_instance_uid, study_instance_uid, series_instance_uid,
             sop_class_uid, instance_number, transfer_syntax_uid, "rows", "columns", number_of_frames,
             specific_character_set, blob_id, key_id, stored_size, stored_sha256, content_sha256,
-            source_ae, received_at, replaced_at)
+            source_ae, received_at, acquisition_date_time, replaced_at)
          SELECT i.sop_instance_uid, st.study_instance_uid, se.series_instance_uid,
             i.sop_class_uid, i.instance_number, i.transfer_syntax_uid, i."rows", i."columns",
             i.number_of_frames, i.specific_character_set, i.blob_id, i.key_id, i.stored_size,
             i.stored_sha256, i.content_sha256, i.source_ae, i.received_at,
-            strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+            i.acquisition_date_time, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
          FROM instances i
          JOIN series se ON se.id = i.series_ref
          JOIN studies st ON st.id = se.study_ref
@@ -718,8 +723,9 @@ fn commit_one(tx: &Transaction<'_>, rec: &NewInstance) -> Result<CommitOutcome, 
         r#"UPDATE instances SET series_ref = ?1, sop_class_uid = ?2, instance_number = ?3,
             transfer_syntax_uid = ?4, "rows" = ?5, "columns" = ?6, number_of_frames = ?7,
             specific_character_set = ?8, blob_id = ?9, key_id = ?10, stored_size = ?11,
-            stored_sha256 = ?12, content_sha256 = ?13, source_ae = ?14, received_at = ?15
-         WHERE id = ?16"#,
+            stored_sha256 = ?12, content_sha256 = ?13, source_ae = ?14, received_at = ?15,
+            acquisition_date_time = ?16
+         WHERE id = ?17"#,
     )
     .and_then(|mut stmt| {
         stmt.execute(params![
@@ -738,6 +744,7 @@ fn commit_one(tx: &Transaction<'_>, rec: &NewInstance) -> Result<CommitOutcome, 
             rec.content_sha256,
             rec.source_ae,
             rec.received_at,
+            i.acquisition_date_time,
             ids.id,
         ])
     })

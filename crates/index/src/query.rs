@@ -181,7 +181,7 @@ const SERIES_COLS: &str = "se.id, se.series_instance_uid, se.modality, se.series
     se.series_description, se.body_part_examined, se.sequences";
 const INSTANCE_COLS: &str = r#"i.id, i.sop_instance_uid, i.sop_class_uid, i.instance_number,
     i.transfer_syntax_uid, i."rows", i."columns", i.number_of_frames,
-    i.specific_character_set"#;
+    i.specific_character_set, i.acquisition_date_time"#;
 
 fn scan_sql(level: Level, prefilters: &[Prefilter]) -> (String, Vec<String>) {
     let (cols, from, order) = match level {
@@ -335,6 +335,7 @@ fn read_entity(r: &rusqlite::Row<'_>, level: Level) -> rusqlite::Result<EntityRo
             columns: r.get(28)?,
             number_of_frames: r.get(29)?,
             specific_character_set: r.get(30)?,
+            acquisition_date_time: r.get(31)?,
         };
     }
     Ok(e)
@@ -586,6 +587,90 @@ mod tests {
         assert!(!sql.contains("sop_instance_uid"), "{sql}");
         assert!(sql.contains(" AND 0"), "{sql}");
         assert_eq!(args, vec!["1.2".to_owned(), "1.3".to_owned()]);
+    }
+
+    /// Acquisition DateTime (schema V4) is written, read back by `scan` at
+    /// instance level, updated by a replace and kept with the replaced row.
+    #[test]
+    fn acquisition_date_time_round_trips() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let idx = Index::open(&dir.path().join("i.db"), &[4u8; 32])?;
+        let mut rec = crate::NewInstance::default();
+        rec.study.study_instance_uid = "1.2".into();
+        rec.series.series_instance_uid = "1.2.3".into();
+        rec.instance.sop_instance_uid = "1.2.3.4".into();
+        rec.instance.acquisition_date_time = "20110525145628.350000+0100".into();
+        rec.content_sha256 = "a".into();
+        idx.commit_batch(std::slice::from_ref(&rec))?;
+        let read = |idx: &Index| -> Result<Vec<String>, IndexError> {
+            let mut got = Vec::new();
+            idx.scan(Level::Instance, &[], |e| {
+                got.push(e.instance.acquisition_date_time);
+                true
+            })?;
+            Ok(got)
+        };
+        assert_eq!(read(&idx)?, vec!["20110525145628.350000+0100".to_owned()]);
+        rec.instance.acquisition_date_time = "2012".into();
+        rec.content_sha256 = "b".into();
+        rec.on_conflict = crate::OnConflict::Replace;
+        idx.commit_batch(std::slice::from_ref(&rec))?;
+        assert_eq!(read(&idx)?, vec!["2012".to_owned()]);
+        let kept: String = idx.lock().query_row(
+            "SELECT acquisition_date_time FROM replaced_instances",
+            [],
+            |r| r.get(0),
+        )?;
+        assert_eq!(kept, "20110525145628.350000+0100");
+        Ok(())
+    }
+
+    /// An index written at schema V3 (an older data directory) opens, migrates to
+    /// V4, and its instances read back with an empty Acquisition DateTime.
+    #[test]
+    fn v3_index_migrates_with_empty_acquisition_date_time() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("i.db");
+        let key = [5u8; 32];
+        {
+            let conn = rusqlite::Connection::open(&path)?;
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            conn.execute_batch(&format!("PRAGMA key = \"x'{hex}'\";"))?;
+            for sql in &crate::schema::MIGRATIONS[..3] {
+                conn.execute_batch(sql)?;
+            }
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL);
+                 INSERT INTO schema_version VALUES (3);
+                 INSERT INTO patients VALUES (1, 'P', '', '', 'N', '', '');
+                 INSERT INTO studies (id, patient_ref, study_instance_uid, study_date, study_time,
+                    accession_number, study_id, study_description, referring_physician_name)
+                    VALUES (1, 1, '1.2', '', '', '', '', '', '');
+                 INSERT INTO series (id, study_ref, series_instance_uid, modality,
+                    series_description, body_part_examined) VALUES (1, 1, '1.2.3', '', '', '');
+                 INSERT INTO instances (series_ref, sop_instance_uid, sop_class_uid,
+                    transfer_syntax_uid, specific_character_set, blob_id, key_id, stored_size,
+                    stored_sha256, content_sha256, source_ae, received_at)
+                    VALUES (1, '1.2.3.4', '1.2.840.10008.5.1.4.1.1.7', '', '', 'b', 'k', 1,
+                    '', '', '', '');",
+            )?;
+        }
+        let idx = Index::open(&path, &key)?;
+        let version: i64 =
+            idx.lock()
+                .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))?;
+        assert_eq!(version, i64::from(crate::SCHEMA_VERSION));
+        let mut got = Vec::new();
+        idx.scan(Level::Instance, &[], |e| {
+            got.push((
+                e.instance.sop_instance_uid,
+                e.instance.acquisition_date_time,
+            ));
+            true
+        })?;
+        assert_eq!(got, vec![("1.2.3.4".to_owned(), String::new())]);
+        Ok(())
     }
 
     /// A StudyDate range is answered through indexes (the study_date index and

@@ -122,5 +122,18 @@ CREATE INDEX studies_study_date_noncanonical ON studies (study_date)
     WHERE length(study_date) != 8 OR study_date GLOB '*[^0-9]*';
 "#;
 
+/// Schema version 4: Acquisition DateTime (0008,002A, DT) at instance level, the
+/// first DT attribute C-FIND/QIDO can match (PS3.4 §C.2.2.2.5), stored as
+/// received like every other attribute (`''` when absent).
+///
+/// Instances indexed before version 4 (older data directories) hold `''` until
+/// they are re-indexed from their blobs: until then they match only universal
+/// Acquisition DateTime keys, and are returned with a zero-length value.
+/// `replaced_instances` mirrors the instance columns, so it gets the column too.
+const V4: &str = r#"
+ALTER TABLE instances          ADD COLUMN acquisition_date_time TEXT NOT NULL DEFAULT '';
+ALTER TABLE replaced_instances ADD COLUMN acquisition_date_time TEXT NOT NULL DEFAULT '';
+"#;
+
 /// All migrations in order; the schema version after applying `MIGRATIONS[..n]` is `n`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
