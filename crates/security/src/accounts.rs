@@ -465,6 +465,9 @@ impl Accounts {
                         let reason = if req.totp.is_some() {
                             "totp_wrong"
                         } else {
+                            // The first step of a two-step login: counts
+                            // for the account, not for the address.
+                            self.give_back_address(req.source);
                             "totp_missing"
                         };
                         self.after_failure(req.username, true, &source, reason)?;
@@ -473,7 +476,14 @@ impl Accounts {
                 }
             }
         };
-        let session = self.succeed(req.username, req.source, step, now)?;
+        let Some(session) = self.succeed(req.username, req.source, step, now)? else {
+            self.after_failure(req.username, true, &source, "concurrent_change")?;
+            return Ok(if step.is_some() {
+                LoginOutcome::TotpRequired
+            } else {
+                LoginOutcome::Failed
+            });
+        };
         self.events.record(
             "login.success",
             Outcome::Success,
@@ -907,12 +917,17 @@ impl Accounts {
     /// Undoes the counting of an attempt whose password was right but that
     /// did not log in (disabled, TOTP setup needed).
     fn give_back(&self, username: &str, source: IpAddr) -> Result<()> {
+        self.give_back_address(source);
+        self.give_back_account(username)
+    }
+
+    /// Takes back the per-address count of an attempt with the right
+    /// password (the address is not guessing).
+    fn give_back_address(&self, source: IpAddr) {
         let mut map = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = map.get_mut(&address_key(source)) {
             b.failures = b.failures.saturating_sub(1);
         }
-        drop(map);
-        self.give_back_account(username)
     }
 
     fn give_back_account(&self, username: &str) -> Result<()> {
@@ -934,29 +949,29 @@ impl Accounts {
         source: IpAddr,
         totp_step: Option<i64>,
         now: i64,
-    ) -> Result<NewSession> {
-        {
-            // A success only takes back its own attempt: logging in to one
-            // account must not reset an address spraying guesses at others.
-            let mut map = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(b) = map.get_mut(&address_key(source)) {
-                b.failures = b.failures.saturating_sub(1);
-            }
-        }
+    ) -> Result<Option<NewSession>> {
         let session = NewSession {
             id: random_b64(32),
             csrf: random_b64(32),
         };
         let idle = millis(self.policy.session_idle);
         let absolute = millis(self.policy.session_absolute);
-        self.db.with(|c| {
+        let logged_in = self.db.with(|c| {
             let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)
                 .map_err(db_err("begin"))?;
-            tx.execute(
-                "UPDATE users SET failed_logins = 0, totp_last_step = coalesce(?2, totp_last_step) WHERE username = ?1",
-                params![username, totp_step],
-            )
-            .map_err(db_err("reset failures"))?;
+            // Conditional: a concurrent login with the same TOTP code, a
+            // lock or a disable since the reservation wins.
+            let n = tx
+                .execute(
+                    "UPDATE users SET failed_logins = 0, totp_last_step = coalesce(?2, totp_last_step)
+                     WHERE username = ?1 AND locked = 0 AND disabled = 0
+                       AND (?2 IS NULL OR totp_last_step < ?2)",
+                    params![username, totp_step],
+                )
+                .map_err(db_err("reset failures"))?;
+            if n == 0 {
+                return Ok(false);
+            }
             tx.execute(
                 "DELETE FROM sessions WHERE last_seen_ms <= ?1 OR created_ms <= ?2",
                 params![now.saturating_sub(idle), now.saturating_sub(absolute)],
@@ -968,9 +983,15 @@ impl Accounts {
             )
             .map_err(db_err("insert session"))?;
             tx.commit().map_err(db_err("commit"))?;
-            Ok(())
+            Ok(true)
         })?;
-        Ok(session)
+        if !logged_in {
+            return Ok(None);
+        }
+        // A success only takes back its own attempt: logging in to one
+        // account must not reset an address spraying guesses at others.
+        self.give_back_address(source);
+        Ok(Some(session))
     }
 
     /// Stores a new password hash; clears lock, failures and sessions.

@@ -817,3 +817,63 @@ fn a_version_1_database_is_migrated_and_keeps_its_users() {
     assert!(users[0].must_change_password && !users[0].disabled && !users[0].totp_enabled);
     assert!(bastion_security::users::verify_password(&db, "admin", GOOD).expect("verify"));
 }
+
+#[test]
+fn parallel_attempts_do_not_slip_through_one_window() {
+    let f = fixture(AccountPolicy::default());
+    add(&f, "root3", Role::Admin);
+    let (uri, _) = f.accounts.enable_totp("test", "root3").expect("totp");
+    let totp = totp_rs::TOTP::from_url(&uri).expect("uri");
+    let code = totp.generate(f.clock.unix_secs());
+    // The same valid code eight times at once: one session at most.
+    let outcomes: Vec<LoginOutcome> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let (accounts, code) = (&f.accounts, &code);
+                s.spawn(move || {
+                    accounts
+                        .login(&req("root3", GOOD, Some(code), &format!("10.9.0.{i}")))
+                        .expect("login")
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let ok = outcomes
+        .iter()
+        .filter(|o| matches!(o, LoginOutcome::Ok { .. }))
+        .count();
+    assert!(ok <= 1, "{outcomes:?}");
+    // Eight wrong guesses at once: one is checked, the others wait.
+    f.clock.advance(Duration::from_secs(3600));
+    add(&f, "kim", Role::Clinician);
+    let outcomes: Vec<LoginOutcome> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let accounts = &f.accounts;
+                s.spawn(move || {
+                    accounts
+                        .login(&req(
+                            "kim",
+                            "guess guess guess",
+                            None,
+                            &format!("10.9.1.{i}"),
+                        ))
+                        .expect("login")
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let checked = outcomes
+        .iter()
+        .filter(|o| **o == LoginOutcome::Failed)
+        .count();
+    assert_eq!(checked, 1, "{outcomes:?}");
+}
