@@ -12,8 +12,8 @@
 use std::borrow::Cow;
 
 use dicom_core::header::Header;
-use dicom_core::value::{PrimitiveValue, Value};
-use dicom_core::{DataElement, VR};
+use dicom_core::value::{DataSetSequence, PrimitiveValue, Value};
+use dicom_core::{DataElement, Length, VR};
 use dicom_dictionary_std::tags;
 use dicom_encoding::text::{SpecificCharacterSet, TextCodec};
 use dicom_object::InMemDicomObject;
@@ -211,46 +211,110 @@ pub fn terms_of(obj: &InMemDicomObject) -> Vec<String> {
 
 /// `obj` with every text element decoded with ISO 2022 code extensions when
 /// its (0008,0005) needs them (see [`needs_extensions`]); otherwise `obj`.
+///
+/// Sequence items are decoded too, each with its own (0008,0005) when it has
+/// one, else with its enclosing dataset's (PS3.5 §6.1.2.5.3). dicom-rs switches
+/// its decoder at every (0008,0005) it reads, items included, and keeps it
+/// after the item ends; `normalize` follows the same order to know which codec
+/// dicom-rs used for each value, so a value decoded with the wrong set (an
+/// item's, or the first term only) is recovered and decoded with the right one.
 #[must_use]
 pub fn normalize(obj: &InMemDicomObject) -> Cow<'_, InMemDicomObject> {
     let terms = terms_of(obj);
-    if !needs_extensions(&terms) {
-        return Cow::Borrowed(obj);
+    let mut parsed_with = SpecificCharacterSet::default();
+    match normalize_in(obj, &terms, &mut parsed_with) {
+        Some(out) => Cow::Owned(out),
+        None => Cow::Borrowed(obj),
     }
-    // What dicom-rs decoded with: the first term it knows, else the default.
-    let codec = terms
+}
+
+/// The codec dicom-rs switches to when it reads a (0008,0005) holding `terms`
+/// (`None`: it keeps the current one).
+fn dicom_rs_codec(terms: &[String]) -> Option<SpecificCharacterSet> {
+    terms
         .first()
         .and_then(|t| SpecificCharacterSet::from_code(t))
-        .unwrap_or_default();
-    let mut out = obj.clone();
+}
+
+/// [`normalize`] of one dataset or item whose text is in `terms`; `parsed_with`
+/// is dicom-rs's decoder state before it, updated as dicom-rs would. `None` when
+/// nothing changes.
+fn normalize_in(
+    obj: &InMemDicomObject,
+    terms: &[String],
+    parsed_with: &mut SpecificCharacterSet,
+) -> Option<InMemDicomObject> {
+    let extensions = needs_extensions(terms);
+    // The codec the standard says `terms` use when no extension is needed.
+    let plain = dicom_rs_codec(terms).unwrap_or_default();
+    let mut out: Option<InMemDicomObject> = None;
     for e in obj.iter() {
         let vr = e.vr();
+        if e.tag() == tags::SPECIFIC_CHARACTER_SET {
+            if let Some(codec) = dicom_rs_codec(terms) {
+                *parsed_with = codec;
+            }
+            continue;
+        }
+        if let Some(items) = e.items() {
+            let mut changed = false;
+            let mut new_items = Vec::with_capacity(items.len());
+            for item in items {
+                let own = terms_of(item);
+                let item_terms = if own.is_empty() { terms } else { &own[..] };
+                match normalize_in(item, item_terms, parsed_with) {
+                    Some(n) => {
+                        changed = true;
+                        new_items.push(n);
+                    }
+                    None => new_items.push(item.clone()),
+                }
+            }
+            if changed {
+                out.get_or_insert_with(|| obj.clone()).put(DataElement::new(
+                    e.tag(),
+                    VR::SQ,
+                    Value::from(DataSetSequence::new(new_items, Length::UNDEFINED)),
+                ));
+            }
+            continue;
+        }
         if !matches!(
             vr,
             VR::PN | VR::LO | VR::SH | VR::LT | VR::ST | VR::UC | VR::UT
         ) {
             continue;
         }
+        if !extensions && plain == *parsed_with {
+            continue; // dicom-rs decoded it with the right set
+        }
         let Value::Primitive(PrimitiveValue::Str(_) | PrimitiveValue::Strs(_)) = e.value() else {
             continue;
         };
         let Ok(s) = e.to_str() else { continue };
-        let Ok(bytes) = codec.encode(&s) else {
+        let Ok(bytes) = parsed_with.encode(&s) else {
             continue;
         };
-        let text = decode(&bytes, &terms, vr == VR::PN);
+        let text = if extensions {
+            decode(&bytes, terms, vr == VR::PN)
+        } else {
+            match plain.decode(&bytes) {
+                Ok(t) => t,
+                Err(_) => continue,
+            }
+        };
         let parts: Vec<String> = text.split('\\').map(str::to_owned).collect();
-        out.put(DataElement::new(
+        out.get_or_insert_with(|| obj.clone()).put(DataElement::new(
             e.tag(),
             vr,
             PrimitiveValue::Strs(parts.into()),
         ));
     }
-    Cow::Owned(out)
+    out
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn terms(s: &str) -> Vec<String> {
@@ -336,6 +400,123 @@ mod tests {
             .get("1.2.840.10008.1.2")
             .expect("implicit VR little endian");
         InMemDicomObject::read_dataset_with_ts(&bytes[..], ts).expect("parsed")
+    }
+
+    /// Implicit VR LE bytes of one element (value padded to even length).
+    pub(crate) fn element(group: u16, elem: u16, v: &[u8]) -> Vec<u8> {
+        let mut v = v.to_vec();
+        if v.len() % 2 == 1 {
+            v.push(b' ');
+        }
+        let mut out = Vec::new();
+        out.extend_from_slice(&group.to_le_bytes());
+        out.extend_from_slice(&elem.to_le_bytes());
+        out.extend_from_slice(&u32::try_from(v.len()).expect("short value").to_le_bytes());
+        out.extend_from_slice(&v);
+        out
+    }
+
+    /// Implicit VR LE bytes of a sequence of undefined length holding `items`
+    /// (each the bytes of its elements), items of undefined length.
+    pub(crate) fn sequence(group: u16, elem: u16, items: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&group.to_le_bytes());
+        out.extend_from_slice(&elem.to_le_bytes());
+        out.extend_from_slice(&u32::MAX.to_le_bytes());
+        for item in items {
+            out.extend_from_slice(&[0xfe, 0xff, 0x00, 0xe0, 0xff, 0xff, 0xff, 0xff]);
+            out.extend_from_slice(item);
+            out.extend_from_slice(&[0xfe, 0xff, 0x0d, 0xe0, 0, 0, 0, 0]);
+        }
+        out.extend_from_slice(&[0xfe, 0xff, 0xdd, 0xe0, 0, 0, 0, 0]);
+        out
+    }
+
+    pub(crate) fn read_implicit(bytes: &[u8]) -> InMemDicomObject {
+        use dicom_encoding::TransferSyntaxIndex;
+        let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+            .get("1.2.840.10008.1.2")
+            .expect("implicit VR little endian");
+        InMemDicomObject::read_dataset_with_ts(bytes, ts).expect("parsed")
+    }
+
+    fn item_text(
+        obj: &InMemDicomObject,
+        seq: dicom_core::Tag,
+        n: usize,
+        tag: dicom_core::Tag,
+    ) -> String {
+        let obj = normalize(obj);
+        let items = obj.get(seq).and_then(|e| e.items()).expect("items");
+        items[n]
+            .get(tag)
+            .expect("element")
+            .to_str()
+            .expect("text")
+            .trim_end()
+            .to_owned()
+    }
+
+    /// ISO 2022 IR 87 (PS3.5 Annex H.3.1 bytes) inside a sequence item, under
+    /// the dataset's `\ISO 2022 IR 87`.
+    #[test]
+    fn sequence_items_decoded_with_the_dataset_character_set() {
+        let item = [
+            element(0x0008, 0x0100, b"P1"),
+            element(0x0008, 0x0104, b"\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B"),
+        ]
+        .concat();
+        let bytes = [
+            element(0x0008, 0x0005, b"\\ISO 2022 IR 87"),
+            sequence(0x0008, 0x1032, &[item]),
+            element(
+                0x0010,
+                0x0010,
+                b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B",
+            ),
+        ]
+        .concat();
+        let obj = read_implicit(&bytes);
+        assert_eq!(
+            item_text(&obj, tags::PROCEDURE_CODE_SEQUENCE, 0, tags::CODE_MEANING),
+            "山田^太郎"
+        );
+        assert_eq!(
+            item_text(&obj, tags::PROCEDURE_CODE_SEQUENCE, 0, tags::CODE_VALUE),
+            "P1"
+        );
+        assert_eq!(name(&obj), "Yamada^Tarou=山田^太郎");
+    }
+
+    /// An item's own (0008,0005) governs its values (PS3.5 §6.1.2.5.3); the
+    /// dataset's values after the item keep the dataset's set, although dicom-rs
+    /// decoded them with the item's.
+    #[test]
+    fn sequence_item_with_its_own_character_set() {
+        let ir87 = [
+            element(0x0008, 0x0005, b"\\ISO 2022 IR 87"),
+            element(0x0008, 0x0104, b"\x1b$B;3ED\x1b(B"),
+        ]
+        .concat();
+        let cyrillic = [
+            element(0x0008, 0x0005, b"ISO_IR 144"),
+            element(0x0008, 0x0104, b"\xbb\xee\xdace\xdc\xd0"),
+        ]
+        .concat();
+        let plain = element(0x0008, 0x0104, b"Buc^J\xe9r\xf4me");
+        let bytes = [
+            element(0x0008, 0x0005, b"ISO_IR 100"),
+            sequence(0x0008, 0x1032, &[ir87, cyrillic, plain]),
+            element(0x0010, 0x0010, b"Buc^J\xe9r\xf4me"),
+        ]
+        .concat();
+        let obj = read_implicit(&bytes);
+        let seq = tags::PROCEDURE_CODE_SEQUENCE;
+        assert_eq!(item_text(&obj, seq, 0, tags::CODE_MEANING), "山田");
+        assert_eq!(item_text(&obj, seq, 1, tags::CODE_MEANING), "Люкceма");
+        // dicom-rs read the third item and the name after it with ISO_IR 144.
+        assert_eq!(item_text(&obj, seq, 2, tags::CODE_MEANING), "Buc^Jérôme");
+        assert_eq!(name(&obj), "Buc^Jérôme");
     }
 
     fn name(obj: &InMemDicomObject) -> String {

@@ -1811,6 +1811,149 @@ mod tests {
         assert!(!any(&[k(tags::CODE_VALUE, "DEVICE3")]));
     }
 
+    /// Through ingest and the index: an instance whose Procedure Code Sequence
+    /// item holds ISO 2022 IR 87 text (PS3.5 Annex H bytes, the dataset's
+    /// `\ISO 2022 IR 87`) is found by that text in UTF-8 and returned as
+    /// Unicode; its Acquisition DateTime is matched by a DT range at IMAGE level
+    /// and returned as stored.
+    #[test]
+    fn archive_finds_iso_2022_sequence_items_and_dt_ranges() {
+        use crate::charset::tests::{element, sequence};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().expect("tmp");
+        let master = bastion_store::MasterKey::from_bytes([9u8; 32]);
+        let store = bastion_store::BlobStore::open(&dir.path().join("blobs"), master.clone())
+            .expect("store");
+        let index = bastion_index::Index::open(
+            &dir.path().join("index.db"),
+            &master.derive("bastion index v1"),
+        )
+        .expect("index");
+        let events = bastion_security::events::EventLog::open(&dir.path().join("events.log"))
+            .expect("events");
+        let archive = Archive::new(
+            Arc::new(store),
+            Arc::new(index),
+            Arc::new(events),
+            crate::Limits::default(),
+        );
+        let sop_class = b"1.2.840.10008.5.1.4.1.1.7\0";
+        let item = [
+            element(0x0008, 0x0100, b"P1"),
+            element(0x0008, 0x0104, b"\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B"),
+        ]
+        .concat();
+        let dataset = [
+            element(0x0008, 0x0005, b"\\ISO 2022 IR 87"),
+            element(0x0008, 0x0016, sop_class),
+            element(0x0008, 0x0018, b"2.25.9001"),
+            element(0x0008, 0x002a, b"20150101003000+0100"),
+            sequence(0x0008, 0x1032, &[item]),
+            element(
+                0x0010,
+                0x0010,
+                b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B",
+            ),
+            element(0x0020, 0x000d, b"2.25.9002"),
+            element(0x0020, 0x000e, b"2.25.9003"),
+        ]
+        .concat();
+        archive
+            .ingest(
+                crate::Received::Network {
+                    dataset,
+                    transfer_syntax: "1.2.840.10008.1.2".into(),
+                    affected_sop_class: "1.2.840.10008.5.1.4.1.1.7".into(),
+                    affected_sop_instance: "2.25.9001".into(),
+                },
+                &crate::Origin {
+                    ae: "MOD1".into(),
+                    peer: "127.0.0.1:1".into(),
+                    on_conflict: bastion_index::OnConflict::Refuse,
+                },
+            )
+            .expect("stored");
+        let opts = FindOptions {
+            ae: "FINDER".into(),
+            peer: "127.0.0.1:2".into(),
+            retrieve_ae: "BASTION".into(),
+            max_matches: 10,
+        };
+        let find = |ident: InMemDicomObject| -> Vec<InMemDicomObject> {
+            let q = Query::parse(&ident, Model::StudyRoot, true).expect("query");
+            let mut got = Vec::new();
+            archive
+                .find(&q, &opts, &mut |r| {
+                    got.push(r.identifier);
+                    true
+                })
+                .expect("find");
+            got
+        };
+        let text = |o: &InMemDicomObject, t: Tag| -> String {
+            o.get(t)
+                .and_then(|e| e.to_str().ok())
+                .map(|s| s.trim_end().to_owned())
+                .unwrap_or_default()
+        };
+        let ident = |level: &str, keys: Vec<DataElement<InMemDicomObject>>| {
+            let mut o = InMemDicomObject::new_empty();
+            o.put(DataElement::new(
+                tags::QUERY_RETRIEVE_LEVEL,
+                VR::CS,
+                PrimitiveValue::from(level),
+            ));
+            for k in keys {
+                o.put(k);
+            }
+            o
+        };
+        let seq_key = |meaning: &str| {
+            DataElement::new(
+                tags::PROCEDURE_CODE_SEQUENCE,
+                VR::SQ,
+                Value::from(DataSetSequence::new(
+                    vec![InMemDicomObject::from_element_iter([DataElement::new(
+                        tags::CODE_MEANING,
+                        VR::LO,
+                        PrimitiveValue::from(meaning),
+                    )])],
+                    Length::UNDEFINED,
+                )),
+            )
+        };
+        let got = find(ident("STUDY", vec![seq_key("山田^太郎")]));
+        assert_eq!(got.len(), 1);
+        let items = got[0]
+            .get(tags::PROCEDURE_CODE_SEQUENCE)
+            .and_then(|e| e.items())
+            .expect("items");
+        assert_eq!(text(&items[0], tags::CODE_MEANING), "山田^太郎");
+        assert_eq!(text(&got[0], tags::SPECIFIC_CHARACTER_SET), "ISO_IR 192");
+        assert!(find(ident("STUDY", vec![seq_key("山田")])).is_empty());
+        assert_eq!(find(ident("STUDY", vec![seq_key("山田*")])).len(), 1);
+
+        let dt = |v: &str| {
+            DataElement::new(tags::ACQUISITION_DATE_TIME, VR::DT, PrimitiveValue::from(v))
+        };
+        for (key, n) in [
+            ("20150101", 1),
+            ("20141231233000+0000", 1),
+            ("20141231-20150101", 1),
+            ("-20141231", 0),
+            ("20150102-", 0),
+        ] {
+            let got = find(ident("IMAGE", vec![dt(key)]));
+            assert_eq!(got.len(), n, "{key}");
+            if n == 1 {
+                assert_eq!(
+                    text(&got[0], tags::ACQUISITION_DATE_TIME),
+                    "20150101003000+0100"
+                );
+            }
+        }
+    }
+
     #[test]
     fn hierarchical_rules() {
         let ident = |level: &str, study: Option<&str>, series: Option<&str>| {
