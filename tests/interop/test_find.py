@@ -47,6 +47,30 @@ def _uid(v: str) -> str:
     return "\\".join(UIDS.get(x, x) for x in v.split("\\"))
 
 
+# Attributes of the patient, study and series levels that the table sets (or
+# leaves absent) for every instance: removed from a corpus file first so that
+# its own values cannot leak into the table's studies and series.
+HIERARCHY_KEYWORDS = ["PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
+                      "PatientSex", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
+                      "StudyDescription", "ReferringPhysicianName", "ProcedureCodeSequence",
+                      "Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined",
+                      "RequestAttributesSequence"]
+
+
+def _corpus_dataset(rel: str, inst: dict) -> Dataset:
+    """A corpus file as a table instance: its hierarchy attributes removed, its
+    own instance attributes checked against the table's."""
+    import corpus
+    ds = pydicom.dcmread(corpus.corpus_root() / rel)
+    for k, v in inst.items():
+        if k not in ("series", "corpus", "InstanceNumber"):
+            assert str(ds.get(k, "")) == str(v), (rel, k, ds.get(k))
+    for k in HIERARCHY_KEYWORDS:
+        if k in ds:
+            delattr(ds, k)
+    return ds
+
+
 def table_datasets() -> list[Dataset]:
     out = []
     for iid, inst in TABLE["instances"].items():
@@ -54,7 +78,10 @@ def table_datasets() -> list[Dataset]:
         se = TABLE["series"][se_id]
         st_id = se["study"]
         st = TABLE["studies"][st_id]
-        ds = helpers.make_dataset(pixel_bytes=512)
+        if "corpus" in inst:
+            ds = _corpus_dataset(inst["corpus"], inst)
+        else:
+            ds = helpers.make_dataset(pixel_bytes=512)
         ds.SpecificCharacterSet = "ISO_IR 192"
         ds.StudyInstanceUID = UIDS[st_id]
         ds.SeriesInstanceUID = UIDS[se_id]
@@ -74,7 +101,9 @@ def table_datasets() -> list[Dataset]:
         for k, v in se.items():
             if k != "study":
                 setattr(ds, k, v)
-        ds.InstanceNumber = inst["InstanceNumber"]
+        for k, v in inst.items():
+            if k not in ("series", "corpus"):
+                setattr(ds, k, v)
         out.append(ds)
     return out
 
@@ -202,6 +231,19 @@ def test_return_keys_and_computed_attributes(qr):
     rsps = find(srv, ctx, STUDY_ROOT, ident)
     assert int(rsps[0][1].NumberOfSeriesRelatedInstances) == 2
     assert rsps[0][1].Modality == "CT"
+
+
+def test_acquisition_datetime_returned_as_stored(qr):
+    """DT return key at IMAGE level: the stored value, offset and fraction kept;
+    zero-length for an instance without one."""
+    srv, ctx, _ = qr
+    ident = identifier("IMAGE", {"StudyInstanceUID": "S5", "SeriesInstanceUID": "SE6",
+                                 "AcquisitionDateTime": ""})
+    rsps = find(srv, ctx, STUDY_ROOT, ident)
+    assert rsps[-1][0] == 0
+    got = {str(r.SOPInstanceUID): r.AcquisitionDateTime for _, r, _ in rsps[:-1]}
+    assert got == {UIDS["I7"]: "", UIDS["I10"]: "20150101003000+0100",
+                   UIDS["I11"]: "20110525145628.350000"}
 
 
 def test_unsupported_optional_key_gives_ff01(qr):
@@ -396,3 +438,39 @@ def test_charset_explicit_ir6_query_finds_iso2022_name(charset_server):
     assert rsps[-1][0] == 0, rsps
     got = {r.StudyInstanceUID: str(r.PatientName) for s, r, _ in rsps[:-1]}
     assert got.get(src.StudyInstanceUID) == "やまだ^たろう", got
+
+
+@pytest.mark.parametrize("query_charset", [["ISO 2022 IR 13", "ISO 2022 IR 87"], "ISO_IR 192"])
+def test_iso2022_sequence_item_found(charset_server, corpus_root, tmp_path, query_charset):
+    """A sequence item in ISO 2022 IR 87 (chrSQEncoding1.dcm, which has no UIDs:
+    a copy with UIDs added, its item as the indexed Procedure Code Sequence,
+    bytes as in the file) is found by the name in it, in the file's own
+    character set and in UTF-8, and returned as Unicode."""
+    srv, ctx, _ = charset_server
+    ds = pydicom.dcmread(corpus_root / "pydicom" / "charset_files" / "chrSQEncoding1.dcm")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = "2.25.773001"
+    ds.SeriesInstanceUID = "2.25.773002"
+    ds.ProcedureCodeSequence = ds.RequestedProcedureCodeSequence
+    del ds.RequestedProcedureCodeSequence
+    path = tmp_path / "chrSQEncoding1-uids.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert b"\x1b$B;3ED" in path.read_bytes()  # the item's bytes were kept
+    rc, summary, rejected, out = srv.import_(path)
+    assert summary["stored"] + summary["duplicates"] == 1, out
+    full = "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"
+    ident = Dataset()
+    ident.SpecificCharacterSet = query_charset
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = ""
+    item = Dataset()
+    item.PatientName = "山田^太郎"
+    ident.ProcedureCodeSequence = Sequence([item])
+    rsps = find(srv, ctx, STUDY_ROOT, ident)
+    assert rsps[-1][0] == 0, rsps
+    got = {r.StudyInstanceUID: r for _, r, _ in rsps[:-1]}
+    assert list(got) == ["2.25.773001"], got
+    r = got["2.25.773001"]
+    assert [str(i.PatientName) for i in r.ProcedureCodeSequence] == [full]
+    assert r.SpecificCharacterSet == "ISO_IR 192"
