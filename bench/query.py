@@ -588,10 +588,11 @@ class Bench:
         if p.returncode != 0:
             raise SystemExit(f"bastion import failed: {p.stderr.decode(errors='replace')[-2000:]}")
         log(f"bastion import: {load:.1f} s ({' '.join(summary)})")
-        port, plain_port = free_port(), free_port()
+        port, plain_port, self.b_http_port = free_port(), free_port(), free_port()
         self.b_proc = self.start([b, "serve", "--data", str(data), "--dicom-addr",
                                   f"127.0.0.1:{port}", "--dicom-plain-addr",
-                                  f"127.0.0.1:{plain_port}"], "bastion.log")
+                                  f"127.0.0.1:{plain_port}", "--http-addr",
+                                  f"127.0.0.1:{self.b_http_port}"], "bastion.log")
         self.b_certs = certs
         spec = {"host": "127.0.0.1", "port": port, "calling": "BENCH", "called": "BASTION",
                 "max_pdu": self.args.max_pdu, "nagle": self.args.nagle,

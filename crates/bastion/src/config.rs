@@ -17,6 +17,45 @@ pub struct Config {
     pub query: QuerySection,
     /// HTTPS (DICOMweb and account API) settings.
     pub http: HttpSection,
+    /// Login throttling, lock and session settings.
+    pub accounts: AccountsSection,
+}
+
+/// `[accounts]`: the login policy (see `bastion_security::accounts::AccountPolicy`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountsSection {
+    /// Consecutive failed logins that lock an account (lifted by `user unlock`
+    /// or a password change).
+    pub lock_after_failures: u32,
+    /// Delay after an account's first failed login, milliseconds; doubles with
+    /// each consecutive failure.
+    pub base_delay_ms: u64,
+    /// Largest delay per account, seconds.
+    pub max_delay_secs: u64,
+    /// Largest delay per source address, seconds (addresses are never locked).
+    pub per_address_max_delay_secs: u64,
+    /// A session unused this long ends, seconds.
+    pub session_idle_secs: u64,
+    /// A session ends this long after login, seconds.
+    pub session_absolute_secs: u64,
+    /// `admin` accounts need a second factor (TOTP) to log in. Turning this
+    /// off is logged as a warning at every start.
+    pub admin_requires_totp: bool,
+}
+
+impl Default for AccountsSection {
+    fn default() -> Self {
+        AccountsSection {
+            lock_after_failures: 10,
+            base_delay_ms: 1000,
+            max_delay_secs: 15 * 60,
+            per_address_max_delay_secs: 30,
+            session_idle_secs: 30 * 60,
+            session_absolute_secs: 12 * 3600,
+            admin_requires_totp: true,
+        }
+    }
 }
 
 /// `[http]`.
@@ -254,6 +293,25 @@ header_timeout_secs = {hdt}
 body_timeout_secs = {bdt}
 # HTTPS connections served at once; more are closed at accept.
 max_connections = {mc}
+
+[accounts]
+# Consecutive failed logins that lock an account (recorded; lifted by
+# `bastion user unlock NAME` or a password change).
+lock_after_failures = {laf}
+# Delay after an account's first failed login, milliseconds; it doubles with
+# each consecutive failure, up to max_delay_secs. Attempts during a delay are
+# answered 429 with Retry-After and not checked.
+base_delay_ms = {bdm}
+max_delay_secs = {mds2}
+# Per source address: delays only, never a lock, at most this many seconds
+# (one noisy address behind a shared NAT cannot lock everyone out).
+per_address_max_delay_secs = {pam}
+# Sessions end after this many seconds unused, and this long after login.
+session_idle_secs = {sis}
+session_absolute_secs = {sas}
+# `admin` accounts must use a second factor (`bastion user totp-enable NAME`).
+# Setting this to false is logged as a warning at every start.
+admin_requires_totp = {art}
 "#,
             ae = d.ae_title,
             tls = d.tls_addr,
@@ -276,6 +334,13 @@ max_connections = {mc}
             hdt = self.http.header_timeout_secs,
             bdt = self.http.body_timeout_secs,
             mc = self.http.max_connections,
+            laf = self.accounts.lock_after_failures,
+            bdm = self.accounts.base_delay_ms,
+            mds2 = self.accounts.max_delay_secs,
+            pam = self.accounts.per_address_max_delay_secs,
+            sis = self.accounts.session_idle_secs,
+            sas = self.accounts.session_absolute_secs,
+            art = self.accounts.admin_requires_totp,
         )
     }
 }
@@ -304,5 +369,28 @@ mod tests {
         assert_eq!(off.listen_addr().ok(), Some(None));
         off.cors_origins = vec!["*".into()];
         assert!(off.listen_addr().is_err());
+    }
+}
+
+impl AccountsSection {
+    /// The security layer's policy; refuses values that would disable the
+    /// protection (no lock, sessions that never end).
+    pub fn policy(&self) -> Result<bastion_security::accounts::AccountPolicy> {
+        use std::time::Duration;
+        if self.lock_after_failures == 0 {
+            anyhow::bail!("[accounts] lock_after_failures must be at least 1");
+        }
+        if self.session_idle_secs == 0 || self.session_absolute_secs == 0 {
+            anyhow::bail!("[accounts] session timeouts must be at least 1 second");
+        }
+        Ok(bastion_security::accounts::AccountPolicy {
+            lock_after_failures: self.lock_after_failures,
+            base_delay: Duration::from_millis(self.base_delay_ms.max(1)),
+            max_delay: Duration::from_secs(self.max_delay_secs.max(1)),
+            per_address_max_delay: Duration::from_secs(self.per_address_max_delay_secs),
+            session_idle: Duration::from_secs(self.session_idle_secs),
+            session_absolute: Duration::from_secs(self.session_absolute_secs),
+            admin_requires_totp: self.admin_requires_totp,
+        })
     }
 }

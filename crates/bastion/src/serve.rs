@@ -6,7 +6,7 @@ use std::{process::ExitCode, sync::Arc, time::Duration};
 use anyhow::{Context, Result};
 use bastion_dimse::{tls::TlsIdentity, Dimse, DimseConfig};
 use bastion_model::AeTitle;
-use bastion_security::accounts::{AccountPolicy, Accounts};
+use bastion_security::accounts::Accounts;
 use bastion_security::events::EventLog;
 use bastion_security::policy::Listener;
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
@@ -139,11 +139,13 @@ fn web_app(
     let tls = bastion_web::server::tls_config(chain, key)
         .with_context(|| format!("cannot use {} for HTTPS", p.server_cert.display()))?;
     let events = Arc::new(EventLog::open(&dir.events())?);
-    let accounts = Arc::new(Accounts::new(
-        security.clone(),
-        events,
-        AccountPolicy::default(),
-    ));
+    let account_policy = config.accounts.policy()?;
+    if !account_policy.admin_requires_totp {
+        tracing::warn!(
+            "[accounts] admin_requires_totp = false: admin accounts can log in with a password alone"
+        );
+    }
+    let accounts = Arc::new(Accounts::new(security.clone(), events, account_policy));
     let h = &config.http;
     if !h.cors_origins.is_empty() {
         tracing::warn!(origins = ?h.cors_origins, "CORS enabled: these browser origins may call the API with users' credentials");

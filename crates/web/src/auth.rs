@@ -105,12 +105,28 @@ pub async fn authenticate(
     mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    match identify(&state, &mut req).await {
+        Ok(None) => Ok(next.run(req).await),
+        Ok(Some(caller)) => {
+            req.extensions_mut().insert(caller);
+            Ok(next.run(req).await)
+        }
+        Err(e) => {
+            let (parts, body) = req.into_parts();
+            crate::body::drain(&parts.headers, body).await;
+            Err(e)
+        }
+    }
+}
+
+/// The authenticated caller of `req`; `None` for an anonymous route.
+async fn identify(state: &AppState, req: &mut Request) -> Result<Option<Caller>, ApiError> {
     if token_in_query(req.uri().query()) {
         return Err(ApiError::TokenInQuery);
     }
     let path = req.uri().path().to_owned();
     if is_public(req.method(), &path) {
-        return Ok(next.run(req).await);
+        return Ok(None);
     }
     let accounts = state.accounts();
     let caller = if let Some(auth) = req.headers().get(header::AUTHORIZATION) {
@@ -164,8 +180,7 @@ pub async fn authenticate(
     if caller.identity.must_change_password && !(path == "/api/me" || path == "/api/logout") {
         return Err(ApiError::PasswordChangeRequired);
     }
-    req.extensions_mut().insert(caller);
-    Ok(next.run(req).await)
+    Ok(Some(caller))
 }
 
 /// Whether the query string carries a credential (`access_token=`, `token=`).

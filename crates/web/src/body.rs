@@ -64,3 +64,27 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> ApiError {
     }
     ApiError::BadRequest("the request body could not be read".into())
 }
+
+/// Most bytes of a refused request's body read (and dropped) before the
+/// refusal is sent.
+pub const DRAIN_LIMIT: usize = 1 << 20;
+
+/// Reads and drops a small request body (at most [`DRAIN_LIMIT`] bytes,
+/// within 5 s) before an early refusal (401/403/415…) is answered: a server
+/// that closes with unread bytes makes the kernel reset the connection, and
+/// the client may then never see the refusal. Larger or slower bodies are
+/// left unread (the connection is closed as before).
+pub async fn drain(headers: &HeaderMap, body: Body) {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > DRAIN_LIMIT as u64) {
+        return;
+    }
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        Limited::new(body, DRAIN_LIMIT).collect(),
+    )
+    .await;
+}

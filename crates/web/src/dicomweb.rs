@@ -927,9 +927,14 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
     if let Some(s) = &study {
         note.study(s.as_str());
     }
-    caller.require(WebPermission::Upload)?;
-    require_json(req.headers())?;
     let (parts, body) = req.into_parts();
+    if let Err(e) = caller
+        .require(WebPermission::Upload)
+        .and_then(|()| require_json(&parts.headers))
+    {
+        crate::body::drain(&parts.headers, body).await;
+        return Err(e);
+    }
     let content_type = parts
         .headers
         .get(header::CONTENT_TYPE)
