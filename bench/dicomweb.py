@@ -96,26 +96,23 @@ def w_qido(spec):
 
 
 def w_wado(spec):
-    c = _conn(spec)
+    """WADO-RS of one study with curl (libcurl + OpenSSL: a client fast enough
+    that the servers, not Python's ssl module, are measured)."""
     accept = 'multipart/related; type="application/dicom"'
     if spec.get("any_ts"):
         accept += "; transfer-syntax=*"
-    t0 = time.perf_counter()
-    c.request("GET", f"{spec['root']}/studies/{spec['study']}",
-              headers=_headers(spec, {"Accept": accept}))
-    r = c.getresponse()
-    n = 0
-    while True:
-        chunk = r.read(1 << 20)
-        if not chunk:
-            break
-        n += len(chunk)
-    secs = time.perf_counter() - t0
-    ctype = r.getheader("Content-Type", "")
-    c.close()
-    if r.status != 200:
-        return {"error": f"status {r.status}"}
-    return {"secs": secs, "bytes": n, "content_type": ctype}
+    scheme = "https" if spec.get("ca") else "http"
+    cmd = ["curl", "-s", "-o", "/dev/null", "--tcp-nodelay",
+           "-w", "%{http_code} %{size_download} %{time_total}",
+           "-H", f"Authorization: {spec['auth']}", "-H", f"Accept: {accept}",
+           f"{scheme}://{spec['host']}:{spec['port']}{spec['root']}/studies/{spec['study']}"]
+    if spec.get("ca"):
+        cmd[1:1] = ["--cacert", spec["ca"]]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    code, size, secs = p.stdout.split()
+    if code != "200":
+        return {"error": f"status {code}"}
+    return {"secs": float(secs), "bytes": int(size)}
 
 
 def w_stow(spec):
@@ -176,6 +173,38 @@ class WebBench(q.Bench):
         if not op.exists():
             return {"error": f"worker rc={p.returncode}: {p.stderr.decode(errors='replace')[-1500:]}"}
         return json.loads(op.read_text())
+
+
+def orthanc_over_https(bench, work: Path, spec: dict) -> dict | None:
+    """Restarts Orthanc with `SslEnabled` and a self-signed certificate for
+    localhost; returns the spec to reach it over HTTPS (None if it does not
+    come up)."""
+    d = work / "orthanc"
+    key, crt, pem = d / "tls.key", d / "tls.crt", d / "tls.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(crt), "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    pem.write_bytes(crt.read_bytes() + key.read_bytes())
+    cfgp = d / "orthanc.json"
+    cfg = json.loads(cfgp.read_text())
+    cfg.update({"SslEnabled": True, "SslCertificate": str(pem)})
+    cfgp.write_text(json.dumps(cfg, indent=1))
+    bench.stop(bench.o_proc)
+    bench.o_proc = bench.start(["/usr/sbin/Orthanc", str(cfgp)], "orthanc-https.log",
+                               in_netns=True)
+    out = dict(spec, host="localhost", ca=str(crt))
+    for _ in range(100):
+        r = subprocess.run(bench.netns(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                        "--cacert", str(crt), "-u",
+                                        f"{bench.o_auth['user']}:{bench.o_auth['password']}",
+                                        f"https://localhost:{spec['port']}/system"]),
+                           capture_output=True, text=True, timeout=30)
+        if r.stdout == "200":
+            return out
+        time.sleep(0.3)
+    log("Orthanc did not come up over HTTPS; see orthanc-https.log")
+    return None
 
 
 def stow_set(out: Path, corpus: Path) -> list[str]:
@@ -295,6 +324,20 @@ def main() -> None:
             log(f"STOW {srv:8s}: " + (f"{r['secs']:.2f} s for {r['n']}, statuses "
                                       f"{sorted(set(r['statuses']))}"
                                       if "error" not in r else r["error"]))
+        # Like for like: Orthanc restarted with HTTPS (its own self-signed
+        # certificate), WADO-RS measured again against Bastion.
+        ospec = orthanc_over_https(bench, work, specs["orthanc"])
+        if ospec:
+            specs["orthanc-tls"] = ospec
+            for rnd in range(args.rounds):
+                for srv in (["bastion", "orthanc-tls"] if rnd % 2 == 0
+                            else ["orthanc-tls", "bastion"]):
+                    r = bench.run_web(dict(specs[srv], op="wado", study=m["retrieve_study"],
+                                           any_ts=srv == "bastion"), srv != "bastion", 600)
+                    res.setdefault(("wado2", srv), []).append(r)
+                    log(f"WADO {srv:11s} round {rnd + 1}: " + (
+                        f"{r['secs']:.3f} s, {r['bytes'] / 2**20:.1f} MiB body"
+                        if "error" not in r else r["error"]))
     finally:
         bench.cleanup()
     report(res, m, args)
@@ -306,7 +349,8 @@ def report(res, m, args) -> None:
     print()
     print(f"Data: {m['instances']} instances; WADO study: {q.RETRIEVE_N} instances, {mib:.1f} MiB "
           f"of Part 10 files; STOW: {STOW_N} CT_small instances in requests of {STOW_BATCH}. "
-          "Client: Python http.client, one keep-alive connection per series. Bastion over "
+          "Client: Python http.client (QIDO, STOW; one keep-alive connection per series), "
+          "curl (WADO, time includes the TLS handshake). Bastion over "
           "HTTPS with a bearer token; Orthanc 1.10 + DICOMweb plugin over plain HTTP with "
           f"Basic auth in netns `{args.netns}`.")
     print()
@@ -328,12 +372,18 @@ def report(res, m, args) -> None:
           f"{len(b['errors']) if b else '-'} errors | {o['wrong'] if o else '-'} wrong, "
           f"{len(o['errors']) if o else '-'} errors | | all right |")
 
-    def wado(srv):
-        rs = [r for r in res.get(("wado", srv), []) if "error" not in r]
+    def wado(srv, key="wado"):
+        rs = [r for r in res.get((key, srv), []) if "error" not in r]
         return mib / statistics.median(r["secs"] for r in rs) if rs else None
     bw, ow = wado("bastion"), wado("orthanc")
     print(f"| WADO-RS study ({q.RETRIEVE_N} instances) MiB/s | {cell(bw)} | {cell(ow)} "
           f"| **{q.fmt_ratio(bw, ow)}** | ≥ 1 |")
+
+    bw2 = None
+    if res.get(("wado2", "orthanc-tls")):
+        ow2, bw2 = wado("orthanc-tls", "wado2"), wado("bastion", "wado2")
+        print(f"| WADO-RS study, like for like (Orthanc over HTTPS too, measured again) MiB/s "
+              f"| {cell(bw2)} | {cell(ow2)} | {q.fmt_ratio(bw2, ow2)} | |")
 
     def stow(srv):
         r = res.get(("stow", srv))

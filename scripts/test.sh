@@ -18,6 +18,7 @@ step "1/6 system packages (DCMTK, cmake)"
 need=()
 [[ -x /usr/bin/storescu && -x /usr/bin/echoscu && -x /usr/bin/storescp ]] || need+=(dcmtk)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if ((${#need[@]})); then
     SUDO=
     if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; fi

@@ -356,3 +356,67 @@ def test_revoked_token_is_401(make_server):
     tid = next(t["id"] for t in listed if t.get("user", t.get("username")) == "reader")
     run(srv, "token", "revoke", tid)
     assert request(srv, "GET", "/dicomweb/studies", tok)[0] == 401
+
+
+# -- content negotiation with curl ----------------------------------------------
+
+def curl(srv: Server, token: str, path: str, accept: str) -> tuple[int, dict, bytes]:
+    """GET with curl (a client other than Python's), headers and body."""
+    out = subprocess.run(
+        ["curl", "-s", "-D", "-", "--cacert", str(srv.data / "tls" / "ca.crt"),
+         "-H", f"Authorization: Bearer {token}", "-H", f"Accept: {accept}",
+         f"https://localhost:{srv.http_port}{path}"],
+        capture_output=True, timeout=60, check=True).stdout
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
+    return status, headers, body
+
+
+def test_negotiation_with_curl(web):
+    srv, tokens = web
+    f = corpus.corpus_root() / "pydicom/test_files/CT_small.dcm"
+    body, b = _multipart([f])
+    st = request(srv, "POST", "/dicomweb/studies", tokens["technologist"],
+                 {"Content-Type": f'multipart/related; type="application/dicom"; '
+                                  f"boundary={b}"}, body)[0]
+    assert st in (200, 409)
+    ds = pydicom.dcmread(f)
+    inst = (f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}")
+    tok = tokens["clinician"]
+    # a transfer syntax Bastion cannot produce from the stored one: 406
+    st, _, _ = curl(srv, tok, inst, 'multipart/related; type="application/dicom"; '
+                                    "transfer-syntax=1.2.840.10008.1.2.4.50")
+    assert st == 406
+    # one it can produce: the part says which, and the dataset is in it
+    st, hd, got = curl(srv, tok, inst, 'multipart/related; type="application/dicom"; '
+                                       "transfer-syntax=1.2.840.10008.1.2")
+    assert st == 200, got[:200]
+    assert hd["content-type"].startswith("multipart/related")
+    assert b"transfer-syntax=1.2.840.10008.1.2\r\n" in got
+    boundary = hd["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    # a random boundary per response
+    assert boundary != curl(srv, tok, inst, 'multipart/related; type="application/dicom"; '
+                                            "transfer-syntax=*")[1]["content-type"] \
+        .split("boundary=")[1].split(";")[0].strip('"')
+    # metadata as DICOM JSON
+    st, hd, got = curl(srv, tok, inst + "/metadata", "application/dicom+json")
+    assert st == 200 and hd["content-type"].startswith("application/dicom+json")
+    meta = json.loads(got)
+    assert meta[0]["00080018"]["Value"] == [str(ds.SOPInstanceUID)]
+    assert meta[0]["00280010"]["Value"] == [ds.Rows]
+    # rendered as JPEG on request, thumbnail within 128 px
+    st, hd, got = curl(srv, tok, inst + "/rendered", "image/jpeg")
+    assert st == 200 and hd["content-type"] == "image/jpeg" and got[:2] == b"\xff\xd8"
+    st, hd, got = curl(srv, tok, inst + "/thumbnail", "image/png")
+    assert st == 200
+    assert max(Image.open(io.BytesIO(got)).size) <= 128
+    # frame 1: the native pixel data of the frame
+    st, hd, got = curl(srv, tok, inst + "/frames/1",
+                       'multipart/related; type="application/octet-stream"')
+    assert st == 200, got[:200]
+    assert ds.PixelData in got
+    # an unsupported Accept: 406
+    assert curl(srv, tok, inst + "/metadata", "text/html")[0] == 406

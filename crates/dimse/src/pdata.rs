@@ -5,10 +5,11 @@
 //! dicom-ul's `send` takes an owned [`dicom_ul::pdu::Pdu`], so each fragment
 //! would be copied twice (into the PDU's `Vec`, then into its write buffer)
 //! before TLS copies it a third time; a retrieval is mostly memory copies
-//! otherwise. Here each fragment is copied once, behind its 12-byte PDU and
-//! PDV headers, into a reused buffer of a few PDUs that is written in one
-//! call. Commands and everything else still go through dicom-ul. This is the
-//! only place Bastion encodes PDU headers itself.
+//! otherwise. Here a large dataset's fragments go to the stream as they are,
+//! each behind its 12-byte PDU and PDV headers, in vectored writes (TLS
+//! copies each once into its records; plain TCP uses `writev`); a small
+//! message is copied once into one buffer and written in one call. This is
+//! the only place Bastion encodes PDU headers itself.
 
 use std::time::Duration;
 
@@ -43,24 +44,18 @@ where
     W: AsyncWrite + Unpin + ?Sized,
 {
     let max_data = max_data.max(1);
-    let mut buf = Vec::with_capacity(BATCH + HEADERS + max_data.min(1 << 20));
+    if let Some(data) = dataset.filter(|d| d.len() >= VECTORED_FROM) {
+        let work = async {
+            write_copied(stream, pc_id, command, None, max_data).await?;
+            write_vectored(stream, pc_id, data, max_data).await?;
+            stream.flush().await
+        };
+        return tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?;
+    }
     let work = async {
-        let parts = std::iter::once((command, true)).chain(dataset.map(|d| (d, false)));
-        for (bytes, is_command) in parts {
-            let mut chunks = bytes.chunks(max_data).peekable();
-            let mut first = true;
-            while first || chunks.peek().is_some() {
-                first = false;
-                let chunk = chunks.next().unwrap_or_default();
-                let last = chunks.peek().is_none();
-                push_pdu(&mut buf, pc_id, chunk, is_command, last);
-                if buf.len() >= BATCH {
-                    stream.write_all(&buf).await?;
-                    buf.clear();
-                }
-            }
-        }
-        stream.write_all(&buf).await?;
+        write_copied(stream, pc_id, command, dataset, max_data).await?;
         stream.flush().await
     };
     tokio::time::timeout(timeout, work)
@@ -68,20 +63,105 @@ where
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }
 
+/// Datasets at least this large are written with vectored writes (headers
+/// and the caller's bytes, no copy here); smaller messages are copied into
+/// one buffer and written at once.
+const VECTORED_FROM: usize = 64 * 1024;
+/// PDUs per vectored write (two slices each; well under IOV_MAX).
+const PDUS_PER_WRITE: usize = 64;
+
+/// `dataset` as data PDVs, each PDU's header and fragment given to the
+/// stream as separate slices of one vectored write per [`PDUS_PER_WRITE`]
+/// PDUs (TLS then copies each fragment once, into its record; plain TCP
+/// hands the slices to `writev`).
+async fn write_vectored<W>(
+    stream: &mut W,
+    pc_id: u8,
+    dataset: &[u8],
+    max_data: usize,
+) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let chunks: Vec<&[u8]> = dataset.chunks(max_data).collect();
+    let n = chunks.len();
+    for (g, group) in chunks.chunks(PDUS_PER_WRITE).enumerate() {
+        let headers: Vec<[u8; HEADERS]> = group
+            .iter()
+            .enumerate()
+            .map(|(i, c)| pdu_header(pc_id, c.len(), false, g * PDUS_PER_WRITE + i + 1 == n))
+            .collect();
+        let mut slices: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(2 * group.len());
+        for (h, c) in headers.iter().zip(group) {
+            slices.push(std::io::IoSlice::new(h));
+            slices.push(std::io::IoSlice::new(c));
+        }
+        let mut rest: &mut [std::io::IoSlice<'_>] = &mut slices;
+        while !rest.is_empty() {
+            let written = stream.write_vectored(rest).await?;
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            std::io::IoSlice::advance_slices(&mut rest, written);
+        }
+    }
+    Ok(())
+}
+
+/// The 12 header bytes of a P-DATA-TF PDU holding one PDV of `len` bytes.
+fn pdu_header(pc_id: u8, len: usize, is_command: bool, last: bool) -> [u8; HEADERS] {
+    // Lengths fit: `max_data` comes from a u32 maximum PDU length.
+    let item_len = (len + 2) as u32;
+    let pdu_len = item_len + 4;
+    let mut h = [0u8; HEADERS];
+    h[0] = P_DATA_TF;
+    h[2..6].copy_from_slice(&pdu_len.to_be_bytes());
+    h[6..10].copy_from_slice(&item_len.to_be_bytes());
+    h[10] = pc_id;
+    // Message Control Header (PS3.8 E.2): bit 0 command, bit 1 last fragment.
+    h[11] = u8::from(is_command) | if last { 0x02 } else { 0x00 };
+    h
+}
+
+/// The command, then the dataset (if any), copied behind their headers into
+/// a buffer written every [`BATCH`] bytes and at the end.
+async fn write_copied<W>(
+    stream: &mut W,
+    pc_id: u8,
+    command: &[u8],
+    dataset: Option<&[u8]>,
+    max_data: usize,
+) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut buf = Vec::with_capacity(
+        (command.len() + dataset.map_or(0, <[u8]>::len)).min(BATCH)
+            + 2 * HEADERS
+            + max_data.min(1 << 20),
+    );
+    let parts = std::iter::once((command, true)).chain(dataset.map(|d| (d, false)));
+    for (bytes, is_command) in parts {
+        let mut chunks = bytes.chunks(max_data).peekable();
+        let mut first = true;
+        while first || chunks.peek().is_some() {
+            first = false;
+            let chunk = chunks.next().unwrap_or_default();
+            let last = chunks.peek().is_none();
+            push_pdu(&mut buf, pc_id, chunk, is_command, last);
+            if buf.len() >= BATCH {
+                stream.write_all(&buf).await?;
+                buf.clear();
+            }
+        }
+    }
+    stream.write_all(&buf).await
+}
+
 /// Appends one P-DATA-TF PDU holding one PDV.
 fn push_pdu(buf: &mut Vec<u8>, pc_id: u8, data: &[u8], is_command: bool, last: bool) {
-    // Lengths fit: `max_data` comes from a u32 maximum PDU length, and the
-    // chunk is at most that.
-    let item_len = (data.len() + 2) as u32;
-    let pdu_len = item_len + 4;
     buf.reserve(HEADERS + data.len());
-    buf.push(P_DATA_TF);
-    buf.push(0);
-    buf.extend_from_slice(&pdu_len.to_be_bytes());
-    buf.extend_from_slice(&item_len.to_be_bytes());
-    buf.push(pc_id);
-    // Message Control Header (PS3.8 E.2): bit 0 command, bit 1 last fragment.
-    buf.push(u8::from(is_command) | if last { 0x02 } else { 0x00 });
+    buf.extend_from_slice(&pdu_header(pc_id, data.len(), is_command, last));
     buf.extend_from_slice(data);
 }
 
