@@ -345,6 +345,29 @@ admin_requires_totp = {art}
     }
 }
 
+impl AccountsSection {
+    /// The security layer's policy; refuses values that would disable the
+    /// protection (no lock, sessions that never end).
+    pub fn policy(&self) -> Result<bastion_security::accounts::AccountPolicy> {
+        use std::time::Duration;
+        if self.lock_after_failures == 0 {
+            anyhow::bail!("[accounts] lock_after_failures must be at least 1");
+        }
+        if self.session_idle_secs == 0 || self.session_absolute_secs == 0 {
+            anyhow::bail!("[accounts] session timeouts must be at least 1 second");
+        }
+        Ok(bastion_security::accounts::AccountPolicy {
+            lock_after_failures: self.lock_after_failures,
+            base_delay: Duration::from_millis(self.base_delay_ms.max(1)),
+            max_delay: Duration::from_secs(self.max_delay_secs.max(1)),
+            per_address_max_delay: Duration::from_secs(self.per_address_max_delay_secs),
+            session_idle: Duration::from_secs(self.session_idle_secs),
+            session_absolute: Duration::from_secs(self.session_absolute_secs),
+            admin_requires_totp: self.admin_requires_totp,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,28 +392,5 @@ mod tests {
         assert_eq!(off.listen_addr().ok(), Some(None));
         off.cors_origins = vec!["*".into()];
         assert!(off.listen_addr().is_err());
-    }
-}
-
-impl AccountsSection {
-    /// The security layer's policy; refuses values that would disable the
-    /// protection (no lock, sessions that never end).
-    pub fn policy(&self) -> Result<bastion_security::accounts::AccountPolicy> {
-        use std::time::Duration;
-        if self.lock_after_failures == 0 {
-            anyhow::bail!("[accounts] lock_after_failures must be at least 1");
-        }
-        if self.session_idle_secs == 0 || self.session_absolute_secs == 0 {
-            anyhow::bail!("[accounts] session timeouts must be at least 1 second");
-        }
-        Ok(bastion_security::accounts::AccountPolicy {
-            lock_after_failures: self.lock_after_failures,
-            base_delay: Duration::from_millis(self.base_delay_ms.max(1)),
-            max_delay: Duration::from_secs(self.max_delay_secs.max(1)),
-            per_address_max_delay: Duration::from_secs(self.per_address_max_delay_secs),
-            session_idle: Duration::from_secs(self.session_idle_secs),
-            session_absolute: Duration::from_secs(self.session_absolute_secs),
-            admin_requires_totp: self.admin_requires_totp,
-        })
     }
 }
