@@ -12,7 +12,7 @@ use std::{
     io::Write,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex, RwLock},
 };
 
 use crate::{io_err, Result};
@@ -41,12 +41,22 @@ impl Outcome {
     }
 }
 
+/// Something that sees every event as it is recorded (the audit trail, the
+/// detection rules), in the order of [`EventLog::record`] calls. Called on
+/// the recording thread: keep it short and never block on the network.
+pub trait EventObserver: Send + Sync {
+    /// One event: the same object as the log line (`ts`, `type`, `outcome`,
+    /// then the event's fields).
+    fn observe(&self, event: &serde_json::Map<String, serde_json::Value>);
+}
+
 /// The event log. `Send + Sync`; each record is one `write` on an
 /// `O_APPEND` file, so concurrent processes (serve and the CLI) interleave
 /// whole lines.
 pub struct EventLog {
     path: PathBuf,
     file: Mutex<File>,
+    observers: RwLock<Vec<Arc<dyn EventObserver>>>,
 }
 
 impl EventLog {
@@ -67,7 +77,17 @@ impl EventLog {
         Ok(EventLog {
             path: path.to_path_buf(),
             file: Mutex::new(file),
+            observers: RwLock::new(Vec::new()),
         })
+    }
+
+    /// Adds an observer: every later event is passed to it after it is
+    /// written to the log.
+    pub fn add_observer(&self, observer: Arc<dyn EventObserver>) {
+        self.observers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(observer);
     }
 
     /// Appends one event. `fields` must be a JSON object; it must not hold
@@ -84,11 +104,24 @@ impl EventLog {
         if let serde_json::Value::Object(m) = fields {
             obj.extend(m);
         }
-        let mut line = serde_json::Value::Object(obj).to_string();
+        let value = serde_json::Value::Object(obj);
+        let mut line = value.to_string();
         line.push('\n');
-        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = f.write_all(line.as_bytes()) {
-            tracing::error!(path = %self.path.display(), error = %e, "cannot append to the event log");
+        {
+            let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = f.write_all(line.as_bytes()) {
+                tracing::error!(path = %self.path.display(), error = %e, "cannot append to the event log");
+            }
+        }
+        if let serde_json::Value::Object(obj) = &value {
+            for o in self
+                .observers
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+            {
+                o.observe(obj);
+            }
         }
     }
 
