@@ -108,3 +108,15 @@ pub fn extract(obj: &InMemDicomObject) -> Result<Extracted, ArchiveError> {
         },
     })
 }
+
+/// The identifying attributes of the sending device (PS3.3 C.7.5.1 General
+/// Equipment) for the device inventory.
+pub fn device_headers(obj: &InMemDicomObject) -> bastion_security::inventory::DeviceHeaders {
+    bastion_security::inventory::DeviceHeaders {
+        manufacturer: text(obj, tags::MANUFACTURER),
+        model: text(obj, tags::MANUFACTURER_MODEL_NAME),
+        software_versions: text(obj, tags::SOFTWARE_VERSIONS),
+        serial_number: text(obj, tags::DEVICE_SERIAL_NUMBER),
+        station_name: text(obj, tags::STATION_NAME),
+    }
+}

@@ -5,13 +5,16 @@
 
 use std::{
     io::Read,
-    sync::{mpsc, Arc, Condvar, Mutex},
+    sync::{mpsc, Arc, Condvar, Mutex, OnceLock},
     time::Duration,
 };
 
 use bastion_index::{CommitOutcome, Index, NewInstance, OnConflict};
 use bastion_model::Uid;
-use bastion_security::events::{EventLog, Outcome};
+use bastion_security::{
+    events::{EventLog, Outcome},
+    inventory::Inventory,
+};
 use bastion_store::{BlobId, BlobStore, StoreError};
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
@@ -146,6 +149,7 @@ pub struct Archive {
     limits: Limits,
     parses: Slots,
     committer: Mutex<mpsc::Sender<(NewInstance, CommitReply)>>,
+    inventory: OnceLock<Arc<Inventory>>,
 }
 
 impl Archive {
@@ -172,7 +176,14 @@ impl Archive {
             },
             limits,
             committer: Mutex::new(tx),
+            inventory: OnceLock::new(),
         }
+    }
+
+    /// Reports the device headers of every stored instance to `inventory`
+    /// (set once, by `serve`).
+    pub fn set_inventory(&self, inventory: Arc<Inventory>) {
+        let _ = self.inventory.set(inventory);
     }
 
     /// The index (for read-only queries by the front ends and the CLI).
@@ -259,6 +270,10 @@ impl Archive {
         let ts_uid = ts_uid.trim_end_matches(['\0', ' ']).to_owned();
         let (parsed, content_sha256) = self.parse(raw, &ts_uid)?;
         let attrs = crate::extract::extract(&parsed)?;
+        let device = self
+            .inventory
+            .get()
+            .map(|_| crate::extract::device_headers(&parsed));
         if let Some((class, instance)) = &affected {
             if class.trim_end_matches(['\0', ' ']) != attrs.instance.sop_class_uid {
                 return Err(ArchiveError::InvalidDataset(format!(
@@ -330,6 +345,14 @@ impl Archive {
             on_conflict: origin.on_conflict,
         };
         let outcome = self.commit(record);
+        if let (
+            Some(inventory),
+            Some(device),
+            Ok(CommitOutcome::Stored | CommitOutcome::Replaced { .. }),
+        ) = (self.inventory.get(), &device, &outcome)
+        {
+            inventory.report_store(&origin.ae, device);
+        }
         match outcome {
             Ok(CommitOutcome::Stored) => Ok(Ingested::Stored {
                 sop_instance_uid: sop,

@@ -1,5 +1,5 @@
-//! The security database: devices, users, web sessions and API tokens,
-//! SQLite encrypted with SQLCipher.
+//! The security database: devices, users, web sessions, API tokens and the
+//! device inventory, SQLite encrypted with SQLCipher.
 //!
 //! The key is 32 bytes derived from the master key by the caller. The file is
 //! shared by `bastion serve` and the CLI (WAL mode, busy timeout), so
@@ -79,6 +79,41 @@ CREATE TABLE unknown_logins (
     last_failure_ms INTEGER NOT NULL
 );
 CREATE INDEX unknown_logins_last ON unknown_logins(last_failure_ms);
+"#,
+    // 4: the device inventory (issue 5): what each device's stored headers
+    // say, every distinct set of values, and the addresses from which
+    // unregistered AE titles tried to connect. Times are Unix milliseconds.
+    r#"
+CREATE TABLE device_inventory (
+    ae TEXT PRIMARY KEY NOT NULL,
+    manufacturer TEXT NOT NULL DEFAULT '',
+    model TEXT NOT NULL DEFAULT '',
+    software_versions TEXT NOT NULL DEFAULT '',
+    serial_number TEXT NOT NULL DEFAULT '',
+    station_name TEXT NOT NULL DEFAULT '',
+    transport TEXT,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+);
+CREATE TABLE device_inventory_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ae TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    manufacturer TEXT NOT NULL,
+    model TEXT NOT NULL,
+    software_versions TEXT NOT NULL,
+    serial_number TEXT NOT NULL,
+    station_name TEXT NOT NULL
+);
+CREATE INDEX device_inventory_history_ae ON device_inventory_history(ae, id);
+CREATE TABLE unknown_devices (
+    address TEXT PRIMARY KEY NOT NULL,
+    ae_titles TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL,
+    last_ms INTEGER NOT NULL
+);
+CREATE INDEX unknown_devices_last ON unknown_devices(last_ms);
 "#,
 ];
 

@@ -14,6 +14,9 @@
 //! - [`accounts`]: user accounts, roles, web sessions, API tokens, TOTP and
 //!   login throttling: the service the web front end and the CLI call.
 //! - [`events`]: the append-only security event log (no patient data).
+//! - [`inventory`]: what each device's stored headers say (manufacturer,
+//!   model, software versions…) with history, and unknown devices that
+//!   tried to connect.
 //!
 //! Invariant: this crate knows no network front (no dicom-ul, no HTTP), and
 //! [`policy::decide`] is a pure function with an exhaustive `match`.
@@ -22,6 +25,7 @@ pub mod accounts;
 pub mod db;
 pub mod devices;
 pub mod events;
+pub mod inventory;
 pub mod pki;
 pub mod policy;
 pub mod secrets;
