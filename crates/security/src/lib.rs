@@ -14,6 +14,8 @@
 //! - [`accounts`]: user accounts, roles, web sessions, API tokens, TOTP and
 //!   login throttling: the service the web front end and the CLI call.
 //! - [`events`]: the append-only security event log (no patient data).
+//! - [`detect`]: the detection rules over the event stream (pure, windows
+//!   in memory); [`alerts`]: the alert records and the live detector.
 //! - [`inventory`]: what each device's stored headers say (manufacturer,
 //!   model, software versions…) with history, and unknown devices that
 //!   tried to connect.
@@ -22,7 +24,9 @@
 //! [`policy::decide`] is a pure function with an exhaustive `match`.
 
 pub mod accounts;
+pub mod alerts;
 pub mod db;
+pub mod detect;
 pub mod devices;
 pub mod events;
 pub mod inventory;
@@ -121,6 +125,9 @@ pub enum SecurityError {
     /// The operation would leave no enabled admin account.
     #[error("refusing to {0} the last enabled admin account; add another admin first")]
     LastAdmin(&'static str),
+    /// No alert with this id.
+    #[error("no alert with id {0}; `bastion alerts --all` lists them")]
+    NoSuchAlert(i64),
 }
 
 /// Shorthand for results of this crate.

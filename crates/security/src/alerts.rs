@@ -1,0 +1,679 @@
+//! Alert records and the live detector.
+//!
+//! - [`AlertStore`]: alerts persisted in the security database (SQLCipher,
+//!   table `alerts`): id (stable, never reused), time, rule, severity,
+//!   summary, details (JSON), and the acknowledgement (who, when, comment).
+//! - [`Detection`]: the [`EventObserver`] that feeds every event to the
+//!   [`Rules`] on a thread of its own (a bounded queue: recording an event
+//!   never waits for detection, the database or the network), stores each
+//!   finding, records it as a `security.alert` event, and tells the
+//!   notifiers (the webhook); it also keeps the Prometheus counters
+//!   ([`Detection::metrics_text`]).
+//!
+//! Alerts name accounts, AE titles, addresses and UIDs, never patients.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc, Arc, Mutex, RwLock,
+    },
+    thread::JoinHandle,
+};
+
+use rusqlite::{params, OptionalExtension};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use time::{format_description::well_known::Rfc3339, OffsetDateTime};
+
+use crate::{
+    db::SecurityDb,
+    detect::{Finding, PatientResolver, Rule, Rules},
+    events::{EventLog, EventObserver, Outcome},
+    Result, SecurityError,
+};
+
+/// One alert record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Alert {
+    /// Stable id (1, 2, …).
+    pub id: i64,
+    /// When the triggering event happened (RFC 3339, UTC).
+    pub ts: String,
+    /// The rule's name ([`Rule::name`]).
+    pub rule: String,
+    /// `high`, `medium` or `low`.
+    pub severity: String,
+    /// One line for people.
+    pub summary: String,
+    /// Rule-specific fields.
+    pub details: Value,
+    /// `open` or `acknowledged`.
+    pub status: String,
+    /// Acknowledgement, when acknowledged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ack: Option<Ack>,
+}
+
+/// Who acknowledged an alert, when, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Ack {
+    /// RFC 3339, UTC.
+    pub ts: String,
+    /// The acting (OS or web) user.
+    pub by: String,
+    /// The operator's comment.
+    pub comment: String,
+}
+
+/// The alert table of the security database.
+#[derive(Clone)]
+pub struct AlertStore {
+    db: Arc<SecurityDb>,
+}
+
+impl AlertStore {
+    /// The store over an open security database (migrated to the `alerts` table).
+    pub fn new(db: Arc<SecurityDb>) -> AlertStore {
+        AlertStore { db }
+    }
+
+    /// Stores a finding and returns its record.
+    ///
+    /// # Errors
+    /// [`SecurityError::Db`].
+    pub fn insert(&self, f: &Finding) -> Result<Alert> {
+        let ts = f.ts.format(&Rfc3339).unwrap_or_default();
+        let details = Value::Object(f.details.clone()).to_string();
+        let id = self.db.with(|c| {
+            c.execute(
+                "INSERT INTO alerts (ts, rule, severity, summary, details) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![ts, f.rule.name(), f.rule.severity(), f.summary, details],
+            )
+            .map_err(db_err("insert alert"))?;
+            Ok(c.last_insert_rowid())
+        })?;
+        Ok(Alert {
+            id,
+            ts,
+            rule: f.rule.name().into(),
+            severity: f.rule.severity().into(),
+            summary: f.summary.clone(),
+            details: Value::Object(f.details.clone()),
+            status: "open".into(),
+            ack: None,
+        })
+    }
+
+    /// Alerts, open ones first, newest first within each group; acknowledged
+    /// ones only when `all`. At most `limit`.
+    ///
+    /// # Errors
+    /// [`SecurityError::Db`].
+    pub fn list(&self, all: bool, limit: usize) -> Result<Vec<Alert>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.db.with(|c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT id, ts, rule, severity, summary, details, ack_ts, ack_by, ack_comment
+                     FROM alerts WHERE (?1 OR ack_ts IS NULL)
+                     ORDER BY ack_ts IS NOT NULL, id DESC LIMIT ?2",
+                )
+                .map_err(db_err("list alerts"))?;
+            let rows = stmt
+                .query_map(params![all, limit], row_to_alert)
+                .map_err(db_err("list alerts"))?;
+            rows.collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(db_err("list alerts"))
+        })
+    }
+
+    /// One alert.
+    ///
+    /// # Errors
+    /// [`SecurityError::Db`].
+    pub fn get(&self, id: i64) -> Result<Option<Alert>> {
+        self.db.with(|c| {
+            c.query_row(
+                "SELECT id, ts, rule, severity, summary, details, ack_ts, ack_by, ack_comment
+                 FROM alerts WHERE id = ?1",
+                [id],
+                row_to_alert,
+            )
+            .optional()
+            .map_err(db_err("read alert"))
+        })
+    }
+
+    /// Acknowledges alert `id` (`by`: the acting user; `comment`: why).
+    /// Acknowledging twice keeps the first acknowledgement.
+    ///
+    /// # Errors
+    /// [`SecurityError::NoSuchAlert`], [`SecurityError::Invalid`] for an
+    /// empty comment, [`SecurityError::Db`].
+    pub fn ack(&self, id: i64, by: &str, comment: &str) -> Result<Alert> {
+        let comment = comment.trim();
+        if comment.is_empty() {
+            return Err(SecurityError::Invalid {
+                what: "comment",
+                detail: "say why the alert is acknowledged".into(),
+            });
+        }
+        let ts = OffsetDateTime::now_utc()
+            .format(&Rfc3339)
+            .unwrap_or_default();
+        let n = self.db.with(|c| {
+            c.execute(
+                "UPDATE alerts SET ack_ts = ?2, ack_by = ?3, ack_comment = ?4 WHERE id = ?1 AND ack_ts IS NULL",
+                params![id, ts, by, comment],
+            )
+            .map_err(db_err("acknowledge alert"))
+        })?;
+        match self.get(id)? {
+            Some(a) if n == 1 || a.ack.is_some() => Ok(a),
+            _ => Err(SecurityError::NoSuchAlert(id)),
+        }
+    }
+
+    /// Open alerts per rule.
+    ///
+    /// # Errors
+    /// [`SecurityError::Db`].
+    pub fn open_counts(&self) -> Result<BTreeMap<String, u64>> {
+        self.db.with(|c| {
+            let mut stmt = c
+                .prepare("SELECT rule, count(*) FROM alerts WHERE ack_ts IS NULL GROUP BY rule")
+                .map_err(db_err("count alerts"))?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(db_err("count alerts"))?;
+            let mut out = BTreeMap::new();
+            for r in rows {
+                let (rule, n) = r.map_err(db_err("count alerts"))?;
+                out.insert(rule, u64::try_from(n).unwrap_or(0));
+            }
+            Ok(out)
+        })
+    }
+}
+
+fn row_to_alert(r: &rusqlite::Row<'_>) -> rusqlite::Result<Alert> {
+    let details: String = r.get(5)?;
+    let ack_ts: Option<String> = r.get(6)?;
+    let ack = match ack_ts {
+        Some(ts) => Some(Ack {
+            ts,
+            by: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
+            comment: r.get::<_, Option<String>>(8)?.unwrap_or_default(),
+        }),
+        None => None,
+    };
+    Ok(Alert {
+        id: r.get(0)?,
+        ts: r.get(1)?,
+        rule: r.get(2)?,
+        severity: r.get(3)?,
+        summary: r.get(4)?,
+        details: serde_json::from_str(&details).unwrap_or(Value::Null),
+        status: if ack.is_some() {
+            "acknowledged"
+        } else {
+            "open"
+        }
+        .into(),
+        ack,
+    })
+}
+
+fn db_err(op: &'static str) -> impl Fn(rusqlite::Error) -> SecurityError {
+    move |source| SecurityError::Db { op, source }
+}
+
+/// Something told of every new alert (the webhook). Called on the detector's
+/// thread: hand the alert over and return.
+pub type Notifier = Box<dyn Fn(&Alert) + Send + Sync>;
+
+/// Events waiting for the detector at most; more are dropped (and counted).
+const QUEUE: usize = 65_536;
+/// Distinct event types counted by name at most (others count as `other`).
+const MAX_EVENT_TYPES: usize = 256;
+
+enum Msg {
+    Event(Box<Map<String, Value>>),
+    Flush(mpsc::SyncSender<()>),
+}
+
+/// The live detector: an [`EventObserver`] to add to every [`EventLog`] of
+/// the process. Dropping the last handle drains the queue and stops the
+/// thread.
+pub struct Detection {
+    tx: Mutex<Option<mpsc::SyncSender<Msg>>>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: AlertStore,
+    /// Where `security.alert` events are recorded.
+    events: RwLock<Option<Arc<EventLog>>>,
+    notifiers: RwLock<Vec<Notifier>>,
+    counters: Mutex<Counters>,
+    dropped: AtomicU64,
+}
+
+#[derive(Default)]
+struct Counters {
+    events: BTreeMap<(String, String), u64>,
+    alerts: BTreeMap<String, u64>,
+    associations_rejected: u64,
+    logins_failed: u64,
+}
+
+impl Detection {
+    /// Starts the detector thread with `rules`, storing alerts in `store`.
+    /// `patients` maps Study Instance UIDs to opaque patient keys (for
+    /// `bulk_retrieval`); `None` counts studies only.
+    ///
+    /// # Errors
+    /// [`SecurityError::Io`] when the thread cannot be started.
+    pub fn start(
+        rules: Rules,
+        store: AlertStore,
+        patients: Option<Box<PatientResolver>>,
+    ) -> Result<Arc<Detection>> {
+        let shared = Arc::new(Shared {
+            store,
+            events: RwLock::new(None),
+            notifiers: RwLock::new(Vec::new()),
+            counters: Mutex::new(Counters::default()),
+            dropped: AtomicU64::new(0),
+        });
+        let (tx, rx) = mpsc::sync_channel::<Msg>(QUEUE);
+        let s = shared.clone();
+        let worker = std::thread::Builder::new()
+            .name("bastion-detect".into())
+            .spawn(move || run(rules, rx, &s, patients.as_deref()))
+            .map_err(|source| SecurityError::Io {
+                op: "start the detector thread",
+                path: std::path::PathBuf::new(),
+                source,
+            })?;
+        Ok(Arc::new(Detection {
+            tx: Mutex::new(Some(tx)),
+            worker: Mutex::new(Some(worker)),
+            shared,
+        }))
+    }
+
+    /// Records each alert as a `security.alert` event in `events` (which may
+    /// be one of the logs this detector observes: it ignores its own alerts).
+    pub fn record_alerts_to(&self, events: Arc<EventLog>) {
+        *self
+            .shared
+            .events
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(events);
+    }
+
+    /// Adds a notifier told of every new alert.
+    pub fn add_notifier(&self, n: Notifier) {
+        self.shared
+            .notifiers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(n);
+    }
+
+    /// The alert store.
+    pub fn store(&self) -> &AlertStore {
+        &self.shared.store
+    }
+
+    /// Waits until every event observed so far has been evaluated (tests,
+    /// and short-lived CLI processes before they exit).
+    pub fn flush(&self) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(tx) = tx {
+            let (done, wait) = mpsc::sync_channel(1);
+            if tx.send(Msg::Flush(done)).is_ok() {
+                let _ = wait.recv();
+            }
+        }
+    }
+
+    /// Stops the thread after it has drained the queue.
+    pub fn stop(&self) {
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(w) = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = w.join();
+        }
+    }
+
+    /// The counters in the Prometheus text exposition format (version
+    /// 0.0.4): events by type and outcome, alerts raised by rule since start,
+    /// open alerts by rule, rejected associations, failed logins, events the
+    /// detector had to drop.
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let c = self
+            .shared
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP bastion_events_total Security events recorded since start, by type and outcome.\n# TYPE bastion_events_total counter"
+        );
+        for ((kind, outcome), n) in &c.events {
+            let _ = writeln!(
+                out,
+                "bastion_events_total{{type=\"{}\",outcome=\"{}\"}} {n}",
+                label(kind),
+                label(outcome)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP bastion_alerts_total Alerts raised since start, by rule.\n# TYPE bastion_alerts_total counter"
+        );
+        for rule in Rule::ALL {
+            let n = c.alerts.get(rule.name()).copied().unwrap_or(0);
+            let _ = writeln!(out, "bastion_alerts_total{{rule=\"{}\"}} {n}", rule.name());
+        }
+        let _ = writeln!(
+            out,
+            "# HELP bastion_associations_rejected_total DICOM associations rejected since start.\n# TYPE bastion_associations_rejected_total counter\nbastion_associations_rejected_total {}",
+            c.associations_rejected
+        );
+        let _ = writeln!(
+            out,
+            "# HELP bastion_logins_failed_total Failed web logins since start.\n# TYPE bastion_logins_failed_total counter\nbastion_logins_failed_total {}",
+            c.logins_failed
+        );
+        let _ = writeln!(
+            out,
+            "# HELP bastion_detect_events_dropped_total Events the detector dropped (queue full).\n# TYPE bastion_detect_events_dropped_total counter\nbastion_detect_events_dropped_total {}",
+            self.shared.dropped.load(Ordering::Relaxed)
+        );
+        drop(c);
+        if let Ok(open) = self.shared.store.open_counts() {
+            let _ = writeln!(
+                out,
+                "# HELP bastion_alerts_open Alerts not yet acknowledged, by rule.\n# TYPE bastion_alerts_open gauge"
+            );
+            for rule in Rule::ALL {
+                let n = open.get(rule.name()).copied().unwrap_or(0);
+                let _ = writeln!(out, "bastion_alerts_open{{rule=\"{}\"}} {n}", rule.name());
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Detection {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl EventObserver for Detection {
+    fn observe(&self, event: &Map<String, Value>) {
+        let kind = event.get("type").and_then(Value::as_str).unwrap_or("");
+        let outcome = event.get("outcome").and_then(Value::as_str).unwrap_or("");
+        {
+            let mut c = self
+                .shared
+                .counters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let known = c.events.len() < MAX_EVENT_TYPES
+                || c.events
+                    .contains_key(&(kind.to_owned(), outcome.to_owned()));
+            let key = if known {
+                (kind.to_owned(), outcome.to_owned())
+            } else {
+                ("other".to_owned(), outcome.to_owned())
+            };
+            *c.events.entry(key).or_insert(0) += 1;
+            match kind {
+                "association.rejected" => c.associations_rejected += 1,
+                "login.failure" => c.logins_failed += 1,
+                _ => {}
+            }
+        }
+        // Our own alerts are counted, never evaluated.
+        if kind == "security.alert" || kind.starts_with("alert.") {
+            return;
+        }
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(tx) = tx {
+            if tx.try_send(Msg::Event(Box::new(event.clone()))).is_err() {
+                let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        dropped = n + 1,
+                        "detector queue full: events dropped from detection (still logged)"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn run(
+    mut rules: Rules,
+    rx: mpsc::Receiver<Msg>,
+    shared: &Shared,
+    patients: Option<&PatientResolver>,
+) {
+    for msg in rx {
+        let event = match msg {
+            Msg::Event(e) => e,
+            Msg::Flush(done) => {
+                let _ = done.send(());
+                continue;
+            }
+        };
+        for finding in rules.evaluate(&event, patients) {
+            let alert = match shared.store.insert(&finding) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::error!(error = %e, rule = finding.rule.name(), "cannot store an alert");
+                    Alert {
+                        id: 0,
+                        ts: finding.ts.format(&Rfc3339).unwrap_or_default(),
+                        rule: finding.rule.name().into(),
+                        severity: finding.rule.severity().into(),
+                        summary: finding.summary.clone(),
+                        details: Value::Object(finding.details.clone()),
+                        status: "open".into(),
+                        ack: None,
+                    }
+                }
+            };
+            tracing::warn!(alert = alert.id, rule = %alert.rule, "security alert: {}", alert.summary);
+            *shared
+                .counters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .alerts
+                .entry(alert.rule.clone())
+                .or_insert(0) += 1;
+            let events = shared
+                .events
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(events) = events {
+                events.record(
+                    "security.alert",
+                    Outcome::Alert,
+                    json!({"alert_id": alert.id, "rule": alert.rule, "severity": alert.severity,
+                           "summary": alert.summary, "details": alert.details}),
+                );
+            }
+            for n in shared
+                .notifiers
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+            {
+                n(&alert);
+            }
+        }
+    }
+}
+
+/// A Prometheus label value, escaped.
+fn label(s: &str) -> String {
+    s.chars()
+        .take(100)
+        .flat_map(|c| match c {
+            '\\' => vec!['\\', '\\'],
+            '"' => vec!['\\', '"'],
+            '\n' => vec!['\\', 'n'],
+            c => vec![c],
+        })
+        .collect()
+}
+
+/// The name of the OS user running this process (`uid:N` when it has no
+/// name), for acknowledgements made from the command line.
+pub fn os_user() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(uid) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+        return std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    };
+    let name = std::fs::read_to_string("/etc/passwd").ok().and_then(|p| {
+        p.lines().find_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let id: u32 = f.nth(1)?.parse().ok()?;
+            (id == uid).then(|| name.to_owned())
+        })
+    });
+    name.unwrap_or_else(|| format!("uid:{uid}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::DetectConfig;
+
+    fn setup() -> (tempfile::TempDir, Arc<EventLog>, Arc<Detection>) {
+        let Ok(dir) = tempfile::tempdir() else {
+            panic!("tempdir")
+        };
+        let db = SecurityDb::open(&dir.path().join("security.db"), &[7u8; 32]);
+        let Ok(db) = db else { panic!("open db") };
+        let events = EventLog::open(&dir.path().join("events.log"));
+        let Ok(events) = events else { panic!("events") };
+        let events = Arc::new(events);
+        let d = Detection::start(
+            Rules::new(DetectConfig::default()),
+            AlertStore::new(Arc::new(db)),
+            None,
+        );
+        let Ok(d) = d else { panic!("start") };
+        d.record_alerts_to(events.clone());
+        events.add_observer(d.clone());
+        (dir, events, d)
+    }
+
+    #[test]
+    fn events_raise_stored_alerts_and_alert_events_once() {
+        let (_dir, events, d) = setup();
+        for i in 0..12 {
+            events.record(
+                "association.rejected",
+                Outcome::Refused,
+                json!({"calling_ae": "EVIL", "called_ae": "BASTION",
+                       "peer": format!("10.0.0.9:{}", 5000 + i), "reason": "unknown_calling_ae"}),
+            );
+        }
+        events.record(
+            "device.software_changed",
+            Outcome::Alert,
+            json!({"ae": "CT1", "old": {"SoftwareVersions": "1"}, "new": {"SoftwareVersions": "2"}}),
+        );
+        d.flush();
+        let Ok(list) = d.store().list(false, 100) else {
+            panic!("list")
+        };
+        let mut rules: Vec<_> = list.iter().map(|a| a.rule.as_str()).collect();
+        rules.sort_unstable();
+        assert_eq!(
+            rules,
+            ["association_scan", "device_changed", "unknown_device"]
+        );
+        let Ok(all) = events.read_all() else {
+            panic!("read")
+        };
+        let alerts = all.iter().filter(|e| e["type"] == "security.alert").count();
+        assert_eq!(alerts, 3);
+        let m = d.metrics_text();
+        assert!(m.contains("bastion_associations_rejected_total 12"), "{m}");
+        assert!(
+            m.contains("bastion_alerts_total{rule=\"association_scan\"} 1"),
+            "{m}"
+        );
+        assert!(
+            m.contains("bastion_alerts_open{rule=\"unknown_device\"} 1"),
+            "{m}"
+        );
+        assert!(
+            m.contains("bastion_events_total{type=\"security.alert\",outcome=\"alert\"} 3"),
+            "{m}"
+        );
+        // Acknowledge: it moves behind the open ones and keeps its id.
+        let first = list[list.len() - 1].id;
+        let Ok(a) = d.store().ack(first, "tester", "known pentest") else {
+            panic!("ack")
+        };
+        assert_eq!(a.status, "acknowledged");
+        assert!(d.store().ack(first, "tester", " ").is_err());
+        assert!(matches!(
+            d.store().ack(999, "tester", "x"),
+            Err(SecurityError::NoSuchAlert(999))
+        ));
+        let Ok(open) = d.store().list(false, 100) else {
+            panic!("list")
+        };
+        assert_eq!(open.len(), 2);
+        let Ok(all) = d.store().list(true, 100) else {
+            panic!("list")
+        };
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[2].id, first);
+        assert_eq!(all[2].ack.as_ref().map(|a| a.by.as_str()), Some("tester"));
+    }
+
+    #[test]
+    fn notifiers_see_each_alert() {
+        let (_dir, events, d) = setup();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        d.add_notifier(Box::new(move |a: &Alert| {
+            s.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(a.rule.clone())
+        }));
+        events.record(
+            "user.added",
+            Outcome::Success,
+            json!({"actor": "cli", "username": "zed", "role": "admin"}),
+        );
+        events.record("audit.verify", Outcome::Failure, json!({"first_broken": 3}));
+        d.flush();
+        assert_eq!(
+            *seen.lock().unwrap_or_else(|p| p.into_inner()),
+            ["security_change", "audit_verify_failed"]
+        );
+    }
+
+    #[test]
+    fn os_user_has_a_name() {
+        assert!(!os_user().is_empty());
+    }
+}
