@@ -80,22 +80,6 @@ CREATE TABLE unknown_logins (
 );
 CREATE INDEX unknown_logins_last ON unknown_logins(last_failure_ms);
 "#,
-    // 4: alerts raised by the detection rules (issue 5). `details` is JSON;
-    // `ack_*` are NULL until acknowledged. Ids are never reused.
-    r#"
-CREATE TABLE alerts (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    ts TEXT NOT NULL,
-    rule TEXT NOT NULL,
-    severity TEXT NOT NULL,
-    summary TEXT NOT NULL,
-    details TEXT NOT NULL,
-    ack_ts TEXT,
-    ack_by TEXT,
-    ack_comment TEXT
-);
-CREATE INDEX alerts_open ON alerts(ack_ts, id);
-"#,
     // 4: the device inventory (issue 5): what each device's stored headers
     // say, every distinct set of values, and the addresses from which
     // unregistered AE titles tried to connect. Times are Unix milliseconds.
@@ -130,6 +114,22 @@ CREATE TABLE unknown_devices (
     last_ms INTEGER NOT NULL
 );
 CREATE INDEX unknown_devices_last ON unknown_devices(last_ms);
+"#,
+    // 5: alerts raised by the detection rules (issue 5). `details` is JSON;
+    // `ack_*` are NULL until acknowledged. Ids are never reused.
+    r#"
+CREATE TABLE alerts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    details TEXT NOT NULL,
+    ack_ts TEXT,
+    ack_by TEXT,
+    ack_comment TEXT
+);
+CREATE INDEX alerts_open ON alerts(ack_ts, id);
 "#,
 ];
 
