@@ -595,7 +595,7 @@ mod tests {
         events.record(
             "device.software_changed",
             Outcome::Alert,
-            json!({"ae": "CT1", "old": {"SoftwareVersions": "1"}, "new": {"SoftwareVersions": "2"}}),
+            json!({"ae": "CT1", "field": "SoftwareVersions", "old": "1", "new": "2"}),
         );
         d.flush();
         let Ok(list) = d.store().list(false, 100) else {

@@ -376,20 +376,28 @@ impl Rules {
             "http.request" => self.http(event, ts, now, patients, &mut out),
             "device.software_changed" => {
                 let ae = str_field(event, "ae");
+                let field = str_field(event, "field");
                 let mut d = Map::new();
-                for k in ["ae", "old", "new", "peer", "changed"] {
+                for k in ["ae", "field", "old", "new", "peer"] {
                     if let Some(v) = event.get(k) {
                         d.insert(k.into(), v.clone());
                     }
                 }
-                out.push(Finding {
-                    rule: Rule::DeviceChanged,
+                let key = format!("{ae}|{field}|{}", event.get("new").unwrap_or(&Value::Null));
+                let what = if field.is_empty() {
+                    "manufacturer, model or software version".to_owned()
+                } else {
+                    field.to_owned()
+                };
+                self.raise(
+                    &mut out,
+                    Rule::DeviceChanged,
+                    key,
                     ts,
-                    summary: format!(
-                        "device {ae} reports another manufacturer, model or software version"
-                    ),
-                    details: d,
-                });
+                    now,
+                    format!("device {ae} reports another {what} than before"),
+                    d,
+                );
             }
             "audit.verify" if outcome != "success" => {
                 let mut d = Map::new();
@@ -1173,11 +1181,13 @@ mod tests {
             T0,
             "device.software_changed",
             "alert",
-            json!({"ae": "CT1", "old": {"SoftwareVersions": "1.0"}, "new": {"SoftwareVersions": "2.0"}}),
+            json!({"ae": "CT1", "field": "SoftwareVersions", "old": "1.0", "new": "2.0"}),
         );
         let f = r.evaluate(&sw, None);
         assert_eq!(rules_of(&f), ["device_changed"]);
         assert_eq!(f[0].details["ae"], "CT1");
+        assert_eq!(f[0].details["field"], "SoftwareVersions");
+        assert!(r.evaluate(&sw, None).is_empty(), "the same change once");
         for kind in [
             "user.added",
             "user.removed",
