@@ -14,6 +14,8 @@
 //! - [`accounts`]: user accounts, roles, web sessions, API tokens, TOTP and
 //!   login throttling: the service the web front end and the CLI call.
 //! - [`events`]: the append-only security event log (no patient data).
+//! - [`audit`]: the tamper-evident audit trail (DICOM audit messages,
+//!   hash chain, signed checkpoints, encrypted at rest).
 //! - [`detect`]: the detection rules over the event stream (pure, windows
 //!   in memory); [`alerts`]: the alert records and the live detector.
 //! - [`inventory`]: what each device's stored headers say (manufacturer,
@@ -24,6 +26,7 @@
 //! [`policy::decide`] is a pure function with an exhaustive `match`.
 
 pub mod accounts;
+pub mod audit;
 pub mod alerts;
 pub mod db;
 pub mod detect;

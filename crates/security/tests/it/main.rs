@@ -2,3 +2,4 @@
 //! temporary directory, real argon2.
 
 mod accounts;
+mod audit;

@@ -1,0 +1,307 @@
+//! The audit trail: append, checkpoints, one test per tamper kind,
+//! concurrent appenders, search, messages.
+
+use std::{path::Path, sync::Arc};
+
+use bastion_security::audit::{
+    read, verify, AuditIdentity, AuditKeys, AuditTrail, CheckpointPolicy, Filter, PatientLookup,
+    Subject,
+};
+use bastion_security::events::{EventLog, Outcome};
+use serde_json::json;
+
+fn keys() -> Arc<AuditKeys> {
+    let signing = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+    Arc::new(AuditKeys::new(&[9u8; 32], signing).expect("keys"))
+}
+
+fn identity() -> AuditIdentity {
+    AuditIdentity {
+        ae_title: "BASTION".into(),
+        source_id: "BASTION@test".into(),
+    }
+}
+
+struct Lookup;
+impl PatientLookup for Lookup {
+    fn by_instance(&self, sop: &str) -> Option<Subject> {
+        Some(Subject {
+            patient_id: "PID-1".into(),
+            patient_name: "Doe^Jane".into(),
+            study_uid: Some(format!("1.2.3.{}", sop.len())),
+        })
+    }
+    fn by_study(&self, study: &str) -> Option<Subject> {
+        Some(Subject {
+            patient_id: "PID-2".into(),
+            patient_name: "Roe^Rick".into(),
+            study_uid: Some(study.into()),
+        })
+    }
+}
+
+/// A trail of `n` events with a checkpoint every 10 records, closed (final
+/// checkpoint + marker).
+fn trail(dir: &Path, n: usize) {
+    let t = AuditTrail::create(
+        dir,
+        keys(),
+        identity(),
+        CheckpointPolicy {
+            every_records: 10,
+            ..CheckpointPolicy::default()
+        },
+    )
+    .expect("create");
+    t.set_lookup(Arc::new(Lookup));
+    let log = EventLog::open(&dir.join("events.log")).expect("log");
+    let t = Arc::new(t);
+    log.add_observer(t.clone());
+    for i in 0..n {
+        log.record(
+            "store.stored",
+            Outcome::Success,
+            json!({"ae": "MODALITY", "peer": "127.0.0.1:4000", "sop_instance_uid": format!("1.2.{i}")}),
+        );
+    }
+    drop(log);
+    drop(t);
+}
+
+fn lines(p: &Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .expect("read")
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn write_lines(p: &Path, l: &[String]) {
+    let mut s = l.join("\n");
+    if !l.is_empty() {
+        s.push('\n');
+    }
+    std::fs::write(p, s).expect("write");
+}
+
+fn check(dir: &Path) -> Option<bastion_security::audit::Broken> {
+    verify(dir, &keys()).expect("verify").broken
+}
+
+#[test]
+fn intact_trail_verifies_and_is_encrypted() {
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path().join("audit");
+    trail(&dir, 25);
+    let r = verify(&dir, &keys()).expect("verify");
+    assert_eq!(r.broken, None);
+    // 25 events + 3 markers (after 10, after 20, at close).
+    assert_eq!(r.records, 28);
+    assert_eq!(r.checkpoints, 3);
+    let raw = std::fs::read(dir.join("records")).expect("read");
+    for needle in [&b"Doe^Jane"[..], b"PID-1", b"MODALITY", b"1.2.3"] {
+        assert!(
+            !raw.windows(needle.len()).any(|w| w == needle),
+            "plaintext in the records file"
+        );
+    }
+}
+
+#[test]
+fn edited_byte_is_detected() {
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path().join("audit");
+    trail(&dir, 25);
+    let p = dir.join("records");
+    let mut l = lines(&p);
+    // Flip one base64 character inside record 5's ciphertext.
+    let line = &mut l[5];
+    let i = line.find("\"ct\":\"").expect("ct") + 10;
+    let c = line.as_bytes()[i];
+    let replacement = if c == b'A' { "B" } else { "A" };
+    line.replace_range(i..=i, replacement);
+    write_lines(&p, &l);
+    let b = check(&dir).expect("broken");
+    assert_eq!(b.record, Some(5), "{b}");
+}
+
+#[test]
+fn edited_last_record_is_detected() {
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path().join("audit");
+    trail(&dir, 5);
+    let p = dir.join("records");
+    let mut l = lines(&p);
+    let last = l.len() - 1;
+    l[last] = l[last].replace("\"seq\":", "\"seq\": ");
+    write_lines(&p, &l);
+    assert!(check(&dir).is_some());
+}
+
+#[test]
+fn deleted_record_is_detected() {
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path().join("audit");
+    trail(&dir, 25);
+    let p = dir.join("records");
+    let mut l = lines(&p);
+    l.remove(7);
+    write_lines(&p, &l);
+    let b = check(&dir).expect("broken");
+    assert_eq!(b.record, Some(7), "{b}");
+    assert!(b.what.contains("deleted"), "{b}");
+}
+
+#[test]
+fn reordered_records_are_detected() {
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path().join("audit");
+    trail(&dir, 25);
+    let p = dir.join("records");
+    let mut l = lines(&p);
+    l.swap(3, 4);
+    write_lines(&p, &l);
+    let b = check(&dir).expect("broken");
+    assert_eq!(b.record, Some(3), "{b}");
+}
+
+#[test]
+fn truncated_records_are_detected() {
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path().join("audit");
+    trail(&dir, 25);
+    let p = dir.join("records");
+    let mut l = lines(&p);
+    l.truncate(15);
+    write_lines(&p, &l);
+    let b = check(&dir).expect("broken");
+    assert!(b.what.contains("truncated"), "{b}");
+    assert_eq!(b.record, Some(15), "{b}");
+    // Cut in the middle of a line.
+    let bytes = std::fs::read(&p).expect("read");
+    std::fs::write(&p, &bytes[..bytes.len() - 20]).expect("write");
+    let b = check(&dir).expect("broken");
+    assert!(b.what.contains("incomplete"), "{b}");
+}
+
+#[test]
+fn truncated_checkpoints_are_detected() {
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path().join("audit");
+    trail(&dir, 25);
+    let p = dir.join("checkpoints");
+    let mut l = lines(&p);
+    l.pop();
+    write_lines(&p, &l);
+    let b = check(&dir).expect("broken");
+    assert!(b.what.contains("checkpoint 3"), "{b}");
+    // Emptied entirely.
+    write_lines(&p, &[]);
+    assert!(check(&dir).is_some());
+    // Removed.
+    std::fs::remove_file(&p).expect("rm");
+    assert!(check(&dir).is_some());
+}
+
+#[test]
+fn forged_checkpoint_signature_is_detected() {
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path().join("audit");
+    trail(&dir, 25);
+    let other = ed25519_dalek::SigningKey::from_bytes(&[8u8; 32]);
+    let k = AuditKeys::new(&[9u8; 32], other).expect("keys");
+    let b = verify(&dir, &k).expect("verify").broken.expect("broken");
+    assert_eq!(b.checkpoint, Some(1), "{b}");
+}
+
+#[test]
+fn missing_trail_is_reported_not_created() {
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path().join("audit");
+    assert!(verify(&dir, &keys()).is_err());
+    assert!(AuditTrail::open(&dir, keys(), identity(), CheckpointPolicy::default()).is_err());
+    assert!(!dir.exists());
+}
+
+#[test]
+fn two_writers_interleave_safely() {
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path().join("audit");
+    drop(AuditTrail::create(&dir, keys(), identity(), CheckpointPolicy::default()).expect("c"));
+    let threads: Vec<_> = (0..2)
+        .map(|w| {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                // Two independent writers, as two processes would have.
+                let t = AuditTrail::open(
+                    &dir,
+                    keys(),
+                    identity(),
+                    CheckpointPolicy {
+                        every_records: 7,
+                        ..CheckpointPolicy::default()
+                    },
+                )
+                .expect("open");
+                for i in 0..50 {
+                    let mut e = serde_json::Map::new();
+                    e.insert("ts".into(), "2026-01-01T00:00:00Z".into());
+                    e.insert("type".into(), "device.added".into());
+                    e.insert("outcome".into(), "success".into());
+                    e.insert("ae".into(), format!("W{w}-{i}").into());
+                    t.append(&e).expect("append");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("join");
+    }
+    let r = verify(&dir, &keys()).expect("verify");
+    assert_eq!(r.broken, None);
+    let mut n = 0;
+    read(&dir, &keys(), |rec| {
+        if rec.event["type"] == "device.added" {
+            n += 1;
+        }
+        true
+    })
+    .expect("read");
+    assert_eq!(n, 100);
+}
+
+#[test]
+fn search_filters_and_messages() {
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path().join("audit");
+    trail(&dir, 3);
+    let mut found = Vec::new();
+    let f = Filter {
+        patient_id: Some("PID-1".into()),
+        event: Some("instances-transferred".into()),
+        ..Filter::default()
+    };
+    read(&dir, &keys(), |r| {
+        if f.matches(&r) {
+            found.push(r);
+        }
+        true
+    })
+    .expect("read");
+    assert_eq!(found.len(), 3);
+    let xml = &found[0].messages[0];
+    assert!(xml.starts_with("<AuditMessage>"), "{xml}");
+    assert!(xml.contains("csd-code=\"110104\""), "{xml}");
+    assert!(xml.contains("Doe^Jane"), "{xml}");
+    let none = Filter {
+        device: Some("OTHER".into()),
+        ..Filter::default()
+    };
+    let mut n = 0;
+    read(&dir, &keys(), |r| {
+        n += usize::from(none.matches(&r));
+        true
+    })
+    .expect("read");
+    assert_eq!(n, 0);
+}
