@@ -351,7 +351,7 @@ impl Archive {
             Ok(CommitOutcome::Stored | CommitOutcome::Replaced { .. }),
         ) = (self.inventory.get(), &device, &outcome)
         {
-            inventory.report_store(&origin.ae, device);
+            inventory.report_store(&self.events, &origin.ae, device);
         }
         match outcome {
             Ok(CommitOutcome::Stored) => Ok(Ingested::Stored {

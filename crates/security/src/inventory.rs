@@ -27,9 +27,10 @@
 //! # use std::sync::Arc;
 //! # use bastion_security::{db::SecurityDb, events::EventLog, inventory::*};
 //! # fn f(db: Arc<SecurityDb>, events: Arc<EventLog>) -> bastion_security::Result<()> {
-//! let inventory = Inventory::start(db.clone(), events.clone());
+//! let inventory = Inventory::start(db.clone());
 //! events.add_observer(inventory.clone());
-//! inventory.report_store("CT1", &DeviceHeaders { manufacturer: "ACME".into(), ..Default::default() });
+//! let headers = DeviceHeaders { manufacturer: "ACME".into(), ..Default::default() };
+//! inventory.report_store(&events, "CT1", &headers);
 //! inventory.flush();
 //! for d in list_devices(&db)? {
 //!     println!("{} {} {}", d.ae, d.headers.manufacturer, d.history.len());
@@ -168,13 +169,12 @@ pub struct Inventory {
 }
 
 impl Inventory {
-    /// Starts the inventory over `db`; `device.software_changed` events go to
-    /// `events`. Register it with [`EventLog::add_observer`] to see
-    /// associations (transport, unknown devices).
-    pub fn start(db: Arc<SecurityDb>, events: Arc<EventLog>) -> Arc<Inventory> {
+    /// Starts the inventory over `db`. Register it with
+    /// [`EventLog::add_observer`] to see associations (transport, unknown
+    /// devices).
+    pub fn start(db: Arc<SecurityDb>) -> Arc<Inventory> {
         let shared = Arc::new(Shared {
             db,
-            events,
             cache: Mutex::new(HashMap::new()),
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
@@ -194,8 +194,10 @@ impl Inventory {
 
     /// Reports the headers of an instance `ae` stored. Unregistered AE titles
     /// (e.g. `IMPORT`, `DICOMWEB`) are ignored. Empty values are "not
-    /// reported" and never replace a known value.
-    pub fn report_store(&self, ae: &str, headers: &DeviceHeaders) {
+    /// reported" and never replace a known value. A changed Manufacturer,
+    /// model or Software Versions is recorded in `events` as
+    /// `device.software_changed`.
+    pub fn report_store(&self, events: &EventLog, ae: &str, headers: &DeviceHeaders) {
         let headers = headers.sanitized();
         if headers.is_empty() {
             self.touch(ae, None);
@@ -238,7 +240,7 @@ impl Inventory {
             );
             if watched && !old.is_empty() {
                 tracing::warn!(ae, field, old = %old, new = %new, "a device reports different identifying headers than before");
-                self.shared.events.record(
+                events.record(
                     "device.software_changed",
                     Outcome::Alert,
                     serde_json::json!({"ae": ae, "field": field, "old": old, "new": new}),
@@ -451,7 +453,6 @@ pub fn list_unknown(db: &SecurityDb) -> Result<Vec<UnknownDevice>> {
 
 struct Shared {
     db: Arc<SecurityDb>,
-    events: Arc<EventLog>,
     cache: Mutex<HashMap<String, CacheEntry>>,
     queue: Mutex<Queue>,
     wake: Condvar,
@@ -826,7 +827,7 @@ mod tests {
         })
         .expect("insert");
         let events = Arc::new(EventLog::open(&dir.path().join("e.log")).expect("log"));
-        let inv = Inventory::start(db.clone(), events.clone());
+        let inv = Inventory::start(db.clone());
         events.add_observer(inv.clone());
         (dir, db, events, inv)
     }
@@ -853,9 +854,10 @@ mod tests {
     #[test]
     fn software_change_is_recorded_with_history() {
         let (_d, db, events, inv) = setup();
-        inv.report_store("CT1", &headers("1.0"));
-        inv.report_store("CT1", &headers("1.0"));
+        inv.report_store(&events, "CT1", &headers("1.0"));
+        inv.report_store(&events, "CT1", &headers("1.0"));
         inv.report_store(
+            &events,
             "CT1",
             &DeviceHeaders {
                 software_versions: String::new(),
@@ -863,7 +865,7 @@ mod tests {
             },
         );
         assert!(changed_events(&events).is_empty());
-        inv.report_store("CT1", &headers("2.0"));
+        inv.report_store(&events, "CT1", &headers("2.0"));
         inv.flush();
         let list = list_devices(&db).expect("list");
         assert_eq!(list.len(), 1);
@@ -881,11 +883,12 @@ mod tests {
     #[test]
     fn a_restart_still_sees_the_change() {
         let (_d, db, events, inv) = setup();
-        inv.report_store("CT1", &headers("1.0"));
+        inv.report_store(&events, "CT1", &headers("1.0"));
         inv.flush();
         drop(inv);
-        let inv = Inventory::start(db.clone(), events.clone());
+        let inv = Inventory::start(db.clone());
         inv.report_store(
+            &events,
             "CT1",
             &DeviceHeaders {
                 manufacturer: "Other".into(),
@@ -901,8 +904,8 @@ mod tests {
 
     #[test]
     fn unregistered_ae_titles_are_not_inventoried() {
-        let (_d, db, _events, inv) = setup();
-        inv.report_store("IMPORT", &headers("1.0"));
+        let (_d, db, events, inv) = setup();
+        inv.report_store(&events, "IMPORT", &headers("1.0"));
         inv.flush();
         assert!(list_devices(&db).expect("list").is_empty());
     }

@@ -21,13 +21,15 @@
 //! - [`inventory`]: what each device's stored headers say (manufacturer,
 //!   model, software versions…) with history, and unknown devices that
 //!   tried to connect.
+//! - [`syslog`]: reliable export of audit messages to a syslog collector
+//!   (RFC 5424 over TLS, RFC 5425), through an encrypted on-disk spool.
 //!
 //! Invariant: this crate knows no network front (no dicom-ul, no HTTP), and
 //! [`policy::decide`] is a pure function with an exhaustive `match`.
 
 pub mod accounts;
-pub mod audit;
 pub mod alerts;
+pub mod audit;
 pub mod db;
 pub mod detect;
 pub mod devices;
@@ -36,6 +38,7 @@ pub mod inventory;
 pub mod pki;
 pub mod policy;
 pub mod secrets;
+pub mod syslog;
 pub mod users;
 
 use std::path::PathBuf;
