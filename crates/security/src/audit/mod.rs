@@ -27,7 +27,8 @@ mod trail;
 
 pub use message::AuditIdentity;
 pub use trail::{
-    read, verify, AuditKeys, AuditTrail, Broken, CheckpointPolicy, Record, VerifyReport,
+    read, verify, AuditKeys, AuditReader, AuditTrail, Broken, CheckpointPolicy, Record,
+    VerifyReport,
 };
 
 use std::path::PathBuf;
@@ -174,5 +175,52 @@ impl Filter {
             }
         }
         true
+    }
+}
+
+impl Record {
+    /// The search view of a record (`bastion audit search --json`,
+    /// `GET /api/audit`): sequence number, time, type, outcome, EventIDs,
+    /// user, device, peer, patients, studies, the event and its messages.
+    pub fn summary(&self) -> serde_json::Value {
+        let e = &self.event;
+        let first = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| e.get(*k).and_then(|v| v.as_str()).filter(|v| !v.is_empty()))
+                .map(str::to_owned)
+        };
+        let mut studies: Vec<String> = self
+            .subjects
+            .iter()
+            .filter_map(|s| s.study_uid.clone())
+            .collect();
+        for k in ["study_uids", "studies"] {
+            if let Some(a) = e.get(k).and_then(|v| v.as_array()) {
+                studies.extend(a.iter().filter_map(|v| v.as_str().map(str::to_owned)));
+            }
+        }
+        studies.sort();
+        studies.dedup();
+        let mut patients: Vec<serde_json::Value> = Vec::new();
+        for s in &self.subjects {
+            let p = serde_json::json!({"patient_id": s.patient_id, "patient_name": s.patient_name});
+            if !patients.contains(&p) {
+                patients.push(p);
+            }
+        }
+        serde_json::json!({
+            "seq": self.seq,
+            "ts": e.get("ts"),
+            "type": e.get("type"),
+            "outcome": e.get("outcome"),
+            "event_ids": self.event_ids,
+            "user": first(&["username", "user", "actor"]),
+            "device": first(&["ae", "calling_ae"]),
+            "peer": first(&["peer", "source"]),
+            "patients": patients,
+            "studies": studies,
+            "event": e,
+            "messages": self.messages,
+        })
     }
 }

@@ -857,3 +857,48 @@ fn decode(keys: &AuditKeys, line: &[u8]) -> Option<Record> {
     rec.seq = l.seq;
     Some(rec)
 }
+
+/// Read access to a trail (search, verify) for the front ends, which know
+/// no paths or keys.
+pub struct AuditReader {
+    dir: PathBuf,
+    keys: Arc<AuditKeys>,
+}
+
+impl AuditReader {
+    /// A reader of the trail in `dir`.
+    pub fn new(dir: &Path, keys: Arc<AuditKeys>) -> AuditReader {
+        AuditReader {
+            dir: dir.to_path_buf(),
+            keys,
+        }
+    }
+
+    /// The last `limit` records matching `filter`, oldest first, and the
+    /// number of records that could not be decrypted. Streams the trail;
+    /// memory is bounded by `limit`.
+    ///
+    /// # Errors
+    /// [`AuditError::Missing`], [`AuditError::Io`].
+    pub fn search(&self, filter: &super::Filter, limit: usize) -> Result<(Vec<Record>, u64)> {
+        let mut out = std::collections::VecDeque::new();
+        let unreadable = read(&self.dir, &self.keys, |r| {
+            if filter.matches(&r) {
+                if out.len() == limit {
+                    out.pop_front();
+                }
+                out.push_back(r);
+            }
+            true
+        })?;
+        Ok((out.into_iter().collect(), unreadable))
+    }
+
+    /// [`verify`] on this trail.
+    ///
+    /// # Errors
+    /// As [`verify`].
+    pub fn verify(&self) -> Result<VerifyReport> {
+        verify(&self.dir, &self.keys)
+    }
+}

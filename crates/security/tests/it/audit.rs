@@ -305,3 +305,85 @@ fn search_filters_and_messages() {
     .expect("read");
     assert_eq!(n, 0);
 }
+
+/// Every event kind's messages validate against the PS3.15 A.5.1 schema
+/// (when Debian's `jing` is installed; the interop tests require it).
+#[test]
+fn messages_validate_against_the_schema() {
+    use bastion_security::audit::message::messages;
+    let subjects = vec![Subject {
+        patient_id: "PID-1".into(),
+        patient_name: "Doe^Jane".into(),
+        study_uid: Some("1.2.3".into()),
+    }];
+    let events = [
+        json!({"type": "application.start", "outcome": "success"}),
+        json!({"type": "application.stop", "outcome": "success"}),
+        json!({"type": "login.success", "outcome": "success", "username": "ann", "source": "127.0.0.1"}),
+        json!({"type": "login.failure", "outcome": "failure", "username": "ann", "source": "127.0.0.1:5000", "reason": "bad password"}),
+        json!({"type": "logout", "outcome": "success", "username": "ann"}),
+        json!({"type": "store.stored", "outcome": "success", "ae": "CT1", "peer": "127.0.0.1:4000", "sop_instance_uid": "1.2.3.4"}),
+        json!({"type": "store.stored", "outcome": "success", "ae": "IMPORT", "peer": "file", "sop_instance_uid": "1.2.3.4"}),
+        json!({"type": "store.refused", "outcome": "refused", "ae": "CT1", "peer": "127.0.0.1:4000", "reason": "x<y & \u{1}"}),
+        json!({"type": "query.find", "outcome": "success", "ae": "CT1", "peer": "[::1]:4000", "model": "study_root", "level": "STUDY", "matches": 1, "study_uids": ["1.2.3"]}),
+        json!({"type": "retrieve.move", "outcome": "success", "ae": "CT1", "peer": "127.0.0.1:4000", "destination": "WS1", "studies": ["1.2.3"]}),
+        json!({"type": "retrieve.get", "outcome": "failure", "ae": "CT1", "peer": "127.0.0.1:4000", "studies": []}),
+        json!({"type": "http.request", "outcome": "success", "user": "ann", "peer": "127.0.0.1:6000", "action": "qido.studies", "path": "/dicomweb/studies", "study_uids": []}),
+        json!({"type": "http.request", "outcome": "success", "user": "ann", "peer": "127.0.0.1:6000", "action": "wado.study", "study_uids": ["1.2.3"]}),
+        json!({"type": "http.request", "outcome": "success", "user": "ann", "peer": "127.0.0.1:6000", "action": "wado.rendered", "study_uids": ["1.2.3"]}),
+        json!({"type": "http.request", "outcome": "success", "user": "ann", "peer": "127.0.0.1:6000", "action": "stow", "study_uids": ["1.2.3"]}),
+        json!({"type": "http.request", "outcome": "refused", "user": null, "peer": "127.0.0.1:6000", "action": null, "status": 401}),
+        json!({"type": "instance.exported", "outcome": "success", "actor": "cli", "sop_instance_uid": "1.2.3.4"}),
+        json!({"type": "association.rejected", "outcome": "refused", "calling_ae": "EVIL", "peer": "10.0.0.1:1", "reason": "1/1/3"}),
+        json!({"type": "association.accepted", "outcome": "success", "ae": "CT1", "peer": "10.0.0.1:1"}),
+        json!({"type": "dimse.not_authorized", "outcome": "refused", "ae": "CT1", "peer": "10.0.0.1:1"}),
+        json!({"type": "security.preamble_executable", "outcome": "alert", "ae": "CT1", "sop_instance_uid": "1.2.3.4"}),
+        json!({"type": "security.universal_query", "outcome": "alert", "ae": "CT1", "peer": "10.0.0.1:1"}),
+        json!({"type": "security.alert", "outcome": "alert", "rule": "login_bruteforce"}),
+        json!({"type": "user.added", "outcome": "success", "actor": "cli", "username": "bob", "role": "auditor"}),
+        json!({"type": "user.role_changed", "outcome": "success", "actor": "admin", "username": "bob"}),
+        json!({"type": "device.added", "outcome": "success", "actor": "cli", "device": {"ae": "CT1"}}),
+        json!({"type": "cert.issued", "outcome": "success", "actor": "cli", "ae": "CT1"}),
+        json!({"type": "audit.started", "outcome": "success"}),
+        json!({"type": "audit.stopped", "outcome": "success"}),
+        json!({"type": "audit.verify", "outcome": "success", "actor": "cli"}),
+        json!({"type": "audit.read", "outcome": "success", "user": "aud", "peer": "127.0.0.1:1"}),
+        json!({"type": "something.new", "outcome": "success"}),
+    ];
+    let d = tempfile::tempdir().expect("tmp");
+    let mut files = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let mut m = e.as_object().expect("object").clone();
+        m.insert("ts".into(), "2026-11-30T12:00:00.123456Z".into());
+        let msgs = messages(&m, &subjects, &identity());
+        assert!(!msgs.is_empty(), "no message for {e}");
+        for (j, (_, xml)) in msgs.iter().enumerate() {
+            let p = d.path().join(format!("{i}-{j}.xml"));
+            std::fs::write(&p, xml).expect("write");
+            files.push(p);
+        }
+    }
+    // The standard's text puts `##` documentation comments after the
+    // patterns they describe, which RELAX NG compact syntax does not allow
+    // there; as plain `#` comments the grammar is the same.
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/dicom-audit-message.rnc"),
+    )
+    .expect("schema");
+    let schema = d.path().join("schema.rnc");
+    std::fs::write(&schema, text.replace("##", "#")).expect("write");
+    match std::process::Command::new("jing")
+        .arg("-c")
+        .arg(&schema)
+        .args(&files)
+        .output()
+    {
+        Err(_) => eprintln!("jing not installed: schema validation skipped"),
+        Ok(o) => assert!(
+            o.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    }
+}
