@@ -12,7 +12,7 @@ use bastion_model::{AeTitle, PermissionSet, Transport, Uid};
 use bastion_security::{
     devices::{normalize_fingerprint, parse_ae_list, Device, DeviceRegistry, OnConflict},
     events::{EventLog, Outcome},
-    pki,
+    inventory, pki,
 };
 use clap::{Args, Parser, Subcommand};
 
@@ -115,9 +115,13 @@ enum DeviceCommand {
         #[arg(long)]
         ae: String,
     },
-    /// List devices.
+    /// List devices with what their stored instances say (manufacturer,
+    /// model, software versions, serial number, station name, transport,
+    /// first/last seen, changes), then unknown devices that tried to
+    /// connect.
     List {
-        /// JSON output.
+        /// JSON output (an array of registered devices, each with an
+        /// `inventory` object or null; with `--unknown`, the unknown devices).
         #[arg(long)]
         json: bool,
     },
@@ -125,6 +129,10 @@ enum DeviceCommand {
 
 #[derive(Debug, Args)]
 struct DeviceArgs {
+        /// Only the unknown devices: source addresses whose unregistered AE
+        /// titles were refused, with the titles tried, count and last attempt.
+        #[arg(long)]
+        unknown: bool,
     /// The device's AE title (leading/trailing spaces are not significant).
     #[arg(long)]
     ae: String,
@@ -323,10 +331,18 @@ fn device(dir: &DataDir, cmd: DeviceCommand) -> Result<ExitCode> {
             );
             println!("device {ae} removed");
         }
-        DeviceCommand::List { json } => {
+        DeviceCommand::List { json, unknown } => {
             let list = reg.list()?;
             if json {
-                let v: Vec<_> = list.iter().map(Device::to_json).collect();
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|d| {
+                        let mut j = d.to_json();
+                        j["inventory"] =
+                            serde_json::to_value(inventory.remove(d.ae.as_str())).unwrap_or_default();
+                        j
+                    })
+                    .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else if list.is_empty() {
                 println!("no devices registered: add one with `bastion device add`");
@@ -335,7 +351,21 @@ fn device(dir: &DataDir, cmd: DeviceCommand) -> Result<ExitCode> {
                     "{:<16} {:<20} {:<9} {:<24} {:<8} {:<22} MOVE TO",
                     "AE", "NETWORK", "TRANSPORT", "ALLOW", "CONFLICT", "DESTINATION"
                 );
-                for d in list {
+            let mut inventory: std::collections::HashMap<String, inventory::DeviceRecord> =
+                inventory::list_devices(&db)?
+                    .into_iter()
+                    .map(|r| (r.ae.clone(), r))
+                    .collect();
+            let unknown_devices = inventory::list_unknown(&db)?;
+            if unknown {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&unknown_devices)?);
+                } else {
+                    print_unknown(&unknown_devices);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+                for d in &list {
                     let dest = match (&d.host, d.port) {
                         (Some(h), Some(p)) => format!("{h}:{p}"),
                         _ => "-".into(),
@@ -373,12 +403,72 @@ fn validate(d: &Device) -> Result<()> {
     if d.host.is_some() != d.port.is_some() {
         bail!("--host and --port go together");
     }
+                print_inventory(&list, &inventory);
+            }
+            if !json && !unknown_devices.is_empty() {
+                println!();
+                print_unknown(&unknown_devices);
     if d.port == Some(0) {
         bail!("--port 0 is not a port a device can listen on");
     }
     if let Some(h) = &d.host {
         let hostname_ok = !h.is_empty()
             && h.len() <= 253
+/// The inventory table of `bastion device list`: what each device's stored
+/// instances say.
+fn print_inventory(
+    list: &[Device],
+    inventory: &std::collections::HashMap<String, inventory::DeviceRecord>,
+) {
+    println!();
+    println!(
+        "{:<16} {:<16} {:<20} {:<16} {:<12} {:<12} {:<9} {:<20} {:<20} CHANGES",
+        "AE", "MANUFACTURER", "MODEL", "SOFTWARE", "SERIAL", "STATION", "USED", "FIRST SEEN", "LAST SEEN"
+    );
+    let dash = |s: &str| if s.is_empty() { "-".to_owned() } else { s.to_owned() };
+    for d in list {
+        match inventory.get(d.ae.as_str()) {
+            Some(r) => println!(
+                "{:<16} {:<16} {:<20} {:<16} {:<12} {:<12} {:<9} {:<20} {:<20} {}",
+                r.ae,
+                dash(&r.headers.manufacturer),
+                dash(&r.headers.model),
+                dash(&r.headers.software_versions),
+                dash(&r.headers.serial_number),
+                dash(&r.headers.station_name),
+                r.transport.as_deref().unwrap_or("-"),
+                r.first_seen,
+                r.last_seen,
+                r.history.len().saturating_sub(1)
+            ),
+            None => println!("{:<16} (not seen yet)", d.ae.as_str()),
+        }
+    }
+}
+
+/// The unknown-device table of `bastion device list`.
+fn print_unknown(unknown: &[inventory::UnknownDevice]) {
+    if unknown.is_empty() {
+        println!("no unknown device tried to connect");
+        return;
+    }
+    println!("unknown devices (refused: AE title not registered)");
+    println!(
+        "{:<40} {:>8} {:<20} {:<20} AE TITLES TRIED",
+        "ADDRESS", "ATTEMPTS", "FIRST ATTEMPT", "LAST ATTEMPT"
+    );
+    for u in unknown {
+        println!(
+            "{:<40} {:>8} {:<20} {:<20} {}",
+            u.address,
+            u.attempts,
+            u.first_attempt,
+            u.last_attempt,
+            u.ae_titles.join(",")
+        );
+    }
+}
+
             && h.split('.').all(|l| {
                 !l.is_empty()
                     && l.len() <= 63

@@ -19,7 +19,65 @@ pub struct Config {
     pub http: HttpSection,
     /// Login throttling, lock and session settings.
     pub accounts: AccountsSection,
+    /// Audit trail export.
+    pub audit: AuditSection,
 }
+
+/// `[audit]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    /// `[audit.syslog]`: forward every audit message to a syslog collector;
+    /// off when absent.
+    pub syslog: Option<SyslogSection>,
+}
+
+/// `[audit.syslog]`: IHE ATNA Record Audit Event export (RFC 5424 messages
+/// over TLS, RFC 5425), spooled on disk while the collector is unreachable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogSection {
+    /// `tls://HOST:PORT` (IANA port 6514). Nothing else: audit messages name
+    /// patients and are never sent in clear.
+    pub url: String,
+    /// PEM file of the CA(s) that sign the collector's certificate; default
+    /// Bastion's own CA (`tls/ca.crt`).
+    #[serde(default)]
+    pub ca: Option<std::path::PathBuf>,
+    /// HOSTNAME of the messages; default the system host name.
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+impl SyslogSection {
+    /// The collector's host and port.
+    ///
+    /// # Errors
+    /// Not `tls://HOST:PORT`.
+    pub fn target(&self) -> Result<(String, u16)> {
+        let Some(rest) = self.url.strip_prefix("tls://") else {
+            anyhow::bail!(
+                "[audit.syslog] url {:?} must be tls://HOST:PORT (RFC 5425; audit messages are never sent in clear)",
+                self.url
+            );
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = rest
+            .rsplit_once(':')
+            .with_context(|| format!("[audit.syslog] url {:?} has no :PORT", self.url))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .with_context(|| format!("[audit.syslog] url {:?}: invalid port", self.url))?;
+        if host.is_empty() || host.contains(['/', '@', ' ']) {
+            anyhow::bail!("[audit.syslog] url {:?}: invalid host", self.url);
+        }
+        Ok((host.to_owned(), port))
+    }
+}
+
 
 /// `[accounts]`: the login policy (see `bastion_security::accounts::AccountPolicy`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -312,6 +370,16 @@ session_absolute_secs = {sas}
 # `admin` accounts must use a second factor (`bastion user totp-enable NAME`).
 # Setting this to false is logged as a warning at every start.
 admin_requires_totp = {art}
+
+[audit]
+# Forward every audit message (PS3.15 A.5 XML) to a syslog collector: IHE
+# ATNA Record Audit Event, RFC 5424 over TLS (RFC 5425), Bastion's server
+# certificate as client certificate, the collector's certificate verified
+# against `ca` (default Bastion's CA). Messages wait in an encrypted spool
+# (spool/syslog) while the collector is unreachable. Off unless set:
+# [audit.syslog]
+# url = "tls://collector.example.org:6514"
+# ca = "/etc/bastion/collector-ca.pem"
 "#,
             ae = d.ae_title,
             tls = d.tls_addr,
@@ -383,6 +451,13 @@ mod tests {
         assert_eq!(parsed.limits.max_dataset_bytes, c.limits.max_dataset_bytes);
         assert_eq!(parsed.query.max_matches, 1000);
         assert!(toml::from_str::<Config>("[dicom]\nbogus = 1\n").is_err());
+        assert!(parsed.audit.syslog.is_none());
+        let with: Config = toml::from_str("[audit.syslog]\nurl = \"tls://10.0.0.5:6514\"\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let sys = with.audit.syslog.unwrap_or_else(|| panic!("no syslog"));
+        assert_eq!(sys.target().ok(), Some(("10.0.0.5".to_owned(), 6514)));
+        let udp = SyslogSection { url: "udp://10.0.0.5:514".into(), ca: None, hostname: None };
+        assert!(udp.target().is_err());
         assert_eq!(
             parsed.http.listen_addr().ok().flatten(),
             Some(SocketAddr::from(([127, 0, 0, 1], 8443)))

@@ -8,6 +8,7 @@ mod config;
 mod datadir;
 mod import;
 mod serve;
+mod syslog_client;
 
 use std::process::ExitCode;
 

@@ -44,6 +44,10 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
     let master = dir.load_master_key()?;
     let archive = dir.open_archive(&master, &config)?;
     let security = Arc::new(dir.open_security(&master)?);
+    let inventory = bastion_security::inventory::Inventory::start(security.clone());
+    archive.events().add_observer(inventory.clone());
+    archive.set_inventory(inventory.clone());
+    let syslog = crate::syslog_client::start(dir, &config, &master, archive.events())?;
     let p = dir.pki();
     let tls = TlsIdentity::load(&p.server_cert, &p.server_key, &p.ca_cert)?;
     let d = &config.dicom;
@@ -110,6 +114,10 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         sweeper.abort();
         for s in servers {
             let _ = s.await;
+        }
+        inventory.flush();
+        if let Some(s) = &syslog {
+            s.shutdown(Duration::from_secs(3));
         }
         tracing::info!("stopped");
         drop(lock);

@@ -223,19 +223,20 @@ impl AuditSink for SyslogExporter {
     }
 }
 
-/// Forwards every event of the event stream as one syslog message whose
-/// MSG is the event's JSON object (for a collector that wants the raw
-/// events, and until the audit trail feeds [`AuditSink`]).
-pub struct EventForwarder(pub Arc<SyslogExporter>);
+/// Turns every event of the event stream into its PS3.15 A.5 audit
+/// messages ([`crate::audit::message::messages`]) and spools them. Used
+/// until the audit trail hands its records' messages to an [`AuditSink`]
+/// itself; these messages carry no patient participant objects (the event
+/// log never names patients).
+pub struct AuditMessageForwarder {
+    /// Where the messages go.
+    pub exporter: Arc<SyslogExporter>,
+    /// Who we are in the messages.
+    pub identity: crate::audit::AuditIdentity,
+}
 
-impl EventObserver for EventForwarder {
+impl EventObserver for AuditMessageForwarder {
     fn observe(&self, event: &serde_json::Map<String, serde_json::Value>) {
-        let outcome = match event.get("outcome").and_then(serde_json::Value::as_str) {
-            Some("refused") => Outcome::Refused,
-            Some("failure") => Outcome::Failure,
-            Some("alert") => Outcome::Alert,
-            _ => Outcome::Success,
-        };
         let ts = event
             .get("ts")
             .and_then(serde_json::Value::as_str)
@@ -243,9 +244,10 @@ impl EventObserver for EventForwarder {
                 time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
             })
             .unwrap_or_else(time::OffsetDateTime::now_utc);
-        let body = serde_json::Value::Object(event.clone()).to_string();
-        if let Err(e) = self.0.spool(severity_of_outcome(outcome), ts, 0, &body) {
-            tracing::error!(error = %e, "cannot spool an event for syslog export");
+        for (_, xml) in crate::audit::message::messages(event, &[], &self.identity) {
+            if let Err(e) = self.exporter.spool(severity_of_xml(&xml), ts, 0, &xml) {
+                tracing::error!(error = %e, "cannot spool an audit message for syslog export");
+            }
         }
     }
 }

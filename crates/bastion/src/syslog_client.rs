@@ -1,0 +1,183 @@
+//! The TLS connection to the syslog collector (RFC 5425) behind
+//! `bastion_security::syslog::Collector`: Bastion's server certificate
+//! (which carries clientAuth) as client certificate, the collector's
+//! certificate verified against the configured CA file and its name or IP
+//! address, TLS 1.3/1.2 with the aws-lc-rs provider as everywhere else.
+
+use std::{
+    io::{self, Read, Write},
+    net::{TcpStream, ToSocketAddrs},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use bastion_security::{
+    audit::AuditIdentity,
+    events::EventLog,
+    syslog::{AuditMessageForwarder, Collector, CollectorConnection, Header, SyslogExporter},
+};
+use bastion_store::MasterKey;
+use rustls::{
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
+    ClientConfig, ClientConnection, RootCertStore, StreamOwned,
+};
+
+use crate::{config::Config, datadir::DataDir};
+
+/// Connect, handshake, read and write time limits.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts the syslog exporter when `[audit.syslog]` is set: spool in
+/// `DIR/spool/syslog` (key `bastion syslog spool v1`), every audit message of
+/// `events` forwarded.
+///
+/// # Errors
+/// Invalid `[audit.syslog]`, unreadable certificate files, a spool that does
+/// not decrypt.
+pub fn start(
+    dir: &DataDir,
+    config: &Config,
+    master: &MasterKey,
+    events: &EventLog,
+) -> Result<Option<Arc<SyslogExporter>>> {
+    let Some(s) = &config.audit.syslog else {
+        return Ok(None);
+    };
+    let (host, port) = s.target()?;
+    let p = dir.pki();
+    let ca = s.ca.clone().unwrap_or_else(|| p.ca_cert.clone());
+    let collector = TlsCollector::new(&host, port, &ca, &p.server_cert, &p.server_key)?;
+    let hostname = s.hostname.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default()
+    });
+    // As the audit trail's: AuditSourceID `AE@host`.
+    let identity = AuditIdentity {
+        ae_title: config.dicom.ae_title.clone(),
+        source_id: format!("{}@{hostname}", config.dicom.ae_title),
+    };
+    let spool = dir.root.join("spool/syslog");
+    let key = master.derive("bastion syslog spool v1");
+    let exporter = SyslogExporter::start(&spool, &key, Header::new(&hostname), Arc::new(collector))
+        .with_context(|| format!("cannot open the syslog spool {}", spool.display()))?;
+    events.add_observer(Arc::new(AuditMessageForwarder {
+        exporter: exporter.clone(),
+        identity,
+    }));
+    tracing::info!(collector = %s.url, ca = %ca.display(), backlog = exporter.backlog(),
+        "audit messages exported to syslog over TLS");
+    Ok(Some(exporter))
+}
+
+/// A syslog collector reached over TLS.
+pub struct TlsCollector {
+    host: String,
+    port: u16,
+    name: ServerName<'static>,
+    config: Arc<ClientConfig>,
+}
+
+impl TlsCollector {
+    /// Loads the CA file that must sign the collector's certificate and our
+    /// certificate and key.
+    ///
+    /// # Errors
+    /// A file cannot be read or used; `host` is not a valid DNS name or IP.
+    pub fn new(host: &str, port: u16, ca: &Path, cert: &Path, key: &Path) -> Result<TlsCollector> {
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("[audit.syslog] cannot read CA file {}", ca.display()))?
+        {
+            let c = c.with_context(|| format!("[audit.syslog] cannot parse {}", ca.display()))?;
+            roots
+                .add(c)
+                .with_context(|| format!("[audit.syslog] cannot use CA {}", ca.display()))?;
+        }
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .and_then(|it| it.collect::<Result<_, _>>())
+            .with_context(|| format!("cannot read {}", cert.display()))?;
+        let key = PrivateKeyDer::from_pem_file(key)
+            .with_context(|| format!("cannot read {}", key.display()))?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .with_context(|| format!("cannot use {} as client certificate", cert.display()))?;
+        let name = ServerName::try_from(host.to_owned())
+            .with_context(|| format!("[audit.syslog] {host:?} is not a host name or IP address"))?;
+        Ok(TlsCollector {
+            host: host.to_owned(),
+            port,
+            name,
+            config: Arc::new(config),
+        })
+    }
+}
+
+impl Collector for TlsCollector {
+    fn connect(&self) -> io::Result<Box<dyn CollectorConnection>> {
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+        for addr in (self.host.as_str(), self.port).to_socket_addrs()? {
+            let tcp = match TcpStream::connect_timeout(&addr, IO_TIMEOUT) {
+                Ok(t) => t,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            tcp.set_nodelay(true)?;
+            tcp.set_read_timeout(Some(IO_TIMEOUT))?;
+            tcp.set_write_timeout(Some(IO_TIMEOUT))?;
+            let conn = ClientConnection::new(self.config.clone(), self.name.clone())
+                .map_err(io::Error::other)?;
+            let mut tls = StreamOwned::new(conn, tcp);
+            while tls.conn.is_handshaking() {
+                tls.conn.complete_io(&mut tls.sock)?;
+            }
+            return Ok(Box::new(TlsConnection(tls)));
+        }
+        Err(last)
+    }
+
+    fn describe(&self) -> String {
+        format!("tls://{}:{}", self.host, self.port)
+    }
+}
+
+struct TlsConnection(StreamOwned<ClientConnection, TcpStream>);
+
+impl CollectorConnection for TlsConnection {
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.0.write_all(bytes)?;
+        self.0.flush()
+    }
+
+    fn probe(&mut self) -> io::Result<()> {
+        // A collector never sends application data (RFC 5425 §4.3): any
+        // read that does not block means close_notify, FIN or reset.
+        self.0.sock.set_nonblocking(true)?;
+        let mut buf = [0u8; 256];
+        let r = self.0.read(&mut buf);
+        self.0.sock.set_nonblocking(false)?;
+        match r {
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the collector closed the connection",
+            )),
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for TlsConnection {
+    fn drop(&mut self) {
+        self.0.conn.send_close_notify();
+        let _ = self.0.conn.complete_io(&mut self.0.sock);
+    }
+}
