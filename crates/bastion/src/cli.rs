@@ -63,6 +63,11 @@ enum Command {
     /// Manage API tokens (bearer tokens for DICOMweb clients).
     #[command(subcommand)]
     Token(crate::accounts_cli::TokenCommand),
+    /// Alerts raised by the detection rules (open first); `ack` one.
+    Alerts(crate::alerts_cli::AlertsArgs),
+    /// The tamper-evident audit trail: verify it, search it.
+    #[command(subcommand)]
+    Audit(crate::audit_cli::AuditCommand),
 }
 
 /// Listener settings (override `bastion.toml`).
@@ -124,15 +129,15 @@ enum DeviceCommand {
         /// `inventory` object or null; with `--unknown`, the unknown devices).
         #[arg(long)]
         json: bool,
+        /// Only the unknown devices: source addresses whose unregistered AE
+        /// titles were refused, with the titles tried, count and last attempt.
+        #[arg(long)]
+        unknown: bool,
     },
 }
 
 #[derive(Debug, Args)]
 struct DeviceArgs {
-        /// Only the unknown devices: source addresses whose unregistered AE
-        /// titles were refused, with the titles tried, count and last attempt.
-        #[arg(long)]
-        unknown: bool,
     /// The device's AE title (leading/trailing spaces are not significant).
     #[arg(long)]
     ae: String,
@@ -224,11 +229,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::User(cmd) => crate::accounts_cli::user(&dir, cmd),
         Command::Token(cmd) => crate::accounts_cli::token(&dir, cmd),
+        Command::Alerts(args) => crate::alerts_cli::alerts(&dir, args),
+        Command::Audit(cmd) => crate::audit_cli::audit(&dir, cmd),
     }
 }
 
-fn open_events(dir: &DataDir) -> Result<EventLog> {
-    Ok(EventLog::open(&dir.events())?)
+fn open_events(dir: &DataDir) -> Result<std::sync::Arc<EventLog>> {
+    let master = dir.load_master_key()?;
+    let (events, _trail) = dir.open_events(&master, &Config::load(&dir.config())?)?;
+    crate::alerts_cli::attach(dir, &events);
+    Ok(events)
 }
 
 fn device(dir: &DataDir, cmd: DeviceCommand) -> Result<ExitCode> {
@@ -333,6 +343,20 @@ fn device(dir: &DataDir, cmd: DeviceCommand) -> Result<ExitCode> {
         }
         DeviceCommand::List { json, unknown } => {
             let list = reg.list()?;
+            let mut inventory: std::collections::HashMap<String, inventory::DeviceRecord> =
+                inventory::list_devices(&db)?
+                    .into_iter()
+                    .map(|r| (r.ae.clone(), r))
+                    .collect();
+            let unknown_devices = inventory::list_unknown(&db)?;
+            if unknown {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&unknown_devices)?);
+                } else {
+                    print_unknown(&unknown_devices);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             if json {
                 let v: Vec<_> = list
                     .iter()
@@ -351,20 +375,6 @@ fn device(dir: &DataDir, cmd: DeviceCommand) -> Result<ExitCode> {
                     "{:<16} {:<20} {:<9} {:<24} {:<8} {:<22} MOVE TO",
                     "AE", "NETWORK", "TRANSPORT", "ALLOW", "CONFLICT", "DESTINATION"
                 );
-            let mut inventory: std::collections::HashMap<String, inventory::DeviceRecord> =
-                inventory::list_devices(&db)?
-                    .into_iter()
-                    .map(|r| (r.ae.clone(), r))
-                    .collect();
-            let unknown_devices = inventory::list_unknown(&db)?;
-            if unknown {
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&unknown_devices)?);
-                } else {
-                    print_unknown(&unknown_devices);
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
                 for d in &list {
                     let dest = match (&d.host, d.port) {
                         (Some(h), Some(p)) => format!("{h}:{p}"),
@@ -393,27 +403,17 @@ fn device(dir: &DataDir, cmd: DeviceCommand) -> Result<ExitCode> {
                         conflict
                     );
                 }
+                print_inventory(&list, &inventory);
+            }
+            if !json && !unknown_devices.is_empty() {
+                println!();
+                print_unknown(&unknown_devices);
             }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn validate(d: &Device) -> Result<()> {
-    if d.host.is_some() != d.port.is_some() {
-        bail!("--host and --port go together");
-    }
-                print_inventory(&list, &inventory);
-            }
-            if !json && !unknown_devices.is_empty() {
-                println!();
-                print_unknown(&unknown_devices);
-    if d.port == Some(0) {
-        bail!("--port 0 is not a port a device can listen on");
-    }
-    if let Some(h) = &d.host {
-        let hostname_ok = !h.is_empty()
-            && h.len() <= 253
 /// The inventory table of `bastion device list`: what each device's stored
 /// instances say.
 fn print_inventory(
@@ -469,6 +469,16 @@ fn print_unknown(unknown: &[inventory::UnknownDevice]) {
     }
 }
 
+fn validate(d: &Device) -> Result<()> {
+    if d.host.is_some() != d.port.is_some() {
+        bail!("--host and --port go together");
+    }
+    if d.port == Some(0) {
+        bail!("--port 0 is not a port a device can listen on");
+    }
+    if let Some(h) = &d.host {
+        let hostname_ok = !h.is_empty()
+            && h.len() <= 253
             && h.split('.').all(|l| {
                 !l.is_empty()
                     && l.len() <= 63

@@ -12,6 +12,7 @@
 //!   index.db                 patient/study/series/instance index (SQLCipher)
 //!   blobs/                   encrypted instances
 //!   events/events.log        security event log (no patient data)
+//!   audit/records checkpoints lock   tamper-evident audit trail (encrypted, hash-chained, signed checkpoints)
 //! ```
 
 use std::{
@@ -23,7 +24,12 @@ use std::{
 use anyhow::{bail, Context, Result};
 use bastion_archive::{Archive, Limits};
 use bastion_index::Index;
-use bastion_security::{db::SecurityDb, events::EventLog, pki, secrets, users};
+use bastion_security::{
+    audit::{AuditIdentity, AuditKeys, AuditTrail, CheckpointPolicy},
+    db::SecurityDb,
+    events::{EventLog, Outcome},
+    pki, secrets, users,
+};
 use bastion_store::{BlobStore, MasterKey};
 
 use crate::config::Config;
@@ -74,6 +80,10 @@ impl DataDir {
     pub fn events(&self) -> PathBuf {
         self.root.join("events/events.log")
     }
+    /// `audit/`: the audit trail.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.root.join("audit")
+    }
     /// TLS file paths.
     pub fn pki(&self) -> pki::PkiPaths {
         pki::PkiPaths::new(&self.root)
@@ -115,14 +125,56 @@ impl DataDir {
             .with_context(|| format!("cannot open {}", self.security_db().display()))
     }
 
-    /// Opens the blob store, index and event log as one [`Archive`].
+    /// The audit trail's keys: AES-256-GCM derived from the master key
+    /// (`bastion audit v1`), the Ed25519 checkpoint key from its own file.
+    pub fn audit_keys(&self, master: &MasterKey) -> Result<Arc<AuditKeys>> {
+        let key = master.derive("bastion audit v1");
+        Ok(Arc::new(AuditKeys::load(&key, &self.audit_key())?))
+    }
+
+    /// Opens the event log with the audit trail attached: every event
+    /// recorded through it is appended to `audit/` too. Fails when the trail
+    /// or its signing key is missing (never re-created here).
+    pub fn open_events(
+        &self,
+        master: &MasterKey,
+        config: &Config,
+    ) -> Result<(Arc<EventLog>, Arc<AuditTrail>)> {
+        let events = Arc::new(EventLog::open(&self.events())?);
+        let trail = Arc::new(
+            AuditTrail::open(
+                &self.audit_dir(),
+                self.audit_keys(master)?,
+                audit_identity(config),
+                CheckpointPolicy::default(),
+            )
+            .context("cannot open the audit trail")?,
+        );
+        events.add_observer(trail.clone());
+        Ok((events, trail))
+    }
+
+    /// Opens the blob store, index and event log (with the audit trail) as
+    /// one [`Archive`].
     pub fn open_archive(&self, master: &MasterKey, config: &Config) -> Result<Arc<Archive>> {
+        let (events, trail) = self.open_events(master, config)?;
+        let archive = self.open_archive_with(master, config, events)?;
+        crate::audit_cli::attach_lookup(&trail, &archive);
+        Ok(archive)
+    }
+
+    /// Opens the blob store and index as one [`Archive`] recording to `events`.
+    pub fn open_archive_with(
+        &self,
+        master: &MasterKey,
+        config: &Config,
+        events: Arc<EventLog>,
+    ) -> Result<Arc<Archive>> {
         let store =
             BlobStore::open(&self.blobs(), master.clone()).context("cannot open the blob store")?;
         let key = master.derive("bastion index v1");
         let index = Index::open(&self.index_db(), &key)
             .with_context(|| format!("cannot open {}", self.index_db().display()))?;
-        let events = EventLog::open(&self.events())?;
         let l = &config.limits;
         let limits = Limits {
             max_dataset_bytes: l.max_dataset_bytes,
@@ -134,7 +186,7 @@ impl DataDir {
         Ok(Arc::new(Archive::new(
             Arc::new(store),
             Arc::new(index),
-            Arc::new(events),
+            events,
             limits,
         )))
     }
@@ -210,7 +262,19 @@ impl DataDir {
         let password = users::generate_password();
         users::create_user(&security, "admin", &password, "admin")?;
         secrets::write_secret(&self.admin_password(), format!("{password}\n").as_bytes())?;
-        drop(self.open_archive(&master, config)?);
+        drop(AuditTrail::create(
+            &self.audit_dir(),
+            self.audit_keys(&master)?,
+            audit_identity(config),
+            CheckpointPolicy::default(),
+        )?);
+        let archive = self.open_archive(&master, config)?;
+        archive.events().record(
+            "audit.started",
+            Outcome::Success,
+            serde_json::json!({"actor": "cli", "detail": "audit trail created by init"}),
+        );
+        drop(archive);
         std::fs::write(self.config(), config.render()).context("cannot write bastion.toml")?;
         println!("Initialised Bastion data directory {}", self.root.display());
         println!("Initial admin password for user 'admin': {password}");
@@ -223,5 +287,19 @@ impl DataDir {
             self.pki().ca_cert.display()
         );
         Ok(())
+    }
+}
+
+/// Who we are in audit messages: our AE title, and `AE@hostname` as the
+/// audit source.
+pub fn audit_identity(config: &Config) -> AuditIdentity {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    AuditIdentity {
+        ae_title: config.dicom.ae_title.clone(),
+        source_id: format!("{}@{host}", config.dicom.ae_title),
     }
 }

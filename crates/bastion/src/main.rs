@@ -3,12 +3,15 @@
 //! runs on the same directory.
 
 mod accounts_cli;
+mod alerts_cli;
+mod audit_cli;
 mod cli;
 mod config;
 mod datadir;
 mod import;
 mod serve;
 mod syslog_client;
+mod webhook;
 
 use std::process::ExitCode;
 

@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use bastion_dimse::{tls::TlsIdentity, Dimse, DimseConfig};
 use bastion_model::AeTitle;
 use bastion_security::accounts::Accounts;
-use bastion_security::events::EventLog;
+use bastion_security::audit::AuditReader;
+use bastion_security::events::{EventLog, Outcome};
 use bastion_security::policy::Listener;
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use tokio::{net::TcpListener, sync::watch};
@@ -42,12 +43,24 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
     }
     let config = listen.apply(Config::load(&dir.config())?)?;
     let master = dir.load_master_key()?;
-    let archive = dir.open_archive(&master, &config)?;
+    // One event log for the archive, DIMSE and the web front end, so that
+    // every observer (audit trail, detection) sees every event.
+    let (events, trail) = dir.open_events(&master, &config)?;
+    let archive = dir.open_archive_with(&master, &config, events.clone())?;
+    crate::audit_cli::attach_lookup(&trail, &archive);
+    let audit_reader = Arc::new(AuditReader::new(&dir.audit_dir(), dir.audit_keys(&master)?));
     let security = Arc::new(dir.open_security(&master)?);
+    let detection = crate::alerts_cli::start_detection(
+        &config,
+        &archive,
+        &security,
+        events.clone(),
+    )?;
+    archive.events().add_observer(detection.clone());
     let inventory = bastion_security::inventory::Inventory::start(security.clone());
     archive.events().add_observer(inventory.clone());
     archive.set_inventory(inventory.clone());
-    let syslog = crate::syslog_client::start(dir, &config, &master, archive.events())?;
+    let syslog = crate::syslog_client::start(dir, &config, &master, &events)?;
     let p = dir.pki();
     let tls = TlsIdentity::load(&p.server_cert, &p.server_key, &p.ca_cert)?;
     let d = &config.dicom;
@@ -62,7 +75,7 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         max_matches: config.query.max_matches.max(1),
     };
     let http = match config.http.listen_addr()? {
-        Some(addr) => Some((addr, web_app(dir, &config, &archive, &security)?)),
+        Some(addr) => Some((addr, web_app(dir, &config, &archive, &security, &detection, &events, audit_reader)?)),
         None => None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -105,6 +118,22 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
                 }
             })
         };
+        // Audit: start records, and a signed checkpoint at least every
+        // minute while records are appended (and every 1000 records).
+        events.record("application.start", Outcome::Success, serde_json::json!({"ae": dimse_config.ae_title.as_str(), "pid": std::process::id()}));
+        events.record("audit.started", Outcome::Success, serde_json::json!({"detail": "audit recording started with serve"}));
+        let ticker = {
+            let trail = trail.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    let t = trail.clone();
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || t.tick()).await {
+                        tracing::error!(error = %e, "cannot write the audit checkpoint");
+                    }
+                }
+            })
+        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
@@ -116,6 +145,13 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
             let _ = s.await;
         }
         inventory.flush();
+        detection.flush();
+        ticker.abort();
+        events.record("application.stop", Outcome::Success, serde_json::json!({"ae": dimse_config.ae_title.as_str(), "pid": std::process::id()}));
+        events.record("audit.stopped", Outcome::Success, serde_json::json!({"detail": "audit recording stopped with serve"}));
+        if let Err(e) = trail.checkpoint() {
+            tracing::error!(error = %e, "cannot write the final audit checkpoint");
+        }
         if let Some(s) = &syslog {
             s.shutdown(Duration::from_secs(3));
         }
@@ -133,6 +169,9 @@ fn web_app(
     config: &Config,
     archive: &Arc<bastion_archive::Archive>,
     security: &Arc<bastion_security::db::SecurityDb>,
+    detection: &Arc<bastion_security::alerts::Detection>,
+    events: &Arc<EventLog>,
+    audit_reader: Arc<AuditReader>,
 ) -> Result<(
     Arc<rustls::ServerConfig>,
     bastion_web::Router,
@@ -146,7 +185,8 @@ fn web_app(
         .with_context(|| format!("cannot read {}", p.server_key.display()))?;
     let tls = bastion_web::server::tls_config(chain, key)
         .with_context(|| format!("cannot use {} for HTTPS", p.server_cert.display()))?;
-    let events = Arc::new(EventLog::open(&dir.events())?);
+    // The shared log: the detector already observes it.
+    let events = events.clone();
     let account_policy = config.accounts.policy()?;
     if !account_policy.admin_requires_totp {
         tracing::warn!(
@@ -167,12 +207,14 @@ fn web_app(
         ae_title: config.dicom.ae_title.clone(),
         ..bastion_web::WebConfig::default()
     };
-    let state = bastion_web::AppState::new(archive.clone(), accounts, web);
+    let state =
+        bastion_web::AppState::new(archive.clone(), accounts, web).with_alerts(detection.clone());
     let limits = bastion_web::server::ConnectionLimits {
         max_connections: h.max_connections.max(1),
         handshake_timeout: Duration::from_secs(h.handshake_timeout_secs),
         header_timeout: Duration::from_secs(h.header_timeout_secs),
         ..bastion_web::server::ConnectionLimits::default()
     };
-    Ok((tls, bastion_web::router(state), limits))
+    let app = bastion_web::audit_api::with_audit(bastion_web::router(state), audit_reader);
+    Ok((tls, app, limits))
 }

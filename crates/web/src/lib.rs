@@ -35,7 +35,9 @@
 //!   address, action, status and Study Instance UIDs, never patient names.
 
 pub mod accounts;
+pub mod alerts;
 pub mod audit;
+pub mod audit_api;
 pub mod auth;
 pub mod body;
 pub mod dicomweb;
@@ -102,6 +104,7 @@ struct Inner {
     archive: Arc<Archive>,
     accounts: Arc<dyn AccountService>,
     config: WebConfig,
+    alerts: Option<Arc<bastion_security::alerts::Detection>>,
 }
 
 impl AppState {
@@ -115,7 +118,27 @@ impl AppState {
             archive,
             accounts,
             config,
+            alerts: None,
         }))
+    }
+
+    /// Serves `GET /api/alerts` and `GET /metrics` from this detector.
+    pub fn with_alerts(self, detection: Arc<bastion_security::alerts::Detection>) -> AppState {
+        let inner = Arc::try_unwrap(self.0).unwrap_or_else(|shared| Inner {
+            archive: shared.archive.clone(),
+            accounts: shared.accounts.clone(),
+            config: shared.config.clone(),
+            alerts: None,
+        });
+        AppState(Arc::new(Inner {
+            alerts: Some(detection),
+            ..inner
+        }))
+    }
+
+    /// The detector, when alerts are served.
+    pub fn alerts(&self) -> Option<Arc<bastion_security::alerts::Detection>> {
+        self.0.alerts.clone()
     }
 
     /// The archive.
@@ -145,7 +168,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/password", post(auth::change_password))
         .route("/api/logout", post(auth::logout))
         .route("/api/me", get(auth::me))
-        .route("/api/events", get(audit::events));
+        .route("/api/events", get(audit::events))
+        .route("/api/audit", get(audit_api::search))
+        .route("/api/alerts", get(alerts::list))
+        .route("/metrics", get(alerts::metrics));
     let app = Router::new()
         .merge(api)
         .nest("/dicomweb", dicomweb::routes())
