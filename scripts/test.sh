@@ -19,6 +19,8 @@ need=()
 [[ -x /usr/bin/storescu && -x /usr/bin/echoscu && -x /usr/bin/storescp ]] || need+=(dcmtk)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+{ [[ -x /usr/sbin/rsyslogd ]] && compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null; } || need+=(rsyslog rsyslog-gnutls)
+command -v jing >/dev/null 2>&1 || need+=(jing)
 if ((${#need[@]})); then
     SUDO=
     if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; fi

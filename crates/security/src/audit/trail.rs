@@ -98,7 +98,7 @@ impl AuditKeys {
         Ok((nonce, buf))
     }
 
-    fn open(&self, seq: u64, prev: &[u8; 32], nonce: &[u8], ct: &mut Vec<u8>) -> Option<usize> {
+    fn open(&self, seq: u64, prev: &[u8; 32], nonce: &[u8], ct: &mut [u8]) -> Option<usize> {
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         let pt = self
             .aead
