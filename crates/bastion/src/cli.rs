@@ -362,8 +362,8 @@ fn device(dir: &DataDir, cmd: DeviceCommand) -> Result<ExitCode> {
                     .iter()
                     .map(|d| {
                         let mut j = d.to_json();
-                        j["inventory"] =
-                            serde_json::to_value(inventory.remove(d.ae.as_str())).unwrap_or_default();
+                        j["inventory"] = serde_json::to_value(inventory.remove(d.ae.as_str()))
+                            .unwrap_or_default();
                         j
                     })
                     .collect();
@@ -422,14 +422,28 @@ fn print_inventory(
 ) {
     println!();
     println!(
-        "{:<16} {:<16} {:<20} {:<16} {:<12} {:<12} {:<9} {:<20} {:<20} CHANGES",
-        "AE", "MANUFACTURER", "MODEL", "SOFTWARE", "SERIAL", "STATION", "USED", "FIRST SEEN", "LAST SEEN"
+        "{:<16} {:<20} {:<20} {:<16} {:<12} {:<12} {:<9} {:<24} {:<24} CHANGES",
+        "AE",
+        "MANUFACTURER",
+        "MODEL",
+        "SOFTWARE",
+        "SERIAL",
+        "STATION",
+        "USED",
+        "FIRST SEEN",
+        "LAST SEEN"
     );
-    let dash = |s: &str| if s.is_empty() { "-".to_owned() } else { s.to_owned() };
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
     for d in list {
         match inventory.get(d.ae.as_str()) {
             Some(r) => println!(
-                "{:<16} {:<16} {:<20} {:<16} {:<12} {:<12} {:<9} {:<20} {:<20} {}",
+                "{:<16} {:<20} {:<20} {:<16} {:<12} {:<12} {:<9} {:<24} {:<24} {}",
                 r.ae,
                 dash(&r.headers.manufacturer),
                 dash(&r.headers.model),
@@ -454,12 +468,12 @@ fn print_unknown(unknown: &[inventory::UnknownDevice]) {
     }
     println!("unknown devices (refused: AE title not registered)");
     println!(
-        "{:<40} {:>8} {:<20} {:<20} AE TITLES TRIED",
+        "{:<40} {:>8} {:<24} {:<24} AE TITLES TRIED",
         "ADDRESS", "ATTEMPTS", "FIRST ATTEMPT", "LAST ATTEMPT"
     );
     for u in unknown {
         println!(
-            "{:<40} {:>8} {:<20} {:<20} {}",
+            "{:<40} {:>8} {:<24} {:<24} {}",
             u.address,
             u.attempts,
             u.first_attempt,
