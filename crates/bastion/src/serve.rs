@@ -60,7 +60,7 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
     let inventory = bastion_security::inventory::Inventory::start(security.clone());
     archive.events().add_observer(inventory.clone());
     archive.set_inventory(inventory.clone());
-    let syslog = crate::syslog_client::start(dir, &config, &master, &events)?;
+    let syslog = crate::syslog_client::start(dir, &config, &master, &trail)?;
     let p = dir.pki();
     let tls = TlsIdentity::load(&p.server_cert, &p.server_key, &p.ca_cert)?;
     let d = &config.dicom;

@@ -14,9 +14,8 @@ use std::{
 
 use anyhow::{Context, Result};
 use bastion_security::{
-    audit::AuditIdentity,
-    events::EventLog,
-    syslog::{AuditMessageForwarder, Collector, CollectorConnection, Header, SyslogExporter},
+    audit::AuditTrail,
+    syslog::{Collector, CollectorConnection, Header, SyslogExporter},
 };
 use bastion_store::MasterKey;
 use rustls::{
@@ -30,8 +29,8 @@ use crate::{config::Config, datadir::DataDir};
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Starts the syslog exporter when `[audit.syslog]` is set: spool in
-/// `DIR/spool/syslog` (key `bastion syslog spool v1`), every audit message of
-/// `events` forwarded.
+/// `DIR/spool/syslog` (key `bastion syslog spool v1`), fed with the audit
+/// messages of every record `trail` appends.
 ///
 /// # Errors
 /// Invalid `[audit.syslog]`, unreadable certificate files, a spool that does
@@ -40,7 +39,7 @@ pub fn start(
     dir: &DataDir,
     config: &Config,
     master: &MasterKey,
-    events: &EventLog,
+    trail: &AuditTrail,
 ) -> Result<Option<Arc<SyslogExporter>>> {
     let Some(s) = &config.audit.syslog else {
         return Ok(None);
@@ -54,19 +53,11 @@ pub fn start(
             .map(|h| h.trim().to_owned())
             .unwrap_or_default()
     });
-    // As the audit trail's: AuditSourceID `AE@host`.
-    let identity = AuditIdentity {
-        ae_title: config.dicom.ae_title.clone(),
-        source_id: format!("{}@{hostname}", config.dicom.ae_title),
-    };
     let spool = dir.root.join("spool/syslog");
     let key = master.derive("bastion syslog spool v1");
     let exporter = SyslogExporter::start(&spool, &key, Header::new(&hostname), Arc::new(collector))
         .with_context(|| format!("cannot open the syslog spool {}", spool.display()))?;
-    events.add_observer(Arc::new(AuditMessageForwarder {
-        exporter: exporter.clone(),
-        identity,
-    }));
+    trail.set_sink(exporter.clone());
     tracing::info!(collector = %s.url, ca = %ca.display(), backlog = exporter.backlog(),
         "audit messages exported to syslog over TLS");
     Ok(Some(exporter))

@@ -207,6 +207,7 @@ pub struct AuditTrail {
     identity: AuditIdentity,
     policy: CheckpointPolicy,
     lookup: RwLock<Option<Arc<dyn PatientLookup>>>,
+    sink: RwLock<Option<Arc<dyn crate::syslog::AuditSink>>>,
     writer: Mutex<Writer>,
 }
 
@@ -268,6 +269,7 @@ impl AuditTrail {
             identity,
             policy,
             lookup: RwLock::new(None),
+            sink: RwLock::new(None),
             writer: Mutex::new(Writer {
                 records: open_append(&dir.join(RECORDS), false)?,
                 checkpoints: open_append(&dir.join(CHECKPOINTS), false)?,
@@ -282,6 +284,12 @@ impl AuditTrail {
     /// Sets the patient lookup used for later events.
     pub fn set_lookup(&self, lookup: Arc<dyn PatientLookup>) {
         *self.lookup.write().unwrap_or_else(|p| p.into_inner()) = Some(lookup);
+    }
+
+    /// Sets where each appended record's audit messages go next (the
+    /// syslog exporter), after the record is appended.
+    pub fn set_sink(&self, sink: Arc<dyn crate::syslog::AuditSink>) {
+        *self.sink.write().unwrap_or_else(|p| p.into_inner()) = Some(sink);
     }
 
     /// Appends one event (what [`EventObserver::observe`] does).
@@ -310,6 +318,17 @@ impl AuditTrail {
             }
         });
         let _ = w.lock.unlock();
+        let seq = w.head.as_ref().map_or(0, |h| h.count.saturating_sub(1));
+        drop(w);
+        // Outside the writer lock: concurrent appends share the sink's
+        // fsync (its order is the order of these calls).
+        if r.is_ok() {
+            if let Some(sink) = self.sink.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                for xml in &record.messages {
+                    sink.deliver(seq, xml);
+                }
+            }
+        }
         r
     }
 

@@ -43,10 +43,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
-    events::{EventObserver, Outcome},
-    Result,
-};
+use crate::{events::Outcome, Result};
 use spool::{Spool, SpooledMessage};
 
 /// A message counts as delivered when the connection is still healthy this
@@ -219,35 +216,6 @@ impl AuditSink for SyslogExporter {
         let severity = severity_of_xml(xml);
         if let Err(e) = self.spool(severity, time::OffsetDateTime::now_utc(), seq, xml) {
             tracing::error!(error = %e, seq, "cannot spool an audit message for syslog export");
-        }
-    }
-}
-
-/// Turns every event of the event stream into its PS3.15 A.5 audit
-/// messages ([`crate::audit::message::messages`]) and spools them. Used
-/// until the audit trail hands its records' messages to an [`AuditSink`]
-/// itself; these messages carry no patient participant objects (the event
-/// log never names patients).
-pub struct AuditMessageForwarder {
-    /// Where the messages go.
-    pub exporter: Arc<SyslogExporter>,
-    /// Who we are in the messages.
-    pub identity: crate::audit::AuditIdentity,
-}
-
-impl EventObserver for AuditMessageForwarder {
-    fn observe(&self, event: &serde_json::Map<String, serde_json::Value>) {
-        let ts = event
-            .get("ts")
-            .and_then(serde_json::Value::as_str)
-            .and_then(|t| {
-                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
-            })
-            .unwrap_or_else(time::OffsetDateTime::now_utc);
-        for (_, xml) in crate::audit::message::messages(event, &[], &self.identity) {
-            if let Err(e) = self.exporter.spool(severity_of_xml(&xml), ts, 0, &xml) {
-                tracing::error!(error = %e, "cannot spool an audit message for syslog export");
-            }
         }
     }
 }
