@@ -19,6 +19,8 @@ pub struct Config {
     pub http: HttpSection,
     /// Login throttling, lock and session settings.
     pub accounts: AccountsSection,
+    /// Detection rules and alerts.
+    pub detect: DetectSection,
     /// Audit trail export.
     pub audit: AuditSection,
 }
@@ -78,6 +80,118 @@ impl SyslogSection {
     }
 }
 
+/// `[detect]`: thresholds of the detection rules and the alert webhook (see
+/// `bastion_security::detect`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectSection {
+    /// Failed logins per account or per address that raise `login_brute_force`.
+    pub login_failures: usize,
+    /// Window of `login_brute_force`, seconds.
+    pub login_window_secs: u64,
+    /// Rejected associations from one address that raise `association_scan`.
+    pub scan_rejections: usize,
+    /// Window of `association_scan`, seconds.
+    pub scan_window_secs: u64,
+    /// A QIDO-RS study search with `limit` at most this is not broad.
+    pub qido_max_limit: usize,
+    /// More distinct studies than this per user or device raise `bulk_retrieval`.
+    pub bulk_studies: usize,
+    /// More distinct patients than this per user or device raise `bulk_retrieval`.
+    pub bulk_patients: usize,
+    /// Window of `bulk_retrieval`, seconds.
+    pub bulk_window_secs: u64,
+    /// Working hours like "07:00-19:00"; empty: `off_hours_access` is off.
+    pub working_hours: String,
+    /// Working days, e.g. ["mon-fri"] (default when working_hours is set).
+    pub working_days: Vec<String>,
+    /// Time zone of the working hours: "UTC" or a fixed offset like "+01:00".
+    pub timezone: String,
+    /// After a rule fired for a key, it stays quiet for that key this long, seconds.
+    pub repeat_secs: u64,
+    /// Keys (accounts, addresses, devices) tracked per rule at most.
+    pub max_tracked_keys: usize,
+    /// HTTPS URL each new alert is POSTed to as JSON; empty: no webhook.
+    pub webhook_url: String,
+    /// PEM file of the CA(s) that sign the webhook server's certificate;
+    /// empty: the system's trusted roots.
+    pub webhook_ca_file: String,
+    /// Alerts waiting for the webhook at most (older ones are dropped first).
+    pub webhook_queue: usize,
+}
+
+impl Default for DetectSection {
+    fn default() -> Self {
+        DetectSection {
+            login_failures: 5,
+            login_window_secs: 60,
+            scan_rejections: 10,
+            scan_window_secs: 60,
+            qido_max_limit: 100,
+            bulk_studies: 20,
+            bulk_patients: 10,
+            bulk_window_secs: 600,
+            working_hours: String::new(),
+            working_days: Vec::new(),
+            timezone: "UTC".into(),
+            repeat_secs: 600,
+            max_tracked_keys: 10_000,
+            webhook_url: String::new(),
+            webhook_ca_file: String::new(),
+            webhook_queue: 1000,
+        }
+    }
+}
+
+impl DetectSection {
+    /// The rules' thresholds.
+    ///
+    /// # Errors
+    /// Malformed working hours, days or time zone; a threshold of 0; a
+    /// webhook URL that is not `https://`.
+    pub fn rules(&self) -> Result<bastion_security::detect::DetectConfig> {
+        use std::time::Duration;
+        if self.login_failures == 0 || self.scan_rejections == 0 {
+            anyhow::bail!("[detect] login_failures and scan_rejections must be at least 1");
+        }
+        if !self.webhook_url.is_empty() && !self.webhook_url.starts_with("https://") {
+            anyhow::bail!(
+                "[detect] webhook_url {:?} must be an https:// URL (alerts are never sent in clear)",
+                self.webhook_url
+            );
+        }
+        let working_hours = if self.working_hours.trim().is_empty() {
+            None
+        } else {
+            let days = if self.working_days.is_empty() {
+                vec!["mon-fri".to_owned()]
+            } else {
+                self.working_days.clone()
+            };
+            Some(
+                bastion_security::detect::WorkingHours::parse(
+                    &self.working_hours,
+                    &days,
+                    &self.timezone,
+                )
+                .context("[detect] working hours")?,
+            )
+        };
+        Ok(bastion_security::detect::DetectConfig {
+            login_failures: self.login_failures,
+            login_window: Duration::from_secs(self.login_window_secs.max(1)),
+            scan_rejections: self.scan_rejections,
+            scan_window: Duration::from_secs(self.scan_window_secs.max(1)),
+            qido_max_limit: self.qido_max_limit,
+            bulk_studies: self.bulk_studies,
+            bulk_patients: self.bulk_patients,
+            bulk_window: Duration::from_secs(self.bulk_window_secs.max(1)),
+            working_hours,
+            repeat: Duration::from_secs(self.repeat_secs),
+            max_tracked_keys: self.max_tracked_keys.max(1),
+        })
+    }
+}
 
 /// `[accounts]`: the login policy (see `bastion_security::accounts::AccountPolicy`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -371,6 +485,42 @@ session_absolute_secs = {sas}
 # Setting this to false is logged as a warning at every start.
 admin_requires_totp = {art}
 
+[detect]
+# Detection rules over the event stream; each raises an alert (`bastion
+# alerts`, GET /api/alerts) and a security.alert event. Failed logins per
+# account or per source address within the window: login_brute_force.
+login_failures = {dlf}
+login_window_secs = {dlw}
+# Rejected associations from one address within the window: association_scan.
+scan_rejections = {dsr}
+scan_window_secs = {dsw}
+# A QIDO-RS study search with no restrictive key is broad unless it asks for
+# limit <= this (a paged worklist). A universal C-FIND is always broad.
+qido_max_limit = {dql}
+# One user or device retrieving (C-MOVE, C-GET, WADO-RS) more than this many
+# studies, or studies of more than this many patients, within the window.
+bulk_studies = {dbs}
+bulk_patients = {dbp}
+bulk_window_secs = {dbw}
+# Access outside working hours raises off_hours_access; off while empty.
+# working_hours = "07:00-19:00"
+# working_days = ["mon-fri"]
+# timezone = "+01:00"
+working_hours = {dwh:?}
+timezone = {dtz:?}
+# A rule that fired for an account, address or device stays quiet for it
+# this many seconds (one attack, one alert).
+repeat_secs = {drs}
+# Accounts, addresses and devices tracked per rule (memory bound; the least
+# recently seen is forgotten first).
+max_tracked_keys = {dmk}
+# POST each new alert as JSON to this https:// URL (retried with back-off;
+# the server certificate is verified against webhook_ca_file, else the
+# system roots). Empty: off.
+webhook_url = {dwu:?}
+webhook_ca_file = {dwc:?}
+webhook_queue = {dwq}
+
 [audit]
 # Forward every audit message (PS3.15 A.5 XML) to a syslog collector: IHE
 # ATNA Record Audit Event, RFC 5424 over TLS (RFC 5425), Bastion's server
@@ -409,6 +559,21 @@ admin_requires_totp = {art}
             sis = self.accounts.session_idle_secs,
             sas = self.accounts.session_absolute_secs,
             art = self.accounts.admin_requires_totp,
+            dlf = self.detect.login_failures,
+            dlw = self.detect.login_window_secs,
+            dsr = self.detect.scan_rejections,
+            dsw = self.detect.scan_window_secs,
+            dql = self.detect.qido_max_limit,
+            dbs = self.detect.bulk_studies,
+            dbp = self.detect.bulk_patients,
+            dbw = self.detect.bulk_window_secs,
+            dwh = self.detect.working_hours,
+            dtz = self.detect.timezone,
+            drs = self.detect.repeat_secs,
+            dmk = self.detect.max_tracked_keys,
+            dwu = self.detect.webhook_url,
+            dwc = self.detect.webhook_ca_file,
+            dwq = self.detect.webhook_queue,
         )
     }
 }
@@ -450,6 +615,14 @@ mod tests {
         assert_eq!(parsed.dicom.tls_addr, c.dicom.tls_addr);
         assert_eq!(parsed.limits.max_dataset_bytes, c.limits.max_dataset_bytes);
         assert_eq!(parsed.query.max_matches, 1000);
+        assert_eq!(parsed.detect.login_failures, 5);
+        assert!(parsed.detect.rules().is_ok_and(|r| r.working_hours.is_none()));
+        let mut d = parsed.detect.clone();
+        d.working_hours = "07:00-19:00".into();
+        d.timezone = "+01:00".into();
+        assert!(d.rules().is_ok_and(|r| r.working_hours.is_some()));
+        d.webhook_url = "http://example.org/hook".into();
+        assert!(d.rules().is_err());
         assert!(toml::from_str::<Config>("[dicom]\nbogus = 1\n").is_err());
         assert!(parsed.audit.syslog.is_none());
         let with: Config = toml::from_str("[audit.syslog]\nurl = \"tls://10.0.0.5:6514\"\n")

@@ -30,6 +30,7 @@ struct NoteInner {
     user: Option<String>,
     action: Option<&'static str>,
     studies: BTreeSet<String>,
+    qido: Option<serde_json::Value>,
 }
 
 impl Note {
@@ -45,6 +46,14 @@ impl Note {
     /// The action name (`qido.studies`, `wado.instance`, `login`…).
     pub fn action(&self, action: &'static str) {
         self.with(|n| n.action = Some(action));
+    }
+
+    /// What a QIDO-RS search asked for (query level, whether any key
+    /// restricts it, `limit`), for the broad-query detection rule.
+    pub fn qido(&self, level: &str, universal: bool, limit: Option<usize>) {
+        self.with(|n| {
+            n.qido = Some(serde_json::json!({"level": level, "universal": universal, "limit": limit}))
+        });
     }
 
     /// A Study Instance UID the request touched.
@@ -84,21 +93,30 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
     } else {
         Outcome::Refused
     };
-    let (user, action, studies) =
-        note.with(|n| (n.user.take(), n.action, std::mem::take(&mut n.studies)));
-    state.archive().events().record(
-        "http.request",
-        outcome,
-        serde_json::json!({
-            "user": user,
-            "peer": peer,
-            "method": method,
-            "path": path,
-            "action": action,
-            "status": status.as_u16(),
-            "study_uids": studies.into_iter().collect::<Vec<_>>(),
-        }),
-    );
+    let (user, action, studies, qido) = note.with(|n| {
+        (
+            n.user.take(),
+            n.action,
+            std::mem::take(&mut n.studies),
+            n.qido.take(),
+        )
+    });
+    let mut fields = serde_json::json!({
+        "user": user,
+        "peer": peer,
+        "method": method,
+        "path": path,
+        "action": action,
+        "status": status.as_u16(),
+        "study_uids": studies.into_iter().collect::<Vec<_>>(),
+    });
+    if let (Some(q), Some(m)) = (qido, fields.as_object_mut()) {
+        m.insert("qido".into(), q);
+    }
+    state
+        .archive()
+        .events()
+        .record("http.request", outcome, fields);
     response
 }
 

@@ -176,6 +176,11 @@ async fn search(
     caller.require(WebPermission::Query)?;
     require_json(req.headers())?;
     let (query, opts) = qido_to_query(s.level, &s.path, &params)?;
+    note.qido(
+        bastion_archive::query::level_name(query.level()),
+        query.is_universal(),
+        opts.limit,
+    );
     let base = base_url(req.headers());
     let find = FindOptions {
         ae: format!("web:{}", caller.identity.username),
