@@ -616,7 +616,10 @@ mod tests {
         assert_eq!(parsed.limits.max_dataset_bytes, c.limits.max_dataset_bytes);
         assert_eq!(parsed.query.max_matches, 1000);
         assert_eq!(parsed.detect.login_failures, 5);
-        assert!(parsed.detect.rules().is_ok_and(|r| r.working_hours.is_none()));
+        assert!(parsed
+            .detect
+            .rules()
+            .is_ok_and(|r| r.working_hours.is_none()));
         let mut d = parsed.detect.clone();
         d.working_hours = "07:00-19:00".into();
         d.timezone = "+01:00".into();
@@ -629,7 +632,11 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let sys = with.audit.syslog.unwrap_or_else(|| panic!("no syslog"));
         assert_eq!(sys.target().ok(), Some(("10.0.0.5".to_owned(), 6514)));
-        let udp = SyslogSection { url: "udp://10.0.0.5:514".into(), ca: None, hostname: None };
+        let udp = SyslogSection {
+            url: "udp://10.0.0.5:514".into(),
+            ca: None,
+            hostname: None,
+        };
         assert!(udp.target().is_err());
         assert_eq!(
             parsed.http.listen_addr().ok().flatten(),
