@@ -21,29 +21,46 @@ def refused(assoc):
             assoc.release()
 
 
+def rj(port, calling, **kw):
+    """The A-ASSOCIATE-RJ pynetdicom reads for this association request.
+
+    pynetdicom 3.0.4 now and then reports a rejected association as aborted
+    (its reactor sees the transport event before the RJ PDU, about 3 % of
+    runs on loopback, although Bastion keeps the connection open until the
+    requestor closes it): such a run is retried, at most 3 times. Any RJ
+    read must be the expected one; an accepted association never passes."""
+    for _ in range(3):
+        assoc = associate(port, calling, **kw)
+        aborted = assoc.is_aborted
+        got = refused(assoc)
+        if got is not None or not aborted:
+            return got
+    return None
+
+
 def test_unknown_calling_ae(server):
-    assert refused(associate(server.tls_port, "NOBODY", tls=server.tls_context())) == RJ_CALLING
-    assert refused(associate(server.plain_port, "NOBODY")) == RJ_CALLING
+    assert rj(server.tls_port, "NOBODY", tls=server.tls_context()) == RJ_CALLING
+    assert rj(server.plain_port, "NOBODY") == RJ_CALLING
 
 
 def test_wrong_called_ae(server):
     server.device_add("KNOWN", transport="plain", allow="echo")
-    assert refused(associate(server.plain_port, "KNOWN", called="NOTBASTION")) == RJ_CALLED
+    assert rj(server.plain_port, "KNOWN", called="NOTBASTION") == RJ_CALLED
 
 
 def test_right_ae_wrong_address(server):
     # we connect from 127.0.0.1, outside 10.0.0.0/8 (no traffic goes to 10.x)
     server.device_add("FARAWAY", network="10.0.0.0/8", transport="plain", allow="echo")
     server.device_add("FARTLS", network="10.0.0.0/8", transport="tls", allow="echo")
-    assert refused(associate(server.plain_port, "FARAWAY")) == RJ_CALLING
-    assert refused(associate(server.tls_port, "FARTLS", tls=server.tls_context())) == RJ_CALLING
+    assert rj(server.plain_port, "FARAWAY") == RJ_CALLING
+    assert rj(server.tls_port, "FARTLS", tls=server.tls_context()) == RJ_CALLING
 
 
 def test_tls_device_on_plain_listener(server):
     server.device_add("TLSONLY", transport="tls", allow="echo")
-    assert refused(associate(server.plain_port, "TLSONLY")) == RJ_CALLING
+    assert rj(server.plain_port, "TLSONLY") == RJ_CALLING
     server.device_add("MTLSONLY", transport="mtls", allow="echo")
-    assert refused(associate(server.plain_port, "MTLSONLY")) == RJ_CALLING
+    assert rj(server.plain_port, "MTLSONLY") == RJ_CALLING
     # the same device over TLS works
     assert server.echo("TLSONLY") == SUCCESS
 
@@ -52,14 +69,14 @@ def test_plain_device_on_tls_listener_allowed_or_refused_consistently(server):
     """Not in the contract's refusal list; only checks the server answers."""
     server.device_add("PLAINDEV", transport="plain", allow="echo")
     assoc = associate(server.tls_port, "PLAINDEV", tls=server.tls_context())
-    rj = refused(assoc)
-    assert rj in (None, RJ_CALLING)
+    got = refused(assoc)
+    assert got in (None, RJ_CALLING)
 
 
 def _mtls_not_accepted(assoc):
-    rj = refused(assoc)
-    assert not assoc.is_established or rj is not None
-    assert rj in (None, RJ_CALLING), rj  # None: TLS handshake failed / aborted
+    got = refused(assoc)
+    assert not assoc.is_established or got is not None
+    assert got in (None, RJ_CALLING), got  # None: TLS handshake failed / aborted
 
 
 def test_mtls_without_cert_refused(server):
@@ -83,7 +100,7 @@ def test_mtls_foreign_cert_refused_unless_pinned(server, tmp_path):
     # a pin is exclusive: even a certificate from our own CA, issued to this
     # very device, is refused while the device pins another one
     own = server.tls_context("MTLS3")
-    assert refused(associate(server.tls_port, "MTLS3", tls=own)) == RJ_CALLING
+    assert rj(server.tls_port, "MTLS3", tls=own) == RJ_CALLING
 
 
 def test_ca_certificate_is_bound_to_its_device(server):
@@ -94,8 +111,8 @@ def test_ca_certificate_is_bound_to_its_device(server):
     server.device_add("TLSB", transport="tls", allow="echo")
     ctx_b = server.tls_context("CTB")
     assert server.echo("CTB", ctx=ctx_b) == SUCCESS
-    assert refused(associate(server.tls_port, "CTA", tls=ctx_b)) == RJ_CALLING
-    assert refused(associate(server.tls_port, "TLSB", tls=ctx_b)) == RJ_CALLING
+    assert rj(server.tls_port, "CTA", tls=ctx_b) == RJ_CALLING
+    assert rj(server.tls_port, "TLSB", tls=ctx_b) == RJ_CALLING
     rejected = [e for e in server.events() if e.get("type") == "association.rejected"
                 and e.get("calling_ae") == "CTA"]
     assert rejected and rejected[-1]["reason"] == "certificate_for_another_device"
@@ -240,11 +257,11 @@ def test_identical_resend_idempotent(server, tmp_path):
 
 
 def test_device_changes_apply_without_restart(server):
-    assert refused(associate(server.plain_port, "LATE")) == RJ_CALLING
+    assert rj(server.plain_port, "LATE") == RJ_CALLING
     server.device_add("LATE", transport="plain", allow="echo")
     assert server.echo("LATE", tls=False) == SUCCESS
     server.device_update("LATE", network=None, transport=None, allow="store")
     assert server.echo("LATE", tls=False) == NOT_AUTHORIZED
     server.device_remove("LATE")
-    assert refused(associate(server.plain_port, "LATE")) == RJ_CALLING
+    assert rj(server.plain_port, "LATE") == RJ_CALLING
     assert server.starts == 1
