@@ -187,6 +187,16 @@ def test_unknown_qido_attribute_is_400(web):
     assert status == 400
 
 
+def test_unmatchable_key_is_warned(web):
+    """A key the engine cannot match (PatientAge, AS) restricts nothing: the
+    answer carries `Warning: 299` (PS3.18 8.3.4.3) instead of looking exact."""
+    srv, tokens = web
+    status, headers, _ = request(srv, "GET", "/dicomweb/studies?PatientAge=999Y",
+                                 tokens["clinician"])
+    assert status == 200
+    assert headers.get("warning", "").startswith("299"), headers
+
+
 # -- STOW every corpus file, WADO it back --------------------------------------
 
 def _multipart(files):

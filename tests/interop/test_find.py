@@ -253,6 +253,15 @@ def test_unsupported_optional_key_gives_ff01(qr):
     assert [s for s, _, _ in rsps] == [0xFF01, 0x0000]
 
 
+def test_value_of_an_unmatchable_vr_gives_ff01(qr):
+    """PatientAge (AS) cannot be matched by the engine: the match is not
+    restricted by it, and the pendings say so (0xFF01), not 0xFF00."""
+    srv, ctx, _ = qr
+    ident = identifier("STUDY", {"StudyInstanceUID": "S1", "PatientAge": "999Y"})
+    rsps = find(srv, ctx, STUDY_ROOT, ident)
+    assert [s for s, _, _ in rsps] == [0xFF01, 0x0000]
+
+
 def test_non_ascii_response_carries_utf8_charset(qr):
     srv, ctx, _ = qr
     ident = Dataset()

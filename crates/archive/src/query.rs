@@ -1018,6 +1018,12 @@ impl Query {
                 item_tags: None,
             });
             if cond == Cond::Universal {
+                // A value of a VR the engine cannot match (AS, DS, FD, …) is not
+                // a universal key: it restricts nothing here, so say so (0xFF01,
+                // QIDO-RS `Warning: 299`) instead of answering silently.
+                if matches!(kind, Kind::Other) && !raw.chars().all(|c| c == '*') {
+                    q.unsupported_keys = true;
+                }
                 continue;
             }
             match indexed(tag) {

@@ -279,6 +279,20 @@ pub async fn login(
     if !origin_allowed(&state, &parts.headers) {
         return Err(ApiError::Origin);
     }
+    // JSON only: a form or text/plain POST is what a cross-site page can send
+    // without a CORS preflight.
+    let is_json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        crate::body::drain(&parts.headers, body).await;
+        return Err(ApiError::UnsupportedMediaType(
+            "send the login as Content-Type: application/json".into(),
+        ));
+    }
     let bytes = read_body(
         &parts.headers,
         body,
@@ -312,12 +326,13 @@ pub async fn login(
             set_cookie(&mut r, &session_id, max_age)?;
             Ok(r)
         }
-        LoginResult::Failed => Err(ApiError::LoginFailed),
-        LoginResult::TotpRequired => Err(ApiError::TotpRequired),
-        LoginResult::TotpSetupRequired => Err(ApiError::Forbidden(
-            "this account needs a second factor: an administrator runs `bastion user totp-enable`",
-        )),
-        LoginResult::Disabled => Err(ApiError::Forbidden("account disabled")),
+        // One answer for every failure: a distinct one for "second factor
+        // missing" or "disabled" would confirm a guessed password. The
+        // accounts service records which it was in the event log.
+        LoginResult::Failed
+        | LoginResult::TotpRequired
+        | LoginResult::TotpSetupRequired
+        | LoginResult::Disabled => Err(ApiError::LoginFailed),
         LoginResult::Throttled { retry_after } | LoginResult::Locked { retry_after } => {
             Err(ApiError::Throttled { retry_after })
         }
@@ -378,6 +393,20 @@ pub async fn change_password(
     let (parts, body) = req.into_parts();
     if !origin_allowed(&state, &parts.headers) {
         return Err(ApiError::Origin);
+    }
+    // JSON only: a form or text/plain POST is what a cross-site page can send
+    // without a CORS preflight.
+    let is_json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        crate::body::drain(&parts.headers, body).await;
+        return Err(ApiError::UnsupportedMediaType(
+            "send the login as Content-Type: application/json".into(),
+        ));
     }
     let bytes = read_body(
         &parts.headers,

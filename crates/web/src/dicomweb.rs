@@ -523,10 +523,16 @@ fn stream_instances(
                     {
                         (stored, ts)
                     }
-                    Syntax::Default => (
-                        part10_in(inst, &stored, EXPLICIT_VR_LE)?,
-                        EXPLICIT_VR_LE.to_owned(),
-                    ),
+                    // No syntax asked for: Explicit VR LE when it can be produced,
+                    // else the stored bytes (a 12-bit JPEG, say, that the decoder
+                    // refuses) rather than a broken response.
+                    Syntax::Default => match part10_in(inst, &stored, EXPLICIT_VR_LE) {
+                        Ok(bytes) => (bytes, EXPLICIT_VR_LE.to_owned()),
+                        Err(e) => {
+                            tracing::info!(error = %e, "WADO-RS: sent in the stored transfer syntax");
+                            (stored, ts)
+                        }
+                    },
                 })
             })();
             match produced {

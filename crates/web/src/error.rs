@@ -23,13 +23,12 @@ pub enum ApiError {
     /// `WWW-Authenticate: Bearer`).
     #[error("authentication required")]
     Unauthenticated,
-    /// A login that failed: unknown user, wrong password or second factor
-    /// (401; one message for all, so an attacker learns nothing).
-    #[error("invalid username or password")]
+    /// A login that failed: unknown user, wrong password, missing or wrong
+    /// second factor, an admin without TOTP enrolled, a disabled account
+    /// (401; one message for all, so that a guessed password is never
+    /// confirmed; the event log records which it was).
+    #[error("invalid username, password or second factor (TOTP code as \"totp\" where the account has one)")]
     LoginFailed,
-    /// The password was right; a TOTP code is needed (401).
-    #[error("second factor required: send the TOTP code as \"totp\"")]
-    TotpRequired,
     /// Authenticated, but the role or token scope lacks the permission
     /// (403).
     #[error("forbidden: {0}")]
@@ -87,7 +86,7 @@ impl ApiError {
     /// The one mapping of errors to HTTP statuses.
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Unauthenticated | ApiError::LoginFailed | ApiError::TotpRequired => {
+            ApiError::Unauthenticated | ApiError::LoginFailed => {
                 StatusCode::UNAUTHORIZED
             }
             ApiError::Forbidden(_)
