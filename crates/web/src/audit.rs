@@ -52,7 +52,8 @@ impl Note {
     /// restricts it, `limit`), for the broad-query detection rule.
     pub fn qido(&self, level: &str, universal: bool, limit: Option<usize>) {
         self.with(|n| {
-            n.qido = Some(serde_json::json!({"level": level, "universal": universal, "limit": limit}))
+            n.qido =
+                Some(serde_json::json!({"level": level, "universal": universal, "limit": limit}))
         });
     }
 
