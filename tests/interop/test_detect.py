@@ -402,3 +402,21 @@ def test_detect_config_is_checked(make_server):
                                            'webhook_url = "http://example.org/hook"'))
     r = srv.cli("serve", "--http-addr", "off", check=False, timeout=30)
     assert r.returncode != 0 and "https://" in r.stderr, r.stderr
+
+
+def test_audit_verification_failure(make_server):
+    srv = detect_server(make_server)
+    for _ in range(3):
+        helpers.echo_status(srv.plain_port, MODALITY)
+    srv.stop()
+    assert run(srv, "audit", "verify").returncode == 0
+    since = last_id(srv)
+    records = srv.data / "audit" / "records"
+    lines = records.read_bytes().splitlines(keepends=True)
+    assert len(lines) > 8
+    lines[2], lines[3] = lines[3], lines[2]
+    records.write_bytes(b"".join(lines))
+    assert run(srv, "audit", "verify", check=False).returncode != 0
+    new = alerts_since(srv, since, ["audit_verify_failed"], timeout=5)
+    assert rules(new) == ["audit_verify_failed"]
+    assert "record 2" in new[0]["details"]["result"]

@@ -93,6 +93,7 @@ pub fn audit(dir: &DataDir, cmd: AuditCommand) -> Result<ExitCode> {
             let keys = dir.audit_keys(&master)?;
             let report = AuditReader::new(&dir.audit_dir(), keys).verify()?;
             let (events, _trail) = dir.open_events(&master, &config)?;
+            crate::alerts_cli::attach(dir, &events);
             let (outcome, result) = match &report.broken {
                 None => (Outcome::Success, "intact".to_owned()),
                 Some(b) => (Outcome::Alert, b.to_string()),

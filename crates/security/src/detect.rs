@@ -401,7 +401,7 @@ impl Rules {
             }
             "audit.verify" if outcome != "success" => {
                 let mut d = Map::new();
-                for k in ["reason", "record", "first_broken", "detail", "actor"] {
+                for k in ["result", "records", "reason", "first_broken", "actor"] {
                     if let Some(v) = event.get(k) {
                         d.insert(k.into(), v.clone());
                     }
