@@ -171,7 +171,15 @@ pub fn attach(dir: &DataDir, events: &EventLog) {
             AlertStore::new(db),
             None,
         )?;
-        detection.record_alerts_to(Arc::new(EventLog::open(&dir.events())?));
+        // Alert events go through an event log of their own with the audit
+        // trail attached (the command's log holds the detector: sharing it
+        // would keep both alive forever), or without the trail when it is
+        // what failed (a missing trail or key is itself worth an alert).
+        let alert_events = match dir.open_events(&master, &config) {
+            Ok((e, _trail)) => e,
+            Err(_) => Arc::new(EventLog::open(&dir.events())?),
+        };
+        detection.record_alerts_to(alert_events);
         events.add_observer(detection);
         Ok(())
     };
