@@ -8,7 +8,9 @@ use std::{io::BufRead, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use bastion_model::Role;
-use bastion_security::accounts::{AccountPolicy, Accounts, PasswordChoice, Scope, MAX_TOKEN_LIFETIME};
+use bastion_security::accounts::{
+    AccountPolicy, Accounts, PasswordChoice, Scope, MAX_TOKEN_LIFETIME,
+};
 use clap::Subcommand;
 
 use crate::datadir::DataDir;
@@ -274,7 +276,8 @@ fn open(dir: &DataDir) -> Result<Accounts> {
     dir.check_secret_permissions()?;
     let master = dir.load_master_key()?;
     let db = dir.open_security(&master)?;
-    let (events, _trail) = dir.open_events(&master, &crate::config::Config::load(&dir.config())?)?;
+    let (events, _trail) =
+        dir.open_events(&master, &crate::config::Config::load(&dir.config())?)?;
     crate::alerts_cli::attach(dir, &events);
     // The policy's throttling numbers do not matter to the CLI; the TOTP
     // rule is only reported.

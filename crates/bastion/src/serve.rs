@@ -50,12 +50,8 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
     crate::audit_cli::attach_lookup(&trail, &archive);
     let audit_reader = Arc::new(AuditReader::new(&dir.audit_dir(), dir.audit_keys(&master)?));
     let security = Arc::new(dir.open_security(&master)?);
-    let detection = crate::alerts_cli::start_detection(
-        &config,
-        &archive,
-        &security,
-        events.clone(),
-    )?;
+    let detection =
+        crate::alerts_cli::start_detection(&config, &archive, &security, events.clone())?;
     archive.events().add_observer(detection.clone());
     let inventory = bastion_security::inventory::Inventory::start(security.clone());
     archive.events().add_observer(inventory.clone());
@@ -75,7 +71,18 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         max_matches: config.query.max_matches.max(1),
     };
     let http = match config.http.listen_addr()? {
-        Some(addr) => Some((addr, web_app(dir, &config, &archive, &security, &detection, &events, audit_reader)?)),
+        Some(addr) => Some((
+            addr,
+            web_app(
+                dir,
+                &config,
+                &archive,
+                &security,
+                &detection,
+                &events,
+                audit_reader,
+            )?,
+        )),
         None => None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

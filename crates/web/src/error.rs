@@ -86,9 +86,7 @@ impl ApiError {
     /// The one mapping of errors to HTTP statuses.
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Unauthenticated | ApiError::LoginFailed => {
-                StatusCode::UNAUTHORIZED
-            }
+            ApiError::Unauthenticated | ApiError::LoginFailed => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_)
             | ApiError::Csrf
             | ApiError::Origin
