@@ -6,6 +6,7 @@ GET /api/audit roles, and tamper detection by `bastion audit verify`.
 """
 import base64
 import http.client
+import io
 import json
 import shutil
 import ssl
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 import helpers
@@ -70,7 +72,7 @@ def scenario(make_server, tmp_path):
     q = Dataset()
     q.QueryRetrieveLevel = "STUDY"
     q.StudyInstanceUID = study
-    q.PatientID = ""
+    q.PatientID = "AUD-001"
     list(assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind))
     assoc.release()
     # A refused association (unknown AE).
@@ -133,9 +135,26 @@ def test_every_audit_message_validates_and_event_ids(make_server, tmp_path, jing
     # The trail names the patients (it is encrypted); the event log does not.
     stored = [r for r in records if r["type"] == "store.stored" and r["device"] == "MODALITY"]
     assert stored and all(p["patient_id"] == "AUD-001" for r in stored for p in r["patients"])
-    query = [r for r in records if r["type"] == "query.find"]
-    assert query and any(b"study_root" in base64.b64decode(
-        m.split("<ParticipantObjectQuery>")[1].split("<")[0]) for r in query for m in r["messages"])
+    # Query (PS3.15 A.5.3): the C-FIND identifier itself, as sent, with the
+    # SOP Class UID as ParticipantObjectID; QIDO-RS: its query string.
+    finds = [m for r in records if r["type"] == "query.find" and r["device"] == "MODALITY"
+             for m in r["messages"]]
+    assert finds
+    for m in finds:
+        assert 'ParticipantObjectID="1.2.840.10008.5.1.4.1.2.2.1"' in m, m
+        assert 'csd-code="110181"' in m, m
+        raw_query = base64.b64decode(m.split("<ParticipantObjectQuery>")[1].split("<")[0])
+        ts = base64.b64decode(m.split('type="TransferSyntax" value="')[1].split('"')[0]).decode()
+        ident = read_dataset(io.BytesIO(raw_query), is_implicit_VR=ts == "1.2.840.10008.1.2",
+                             is_little_endian=True)
+        assert ident.PatientID == "AUD-001" and ident.StudyInstanceUID == study, ident
+    qido = [m for r in records if r["type"] == "http.request" for m in r["messages"]
+            if "<ParticipantObjectQuery>" in m]
+    assert any(base64.b64decode(m.split("<ParticipantObjectQuery>")[1].split("<")[0])
+               == f"StudyInstanceUID={study}".encode() for m in qido), qido
+    # ... and the event log never holds it.
+    events_log = (srv.data / "events" / "events.log").read_bytes()
+    assert b"AUD-001" not in events_log and b"private" not in events_log
     raw = b"".join(f.read_bytes() for f in (srv.data / "audit").iterdir() if f.is_file())
     assert b"AUD-001" not in raw and b"Audit^Alice" not in raw
     assert cli(srv, "audit", "verify").returncode == 0

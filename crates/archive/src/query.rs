@@ -1189,6 +1189,30 @@ pub struct FindOptions {
     pub retrieve_ae: String,
     /// More matches than this: [`ArchiveError::TooManyMatches`], nothing returned.
     pub max_matches: usize,
+    /// The query as the client sent it, for the audit trail only (its
+    /// Query message's ParticipantObjectQuery, PS3.15 A.5.3): recorded with
+    /// [`bastion_security::events::EventLog::record_private`], never in the
+    /// event log (it names patients).
+    pub identifier: Option<QueryIdentifier>,
+}
+
+/// The query of a [`FindOptions`] as received.
+#[derive(Clone, Debug)]
+pub struct QueryIdentifier {
+    /// The C-FIND identifier dataset bytes, or a QIDO-RS query string.
+    pub bytes: Vec<u8>,
+    /// The transfer syntax UID of a C-FIND identifier (`None` for QIDO-RS).
+    pub transfer_syntax: Option<String>,
+}
+
+impl FindOptions {
+    fn private(&self) -> serde_json::Value {
+        self.identifier
+            .as_ref()
+            .map_or(serde_json::Value::Null, |q| {
+                bastion_security::audit::private_query(&q.bytes, q.transfer_syntax.as_deref())
+            })
+    }
 }
 
 /// One response Identifier handed to the sink of [`Archive::find`].
@@ -1307,11 +1331,12 @@ impl Archive {
                     ArchiveError::TooManyMatches { .. } => Outcome::Refused,
                     _ => Outcome::Failure,
                 };
-                self.events().record(
+                self.events().record_private(
                     "query.find",
                     outcome,
                     serde_json::json!({"ae": opts.ae, "peer": opts.peer, "model": query.model.name(),
                         "level": level, "matches": 0, "reason": e.to_string()}),
+                    opts.private(),
                 );
                 return Err(e);
             }
@@ -1364,12 +1389,13 @@ impl Archive {
         } else {
             Outcome::Failure
         };
-        self.events().record(
+        self.events().record_private(
             "query.find",
             outcome,
             serde_json::json!({"ae": opts.ae, "peer": opts.peer, "model": query.model.name(),
                 "level": level, "matches": summary.matches, "sent": summary.sent,
                 "cancelled": summary.cancelled, "study_uids": studies.into_iter().collect::<Vec<_>>()}),
+            opts.private(),
         );
         result.map(|()| summary)
     }
@@ -1884,6 +1910,7 @@ mod tests {
             peer: "127.0.0.1:2".into(),
             retrieve_ae: "BASTION".into(),
             max_matches: 10,
+            identifier: None,
         };
         let find = |ident: InMemDicomObject| -> Vec<InMemDicomObject> {
             let q = Query::parse(&ident, Model::StudyRoot, true).expect("query");

@@ -494,6 +494,7 @@ fn search(
         peer: "127.0.0.1:1".into(),
         retrieve_ae: String::new(),
         max_matches: 100,
+        identifier: None,
     };
     let mut out = Vec::new();
     let mut seen = 0usize;

@@ -29,7 +29,7 @@ use std::{
 };
 
 use bastion_archive::{
-    query::{level_name, unique_key, FindOptions, FindResponse, Model, Query},
+    query::{level_name, unique_key, FindOptions, FindResponse, Model, Query, QueryIdentifier},
     transcode, Archive, ArchiveError, Ingested, Origin, Received,
 };
 use bastion_model::{AeTitle, Permission};
@@ -807,12 +807,13 @@ impl Dimse {
                     other => status::for_query_error(other),
                 };
                 tracing::warn!(peer = %s.peer, ae = %ae, status = %st, reason = %comment, "C-FIND refused");
-                self.archive.events().record(
+                self.archive.events().record_private(
                     "query.find",
                     Outcome::Refused,
                     serde_json::json!({"ae": ae, "peer": peer, "model": model.name(),
                         "status": st.code(), "reason": comment,
                         "offending": offending.iter().map(|t| t.to_string()).collect::<Vec<_>>()}),
+                    bastion_security::audit::private_query(&dataset, Some(transfer_syntax)),
                 );
                 return send_find_rsp(
                     assoc,
@@ -834,6 +835,10 @@ impl Dimse {
             peer,
             retrieve_ae: self.config.ae_title.to_string(),
             max_matches: self.config.max_matches,
+            identifier: Some(QueryIdentifier {
+                bytes: dataset,
+                transfer_syntax: Some(transfer_syntax.to_owned()),
+            }),
         };
         let archive = self.archive.clone();
         let flag = cancel.clone();

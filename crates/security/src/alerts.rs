@@ -448,7 +448,10 @@ impl EventObserver for Detection {
         }
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(tx) = tx {
-            if tx.try_send(Msg::Event(Box::new(event.clone()))).is_err() {
+            // The rules never see private fields (alerts are not encrypted).
+            let mut event = event.clone();
+            event.remove(crate::events::PRIVATE_KEY);
+            if tx.try_send(Msg::Event(Box::new(event))).is_err() {
                 let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed);
                 if n.is_power_of_two() {
                     tracing::warn!(

@@ -41,12 +41,19 @@ impl Outcome {
     }
 }
 
+/// The reserved event key under which [`EventLog::record_private`] hands
+/// observers what must never reach `events.log` (a query's identifier, which
+/// names patients). The log writer always strips it; the audit trail keeps
+/// it, encrypted.
+pub const PRIVATE_KEY: &str = "private";
+
 /// Something that sees every event as it is recorded (the audit trail, the
 /// detection rules), in the order of [`EventLog::record`] calls. Called on
 /// the recording thread: keep it short and never block on the network.
 pub trait EventObserver: Send + Sync {
     /// One event: the same object as the log line (`ts`, `type`, `outcome`,
-    /// then the event's fields).
+    /// then the event's fields), plus [`PRIVATE_KEY`] when the event was
+    /// recorded with [`EventLog::record_private`].
     fn observe(&self, event: &serde_json::Map<String, serde_json::Value>);
 }
 
@@ -94,6 +101,20 @@ impl EventLog {
     /// patient data. A write failure is reported through `tracing` and does
     /// not fail the caller's operation (the event is also in the log stream).
     pub fn record(&self, kind: &str, outcome: Outcome, fields: serde_json::Value) {
+        self.record_private(kind, outcome, fields, serde_json::Value::Null);
+    }
+
+    /// Appends one event as [`EventLog::record`], and hands `private` (when
+    /// not `null`) to the observers only, under [`PRIVATE_KEY`]: it is never
+    /// written to the log. A [`PRIVATE_KEY`] field in `fields` is treated the
+    /// same way (stripped from the line, replaced by `private` when given).
+    pub fn record_private(
+        &self,
+        kind: &str,
+        outcome: Outcome,
+        fields: serde_json::Value,
+        private: serde_json::Value,
+    ) {
         let ts = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
@@ -104,8 +125,11 @@ impl EventLog {
         if let serde_json::Value::Object(m) = fields {
             obj.extend(m);
         }
-        let value = serde_json::Value::Object(obj);
-        let mut line = value.to_string();
+        let mut hidden = obj.remove(PRIVATE_KEY);
+        if !private.is_null() {
+            hidden = Some(private);
+        }
+        let mut line = serde_json::to_string(&obj).unwrap_or_default();
         line.push('\n');
         {
             let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
@@ -113,15 +137,16 @@ impl EventLog {
                 tracing::error!(path = %self.path.display(), error = %e, "cannot append to the event log");
             }
         }
-        if let serde_json::Value::Object(obj) = &value {
-            for o in self
-                .observers
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-            {
-                o.observe(obj);
-            }
+        if let Some(h) = hidden {
+            obj.insert(PRIVATE_KEY.into(), h);
+        }
+        for o in self
+            .observers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            o.observe(&obj);
         }
     }
 

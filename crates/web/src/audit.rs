@@ -31,6 +31,9 @@ struct NoteInner {
     action: Option<&'static str>,
     studies: BTreeSet<String>,
     qido: Option<serde_json::Value>,
+    /// The QIDO-RS query string: names patients, so it goes to the audit
+    /// trail only (`EventLog::record_private`), never to the event log.
+    query: Option<Vec<u8>>,
 }
 
 impl Note {
@@ -55,6 +58,12 @@ impl Note {
             n.qido =
                 Some(serde_json::json!({"level": level, "universal": universal, "limit": limit}))
         });
+    }
+
+    /// The raw query string of a QIDO-RS search, for the audit trail's
+    /// Query message only (never written to the event log).
+    pub fn query(&self, raw: &[u8]) {
+        self.with(|n| n.query = Some(raw.to_vec()));
     }
 
     /// A Study Instance UID the request touched.
@@ -94,12 +103,13 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
     } else {
         Outcome::Refused
     };
-    let (user, action, studies, qido) = note.with(|n| {
+    let (user, action, studies, qido, query) = note.with(|n| {
         (
             n.user.take(),
             n.action,
             std::mem::take(&mut n.studies),
             n.qido.take(),
+            n.query.take(),
         )
     });
     let mut fields = serde_json::json!({
@@ -114,10 +124,13 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
     if let (Some(q), Some(m)) = (qido, fields.as_object_mut()) {
         m.insert("qido".into(), q);
     }
+    let private = query.map_or(serde_json::Value::Null, |q| {
+        bastion_security::audit::private_query(&q, None)
+    });
     state
         .archive()
         .events()
-        .record("http.request", outcome, fields);
+        .record_private("http.request", outcome, fields, private);
     response
 }
 

@@ -30,7 +30,7 @@ use axum::{
     Extension, Router,
 };
 use bastion_archive::{
-    query::{FindOptions, Query as ArchiveQuery},
+    query::{FindOptions, Query as ArchiveQuery, QueryIdentifier},
     transcode::{can_transcode, transcode, EXPLICIT_VR_LE},
     Archive, ArchiveError, Ingested, Origin, Received,
 };
@@ -176,17 +176,23 @@ async fn search(
     caller.require(WebPermission::Query)?;
     require_json(req.headers())?;
     let (query, opts) = qido_to_query(s.level, &s.path, &params)?;
+    let raw_query = req.uri().query().unwrap_or("").as_bytes().to_vec();
     note.qido(
         bastion_archive::query::level_name(query.level()),
         query.is_universal(),
         opts.limit,
     );
+    note.query(&raw_query);
     let base = base_url(req.headers());
     let find = FindOptions {
         ae: format!("web:{}", caller.identity.username),
         peer: peer_of(req.extensions()),
         retrieve_ae: state.config().ae_title.clone(),
         max_matches: state.config().max_matches,
+        identifier: Some(QueryIdentifier {
+            bytes: raw_query,
+            transfer_syntax: None,
+        }),
     };
     let unsupported = query.has_unsupported_keys();
     let archive = state.archive();

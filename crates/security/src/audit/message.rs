@@ -143,6 +143,24 @@ pub fn messages(
         .collect()
 }
 
+/// The private part of a query event ([`crate::events::EventLog::record_private`]):
+/// the query as the client sent it (a C-FIND identifier dataset with its
+/// transfer syntax UID, or a QIDO-RS query string without one), which the
+/// Query message carries as ParticipantObjectQuery (PS3.15 A.5.3).
+pub fn private_query(query: &[u8], transfer_syntax: Option<&str>) -> Value {
+    let mut m = Map::new();
+    m.insert(
+        "query".into(),
+        base64::engine::general_purpose::STANDARD
+            .encode(query)
+            .into(),
+    );
+    if let Some(ts) = transfer_syntax {
+        m.insert("transfer_syntax".into(), ts.into());
+    }
+    Value::Object(m)
+}
+
 /// What one message says, before participants and objects are filled in.
 struct Plan {
     id: Code,
@@ -437,6 +455,8 @@ struct Object<'a> {
     role: &'a str,
     name: Option<String>,
     query: Option<Vec<u8>>,
+    /// ParticipantObjectDetail type/value pairs (the value is base64-encoded here).
+    details: Vec<(&'static str, String)>,
     life_cycle: Option<&'a str>,
 }
 
@@ -460,6 +480,13 @@ fn object(w: &mut W, o: &Object<'_>) -> std::io::Result<()> {
             let name = clean(o.name.as_deref().unwrap_or(&o.id));
             w.create_element("ParticipantObjectName")
                 .write_text_content(BytesText::new(&name))?;
+        }
+        for (kind, value) in &o.details {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(value);
+            w.create_element("ParticipantObjectDetail")
+                .with_attribute(("type", *kind))
+                .with_attribute(("value", b64.as_str()))
+                .write_empty()?;
         }
         Ok(())
     })?;
@@ -628,25 +655,48 @@ fn write_message(
         // ParticipantObjects.
         match p.objects {
             Objects::Query => {
-                let query = serde_json::json!({
-                    "model": e.get("model"), "level": e.get("level"),
-                    "path": e.get("path"), "method": e.get("method"),
-                    "matches": e.get("matches"),
+                // PS3.15 A.5.3 "Query": the SOP Class UID, and the query
+                // itself (the C-FIND identifier dataset, or the QIDO-RS
+                // query string) from the event's private part, which only
+                // the encrypted trail holds. Without it (an older record, a
+                // refusal before the identifier was read) a summary stands in.
+                let private = e.get(crate::events::PRIVATE_KEY);
+                let raw = private
+                    .and_then(|p| p.get("query"))
+                    .and_then(Value::as_str)
+                    .and_then(|q| base64::engine::general_purpose::STANDARD.decode(q).ok());
+                let query = raw.unwrap_or_else(|| {
+                    serde_json::json!({
+                        "model": e.get("model"), "level": e.get("level"),
+                        "path": e.get("path"), "method": e.get("method"),
+                        "matches": e.get("matches"),
+                    })
+                    .to_string()
+                    .into_bytes()
                 });
-                let id = if kind == "http.request" {
-                    s(e, "path").unwrap_or("QIDO-RS").to_owned()
+                let mut details = Vec::new();
+                if let Some(ts) = private
+                    .and_then(|p| p.get("transfer_syntax"))
+                    .and_then(Value::as_str)
+                {
+                    details.push(("TransferSyntax", ts.to_owned()));
+                }
+                // QIDO-RS searches the Study Root information model.
+                let model = if kind == "http.request" {
+                    "study_root"
                 } else {
-                    find_sop_class(s(e, "model").unwrap_or("")).to_owned()
+                    s(e, "model").unwrap_or("")
                 };
                 object(
                     w,
                     &Object {
-                        id,
+                        id: find_sop_class(model).to_owned(),
                         id_type: object_type::SOP_CLASS,
                         type_code: "2",
                         role: "24",
                         name: None,
-                        query: Some(query.to_string().into_bytes()),
+                        query: Some(query),
+                        details,
                         life_cycle: None,
                     },
                 )?;
@@ -664,6 +714,7 @@ fn write_message(
                             role: "11",
                             name: None,
                             query: None,
+                            details: Vec::new(),
                             life_cycle: None,
                         },
                     )?;
@@ -686,6 +737,7 @@ fn write_message(
                             role: "13",
                             name: None,
                             query: None,
+                            details: Vec::new(),
                             life_cycle: None,
                         },
                     )?;
@@ -700,6 +752,7 @@ fn write_message(
                     role: "13",
                     name: Some("Bastion audit trail".into()),
                     query: None,
+                    details: Vec::new(),
                     life_cycle: None,
                 },
             )?,
@@ -721,6 +774,7 @@ fn data_objects(w: &mut W, e: &Map<String, Value>, subjects: &[Subject]) -> std:
                 role: "3",
                 name: None,
                 query: None,
+                details: Vec::new(),
                 life_cycle: None,
             },
         )?;
@@ -739,6 +793,7 @@ fn data_objects(w: &mut W, e: &Map<String, Value>, subjects: &[Subject]) -> std:
                 role: "1",
                 name: Some(s.patient_name.clone()),
                 query: None,
+                details: Vec::new(),
                 life_cycle: None,
             },
         )?;

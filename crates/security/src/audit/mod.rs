@@ -25,7 +25,7 @@
 pub mod message;
 mod trail;
 
-pub use message::AuditIdentity;
+pub use message::{private_query, AuditIdentity};
 pub use trail::{
     read, verify, AuditKeys, AuditReader, AuditTrail, Broken, CheckpointPolicy, Record,
     VerifyReport,

@@ -306,6 +306,80 @@ fn search_filters_and_messages() {
     assert_eq!(n, 0);
 }
 
+/// A query's identifier (PS3.15 A.5.3 ParticipantObjectQuery) reaches the
+/// audit message through `record_private`, and never the event log.
+#[test]
+fn query_identifier_reaches_the_trail_not_the_event_log() {
+    use base64::Engine;
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path().join("audit");
+    let t = Arc::new(
+        AuditTrail::create(&dir, keys(), identity(), CheckpointPolicy::default()).expect("create"),
+    );
+    let log = EventLog::open(&d.path().join("events.log")).expect("log");
+    log.add_observer(t.clone());
+    let identifier = b"\x10\x00\x20\x00\x0a\x00\x00\x00SECRET-PID".to_vec();
+    log.record_private(
+        "query.find",
+        Outcome::Success,
+        json!({"ae": "CT1", "peer": "127.0.0.1:4000", "model": "patient_root", "level": "PATIENT", "matches": 0}),
+        bastion_security::audit::private_query(&identifier, Some("1.2.840.10008.1.2.1")),
+    );
+    // A `private` field given with `record` is stripped from the log too.
+    log.record(
+        "http.request",
+        Outcome::Success,
+        json!({"user": "ann", "peer": "127.0.0.1:6000", "action": "qido.studies", "path": "/dicomweb/studies",
+            "private": bastion_security::audit::private_query(b"PatientID=SECRET-PID", None)}),
+    );
+    drop(log);
+    drop(t);
+    let logged = std::fs::read_to_string(d.path().join("events.log")).expect("log");
+    assert!(!logged.contains("SECRET-PID"), "{logged}");
+    assert!(!logged.contains("private"), "{logged}");
+    assert!(
+        logged.lines().count() == 2 && logged.contains("patient_root"),
+        "{logged}"
+    );
+    let mut queries = Vec::new();
+    read(&dir, &keys(), |r| {
+        if r.event_ids.iter().any(|i| i == "Query") {
+            queries.extend(r.messages.clone());
+        }
+        true
+    })
+    .expect("read");
+    assert_eq!(queries.len(), 2, "{queries:?}");
+    let query_of = |xml: &str| -> Vec<u8> {
+        let b64 = xml
+            .split("<ParticipantObjectQuery>")
+            .nth(1)
+            .and_then(|r| r.split('<').next())
+            .expect("ParticipantObjectQuery");
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .expect("base64")
+    };
+    assert_eq!(query_of(&queries[0]), identifier);
+    assert!(
+        queries[0].contains("ParticipantObjectID=\"1.2.840.10008.5.1.4.1.2.1.1\""),
+        "{}",
+        queries[0]
+    );
+    assert!(queries[0].contains("csd-code=\"110181\""), "{}", queries[0]);
+    assert!(
+        queries[0].contains("type=\"TransferSyntax\""),
+        "{}",
+        queries[0]
+    );
+    assert_eq!(query_of(&queries[1]), b"PatientID=SECRET-PID");
+    assert!(
+        queries[1].contains("ParticipantObjectID=\"1.2.840.10008.5.1.4.1.2.2.1\""),
+        "{}",
+        queries[1]
+    );
+}
+
 /// Every event kind's messages validate against the PS3.15 A.5.1 schema
 /// (when Debian's `jing` is installed; the interop tests require it).
 #[test]
@@ -349,6 +423,10 @@ fn messages_validate_against_the_schema() {
         json!({"type": "audit.verify", "outcome": "success", "actor": "cli"}),
         json!({"type": "audit.read", "outcome": "success", "user": "aud", "peer": "127.0.0.1:1"}),
         json!({"type": "something.new", "outcome": "success"}),
+        json!({"type": "query.find", "outcome": "success", "ae": "CT1", "peer": "[::1]:4000", "model": "patient_root", "level": "PATIENT", "matches": 1,
+            "private": bastion_security::audit::private_query(b"\x10\x00\x20\x00\x06\x00\x00\x00PID-1 ", Some("1.2.840.10008.1.2"))}),
+        json!({"type": "http.request", "outcome": "success", "user": "ann", "peer": "127.0.0.1:6000", "action": "qido.studies", "path": "/dicomweb/studies", "study_uids": [],
+            "private": bastion_security::audit::private_query(b"PatientID=PID-1&limit=10", None)}),
     ];
     let d = tempfile::tempdir().expect("tmp");
     let mut files = Vec::new();
