@@ -6,6 +6,9 @@ certificate signed by Bastion's CA, and Bastion verifies rsyslog's
 certificate against a test CA created here. Messages are written to a file
 with their structured data, MSGID, APP-NAME and PRI.
 
+The exporter follows the audit trail itself, so records appended by CLI
+processes, also while serve is stopped, are exported as well.
+
 Guarantee under test: **at-least-once, in order**. Every audit message
 carries `[meta sequenceId="N"]` (RFC 5424 7.3.1), N = 1, 2, ... across
 restarts; the collector must end up with every N from 1 to the last one, the
@@ -251,6 +254,37 @@ def test_every_message_across_collector_outage_and_restart(make_server, tmp_path
     assert text_order == phase_a + phase_b + phase_c
     dups = len(seqs) - len(set(seqs))
     print(f"received {len(seqs)} messages, {len(set(seqs))} distinct, {dups} duplicates (re-sent, same sequenceId)")
+
+
+def test_cli_records_are_exported_from_the_trail(make_server, tmp_path):
+    """serve's exporter follows the audit trail file: records appended by CLI
+    processes (here `bastion device add`), while serve runs and while it is
+    stopped, reach the collector too, each in exactly one message."""
+    ca, crt, key = make_test_ca(tmp_path / "collector-pki")
+    srv = make_server(start=False)
+    port = helpers.free_port()
+    rs = Rsyslog(tmp_path / "rsyslog", port, srv.data / "tls" / "ca.crt", crt, key)
+    with open(srv.data / "bastion.toml", "a") as f:
+        f.write(f'\n[audit.syslog]\nurl = "tls://127.0.0.1:{port}"\nca = "{ca}"\n')
+    rs.start()
+    try:
+        srv.start()
+        srv.device_add("SYSCLI1", transport="plain", allow="echo")  # serve running
+        wait_markers(rs, ["SYSCLI1"])
+        assert srv.stop() == 0
+        srv.device_add("SYSCLI2", transport="plain", allow="echo")  # serve stopped
+        srv.start()
+        wait_markers(rs, ["SYSCLI2"])
+        time.sleep(2)
+    finally:
+        srv.stop()
+        rs.stop()
+    msgs = rs.messages()
+    seqs = [m["seq"] for m in msgs]
+    assert sorted(set(seqs)) == list(range(1, max(seqs) + 1)), seqs
+    for marker in ("SYSCLI1", "SYSCLI2"):
+        carrying = {m["seq"] for m in msgs if f'"{marker}"' in m["msg"]}
+        assert len(carrying) == 1, (marker, carrying)
 
 
 def test_plain_syslog_url_is_refused(make_server):

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use bastion_security::{
-    audit::AuditTrail,
+    audit::{AuditReader, AuditTrail},
     syslog::{Collector, CollectorConnection, Header, SyslogExporter},
 };
 use bastion_store::MasterKey;
@@ -57,6 +57,12 @@ pub fn start(
     let key = master.derive("bastion syslog spool v1");
     let exporter = SyslogExporter::start(&spool, &key, Header::new(&hostname), Arc::new(collector))
         .with_context(|| format!("cannot open the syslog spool {}", spool.display()))?;
+    // The exporter follows the trail file itself, so records appended by
+    // CLI processes (and by serve before a crash) are exported too; serve's
+    // own appends only wake it early.
+    exporter
+        .follow(AuditReader::new(&dir.audit_dir(), dir.audit_keys(master)?))
+        .context("cannot start following the audit trail for syslog export")?;
     trail.set_sink(exporter.clone());
     tracing::info!(collector = %s.url, ca = %ca.display(), backlog = exporter.backlog(),
         "audit messages exported to syslog over TLS");

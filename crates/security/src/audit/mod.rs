@@ -28,7 +28,7 @@ mod trail;
 pub use message::{private_query, AuditIdentity};
 pub use trail::{
     read, verify, AuditKeys, AuditReader, AuditTrail, Broken, CheckpointPolicy, Record,
-    VerifyReport,
+    TrailCursor, VerifyReport,
 };
 
 use std::path::PathBuf;

@@ -286,8 +286,9 @@ impl AuditTrail {
         *self.lookup.write().unwrap_or_else(|p| p.into_inner()) = Some(lookup);
     }
 
-    /// Sets where each appended record's audit messages go next (the
-    /// syslog exporter), after the record is appended.
+    /// Sets who is told, after each append, that the trail grew (the
+    /// syslog exporter, which then reads the new records from the file, as
+    /// it does for records appended by other processes).
     pub fn set_sink(&self, sink: Arc<dyn crate::syslog::AuditSink>) {
         *self.sink.write().unwrap_or_else(|p| p.into_inner()) = Some(sink);
     }
@@ -318,15 +319,11 @@ impl AuditTrail {
             }
         });
         let _ = w.lock.unlock();
-        let seq = w.head.as_ref().map_or(0, |h| h.count.saturating_sub(1));
+        let count = w.head.as_ref().map_or(0, |h| h.count);
         drop(w);
-        // Outside the writer lock: concurrent appends share the sink's
-        // fsync (its order is the order of these calls).
         if r.is_ok() {
             if let Some(sink) = self.sink.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                for xml in &record.messages {
-                    sink.deliver(seq, xml);
-                }
+                sink.appended(count);
             }
         }
         r
@@ -913,11 +910,103 @@ impl AuditReader {
         Ok((out.into_iter().collect(), unreadable))
     }
 
+    /// A cursor over the records from sequence number `seq` on (the
+    /// syslog exporter's way of following the trail, whoever appends to
+    /// it). Positioning reads the lines before `seq` without decrypting
+    /// them.
+    ///
+    /// # Errors
+    /// [`AuditError::Missing`], [`AuditError::Io`].
+    pub fn read_from(&self, seq: u64) -> Result<TrailCursor> {
+        let rpath = self.dir.join(RECORDS);
+        let f = File::open(&rpath).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                AuditError::Missing(self.dir.clone())
+            } else {
+                AuditError::Io {
+                    op: "open",
+                    path: rpath.clone(),
+                    source: e,
+                }
+            }
+        })?;
+        let mut c = TrailCursor {
+            path: rpath,
+            keys: self.keys.clone(),
+            file: BufReader::with_capacity(256 * 1024, f),
+            offset: 0,
+            next: 0,
+            buf: Vec::new(),
+        };
+        while c.next < seq {
+            if !c.advance()? {
+                break;
+            }
+        }
+        Ok(c)
+    }
+
     /// [`verify`] on this trail.
     ///
     /// # Errors
     /// As [`verify`].
     pub fn verify(&self) -> Result<VerifyReport> {
         verify(&self.dir, &self.keys)
+    }
+}
+
+/// Reads the trail forward from a record ([`AuditReader::read_from`]),
+/// picking up records appended later, by any process, on the next call.
+pub struct TrailCursor {
+    path: PathBuf,
+    keys: Arc<AuditKeys>,
+    file: BufReader<File>,
+    /// Byte offset of the next line.
+    offset: u64,
+    /// Sequence number (line number) of the next line.
+    next: u64,
+    buf: Vec<u8>,
+}
+
+impl TrailCursor {
+    /// Sequence number of the next record [`TrailCursor::next_record`] returns.
+    pub fn position(&self) -> u64 {
+        self.next
+    }
+
+    /// The next complete record: `Ok(None)` at the end of the trail (a line
+    /// still being written counts as the end, and is read whole later);
+    /// `Some((seq, None))` for a record that does not decrypt (run
+    /// [`verify`]), which is passed over.
+    ///
+    /// # Errors
+    /// [`AuditError::Io`].
+    pub fn next_record(&mut self) -> Result<Option<(u64, Option<Record>)>> {
+        let seq = self.next;
+        if !self.advance()? {
+            return Ok(None);
+        }
+        let rec = decode(&self.keys, &self.buf).filter(|r| r.seq == seq);
+        Ok(Some((seq, rec)))
+    }
+
+    /// Reads the next complete line into `buf`; `false` (position kept) at
+    /// the end or before a partial line.
+    fn advance(&mut self) -> Result<bool> {
+        use std::io::{Seek, SeekFrom};
+        match read_line(&mut self.file, &mut self.buf).map_err(io("read", &self.path))? {
+            Some(true) => {
+                self.offset += self.buf.len() as u64 + 1;
+                self.next += 1;
+                Ok(true)
+            }
+            Some(false) => {
+                self.file
+                    .seek(SeekFrom::Start(self.offset))
+                    .map_err(io("seek", &self.path))?;
+                Ok(false)
+            }
+            None => Ok(false),
+        }
     }
 }

@@ -1,10 +1,18 @@
 //! Reliable syslog export of audit messages (IHE ITI-20 Record Audit Event:
 //! RFC 5424 messages over TLS, RFC 5425).
 //!
-//! Each audit message handed to the [`SyslogExporter`] (through
-//! [`AuditSink::deliver`]) is first appended to an encrypted on-disk
-//! [`spool::Spool`] and made durable, then a background thread sends the
-//! spooled messages, in order, to the collector. While the collector is
+//! The [`SyslogExporter`] follows the audit trail itself
+//! ([`SyslogExporter::follow`]): a thread reads every record appended after
+//! the last one spooled, by serve or by any CLI process (device and user
+//! changes, `bastion import`, `audit verify`), and appends its audit
+//! messages to an encrypted on-disk [`spool::Spool`], made durable; it
+//! looks at the trail every [`FOLLOW_INTERVAL`] and whenever serve's own
+//! trail appends ([`AuditSink::appended`]). Each spooled message carries
+//! its trail record number, so after a crash or a restart following
+//! resumes at the first message not yet spooled: every record reaches the
+//! spool exactly once, including records appended while serve was down.
+//! A second background thread sends the spooled messages, in order, to the
+//! collector. While the collector is
 //! unreachable the messages wait in the spool (reconnect with exponential
 //! back-off, 1 s to 60 s); after a restart of Bastion the thread resumes at
 //! the first message not known to be delivered. Nothing is lost across a
@@ -43,7 +51,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{events::Outcome, Result};
+use crate::{
+    audit::{AuditReader, TrailCursor},
+    events::Outcome,
+    Result,
+};
 use spool::{Spool, SpooledMessage};
 
 /// A message counts as delivered when the connection is still healthy this
@@ -62,13 +74,15 @@ pub const MSGID: &str = "IHE+RFC-3881";
 /// Facility 10: security/authorization messages (authpriv).
 const FACILITY_AUTHPRIV: u8 = 10;
 
-/// Where audit messages go once they are durable in the audit trail.
-/// Implemented by [`SyslogExporter`].
+/// How often [`SyslogExporter::follow`] looks for records appended to the
+/// trail by other processes.
+pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Told when the audit trail grew (implemented by [`SyslogExporter`], which
+/// then reads the new records from the trail itself).
 pub trait AuditSink: Send + Sync {
-    /// Hands over one audit message: `seq` is the producer's record number
-    /// (kept for diagnostics), `xml` the PS3.15 A.5 message. Returns once
-    /// the message is durable in the spool (failures are logged).
-    fn deliver(&self, seq: u64, xml: &str);
+    /// The trail now holds `count` records. Must not block.
+    fn appended(&self, count: u64);
 }
 
 /// A way to reach the collector (provided by the binary: TLS over TCP).
@@ -125,6 +139,7 @@ impl Header {
 pub struct SyslogExporter {
     shared: Arc<Shared>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    follower: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl SyslogExporter {
@@ -152,6 +167,8 @@ impl SyslogExporter {
                 delivered,
             }),
             wake: Condvar::new(),
+            follow: Mutex::new(FollowState::default()),
+            follow_wake: Condvar::new(),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -161,7 +178,32 @@ impl SyslogExporter {
         Ok(Arc::new(SyslogExporter {
             shared,
             thread: Mutex::new(Some(thread)),
+            follower: Mutex::new(None),
         }))
+    }
+
+    /// Starts following the audit trail read by `trail`: spools, in trail
+    /// order, the messages of every record after the last one spooled (from
+    /// the first record for a new spool), whoever appended it, then looks
+    /// for new records every [`FOLLOW_INTERVAL`] and after each
+    /// [`AuditSink::appended`]. A record that does not decrypt is logged
+    /// and passed over (`bastion audit verify` names it); a spool or trail
+    /// error is logged and retried from the same message.
+    ///
+    /// # Errors
+    /// The thread cannot be started.
+    pub fn follow(&self, trail: AuditReader) -> Result<()> {
+        let resume = self.shared.spool.last_source().unwrap_or((0, 0));
+        let s = self.shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("syslog-trail".into())
+            .spawn(move || follow_run(&s, &trail, resume))
+            .map_err(|e| crate::SecurityError::Invalid {
+                what: "syslog trail follower",
+                detail: e.to_string(),
+            })?;
+        *self.follower.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
+        Ok(())
     }
 
     /// Spools one message with an explicit severity and timestamp.
@@ -199,6 +241,22 @@ impl SyslogExporter {
     /// and confirm what is spooled (what is left is sent after the next
     /// start).
     pub fn shutdown(&self, grace: Duration) {
+        // The follower first spools what the trail holds now (serve's last
+        // records), then the delivery thread gets its grace.
+        self.shared
+            .follow
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stop = true;
+        self.shared.follow_wake.notify_all();
+        if let Some(t) = self
+            .follower
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = t.join();
+        }
         self.shared
             .state
             .lock()
@@ -212,11 +270,13 @@ impl SyslogExporter {
 }
 
 impl AuditSink for SyslogExporter {
-    fn deliver(&self, seq: u64, xml: &str) {
-        let severity = severity_of_xml(xml);
-        if let Err(e) = self.spool(severity, time::OffsetDateTime::now_utc(), seq, xml) {
-            tracing::error!(error = %e, seq, "cannot spool an audit message for syslog export");
-        }
+    fn appended(&self, _count: u64) {
+        self.shared
+            .follow
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .nudged = true;
+        self.shared.follow_wake.notify_all();
     }
 }
 
@@ -273,6 +333,125 @@ struct Shared {
     collector: Arc<dyn Collector>,
     state: Mutex<State>,
     wake: Condvar,
+    follow: Mutex<FollowState>,
+    follow_wake: Condvar,
+}
+
+#[derive(Default)]
+struct FollowState {
+    /// Set by `shutdown`: one last pass over the trail, then stop.
+    stop: bool,
+    /// Set by [`AuditSink::appended`]: look at the trail now.
+    nudged: bool,
+}
+
+/// Follows the trail from `resume` (record number, messages of it already
+/// spooled) until `shutdown`.
+fn follow_run(shared: &Shared, trail: &AuditReader, mut resume: (u64, u32)) {
+    let mut cursor: Option<TrailCursor> = None;
+    let mut failing = false;
+    loop {
+        let stop = {
+            let mut f = shared.follow.lock().unwrap_or_else(|p| p.into_inner());
+            f.nudged = false;
+            f.stop
+        };
+        match follow_once(shared, trail, &mut cursor, &mut resume) {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("syslog export follows the audit trail again");
+                }
+                failing = false;
+            }
+            Err(e) => {
+                // Retried from the same message on the next pass.
+                cursor = None;
+                if !failing {
+                    tracing::error!(error = %e, record = resume.0,
+                        "cannot export audit records to the syslog spool; retrying");
+                }
+                failing = true;
+            }
+        }
+        if stop {
+            return;
+        }
+        let f = shared.follow.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = shared
+            .follow_wake
+            .wait_timeout_while(f, FOLLOW_INTERVAL, |f| !f.nudged && !f.stop);
+    }
+}
+
+/// Spools the messages of every complete record the trail holds past
+/// `resume`, advancing `resume` after each message.
+fn follow_once(
+    shared: &Shared,
+    trail: &AuditReader,
+    cursor: &mut Option<TrailCursor>,
+    resume: &mut (u64, u32),
+) -> std::result::Result<(), String> {
+    let c = match cursor {
+        Some(c) => c,
+        None => cursor.insert(trail.read_from(resume.0).map_err(|e| e.to_string())?),
+    };
+    let mut unsynced = 0usize;
+    while let Some((seq, rec)) = c.next_record().map_err(|e| e.to_string())? {
+        if seq < resume.0 {
+            continue;
+        }
+        let skip = if seq == resume.0 { resume.1 } else { 0 };
+        let Some(rec) = rec else {
+            tracing::error!(record = seq,
+                "audit record does not decrypt: not exported to syslog (run `bastion audit verify`)");
+            *resume = (seq, u32::MAX);
+            continue;
+        };
+        let ts = rec
+            .event
+            .get("ts")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+            })
+            .unwrap_or_else(time::OffsetDateTime::now_utc);
+        let us = i64::try_from(ts.unix_timestamp_nanos() / 1000).unwrap_or(0);
+        *resume = (
+            seq,
+            skip.min(u32::try_from(rec.messages.len()).unwrap_or(u32::MAX)),
+        );
+        for xml in rec.messages.iter().skip(skip as usize) {
+            if xml.len() > spool::MAX_MESSAGE_BYTES {
+                tracing::error!(
+                    record = seq,
+                    bytes = xml.len(),
+                    "audit message too large for syslog export; not exported"
+                );
+            } else {
+                shared
+                    .spool
+                    .append_unsynced(severity_of_xml(xml).min(7), us, seq, xml)
+                    .map_err(|e| e.to_string())?;
+                unsynced += 1;
+            }
+            resume.1 += 1;
+            if unsynced >= BATCH {
+                sync(shared, &mut unsynced)?;
+            }
+        }
+    }
+    sync(shared, &mut unsynced)
+}
+
+/// One `fdatasync` for the messages spooled since the last one; the
+/// delivery thread is woken.
+fn sync(shared: &Shared, unsynced: &mut usize) -> std::result::Result<(), String> {
+    if *unsynced > 0 {
+        shared.spool.sync().map_err(|e| e.to_string())?;
+        *unsynced = 0;
+        shared.wake.notify_all();
+    }
+    Ok(())
 }
 
 struct State {
@@ -571,20 +750,38 @@ mod tests {
         };
         let ex = start();
         for i in 1..=5 {
-            ex.deliver(i, &format!("<m n=\"{i}\"/>"));
+            ex.spool(
+                5,
+                time::OffsetDateTime::now_utc(),
+                i,
+                &format!("<m n=\"{i}\"/>"),
+            )
+            .expect("spool");
         }
         wait_for(|| sequence_ids(&fake.received.lock().expect("lock")).len() >= 5);
         // the collector goes away; the messages written just before are lost
         fake.up.store(false, Ordering::SeqCst);
         *fake.generation.lock().expect("lock") += 1;
         for i in 6..=10 {
-            ex.deliver(i, &format!("<m n=\"{i}\"/>"));
+            ex.spool(
+                5,
+                time::OffsetDateTime::now_utc(),
+                i,
+                &format!("<m n=\"{i}\"/>"),
+            )
+            .expect("spool");
         }
         ex.shutdown(Duration::from_millis(100));
         drop(ex);
         let ex = start();
         for i in 11..=15 {
-            ex.deliver(i, &format!("<m n=\"{i}\"/>"));
+            ex.spool(
+                5,
+                time::OffsetDateTime::now_utc(),
+                i,
+                &format!("<m n=\"{i}\"/>"),
+            )
+            .expect("spool");
         }
         std::thread::sleep(Duration::from_millis(300));
         fake.up.store(true, Ordering::SeqCst);
@@ -603,5 +800,93 @@ mod tests {
         }
         assert_eq!(firsts, unique);
         ex.shutdown(Duration::from_secs(2));
+    }
+    /// Records appended by another process (a second `AuditTrail` on the
+    /// same directory, no sink), while the exporter runs and while it is
+    /// stopped, all reach the collector; the spool holds each message once.
+    #[test]
+    fn records_from_any_process_are_exported_once_across_restarts() {
+        use crate::audit::{AuditIdentity, AuditKeys, AuditReader, AuditTrail, CheckpointPolicy};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let audit = dir.path().join("audit");
+        let keys = Arc::new(
+            AuditKeys::new(
+                &[3u8; 32],
+                ed25519_dalek::SigningKey::from_bytes(&[4u8; 32]),
+            )
+            .expect("keys"),
+        );
+        let identity = AuditIdentity {
+            ae_title: "BASTION".into(),
+            source_id: "BASTION@test".into(),
+        };
+        let cli = |n: std::ops::Range<u32>| {
+            let t = AuditTrail::open(
+                &audit,
+                keys.clone(),
+                identity.clone(),
+                CheckpointPolicy::default(),
+            )
+            .expect("open");
+            for i in n {
+                let mut e = serde_json::Map::new();
+                e.insert("ts".into(), "2026-11-30T12:00:00Z".into());
+                e.insert("type".into(), "device.added".into());
+                e.insert("outcome".into(), "success".into());
+                e.insert("ae".into(), format!("MARK{i:03}").into());
+                t.append(&e).expect("append");
+            }
+        };
+        drop(
+            AuditTrail::create(
+                &audit,
+                keys.clone(),
+                identity.clone(),
+                CheckpointPolicy::default(),
+            )
+            .expect("create"),
+        );
+        cli(0..3);
+        let fake = Arc::new(Fake::default());
+        fake.up.store(true, Ordering::SeqCst);
+        let spool = dir.path().join("spool");
+        let start = || {
+            let ex = SyslogExporter::start(
+                &spool,
+                &[9u8; 32],
+                Header::new("h"),
+                Arc::new(FakeCollector(fake.clone())),
+            )
+            .expect("start");
+            ex.follow(AuditReader::new(&audit, keys.clone()))
+                .expect("follow");
+            ex
+        };
+        let received = |i: u32| {
+            String::from_utf8_lossy(&fake.received.lock().expect("lock"))
+                .contains(&format!("\"MARK{i:03}\""))
+        };
+        let ex = start();
+        wait_for(|| received(2));
+        cli(3..5); // while serve runs: found by polling the trail
+        wait_for(|| received(4));
+        ex.shutdown(Duration::from_secs(2));
+        drop(ex);
+        cli(5..8); // while serve is stopped
+        let ex = start();
+        wait_for(|| received(7));
+        wait_for(|| ex.backlog() == 0);
+        ex.shutdown(Duration::from_secs(2));
+        let text = String::from_utf8_lossy(&fake.received.lock().expect("lock")).into_owned();
+        for i in 0..8 {
+            let mark = format!("\"MARK{i:03}\"");
+            let messages = text
+                .split("sequenceId=")
+                .filter(|m| m.contains(&mark))
+                .count();
+            assert_eq!(messages, 1, "MARK{i:03} in {text}");
+        }
+        let ids = sequence_ids(text.as_bytes());
+        assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>());
     }
 }

@@ -70,6 +70,9 @@ struct WriteState {
     segment_len: u64,
     /// Sequence number of the last record written (0: none).
     last: u64,
+    /// The source sequence number of the last record written, and how many
+    /// records at the end carry it (a trail record with two messages).
+    last_source: Option<(u64, u32)>,
 }
 
 impl Spool {
@@ -91,9 +94,21 @@ impl Spool {
         })?);
         let segments = segments(dir)?;
         let delivered = read_delivered(dir)?;
+        let mut last_source = None;
         let (file, segment_len, last) = match segments.last() {
             Some(&(first, ref path)) => {
-                let (valid_len, last) = scan_segment(&key, path, first)?;
+                let Scan {
+                    valid: valid_len,
+                    last,
+                    tail,
+                } = scan_segment(&key, path, first)?;
+                last_source = tail;
+                // A segment created just before a crash holds nothing yet:
+                // the source position is in the one before.
+                if last_source.is_none() && segments.len() > 1 {
+                    let (first, ref path) = segments[segments.len() - 2];
+                    last_source = scan_segment(&key, path, first)?.tail;
+                }
                 let mut file = OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -122,6 +137,7 @@ impl Spool {
                 file,
                 segment_len,
                 last,
+                last_source,
             }),
             sync: Mutex::new(last),
         })
@@ -133,6 +149,23 @@ impl Spool {
     /// [`SecurityError::Io`]; [`SecurityError::Invalid`] for a message over
     /// [`MAX_MESSAGE_BYTES`].
     pub fn append(
+        &self,
+        severity: u8,
+        timestamp_us: i64,
+        source_seq: u64,
+        message: &str,
+    ) -> Result<u64> {
+        let seq = self.append_unsynced(severity, timestamp_us, source_seq, message)?;
+        self.sync_upto(seq)?;
+        Ok(seq)
+    }
+
+    /// Appends one message without waiting for the disk: readers see it
+    /// only after [`Spool::sync`] (a batch of appends, one `fdatasync`).
+    ///
+    /// # Errors
+    /// As [`Spool::append`].
+    pub fn append_unsynced(
         &self,
         severity: u8,
         timestamp_us: i64,
@@ -184,10 +217,32 @@ impl Spool {
                 .map_err(io_err("append to", &self.dir))?;
             st.segment_len += rec.len() as u64;
             st.last = seq;
+            st.last_source = match st.last_source {
+                Some((src, n)) if src == source_seq => Some((src, n + 1)),
+                _ => Some((source_seq, 1)),
+            };
             seq
         };
-        self.sync_upto(seq)?;
         Ok(seq)
+    }
+
+    /// Makes every record appended so far durable and readable.
+    ///
+    /// # Errors
+    /// [`SecurityError::Io`].
+    pub fn sync(&self) -> Result<()> {
+        let last = self.state.lock().unwrap_or_else(|p| p.into_inner()).last;
+        self.sync_upto(last)
+    }
+
+    /// The source sequence number (audit record number) of the last record
+    /// appended, and how many records at the end of the spool carry it;
+    /// `None` for an empty spool. Where following the trail resumes.
+    pub fn last_source(&self) -> Option<(u64, u32)> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_source
     }
 
     /// Sequence number of the last record durably appended.
@@ -422,14 +477,26 @@ fn read_delivered(dir: &Path) -> Result<u64> {
     }
 }
 
-/// Length of the valid prefix of a segment and its last sequence number.
+/// What [`scan_segment`] found in a segment.
+struct Scan {
+    /// Length of the valid prefix.
+    valid: u64,
+    /// Sequence number of its last record.
+    last: Option<u64>,
+    /// Source sequence number of its last record, and how many records at
+    /// its end carry it.
+    tail: Option<(u64, u32)>,
+}
+
+/// Scans a segment.
 /// A record cut short (a crash during its write) ends the valid prefix; a
 /// complete record that does not authenticate is an error (another key, or
 /// damage), never silently cut off.
-fn scan_segment(key: &LessSafeKey, path: &Path, first: u64) -> Result<(u64, Option<u64>)> {
+fn scan_segment(key: &LessSafeKey, path: &Path, first: u64) -> Result<Scan> {
     let mut f = File::open(path).map_err(io_err("open", path))?;
     let mut valid = 0u64;
     let mut last = None;
+    let mut tail: Option<(u64, u32)> = None;
     let mut expect = first;
     loop {
         let mut header = [0u8; HEADER];
@@ -442,22 +509,28 @@ fn scan_segment(key: &LessSafeKey, path: &Path, first: u64) -> Result<(u64, Opti
         if !read_exact_or_eof(&mut f, &mut ct).unwrap_or(false) {
             break;
         }
-        let authentic = seq == expect
-            && (20 + 16..=20 + 17 + MAX_MESSAGE_BYTES + 16).contains(&len)
-            && Nonce::try_assume_unique_for_key(&header[12..24])
-                .is_ok_and(|n| key.open_in_place(n, Aad::from(aad(seq)), &mut ct).is_ok());
-        if !authentic {
+        let source = (seq == expect && (20 + 16..=20 + 17 + MAX_MESSAGE_BYTES + 16).contains(&len))
+            .then(|| Nonce::try_assume_unique_for_key(&header[12..24]).ok())
+            .flatten()
+            .and_then(|n| key.open_in_place(n, Aad::from(aad(seq)), &mut ct).ok())
+            .and_then(|plain| plain.get(9..17).and_then(|b| b.try_into().ok()))
+            .map(u64::from_be_bytes);
+        let Some(source) = source else {
             return Err(corrupt(format!(
                 "{}: record {} at byte {valid} does not decrypt (another master key, or damage)",
                 path.display(),
                 expect
             )));
-        }
+        };
+        tail = match tail {
+            Some((src, n)) if src == source => Some((src, n + 1)),
+            _ => Some((source, 1)),
+        };
         valid += (4 + len) as u64;
         last = Some(seq);
         expect += 1;
     }
-    Ok((valid, last))
+    Ok(Scan { valid, last, tail })
 }
 
 /// Fills `buf`; `false` at a clean end of file before the first byte, an

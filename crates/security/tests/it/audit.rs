@@ -465,3 +465,32 @@ fn messages_validate_against_the_schema() {
         ),
     }
 }
+
+/// `AuditReader::read_from` starts at a record, stops before a line still
+/// being written and picks it up once complete.
+#[test]
+fn cursor_reads_from_a_record_and_waits_for_partial_lines() {
+    use std::io::Write;
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path().join("audit");
+    trail(&dir, 3);
+    let reader = bastion_security::audit::AuditReader::new(&dir, keys());
+    let mut c = reader.read_from(1).expect("cursor");
+    assert_eq!(c.position(), 1);
+    let mut seqs = Vec::new();
+    while let Some((seq, rec)) = c.next_record().expect("next") {
+        assert_eq!(rec.expect("decrypts").seq, seq);
+        seqs.push(seq);
+    }
+    assert_eq!(seqs, vec![1, 2, 3]); // 3 events + the closing checkpoint marker
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("records"))
+        .expect("open");
+    f.write_all(b"{\"seq\":4,").expect("write");
+    assert!(c.next_record().expect("next").is_none());
+    f.write_all(b"\"junk\":1}\n").expect("write");
+    let (seq, rec) = c.next_record().expect("next").expect("a line");
+    assert_eq!((seq, rec.is_none()), (4, true));
+    assert_eq!(c.position(), 5);
+}
