@@ -90,7 +90,8 @@ def run_bastion(binary: Path, files, parallel, work: Path) -> dict:
     port = helpers.free_port()
     log = open(work / "bastion.log", "ab")
     proc = subprocess.Popen([str(binary), "serve", "--data", str(data),
-                             "--dicom-addr", f"127.0.0.1:{port}"], stdout=log, stderr=log)
+                             "--dicom-addr", f"127.0.0.1:{port}", "--http-addr", "off"],
+                            stdout=log, stderr=log)
     try:
         helpers.wait_port(port, 60, proc)
         c0 = cpu_ms(proc.pid)
