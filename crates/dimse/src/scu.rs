@@ -87,6 +87,17 @@ enum Link {
     Tls(Box<AsyncClientAssociation<AsyncTlsStream>>),
 }
 
+impl Link {
+    /// The association's stream, for writing P-DATA-TF directly
+    /// ([`crate::pdata`]).
+    fn stream(&mut self) -> &mut (dyn tokio::io::AsyncWrite + Unpin + Send) {
+        match self {
+            Link::Plain(a) => a.inner_stream(),
+            Link::Tls(a) => a.inner_stream(),
+        }
+    }
+}
+
 /// An established association to a Storage SCP.
 pub struct StoreScu {
     link: Link,
@@ -214,30 +225,15 @@ impl StoreScu {
         self.message_id = self.message_id.wrapping_add(1).max(1);
         let cmd = encode_store_rq(self.message_id, &req);
         let (max, timeout) = (self.max_data, self.timeout);
-        let written = match &mut self.link {
-            Link::Plain(a) => {
-                crate::pdata::write_message(
-                    a.inner_stream(),
-                    pc,
-                    &cmd,
-                    Some(req.dataset),
-                    max,
-                    timeout,
-                )
-                .await
-            }
-            Link::Tls(a) => {
-                crate::pdata::write_message(
-                    a.inner_stream(),
-                    pc,
-                    &cmd,
-                    Some(req.dataset),
-                    max,
-                    timeout,
-                )
-                .await
-            }
-        };
+        let written = crate::pdata::write_message(
+            self.link.stream(),
+            pc,
+            &cmd,
+            Some(req.dataset),
+            max,
+            timeout,
+        )
+        .await;
         written.map_err(|e| ScuError::Protocol(e.to_string()))?;
         let mut rsp = Vec::new();
         loop {

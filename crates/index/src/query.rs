@@ -168,6 +168,20 @@ pub struct StudyCounts {
     pub sop_classes: Vec<String>,
 }
 
+/// Rows of `(study row id, value)` from `sql`, whose parameters are `ids`.
+fn pairs<T: rusqlite::types::FromSql>(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    ids: &[i64],
+) -> Result<Vec<(i64, T)>, IndexError> {
+    let mut stmt = conn.prepare(sql).map_err(sql_err("study counts"))?;
+    let rows = stmt
+        .query_map(params_from_iter(ids.iter()), |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(sql_err("study counts"))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(sql_err("study counts"))
+}
+
 /// The WHERE clause of the partial index `studies_study_date_noncanonical`
 /// (schema V3), verbatim: study dates that are not exactly 8 digits.
 const NONCANONICAL_DATE: &str = "length(study_date) != 8 OR study_date GLOB '*[^0-9]*'";
@@ -412,26 +426,8 @@ impl Index {
         let tx = conn.transaction().map_err(sql_err("study counts"))?;
         for batch in studies.chunks(500) {
             let marks = vec!["?"; batch.len()].join(",");
-            let counts = |sql: &str| -> Result<Vec<(i64, i64)>, IndexError> {
-                let mut stmt = tx.prepare(sql).map_err(sql_err("study counts"))?;
-                let rows = stmt
-                    .query_map(params_from_iter(batch.iter()), |r| {
-                        Ok((r.get(0)?, r.get(1)?))
-                    })
-                    .map_err(sql_err("study counts"))?;
-                rows.collect::<Result<_, _>>()
-                    .map_err(sql_err("study counts"))
-            };
-            let strings = |sql: &str| -> Result<Vec<(i64, String)>, IndexError> {
-                let mut stmt = tx.prepare(sql).map_err(sql_err("study counts"))?;
-                let rows = stmt
-                    .query_map(params_from_iter(batch.iter()), |r| {
-                        Ok((r.get(0)?, r.get(1)?))
-                    })
-                    .map_err(sql_err("study counts"))?;
-                rows.collect::<Result<_, _>>()
-                    .map_err(sql_err("study counts"))
-            };
+            let counts = |sql: &str| pairs::<i64>(&tx, sql, batch);
+            let strings = |sql: &str| pairs::<String>(&tx, sql, batch);
             for (study, n) in counts(&format!(
                 "SELECT study_ref, count(*) FROM series WHERE study_ref IN ({marks}) GROUP BY study_ref"
             ))? {

@@ -266,6 +266,41 @@ fn origin_allowed(state: &AppState, headers: &HeaderMap) -> bool {
             .any(|o| o.eq_ignore_ascii_case(origin))
 }
 
+/// The JSON body of an anonymous POST (login, first-login password change):
+/// the `Origin` must be ours or a CORS origin (403), the Content-Type
+/// `application/json` (415: a form or text/plain POST is what a cross-site
+/// page can send without a CORS preflight), the body within the JSON limit.
+async fn anonymous_json<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    parts: &axum::http::request::Parts,
+    body: Body,
+) -> Result<T, ApiError> {
+    if !origin_allowed(state, &parts.headers) {
+        crate::body::drain(&parts.headers, body).await;
+        return Err(ApiError::Origin);
+    }
+    let is_json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        crate::body::drain(&parts.headers, body).await;
+        return Err(ApiError::UnsupportedMediaType(
+            "send a JSON body with Content-Type: application/json".into(),
+        ));
+    }
+    let bytes = read_body(
+        &parts.headers,
+        body,
+        state.config().max_json_bytes,
+        state.config().body_timeout,
+    )
+    .await?;
+    parse_json(&bytes)
+}
+
 /// `POST /api/login`: `{"username", "password", "totp"?}` → 200
 /// `{"username", "role", "csrf", "must_change_password"}` and the session
 /// cookie; 401 (one answer for every failure), 429 with `Retry-After`.
@@ -276,31 +311,7 @@ pub async fn login(
 ) -> Result<Response, ApiError> {
     note.action("login");
     let (parts, body) = req.into_parts();
-    if !origin_allowed(&state, &parts.headers) {
-        return Err(ApiError::Origin);
-    }
-    // JSON only: a form or text/plain POST is what a cross-site page can send
-    // without a CORS preflight.
-    let is_json = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
-        crate::body::drain(&parts.headers, body).await;
-        return Err(ApiError::UnsupportedMediaType(
-            "send the login as Content-Type: application/json".into(),
-        ));
-    }
-    let bytes = read_body(
-        &parts.headers,
-        body,
-        state.config().max_json_bytes,
-        state.config().body_timeout,
-    )
-    .await?;
-    let b: LoginBody = parse_json(&bytes)?;
+    let b: LoginBody = anonymous_json(&state, &parts, body).await?;
     note.set_user(&b.username.chars().take(64).collect::<String>());
     let attempt = LoginAttempt {
         username: b.username,
@@ -391,31 +402,7 @@ pub async fn change_password(
 ) -> Result<Response, ApiError> {
     note.action("password.change");
     let (parts, body) = req.into_parts();
-    if !origin_allowed(&state, &parts.headers) {
-        return Err(ApiError::Origin);
-    }
-    // JSON only: a form or text/plain POST is what a cross-site page can send
-    // without a CORS preflight.
-    let is_json = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
-        crate::body::drain(&parts.headers, body).await;
-        return Err(ApiError::UnsupportedMediaType(
-            "send the login as Content-Type: application/json".into(),
-        ));
-    }
-    let bytes = read_body(
-        &parts.headers,
-        body,
-        state.config().max_json_bytes,
-        state.config().body_timeout,
-    )
-    .await?;
-    let b: PasswordBody = parse_json(&bytes)?;
+    let b: PasswordBody = anonymous_json(&state, &parts, body).await?;
     note.set_user(&b.username.chars().take(64).collect::<String>());
     let request = PasswordChangeRequest {
         username: b.username,
