@@ -68,6 +68,9 @@ pub fn frames(
         });
     }
     let obj = parse_dataset(dataset, ts_uid)?;
+    if obj.get(tags::PIXEL_DATA).is_none() {
+        return Err(DicomWebError::NoPixelData);
+    }
     let g = Geometry::of(&obj)?;
     for n in numbers {
         g.check_frame(*n)?;

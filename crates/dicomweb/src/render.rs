@@ -110,6 +110,10 @@ pub fn render(
 ) -> Result<Vec<u8>, DicomWebError> {
     check_options(opts)?;
     let mut obj = parse_dataset(dataset, ts_uid)?;
+    // An SR, ECG or plan has no image: say that, not which attribute is missing.
+    if obj.get(tags::PIXEL_DATA).is_none() {
+        return Err(DicomWebError::NoPixelData);
+    }
     Geometry::of(&obj)?.check_frame(frame)?;
     let encapsulated = match obj.get(tags::PIXEL_DATA).map(|e| e.value()) {
         None => return Err(DicomWebError::NoPixelData),

@@ -972,12 +972,10 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
     let body = read_body(&parts.headers, body, cfg.max_upload_bytes, cfg.body_timeout).await?;
     let base = base_url(&parts.headers);
     let origin = Origin {
+        // The user is in the request's own event (`http.request`); `peer`
+        // stays an address, as for DICOM.
         ae: "DICOMWEB".into(),
-        peer: format!(
-            "{} user={}",
-            peer_of(&parts.extensions),
-            caller.identity.username
-        ),
+        peer: peer_of(&parts.extensions),
         on_conflict: bastion_index::OnConflict::Refuse,
     };
     let archive = state.archive();
