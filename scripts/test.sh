@@ -14,13 +14,17 @@ PY_PACKAGES=(pydicom==3.0.2 pynetdicom==3.0.4 pytest==9.2.0 cryptography==50.0.2
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "1/6 system packages (DCMTK, cmake)"
+step "1/6 system packages (DCMTK, cmake, chromium, node)"
 need=()
 [[ -x /usr/bin/storescu && -x /usr/bin/echoscu && -x /usr/bin/storescp ]] || need+=(dcmtk)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 { [[ -x /usr/sbin/rsyslogd ]] && compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null; } || need+=(rsyslog rsyslog-gnutls)
 command -v jing >/dev/null 2>&1 || need+=(jing)
+# the web UI's browser tests: Debian's chromium (never a downloaded browser), node + npm
+[[ -x /usr/bin/chromium ]] || need+=(chromium)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if ((${#need[@]})); then
     SUDO=
     if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; fi
@@ -31,7 +35,7 @@ else
     echo "dcmtk and cmake present"
 fi
 
-step "2/6 python venv ($VENV)"
+step "2/6 python venv ($VENV) and tests/ui node modules"
 if [[ ! -x $VENV/bin/python ]]; then
     python3 -m venv "$VENV"
 fi
@@ -50,6 +54,12 @@ then
     "$VENV/bin/python" -m pip install --quiet "${PY_PACKAGES[@]}"
 fi
 "$VENV/bin/python" -c 'import pydicom, pynetdicom, pytest, cryptography, dicomweb_client, requests; print("pydicom", pydicom.__version__, "pynetdicom", pynetdicom.__version__, "pytest", pytest.__version__, "dicomweb-client", dicomweb_client.__version__)'
+
+# playwright-core for the browser tests (pinned in tests/ui/package-lock.json;
+# it drives /usr/bin/chromium and downloads no browser)
+if [[ ! -d tests/ui/node_modules/playwright-core ]]; then
+    (cd tests/ui && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund)
+fi
 
 step "3/6 test corpus"
 PYTHON=$VENV/bin/python ./scripts/fetch-corpus.sh

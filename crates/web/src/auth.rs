@@ -14,8 +14,9 @@
 //! before anything else: URLs end up in logs, proxies and browser history.
 //! Anonymous routes: `POST /api/login` (checks `Origin`: absent — not a
 //! browser — or our own origin or an allowed CORS origin), `POST
-//! /api/password` (needs the current password) and CORS preflights (answered
-//! by the CORS layer before this one).
+//! /api/password` (needs the current password), CORS preflights (answered
+//! by the CORS layer before this one) and `GET` of the web UI's static
+//! assets (exact paths, [`crate::ui::ASSETS`]; no patient data).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -90,7 +91,8 @@ pub fn peer(req_ext: &axum::http::Extensions) -> Option<SocketAddr> {
 }
 
 fn is_public(method: &Method, path: &str) -> bool {
-    *method == Method::POST && (path == "/api/login" || path == "/api/password")
+    (*method == Method::POST && (path == "/api/login" || path == "/api/password"))
+        || crate::ui::is_asset(method, path)
 }
 
 fn state_changing(method: &Method) -> bool {

@@ -24,7 +24,8 @@
 //!
 //! Invariants:
 //! - every route is authenticated except `POST /api/login`, `POST
-//!   /api/password` and CORS preflights; authorisation is one
+//!   /api/password`, CORS preflights and `GET` of the web UI's static
+//!   assets ([`ui`]: `/`, `/app.css`, `/app.js`, `/favicon.svg`); authorisation is one
 //!   [`auth::Caller::require`] call per handler, by [`bastion_model::WebPermission`];
 //! - every response carries the security headers ([`protect`]), errors
 //!   included; errors map to HTTP statuses in one place ([`error::ApiError`])
@@ -46,6 +47,7 @@ mod negotiate;
 mod peek;
 pub mod protect;
 pub mod server;
+pub mod ui;
 
 pub use axum::Router;
 
@@ -172,8 +174,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/audit", get(audit_api::search))
         .route("/api/alerts", get(alerts::list))
         .route("/metrics", get(alerts::metrics));
+    let ui = ui::ASSETS
+        .iter()
+        .fold(Router::new(), |r, a| r.route(a.path, get(ui::asset)));
     let app = Router::new()
         .merge(api)
+        .merge(ui)
         .nest("/dicomweb", dicomweb::routes())
         .fallback(|| async { ApiError::NotFound })
         .layer(from_fn_with_state(state.clone(), auth::authenticate))

@@ -894,3 +894,38 @@ async fn slow_headers_and_bodies_are_cut_off_and_the_server_stays_up() {
     let answer = read_all(&mut s, Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+#[tokio::test]
+async fn the_ui_assets_are_anonymous_typed_and_hardened() {
+    let f = fixture(WebConfig::default());
+    for (path, ty) in [
+        ("/", "text/html; charset=utf-8"),
+        ("/app.css", "text/css; charset=utf-8"),
+        ("/app.js", "text/javascript; charset=utf-8"),
+        ("/favicon.svg", "image/svg+xml"),
+    ] {
+        let req = request(Method::GET, path)
+            .body(Body::empty())
+            .expect("request");
+        let (r, body) = send(&f.app, req).await;
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        assert_eq!(r.headers()[header::CONTENT_TYPE], ty, "{path}");
+        assert_security_headers(&r);
+        assert!(!body.is_empty(), "{path}");
+        // Only GET of the exact path is anonymous.
+        let req = request(Method::POST, path)
+            .body(Body::empty())
+            .expect("request");
+        assert_eq!(send(&f.app, req).await.0.status(), StatusCode::UNAUTHORIZED);
+    }
+    for path in ["/index.html", "/app.js.map", "/assets/app.js"] {
+        let req = request(Method::GET, path)
+            .body(Body::empty())
+            .expect("request");
+        assert_eq!(
+            send(&f.app, req).await.0.status(),
+            StatusCode::UNAUTHORIZED,
+            "{path}"
+        );
+    }
+}

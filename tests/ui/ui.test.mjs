@@ -1,0 +1,211 @@
+// Drives Debian's chromium (never a downloaded browser) through Bastion's
+// web UI with playwright-core. Run by tests/interop/test_ui.py, which starts
+// `bastion serve`, stores the studies and creates the user, then passes:
+//   BASE_URL   https://localhost:PORT
+//   UI_USER, UI_PASSWORD   a clinician
+//   OUT_DIR    where screenshots and result.json go
+// Exit code 0 when every check held; the checks are printed one per line.
+import { chromium } from 'playwright-core';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+const BASE = process.env.BASE_URL;
+const USER = process.env.UI_USER;
+const PASSWORD = process.env.UI_PASSWORD;
+const OUT = process.env.OUT_DIR || '.';
+mkdirSync(OUT, { recursive: true });
+
+const results = [];
+function check(name, ok, detail) {
+  results.push({ name, ok: Boolean(ok), detail: detail === undefined ? null : detail });
+  console.log(`${ok ? 'ok  ' : 'FAIL'} ${name}${detail === undefined ? '' : ` — ${JSON.stringify(detail)}`}`);
+  if (!ok) throw new Error(`check failed: ${name}`);
+}
+
+// Pixel statistics of the viewer's <img>, drawn into a canvas (a same-origin
+// blob: URL, so the canvas is readable).
+async function imageStats(page) {
+  return page.evaluate(() => {
+    const img = document.getElementById('image');
+    const c = document.createElement('canvas');
+    c.width = img.naturalWidth;
+    c.height = img.naturalHeight;
+    const g = c.getContext('2d');
+    g.drawImage(img, 0, 0);
+    const d = g.getImageData(0, 0, c.width, c.height).data;
+    let min = 255; let max = 0; let sum = 0; let hash = 0;
+    for (let i = 0; i < d.length; i += 4) {
+      const v = d[i];
+      if (v < min) min = v;
+      if (v > max) max = v;
+      sum += v;
+      hash = (hash * 31 + v) >>> 0;
+    }
+    return {
+      width: img.naturalWidth, height: img.naturalHeight, min, max,
+      mean: sum / (d.length / 4), hash, src: img.dataset.src || '',
+    };
+  });
+}
+
+async function waitImage(page, previousSrc) {
+  await page.waitForFunction((prev) => {
+    const img = document.getElementById('image');
+    return !img.hidden && img.complete && img.naturalWidth > 0 && (img.dataset.src || '') !== prev;
+  }, previousSrc, { timeout: 20000 });
+}
+
+const browser = await chromium.launch({
+  executablePath: '/usr/bin/chromium',
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+    '--disable-component-update', '--disable-sync'],
+  timeout: 60000,
+});
+let failed = false;
+let page = null;
+try {
+  const context = await browser.newContext({
+    ignoreHTTPSErrors: true, // the server's certificate is from the test's own CA
+    viewport: { width: 1280, height: 800 },
+  });
+  page = await context.newPage();
+  page.setDefaultTimeout(20000);
+  const consoleErrors = [];
+  page.on('console', (m) => { if (m.type() === 'error') consoleErrors.push(m.text()); });
+  page.on('pageerror', (e) => consoleErrors.push(`pageerror: ${e.message}`));
+  await page.addInitScript(() => {
+    window.__csp = [];
+    document.addEventListener('securitypolicyviolation',
+      (e) => window.__csp.push(`${e.violatedDirective} ${e.blockedURI}`));
+  });
+
+  // -- the page and its headers
+  const resp = await page.goto(`${BASE}/`);
+  const csp = resp.headers()['content-security-policy'] || '';
+  check('GET / is 200 HTML', resp.status() === 200 && resp.headers()['content-type'].startsWith('text/html'));
+  check('CSP header on /', csp.includes("script-src 'self'") && csp.includes("style-src 'self'") && !csp.includes('unsafe'), csp);
+  await page.waitForSelector('#login-view:not([hidden])');
+
+  // -- a wrong password is refused with a message
+  await page.fill('#login-username', USER);
+  await page.fill('#login-password', 'not the password');
+  await page.click('#login-submit');
+  await page.waitForSelector('#login-error:not([hidden])');
+  const err = await page.textContent('#login-error');
+  check('wrong password: message shown', /Log-in failed/.test(err), err);
+  check('wrong password: still on the login page', await page.isVisible('#login-form'));
+  await page.screenshot({ path: join(OUT, 'login.png') });
+
+  // -- log in (after the back-off the failure earned: 429, Retry-After shown)
+  let throttled = null;
+  for (let attempt = 0; attempt < 4; attempt++) {
+    await page.fill('#login-password', PASSWORD);
+    await page.click('#login-submit');
+    await page.waitForSelector('#list-view:not([hidden]), #login-error:not([hidden])');
+    if (await page.isVisible('#list-view')) break;
+    const text = await page.textContent('#login-error');
+    const m = /Try again in (\d+) second/.exec(text);
+    if (!m) break;
+    throttled = text;
+    await page.evaluate(() => { document.getElementById('login-error').hidden = true; });
+    await page.waitForTimeout(Number(m[1]) * 1000 + 300);
+  }
+  if (throttled) console.log(`note: throttled once: ${throttled}`);
+  await page.waitForSelector('#list-view:not([hidden])');
+  await page.waitForSelector('#studies tbody tr');
+  const rows = await page.locator('#studies tbody tr').count();
+  check('logged in: the study list shows the stored studies', rows === 2, rows);
+  check('logged in: the user is named in the bar', (await page.textContent('#who')) === USER);
+  await page.screenshot({ path: join(OUT, 'studies.png') });
+
+  // -- search by modality
+  await page.selectOption('#q-modality', 'CT');
+  const searched = page.waitForResponse((r) => r.url().includes('/dicomweb/studies?') && r.url().includes('ModalitiesInStudy=CT'));
+  await page.click('#search');
+  const qido = await searched;
+  check('search: QIDO-RS with limit and includefield', qido.status() === 200
+    && qido.url().includes('limit=25') && qido.url().includes('includefield='), qido.url());
+  await page.waitForFunction(() => document.querySelectorAll('#studies tbody tr').length === 1);
+  const cells = await page.locator('#studies tbody tr td').allTextContents();
+  check('search: one CT study with its columns', cells[4] === 'CT' && cells[7] === '2', cells);
+
+  // -- the viewer
+  await page.click('#studies tbody tr');
+  await page.waitForSelector('#viewer-view:not([hidden])');
+  await waitImage(page, '');
+  const first = await imageStats(page);
+  check('viewer: the CT is 128x128', first.width === 128 && first.height === 128, first);
+  check('viewer: the image is not blank', first.max - first.min > 50, first);
+  const thumbs = await page.locator('#series .thumb img').count();
+  check('viewer: a series thumbnail', thumbs === 1, thumbs);
+  await page.waitForFunction(() => {
+    const t = document.querySelector('#series .thumb img');
+    return t && t.complete && t.naturalWidth > 0;
+  });
+  check('viewer: overlay says image 1 of 2', (await page.textContent('#ov-position')).includes('image 1 of 2'));
+  check('viewer: overlay names the patient', (await page.textContent('#ov-patient')).length > 0);
+
+  // -- a window preset
+  await page.click('#presets button:text-is("Lung")');
+  await waitImage(page, first.src);
+  const lung = await imageStats(page);
+  check('preset: the image URL carries the window', lung.src.includes('window=-600%2C1500') || lung.src.includes('window=-600,1500'), lung.src);
+  check('preset: the pixels changed', lung.hash !== first.hash && lung.width === 128, { first: first.mean, lung: lung.mean });
+  await page.click('#presets button:text-is("Soft tissue")');
+  await waitImage(page, lung.src);
+  const soft = await imageStats(page);
+  check('preset: soft tissue differs from lung', soft.hash !== lung.hash, { lung: lung.mean, soft: soft.mean });
+
+  // -- next instance with the down arrow
+  await page.keyboard.press('ArrowDown');
+  await waitImage(page, soft.src);
+  const second = await imageStats(page);
+  check('arrow down: the next instance', (await page.textContent('#ov-position')).includes('image 2 of 2')
+    && second.src !== soft.src && second.hash !== soft.hash, second.src);
+  await page.screenshot({ path: join(OUT, 'viewer.png') });
+
+  // -- a render failure is a message, never a blank page
+  await page.route('**/rendered*', (route) => route.fulfill({
+    status: 422, contentType: 'application/json', body: '{"error":"cannot decode","status":422}',
+  }));
+  await page.keyboard.press('ArrowUp');
+  await page.waitForSelector('#cannot:not([hidden])');
+  check('render failure: "cannot display this image"', (await page.textContent('#cannot')).includes('Cannot display this image'));
+  await page.screenshot({ path: join(OUT, 'viewer-cannot.png') });
+  await page.unroute('**/rendered*');
+
+  // -- logout, then an expired session
+  await page.click('#logout');
+  await page.waitForSelector('#login-view:not([hidden])');
+  check('logout: back at the login page', (await page.textContent('#login-notice')).includes('logged out'));
+  await page.fill('#login-username', USER);
+  await page.fill('#login-password', PASSWORD);
+  await page.click('#login-submit');
+  await page.waitForSelector('#list-view:not([hidden])');
+  await context.clearCookies(); // the server forgets nothing; the browser loses its cookie
+  await page.click('#search');
+  await page.waitForSelector('#login-view:not([hidden])');
+  check('expired session: back at the login page with a message',
+    (await page.textContent('#login-notice')).includes('session has expired'));
+  await page.screenshot({ path: join(OUT, 'expired.png') });
+
+  // -- no CSP violation anywhere
+  const violations = await page.evaluate(() => window.__csp);
+  const cspConsole = consoleErrors.filter((t) => /Content Security Policy|Refused to/i.test(t));
+  check('no CSP violation', violations.length === 0 && cspConsole.length === 0, { violations, cspConsole });
+  const other = consoleErrors.filter((t) => !/status of 4(01|22|29)/.test(t));
+  check('no unexpected console error', other.length === 0, other);
+} catch (e) {
+  failed = true;
+  console.log(`error: ${e.stack || e}`);
+  if (page) {
+    await page.screenshot({ path: join(OUT, 'failure.png') }).catch(() => {});
+    const shown = await page.evaluate(() => [...document.querySelectorAll('.error, .notice')]
+      .filter((el) => !el.hidden).map((el) => el.textContent)).catch(() => []);
+    console.log(`messages on the page: ${JSON.stringify(shown)}`);
+  }
+} finally {
+  writeFileSync(join(OUT, 'result.json'), JSON.stringify(results, null, 2));
+  await browser.close();
+}
+process.exit(failed ? 1 : 0);
