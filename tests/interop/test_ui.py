@@ -6,7 +6,8 @@ MR_small, stored by STOW-RS with a technologist token. A clinician fails to
 log in with a wrong password, logs in, searches, opens the CT, checks its
 size and pixels, switches a window preset, steps to the next instance, sees
 "cannot display this image" for a failed render, logs out and is sent back
-to the login page when the session is gone; no CSP violation. Screenshots go
+to the login page when the session is gone; a user with a generated password
+is made to change it at the first login; no CSP violation. Screenshots go
 to the test's tmp dir (ui/*.png).
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pydicom.uid import generate_uid
 import corpus
 import helpers
 from test_dicomweb import PASSWORD, _multipart, new_token, request, run
+from test_users import GENERATED
 
 UI_DIR = Path(__file__).resolve().parents[1] / "ui"
 CHROMIUM = "/usr/bin/chromium"
@@ -56,6 +58,10 @@ def test_clinician_reads_a_ct_in_the_browser(make_server, tmp_path):
     run(srv, "user", "add", "reader", "--role", "clinician", "--password-stdin",
         stdin=PASSWORD + "\n")
 
+    # a generated password: must be changed at the first login
+    m = GENERATED.search(run(srv, "user", "add", "newbie", "--role", "clinician").stdout)
+    assert m, "no generated password"
+
     ct = corpus.corpus_root() / "pydicom" / "test_files" / "CT_small.dcm"
     mr = corpus.corpus_root() / "pydicom" / "test_files" / "MR_small.dcm"
     ct2 = tmp_path / "CT_small_2.dcm"
@@ -69,7 +75,8 @@ def test_clinician_reads_a_ct_in_the_browser(make_server, tmp_path):
 
     shots = tmp_path / "ui"
     env = dict(os.environ, BASE_URL=f"https://localhost:{srv.http_port}", UI_USER="reader",
-               UI_PASSWORD=PASSWORD, OUT_DIR=str(shots))
+               UI_PASSWORD=PASSWORD, NEW_USER="newbie", NEW_PASSWORD=m.group(2),
+               OUT_DIR=str(shots))
     r = subprocess.run([node, str(UI_DIR / "ui.test.mjs")], cwd=UI_DIR, env=env,
                        capture_output=True, text=True, timeout=240)
     print(r.stdout)
@@ -77,7 +84,7 @@ def test_clinician_reads_a_ct_in_the_browser(make_server, tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     results = json.loads((shots / "result.json").read_text())
     assert results and all(c["ok"] for c in results), results
-    for name in ("login", "studies", "viewer", "viewer-cannot", "expired"):
+    for name in ("login", "studies", "viewer", "viewer-cannot", "expired", "password"):
         png = shots / f"{name}.png"
         assert png.stat().st_size > 1000, png
     print(f"screenshots: {shots}")

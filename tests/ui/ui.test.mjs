@@ -3,6 +3,7 @@
 // `bastion serve`, stores the studies and creates the user, then passes:
 //   BASE_URL   https://localhost:PORT
 //   UI_USER, UI_PASSWORD   a clinician
+//   NEW_USER, NEW_PASSWORD   a clinician whose password was generated
 //   OUT_DIR    where screenshots and result.json go
 // Exit code 0 when every check held; the checks are printed one per line.
 import { chromium } from 'playwright-core';
@@ -12,6 +13,8 @@ import { join } from 'node:path';
 const BASE = process.env.BASE_URL;
 const USER = process.env.UI_USER;
 const PASSWORD = process.env.UI_PASSWORD;
+const NEW_USER = process.env.NEW_USER;
+const NEW_PASSWORD = process.env.NEW_PASSWORD;
 const OUT = process.env.OUT_DIR || '.';
 mkdirSync(OUT, { recursive: true });
 
@@ -188,6 +191,26 @@ try {
   check('expired session: back at the login page with a message',
     (await page.textContent('#login-notice')).includes('session has expired'));
   await page.screenshot({ path: join(OUT, 'expired.png') });
+
+  // -- a generated password must be changed first
+  await page.fill('#login-username', NEW_USER);
+  await page.fill('#login-password', NEW_PASSWORD);
+  await page.click('#login-submit');
+  await page.waitForSelector('#password-view:not([hidden])');
+  check('first login: the password change is asked', await page.isVisible('#password-form'));
+  const chosen = 'a calm new passphrase for reading 7';
+  await page.fill('#password-old', NEW_PASSWORD);
+  await page.fill('#password-new', chosen);
+  await page.fill('#password-again', `${chosen}x`);
+  await page.click('#password-form button[type=submit]');
+  await page.waitForSelector('#password-error:not([hidden])');
+  check('password change: mismatch is caught', (await page.textContent('#password-error')).includes('differ'));
+  await page.fill('#password-again', chosen);
+  await page.screenshot({ path: join(OUT, 'password.png') });
+  await page.click('#password-form button[type=submit]');
+  await page.waitForSelector('#list-view:not([hidden])');
+  check('password change: then logged in with the new password', (await page.textContent('#who')) === NEW_USER);
+  await page.waitForSelector('#studies tbody tr');
 
   // -- no CSP violation anywhere
   const violations = await page.evaluate(() => window.__csp);
