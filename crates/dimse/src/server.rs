@@ -798,14 +798,7 @@ impl Dimse {
         let query = match parsed {
             Ok(q) => q,
             Err(e) => {
-                let (st, comment, offending) = match &e {
-                    ArchiveError::NotDicom(_) => (
-                        Status::CANNOT_UNDERSTAND,
-                        "identifier cannot be decoded".to_owned(),
-                        Vec::new(),
-                    ),
-                    other => status::for_query_error(other),
-                };
+                let (st, comment, offending) = identifier_refusal(&e);
                 tracing::warn!(peer = %s.peer, ae = %ae, status = %st, reason = %comment, "C-FIND refused");
                 self.archive.events().record_private(
                     "query.find",
@@ -1060,14 +1053,7 @@ impl Dimse {
         let query = match parsed {
             Ok(q) => q,
             Err(e) => {
-                let (st, comment, offending) = match &e {
-                    ArchiveError::NotDicom(_) => (
-                        Status::CANNOT_UNDERSTAND,
-                        "identifier cannot be decoded".to_owned(),
-                        Vec::new(),
-                    ),
-                    other => status::for_query_error(other),
-                };
+                let (st, comment, offending) = identifier_refusal(&e);
                 tracing::warn!(peer = %s.peer, ae = %ae, status = %st, reason = %comment, "retrieve refused");
                 self.archive.events().record(
                     event,
@@ -1936,6 +1922,21 @@ fn wait_for_close(mut conn: std::net::TcpStream, timeout: Duration) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
+    }
+}
+
+/// The status, Error Comment and Offending Elements for an identifier that
+/// cannot be decoded (0xC000-class "cannot understand") or parsed into a query
+/// (PS3.4 C.4.1.1.4: 0xA900 with the offending tags, see
+/// [`status::for_query_error`]).
+fn identifier_refusal(e: &ArchiveError) -> (Status, String, Vec<dicom_core::Tag>) {
+    match e {
+        ArchiveError::NotDicom(_) => (
+            Status::CANNOT_UNDERSTAND,
+            "identifier cannot be decoded".to_owned(),
+            Vec::new(),
+        ),
+        other => status::for_query_error(other),
     }
 }
 
