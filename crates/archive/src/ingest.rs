@@ -607,7 +607,7 @@ fn group_commit(index: &Index, rx: &mpsc::Receiver<(NewInstance, CommitReply)>) 
 
 /// PS3.10 §7.1: 128-byte zero preamble, `DICM`, File Meta Information
 /// (group 0002, explicit VR LE). The dataset as received follows it.
-fn part10_header(
+pub(crate) fn part10_header(
     ts: &str,
     sop_class: &str,
     sop_instance: &str,

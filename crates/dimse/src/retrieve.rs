@@ -256,41 +256,6 @@ pub(crate) async fn next_message(r: &mut Option<RunningRetrieve>) -> Option<Retr
     }
 }
 
-/// The dataset of a Part 10 file as built by the archive (128-byte preamble,
-/// `DICM`, explicit VR little endian group 0002): what follows the meta
-/// group. `None` when the bytes are not such a file.
-pub(crate) fn dataset_of_part10(bytes: &[u8]) -> Option<&[u8]> {
-    if bytes.get(128..132)? != b"DICM" {
-        return None;
-    }
-    let mut pos = 132usize;
-    loop {
-        let Some(head) = bytes.get(pos..pos + 8) else {
-            return bytes.get(pos..);
-        };
-        if u16::from_le_bytes([head[0], head[1]]) != 0x0002 {
-            return bytes.get(pos..);
-        }
-        let vr = &head[4..6];
-        let (header, len) = if matches!(
-            vr,
-            b"OB" | b"OW" | b"OF" | b"SQ" | b"UT" | b"UN" | b"UC" | b"UR" | b"OD" | b"OL" | b"OV"
-        ) {
-            let l = bytes.get(pos + 8..pos + 12)?;
-            (
-                12usize,
-                u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize,
-            )
-        } else {
-            (8usize, u16::from_le_bytes([head[6], head[7]]) as usize)
-        };
-        pos = pos.checked_add(header)?.checked_add(len)?;
-        if pos > bytes.len() {
-            return None;
-        }
-    }
-}
-
 /// Resolves the identifier; sends `Resolved` or `Refused`.
 fn resolve(
     archive: &Archive,
@@ -346,11 +311,10 @@ fn load_dataset(archive: &Archive, uid: &str) -> Result<Dataset, String> {
     let part10 = archive
         .instance_part10(&parsed)
         .map_err(|e| e.to_string())?;
-    let len = dataset_of_part10(&part10)
-        .map(<[u8]>::len)
+    let start = bastion_archive::part10::dataset_offset(&part10)
         .ok_or_else(|| "stored object is not a Part 10 file".to_owned())?;
     Ok(Dataset {
-        start: part10.len() - len,
+        start,
         bytes: part10,
     })
 }
@@ -566,23 +530,6 @@ pub(crate) async fn run_move(job: MoveJob) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn strips_the_meta_group() {
-        let mut f = vec![0u8; 128];
-        f.extend_from_slice(b"DICM");
-        // (0002,0000) UL 4 = 10
-        f.extend_from_slice(&[2, 0, 0, 0, b'U', b'L', 4, 0, 10, 0, 0, 0]);
-        // (0002,0001) OB 00 00 len 2
-        f.extend_from_slice(&[2, 0, 1, 0, b'O', b'B', 0, 0, 2, 0, 0, 0, 0, 1]);
-        // (0002,0010) UI 2 "1\0"
-        f.extend_from_slice(&[2, 0, 0x10, 0, b'U', b'I', 2, 0, b'1', 0]);
-        let body = [8u8, 0, 0x18, 0, 2, 0, 0, 0, b'1', 0];
-        f.extend_from_slice(&body);
-        assert_eq!(dataset_of_part10(&f), Some(&body[..]));
-        assert_eq!(dataset_of_part10(&f[..140]), None);
-        assert_eq!(dataset_of_part10(b"nope"), None);
-    }
 
     #[test]
     fn final_status_rules() {

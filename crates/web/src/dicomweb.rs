@@ -447,38 +447,11 @@ fn negotiate_instances(
     ))
 }
 
-/// Splits a Part 10 file into (offset of the dataset, transfer syntax).
+/// Offset of the dataset in a stored Part 10 file
+/// ([`bastion_archive::part10::dataset_offset`]).
 fn split_part10(bytes: &[u8]) -> Result<usize, ApiError> {
-    // Stored files always start with a zero preamble, DICM, then group 2
-    // in Explicit VR Little Endian, written by the archive.
-    let bad = || ApiError::internal("stored instance", "malformed file meta information");
-    if bytes.get(128..132) != Some(b"DICM") {
-        return Err(bad());
-    }
-    let mut pos = 132usize;
-    loop {
-        let Some(h) = bytes.get(pos..pos + 8) else {
-            return Err(bad());
-        };
-        let group = u16::from_le_bytes([h[0], h[1]]);
-        if group != 0x0002 {
-            return Ok(pos);
-        }
-        let vr = &h[4..6];
-        let (len, head) = if matches!(
-            vr,
-            b"OB" | b"OW" | b"OF" | b"SQ" | b"UT" | b"UN" | b"UC" | b"UR" | b"OD" | b"OL" | b"OV"
-        ) {
-            let l = bytes.get(pos + 8..pos + 12).ok_or_else(bad)?;
-            (u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize, 12)
-        } else {
-            (u16::from_le_bytes([h[6], h[7]]) as usize, 8)
-        };
-        pos = pos
-            .checked_add(head + len)
-            .filter(|p| *p <= bytes.len())
-            .ok_or_else(bad)?;
-    }
+    bastion_archive::part10::dataset_offset(bytes)
+        .ok_or_else(|| ApiError::internal("stored instance", "malformed file meta information"))
 }
 
 /// A Part 10 file of `inst` in transfer syntax `ts` (transcoded from the
@@ -486,21 +459,12 @@ fn split_part10(bytes: &[u8]) -> Result<usize, ApiError> {
 fn part10_in(inst: &StoredInstance, stored: &[u8], ts: &str) -> Result<Vec<u8>, ApiError> {
     let at = split_part10(stored)?;
     let dataset = transcode(&stored[at..], &inst.transfer_syntax_uid, ts)?;
-    let meta = dicom_object::meta::FileMetaTableBuilder::new()
-        .media_storage_sop_class_uid(inst.sop_class_uid.as_str())
-        .media_storage_sop_instance_uid(inst.sop_instance_uid.as_str())
-        .transfer_syntax(ts)
-        .implementation_class_uid(bastion_archive::IMPLEMENTATION_CLASS_UID)
-        .implementation_version_name(bastion_archive::IMPLEMENTATION_VERSION_NAME)
-        .build()
-        .map_err(|e| ApiError::internal("file meta", e))?;
-    let mut out = Vec::with_capacity(dataset.len() + 512);
-    out.extend_from_slice(&[0u8; 128]);
-    out.extend_from_slice(b"DICM");
-    meta.write(&mut out)
-        .map_err(|e| ApiError::internal("file meta", e))?;
-    out.extend_from_slice(&dataset);
-    Ok(out)
+    Ok(bastion_archive::part10::file(
+        ts,
+        &inst.sop_class_uid,
+        &inst.sop_instance_uid,
+        &dataset,
+    )?)
 }
 
 /// Streams the instances as `multipart/related; type="application/dicom"`,
