@@ -148,7 +148,14 @@ pub struct Archive {
     events: Arc<EventLog>,
     limits: Limits,
     parses: Slots,
-    committer: Mutex<mpsc::Sender<(NewInstance, CommitReply)>>,
+    /// `None` once the archive is being dropped (closes the channel so the
+    /// group-commit thread ends).
+    committer: Mutex<Option<mpsc::Sender<(NewInstance, CommitReply)>>>,
+    /// Joined on drop: the thread holds a clone of the index, and a process
+    /// that exits while that thread is still closing the SQLCipher
+    /// connection races the C library's exit handlers (OpenSSL cleanup) —
+    /// seen as "double free or corruption" at the end of `bastion import`.
+    commit_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     inventory: OnceLock<Arc<Inventory>>,
 }
 
@@ -162,7 +169,7 @@ impl Archive {
     ) -> Archive {
         let (tx, rx) = mpsc::channel::<(NewInstance, CommitReply)>();
         let idx = index.clone();
-        std::thread::Builder::new()
+        let commit_thread = std::thread::Builder::new()
             .name("index-commit".into())
             .spawn(move || group_commit(&idx, &rx))
             .ok();
@@ -175,7 +182,8 @@ impl Archive {
                 cv: Condvar::new(),
             },
             limits,
-            committer: Mutex::new(tx),
+            committer: Mutex::new(Some(tx)),
+            commit_thread: Mutex::new(commit_thread),
             inventory: OnceLock::new(),
         }
     }
@@ -390,6 +398,8 @@ impl Archive {
         self.committer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .ok_or_else(|| ArchiveError::Internal("the index commit thread has stopped".into()))?
             .send((record, tx))
             .map_err(|_| ArchiveError::Internal("the index commit thread has stopped".into()))?;
         rx.recv()
@@ -574,6 +584,27 @@ impl DatasetBytes {
         match self {
             DatasetBytes::Owned(v) => v,
             DatasetBytes::Tail(v, off) => v.get(*off..).unwrap_or_default(),
+        }
+    }
+}
+
+impl Drop for Archive {
+    /// Closes the commit channel and waits for the group-commit thread to
+    /// finish its last batch and release its index handle.
+    fn drop(&mut self) {
+        drop(
+            self.committer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
+        if let Some(t) = self
+            .commit_thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = t.join();
         }
     }
 }
