@@ -23,16 +23,21 @@ pub enum WebPermission {
     Audit,
     /// Manage users, devices and settings.
     Admin,
+    /// Download a whole study as a zip of Part 10 files from the web UI
+    /// (recorded as a DICOM "Export" audit event, PS3.15 A.5.3.6): patient
+    /// data leaving the archive's control, so narrower than [`Self::View`].
+    Export,
 }
 
 impl WebPermission {
     /// Every web permission, in canonical order.
-    pub const ALL: [WebPermission; 5] = [
+    pub const ALL: [WebPermission; 6] = [
         WebPermission::Query,
         WebPermission::View,
         WebPermission::Upload,
         WebPermission::Audit,
         WebPermission::Admin,
+        WebPermission::Export,
     ];
 
     /// The name used in events and messages (`query`, `view`, …).
@@ -43,6 +48,7 @@ impl WebPermission {
             WebPermission::Upload => "upload",
             WebPermission::Audit => "audit",
             WebPermission::Admin => "admin",
+            WebPermission::Export => "export",
         }
     }
 }
@@ -108,13 +114,18 @@ impl Role {
         use WebPermission as P;
         match (self, p) {
             (Role::Admin, _) => true,
-            (Role::Clinician, P::Query | P::View) => true,
+            (Role::Clinician, P::Query | P::View | P::Export) => true,
             (Role::Clinician, P::Upload | P::Audit | P::Admin) => false,
+            // Technologists send and check images; taking a study out of
+            // the archive is not part of that job.
             (Role::Technologist, P::Query | P::View | P::Upload) => true,
-            (Role::Technologist, P::Audit | P::Admin) => false,
+            (Role::Technologist, P::Audit | P::Admin | P::Export) => false,
             (Role::Auditor, P::Audit) => true,
-            (Role::Auditor, P::Query | P::View | P::Upload | P::Admin) => false,
-            (Role::Researcher, P::Query | P::View | P::Upload | P::Audit | P::Admin) => false,
+            (Role::Auditor, P::Query | P::View | P::Upload | P::Admin | P::Export) => false,
+            (
+                Role::Researcher,
+                P::Query | P::View | P::Upload | P::Audit | P::Admin | P::Export,
+            ) => false,
         }
     }
 }
@@ -151,7 +162,7 @@ mod tests {
         };
         use WebPermission as P;
         assert_eq!(granted(Role::Admin), P::ALL.to_vec());
-        assert_eq!(granted(Role::Clinician), vec![P::Query, P::View]);
+        assert_eq!(granted(Role::Clinician), vec![P::Query, P::View, P::Export]);
         assert_eq!(
             granted(Role::Technologist),
             vec![P::Query, P::View, P::Upload]

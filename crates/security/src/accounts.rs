@@ -164,9 +164,10 @@ impl Scope {
         match (self, p) {
             (Scope::Full, _) => true,
             (Scope::Read, P::Query | P::View | P::Audit) => true,
-            (Scope::Read, P::Upload | P::Admin) => false,
+            // A read token feeds a viewer; a study download is the UI's.
+            (Scope::Read, P::Upload | P::Admin | P::Export) => false,
             (Scope::Upload, P::Upload) => true,
-            (Scope::Upload, P::Query | P::View | P::Audit | P::Admin) => false,
+            (Scope::Upload, P::Query | P::View | P::Audit | P::Admin | P::Export) => false,
         }
     }
 }
@@ -262,6 +263,27 @@ pub enum LoginOutcome {
     Locked,
     /// The password is right but the account is disabled.
     Disabled,
+}
+
+/// The answer to [`Accounts::enrol_totp`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TotpEnrolment {
+    /// Step 1: a new secret for the authenticator app (not stored yet).
+    Secret {
+        /// RFC 4648 base32, no padding (32 characters).
+        secret: String,
+        /// `otpauth://totp/Bastion:NAME?secret=…&issuer=Bastion`.
+        uri: String,
+    },
+    /// Step 2: the secret is stored and a session started.
+    LoggedIn {
+        /// Cookie value and CSRF token.
+        session: NewSession,
+        /// The account must still change its (generated) password.
+        must_change_password: bool,
+    },
+    /// Refused; never [`LoginOutcome::Ok`].
+    Refused(LoginOutcome),
 }
 
 /// A freshly created session.
@@ -408,51 +430,14 @@ impl Accounts {
     pub fn login(&self, req: &LoginRequest) -> Result<LoginOutcome> {
         let now = self.now_ms();
         let source = req.source.to_string();
-        let refuse = |reason: &str, outcome: LoginOutcome| {
-            self.events.record(
-                "login.refused",
-                Outcome::Refused,
-                json!({"username": clip(req.username), "source": source, "reason": reason}),
-            );
-            Ok(outcome)
+        let user = match self.check_password(req, now, &source)? {
+            Ok(user) => user,
+            Err(outcome) => return Ok(outcome),
         };
-        // Per address: delays only.
-        if let Some(wait) = self.reserve_address(req.source, now) {
-            return refuse(
-                "throttled_address",
-                LoginOutcome::Throttled { retry_after: wait },
-            );
-        }
-        // Per account (reserving counts the attempt as a failure).
-        let user = match self.reserve_account(req.username, now)? {
-            Reservation::Locked => return refuse("locked", LoginOutcome::Locked),
-            Reservation::Wait(wait) => {
-                return refuse(
-                    "throttled_account",
-                    LoginOutcome::Throttled { retry_after: wait },
-                )
-            }
-            Reservation::Go(user) => user,
-        };
-        let dummy = self.dummy_hash()?;
-        let Some(user) = user else {
-            let _ = users::verify_hash(dummy, dummy, req.password);
-            self.after_failure(req.username, false, &source, "unknown_user")?;
-            return Ok(LoginOutcome::Failed);
-        };
-        if !users::verify_hash(&user.hash, dummy, req.password) {
-            self.after_failure(req.username, true, &source, "wrong_password")?;
-            return Ok(LoginOutcome::Failed);
-        }
-        // The password is right from here on.
-        if user.disabled {
-            self.give_back(req.username, req.source)?;
-            return refuse("disabled", LoginOutcome::Disabled);
-        }
         let step = match &user.totp_secret {
             None if user.role == Role::Admin && self.policy.admin_requires_totp => {
                 self.give_back(req.username, req.source)?;
-                return refuse("totp_setup_required", LoginOutcome::TotpSetupRequired);
+                return self.refuse(req, "totp_setup_required", LoginOutcome::TotpSetupRequired);
             }
             None => None,
             Some(secret) => {
@@ -491,6 +476,170 @@ impl Accounts {
                    "totp": step.is_some(), "session": sha256_hex(session.id.as_bytes())}),
         );
         Ok(LoginOutcome::Ok {
+            session,
+            must_change_password: user.must_change_password,
+        })
+    }
+
+    /// Records a refused login (`login.refused`) and returns `outcome`.
+    fn refuse(
+        &self,
+        req: &LoginRequest,
+        reason: &str,
+        outcome: LoginOutcome,
+    ) -> Result<LoginOutcome> {
+        self.events.record(
+            "login.refused",
+            Outcome::Refused,
+            json!({"username": clip(req.username), "source": req.source.to_string(), "reason": reason}),
+        );
+        Ok(outcome)
+    }
+
+    /// The password phase of a login: throttling per address and account,
+    /// the argon2id check (same work for unknown names), the disabled
+    /// flag. `Ok(Err(outcome))` is a refusal, already counted and recorded.
+    fn check_password(
+        &self,
+        req: &LoginRequest,
+        now: i64,
+        source: &str,
+    ) -> Result<std::result::Result<UserRow, LoginOutcome>> {
+        // Per address: delays only.
+        if let Some(wait) = self.reserve_address(req.source, now) {
+            return self
+                .refuse(
+                    req,
+                    "throttled_address",
+                    LoginOutcome::Throttled { retry_after: wait },
+                )
+                .map(Err);
+        }
+        // Per account (reserving counts the attempt as a failure).
+        let user = match self.reserve_account(req.username, now)? {
+            Reservation::Locked => {
+                return self.refuse(req, "locked", LoginOutcome::Locked).map(Err)
+            }
+            Reservation::Wait(wait) => {
+                return self
+                    .refuse(
+                        req,
+                        "throttled_account",
+                        LoginOutcome::Throttled { retry_after: wait },
+                    )
+                    .map(Err)
+            }
+            Reservation::Go(user) => user,
+        };
+        let dummy = self.dummy_hash()?;
+        let Some(user) = user else {
+            let _ = users::verify_hash(dummy, dummy, req.password);
+            self.after_failure(req.username, false, source, "unknown_user")?;
+            return Ok(Err(LoginOutcome::Failed));
+        };
+        if !users::verify_hash(&user.hash, dummy, req.password) {
+            self.after_failure(req.username, true, source, "wrong_password")?;
+            return Ok(Err(LoginOutcome::Failed));
+        }
+        // The password is right from here on.
+        if user.disabled {
+            self.give_back(req.username, req.source)?;
+            return self
+                .refuse(req, "disabled", LoginOutcome::Disabled)
+                .map(Err);
+        }
+        Ok(Ok(user))
+    }
+
+    /// TOTP enrolment from the web UI, for an `admin` account that must have
+    /// a second factor ([`AccountPolicy::admin_requires_totp`]) and has none
+    /// yet (the [`LoginOutcome::TotpSetupRequired`] case). Both steps prove
+    /// the password again, under the login throttle:
+    ///
+    /// 1. `secret: None` → [`TotpEnrolment::Secret`]: a fresh 160-bit secret
+    ///    (base32, and as an `otpauth://` URI) for the user's authenticator
+    ///    app. Nothing is stored: the client sends it back in step 2.
+    /// 2. `secret: Some(base32)` and `req.totp` = the app's current code →
+    ///    the secret is stored (only if the account still has none), the
+    ///    code's time step is used up, and a session starts:
+    ///    [`TotpEnrolment::LoggedIn`]. Recorded as `user.totp_enabled`
+    ///    (actor = the user, `via: "web"`) and `login.success`.
+    ///
+    /// Any other account, or a wrong password, is [`TotpEnrolment::Refused`]
+    /// with the login outcome (`Failed` for an account that needs no
+    /// enrolment, so that the answer says nothing more than a login would);
+    /// a wrong code is `Refused(TotpRequired)` and counts as a failure.
+    ///
+    /// # Errors
+    /// [`SecurityError::Db`] and [`SecurityError::PasswordHash`] only.
+    pub fn enrol_totp(&self, req: &LoginRequest, secret: Option<&str>) -> Result<TotpEnrolment> {
+        let now = self.now_ms();
+        let source = req.source.to_string();
+        let user = match self.check_password(req, now, &source)? {
+            Ok(user) => user,
+            Err(outcome) => return Ok(TotpEnrolment::Refused(outcome)),
+        };
+        let needs = user.totp_secret.is_none()
+            && user.role == Role::Admin
+            && self.policy.admin_requires_totp;
+        if !needs {
+            self.give_back(req.username, req.source)?;
+            self.refuse(req, "totp_enrolment_not_needed", LoginOutcome::Failed)?;
+            return Ok(TotpEnrolment::Refused(LoginOutcome::Failed));
+        }
+        let Some(secret) = secret else {
+            self.give_back(req.username, req.source)?;
+            let mut raw = vec![0u8; TOTP_SECRET_BYTES];
+            OsRng.fill_bytes(&mut raw);
+            let totp = totp_for(&raw, req.username)?;
+            let out = TotpEnrolment::Secret {
+                secret: totp.get_secret_base32(),
+                uri: totp.get_url(),
+            };
+            zeroize::Zeroize::zeroize(&mut raw);
+            return Ok(out);
+        };
+        let raw = totp_rs::Secret::Encoded(secret.trim().to_ascii_uppercase())
+            .to_bytes()
+            .ok()
+            .filter(|b| b.len() == TOTP_SECRET_BYTES);
+        let step = match (raw.as_deref(), req.totp) {
+            (Some(raw), Some(code)) => totp_match(raw, code, now, 0),
+            _ => None,
+        };
+        let (Some(raw), Some(step)) = (raw, step) else {
+            self.after_failure(req.username, true, &source, "totp_enrolment_wrong_code")?;
+            return Ok(TotpEnrolment::Refused(LoginOutcome::TotpRequired));
+        };
+        let stored = self.db.with(|c| {
+            c.execute(
+                "UPDATE users SET totp_secret = ?2, totp_last_step = 0
+                 WHERE username = ?1 AND totp_secret IS NULL",
+                params![req.username, raw],
+            )
+            .map_err(db_err("store TOTP secret"))
+        })?;
+        if stored == 0 {
+            // Enrolled meanwhile (another tab, the CLI): log in normally.
+            self.after_failure(req.username, true, &source, "totp_enrolment_raced")?;
+            return Ok(TotpEnrolment::Refused(LoginOutcome::TotpRequired));
+        }
+        self.events.record(
+            "user.totp_enabled",
+            Outcome::Success,
+            json!({"actor": req.username, "username": req.username, "replaced": false, "via": "web"}),
+        );
+        let Some(session) = self.succeed(req.username, req.source, Some(step), now)? else {
+            self.after_failure(req.username, true, &source, "concurrent_change")?;
+            return Ok(TotpEnrolment::Refused(LoginOutcome::TotpRequired));
+        };
+        self.events.record(
+            "login.success",
+            Outcome::Success,
+            json!({"username": req.username, "source": source, "role": user.role.as_str(),
+                   "totp": true, "session": sha256_hex(session.id.as_bytes())}),
+        );
+        Ok(TotpEnrolment::LoggedIn {
             session,
             must_change_password: user.must_change_password,
         })

@@ -10,7 +10,7 @@ use std::{net::IpAddr, time::Duration};
 
 use bastion_model::{Role, WebPermission};
 use bastion_security::{
-    accounts::{Accounts, LoginOutcome, LoginRequest, Principal},
+    accounts::{Accounts, LoginOutcome, LoginRequest, Principal, TotpEnrolment},
     SecurityError,
 };
 
@@ -125,6 +125,21 @@ pub enum PasswordChangeResult {
     },
 }
 
+/// The outcome of [`AccountService::enrol_totp`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TotpEnrolResult {
+    /// Step 1: the secret to enter in an authenticator app (base32) and the
+    /// same as an `otpauth://` URI (for a QR code).
+    Secret {
+        /// Base32 secret.
+        secret: String,
+        /// `otpauth://totp/…` URI.
+        uri: String,
+    },
+    /// Step 2 (or a refusal of either step): as a login.
+    Login(LoginResult),
+}
+
 /// The account service behind the HTTPS front end.
 pub trait AccountService: Send + Sync + 'static {
     /// Verifies a login (throttled, recorded by the service) and opens a
@@ -140,6 +155,14 @@ pub trait AccountService: Send + Sync + 'static {
     fn logout(&self, session_id: &str);
     /// Changes a password given the current one.
     fn change_password(&self, request: &PasswordChangeRequest) -> PasswordChangeResult;
+    /// Web TOTP enrolment of an admin who must have a second factor and has
+    /// none (`bastion_security::accounts::Accounts::enrol_totp`): without
+    /// `secret`, a new secret; with it and `attempt.totp`, stores it and
+    /// logs in. The default refuses (services without enrolment).
+    fn enrol_totp(&self, attempt: &LoginAttempt, secret: Option<&str>) -> TotpEnrolResult {
+        let _ = (attempt, secret);
+        TotpEnrolResult::Login(LoginResult::Failed)
+    }
 }
 
 fn identity(p: &Principal) -> Identity {
@@ -159,6 +182,33 @@ fn logged<T>(what: &str, r: Result<T, SecurityError>) -> Option<T> {
         .ok()
 }
 
+/// The web answer to a login outcome (a session is looked up again to get
+/// the principal's permissions).
+fn login_result(accounts: &Accounts, outcome: LoginOutcome) -> LoginResult {
+    match outcome {
+        LoginOutcome::Ok {
+            session,
+            must_change_password: _,
+        } => match logged("session", Accounts::session(accounts, &session.id)).flatten() {
+            Some((principal, _)) => LoginResult::Success {
+                identity: identity(&principal),
+                session_id: session.id.clone(),
+                csrf: session.csrf.clone(),
+                max_age: accounts.policy().session_absolute,
+            },
+            None => LoginResult::Failed,
+        },
+        LoginOutcome::Failed => LoginResult::Failed,
+        LoginOutcome::TotpRequired => LoginResult::TotpRequired,
+        LoginOutcome::TotpSetupRequired => LoginResult::TotpSetupRequired,
+        LoginOutcome::Throttled { retry_after } => LoginResult::Throttled { retry_after },
+        LoginOutcome::Locked => LoginResult::Locked {
+            retry_after: accounts.policy().max_delay,
+        },
+        LoginOutcome::Disabled => LoginResult::Disabled,
+    }
+}
+
 /// The real service: `bastion_security::accounts::Accounts`.
 impl AccountService for Accounts {
     fn login(&self, a: &LoginAttempt) -> LoginResult {
@@ -171,27 +221,32 @@ impl AccountService for Accounts {
         let Some(outcome) = logged("login", Accounts::login(self, &req)) else {
             return LoginResult::Failed;
         };
-        match outcome {
-            LoginOutcome::Ok {
+        login_result(self, outcome)
+    }
+
+    fn enrol_totp(&self, a: &LoginAttempt, secret: Option<&str>) -> TotpEnrolResult {
+        let req = LoginRequest {
+            username: &a.username,
+            password: &a.password,
+            totp: a.totp.as_deref(),
+            source: a.source,
+        };
+        match logged("TOTP enrolment", Accounts::enrol_totp(self, &req, secret)) {
+            None => TotpEnrolResult::Login(LoginResult::Failed),
+            Some(TotpEnrolment::Secret { secret, uri }) => TotpEnrolResult::Secret { secret, uri },
+            Some(TotpEnrolment::LoggedIn {
                 session,
-                must_change_password: _,
-            } => match logged("session", Accounts::session(self, &session.id)).flatten() {
-                Some((principal, _)) => LoginResult::Success {
-                    identity: identity(&principal),
-                    session_id: session.id.clone(),
-                    csrf: session.csrf.clone(),
-                    max_age: self.policy().session_absolute,
+                must_change_password,
+            }) => TotpEnrolResult::Login(login_result(
+                self,
+                LoginOutcome::Ok {
+                    session,
+                    must_change_password,
                 },
-                None => LoginResult::Failed,
-            },
-            LoginOutcome::Failed => LoginResult::Failed,
-            LoginOutcome::TotpRequired => LoginResult::TotpRequired,
-            LoginOutcome::TotpSetupRequired => LoginResult::TotpSetupRequired,
-            LoginOutcome::Throttled { retry_after } => LoginResult::Throttled { retry_after },
-            LoginOutcome::Locked => LoginResult::Locked {
-                retry_after: self.policy().max_delay,
-            },
-            LoginOutcome::Disabled => LoginResult::Disabled,
+            )),
+            Some(TotpEnrolment::Refused(outcome)) => {
+                TotpEnrolResult::Login(login_result(self, outcome))
+            }
         }
     }
 

@@ -33,7 +33,10 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use crate::{
-    accounts::{Identity, LoginAttempt, LoginResult, PasswordChangeRequest, PasswordChangeResult},
+    accounts::{
+        Identity, LoginAttempt, LoginResult, PasswordChangeRequest, PasswordChangeResult,
+        TotpEnrolResult,
+    },
     audit::Note,
     body::read_body,
     error::ApiError,
@@ -79,6 +82,7 @@ impl Caller {
                 WebPermission::Upload => "storing needs the upload permission",
                 WebPermission::Audit => "the event log needs the audit permission",
                 WebPermission::Admin => "administration needs the admin permission",
+                WebPermission::Export => "downloading a study needs the export permission",
             }))
         }
     }
@@ -91,7 +95,8 @@ pub fn peer(req_ext: &axum::http::Extensions) -> Option<SocketAddr> {
 }
 
 fn is_public(method: &Method, path: &str) -> bool {
-    (*method == Method::POST && (path == "/api/login" || path == "/api/password"))
+    (*method == Method::POST
+        && (path == "/api/login" || path == "/api/password" || path == "/api/totp/enrol"))
         || crate::ui::is_asset(method, path)
 }
 
@@ -328,27 +333,109 @@ pub async fn login(
             csrf,
             identity,
             max_age,
-        } => {
-            let mut r = Json(serde_json::json!({
-                "username": identity.username,
-                "role": identity.role.as_str(),
-                "csrf": csrf,
-                "must_change_password": identity.must_change_password,
-            }))
-            .into_response();
-            set_cookie(&mut r, &session_id, max_age)?;
-            Ok(r)
-        }
-        // One answer for every failure: a distinct one for "second factor
-        // missing" or "disabled" would confirm a guessed password. The
-        // accounts service records which it was in the event log.
-        LoginResult::Failed
-        | LoginResult::TotpRequired
-        | LoginResult::TotpSetupRequired
-        | LoginResult::Disabled => Err(ApiError::LoginFailed),
+        } => session_response(&identity, &session_id, &csrf, max_age),
+        // One answer for every failure but the enrolment case: a distinct
+        // one for "second factor missing" or "disabled" would confirm a
+        // guessed password. The accounts service records which it was in
+        // the event log.
+        other => Err(refusal(other)),
+    }
+}
+
+/// The error for a login that did not succeed.
+fn refusal(r: LoginResult) -> ApiError {
+    match r {
+        // The enrolment needs the right password: telling that much lets
+        // the administrator set up the second factor from the browser.
+        LoginResult::TotpSetupRequired => ApiError::TotpSetupRequired,
         LoginResult::Throttled { retry_after } | LoginResult::Locked { retry_after } => {
-            Err(ApiError::Throttled { retry_after })
+            ApiError::Throttled { retry_after }
         }
+        LoginResult::Success { .. }
+        | LoginResult::Failed
+        | LoginResult::TotpRequired
+        | LoginResult::Disabled => ApiError::LoginFailed,
+    }
+}
+
+fn session_response(
+    identity: &crate::accounts::Identity,
+    session_id: &str,
+    csrf: &str,
+    max_age: Duration,
+) -> Result<Response, ApiError> {
+    let mut r = Json(serde_json::json!({
+        "username": identity.username,
+        "role": identity.role.as_str(),
+        "csrf": csrf,
+        "must_change_password": identity.must_change_password,
+    }))
+    .into_response();
+    set_cookie(&mut r, session_id, max_age)?;
+    Ok(r)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrolBody {
+    username: String,
+    password: String,
+    #[serde(default)]
+    secret: Option<String>,
+    #[serde(default)]
+    totp: Option<String>,
+}
+
+/// `POST /api/totp/enrol`: TOTP enrolment of an administrator who must have
+/// a second factor and has none (login answered 403 "two-factor
+/// authentication must be set up"). Anonymous, with the checks of a login
+/// (Origin, JSON, throttle):
+/// - `{"username", "password"}` → 200 `{"secret": base32, "uri":
+///   "otpauth://…", "qr_svg": "<svg…>"}` (nothing stored yet);
+/// - `{"username", "password", "secret", "totp"}` → the secret is stored
+///   and a session starts: 200 as `POST /api/login`, with the cookie.
+///
+/// 401 for a wrong password, a wrong code or an account that needs no
+/// enrolment (one answer); 429 with `Retry-After` when throttled.
+pub async fn enrol_totp(
+    State(state): State<AppState>,
+    Extension(note): Extension<Note>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    note.action("totp.enrol");
+    let (parts, body) = req.into_parts();
+    let b: EnrolBody = anonymous_json(&state, &parts, body).await?;
+    note.set_user(&b.username.chars().take(64).collect::<String>());
+    let attempt = LoginAttempt {
+        username: b.username,
+        password: b.password,
+        totp: b.totp,
+        source: source_ip(&parts.extensions),
+    };
+    let accounts = state.accounts();
+    let secret = b.secret;
+    match blocking(move || accounts.enrol_totp(&attempt, secret.as_deref())).await? {
+        TotpEnrolResult::Secret { secret, uri } => {
+            let qr_svg = qrcode::QrCode::new(uri.as_bytes())
+                .map(|q| {
+                    q.render::<qrcode::render::svg::Color>()
+                        .min_dimensions(200, 200)
+                        .quiet_zone(true)
+                        .build()
+                })
+                .map_err(|e| ApiError::internal("QR code", e))?;
+            Ok(
+                Json(serde_json::json!({"secret": secret, "uri": uri, "qr_svg": qr_svg}))
+                    .into_response(),
+            )
+        }
+        TotpEnrolResult::Login(LoginResult::Success {
+            session_id,
+            csrf,
+            identity,
+            max_age,
+        }) => session_response(&identity, &session_id, &csrf, max_age),
+        TotpEnrolResult::Login(other) => Err(refusal(other)),
     }
 }
 

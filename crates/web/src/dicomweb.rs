@@ -335,14 +335,14 @@ async fn search_instances_in_series(
 
 /// A resource of WADO-RS: a study, a series or an instance.
 #[derive(Debug, Clone)]
-struct Target {
-    study: Uid,
+pub(crate) struct Target {
+    pub(crate) study: Uid,
     series: Option<Uid>,
     sop: Option<Uid>,
 }
 
 impl Target {
-    fn study(study: &str) -> Result<Target, ApiError> {
+    pub(crate) fn study(study: &str) -> Result<Target, ApiError> {
         Ok(Target {
             study: uid(study)?,
             series: None,
@@ -365,7 +365,7 @@ impl Target {
     }
 
     /// The engine query naming exactly this resource.
-    fn query(&self) -> Result<ArchiveQuery, ApiError> {
+    pub(crate) fn query(&self) -> Result<ArchiveQuery, ApiError> {
         let path = PathUids {
             study: Some(self.study.clone()),
             series: self.series.clone(),

@@ -40,6 +40,12 @@ pub enum ApiError {
     /// A login whose `Origin` is neither ours nor an allowed CORS origin (403).
     #[error("origin not allowed")]
     Origin,
+    /// The password is right, but this administrator account must set up a
+    /// second factor before it may log in (403): the web UI then runs the
+    /// enrolment (`POST /api/totp/enrol`). Only said after a right
+    /// password, under the login throttle.
+    #[error("two-factor authentication must be set up for this account: POST /api/totp/enrol")]
+    TotpSetupRequired,
     /// The account must change its password first (403).
     #[error("password change required: POST /api/password")]
     PasswordChangeRequired,
@@ -90,6 +96,7 @@ impl ApiError {
             ApiError::Forbidden(_)
             | ApiError::Csrf
             | ApiError::Origin
+            | ApiError::TotpSetupRequired
             | ApiError::PasswordChangeRequired => StatusCode::FORBIDDEN,
             ApiError::TokenInQuery | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,

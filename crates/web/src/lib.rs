@@ -24,7 +24,7 @@
 //!
 //! Invariants:
 //! - every route is authenticated except `POST /api/login`, `POST
-//!   /api/password`, CORS preflights and `GET` of the web UI's static
+//!   /api/password`, `POST /api/totp/enrol`, CORS preflights and `GET` of the web UI's static
 //!   assets ([`ui`]: `/`, `/app.css`, `/app.js`, `/favicon.svg`); authorisation is one
 //!   [`auth::Caller::require`] call per handler, by [`bastion_model::WebPermission`];
 //! - every response carries the security headers ([`protect`]), errors
@@ -43,6 +43,7 @@ pub mod auth;
 pub mod body;
 pub mod dicomweb;
 pub mod error;
+pub mod export;
 mod negotiate;
 mod peek;
 pub mod protect;
@@ -168,8 +169,10 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/api/login", post(auth::login))
         .route("/api/password", post(auth::change_password))
+        .route("/api/totp/enrol", post(auth::enrol_totp))
         .route("/api/logout", post(auth::logout))
         .route("/api/me", get(auth::me))
+        .route("/api/studies/{study}/export", get(export::study))
         .route("/api/events", get(audit::events))
         .route("/api/audit", get(audit_api::search))
         .route("/api/alerts", get(alerts::list))

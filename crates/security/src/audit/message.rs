@@ -338,6 +338,9 @@ fn http_plans(e: &Map<String, Value>, outcome: &str) -> Vec<Plan> {
         a if a.starts_with("wado.") => {
             vec![plan(id::INSTANCES_ACCESSED, "R", vec![], Objects::Data)]
         }
+        // The web UI's study download (zip of Part 10 files): data leaving
+        // the archive for the user's machine, PS3.15 A.5.3.6.
+        "export.study" => vec![plan(id::EXPORT, "R", vec![], Objects::Data)],
         "stow" => {
             let mut p = plan(id::INSTANCES_TRANSFERRED, "C", vec![], Objects::Data);
             p.remote_is_source = Some(true);
