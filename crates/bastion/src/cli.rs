@@ -8,9 +8,9 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use bastion_model::{AeTitle, PermissionSet, Transport, Uid};
+use bastion_model::{AeTitle, Transport, Uid};
 use bastion_security::{
-    devices::{normalize_fingerprint, parse_ae_list, Device, DeviceRegistry, OnConflict},
+    devices::{Device, DeviceRegistry, DeviceSettings, OnConflict},
     events::{EventLog, Outcome},
     inventory, pki,
 };
@@ -143,7 +143,7 @@ struct DeviceArgs {
     ae: String,
     /// Network its associations must come from, as CIDR (e.g. 10.1.2.0/24, 127.0.0.1/32). Required for `add`.
     #[arg(long)]
-    network: Option<ipnet::IpNet>,
+    network: Option<String>,
     /// tls (client certificate optional, must chain to our CA), mtls (certificate required:
     /// our CA or --cert-sha256), plain (legacy, plain listener only). Required for `add`.
     #[arg(long)]
@@ -170,6 +170,32 @@ struct DeviceArgs {
     /// --host/--port). An empty value clears the list.
     #[arg(long)]
     move_destinations: Option<String>,
+}
+
+impl DeviceArgs {
+    /// The flags given, for [`DeviceSettings::create`] / [`DeviceSettings::apply`]
+    /// (lists split at commas; an empty `--cert-sha256` or
+    /// `--move-destinations` clears).
+    fn settings(&self) -> DeviceSettings {
+        let list = |s: &Option<String>| {
+            s.as_deref().map(|v| {
+                v.split(',')
+                    .filter(|i| !i.trim().is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+        };
+        DeviceSettings {
+            network: self.network.clone(),
+            transport: self.transport.clone(),
+            allow: list(&self.allow),
+            cert_sha256: self.cert_sha256.clone(),
+            host: self.host.clone().map(Some),
+            port: self.port.map(Some),
+            on_conflict: self.on_conflict.clone(),
+            move_destinations: list(&self.move_destinations),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -250,37 +276,11 @@ fn device(dir: &DataDir, cmd: DeviceCommand) -> Result<ExitCode> {
     let events = open_events(dir)?;
     match cmd {
         DeviceCommand::Add(a) => {
-            let ae = AeTitle::parse(&a.ae)?;
-            let (Some(network), Some(transport), Some(allow)) =
-                (a.network, a.transport.as_deref(), a.allow.as_deref())
-            else {
+            if a.network.is_none() || a.transport.is_none() || a.allow.is_none() {
                 bail!("device add needs --network, --transport and --allow");
-            };
-            let d = Device {
-                ae,
-                network,
-                transport: transport.parse::<Transport>()?,
-                allow: PermissionSet::parse_list(allow)?,
-                cert_sha256: a
-                    .cert_sha256
-                    .as_deref()
-                    .map(normalize_fingerprint)
-                    .transpose()?,
-                host: a.host,
-                port: a.port,
-                on_conflict: a
-                    .on_conflict
-                    .as_deref()
-                    .unwrap_or("refuse")
-                    .parse::<OnConflict>()?,
-                move_destinations: a
-                    .move_destinations
-                    .as_deref()
-                    .map(parse_ae_list)
-                    .transpose()?
-                    .unwrap_or_default(),
-            };
-            validate(&d)?;
+            }
+            let (d, warnings) = a.settings().create(&a.ae)?;
+            warn(&warnings);
             reg.add(&d)?;
             events.record(
                 "device.added",
@@ -294,35 +294,8 @@ fn device(dir: &DataDir, cmd: DeviceCommand) -> Result<ExitCode> {
             let Some(mut d) = reg.get(&ae)? else {
                 bail!("no device with AE title {ae}")
             };
-            if let Some(n) = a.network {
-                d.network = n;
-            }
-            if let Some(t) = a.transport.as_deref() {
-                d.transport = t.parse()?;
-            }
-            if let Some(p) = a.allow.as_deref() {
-                d.allow = PermissionSet::parse_list(p)?;
-            }
-            if let Some(c) = a.cert_sha256.as_deref() {
-                d.cert_sha256 = if c.is_empty() {
-                    None
-                } else {
-                    Some(normalize_fingerprint(c)?)
-                };
-            }
-            if a.host.is_some() {
-                d.host = a.host;
-            }
-            if a.port.is_some() {
-                d.port = a.port;
-            }
-            if let Some(o) = a.on_conflict.as_deref() {
-                d.on_conflict = o.parse()?;
-            }
-            if let Some(m) = a.move_destinations.as_deref() {
-                d.move_destinations = parse_ae_list(m)?;
-            }
-            validate(&d)?;
+            let warnings = a.settings().apply(&mut d)?;
+            warn(&warnings);
             reg.update(&d)?;
             events.record(
                 "device.updated",
@@ -483,47 +456,10 @@ fn print_unknown(unknown: &[inventory::UnknownDevice]) {
     }
 }
 
-fn validate(d: &Device) -> Result<()> {
-    if d.host.is_some() != d.port.is_some() {
-        bail!("--host and --port go together");
+fn warn(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
     }
-    if d.port == Some(0) {
-        bail!("--port 0 is not a port a device can listen on");
-    }
-    if let Some(h) = &d.host {
-        let hostname_ok = !h.is_empty()
-            && h.len() <= 253
-            && h.split('.').all(|l| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            });
-        if h.parse::<std::net::IpAddr>().is_err() && !hostname_ok {
-            bail!("--host {h:?} is neither an IP address nor a valid host name");
-        }
-    }
-    if d.network != d.network.trunc() {
-        bail!(
-            "--network {} has host bits set; did you mean {}?",
-            d.network,
-            d.network.trunc()
-        );
-    }
-    if let ipnet::IpNet::V6(v6) = d.network {
-        if v6.addr().to_ipv4_mapped().is_some() {
-            bail!("--network {v6} is an IPv4-mapped range; give the IPv4 network instead (e.g. 127.0.0.1/32)");
-        }
-    }
-    if d.network.prefix_len() == 0 {
-        eprintln!(
-            "warning: --network {} lets the device connect from any address",
-            d.network
-        );
-    }
-    if d.transport == Transport::Plain && d.cert_sha256.is_some() {
-        bail!("--cert-sha256 has no effect on a plain device; use --transport mtls");
-    }
-    Ok(())
 }
 
 fn cert_issue(dir: &DataDir, ae: &str, out: &Path) -> Result<ExitCode> {

@@ -2,7 +2,9 @@
 //!
 //! - [`AlertStore`]: alerts persisted in the security database (SQLCipher,
 //!   table `alerts`): id (stable, never reused), time, rule, severity,
-//!   summary, details (JSON), and the acknowledgement (who, when, comment).
+//!   summary, details (JSON), the evidence (summaries of the events that
+//!   raised it, [`crate::detect::evidence`]) and the acknowledgement (who,
+//!   when, comment).
 //! - [`Detection`]: the [`EventObserver`] that feeds every event to the
 //!   [`Rules`] on a thread of its own (a bounded queue: recording an event
 //!   never waits for detection, the database or the network), stores each
@@ -85,10 +87,19 @@ impl AlertStore {
     pub fn insert(&self, f: &Finding) -> Result<Alert> {
         let ts = f.ts.format(&Rfc3339).unwrap_or_default();
         let details = Value::Object(f.details.clone()).to_string();
+        let evidence = Value::Array(f.evidence.clone()).to_string();
         let id = self.db.with(|c| {
             c.execute(
-                "INSERT INTO alerts (ts, rule, severity, summary, details) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![ts, f.rule.name(), f.rule.severity(), f.summary, details],
+                "INSERT INTO alerts (ts, rule, severity, summary, details, evidence)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    ts,
+                    f.rule.name(),
+                    f.rule.severity(),
+                    f.summary,
+                    details,
+                    evidence
+                ],
             )
             .map_err(db_err("insert alert"))?;
             Ok(c.last_insert_rowid())
@@ -145,6 +156,27 @@ impl AlertStore {
         })
     }
 
+    /// The evidence of alert `id`: summaries of the events that raised it
+    /// ([`crate::detect::evidence`]), oldest first; empty for alerts
+    /// raised before evidence was kept.
+    ///
+    /// # Errors
+    /// [`SecurityError::NoSuchAlert`], [`SecurityError::Db`].
+    pub fn evidence(&self, id: i64) -> Result<Vec<Value>> {
+        let raw: Option<String> = self.db.with(|c| {
+            c.query_row("SELECT evidence FROM alerts WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(db_err("read alert evidence"))
+        })?;
+        let raw = raw.ok_or(SecurityError::NoSuchAlert(id))?;
+        Ok(match serde_json::from_str(&raw) {
+            Ok(Value::Array(items)) => items,
+            _ => Vec::new(),
+        })
+    }
+
     /// Acknowledges alert `id` (`by`: the acting user; `comment`: why).
     /// Acknowledging twice keeps the first acknowledgement.
     ///
@@ -152,6 +184,16 @@ impl AlertStore {
     /// [`SecurityError::NoSuchAlert`], [`SecurityError::Invalid`] for an
     /// empty comment, [`SecurityError::Db`].
     pub fn ack(&self, id: i64, by: &str, comment: &str) -> Result<Alert> {
+        self.acknowledge(id, by, comment).map(|(a, _)| a)
+    }
+
+    /// As [`AlertStore::ack`], and whether this call acknowledged it
+    /// (`false`: it was already acknowledged, and keeps the first
+    /// acknowledgement).
+    ///
+    /// # Errors
+    /// As [`AlertStore::ack`].
+    pub fn acknowledge(&self, id: i64, by: &str, comment: &str) -> Result<(Alert, bool)> {
         let comment = comment.trim();
         if comment.is_empty() {
             return Err(SecurityError::Invalid {
@@ -170,7 +212,7 @@ impl AlertStore {
             .map_err(db_err("acknowledge alert"))
         })?;
         match self.get(id)? {
-            Some(a) if n == 1 || a.ack.is_some() => Ok(a),
+            Some(a) if n == 1 || a.ack.is_some() => Ok((a, n == 1)),
             _ => Err(SecurityError::NoSuchAlert(id)),
         }
     }
@@ -629,12 +671,46 @@ mod tests {
             m.contains("bastion_events_total{type=\"security.alert\",outcome=\"alert\"} 3"),
             "{m}"
         );
+        // Evidence: the rejections behind the scan, the event behind the
+        // device change.
+        let scan = list.iter().find(|a| a.rule == "association_scan");
+        let Some(scan) = scan else {
+            panic!("scan alert")
+        };
+        let Ok(ev) = d.store().evidence(scan.id) else {
+            panic!("evidence")
+        };
+        assert_eq!(ev.len(), 10, "{ev:?}");
+        assert!(ev
+            .iter()
+            .all(|e| e["type"] == "association.rejected" && e["ae"] == "EVIL"));
+        assert_eq!(ev[9]["peer"], "10.0.0.9:5009");
+        assert_eq!(ev[0]["reason"], "unknown_calling_ae");
+        let changed = list.iter().find(|a| a.rule == "device_changed");
+        let Some(changed) = changed else {
+            panic!("change alert")
+        };
+        let Ok(ev) = d.store().evidence(changed.id) else {
+            panic!("evidence")
+        };
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0]["type"], "device.software_changed");
+        assert_eq!(ev[0]["ae"], "CT1");
+        assert!(matches!(
+            d.store().evidence(999),
+            Err(SecurityError::NoSuchAlert(999))
+        ));
         // Acknowledge: it moves behind the open ones and keeps its id.
         let first = list[list.len() - 1].id;
         let Ok(a) = d.store().ack(first, "tester", "known pentest") else {
             panic!("ack")
         };
         assert_eq!(a.status, "acknowledged");
+        let Ok((again, new)) = d.store().acknowledge(first, "other", "again") else {
+            panic!("ack twice")
+        };
+        assert!(!new);
+        assert_eq!(again.ack.as_ref().map(|a| a.by.as_str()), Some("tester"));
         assert!(d.store().ack(first, "tester", " ").is_err());
         assert!(matches!(
             d.store().ack(999, "tester", "x"),

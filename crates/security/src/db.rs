@@ -131,6 +131,19 @@ CREATE TABLE alerts (
 );
 CREATE INDEX alerts_open ON alerts(ack_ts, id);
 "#,
+    // 6: the admin API (issue 6). Each registered device's most recent
+    // refusal (association refused by the policy, or a DIMSE request
+    // refused for a missing permission), and each alert's evidence: JSON
+    // summaries of the events that raised it (no patient data).
+    r#"
+CREATE TABLE device_rejections (
+    ae TEXT PRIMARY KEY NOT NULL,
+    at_ms INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    address TEXT NOT NULL
+);
+ALTER TABLE alerts ADD COLUMN evidence TEXT NOT NULL DEFAULT '[]';
+"#,
 ];
 
 impl SecurityDb {

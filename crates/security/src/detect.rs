@@ -32,6 +32,7 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
+    sync::Arc,
     time::Duration,
 };
 
@@ -273,6 +274,59 @@ pub struct Finding {
     pub summary: String,
     /// Rule-specific fields (accounts, AE titles, addresses, UIDs, counts).
     pub details: Map<String, Value>,
+    /// The events that raised it, oldest first, each summarised by
+    /// [`evidence`]: the triggering event, or for the windowed rules
+    /// (`login_brute_force`, `association_scan`, `bulk_retrieval`) the
+    /// most recent [`MAX_EVIDENCE`] events of the window.
+    pub evidence: Vec<Value>,
+}
+
+/// Most events kept as one finding's [`Finding::evidence`].
+pub const MAX_EVIDENCE: usize = 20;
+
+/// The summary of an event kept as an alert's evidence: `ts`, `type`,
+/// `outcome` and, where the event has them, `user` (its `user` or
+/// `username`), `actor`, `ae` (its `ae`, `calling_ae` or device's AE
+/// title), `peer`, `source`, `reason`, `action` and `status`. Only these
+/// fields, each string clipped to 128 characters: accounts, AE titles,
+/// addresses and codes, never patients.
+pub fn evidence(event: &Map<String, Value>) -> Value {
+    let mut out = Map::new();
+    let text = |v: &str| Value::String(v.chars().take(128).collect());
+    for key in ["ts", "type", "outcome"] {
+        out.insert(key.into(), text(str_field(event, key)));
+    }
+    let first = |keys: &[&str]| {
+        keys.iter()
+            .map(|k| str_field(event, k))
+            .find(|v| !v.is_empty())
+    };
+    let device_ae = event
+        .get("device")
+        .and_then(|d| d.get("ae"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let picks: [(&str, Option<&str>); 7] = [
+        ("user", first(&["user", "username"])),
+        ("actor", first(&["actor"])),
+        (
+            "ae",
+            first(&["ae", "calling_ae"]).or((!device_ae.is_empty()).then_some(device_ae)),
+        ),
+        ("peer", first(&["peer"])),
+        ("source", first(&["source"])),
+        ("reason", first(&["reason"])),
+        ("action", first(&["action"])),
+    ];
+    for (key, v) in picks {
+        if let Some(v) = v {
+            out.insert(key.into(), text(v));
+        }
+    }
+    if let Some(status) = event.get("status").and_then(Value::as_u64) {
+        out.insert("status".into(), status.into());
+    }
+    Value::Object(out)
 }
 
 /// Maps a Study Instance UID to an opaque patient key (never a patient ID
@@ -326,9 +380,10 @@ impl Rules {
         let outcome = str_field(event, "outcome");
         let mut out = Vec::new();
         self.forget_quiet(now);
+        let item = Arc::new(evidence(event));
         match kind {
-            "login.failure" | "login.refused" => self.login(event, ts, now, &mut out),
-            "association.rejected" => self.rejected(event, ts, now, &mut out),
+            "login.failure" | "login.refused" => self.login(event, &item, ts, now, &mut out),
+            "association.rejected" => self.rejected(event, &item, ts, now, &mut out),
             "security.universal_query" => {
                 // DIMSE C-FIND (QIDO-RS searches are judged on their
                 // `http.request`, which knows the `limit`).
@@ -352,6 +407,7 @@ impl Rules {
                             str_field(event, "level")
                         ),
                         d,
+                        vec![(*item).clone()],
                     );
                 }
             }
@@ -367,13 +423,14 @@ impl Rules {
                     format!("ae:{ae}"),
                     studies,
                     via,
+                    &item,
                     ts,
                     now,
                     patients,
                     &mut out,
                 );
             }
-            "http.request" => self.http(event, ts, now, patients, &mut out),
+            "http.request" => self.http(event, &item, ts, now, patients, &mut out),
             "device.software_changed" => {
                 let ae = str_field(event, "ae");
                 let field = str_field(event, "field");
@@ -397,6 +454,7 @@ impl Rules {
                     now,
                     format!("device {ae} reports another {what} than before"),
                     d,
+                    vec![(*item).clone()],
                 );
             }
             "audit.verify" if outcome != "success" => {
@@ -411,6 +469,7 @@ impl Rules {
                     ts,
                     summary: "the audit trail failed verification".into(),
                     details: d,
+                    evidence: vec![(*item).clone()],
                 });
             }
             k if is_security_change(k) && outcome != "refused" && outcome != "failure" => {
@@ -440,6 +499,7 @@ impl Rules {
                         if actor.is_empty() { "unknown" } else { actor }
                     ),
                     details: d,
+                    evidence: vec![(*item).clone()],
                 });
             }
             _ => {}
@@ -459,6 +519,7 @@ impl Rules {
                         now,
                         format!("{what} by {actor} outside working hours"),
                         d,
+                        vec![(*item).clone()],
                     );
                 }
             }
@@ -469,6 +530,7 @@ impl Rules {
     fn login(
         &mut self,
         event: &Map<String, Value>,
+        item: &Arc<Value>,
         ts: OffsetDateTime,
         now: i64,
         out: &mut Vec<Finding>,
@@ -486,8 +548,12 @@ impl Rules {
         let source = str_field(event, "source").to_owned();
         let window = ms(self.config.login_window);
         let cap = self.config.max_tracked_keys;
-        let by_user = self.logins.hit(format!("user:{user}"), now, window, cap);
-        let by_addr = self.logins.hit(format!("addr:{source}"), now, window, cap);
+        let by_user = self
+            .logins
+            .hit(format!("user:{user}"), now, window, cap, item);
+        let by_addr = self
+            .logins
+            .hit(format!("addr:{source}"), now, window, cap, item);
         let n = self.config.login_failures.max(1);
         let user_key = format!("user:{user}");
         let addr_key = format!("addr:{source}");
@@ -496,6 +562,7 @@ impl Rules {
         if !(user_hot || addr_hot) {
             return;
         }
+        let evidence = self.logins.evidence(&[&user_key, &addr_key]);
         // One alert for both keys when one burst trips both.
         if by_user >= n {
             self.set_quiet(Rule::LoginBruteForce, user_key, now);
@@ -528,12 +595,14 @@ impl Rules {
             ts,
             summary,
             details: d,
+            evidence,
         });
     }
 
     fn rejected(
         &mut self,
         event: &Map<String, Value>,
+        item: &Arc<Value>,
         ts: OffsetDateTime,
         now: i64,
         out: &mut Vec<Finding>,
@@ -545,6 +614,7 @@ impl Rules {
             now,
             ms(self.config.scan_window),
             self.config.max_tracked_keys,
+            item,
         );
         if n >= self.config.scan_rejections.max(1) {
             let mut d = Map::new();
@@ -555,6 +625,7 @@ impl Rules {
                 "window_secs".into(),
                 self.config.scan_window.as_secs().into(),
             );
+            let evidence = self.scans.evidence(&[&addr]);
             self.raise(
                 out,
                 Rule::AssociationScan,
@@ -566,6 +637,7 @@ impl Rules {
                     self.config.scan_window.as_secs()
                 ),
                 d,
+                evidence,
             );
         }
         if str_field(event, "reason") == "unknown_calling_ae" {
@@ -581,6 +653,7 @@ impl Rules {
                 now,
                 format!("unknown device {calling:?} tried to connect from {addr}"),
                 d,
+                vec![(**item).clone()],
             );
         }
     }
@@ -588,6 +661,7 @@ impl Rules {
     fn http(
         &mut self,
         event: &Map<String, Value>,
+        item: &Arc<Value>,
         ts: OffsetDateTime,
         now: i64,
         patients: Option<&PatientResolver>,
@@ -623,6 +697,7 @@ impl Rules {
                         self.config.qido_max_limit
                     ),
                     d,
+                    vec![(**item).clone()],
                 );
             }
         }
@@ -632,6 +707,7 @@ impl Rules {
                 format!("user:{user}"),
                 studies,
                 "WADO-RS",
+                item,
                 ts,
                 now,
                 patients,
@@ -646,6 +722,7 @@ impl Rules {
         actor: String,
         studies: Vec<String>,
         via: &'static str,
+        item: &Arc<Value>,
         ts: OffsetDateTime,
         now: i64,
         patients: Option<&PatientResolver>,
@@ -678,6 +755,8 @@ impl Rules {
         {
             r.items.pop_front();
         }
+        r.recent.push_back((now, item.clone()));
+        trim_recent(&mut r.recent, now, window);
         let studies: HashSet<&str> = r.items.iter().map(|(_, s, _)| s.as_str()).collect();
         let patients: HashSet<&str> = r
             .items
@@ -699,6 +778,7 @@ impl Rules {
             );
             d.insert("last_via".into(), via.into());
             d.insert("study_uids".into(), json!(uids));
+            let evidence: Vec<Value> = r.recent.iter().map(|(_, v)| (**v).clone()).collect();
             self.raise(
                 out,
                 Rule::BulkRetrieval,
@@ -710,6 +790,7 @@ impl Rules {
                     self.config.bulk_window.as_secs()
                 ),
                 d,
+                evidence,
             );
         }
     }
@@ -724,6 +805,7 @@ impl Rules {
         now: i64,
         summary: String,
         details: Map<String, Value>,
+        evidence: Vec<Value>,
     ) {
         if self.is_quiet(rule, &key, now) {
             return;
@@ -734,6 +816,7 @@ impl Rules {
             ts,
             summary,
             details,
+            evidence,
         });
     }
 
@@ -766,35 +849,74 @@ impl Rules {
     }
 }
 
-/// Sliding-window counters per key, at most `cap` keys.
+/// Sliding-window counters per key, at most `cap` keys, with the most
+/// recent events' evidence (shared between keys: one event hits a user
+/// and an address key).
 #[derive(Default)]
 struct Windows {
-    map: HashMap<String, VecDeque<i64>>,
+    map: HashMap<String, Window>,
+}
+
+#[derive(Default)]
+struct Window {
+    hits: VecDeque<i64>,
+    /// At most [`MAX_EVIDENCE`], within the window.
+    recent: VecDeque<(i64, Arc<Value>)>,
 }
 
 impl Windows {
-    /// Adds a hit for `key` at `now` and returns the hits within `window`.
-    fn hit(&mut self, key: String, now: i64, window: i64, cap: usize) -> usize {
+    /// Adds a hit for `key` at `now` (with the event's evidence) and returns
+    /// the hits within `window`.
+    fn hit(&mut self, key: String, now: i64, window: i64, cap: usize, item: &Arc<Value>) -> usize {
         if !self.map.contains_key(&key) && self.map.len() >= cap.max(1) {
             if let Some(oldest) = self
                 .map
                 .iter()
-                .min_by_key(|(_, v)| v.back().copied().unwrap_or(i64::MIN))
+                .min_by_key(|(_, w)| w.hits.back().copied().unwrap_or(i64::MIN))
                 .map(|(k, _)| k.clone())
             {
                 self.map.remove(&oldest);
             }
         }
-        let v = self.map.entry(key).or_default();
-        v.push_back(now);
-        while v.front().is_some_and(|t| *t <= now - window) {
-            v.pop_front();
+        let w = self.map.entry(key).or_default();
+        w.hits.push_back(now);
+        while w.hits.front().is_some_and(|t| *t <= now - window) {
+            w.hits.pop_front();
         }
         // Never more entries than a threshold could need.
-        while v.len() > 10_000 {
-            v.pop_front();
+        while w.hits.len() > 10_000 {
+            w.hits.pop_front();
         }
-        v.len()
+        w.recent.push_back((now, item.clone()));
+        trim_recent(&mut w.recent, now, window);
+        w.hits.len()
+    }
+
+    /// The evidence in the windows of `keys`, each event once, oldest
+    /// first, at most [`MAX_EVIDENCE`] (the most recent).
+    fn evidence(&self, keys: &[&str]) -> Vec<Value> {
+        let mut all: Vec<&(i64, Arc<Value>)> = keys
+            .iter()
+            .filter_map(|k| self.map.get(*k))
+            .flat_map(|w| w.recent.iter())
+            .collect();
+        all.sort_by_key(|(t, _)| *t);
+        let mut out: Vec<&Arc<Value>> = Vec::new();
+        for (_, v) in all {
+            if !out.iter().any(|o| Arc::ptr_eq(o, v)) {
+                out.push(v);
+            }
+        }
+        let skip = out.len().saturating_sub(MAX_EVIDENCE);
+        out.into_iter().skip(skip).map(|v| (**v).clone()).collect()
+    }
+}
+
+/// Drops evidence older than the window and all but the last
+/// [`MAX_EVIDENCE`].
+fn trim_recent(recent: &mut VecDeque<(i64, Arc<Value>)>, now: i64, window: i64) {
+    while recent.front().is_some_and(|(t, _)| *t <= now - window) || recent.len() > MAX_EVIDENCE {
+        recent.pop_front();
     }
 }
 
@@ -802,6 +924,8 @@ impl Windows {
 struct Retrievals {
     last: i64,
     items: VecDeque<(i64, String, Option<String>)>,
+    /// The last [`MAX_EVIDENCE`] retrievals' evidence within the window.
+    recent: VecDeque<(i64, Arc<Value>)>,
 }
 
 /// Event types that are a change of users, tokens, devices, certificates or
@@ -956,6 +1080,49 @@ mod tests {
         assert_eq!(rules_of(&f), ["login_brute_force"]);
         assert_eq!(f[0].details["username"], "alice");
         assert_eq!(f[0].details["failures_for_account"], 5);
+        // The evidence: the five failures, oldest first, each once although
+        // each counted for the account and for its address.
+        let ev = &f[0].evidence;
+        assert_eq!(ev.len(), 5, "{ev:?}");
+        for (i, e) in ev.iter().enumerate() {
+            assert_eq!(e["type"], "login.failure");
+            assert_eq!(e["outcome"], "failure");
+            assert_eq!(e["user"], "alice");
+            assert_eq!(e["source"], format!("10.0.0.{i}"));
+            assert_eq!(e["reason"], "wrong_password");
+        }
+    }
+
+    #[test]
+    fn evidence_keeps_listed_fields_only() {
+        let e = ev(
+            T0,
+            "http.request",
+            "success",
+            json!({"user": "u1", "peer": "127.0.0.1:1", "action": "wado.study", "status": 200,
+                   "path": "/dicomweb/studies/1.2.3", "study_uids": ["1.2.3"],
+                   "qido": {"level": "STUDY"}}),
+        );
+        let v = evidence(&e);
+        let mut keys: Vec<&String> = v
+            .as_object()
+            .map(|o| o.keys().collect())
+            .unwrap_or_default();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["action", "outcome", "peer", "status", "ts", "type", "user"]
+        );
+        assert_eq!(v["status"], 200);
+        let long = "x".repeat(500);
+        let v = evidence(&ev(
+            T0,
+            "user.added",
+            "success",
+            json!({"actor": long, "device": {"ae": "CT9"}}),
+        ));
+        assert_eq!(v["actor"].as_str().map(str::len), Some(128));
+        assert_eq!(v["ae"], "CT9");
     }
 
     #[test]

@@ -104,6 +104,234 @@ impl Device {
     }
 }
 
+/// A device's settings as an operator gives them: the flags of `bastion
+/// device add|update` or the JSON body of `POST /api/devices` and `PUT
+/// /api/devices/{ae}`. Each `None` means "not given": [`DeviceSettings::apply`]
+/// keeps the current value. Both front ends parse and check through
+/// [`DeviceSettings::create`] / [`DeviceSettings::apply`] and [`validate`],
+/// so a device is refused or accepted alike whichever way it was entered.
+///
+/// Errors are [`SecurityError::Invalid`] whose `what` names the setting
+/// (`network`, `transport`, `allow`, `cert_sha256`, `host`, `port`,
+/// `on_conflict`, `move_destinations`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceSettings {
+    /// The network as CIDR (`10.1.2.0/24`, `127.0.0.1/32`); required for a
+    /// new device.
+    pub network: Option<String>,
+    /// `tls`, `mtls` or `plain`; required for a new device.
+    pub transport: Option<String>,
+    /// Permission names (`echo`, `store`, `find`, `move`, `get`), at least
+    /// one; required for a new device.
+    pub allow: Option<Vec<String>>,
+    /// Pinned SHA-256 of the device's DER certificate (hex; colons, spaces
+    /// and case ignored); an empty string removes the pin.
+    pub cert_sha256: Option<String>,
+    /// Host for outbound associations; `Some(None)` (or an empty string)
+    /// removes it. Goes with `port`.
+    pub host: Option<Option<String>>,
+    /// Port for outbound associations; `Some(None)` removes it.
+    pub port: Option<Option<u16>>,
+    /// `refuse` (default for a new device) or `replace`.
+    pub on_conflict: Option<String>,
+    /// AE titles this device may name as C-MOVE destination; empty clears.
+    pub move_destinations: Option<Vec<String>>,
+}
+
+impl DeviceSettings {
+    /// A new device `ae` with these settings (`network`, `transport` and
+    /// `allow` required), checked by [`validate`]. Returns the device and
+    /// the warnings [`validate`] gave.
+    ///
+    /// # Errors
+    /// [`SecurityError::Invalid`] naming the missing or invalid setting
+    /// (`ae` for the AE title).
+    pub fn create(&self, ae: &str) -> Result<(Device, Vec<String>)> {
+        let ae = AeTitle::parse(ae).map_err(|e| invalid("ae", e))?;
+        let required = |what: &'static str| SecurityError::Invalid {
+            what,
+            detail: "required for a new device".into(),
+        };
+        let mut d = Device {
+            ae,
+            network: parse_network(self.network.as_deref().ok_or_else(|| required("network"))?)?,
+            transport: parse_transport(
+                self.transport
+                    .as_deref()
+                    .ok_or_else(|| required("transport"))?,
+            )?,
+            allow: parse_allow(self.allow.as_deref().ok_or_else(|| required("allow"))?)?,
+            cert_sha256: None,
+            host: None,
+            port: None,
+            on_conflict: OnConflict::Refuse,
+            move_destinations: Vec::new(),
+        };
+        let rest = DeviceSettings {
+            network: None,
+            transport: None,
+            allow: None,
+            ..self.clone()
+        };
+        let warnings = rest.apply(&mut d)?;
+        Ok((d, warnings))
+    }
+
+    /// Applies the given settings to `d` and checks the result with
+    /// [`validate`]; `d` is left unchanged on error. Returns the warnings
+    /// [`validate`] gave.
+    ///
+    /// # Errors
+    /// [`SecurityError::Invalid`] naming the invalid setting.
+    pub fn apply(&self, d: &mut Device) -> Result<Vec<String>> {
+        let mut n = d.clone();
+        if let Some(v) = &self.network {
+            n.network = parse_network(v)?;
+        }
+        if let Some(v) = &self.transport {
+            n.transport = parse_transport(v)?;
+        }
+        if let Some(v) = &self.allow {
+            n.allow = parse_allow(v)?;
+        }
+        if let Some(v) = &self.cert_sha256 {
+            n.cert_sha256 = if v.trim().is_empty() {
+                None
+            } else {
+                Some(normalize_fingerprint(v).map_err(|e| reword(e, "cert_sha256"))?)
+            };
+        }
+        if let Some(v) = &self.host {
+            n.host = v
+                .as_deref()
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(str::to_owned);
+        }
+        if let Some(v) = self.port {
+            n.port = v;
+        }
+        if let Some(v) = &self.on_conflict {
+            n.on_conflict = v.trim().parse().map_err(|e| reword(e, "on_conflict"))?;
+        }
+        if let Some(v) = &self.move_destinations {
+            n.move_destinations =
+                parse_ae_list(&v.join(",")).map_err(|e| reword(e, "move_destinations"))?;
+        }
+        let warnings = validate(&n)?;
+        *d = n;
+        Ok(warnings)
+    }
+}
+
+fn invalid(what: &'static str, e: impl std::fmt::Display) -> SecurityError {
+    SecurityError::Invalid {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+/// The same error under the setting's name.
+fn reword(e: SecurityError, what: &'static str) -> SecurityError {
+    match e {
+        SecurityError::Invalid { detail, .. } => SecurityError::Invalid { what, detail },
+        other => invalid(what, other),
+    }
+}
+
+fn parse_network(s: &str) -> Result<IpNet> {
+    s.trim().parse().map_err(|_| SecurityError::Invalid {
+        what: "network",
+        detail: format!(
+            "{:?} is not a network in CIDR form such as 10.1.2.0/24 or 127.0.0.1/32",
+            s.chars().take(64).collect::<String>()
+        ),
+    })
+}
+
+fn parse_transport(s: &str) -> Result<Transport> {
+    s.parse().map_err(|e| invalid("transport", e))
+}
+
+fn parse_allow(items: &[String]) -> Result<PermissionSet> {
+    if items.iter().any(|i| i.trim().is_empty()) {
+        return Err(invalid("allow", "empty permission name"));
+    }
+    PermissionSet::parse_list(&items.join(",")).map_err(|e| invalid("allow", e))
+}
+
+/// Checks a device's settings together: host and port go together, port
+/// not 0, host an IP address or a valid host name, network without host
+/// bits and not an IPv4-mapped IPv6 range, no pinned certificate on a
+/// plain device. Returns warnings for settings that are allowed but risky
+/// (a network that admits any address).
+///
+/// # Errors
+/// [`SecurityError::Invalid`] naming the setting (`host`, `port`,
+/// `network`, `cert_sha256`).
+pub fn validate(d: &Device) -> Result<Vec<String>> {
+    let bad = |what, detail: String| Err(SecurityError::Invalid { what, detail });
+    if d.host.is_some() != d.port.is_some() {
+        return bad(
+            if d.host.is_some() { "port" } else { "host" },
+            "host and port go together: give both or neither".into(),
+        );
+    }
+    if d.port == Some(0) {
+        return bad("port", "0 is not a port a device can listen on".into());
+    }
+    if let Some(h) = &d.host {
+        let hostname_ok = !h.is_empty()
+            && h.len() <= 253
+            && h.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if h.parse::<IpAddr>().is_err() && !hostname_ok {
+            return bad(
+                "host",
+                format!(
+                    "{:?} is neither an IP address nor a valid host name",
+                    h.chars().take(64).collect::<String>()
+                ),
+            );
+        }
+    }
+    if d.network != d.network.trunc() {
+        return bad(
+            "network",
+            format!(
+                "{} has host bits set; did you mean {}?",
+                d.network,
+                d.network.trunc()
+            ),
+        );
+    }
+    if let IpNet::V6(v6) = d.network {
+        if v6.addr().to_ipv4_mapped().is_some() {
+            return bad(
+                "network",
+                format!("{v6} is an IPv4-mapped range; give the IPv4 network instead (e.g. 127.0.0.1/32)"),
+            );
+        }
+    }
+    if d.transport == Transport::Plain && d.cert_sha256.is_some() {
+        return bad(
+            "cert_sha256",
+            "a pinned certificate has no effect on a plain device; use transport mtls".into(),
+        );
+    }
+    let mut warnings = Vec::new();
+    if d.network.prefix_len() == 0 {
+        warnings.push(format!(
+            "network {} lets the device connect from any address",
+            d.network
+        ));
+    }
+    Ok(warnings)
+}
+
 /// Normalises a certificate fingerprint: colons and spaces removed, lower
 /// case, exactly 64 hex digits.
 ///
@@ -389,5 +617,131 @@ mod tests {
         assert!(d.may_move_to(&padded));
         assert!(d.may_move_to(&other));
         assert!(!d.may_move_to(&third));
+    }
+
+    fn settings(network: &str, transport: &str, allow: &[&str]) -> DeviceSettings {
+        DeviceSettings {
+            network: Some(network.into()),
+            transport: Some(transport.into()),
+            allow: Some(allow.iter().map(|s| (*s).to_owned()).collect()),
+            ..DeviceSettings::default()
+        }
+    }
+
+    fn refused(r: Result<impl std::fmt::Debug>) -> &'static str {
+        match r {
+            Err(SecurityError::Invalid { what, .. }) => what,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn settings_create_and_apply_with_the_same_checks() {
+        let Ok((mut d, warnings)) =
+            settings("10.1.2.0/24", "tls", &["echo", "store"]).create(" CT1 ")
+        else {
+            panic!("valid")
+        };
+        assert!(warnings.is_empty());
+        assert_eq!(d.ae.as_str(), "CT1");
+        assert_eq!(d.allow.to_string(), "echo,store");
+        assert_eq!(d.on_conflict, OnConflict::Refuse);
+        // required, and named
+        assert_eq!(refused(DeviceSettings::default().create("CT1")), "network");
+        assert_eq!(
+            refused(settings("10.1.2.0/24", "tls", &["echo"]).create("")),
+            "ae"
+        );
+        assert_eq!(
+            refused(settings("10.1.2.3/24", "tls", &["echo"]).create("A")),
+            "network"
+        );
+        assert_eq!(
+            refused(settings("nonsense", "tls", &["echo"]).create("A")),
+            "network"
+        );
+        assert_eq!(
+            refused(settings("::ffff:127.0.0.1/128", "tls", &["echo"]).create("A")),
+            "network"
+        );
+        assert_eq!(
+            refused(settings("10.0.0.0/8", "ftp", &["echo"]).create("A")),
+            "transport"
+        );
+        assert_eq!(
+            refused(settings("10.0.0.0/8", "tls", &["echo", "fly"]).create("A")),
+            "allow"
+        );
+        assert_eq!(
+            refused(settings("10.0.0.0/8", "tls", &[]).create("A")),
+            "allow"
+        );
+        let Ok((_, w)) = settings("0.0.0.0/0", "tls", &["echo"]).create("ANY") else {
+            panic!("allowed with a warning")
+        };
+        assert_eq!(w.len(), 1, "{w:?}");
+        // updates: only the given settings change; d is kept on error
+        let before = d.clone();
+        let host_only = DeviceSettings {
+            host: Some(Some("pacs.example".into())),
+            ..DeviceSettings::default()
+        };
+        assert_eq!(refused(host_only.apply(&mut d)), "port");
+        assert_eq!(d, before);
+        let both = DeviceSettings {
+            port: Some(Some(0)),
+            ..host_only.clone()
+        };
+        assert_eq!(refused(both.apply(&mut d)), "port");
+        let bad_host = DeviceSettings {
+            host: Some(Some("bad host!".into())),
+            port: Some(Some(104)),
+            ..DeviceSettings::default()
+        };
+        assert_eq!(refused(bad_host.apply(&mut d)), "host");
+        let ok = DeviceSettings {
+            port: Some(Some(11112)),
+            on_conflict: Some("replace".into()),
+            move_destinations: Some(vec!["STORE1".into(), " STORE1 ".into()]),
+            cert_sha256: Some("AB:".repeat(32)),
+            ..host_only
+        };
+        assert!(ok.apply(&mut d).is_ok());
+        assert_eq!(d.host.as_deref(), Some("pacs.example"));
+        assert_eq!(d.port, Some(11112));
+        assert_eq!(d.on_conflict, OnConflict::Replace);
+        assert_eq!(d.move_destinations.len(), 1);
+        assert_eq!(d.cert_sha256.as_deref(), Some("ab".repeat(32).as_str()));
+        assert_eq!(d.network, before.network);
+        let plain = DeviceSettings {
+            transport: Some("plain".into()),
+            ..DeviceSettings::default()
+        };
+        assert_eq!(refused(plain.apply(&mut d)), "cert_sha256");
+        let clear = DeviceSettings {
+            transport: Some("plain".into()),
+            cert_sha256: Some(String::new()),
+            host: Some(None),
+            port: Some(None),
+            move_destinations: Some(vec![]),
+            ..DeviceSettings::default()
+        };
+        assert!(clear.apply(&mut d).is_ok());
+        assert_eq!(
+            (d.host.as_deref(), d.port, d.cert_sha256.as_deref()),
+            (None, None, None)
+        );
+        assert!(d.move_destinations.is_empty());
+        let bad_on_conflict = DeviceSettings {
+            on_conflict: Some("merge".into()),
+            ..DeviceSettings::default()
+        };
+        assert_eq!(refused(bad_on_conflict.apply(&mut d)), "on_conflict");
+        let bad_fp = DeviceSettings {
+            cert_sha256: Some("abc".into()),
+            transport: Some("mtls".into()),
+            ..DeviceSettings::default()
+        };
+        assert_eq!(refused(bad_fp.apply(&mut d)), "cert_sha256");
     }
 }

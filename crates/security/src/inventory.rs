@@ -15,7 +15,10 @@
 //! Unknown devices are listed by source address with the AE titles they
 //! tried, the number of attempts and the last attempt, from the
 //! `association.rejected` events (the inventory is an
-//! [`EventObserver`]).
+//! [`EventObserver`]). For registered devices the most recent refusal is
+//! kept ([`last_rejections`]): an association refused by the policy (wrong
+//! network, transport, certificate or called AE title) or a DIMSE request
+//! refused for a missing permission (`dimse.not_authorized`).
 //!
 //! Off the ingest hot path: [`Inventory::report_store`] compares in memory
 //! and queues a database write only when a value changed or the device's
@@ -157,6 +160,21 @@ pub struct UnknownDevice {
     pub first_attempt: String,
     /// Last attempt, RFC 3339.
     pub last_attempt: String,
+}
+
+/// A registered device's most recent refusal ([`last_rejections`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Rejection {
+    /// When, RFC 3339.
+    pub at: String,
+    /// Why: the policy's refusal code (`address_outside_network`,
+    /// `wrong_transport`, `certificate_required`, `certificate_not_trusted`,
+    /// `certificate_for_another_device`, `called_ae_not_ours`), or
+    /// `permission_denied:<permission>` for a DIMSE request the device may
+    /// not make (e.g. `permission_denied:store`).
+    pub reason: String,
+    /// The source IP address.
+    pub address: String,
 }
 
 /// The live inventory: an in-memory view of each device plus a writer
@@ -330,6 +348,18 @@ impl EventObserver for Inventory {
                 else {
                     return;
                 };
+                let at_ms = now_ms();
+                // Any refusal but an unknown calling AE may concern a
+                // registered device: the writer keeps it for registered
+                // ones only.
+                if reason != "unknown_calling_ae" {
+                    self.shared.push(Op::Rejected {
+                        ae: ae.to_owned(),
+                        at_ms,
+                        reason: reason.to_owned(),
+                        address: host_of(peer).to_owned(),
+                    });
+                }
                 // `called_ae_not_ours` is decided before the calling AE is
                 // looked up: the writer checks the registry for those.
                 let check = match reason {
@@ -340,8 +370,21 @@ impl EventObserver for Inventory {
                 self.shared.push(Op::Unknown {
                     address: peer.to_owned(),
                     ae: ae.to_owned(),
-                    at_ms: now_ms(),
+                    at_ms,
                     check_registered: check,
+                });
+            }
+            Some("dimse.not_authorized") => {
+                let (Some(ae), Some(peer), Some(permission)) =
+                    (s("ae"), s("peer"), s("permission"))
+                else {
+                    return;
+                };
+                self.shared.push(Op::Rejected {
+                    ae: ae.to_owned(),
+                    at_ms: now_ms(),
+                    reason: format!("permission_denied:{permission}"),
+                    address: host_of(peer).to_owned(),
                 });
             }
             _ => {}
@@ -449,6 +492,41 @@ pub fn list_unknown(db: &SecurityDb) -> Result<Vec<UnknownDevice>> {
     })
 }
 
+/// The most recent refusal of each registered device that had one, by AE
+/// title (one indexed read of a table with at most one row per device).
+///
+/// # Errors
+/// [`SecurityError::Db`].
+pub fn last_rejections(db: &SecurityDb) -> Result<HashMap<String, Rejection>> {
+    db.with(|c| {
+        let dberr = |source| SecurityError::Db {
+            op: "read device rejections",
+            source,
+        };
+        let mut stmt = c
+            .prepare(
+                "SELECT r.ae, r.at_ms, r.reason, r.address FROM device_rejections r
+                 JOIN devices d ON d.ae = r.ae",
+            )
+            .map_err(dberr)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    Rejection {
+                        at: rfc3339(r.get(1)?),
+                        reason: r.get(2)?,
+                        address: r.get(3)?,
+                    },
+                ))
+            })
+            .map_err(dberr)?
+            .collect::<rusqlite::Result<HashMap<_, _>>>()
+            .map_err(dberr)?;
+        Ok(rows)
+    })
+}
+
 // ---------------------------------------------------------------------------
 
 struct Shared {
@@ -476,6 +554,9 @@ struct Queue {
     ops: Vec<Op>,
     /// Unknown attempts coalesced per address: (AE titles, attempts, first, last).
     unknown: HashMap<String, Attempts>,
+    /// The latest refusal per calling AE title (at most
+    /// [`MAX_UNKNOWN_ADDRESSES`] titles per write): (time, reason, address).
+    rejected: HashMap<String, (i64, String, String)>,
     queued: u64,
     written: u64,
     stop: bool,
@@ -503,6 +584,12 @@ enum Op {
         ae: String,
         at_ms: i64,
         check_registered: bool,
+    },
+    Rejected {
+        ae: String,
+        at_ms: i64,
+        reason: String,
+        address: String,
     },
 }
 
@@ -606,6 +693,18 @@ impl Shared {
                     }
                 }
             }
+            Op::Rejected {
+                ae,
+                at_ms,
+                reason,
+                address,
+            } => {
+                if !q.rejected.contains_key(&ae) && q.rejected.len() >= MAX_UNKNOWN_ADDRESSES {
+                    q.dropped += 1;
+                } else {
+                    q.rejected.insert(ae, (at_ms, reason, address));
+                }
+            }
             seen => q.ops.push(seen),
         }
         drop(q);
@@ -615,9 +714,14 @@ impl Shared {
 
 fn writer(shared: &Shared) {
     loop {
-        let (ops, unknown, upto, stop) = {
+        let (ops, unknown, rejected, upto, stop) = {
             let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
-            while q.ops.is_empty() && q.unknown.is_empty() && q.written == q.queued && !q.stop {
+            while q.ops.is_empty()
+                && q.unknown.is_empty()
+                && q.rejected.is_empty()
+                && q.written == q.queued
+                && !q.stop
+            {
                 q = shared.wake.wait(q).unwrap_or_else(|p| p.into_inner());
             }
             if q.dropped > 0 {
@@ -630,12 +734,13 @@ fn writer(shared: &Shared) {
             (
                 std::mem::take(&mut q.ops),
                 std::mem::take(&mut q.unknown),
+                std::mem::take(&mut q.rejected),
                 q.queued,
                 q.stop,
             )
         };
-        if !ops.is_empty() || !unknown.is_empty() {
-            if let Err(e) = write(&shared.db, ops, unknown) {
+        if !ops.is_empty() || !unknown.is_empty() || !rejected.is_empty() {
+            if let Err(e) = write(&shared.db, ops, unknown, rejected) {
                 tracing::error!(error = %e, "cannot update the device inventory");
             }
         }
@@ -643,14 +748,19 @@ fn writer(shared: &Shared) {
             let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
             q.written = upto;
             shared.done.notify_all();
-            if stop && q.ops.is_empty() && q.unknown.is_empty() {
+            if stop && q.ops.is_empty() && q.unknown.is_empty() && q.rejected.is_empty() {
                 return;
             }
         }
     }
 }
 
-fn write(db: &SecurityDb, ops: Vec<Op>, unknown: HashMap<String, Attempts>) -> Result<()> {
+fn write(
+    db: &SecurityDb,
+    ops: Vec<Op>,
+    unknown: HashMap<String, Attempts>,
+    rejected: HashMap<String, (i64, String, String)>,
+) -> Result<()> {
     db.with(|c| {
         let dberr = |op| move |source| SecurityError::Db { op, source };
         let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)
@@ -758,6 +868,16 @@ fn write(db: &SecurityDb, ops: Vec<Op>, unknown: HashMap<String, Attempts>) -> R
             )
             .map_err(dberr("update unknown devices"))?;
         }
+        for (ae, (at_ms, reason, address)) in rejected {
+            tx.execute(
+                "INSERT INTO device_rejections (ae, at_ms, reason, address)
+                 SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM devices WHERE ae = ?1)
+                 ON CONFLICT(ae) DO UPDATE SET at_ms = excluded.at_ms, reason = excluded.reason,
+                     address = excluded.address WHERE excluded.at_ms >= at_ms",
+                params![ae, at_ms, reason, address],
+            )
+            .map_err(dberr("update device rejections"))?;
+        }
         tx.execute(
             "DELETE FROM unknown_devices WHERE address IN (
                 SELECT address FROM unknown_devices ORDER BY last_ms DESC LIMIT -1 OFFSET ?1)",
@@ -766,6 +886,17 @@ fn write(db: &SecurityDb, ops: Vec<Op>, unknown: HashMap<String, Attempts>) -> R
         .map_err(dberr("prune unknown devices"))?;
         tx.commit().map_err(dberr("commit inventory update"))
     })
+}
+
+/// The address part of `ip:port`, `[v6]:port` or a bare address.
+fn host_of(peer: &str) -> &str {
+    if let Some(rest) = peer.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match peer.rsplit_once(':') {
+        Some((h, port)) if !h.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => peer,
+    }
 }
 
 fn split_aes(s: &str) -> Vec<String> {
@@ -939,5 +1070,36 @@ mod tests {
         assert_eq!(unknown[0].ae_titles, ["EVIL", "SCAN2"]);
         let devices = list_devices(&db).expect("list");
         assert_eq!(devices[0].transport.as_deref(), Some("mtls"));
+    }
+
+    #[test]
+    fn a_registered_devices_last_refusal_is_kept() {
+        let (_d, db, events, inv) = setup();
+        let rejected = |ae: &str, peer: &str, reason: &str| {
+            events.record(
+                "association.rejected",
+                Outcome::Refused,
+                serde_json::json!({"calling_ae": ae, "called_ae": "BASTION", "peer": peer, "reason": reason}),
+            );
+        };
+        rejected("CT1", "10.0.0.7", "address_outside_network");
+        // unknown or unregistered callers are not devices' refusals
+        rejected("EVIL", "10.0.0.9", "unknown_calling_ae");
+        rejected("NOPE", "10.0.0.9", "wrong_transport");
+        inv.flush();
+        let r = last_rejections(&db).expect("read");
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r["CT1"].reason, "address_outside_network");
+        assert_eq!(r["CT1"].address, "10.0.0.7");
+        events.record(
+            "dimse.not_authorized",
+            Outcome::Refused,
+            serde_json::json!({"ae": "CT1", "peer": "127.0.0.1:4000", "permission": "find"}),
+        );
+        inv.flush();
+        let r = last_rejections(&db).expect("read");
+        assert_eq!(r["CT1"].reason, "permission_denied:find");
+        assert_eq!(r["CT1"].address, "127.0.0.1");
+        assert!(r["CT1"].at.ends_with('Z'), "{}", r["CT1"].at);
     }
 }

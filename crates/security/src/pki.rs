@@ -206,6 +206,38 @@ pub fn issue_client(paths: &PkiPaths, ae: &str, host: Option<&str>) -> Result<Is
     })
 }
 
+/// What the admin posture shows of a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateInfo {
+    /// The subject distinguished name, e.g. `CN=Bastion PACS CA`.
+    pub subject: String,
+    /// End of the validity period.
+    pub not_after: time::OffsetDateTime,
+}
+
+/// The subject and expiry of the first certificate of the PEM file `path`
+/// (the end-entity certificate of a chain).
+///
+/// # Errors
+/// [`SecurityError::Io`] when the file cannot be read,
+/// [`SecurityError::Certificate`] when it holds no parseable certificate.
+pub fn certificate_info(path: &Path) -> Result<CertificateInfo> {
+    let pem = std::fs::read(path).map_err(io_err("read", path))?;
+    let bad = |what: &str| SecurityError::Certificate(format!("{}: {what}", path.display()));
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(&pem).map_err(|_| bad("not a PEM certificate"))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|_| bad("not a valid X.509 certificate"))?;
+    let not_after =
+        time::OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
+            .map_err(|_| bad("validity end out of range"))?;
+    Ok(CertificateInfo {
+        subject: cert.subject().to_string(),
+        not_after,
+    })
+}
+
 /// SHA-256 of a DER certificate as 64 lowercase hex digits.
 pub fn fingerprint(der: &[u8]) -> String {
     hex::encode(Sha256::digest(der))
@@ -236,6 +268,13 @@ mod tests {
         assert_ne!(before, after);
         secrets::check_private(&paths.server_key)?;
         assert!(paths.server_cert.with_extension("crt.old").exists());
+        let ca = certificate_info(&paths.ca_cert)?;
+        let server = certificate_info(&paths.server_cert)?;
+        assert!(ca.subject.contains("CN="), "{}", ca.subject);
+        let now = time::OffsetDateTime::now_utc();
+        assert!(server.not_after > now + time::Duration::days(300));
+        assert!(ca.not_after >= server.not_after);
+        assert!(certificate_info(&paths.ca_key).is_err());
         Ok(())
     }
 }

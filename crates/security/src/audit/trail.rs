@@ -589,6 +589,9 @@ pub struct VerifyReport {
     pub checkpoints: u64,
     /// Records covered by the last valid checkpoint.
     pub covered: u64,
+    /// The signed time (RFC 3339) of the last checkpoint whose signature
+    /// and link verified, if any.
+    pub last_checkpoint: Option<String>,
     /// The first problem, `None` when intact.
     pub broken: Option<Broken>,
 }
@@ -631,6 +634,7 @@ pub fn verify(dir: &Path, keys: &AuditKeys) -> Result<VerifyReport> {
         records: 0,
         checkpoints: 0,
         covered: 0,
+        last_checkpoint: None,
         broken: None,
     };
     if !cpath.is_file() {
@@ -688,6 +692,7 @@ pub fn verify(dir: &Path, keys: &AuditKeys) -> Result<VerifyReport> {
                 return Ok(report);
             }
             prev = sha(&buf);
+            report.last_checkpoint = Some(c.ts);
             cps.push((c.count, c.head));
         }
     }

@@ -98,6 +98,11 @@ fn intact_trail_verifies_and_is_encrypted() {
     // 25 events + 3 markers (after 10, after 20, at close).
     assert_eq!(r.records, 28);
     assert_eq!(r.checkpoints, 3);
+    let last = r.last_checkpoint.expect("last checkpoint time");
+    assert!(
+        time::OffsetDateTime::parse(&last, &time::format_description::well_known::Rfc3339).is_ok(),
+        "{last}"
+    );
     let raw = std::fs::read(dir.join("records")).expect("read");
     for needle in [&b"Doe^Jane"[..], b"PID-1", b"MODALITY", b"1.2.3"] {
         assert!(
