@@ -6,81 +6,24 @@
 //   NEW_USER, NEW_PASSWORD   a clinician whose password was generated
 //   OUT_DIR    where screenshots and result.json go
 // Exit code 0 when every check held; the checks are printed one per line.
-import { chromium } from 'playwright-core';
-import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import {
+  OUT, check, checkConsole, imageStats, launch, newPage, onFailure, waitImage, writeResults,
+} from './lib.mjs';
 
 const BASE = process.env.BASE_URL;
 const USER = process.env.UI_USER;
 const PASSWORD = process.env.UI_PASSWORD;
 const NEW_USER = process.env.NEW_USER;
 const NEW_PASSWORD = process.env.NEW_PASSWORD;
-const OUT = process.env.OUT_DIR || '.';
-mkdirSync(OUT, { recursive: true });
 
-const results = [];
-function check(name, ok, detail) {
-  results.push({ name, ok: Boolean(ok), detail: detail === undefined ? null : detail });
-  console.log(`${ok ? 'ok  ' : 'FAIL'} ${name}${detail === undefined ? '' : ` — ${JSON.stringify(detail)}`}`);
-  if (!ok) throw new Error(`check failed: ${name}`);
-}
-
-// Pixel statistics of the viewer's <img>, drawn into a canvas (a same-origin
-// blob: URL, so the canvas is readable).
-async function imageStats(page) {
-  return page.evaluate(() => {
-    const img = document.getElementById('image');
-    const c = document.createElement('canvas');
-    c.width = img.naturalWidth;
-    c.height = img.naturalHeight;
-    const g = c.getContext('2d');
-    g.drawImage(img, 0, 0);
-    const d = g.getImageData(0, 0, c.width, c.height).data;
-    let min = 255; let max = 0; let sum = 0; let hash = 0;
-    for (let i = 0; i < d.length; i += 4) {
-      const v = d[i];
-      if (v < min) min = v;
-      if (v > max) max = v;
-      sum += v;
-      hash = (hash * 31 + v) >>> 0;
-    }
-    return {
-      width: img.naturalWidth, height: img.naturalHeight, min, max,
-      mean: sum / (d.length / 4), hash, src: img.dataset.src || '',
-    };
-  });
-}
-
-async function waitImage(page, previousSrc) {
-  await page.waitForFunction((prev) => {
-    const img = document.getElementById('image');
-    return !img.hidden && img.complete && img.naturalWidth > 0 && (img.dataset.src || '') !== prev;
-  }, previousSrc, { timeout: 20000 });
-}
-
-const browser = await chromium.launch({
-  executablePath: '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync'],
-  timeout: 60000,
-});
+const browser = await launch();
 let failed = false;
 let page = null;
 try {
-  const context = await browser.newContext({
-    ignoreHTTPSErrors: true, // the server's certificate is from the test's own CA
-    viewport: { width: 1280, height: 800 },
-  });
-  page = await context.newPage();
-  page.setDefaultTimeout(20000);
-  const consoleErrors = [];
-  page.on('console', (m) => { if (m.type() === 'error') consoleErrors.push(m.text()); });
-  page.on('pageerror', (e) => consoleErrors.push(`pageerror: ${e.message}`));
-  await page.addInitScript(() => {
-    window.__csp = [];
-    document.addEventListener('securitypolicyviolation',
-      (e) => window.__csp.push(`${e.violatedDirective} ${e.blockedURI}`));
-  });
+  const opened = await newPage(browser);
+  const { context } = opened;
+  page = opened.page;
 
   // -- the page and its headers
   const resp = await page.goto(`${BASE}/`);
@@ -213,22 +156,12 @@ try {
   await page.waitForSelector('#studies tbody tr');
 
   // -- no CSP violation anywhere
-  const violations = await page.evaluate(() => window.__csp);
-  const cspConsole = consoleErrors.filter((t) => /Content Security Policy|Refused to/i.test(t));
-  check('no CSP violation', violations.length === 0 && cspConsole.length === 0, { violations, cspConsole });
-  const other = consoleErrors.filter((t) => !/status of 4(01|22|29)/.test(t));
-  check('no unexpected console error', other.length === 0, other);
+  await checkConsole(page, 'clinician');
 } catch (e) {
   failed = true;
-  console.log(`error: ${e.stack || e}`);
-  if (page) {
-    await page.screenshot({ path: join(OUT, 'failure.png') }).catch(() => {});
-    const shown = await page.evaluate(() => [...document.querySelectorAll('.error, .notice')]
-      .filter((el) => !el.hidden).map((el) => el.textContent)).catch(() => []);
-    console.log(`messages on the page: ${JSON.stringify(shown)}`);
-  }
+  await onFailure(page, e);
 } finally {
-  writeFileSync(join(OUT, 'result.json'), JSON.stringify(results, null, 2));
+  writeResults();
   await browser.close();
 }
 process.exit(failed ? 1 : 0);

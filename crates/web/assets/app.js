@@ -1,6 +1,9 @@
-// Bastion web UI: login, study list, viewer. Plain JavaScript, no
-// framework; every request goes to the authenticated API or DICOMweb with
-// the session cookie, and every state-changing one carries X-CSRF-Token.
+// Bastion web UI: login (with TOTP and its enrolment), page routing, the
+// study list and the viewer. Plain JavaScript, no framework; every request
+// goes to the authenticated API or DICOMweb with the session cookie, and
+// every state-changing one carries X-CSRF-Token. The administration pages
+// (devices, users, alerts, audit, posture) are in admin.js, which registers
+// them through window.BastionUI.
 'use strict';
 
 (function () {
@@ -14,34 +17,46 @@
     seriesUid: '0020000E', modality: '00080060', seriesNumber: '00200011',
     seriesDescription: '0008103E', nSeriesInstances: '00201209',
     sopUid: '00080018', instanceNumber: '00200013', frames: '00280008',
-    rows: '00280010', columns: '00280011',
+    rows: '00280010', columns: '00280011', bitsStored: '00280101',
+    windowCenter: '00281050', windowWidth: '00281051',
+    rescaleIntercept: '00281052', rescaleSlope: '00281053',
   };
   const STUDY_FIELDS = [TAG.patientName, TAG.patientId, TAG.birthDate, TAG.studyDate,
     TAG.accession, TAG.modalities, TAG.studyDescription, TAG.nSeries, TAG.nInstances];
+  const VIEWS = ['login-view', 'totp-view', 'password-view', 'list-view', 'viewer-view'];
 
   const state = {
     csrf: sessionStorage.getItem('bastion.csrf') || '',
     user: sessionStorage.getItem('bastion.user') || '',
+    permissions: [],
     offset: 0,
     query: null,
     study: null, // the study's QIDO row
-    series: [], // [{uid, modality, number, description}]
+    series: [], // [{uid, modality, number, description, images}]
     seriesIndex: 0,
     images: [], // [{sop, frame}] of the current series
     imageIndex: 0,
-    window: '',
+    window: '', // "center,width" or '' (the image's own)
     renderSeq: 0,
+    rendering: false,
+    renderAgain: false,
     imageUrl: null,
+    tool: 'window',
+    zoom: 1,
+    panX: 0,
+    panY: 0,
   };
 
   // ---- helpers ---------------------------------------------------------
+  const pages = {}; // name -> {view, needs, enter}
+
   function show(view) {
-    for (const v of ['login-view', 'password-view', 'list-view', 'viewer-view']) {
-      $(v).hidden = v !== view;
-    }
-    const inside = view === 'list-view' || view === 'viewer-view';
+    const all = VIEWS.concat(Object.values(pages).map((p) => p.view));
+    for (const v of new Set(all)) $(v).hidden = v !== view;
+    const inside = !['login-view', 'totp-view', 'password-view'].includes(view);
     $('logout').hidden = !inside;
     $('who').hidden = !inside;
+    $('nav').hidden = !inside;
     $('who').textContent = state.user;
   }
   function message(el, text) {
@@ -74,8 +89,10 @@
     } else {
       sessionStorage.removeItem('bastion.csrf');
       sessionStorage.removeItem('bastion.user');
+      state.permissions = [];
     }
   }
+  const may = (p) => state.permissions.includes(p);
 
   class SessionExpired extends Error {}
   class ApiFailure extends Error {
@@ -98,6 +115,11 @@
   async function api(path, options) {
     const opts = Object.assign({ credentials: 'same-origin', headers: {} }, options || {});
     if (opts.method && opts.method !== 'GET') opts.headers['X-CSRF-Token'] = state.csrf;
+    if (opts.json !== undefined) {
+      opts.headers['Content-Type'] = 'application/json';
+      opts.body = JSON.stringify(opts.json);
+      delete opts.json;
+    }
     const r = await fetch(path, opts);
     if (r.status === 401) {
       expire();
@@ -105,6 +127,11 @@
     }
     if (!r.ok) throw new ApiFailure(r.status, await errorText(r), r.headers.get('Retry-After'));
     return r;
+  }
+  async function apiJson(path, options) {
+    const r = await api(path, options);
+    const text = await r.text();
+    return text ? JSON.parse(text) : null;
   }
   async function dicomJson(path) {
     const r = await api(path, { headers: { Accept: 'application/dicom+json' } });
@@ -116,13 +143,15 @@
     leaveViewer();
     showLogin('Your session has expired. Please log in again.');
   }
+  // The text to show for a failed request (null: the session expired and
+  // the login page is already shown).
   function failure(e) {
     if (e instanceof SessionExpired) return null;
     if (e instanceof ApiFailure) return e.message;
     return 'The server could not be reached.';
   }
 
-  // ---- login, password change, logout ---------------------------------
+  // ---- login, TOTP enrolment, password change, logout -----------------
   function showLogin(notice) {
     message($('login-notice'), notice);
     message($('login-error'), '');
@@ -148,7 +177,25 @@
     return fallback;
   }
 
-  let pendingLogin = null; // {username, password, totp} while a change is asked
+  let pendingLogin = null; // {username, totp} while a password change is asked
+  let enrolment = null; // {username, password, secret} during TOTP enrolment
+
+  // After a successful login or enrolment: the password change if asked,
+  // else the first page the account may see.
+  async function loggedIn(me, username, totp) {
+    setCsrf(me.csrf, me.username);
+    if (me.must_change_password) {
+      pendingLogin = { username, totp };
+      message($('password-error'), '');
+      $('password-form').reset();
+      show('password-view');
+      $('password-old').focus();
+      return;
+    }
+    await loadMe();
+    route();
+  }
+
   async function login(username, password, totp) {
     const body = { username, password };
     if (totp) body.totp = totp;
@@ -159,24 +206,78 @@
       message($('login-error'), 'The server could not be reached.');
       return;
     }
+    if (r.status === 403) {
+      const text = await errorText(r);
+      if (/two-factor/.test(text)) {
+        await beginEnrolment(username, password);
+        return;
+      }
+      message($('login-error'), text);
+      return;
+    }
     if (!r.ok) {
       message($('login-error'), refusal(r, r.status === 401
         ? 'Log-in failed: check the user name, the password and, if you use one, the one-time code.'
         : await errorText(r)));
       return;
     }
-    const me = await r.json();
-    setCsrf(me.csrf, me.username);
-    if (me.must_change_password) {
-      pendingLogin = { username, totp };
-      message($('password-error'), '');
-      $('password-form').reset();
-      show('password-view');
-      $('password-old').focus();
+    await loggedIn(await r.json(), username, totp);
+  }
+
+  async function beginEnrolment(username, password) {
+    let r;
+    try {
+      r = await anonymousPost('/api/totp/enrol', { username, password });
+    } catch (_) {
+      message($('login-error'), 'The server could not be reached.');
       return;
     }
-    enterList();
+    if (!r.ok) {
+      message($('login-error'), refusal(r, await errorText(r)));
+      return;
+    }
+    const e = await r.json();
+    enrolment = { username, password, secret: e.secret };
+    const qr = URL.createObjectURL(new Blob([e.qr_svg], { type: 'image/svg+xml' }));
+    const img = $('totp-qr');
+    img.onload = () => URL.revokeObjectURL(qr);
+    img.src = qr;
+    $('totp-secret').textContent = e.secret.replace(/(.{4})/g, '$1 ').trim();
+    $('totp-secret').dataset.secret = e.secret;
+    message($('totp-error'), '');
+    $('totp-form').reset();
+    show('totp-view');
+    $('totp-code').focus();
   }
+
+  $('totp-form').addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    if (!enrolment) return;
+    const code = $('totp-code').value.trim();
+    let r;
+    try {
+      r = await anonymousPost('/api/totp/enrol', {
+        username: enrolment.username, password: enrolment.password,
+        secret: enrolment.secret, totp: code,
+      });
+    } catch (_) {
+      message($('totp-error'), 'The server could not be reached.');
+      return;
+    }
+    if (!r.ok) {
+      message($('totp-error'), refusal(r, r.status === 401
+        ? 'That code was not accepted: check the app and the device clock, and enter the current code.'
+        : await errorText(r)));
+      return;
+    }
+    const username = enrolment.username;
+    enrolment = null;
+    await loggedIn(await r.json(), username, code);
+  });
+  $('totp-cancel').addEventListener('click', () => {
+    enrolment = null;
+    showLogin('');
+  });
 
   $('login-form').addEventListener('submit', (ev) => {
     ev.preventDefault();
@@ -205,11 +306,17 @@
       message($('password-error'), refusal(r, r.status === 401 ? 'The current password is wrong.' : await errorText(r)));
       return;
     }
-    // The change ends the session: log in again with the new password.
+    // The change ends the session: log in again with the new password. A
+    // one-time code cannot be used twice, so an account with a second
+    // factor logs in with the next one.
     setCsrf('', '');
     pendingLogin = null;
     $('login-username').value = p.username;
-    await login(p.username, fresh, p.totp);
+    if (p.totp) {
+      showLogin('Password changed. Log in with the new password and the next one-time code.');
+      return;
+    }
+    await login(p.username, fresh, '');
   });
 
   $('logout').addEventListener('click', async () => {
@@ -220,6 +327,79 @@
     leaveViewer();
     showLogin('You are logged out.');
   });
+
+  // ---- pages ----------------------------------------------------------------
+  function register(name, page) {
+    pages[name] = page;
+  }
+  async function loadMe() {
+    const r = await fetch('/api/me', { credentials: 'same-origin' });
+    if (!r.ok) throw new ApiFailure(r.status, await errorText(r));
+    const me = await r.json();
+    state.user = me.username;
+    state.permissions = me.permissions || [];
+    for (const a of $('nav').querySelectorAll('a')) a.hidden = !may(a.dataset.needs);
+    $('download').hidden = !may('export');
+    return me;
+  }
+  function firstPage() {
+    return Object.keys(pages).find((n) => may(pages[n].needs)) || null;
+  }
+  // Shows the page named in the URL's hash (#/name), or the first one the
+  // account may see.
+  function route() {
+    if (!state.csrf) return;
+    let name = (location.hash.match(/^#\/([a-z]+)/) || [])[1];
+    if (!name || !pages[name]) {
+      name = firstPage();
+      if (!name) {
+        show('list-view');
+        message($('list-error'), 'This account has no access to any page of this application.');
+        return;
+      }
+      if (location.hash !== `#/${name}`) {
+        history.replaceState(null, '', `#/${name}`);
+      }
+    }
+    for (const a of $('nav').querySelectorAll('a')) {
+      a.classList.toggle('current', a.dataset.page === name);
+    }
+    const page = pages[name];
+    leaveViewer();
+    show(page.view);
+    if (!may(page.needs)) {
+      page.refused();
+      return;
+    }
+    page.enter();
+  }
+  window.addEventListener('hashchange', route);
+
+  // A modal confirmation (no window.confirm: calmer, and testable).
+  function confirmAction(text) {
+    const d = $('confirm');
+    $('confirm-text').textContent = text;
+    d.returnValue = '';
+    d.showModal();
+    return new Promise((resolve) => {
+      d.addEventListener('close', () => resolve(d.returnValue === 'yes'), { once: true });
+    });
+  }
+  function cell(tr, text, cls) {
+    const td = document.createElement('td');
+    td.textContent = text === undefined || text === null ? '' : String(text);
+    if (cls) td.className = cls;
+    tr.appendChild(td);
+    return td;
+  }
+  function when(ts) {
+    if (!ts) return '';
+    const d = new Date(ts);
+    if (Number.isNaN(d.getTime())) return String(ts);
+    const pad = (n) => String(n).padStart(2, '0');
+    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} `
+      + `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  }
 
   // ---- study list -------------------------------------------------------
   function dateParam(from, to) {
@@ -276,12 +456,7 @@
         value(ds, TAG.nSeries),
         value(ds, TAG.nInstances),
       ];
-      cells.forEach((text, i) => {
-        const td = document.createElement('td');
-        td.textContent = text;
-        if (i >= 6) td.className = 'num';
-        tr.appendChild(td);
-      });
+      cells.forEach((text, i) => cell(tr, text, i >= 6 ? 'num' : ''));
       tr.addEventListener('click', () => openStudy(ds));
       tr.addEventListener('keydown', (ev) => { if (ev.key === 'Enter') openStudy(ds); });
       body.appendChild(tr);
@@ -294,13 +469,22 @@
   }
 
   function enterList() {
-    show('list-view');
     if (state.query === null) {
       state.query = readQuery().toString();
       state.offset = 0;
     }
     search();
   }
+  register('studies', {
+    view: 'list-view',
+    needs: 'query',
+    enter: enterList,
+    refused() {
+      $('studies').tBodies[0].replaceChildren();
+      $('list-empty').hidden = true;
+      message($('list-error'), 'Your role does not give access to images.');
+    },
+  });
 
   $('search-form').addEventListener('submit', (ev) => {
     ev.preventDefault();
@@ -325,7 +509,9 @@
     state.study = ds;
     state.series = [];
     state.window = '';
+    resetView();
     show('viewer-view');
+    message($('viewer-error'), '');
     $('series').replaceChildren();
     $('ov-patient').textContent = [
       personName(value(ds, TAG.patientName)),
@@ -429,8 +615,11 @@
     for (const b of $('presets').querySelectorAll('button')) {
       b.classList.toggle('active', b.dataset.window === state.window);
     }
-    $('ov-window').textContent = state.window
-      ? `W ${state.window.split(',')[1]} / L ${state.window.split(',')[0]}` : '';
+    const [c, w] = state.window ? state.window.split(',') : [];
+    $('ov-window').textContent = [
+      state.window ? `W ${w} / L ${c}` : '',
+      state.zoom !== 1 ? `zoom ${Math.round(state.zoom * 100)} %` : '',
+    ].filter(Boolean).join('\n');
   }
 
   function showImageState(which) {
@@ -439,7 +628,25 @@
     $('loading').hidden = which !== 'loading';
   }
 
+  // Renders the current image; while one render is on its way, later
+  // requests (a window drag) are folded into one more render.
   async function renderImage() {
+    if (state.rendering) {
+      state.renderAgain = true;
+      return;
+    }
+    state.rendering = true;
+    try {
+      do {
+        state.renderAgain = false;
+        await renderOnce();
+      } while (state.renderAgain);
+    } finally {
+      state.rendering = false;
+    }
+  }
+
+  async function renderOnce() {
     const n = state.images.length;
     const seq = ++state.renderSeq;
     if (!n) {
@@ -471,12 +678,14 @@
     const img = $('image');
     const old = state.imageUrl;
     state.imageUrl = URL.createObjectURL(blob);
-    img.onload = () => { if (old) URL.revokeObjectURL(old); };
-    img.onerror = () => { if (seq === state.renderSeq) showImageState('cannot'); };
-    img.dataset.src = url;
-    img.alt = `image ${state.imageIndex + 1} of ${n}`;
-    img.src = state.imageUrl;
-    showImageState('image');
+    await new Promise((resolve) => {
+      img.onload = () => { if (old) URL.revokeObjectURL(old); resolve(); };
+      img.onerror = () => { if (seq === state.renderSeq) showImageState('cannot'); resolve(); };
+      img.dataset.src = url;
+      img.alt = `image ${state.imageIndex + 1} of ${n}`;
+      img.src = state.imageUrl;
+      showImageState('image');
+    });
   }
 
   function step(delta) {
@@ -497,6 +706,91 @@
     $('image').removeAttribute('src');
   }
 
+  // -- window/level by dragging, zoom and pan
+  function applyTransform() {
+    $('image').style.transform = `translate(${state.panX}px, ${state.panY}px) scale(${state.zoom})`;
+    markPreset();
+  }
+  function resetView() {
+    state.zoom = 1;
+    state.panX = 0;
+    state.panY = 0;
+    applyTransform();
+  }
+  function zoomBy(f) {
+    state.zoom = Math.min(16, Math.max(0.25, state.zoom * f));
+    applyTransform();
+  }
+  function setTool(tool) {
+    state.tool = tool;
+    for (const [id, t] of [['tool-window', 'window'], ['tool-pan', 'pan']]) {
+      $(id).classList.toggle('active', t === tool);
+      $(id).setAttribute('aria-pressed', String(t === tool));
+    }
+  }
+  $('tool-window').addEventListener('click', () => setTool('window'));
+  $('tool-pan').addEventListener('click', () => setTool('pan'));
+  $('zoom-in').addEventListener('click', () => zoomBy(1.25));
+  $('zoom-out').addEventListener('click', () => zoomBy(0.8));
+  $('zoom-fit').addEventListener('click', resetView);
+
+  // The window the drag starts from: the current one, else the image's own
+  // (Window Center/Width from its metadata, else its bit depth).
+  async function startingWindow() {
+    if (state.window) return state.window.split(',').map(Number);
+    const s = state.series[state.seriesIndex];
+    const im = state.images[state.imageIndex];
+    try {
+      const [m] = await dicomJson(`${seriesBase(s)}/instances/${encodeURIComponent(im.sop)}/metadata`);
+      const c = Number(value(m, TAG.windowCenter));
+      const w = Number(value(m, TAG.windowWidth));
+      if (value(m, TAG.windowWidth) && w > 0) return [c, w];
+      const bits = Number(value(m, TAG.bitsStored)) || 8;
+      const slope = Number(value(m, TAG.rescaleSlope)) || 1;
+      const icpt = Number(value(m, TAG.rescaleIntercept)) || 0;
+      return [2 ** (bits - 1) * slope + icpt, 2 ** bits * slope];
+    } catch (_) {
+      return [128, 256];
+    }
+  }
+
+  let drag = null;
+  $('stage').addEventListener('pointerdown', async (ev) => {
+    if (ev.button !== 0 || $('image').hidden) return;
+    ev.preventDefault();
+    $('stage').setPointerCapture(ev.pointerId);
+    const d = { x: ev.clientX, y: ev.clientY, tool: state.tool, panX: state.panX, panY: state.panY, win: null };
+    drag = d;
+    if (d.tool === 'window') d.win = await startingWindow();
+  });
+  $('stage').addEventListener('pointermove', (ev) => {
+    if (!drag) return;
+    const dx = ev.clientX - drag.x;
+    const dy = ev.clientY - drag.y;
+    if (drag.tool === 'pan') {
+      state.panX = drag.panX + dx;
+      state.panY = drag.panY + dy;
+      applyTransform();
+      return;
+    }
+    if (!drag.win) return;
+    // Left-right: width; up-down: level. One screen pixel moves by a
+    // 256th of the starting width, at least one unit.
+    const [c0, w0] = drag.win;
+    const unit = Math.max(1, w0 / 256);
+    const w = Math.max(1, Math.round(w0 + dx * unit));
+    const c = Math.round(c0 + dy * unit);
+    const next = `${c},${w}`;
+    if (next !== state.window) {
+      state.window = next;
+      markPreset();
+      renderImage();
+    }
+  });
+  const endDrag = () => { drag = null; };
+  $('stage').addEventListener('pointerup', endDrag);
+  $('stage').addEventListener('pointercancel', endDrag);
+
   $('presets').addEventListener('click', (ev) => {
     const b = ev.target.closest('button');
     if (!b) return;
@@ -506,10 +800,14 @@
   });
   $('stage').addEventListener('wheel', (ev) => {
     ev.preventDefault();
+    if (ev.ctrlKey) {
+      zoomBy(ev.deltaY < 0 ? 1.1 : 1 / 1.1);
+      return;
+    }
     step(ev.deltaY > 0 ? 1 : -1);
   }, { passive: false });
   document.addEventListener('keydown', (ev) => {
-    if ($('viewer-view').hidden || ev.target.closest('input, select, textarea')) return;
+    if ($('viewer-view').hidden || ev.target.closest('input, select, textarea, dialog')) return;
     const moves = { ArrowDown: 1, ArrowRight: 1, PageDown: 10, ArrowUp: -1, ArrowLeft: -1, PageUp: -10 };
     if (ev.key in moves) {
       ev.preventDefault();
@@ -518,6 +816,12 @@
       step(-state.images.length);
     } else if (ev.key === 'End') {
       step(state.images.length);
+    } else if (ev.key === '+' || ev.key === '=') {
+      zoomBy(1.25);
+    } else if (ev.key === '-') {
+      zoomBy(0.8);
+    } else if (ev.key === '0') {
+      resetView();
     } else if (ev.key === 'Escape') {
       back();
     }
@@ -529,29 +833,65 @@
   }
   $('back').addEventListener('click', back);
 
+  // -- study download (zip of Part 10 files; export permission)
+  $('download').addEventListener('click', async () => {
+    if (!state.study) return;
+    const uid = value(state.study, TAG.studyUid);
+    const b = $('download');
+    b.disabled = true;
+    message($('viewer-error'), '');
+    const old = b.textContent;
+    b.textContent = 'Preparing download…';
+    try {
+      const r = await api(`/api/studies/${encodeURIComponent(uid)}/export`);
+      const blob = await r.blob();
+      const a = document.createElement('a');
+      a.href = URL.createObjectURL(blob);
+      a.download = `study-${uid}.zip`;
+      document.body.appendChild(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(a.href), 60000);
+    } catch (e) {
+      const text = failure(e);
+      if (text) message($('viewer-error'), `Download refused: ${text}`);
+    } finally {
+      b.disabled = false;
+      b.textContent = old;
+    }
+  });
+
   // ---- start --------------------------------------------------------------
+  window.BastionUI = {
+    $, api, apiJson, message, failure, register, show, cell, when, confirmAction, may,
+    ApiFailure,
+  };
+
   async function start() {
     if (!state.csrf) {
       showLogin('');
       return;
     }
     try {
-      const r = await fetch('/api/me', { credentials: 'same-origin' });
-      if (!r.ok) {
+      const me = await loadMe().catch((e) => {
+        if (e instanceof ApiFailure && e.status === 401) return null;
+        throw e;
+      });
+      if (!me) {
         setCsrf('', '');
-        showLogin(r.status === 401 ? 'Your session has expired. Please log in again.' : '');
+        showLogin('Your session has expired. Please log in again.');
         return;
       }
-      const me = await r.json();
-      state.user = me.username;
       if (me.must_change_password) {
         show('password-view');
         return;
       }
-      enterList();
+      route();
     } catch (_) {
       showLogin('The server could not be reached.');
     }
   }
-  start();
+  // admin.js registers its pages before this runs (deferred scripts run in
+  // order, before DOMContentLoaded).
+  document.addEventListener('DOMContentLoaded', start);
 }());

@@ -43,6 +43,11 @@ pub const ASSETS: &[Asset] = &[
         bytes: include_bytes!("../assets/app.js"),
     },
     Asset {
+        path: "/admin.js",
+        content_type: "text/javascript; charset=utf-8",
+        bytes: include_bytes!("../assets/admin.js"),
+    },
+    Asset {
         path: "/favicon.svg",
         content_type: "image/svg+xml",
         bytes: include_bytes!("../assets/favicon.svg"),
@@ -54,7 +59,8 @@ pub fn is_asset(method: &Method, path: &str) -> bool {
     *method == Method::GET && ASSETS.iter().any(|a| a.path == path)
 }
 
-/// `GET /`, `/app.css`, `/app.js`, `/favicon.svg`: the embedded asset.
+/// `GET /`, `/app.css`, `/app.js`, `/admin.js`, `/favicon.svg`: the
+/// embedded asset.
 pub async fn asset(Extension(note): Extension<Note>, req: Request) -> Result<Response, ApiError> {
     note.action("ui.asset");
     let path = req.uri().path();
