@@ -201,6 +201,33 @@ fn web_app(
         );
     }
     let accounts = Arc::new(Accounts::new(security.clone(), events, account_policy));
+    // The admin API: the same database the DIMSE listeners read devices
+    // from at each association, so changes apply to the next one.
+    let mut listeners = vec![bastion_web::admin::ListenerInfo {
+        name: "dicom-tls".into(),
+        address: config.dicom.tls_addr,
+        tls: true,
+    }];
+    if let Some(addr) = config.dicom.plain_addr {
+        listeners.push(bastion_web::admin::ListenerInfo {
+            name: "dicom-plain".into(),
+            address: addr,
+            tls: false,
+        });
+    }
+    if let Some(addr) = config.http.listen_addr()? {
+        listeners.push(bastion_web::admin::ListenerInfo {
+            name: "https".into(),
+            address: addr,
+            tls: true,
+        });
+    }
+    let admin = bastion_web::admin::AdminContext {
+        db: security.clone(),
+        accounts: accounts.clone(),
+        pki: dir.pki(),
+        listeners,
+    };
     let h = &config.http;
     if !h.cors_origins.is_empty() {
         tracing::warn!(origins = ?h.cors_origins, "CORS enabled: these browser origins may call the API with users' credentials");
@@ -214,8 +241,9 @@ fn web_app(
         ae_title: config.dicom.ae_title.clone(),
         ..bastion_web::WebConfig::default()
     };
-    let state =
-        bastion_web::AppState::new(archive.clone(), accounts, web).with_alerts(detection.clone());
+    let state = bastion_web::AppState::new(archive.clone(), accounts, web)
+        .with_alerts(detection.clone())
+        .with_admin(admin);
     let limits = bastion_web::server::ConnectionLimits {
         max_connections: h.max_connections.max(1),
         handshake_timeout: Duration::from_secs(h.handshake_timeout_secs),

@@ -65,6 +65,11 @@ pub enum ApiError {
     /// No such resource (404).
     #[error("not found")]
     NotFound,
+    /// The request conflicts with the current state (409): the AE title or
+    /// user name exists, the last enabled admin, an alert already
+    /// acknowledged. The message says which.
+    #[error("{0}")]
+    Conflict(String),
     /// The representation asked for in `Accept` cannot be produced (406).
     #[error("not acceptable: {0}")]
     NotAcceptable(String),
@@ -101,6 +106,7 @@ impl ApiError {
             ApiError::TokenInQuery | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,

@@ -36,9 +36,11 @@
 //!   address, action, status and Study Instance UIDs, never patient names.
 
 pub mod accounts;
+pub mod admin;
 pub mod alerts;
 pub mod audit;
 pub mod audit_api;
+pub mod audit_chain;
 pub mod auth;
 pub mod body;
 pub mod dicomweb;
@@ -56,7 +58,7 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     middleware::{from_fn, from_fn_with_state},
-    routing::{get, post},
+    routing::{get, post, put},
 };
 use bastion_archive::Archive;
 use tower_http::{
@@ -103,11 +105,14 @@ impl Default for WebConfig {
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
 
+#[derive(Clone)]
 struct Inner {
     archive: Arc<Archive>,
     accounts: Arc<dyn AccountService>,
     config: WebConfig,
     alerts: Option<Arc<bastion_security::alerts::Detection>>,
+    admin: Option<Arc<admin::AdminContext>>,
+    chain: audit_chain::ChainCache,
 }
 
 impl AppState {
@@ -122,21 +127,36 @@ impl AppState {
             accounts,
             config,
             alerts: None,
+            admin: None,
+            chain: audit_chain::ChainCache::default(),
         }))
     }
 
-    /// Serves `GET /api/alerts` and `GET /metrics` from this detector.
+    /// Serves `GET /api/alerts`, `GET /api/alerts/{id}`, `POST
+    /// /api/alerts/{id}/ack` and `GET /metrics` from this detector.
     pub fn with_alerts(self, detection: Arc<bastion_security::alerts::Detection>) -> AppState {
-        let inner = Arc::try_unwrap(self.0).unwrap_or_else(|shared| Inner {
-            archive: shared.archive.clone(),
-            accounts: shared.accounts.clone(),
-            config: shared.config.clone(),
-            alerts: None,
-        });
-        AppState(Arc::new(Inner {
-            alerts: Some(detection),
-            ..inner
-        }))
+        let mut inner = Arc::unwrap_or_clone(self.0);
+        inner.alerts = Some(detection);
+        AppState(Arc::new(inner))
+    }
+
+    /// Serves the admin API ([`admin`]: `/api/devices`, `/api/users`,
+    /// `/api/posture`) with these security handles; without them those
+    /// routes answer 404.
+    pub fn with_admin(self, admin: admin::AdminContext) -> AppState {
+        let mut inner = Arc::unwrap_or_clone(self.0);
+        inner.admin = Some(Arc::new(admin));
+        AppState(Arc::new(inner))
+    }
+
+    /// The admin context, when the admin API is served.
+    pub fn admin(&self) -> Option<Arc<admin::AdminContext>> {
+        self.0.admin.clone()
+    }
+
+    /// The cached audit chain verification ([`audit_chain`]).
+    pub(crate) fn chain_cache(&self) -> &audit_chain::ChainCache {
+        &self.0.chain
     }
 
     /// The detector, when alerts are served.
@@ -176,6 +196,30 @@ pub fn router(state: AppState) -> Router {
         .route("/api/events", get(audit::events))
         .route("/api/audit", get(audit_api::search))
         .route("/api/alerts", get(alerts::list))
+        .route("/api/alerts/{id}", get(alerts::get))
+        .route("/api/alerts/{id}/ack", post(alerts::ack))
+        .route("/api/audit/chain", get(audit_chain::status))
+        .route(
+            "/api/devices",
+            get(admin::devices::list).post(admin::devices::create),
+        )
+        .route("/api/devices/unknown", get(admin::devices::unknown))
+        .route(
+            "/api/devices/{ae}",
+            put(admin::devices::update).delete(admin::devices::remove),
+        )
+        .route(
+            "/api/users",
+            get(admin::users::list).post(admin::users::create),
+        )
+        .route("/api/users/{name}/disable", post(admin::users::disable))
+        .route("/api/users/{name}/enable", post(admin::users::enable))
+        .route("/api/users/{name}/unlock", post(admin::users::unlock))
+        .route(
+            "/api/users/{name}/password",
+            post(admin::users::reset_password),
+        )
+        .route("/api/posture", get(admin::posture::posture))
         .route("/metrics", get(alerts::metrics));
     let ui = ui::ASSETS
         .iter()
