@@ -562,7 +562,17 @@ impl Rules {
         if !(user_hot || addr_hot) {
             return;
         }
-        let evidence = self.logins.evidence(&[&user_key, &addr_key]);
+        // The evidence of the key(s) that reached the threshold: another
+        // account's failures from the same address are no evidence against
+        // this account.
+        let hot: Vec<&str> = [
+            (by_user >= n, user_key.as_str()),
+            (by_addr >= n, addr_key.as_str()),
+        ]
+        .into_iter()
+        .filter_map(|(h, k)| h.then_some(k))
+        .collect();
+        let evidence = self.logins.evidence(&hot);
         // One alert for both keys when one burst trips both.
         if by_user >= n {
             self.set_quiet(Rule::LoginBruteForce, user_key, now);
@@ -1134,6 +1144,8 @@ mod tests {
         let f = run(&mut r, &evs);
         assert_eq!(rules_of(&f), ["login_brute_force"]);
         assert_eq!(f[0].details["failures_from_address"], 5);
+        let users: Vec<&Value> = f[0].evidence.iter().map(|e| &e["user"]).collect();
+        assert_eq!(users, ["user0", "user1", "user2", "user3", "user4"]);
     }
 
     #[test]
