@@ -66,14 +66,17 @@ def _node() -> str:
     return node
 
 
-def _store_studies(srv, tmp_path) -> str:
+CT = corpus.corpus_root() / "pydicom" / "test_files" / "CT_small.dcm"
+MR = corpus.corpus_root() / "pydicom" / "test_files" / "MR_small.dcm"
+
+
+def _store_studies(srv, tmp_path, mr=True) -> str:
     """CT_small (2 instances) and MR_small by STOW-RS; the CT's Study UID."""
     tech = new_token(srv, "stow", "technologist")
-    ct = corpus.corpus_root() / "pydicom" / "test_files" / "CT_small.dcm"
-    mr = corpus.corpus_root() / "pydicom" / "test_files" / "MR_small.dcm"
+    ct = CT
     ct2 = tmp_path / "CT_small_2.dcm"
     ct2.write_bytes(_second_instance(ct))
-    body, b = _multipart([ct, ct2, mr])
+    body, b = _multipart([ct, ct2] + ([MR] if mr else []))
     status, _, out = request(srv, "POST", "/dicomweb/studies", tech,
                              {"Content-Type": f'multipart/related; type="application/dicom"; '
                                               f'boundary="{b}"',
@@ -126,7 +129,16 @@ def test_admin_and_security_pages_in_the_browser(make_server, tmp_path):
                        ("auditor", "auditor")):
         run(srv, "user", "add", name, "--role", role, "--password-stdin",
             stdin=PASSWORD + "\n")
-    ct_study = _store_studies(srv, tmp_path)
+    ct_study = _store_studies(srv, tmp_path, mr=False)
+    # The devices page's material: a modality that stored an MR over
+    # DICOM-TLS (its Manufacturer etc. in the inventory), a registered
+    # device refused for its transport, an unknown AE title.
+    srv.device_add("MODALITY")
+    sent = helpers.store_files(srv.tls_port, "MODALITY", [MR], tls=srv.tls_context())
+    assert list(sent.values()) == [0x0000], sent
+    srv.device_add("PORTABLE_DX", transport="mtls")
+    assert str(srv.echo("PORTABLE_DX")).startswith("not established")
+    assert str(srv.echo("STRANGER")).startswith("not established")
 
     shots = tmp_path / "ui"
     results = _run_browser(node, "security.test.mjs", {

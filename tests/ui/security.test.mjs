@@ -248,9 +248,11 @@ try {
   await page.fill('#ack-comment', 'test run: scripted failed logins from 127.0.0.2');
   await page.click('#ack-submit');
   await page.waitForSelector('#ack-done:not([hidden])');
-  const status = await page.textContent('#alerts tbody tr.selected td:nth-child(4)');
-  check('alerts: acknowledged with a comment', status === 'acknowledged'
-    && (await page.textContent('#alert-facts')).includes('scripted failed logins'), status);
+  const facts = await page.textContent('#alert-facts');
+  check('alerts: acknowledged with a comment', facts.includes('Statusacknowledged')
+    && facts.includes('scripted failed logins') && !(await page.isVisible('#ack-form')), facts);
+  await page.check('#alerts-all');
+  await page.waitForSelector(`#alerts tbody tr[data-rule="login_brute_force"] td:text-is("acknowledged")`);
 
   await page.goto(`${BASE}/#/audit`);
   await page.waitForFunction(() => /intact|damaged|could not/.test(document.getElementById('chain-status').textContent));
@@ -265,7 +267,14 @@ try {
   await page.screenshot({ path: join(OUT, 'audit.png') });
 
   await page.goto(`${BASE}/#/devices`);
-  await page.waitForSelector('#devices-view:not([hidden])');
+  await page.waitForSelector('#devices tbody tr[data-ae="MODALITY"]');
+  const modality = await page.textContent('#devices tbody tr[data-ae="MODALITY"]');
+  check('devices: the inventory shows what the modality\'s images say', modality.includes('TOSHIBA_MEC')
+    && modality.includes('MRT50H1'), modality);
+  const dx = await page.textContent('#devices tbody tr[data-ae="PORTABLE_DX"] td:nth-child(7)');
+  check('devices: the last refused association of a registered device', dx.length > 10, dx);
+  const unknown = await page.locator('#unknown tbody tr').allTextContents();
+  check('devices: unknown AE titles that tried', unknown.some((t) => t.includes('STRANGER')), unknown);
   await page.click('#device-new');
   await page.fill('#dev-ae', 'CT_SCANNER');
   await page.fill('#dev-network', '127.0.0.1/32');

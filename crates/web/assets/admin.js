@@ -271,6 +271,7 @@
         dd.textContent = typeof v === 'object' ? JSON.stringify(v) : String(v);
         dl.append(dt, dd);
       };
+      fact('Status', a.status);
       fact('Rule', a.rule);
       fact('Severity', a.severity);
       fact('When', when(a.ts));

@@ -20,6 +20,7 @@
     rows: '00280010', columns: '00280011', bitsStored: '00280101',
     windowCenter: '00281050', windowWidth: '00281051',
     rescaleIntercept: '00281052', rescaleSlope: '00281053',
+    smallestPixel: '00280106', largestPixel: '00280107',
   };
   const STUDY_FIELDS = [TAG.patientName, TAG.patientId, TAG.birthDate, TAG.studyDate,
     TAG.accession, TAG.modalities, TAG.studyDescription, TAG.nSeries, TAG.nInstances];
@@ -745,9 +746,19 @@
       const c = Number(value(m, TAG.windowCenter));
       const w = Number(value(m, TAG.windowWidth));
       if (value(m, TAG.windowWidth) && w > 0) return [c, w];
-      const bits = Number(value(m, TAG.bitsStored)) || 8;
       const slope = Number(value(m, TAG.rescaleSlope)) || 1;
       const icpt = Number(value(m, TAG.rescaleIntercept)) || 0;
+      const lo = value(m, TAG.smallestPixel);
+      const hi = value(m, TAG.largestPixel);
+      if (lo && hi && Number(hi) > Number(lo)) {
+        const a = Number(lo) * slope + icpt;
+        const b = Number(hi) * slope + icpt;
+        return [Math.round((a + b) / 2), Math.round(b - a)];
+      }
+      // No window in the header: soft tissue for CT (Hounsfield units),
+      // else the stored bit depth's range.
+      if (s.modality === 'CT') return [40, 400];
+      const bits = Math.min(16, Number(value(m, TAG.bitsStored)) || 8);
       return [2 ** (bits - 1) * slope + icpt, 2 ** bits * slope];
     } catch (_) {
       return [128, 256];
