@@ -11,7 +11,7 @@ use bastion_model::{Role, WebPermission};
 use bastion_security::{
     accounts::{
         AccountPolicy, Accounts, AuthMethod, Clock, LoginOutcome, LoginRequest, NewSession,
-        PasswordChoice, Scope,
+        PasswordChoice, Scope, TotpEnrolment,
     },
     db::SecurityDb,
     events::EventLog,
@@ -431,6 +431,105 @@ fn admins_need_totp_and_codes_work_once() {
             .expect("login"),
         LoginOutcome::Ok { .. }
     ));
+}
+
+#[test]
+fn web_totp_enrolment_only_for_admins_who_need_it() {
+    let f = fixture(AccountPolicy::default());
+    add(&f, "root1", Role::Admin);
+    add(&f, "eve", Role::Clinician);
+    // A wrong password: refused as a login, nothing offered.
+    assert_eq!(
+        f.accounts
+            .enrol_totp(&req("root1", "bad bad bad bad", None, "10.2.0.1"), None)
+            .expect("enrol"),
+        TotpEnrolment::Refused(LoginOutcome::Failed)
+    );
+    f.clock.advance(Duration::from_secs(60));
+    // A clinician needs no enrolment: the same answer as a failure.
+    assert_eq!(
+        f.accounts
+            .enrol_totp(&req("eve", GOOD, None, "10.2.0.2"), None)
+            .expect("enrol"),
+        TotpEnrolment::Refused(LoginOutcome::Failed)
+    );
+    // Step 1: a secret, nothing stored (the login still asks for setup).
+    let TotpEnrolment::Secret { secret, uri } = f
+        .accounts
+        .enrol_totp(&req("root1", GOOD, None, "10.2.0.3"), None)
+        .expect("enrol")
+    else {
+        panic!("expected a secret")
+    };
+    assert_eq!(secret.len(), 32);
+    assert!(uri.starts_with("otpauth://totp/Bastion:root1?") && uri.contains(&secret));
+    f.clock.advance(Duration::from_secs(5));
+    assert_eq!(
+        f.accounts
+            .login(&req("root1", GOOD, None, "10.2.0.4"))
+            .expect("login"),
+        LoginOutcome::TotpSetupRequired
+    );
+    let totp = totp_rs::TOTP::from_url(&uri).expect("uri");
+    // Step 2 with a wrong code: refused, counted, still not stored.
+    f.clock.advance(Duration::from_secs(30));
+    let code = totp.generate(f.clock.unix_secs());
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    assert_eq!(
+        f.accounts
+            .enrol_totp(&req("root1", GOOD, Some(wrong), "10.2.0.5"), Some(&secret))
+            .expect("enrol"),
+        TotpEnrolment::Refused(LoginOutcome::TotpRequired)
+    );
+    // A tampered secret never matches.
+    f.clock.advance(Duration::from_secs(30));
+    let code = totp.generate(f.clock.unix_secs());
+    assert_eq!(
+        f.accounts
+            .enrol_totp(&req("root1", GOOD, Some(&code), "10.2.0.6"), Some("AAAA"))
+            .expect("enrol"),
+        TotpEnrolment::Refused(LoginOutcome::TotpRequired)
+    );
+    f.clock.advance(Duration::from_secs(60));
+    let code = totp.generate(f.clock.unix_secs());
+    let TotpEnrolment::LoggedIn { session, .. } = f
+        .accounts
+        .enrol_totp(&req("root1", GOOD, Some(&code), "10.2.0.7"), Some(&secret))
+        .expect("enrol")
+    else {
+        panic!("expected a session")
+    };
+    let (p, _) = f
+        .accounts
+        .session(&session.id)
+        .expect("session")
+        .expect("valid");
+    assert!(p.may(WebPermission::Admin));
+    // The code is used up; a password alone no longer works; enrolling
+    // again is refused.
+    assert_eq!(
+        f.accounts
+            .login(&req("root1", GOOD, Some(&code), "10.2.0.8"))
+            .expect("login"),
+        LoginOutcome::TotpRequired
+    );
+    f.clock.advance(Duration::from_secs(60));
+    assert_eq!(
+        f.accounts
+            .enrol_totp(&req("root1", GOOD, None, "10.2.0.9"), None)
+            .expect("enrol"),
+        TotpEnrolment::Refused(LoginOutcome::Failed)
+    );
+    f.clock.advance(Duration::from_secs(30));
+    let next = totp.generate(f.clock.unix_secs());
+    assert!(matches!(
+        f.accounts
+            .login(&req("root1", GOOD, Some(&next), "10.2.0.10"))
+            .expect("login"),
+        LoginOutcome::Ok { .. }
+    ));
+    assert!(!events_text(&f.events_path).contains(&secret));
+    assert!(events_text(&f.events_path).contains("\"via\":\"web\""));
 }
 
 #[test]
