@@ -507,22 +507,29 @@ impl<'a> DeviceRegistry<'a> {
         })
     }
 
-    /// Removes a device.
+    /// Removes a device, with its last refusal (a device registered again
+    /// under the title starts without one; its inventory history stays).
     ///
     /// # Errors
     /// [`SecurityError::NoSuchDevice`] when it is not registered.
     pub fn remove(&self, ae: &AeTitle) -> Result<()> {
         self.db.with(|c| {
-            let n = c
+            let err = |op| move |source| SecurityError::Db { op, source };
+            let tx =
+                rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)
+                    .map_err(err("begin"))?;
+            let n = tx
                 .execute("DELETE FROM devices WHERE ae=?1", params![ae.as_str()])
-                .map_err(|source| SecurityError::Db {
-                    op: "delete device",
-                    source,
-                })?;
+                .map_err(err("delete device"))?;
             if n == 0 {
                 return Err(SecurityError::NoSuchDevice(ae.to_string()));
             }
-            Ok(())
+            tx.execute(
+                "DELETE FROM device_rejections WHERE ae=?1",
+                params![ae.as_str()],
+            )
+            .map_err(err("delete device rejection"))?;
+            tx.commit().map_err(err("commit"))
         })
     }
 

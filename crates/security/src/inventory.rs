@@ -1101,5 +1101,20 @@ mod tests {
         assert_eq!(r["CT1"].reason, "permission_denied:find");
         assert_eq!(r["CT1"].address, "127.0.0.1");
         assert!(r["CT1"].at.ends_with('Z'), "{}", r["CT1"].at);
+        // removed (and registered again): no refusal of its previous life
+        let Ok(ae) = bastion_model::AeTitle::parse("CT1") else {
+            panic!("AE")
+        };
+        crate::devices::DeviceRegistry::new(&db)
+            .remove(&ae)
+            .expect("remove");
+        assert!(last_rejections(&db).expect("read").is_empty());
+        let count: i64 = db
+            .with(|c| {
+                c.query_row("SELECT count(*) FROM device_rejections", [], |r| r.get(0))
+                    .map_err(|source| SecurityError::Db { op: "t", source })
+            })
+            .expect("count");
+        assert_eq!(count, 0);
     }
 }
