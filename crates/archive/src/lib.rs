@@ -20,6 +20,7 @@
 pub mod charset;
 pub mod extract;
 pub mod ingest;
+pub mod isolated;
 pub mod part10;
 pub mod query;
 pub mod scan;

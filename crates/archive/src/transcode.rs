@@ -17,14 +17,20 @@
 //!   `jpeg-decoder`, the decoder behind dicom-rs's `jpeg` adapter, called
 //!   directly because the adapter lets it pick the colour transform (below).
 //!
+//! **JPEG 2000** (.90, .91) is decoded only through the
+//! [`crate::isolated::IsolatedDecoder`] the binary registers (`bastion
+//! serve`: a child process under seccomp and resource limits, see
+//! `crates/bastion/src/decoder_sandbox.rs`): the only decoders are OpenJPEG
+//! (C) and `openjp2`, OpenJPEG translated into `unsafe` Rust, and a
+//! peer-supplied codestream is never parsed in the server process. Each
+//! frame's codestream is checked against Rows, Columns, Samples per Pixel
+//! and Bits Allocated; a colour image comes out RGB (the decoder applies the
+//! inverse YBR_RCT/YBR_ICT transform). Without a registered decoder JPEG
+//! 2000 is not decodable.
+//!
 //! **Not decoded**, so such instances go out as stored or not at all:
-//! JPEG-LS and JPEG 2000. dicom-rs decodes JPEG-LS only through CharLS (C++,
-//! built with cmake) and JPEG 2000 through OpenJPEG or `openjp2`, a
-//! machine translation of OpenJPEG's C into `unsafe` Rust that keeps
-//! OpenJPEG's memory-safety bug class. Decoding a peer-supplied codestream
-//! with either would run C/C++-grade parsers in the server process, which
-//! Bastion does nowhere else; neither is enabled. Also not decoded: JPEG XL,
-//! MPEG/HEVC video, Deflated Image Frame Compression, Encapsulated
+//! JPEG-LS (dicom-rs decodes it only through CharLS, C++ built with cmake),
+//! JPEG XL, MPEG/HEVC video, Deflated Image Frame Compression, Encapsulated
 //! Uncompressed.
 //!
 //! ## What the decoded dataset says (PS3.3 §C.7.6.3, PS3.5 §8)
@@ -178,6 +184,9 @@ enum Decoder {
         /// Baseline or extended (DCT) rather than lossless (process 14).
         lossy: bool,
     },
+    /// ISO 15444-1, by the registered [`crate::isolated::IsolatedDecoder`]
+    /// (a sandboxed child process), only when one is registered.
+    Jpeg2000,
 }
 
 impl Decoder {
@@ -186,6 +195,11 @@ impl Decoder {
             RLE_LOSSLESS => Some(Decoder::Rle),
             JPEG_BASELINE | JPEG_EXTENDED => Some(Decoder::Jpeg { lossy: true }),
             JPEG_LOSSLESS | JPEG_LOSSLESS_SV1 => Some(Decoder::Jpeg { lossy: false }),
+            crate::isolated::JPEG_2000_LOSSLESS | crate::isolated::JPEG_2000
+                if crate::isolated::isolated_decoder().is_some() =>
+            {
+                Some(Decoder::Jpeg2000)
+            }
             _ => None,
         }
     }
@@ -334,6 +348,20 @@ fn decode_pixel_data(
             });
             decode_jpeg(&data, &images, &g, colour, &mut native).map_err(fail)?;
         }
+        Decoder::Jpeg2000 => {
+            let decoder = crate::isolated::isolated_decoder()
+                .ok_or_else(|| fail("no JPEG 2000 decoder registered".into()))?;
+            let codestreams =
+                crate::isolated::frame_codestreams(fragments, g.frames).map_err(fail)?;
+            let frame_bytes = usize::try_from(g.frame_bytes()).map_err(|e| fail(e.to_string()))?;
+            for (i, cs) in codestreams.iter().enumerate() {
+                let image = decoder
+                    .decode_j2k(cs, frame_bytes)
+                    .map_err(|e| fail(format!("frame {}: {e}", i + 1)))?;
+                check_j2k(&image, &g).map_err(|e| fail(format!("frame {}: {e}", i + 1)))?;
+                native.extend_from_slice(&image.samples);
+            }
+        }
     }
     if native.len() != total {
         return Err(fail(format!(
@@ -366,6 +394,15 @@ fn decode_pixel_data(
             tags::PLANAR_CONFIGURATION,
             VR::US,
             PrimitiveValue::from(0_u16),
+        ));
+    }
+    if decoder == Decoder::Jpeg2000 && g.samples == 3 {
+        // The decoder applied the inverse component transform (YBR_RCT,
+        // YBR_ICT): the samples are RGB (PS3.5 §8.2.4).
+        obj.put(DataElement::new(
+            tags::PHOTOMETRIC_INTERPRETATION,
+            VR::CS,
+            PrimitiveValue::from("RGB"),
         ));
     }
     if decoder == (Decoder::Jpeg { lossy: true }) {
@@ -552,6 +589,38 @@ fn check_jpeg(data: &[u8], g: &Geometry, lossy: bool) -> Result<Vec<JpegFrame>, 
         }
     }
     Ok(frames)
+}
+
+/// Whether a decoded JPEG 2000 image is what the dataset says (PS3.5
+/// §8.2.4: the codestream's size, components and precision must agree with
+/// Rows, Columns, Samples per Pixel and Bits Allocated/Stored).
+fn check_j2k(image: &crate::isolated::DecodedImage, g: &Geometry) -> Result<(), String> {
+    if image.width != u32::from(g.cols) || image.height != u32::from(g.rows) {
+        return Err(format!(
+            "codestream of {}×{} for an image of {}×{}",
+            image.width, image.height, g.cols, g.rows
+        ));
+    }
+    if image.components != g.samples {
+        return Err(format!(
+            "{} components for Samples per Pixel {}",
+            image.components, g.samples
+        ));
+    }
+    if (image.precision <= 8) != (g.bits_allocated == 8) {
+        return Err(format!(
+            "precision {} does not fit Bits Allocated {}",
+            image.precision, g.bits_allocated
+        ));
+    }
+    let expected = g.frame_bytes();
+    if image.samples.len() as u64 != expected {
+        return Err(format!(
+            "{} bytes decoded, {expected} expected",
+            image.samples.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Decodes each checked image with jpeg-decoder and appends its samples,
@@ -819,6 +888,8 @@ mod tests {
             assert!(!can_transcode(from, EXPLICIT_VR_BE), "{from}");
             assert!(!can_transcode(EXPLICIT_VR_LE, from), "{from}");
         }
+        // JPEG 2000 needs the isolated decoder, which no library test
+        // registers.
         for from in [
             "1.2.840.10008.1.2.4.80", // JPEG-LS
             "1.2.840.10008.1.2.4.90", // JPEG 2000

@@ -8,6 +8,7 @@ mod audit_cli;
 mod cli;
 mod config;
 mod datadir;
+mod decoder_sandbox;
 mod import;
 mod serve;
 mod syslog_client;
@@ -18,6 +19,13 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // The JPEG 2000 decoding child (decoder_sandbox): started by `serve`,
+    // never by hand; dispatched before anything else is set up.
+    let mut args = std::env::args();
+    if args.nth(1).as_deref() == Some(decoder_sandbox::SUBCOMMAND) {
+        let max = args.next().and_then(|a| a.parse().ok()).unwrap_or(0);
+        return decoder_sandbox::run_child(max);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -56,6 +56,18 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
     let inventory = bastion_security::inventory::Inventory::start(security.clone());
     archive.events().add_observer(inventory.clone());
     archive.set_inventory(inventory.clone());
+    // JPEG 2000 is decoded (for /rendered and the decompressed fallback)
+    // only in a sandboxed child process of this binary.
+    match std::env::current_exe() {
+        Ok(exe) => {
+            bastion_archive::isolated::set_isolated_decoder(Arc::new(
+                crate::decoder_sandbox::ChildDecoder::new(exe),
+            ));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "JPEG 2000 decoding off: this binary's path is unknown")
+        }
+    }
     let syslog = crate::syslog_client::start(dir, &config, &master, &trail)?;
     let p = dir.pki();
     let tls = TlsIdentity::load(&p.server_cert, &p.server_key, &p.ca_cert)?;

@@ -8,8 +8,9 @@
 //!    data is decompressed by `bastion_archive::transcode` (RLE Lossless,
 //!    JPEG Baseline/Extended 8-bit/Lossless: the same pure-Rust decoders and
 //!    checks as the C-MOVE/C-GET fallback, capped at
-//!    `MAX_DECODED_PIXEL_BYTES` before anything is allocated); other
-//!    syntaxes (JPEG-LS, JPEG 2000…) are [`DicomWebError::Unsupported`].
+//!    `MAX_DECODED_PIXEL_BYTES` before anything is allocated; JPEG 2000 in
+//!    the sandboxed child process `serve` registers); other syntaxes
+//!    (JPEG-LS…) are [`DicomWebError::Unsupported`].
 //!    The whole instance is decoded even for one frame (transcode works per
 //!    dataset).
 //! 2. **Bounds.** The frame's bytes (Rows × Columns × Samples per Pixel ×

@@ -3,9 +3,9 @@
 //! checks.
 //!
 //! Credentials, in this order:
-//! 1. `Authorization: Bearer <token>` ([`AccountService::verify_token`]);
+//! 1. `Authorization: Bearer <token>` ([`crate::accounts::AccountService::verify_token`]);
 //!    no CSRF token needed (a browser never attaches it by itself);
-//! 2. the `bastion_session` cookie ([`AccountService::session`]); a
+//! 2. the `bastion_session` cookie ([`crate::accounts::AccountService::session`]); a
 //!    state-changing request (anything but GET, HEAD, OPTIONS) must carry
 //!    `X-CSRF-Token` equal to the session's token (compared in constant
 //!    time), else 403.

@@ -25,7 +25,7 @@
 //! Invariants:
 //! - every route is authenticated except `POST /api/login`, `POST
 //!   /api/password`, `POST /api/totp/enrol`, CORS preflights and `GET` of the web UI's static
-//!   assets ([`ui`]: `/`, `/app.css`, `/app.js`, `/favicon.svg`); authorisation is one
+//!   assets ([`ui`]: `/`, `/app.css`, `/app.js`, `/admin.js`, `/favicon.svg`); authorisation is one
 //!   [`auth::Caller::require`] call per handler, by [`bastion_model::WebPermission`];
 //! - every response carries the security headers ([`protect`]), errors
 //!   included; errors map to HTTP statuses in one place ([`error::ApiError`])

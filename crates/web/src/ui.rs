@@ -95,8 +95,10 @@ mod tests {
                 // the only scripts are external, from our origin
                 assert_eq!(
                     text.matches("<script").count(),
-                    text.matches("<script src=\"/app.js\"").count(),
+                    text.matches("<script src=\"/app.js\"").count()
+                        + text.matches("<script src=\"/admin.js\"").count(),
                 );
+                assert_eq!(text.matches("<script").count(), 2);
                 let handler = text.split(" on").skip(1).any(|rest| {
                     let name: String = rest.chars().take_while(char::is_ascii_alphabetic).collect();
                     !name.is_empty() && rest[name.len()..].starts_with('=')
