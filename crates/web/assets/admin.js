@@ -169,6 +169,13 @@
         t.appendChild(totp ? tag('on', 'ok') : tag(u.role === 'admin' ? 'off (required)' : 'off', u.role === 'admin' ? 'warn' : ''));
         cell(tr, when(u.created));
         const a = cell(tr, '', 'actions');
+        if (u.username === ui.currentUser()) {
+          // Not on oneself: disabling would lock you out, and your own
+          // password is changed at the login page.
+          a.appendChild(tag('you'));
+          body.appendChild(tr);
+          continue;
+        }
         if (u.disabled) {
           a.appendChild(button('Enable', () => userAction(u.username, 'enable', `Enable ${u.username}?`)));
         } else {

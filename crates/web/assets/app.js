@@ -875,7 +875,7 @@
   // ---- start --------------------------------------------------------------
   window.BastionUI = {
     $, api, apiJson, message, failure, register, show, cell, when, confirmAction, may,
-    ApiFailure,
+    ApiFailure, currentUser: () => state.user,
   };
 
   async function start() {
