@@ -186,9 +186,14 @@ def test_token_in_query_string_is_refused(make_server):
     t = token(srv, "doc", "clinician")
     status, _, _ = request(srv, "GET", "/dicomweb/studies", headers={"Authorization": f"Bearer {t}"})
     assert status == 200
-    for q in (f"access_token={t}", f"token={t}"):
+    for q in (f"access_token={t}", f"token={t}", f"access%5Ftoken={t}", f"%74oken={t}"):
         status, _, _ = request(srv, "GET", f"/dicomweb/studies?{q}")
         assert status == 400, q
+    # a control character in a QIDO matching value is refused, not matched
+    for q in ("PatientName=%00", "PatientID=a%1Bb"):
+        status, _, body = request(srv, "GET", f"/dicomweb/studies?{q}",
+                                  headers={"Authorization": f"Bearer {t}"})
+        assert status == 400 and b"control characters" in body, (q, status, body)
 
 
 def test_roles(make_server):

@@ -153,6 +153,15 @@ pub fn qido_to_query(
             "accept" | "charset" => {}
             _ => {
                 let (attr, item) = resolve(name)?;
+                // A control character (NUL, ESC…) is never part of a
+                // matching key's value in a URL (PS3.18 §8.3.4.1): refused
+                // rather than matched against stored text.
+                if value.chars().any(char::is_control) {
+                    return Err(DicomWebError::InvalidParameter {
+                        name: name.clone(),
+                        reason: "control characters are not allowed in a matching value".into(),
+                    });
+                }
                 add_key(&mut keys, attr, item, value.clone())?;
             }
         }
@@ -592,6 +601,8 @@ mod tests {
         assert_eq!(err(&[("StudyDate", "2020-x")]), Some(400));
         assert_eq!(err(&[("PatientID", "1"), ("PatientID", "2")]), Some(400));
         assert_eq!(err(&[("FFFF0001", "1")]), Some(400));
+        assert_eq!(err(&[("PatientName", "\0")]), Some(400));
+        assert_eq!(err(&[("PatientID", "a\u{1b}b")]), Some(400));
         // The error never echoes a value.
         let e = qido_to_query(QidoLevel::Study, &none, &p(&[("StudyDate", "Doe^John")]))
             .err()

@@ -192,9 +192,10 @@ async fn identify(state: &AppState, req: &mut Request) -> Result<Option<Caller>,
 
 /// Whether the query string carries a credential (`access_token=`, `token=`).
 fn token_in_query(query: Option<&str>) -> bool {
+    // Names are compared after percent-decoding (`access%5Ftoken` is the
+    // same parameter to most frameworks and proxies).
     query.is_some_and(|q| {
-        q.split('&').any(|pair| {
-            let name = pair.split('=').next().unwrap_or_default();
+        form_urlencoded::parse(q.as_bytes()).any(|(name, _)| {
             name.eq_ignore_ascii_case("access_token") || name.eq_ignore_ascii_case("token")
         })
     })
@@ -520,6 +521,8 @@ mod tests {
     fn tokens_in_query_strings_are_spotted() {
         assert!(token_in_query(Some("access_token=x")));
         assert!(token_in_query(Some("limit=1&TOKEN=x")));
+        assert!(token_in_query(Some("access%5Ftoken=x")));
+        assert!(token_in_query(Some("%74oken=x")));
         assert!(!token_in_query(Some("PatientID=token")));
         assert!(!token_in_query(None));
     }
