@@ -147,7 +147,7 @@ def test_admin_and_security_pages_in_the_browser(make_server, tmp_path):
         "TECH": "tech", "TECH_PASSWORD": PASSWORD, "AUDITOR": "auditor",
         "AUDITOR_PASSWORD": PASSWORD, "CT_STUDY": ct_study, "OUT_DIR": str(shots)}, shots,
         ("totp", "viewer-tools", "tablet-studies", "tablet-viewer", "auditor", "alerts",
-         "audit", "devices", "users", "posture"))
+         "audit", "devices", "users", "posture", "tablet-devices", "tablet-audit"))
     assert len(results) >= 30, len(results)
 
     # The device added in the browser is a real registration: it may

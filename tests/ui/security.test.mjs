@@ -61,11 +61,21 @@ function zipNames(buf) {
   return names;
 }
 
+// Confirms the next dialog: waits for a showing newer than the last one
+// confirmed (two can follow each other), clicks Confirm, waits for it to close.
+let dialogsConfirmed = 0;
 async function confirmDialog(page) {
-  await page.waitForSelector('#confirm[open]');
+  await page.waitForFunction((n) => {
+    const d = document.getElementById('confirm');
+    return d.open && Number(d.dataset.shown || 0) > n;
+  }, dialogsConfirmed);
+  dialogsConfirmed = Number(await page.getAttribute('#confirm', 'data-shown'));
   const text = await page.textContent('#confirm-text');
   await page.click('#confirm-yes');
-  await page.waitForSelector('#confirm:not([open])', { state: 'attached' });
+  await page.waitForFunction((n) => {
+    const d = document.getElementById('confirm');
+    return !d.open || Number(d.dataset.shown || 0) > n;
+  }, dialogsConfirmed);
   return text;
 }
 
@@ -135,6 +145,14 @@ try {
   await login(page, env.READER, env.READER_PASSWORD, '#list-view:not([hidden])');
   await openCt(page);
   const before = await imageStats(page);
+  // The window the server applied (CT_small has none in its header: the
+  // pixel range): the drag must start from it, not from a guess.
+  const applied = await page.evaluate(async (src) => {
+    const r = await fetch(src, { headers: { Accept: 'image/png' } });
+    return r.headers.get('X-Bastion-Window');
+  }, before.src);
+  const [c0, w0] = applied.split(',').map(Number);
+  const unit = Math.max(1, w0 / 256);
   const box = await page.locator('#stage').boundingBox();
   const cx = box.x + box.width / 2;
   const cy = box.y + box.height / 2;
@@ -151,6 +169,10 @@ try {
   check('drag: the window follows the mouse and the pixels change',
     dragged.src.includes('window=') && dragged.hash !== before.hash && /^W \d+ \/ L -?\d+/.test(ww),
     { src: dragged.src, overlay: ww, before: before.mean, after: dragged.mean });
+  const [, w1, c1] = /^W (\d+) \/ L (-?\d+)/.exec(ww).map(Number);
+  check('drag: starts from the window the server applied (80 px right, 60 px up)',
+    Math.abs(w1 - (w0 + 80 * unit)) <= 3 * unit && Math.abs(c1 - (c0 - 60 * unit)) <= 3 * unit,
+    { applied, unit, now: [c1, w1] });
   await page.click('#zoom-in');
   await page.click('#zoom-in');
   const transform = await page.$eval('#image', (img) => img.style.transform);
@@ -199,6 +221,17 @@ try {
   check('technologist: no download button', !(await page.isVisible('#download')));
   const refused = await page.evaluate(async (uid) => (await fetch(`/api/studies/${uid}/export`)).status, env.CT_STUDY);
   check('technologist: the export is refused (403)', refused === 403, refused);
+  await page.click('#change-password');
+  await page.waitForSelector('#password-view:not([hidden])');
+  check('change password: not presented as forced', !(await page.isVisible('#password-forced')));
+  const techNew = 'a technologist passphrase of my own 4';
+  await page.fill('#password-old', env.TECH_PASSWORD);
+  await page.fill('#password-new', techNew);
+  await page.fill('#password-again', techNew);
+  await page.click('#password-form button[type=submit]');
+  await page.waitForSelector('#login-view:not([hidden])');
+  check('change password: then log in again', (await page.textContent('#login-notice')).includes('Password changed'));
+  await login(page, env.TECH, techNew, '#list-view:not([hidden])');
 
   // ---- an auditor sees alerts and audit, never images
   const auditor = await newPage(browser);
@@ -285,13 +318,40 @@ try {
   await page.waitForSelector('#devices tbody tr[data-ae="CT_SCANNER"]');
   await page.click('#devices tbody tr[data-ae="CT_SCANNER"] button:text-is("Edit")');
   await page.check('#device-form .perms input[value="find"]');
+  await page.fill('#dev-host', '127.0.0.1');
+  await page.fill('#dev-port', '11112');
   await page.click('#device-save');
   await confirmDialog(page);
+  const deviceHost = async () => page.evaluate(async () => {
+    const list = await (await fetch('/api/devices')).json();
+    const d = list.find((x) => x.ae === 'CT_SCANNER');
+    return [d.host, d.port];
+  });
+  await page.waitForFunction(() => document.getElementById('devices-notice').textContent.includes('changed'));
+  check('devices: host and port set', JSON.stringify(await deviceHost()) === '["127.0.0.1",11112]', await deviceHost());
+  await page.click('#devices tbody tr[data-ae="CT_SCANNER"] button:text-is("Edit")');
+  await page.fill('#dev-host', '');
+  await page.fill('#dev-port', '');
+  await page.evaluate(() => { document.getElementById('devices-notice').hidden = true; });
+  await page.click('#device-save');
+  await confirmDialog(page);
+  await page.waitForSelector('#devices-notice:not([hidden])');
+  check('devices: emptied host and port are cleared', JSON.stringify(await deviceHost()) === '[null,null]', await deviceHost());
   await page.waitForFunction(() => {
     const tr = document.querySelector('#devices tbody tr[data-ae="CT_SCANNER"]');
     return tr && tr.children[3].textContent === 'echo, store, find';
   });
   check('devices: edited (find added)', true);
+  await page.click('#device-new');
+  await page.fill('#dev-ae', 'ANYWHERE');
+  await page.fill('#dev-network', '0.0.0.0/0');
+  await page.click('#device-save');
+  await page.waitForSelector('#confirm[open]');
+  const wide = await page.textContent('#confirm-text');
+  await page.click('#confirm-no');
+  check('devices: a network of any address is warned about, and cancelled',
+    wide.includes('any address') && !(await page.isVisible('#devices tbody tr[data-ae="ANYWHERE"]')), wide);
+  dialogsConfirmed = Number(await page.getAttribute('#confirm', 'data-shown'));
   await page.click('#device-new');
   await page.fill('#dev-ae', 'OLD_US');
   await page.fill('#dev-network', '127.0.0.1/32');
@@ -333,6 +393,18 @@ try {
   check('posture: listeners and certificate expiry shown', listeners.length >= 2 && /days/.test(certs),
     { listeners, certs });
   await page.screenshot({ path: join(OUT, 'posture.png') });
+
+  // ---- the admin pages at tablet width: nothing wider than the screen
+  await page.setViewportSize({ width: 768, height: 1024 });
+  for (const [name, ready] of [['devices', '#devices tbody tr'], ['users', '#users tbody tr'],
+    ['alerts', '#alerts-view:not([hidden])'], ['audit', '#audit tbody tr'], ['posture', '#posture-listeners tbody tr']]) {
+    await page.goto(`${BASE}/#/${name}`);
+    await page.waitForSelector(ready);
+    await page.waitForTimeout(300);
+    const wide = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    check(`tablet: the ${name} page fits the width`, wide <= 1, wide);
+    if (name === 'devices' || name === 'audit') await page.screenshot({ path: join(OUT, `tablet-${name}.png`) });
+  }
   await checkConsole(page, 'admin', ALLOWED_ERRORS);
 } catch (e) {
   failed = true;

@@ -62,7 +62,9 @@ pub use multipart::{
     parse_multipart_related, MultipartLimits, MultipartRelated, MultipartWriter, Part,
 };
 pub use qido::{qido_result_json, qido_to_query, retrieve_url, PathUids, QidoLevel, QidoOptions};
-pub use render::{render, thumbnail, ImageFormat, RenderOptions, THUMBNAIL_SIZE};
+pub use render::{
+    render, render_image, thumbnail, ImageFormat, RenderOptions, Rendered, THUMBNAIL_SIZE,
+};
 
 /// Why a DICOMweb operation failed. [`DicomWebError::http_status`] gives the
 /// suggested HTTP status; messages name attributes, sizes and frame numbers,

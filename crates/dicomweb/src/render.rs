@@ -109,6 +109,30 @@ pub fn render(
     frame: u32,
     opts: &RenderOptions,
 ) -> Result<Vec<u8>, DicomWebError> {
+    render_image(dataset, ts_uid, frame, opts).map(|r| r.bytes)
+}
+
+/// A rendered frame and the VOI window it was rendered with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    /// The encoded image (PNG or JPEG).
+    pub bytes: Vec<u8>,
+    /// `(center, width)` in modality units actually applied (the request's,
+    /// the dataset's, or the frame's minimum–maximum); `None` for colour.
+    /// A viewer starts a window drag from it.
+    pub window: Option<(f64, f64)>,
+}
+
+/// As [`render`], also telling the window used.
+///
+/// # Errors
+/// As [`render`].
+pub fn render_image(
+    dataset: &[u8],
+    ts_uid: &str,
+    frame: u32,
+    opts: &RenderOptions,
+) -> Result<Rendered, DicomWebError> {
     check_options(opts)?;
     let mut obj = parse_dataset(dataset, ts_uid)?;
     // An SR, ECG or plan has no image: say that, not which attribute is missing.
@@ -133,11 +157,15 @@ pub fn render(
     }
     let g = Geometry::of(&obj)?;
     let image = frame_image(&obj, &g, frame, opts.window)?;
+    let window = image.window;
     let image = match opts.viewport {
         Some((vw, vh)) => image.fit(vw, vh),
         None => image,
     };
-    image.encode(opts.format, opts.quality)
+    Ok(Rendered {
+        bytes: image.encode(opts.format, opts.quality)?,
+        window,
+    })
 }
 
 /// The thumbnail (PS3.18 §10.4.1.1.5): the first frame rendered with the
@@ -186,6 +214,8 @@ struct Image {
     height: u32,
     channels: u8,
     data: Vec<u8>,
+    /// The VOI window applied (grey images).
+    window: Option<(f64, f64)>,
 }
 
 /// The 8-bit image of one frame of native pixel data.
@@ -231,14 +261,15 @@ fn frame_image(
         })?;
     let pixels = usize::from(g.rows) * usize::from(g.cols);
     let reader = Samples::new(data, g);
-    let (channels, out) = match (g.samples, g.photometric.as_str()) {
+    let (channels, out, used) = match (g.samples, g.photometric.as_str()) {
         (1, "MONOCHROME1" | "MONOCHROME2") => {
             let invert = g.photometric == "MONOCHROME1";
-            (1, grayscale(obj, &reader, pixels, window, invert))
+            let (out, used) = grayscale(obj, &reader, pixels, window, invert);
+            (1, out, Some(used))
         }
         (3, "RGB" | "YBR_FULL") => {
             let ybr = g.photometric == "YBR_FULL";
-            (3, colour(&reader, g, pixels, ybr))
+            (3, colour(&reader, g, pixels, ybr), None)
         }
         (samples, photometric) => {
             return Err(DicomWebError::Unsupported(format!(
@@ -251,6 +282,7 @@ fn frame_image(
         height: u32::from(g.rows),
         channels,
         data: out,
+        window: used,
     })
 }
 
@@ -309,7 +341,7 @@ fn grayscale(
     pixels: usize,
     window: Option<(f64, f64)>,
     invert: bool,
-) -> Vec<u8> {
+) -> (Vec<u8>, (f64, f64)) {
     let slope = first_ds(obj, tags::RESCALE_SLOPE)
         .filter(|v| *v != 0.0)
         .unwrap_or(1.0);
@@ -331,7 +363,7 @@ fn grayscale(
     });
     // PS3.3 §C.11.2.1.2.1, output range 0–255.
     let (low, high) = (c - 0.5 - (w - 1.0) / 2.0, c - 0.5 + (w - 1.0) / 2.0);
-    (0..pixels)
+    let out = (0..pixels)
         .map(|i| {
             let x = modality(i);
             let y = if x <= low {
@@ -348,7 +380,8 @@ fn grayscale(
                 y
             }
         })
-        .collect()
+        .collect();
+    (out, (c, w))
 }
 
 fn colour(s: &Samples<'_>, g: &Geometry, pixels: usize, ybr: bool) -> Vec<u8> {
@@ -416,6 +449,7 @@ impl Image {
             height: nh,
             channels: self.channels,
             data,
+            window: self.window,
         }
     }
 
@@ -468,6 +502,7 @@ mod tests {
             height: 2,
             channels: 1,
             data: vec![0, 10, 20, 30, 40, 50, 60, 70],
+            window: None,
         };
         let small = img.fit(2, 2);
         assert_eq!((small.width, small.height), (2, 1));

@@ -17,8 +17,8 @@ use bastion_archive::{Archive, Limits, Origin, Received};
 use bastion_dicomweb::json::bulk_value;
 use bastion_dicomweb::{
     frame_transfer_syntax, frames, parse_multipart_related, qido_result_json, qido_to_query,
-    render, thumbnail, to_dicom_json, DicomWebError, ImageFormat, JsonOptions, MultipartLimits,
-    MultipartWriter, PathUids, QidoLevel, RenderOptions,
+    render, render_image, thumbnail, to_dicom_json, DicomWebError, ImageFormat, JsonOptions,
+    MultipartLimits, MultipartWriter, PathUids, QidoLevel, RenderOptions,
 };
 use bastion_index::{Index, OnConflict};
 use bastion_model::Uid;
@@ -386,6 +386,38 @@ fn rendered_rle_equals_rendered_native() {
     let (rts, rds) = stored("test_files/MR_small_RLE.dcm");
     let o = RenderOptions::default();
     assert_eq!(render(&ds, &ts, 1, &o), render(&rds, &rts, 1, &o));
+}
+
+#[test]
+fn the_window_used_is_reported() {
+    // CT_small has no Window Center/Width: the frame's range is used, and
+    // rendering with that window again gives the same image.
+    let (ts, ds) = stored("test_files/CT_small.dcm");
+    let d = render_image(&ds, &ts, 1, &RenderOptions::default()).expect("render");
+    let (c, w) = d.window.expect("a grey image reports its window");
+    assert!(w > 100.0 && c.is_finite(), "{c},{w}");
+    let again = render_image(
+        &ds,
+        &ts,
+        1,
+        &RenderOptions {
+            window: Some((c, w)),
+            ..RenderOptions::default()
+        },
+    )
+    .expect("render");
+    assert_eq!(again.bytes, d.bytes);
+    assert_eq!(again.window, Some((c, w)));
+    // A requested window is reported as given; colour has none.
+    let asked = RenderOptions {
+        window: Some((40.0, 400.0)),
+        ..RenderOptions::default()
+    };
+    let r = render_image(&ds, &ts, 1, &asked).expect("render");
+    assert_eq!(r.window, Some((40.0, 400.0)));
+    let (jts, jds) = stored("test_files/SC_rgb_jpeg_dcmtk.dcm");
+    let colour = render_image(&jds, &jts, 1, &RenderOptions::default()).expect("render");
+    assert_eq!(colour.window, None);
 }
 
 #[test]

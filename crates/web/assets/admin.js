@@ -65,7 +65,8 @@
           .filter(Boolean).join(' · ') : 'nothing stored yet');
         cell(tr, inv ? `${when(inv.first_seen)}\n${when(inv.last_seen)}` : '', 'pre');
         const lr = d.last_rejected;
-        cell(tr, lr ? `${when(lr.at)}: ${lr.reason}${lr.address ? ` (${lr.address})` : ''}` : '');
+        cell(tr, lr ? `${when(lr.at)}: ${lr.reason.replaceAll('_', ' ').replace(':', ': ')}`
+          + `${lr.address ? ` (${lr.address})` : ''}` : '');
         const actions = cell(tr, '', 'actions');
         actions.appendChild(button('Edit', () => editDevice(d)));
         actions.appendChild(button('Remove', () => removeDevice(d.ae), 'quiet small danger'));
@@ -123,9 +124,16 @@
     };
     const host = $('dev-host').value.trim();
     const port = $('dev-port').value.trim();
-    if (host) body.host = host;
-    if (port) body.port = Number(port);
+    // Emptied fields clear the setting when editing.
+    if (host) body.host = host; else if (editing) body.host = null;
+    if (port) body.port = Number(port); else if (editing) body.port = null;
     const ae = editing || $('dev-ae').value.trim();
+    if (!body.allow.length) {
+      message($('devices-error'), 'Tick at least one allowed service (echo lets the device test its connection).');
+      return;
+    }
+    if (/\/0$/.test(body.network) && !await confirmAction(
+      `${body.network} lets ${ae} connect from any address. Give its own address (e.g. 10.0.5.20/32) unless it really moves. Continue?`)) return;
     const what = editing ? `Save the changes to ${ae}?` : `Allow device ${ae} (${body.network}, ${body.transport}) to connect?`;
     if (body.transport === 'plain' && !await confirmAction(
       `${ae} would send patient data unencrypted. Use plain only for old devices that cannot do TLS. Continue?`)) return;
@@ -293,13 +301,15 @@
         cell(tr, when(e.ts));
         cell(tr, e.type);
         cell(tr, e.outcome);
-        cell(tr, [e.user, e.ae, e.peer || e.source].filter(Boolean).join(' · '));
+        cell(tr, [e.actor && `by ${e.actor}`, e.user, e.ae, e.peer || e.source].filter(Boolean).join(' · '));
         eb.appendChild(tr);
       }
       $('ack-form').hidden = a.status !== 'open';
       $('ack-done').hidden = true;
       $('ack-comment').value = '';
       $('alert-detail').hidden = false;
+      // On a narrow screen the detail is below the list: bring it into view.
+      if (window.innerWidth <= 900) $('alert-detail').scrollIntoView({ block: 'start' });
     });
   }
   $('ack-form').addEventListener('submit', async (ev) => {

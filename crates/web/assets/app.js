@@ -43,6 +43,9 @@
     renderAgain: false,
     imageUrl: null,
     tool: 'window',
+    imageWindow: null, // [center, width] the server applied to the shown image
+    idleSecs: 0,
+    lastActivity: Date.now(),
     zoom: 1,
     panX: 0,
     panY: 0,
@@ -56,6 +59,7 @@
     for (const v of new Set(all)) $(v).hidden = v !== view;
     const inside = !['login-view', 'totp-view', 'password-view'].includes(view);
     $('logout').hidden = !inside;
+    $('change-password').hidden = !inside;
     $('who').hidden = !inside;
     $('nav').hidden = !inside;
     $('who').textContent = state.user;
@@ -173,7 +177,12 @@
   function refusal(r, fallback) {
     if (r.status === 429) {
       const after = r.headers.get('Retry-After');
-      return `Too many attempts. Try again in ${after || 'a few'} second${after === '1' ? '' : 's'}.`;
+      const text = `Too many attempts. Try again in ${after || 'a few'} second${after === '1' ? '' : 's'}.`;
+      // A long wait is the account's back-off or lock: only an
+      // administrator can lift a lock sooner.
+      return Number(after) >= 60
+        ? `${text} If this keeps happening, the account may be locked: ask an administrator to unlock it (Users page).`
+        : text;
     }
     return fallback;
   }
@@ -187,10 +196,7 @@
     setCsrf(me.csrf, me.username);
     if (me.must_change_password) {
       pendingLogin = { username, totp };
-      message($('password-error'), '');
-      $('password-form').reset();
-      show('password-view');
-      $('password-old').focus();
+      showPasswordChange(true);
       return;
     }
     await loadMe();
@@ -243,7 +249,12 @@
     const img = $('totp-qr');
     img.onload = () => URL.revokeObjectURL(qr);
     img.src = qr;
-    $('totp-secret').textContent = e.secret.replace(/(.{4})/g, '$1 ').trim();
+    // Groups of four that never break inside (easier to type by hand).
+    $('totp-secret').replaceChildren(...e.secret.match(/.{1,4}/g).map((g) => {
+      const span = document.createElement('span');
+      span.textContent = g;
+      return span;
+    }));
     $('totp-secret').dataset.secret = e.secret;
     message($('totp-error'), '');
     $('totp-form').reset();
@@ -295,7 +306,7 @@
       message($('password-error'), 'The two new passwords differ.');
       return;
     }
-    const p = pendingLogin || { username: state.user };
+    const p = pendingLogin || { username: state.user, voluntary: true };
     let r;
     try {
       r = await anonymousPost('/api/password', { username: p.username, old_password: old, new_password: fresh });
@@ -313,11 +324,39 @@
     setCsrf('', '');
     pendingLogin = null;
     $('login-username').value = p.username;
-    if (p.totp) {
-      showLogin('Password changed. Log in with the new password and the next one-time code.');
+    if (p.totp || p.voluntary) {
+      showLogin(p.totp
+        ? 'Password changed. Log in with the new password and the next one-time code.'
+        : 'Password changed. Log in with the new password.');
       return;
     }
     await login(p.username, fresh, '');
+  });
+
+  function showPasswordChange(forced) {
+    message($('password-error'), '');
+    $('password-form').reset();
+    $('password-forced').hidden = !forced;
+    $('password-cancel').textContent = forced ? 'Log out' : 'Cancel';
+    show('password-view');
+    $('password-old').focus();
+  }
+  $('change-password').addEventListener('click', () => {
+    pendingLogin = null;
+    showPasswordChange(false);
+  });
+  $('password-cancel').addEventListener('click', async () => {
+    if (pendingLogin || !state.csrf) {
+      // The forced change: leaving it means logging out.
+      pendingLogin = null;
+      try {
+        await api('/api/logout', { method: 'POST' });
+      } catch (_) { /* gone already */ }
+      setCsrf('', '');
+      showLogin('You are logged out.');
+      return;
+    }
+    route();
   });
 
   $('logout').addEventListener('click', async () => {
@@ -339,6 +378,8 @@
     const me = await r.json();
     state.user = me.username;
     state.permissions = me.permissions || [];
+    state.idleSecs = Number(me.session_idle_secs) || 30 * 60;
+    state.lastActivity = Date.now();
     for (const a of $('nav').querySelectorAll('a')) a.hidden = !may(a.dataset.needs);
     $('download').hidden = !may('export');
     return me;
@@ -355,6 +396,7 @@
       name = firstPage();
       if (!name) {
         show('list-view');
+        $('list-view').classList.add('refused');
         message($('list-error'), 'This account has no access to any page of this application.');
         return;
       }
@@ -368,6 +410,8 @@
     const page = pages[name];
     leaveViewer();
     show(page.view);
+    const view = $(page.view);
+    view.classList.toggle('refused', !may(page.needs));
     if (!may(page.needs)) {
       page.refused();
       return;
@@ -381,6 +425,7 @@
     const d = $('confirm');
     $('confirm-text').textContent = text;
     d.returnValue = '';
+    d.dataset.shown = String((Number(d.dataset.shown) || 0) + 1); // tests wait on it
     d.showModal();
     return new Promise((resolve) => {
       d.addEventListener('close', () => resolve(d.returnValue === 'yes'), { once: true });
@@ -510,6 +555,8 @@
     state.study = ds;
     state.series = [];
     state.window = '';
+    state.imageWindow = null;
+    setTool('window');
     resetView();
     show('viewer-view');
     message($('viewer-error'), '');
@@ -665,8 +712,10 @@
       + (im.frame ? `/frames/${im.frame}` : '') + '/rendered';
     if (state.window) url += `?window=${encodeURIComponent(state.window)}`;
     let blob;
+    let used = null;
     try {
       const r = await api(url, { headers: { Accept: 'image/png' } });
+      used = r.headers.get('X-Bastion-Window');
       blob = await r.blob();
     } catch (e) {
       if (seq === state.renderSeq && failure(e)) {
@@ -676,6 +725,8 @@
       return;
     }
     if (seq !== state.renderSeq) return;
+    const w = used ? used.split(',').map(Number) : null;
+    state.imageWindow = w && w.length === 2 && w.every(Number.isFinite) ? w : null;
     const img = $('image');
     const old = state.imageUrl;
     state.imageUrl = URL.createObjectURL(blob);
@@ -735,10 +786,12 @@
   $('zoom-out').addEventListener('click', () => zoomBy(0.8));
   $('zoom-fit').addEventListener('click', resetView);
 
-  // The window the drag starts from: the current one, else the image's own
-  // (Window Center/Width from its metadata, else its bit depth).
+  // The window the drag starts from: the current one, else the one the
+  // server applied to the shown image (X-Bastion-Window), else the image's
+  // header (Window Center/Width, Smallest/Largest pixel), else its bit depth.
   async function startingWindow() {
     if (state.window) return state.window.split(',').map(Number);
+    if (state.imageWindow) return state.imageWindow.map(Math.round);
     const s = state.series[state.seriesIndex];
     const im = state.images[state.imageIndex];
     try {
@@ -872,6 +925,27 @@
     }
   });
 
+  // ---- idle logout ----------------------------------------------------------
+  // The server ends a session after session_idle_secs without requests; the
+  // page must not keep a patient's images on screen meanwhile: after the same
+  // time without keyboard or mouse activity it logs out and clears them.
+  for (const type of ['pointerdown', 'pointermove', 'keydown', 'wheel', 'touchstart']) {
+    document.addEventListener(type, () => { state.lastActivity = Date.now(); }, { passive: true });
+  }
+  setInterval(async () => {
+    if (!state.csrf || !state.idleSecs) return;
+    if (Date.now() - state.lastActivity < state.idleSecs * 1000) return;
+    try {
+      await fetch('/api/logout', {
+        method: 'POST', credentials: 'same-origin', headers: { 'X-CSRF-Token': state.csrf },
+      });
+    } catch (_) { /* the server ends it anyway */ }
+    setCsrf('', '');
+    pendingLogin = null;
+    leaveViewer();
+    showLogin(`You were logged out after ${Math.round(state.idleSecs / 60)} minutes without activity.`);
+  }, 5000);
+
   // ---- start --------------------------------------------------------------
   window.BastionUI = {
     $, api, apiJson, message, failure, register, show, cell, when, confirmAction, may,
@@ -894,7 +968,8 @@
         return;
       }
       if (me.must_change_password) {
-        show('password-view');
+        pendingLogin = { username: me.username };
+        showPasswordChange(true);
         return;
       }
       route();

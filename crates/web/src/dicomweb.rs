@@ -806,6 +806,9 @@ fn render_options(
     Ok(o)
 }
 
+/// Response header of `/rendered`: the window applied (`center,width`).
+pub const WINDOW_HEADER: &str = "x-bastion-window";
+
 async fn rendered(
     st: AppState,
     headers: &HeaderMap,
@@ -818,9 +821,24 @@ async fn rendered(
     let opts = render_options(&p, format)?;
     let (inst, bytes, at) = one_instance(&st, &who, "wado.rendered", &target).await?;
     let ts = inst.transfer_syntax_uid.clone();
-    let image =
-        blocking(move || Ok(bastion_dicomweb::render(&bytes[at..], &ts, frame, &opts)?)).await?;
-    Ok(([(header::CONTENT_TYPE, format.media_type())], image).into_response())
+    let image = blocking(move || {
+        Ok(bastion_dicomweb::render_image(
+            &bytes[at..],
+            &ts,
+            frame,
+            &opts,
+        )?)
+    })
+    .await?;
+    let mut r = ([(header::CONTENT_TYPE, format.media_type())], image.bytes).into_response();
+    // The VOI window applied, `center,width` in modality units (grey
+    // images): a viewer starts a window drag from it.
+    if let Some((c, w)) = image.window {
+        if let Ok(v) = HeaderValue::from_str(&format!("{c},{w}")) {
+            r.headers_mut().insert(WINDOW_HEADER, v);
+        }
+    }
+    Ok(r)
 }
 
 async fn rendered_instance(
