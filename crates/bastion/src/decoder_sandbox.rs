@@ -232,8 +232,11 @@ pub fn run_child(max_bytes: usize) -> ExitCode {
 
 /// Decodes one codestream into the output format (header + samples).
 fn decode(codestream: &[u8], max_bytes: usize) -> Result<Vec<u8>, String> {
-    let image = jpeg2k::Image::from_bytes(codestream)
-        .map_err(|e| format!("JPEG 2000 codestream cannot be decoded: {e}"))?;
+    // The library's own wording ("failed to encode" for a decode failure)
+    // misleads; it goes on a second line, which the parent does not show.
+    let image = jpeg2k::Image::from_bytes(codestream).map_err(|e| {
+        format!("the JPEG 2000 codestream is malformed or uses an unsupported feature\n({e})")
+    })?;
     let (width, height) = (image.width(), image.height());
     let comps = image.components();
     let n = comps.len();

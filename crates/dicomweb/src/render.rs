@@ -151,8 +151,14 @@ pub fn render_image(
                 "pixel data in transfer syntax {ts_uid} is not decoded"
             )));
         }
-        let native = transcode(dataset, ts_uid, EXPLICIT_VR_LE)
-            .map_err(|e| DicomWebError::InvalidImage(e.to_string()))?;
+        let native = transcode(dataset, ts_uid, EXPLICIT_VR_LE).map_err(|e| {
+            // The dataset itself is valid here: say what failed in decoding,
+            // without the "not a valid DICOM dataset" prefix.
+            DicomWebError::InvalidImage(match e {
+                bastion_archive::ArchiveError::NotDicom(m) => m,
+                other => other.to_string(),
+            })
+        })?;
         obj = parse_dataset(&native, EXPLICIT_VR_LE)?;
     }
     let g = Geometry::of(&obj)?;
