@@ -49,10 +49,14 @@
 //!   delays only, never a lock, so one noisy address behind a shared NAT
 //!   cannot lock everyone out. The first [`ADDRESS_FREE_FAILURES`] failures
 //!   are free; after `k ≥ free` failures, `base_delay · 2^(k−free)`, at most
-//!   `per_address_max_delay` (30 s by default). A successful login only
+//!   `per_address_max_delay` (30 s by default). A right password only
 //!   takes back its own attempt (logging in to one account must not reset
-//!   an address that sprays guesses at others); an address's failures are
-//!   forgotten [`ADDRESS_MEMORY`] (15 min) after its last one.
+//!   an address that sprays guesses at others): its count, and the
+//!   address's last-attempt time as it was before it, unless another
+//!   attempt came in between (so a correct login does not re-arm the delay
+//!   for the next request, e.g. the TOTP enrolment that follows it); an
+//!   address's failures are forgotten [`ADDRESS_MEMORY`] (15 min) after
+//!   its last one.
 //! - **Same answer, same timing**: an unknown user and a wrong password both
 //!   give [`LoginOutcome::Failed`] after exactly one argon2 verification
 //!   (against a fixed dummy hash for unknown names). `Throttled` and
@@ -64,6 +68,11 @@
 //!   without TOTP cannot log in while [`AccountPolicy::admin_requires_totp`]
 //!   holds: [`LoginOutcome::TotpSetupRequired`]. API tokens made with the CLI
 //!   are not subject to TOTP.
+//! - **Password change by the holder** ([`Accounts::change_password`]):
+//!   the old password, under the same throttles as a login, and for an
+//!   account with TOTP the second factor: a live session of the account
+//!   (the forced first-login change, "change my password" in the UI) or a
+//!   fresh TOTP code, else the answer of a wrong password.
 //! - **Must change password**: an account whose password was generated
 //!   (`bastion user add` / `user passwd` without `--password-stdin`, the
 //!   initial `admin`) logs in, but its [`Principal::may`] is `false` for
@@ -77,7 +86,10 @@ mod admin;
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, OnceLock,
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -228,6 +240,37 @@ pub struct LoginRequest<'a> {
     pub source: IpAddr,
 }
 
+/// A password change by the account holder ([`Accounts::change_password`],
+/// `POST /api/password`).
+#[derive(Clone, Copy)]
+pub struct PasswordChange<'a> {
+    /// The user name as typed.
+    pub username: &'a str,
+    /// The current password.
+    pub old_password: &'a str,
+    /// The new password.
+    pub new_password: &'a str,
+    /// A TOTP code, for an account with TOTP when no session of it is
+    /// given.
+    pub totp: Option<&'a str>,
+    /// The session cookie value sent with the request, if any: a live
+    /// session of this account stands for the second factor.
+    pub session: Option<&'a str>,
+    /// The peer's address (throttling per address, events).
+    pub source: IpAddr,
+}
+
+impl std::fmt::Debug for PasswordChange<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PasswordChange")
+            .field("username", &self.username)
+            .field("totp", &self.totp.map(|_| ".."))
+            .field("session", &self.session.map(|_| ".."))
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The answer to a login attempt. Suggested HTTP mapping for the web layer:
 /// `Ok` → 200 + cookie; `Failed` → 401; `TotpRequired` → 401 with a body
 /// asking for the code; `TotpSetupRequired` → 403 saying that an
@@ -364,6 +407,8 @@ pub struct Accounts {
     dummy_hash: OnceLock<String>,
     /// Throttle state per source address (IPv6 per /64).
     addresses: Mutex<HashMap<IpAddr, Backoff>>,
+    /// Numbers the attempts counted per address (see [`AddressTicket`]).
+    address_attempts: AtomicU64,
 }
 
 /// Consecutive failures and the time of the last one.
@@ -371,6 +416,22 @@ pub struct Accounts {
 struct Backoff {
     failures: u32,
     last_ms: i64,
+    /// The number of the attempt that set `last_ms` (per-address table
+    /// only).
+    last_attempt: u64,
+}
+
+/// An attempt counted against a source address, to give back when its
+/// password proves right: the count is taken back, and the address's
+/// last-attempt time is put back as it was before this attempt unless
+/// another attempt from the address came in between (a right password must
+/// not re-arm the address's delay, or every correct login behind a noisy
+/// NAT would wait again).
+#[derive(Debug, Clone, Copy)]
+struct AddressTicket {
+    key: IpAddr,
+    attempt: u64,
+    previous_last_ms: i64,
 }
 
 /// The account row as needed by a login.
@@ -413,6 +474,7 @@ impl Accounts {
             clock,
             dummy_hash: OnceLock::new(),
             addresses: Mutex::new(HashMap::new()),
+            address_attempts: AtomicU64::new(0),
         }
     }
 
@@ -430,13 +492,13 @@ impl Accounts {
     pub fn login(&self, req: &LoginRequest) -> Result<LoginOutcome> {
         let now = self.now_ms();
         let source = req.source.to_string();
-        let user = match self.check_password(req, now, &source)? {
-            Ok(user) => user,
+        let (user, ticket) = match self.check_password(req, now, &source)? {
+            Ok(checked) => checked,
             Err(outcome) => return Ok(outcome),
         };
         let step = match &user.totp_secret {
             None if user.role == Role::Admin && self.policy.admin_requires_totp => {
-                self.give_back(req.username, req.source)?;
+                self.give_back(req.username, &ticket)?;
                 return self.refuse(req, "totp_setup_required", LoginOutcome::TotpSetupRequired);
             }
             None => None,
@@ -452,7 +514,7 @@ impl Accounts {
                         } else {
                             // The first step of a two-step login: counts
                             // for the account, not for the address.
-                            self.give_back_address(req.source);
+                            self.give_back_address(&ticket);
                             "totp_missing"
                         };
                         self.after_failure(req.username, true, &source, reason)?;
@@ -461,7 +523,7 @@ impl Accounts {
                 }
             }
         };
-        let Some(session) = self.succeed(req.username, req.source, step, now)? else {
+        let Some(session) = self.succeed(req.username, &ticket, step, now)? else {
             self.after_failure(req.username, true, &source, "concurrent_change")?;
             return Ok(if step.is_some() {
                 LoginOutcome::TotpRequired
@@ -498,23 +560,28 @@ impl Accounts {
 
     /// The password phase of a login: throttling per address and account,
     /// the argon2id check (same work for unknown names), the disabled
-    /// flag. `Ok(Err(outcome))` is a refusal, already counted and recorded.
+    /// flag. `Ok(Err(outcome))` is a refusal, already counted and recorded;
+    /// `Ok(Ok(_))` comes with the address's counted attempt, to give back
+    /// if the attempt ends well.
     fn check_password(
         &self,
         req: &LoginRequest,
         now: i64,
         source: &str,
-    ) -> Result<std::result::Result<UserRow, LoginOutcome>> {
+    ) -> Result<std::result::Result<(UserRow, AddressTicket), LoginOutcome>> {
         // Per address: delays only.
-        if let Some(wait) = self.reserve_address(req.source, now) {
-            return self
-                .refuse(
-                    req,
-                    "throttled_address",
-                    LoginOutcome::Throttled { retry_after: wait },
-                )
-                .map(Err);
-        }
+        let ticket = match self.reserve_address(req.source, now) {
+            Ok(ticket) => ticket,
+            Err(wait) => {
+                return self
+                    .refuse(
+                        req,
+                        "throttled_address",
+                        LoginOutcome::Throttled { retry_after: wait },
+                    )
+                    .map(Err)
+            }
+        };
         // Per account (reserving counts the attempt as a failure).
         let user = match self.reserve_account(req.username, now)? {
             Reservation::Locked => {
@@ -543,12 +610,12 @@ impl Accounts {
         }
         // The password is right from here on.
         if user.disabled {
-            self.give_back(req.username, req.source)?;
+            self.give_back(req.username, &ticket)?;
             return self
                 .refuse(req, "disabled", LoginOutcome::Disabled)
                 .map(Err);
         }
-        Ok(Ok(user))
+        Ok(Ok((user, ticket)))
     }
 
     /// TOTP enrolment from the web UI, for an `admin` account that must have
@@ -575,20 +642,20 @@ impl Accounts {
     pub fn enrol_totp(&self, req: &LoginRequest, secret: Option<&str>) -> Result<TotpEnrolment> {
         let now = self.now_ms();
         let source = req.source.to_string();
-        let user = match self.check_password(req, now, &source)? {
-            Ok(user) => user,
+        let (user, ticket) = match self.check_password(req, now, &source)? {
+            Ok(checked) => checked,
             Err(outcome) => return Ok(TotpEnrolment::Refused(outcome)),
         };
         let needs = user.totp_secret.is_none()
             && user.role == Role::Admin
             && self.policy.admin_requires_totp;
         if !needs {
-            self.give_back(req.username, req.source)?;
+            self.give_back(req.username, &ticket)?;
             self.refuse(req, "totp_enrolment_not_needed", LoginOutcome::Failed)?;
             return Ok(TotpEnrolment::Refused(LoginOutcome::Failed));
         }
         let Some(secret) = secret else {
-            self.give_back(req.username, req.source)?;
+            self.give_back(req.username, &ticket)?;
             let mut raw = vec![0u8; TOTP_SECRET_BYTES];
             OsRng.fill_bytes(&mut raw);
             let totp = totp_for(&raw, req.username)?;
@@ -629,7 +696,7 @@ impl Accounts {
             Outcome::Success,
             json!({"actor": req.username, "username": req.username, "replaced": false, "via": "web"}),
         );
-        let Some(session) = self.succeed(req.username, req.source, Some(step), now)? else {
+        let Some(session) = self.succeed(req.username, &ticket, Some(step), now)? else {
             self.after_failure(req.username, true, &source, "concurrent_change")?;
             return Ok(TotpEnrolment::Refused(LoginOutcome::TotpRequired));
         };
@@ -748,20 +815,37 @@ impl Accounts {
 
     /// Changes a password knowing the old one (the first-login change, or a
     /// user's own change). The new password must pass
-    /// [`users::check_password_policy`] and differ from the old one. On
-    /// success every session of the user ends and the must-change flag and
-    /// failure count are cleared. Throttled and locked exactly like
-    /// [`Accounts::login`] per account (a locked account cannot use this to
-    /// get around the lock). TOTP is not asked for here.
+    /// [`users::check_password_policy`] and differ from the old one.
+    ///
+    /// An account with TOTP must prove its second factor too, or a phished
+    /// password would be enough to take the account over: either
+    /// `req.session` is a live session of this same account (its login
+    /// passed the second factor), or `req.totp` is a valid code not used
+    /// before (its time step is then used up, as at a login). Otherwise the
+    /// answer is [`SecurityError::BadCredentials`], exactly as for a wrong
+    /// password, and the attempt counts as a failure.
+    ///
+    /// Throttled and locked exactly like [`Accounts::login`], per account
+    /// and per source address (a locked account cannot use this to get
+    /// around the lock). On success every session of the user ends and the
+    /// must-change flag and failure count are cleared; recorded as
+    /// `user.password_changed` with `second_factor`: `session`, `totp` or
+    /// `none` (an account without TOTP).
     ///
     /// # Errors
     /// [`SecurityError::WeakPassword`], [`SecurityError::BadCredentials`]
-    /// (unknown user or wrong old password, same answer),
-    /// [`SecurityError::Throttled`], [`SecurityError::AccountLocked`],
-    /// [`SecurityError::AccountDisabled`], [`SecurityError::Db`].
-    pub fn change_password(&self, username: &str, old: &str, new: &str) -> Result<()> {
+    /// (unknown user, wrong old password, missing, wrong or replayed TOTP
+    /// code: one answer), [`SecurityError::Throttled`],
+    /// [`SecurityError::AccountLocked`], [`SecurityError::AccountDisabled`],
+    /// [`SecurityError::Db`].
+    pub fn change_password(&self, req: &PasswordChange) -> Result<()> {
+        let (username, old, new) = (req.username, req.old_password, req.new_password);
         users::check_password_policy(username, new)?;
         let now = self.now_ms();
+        let source = req.source.to_string();
+        let ticket = self
+            .reserve_address(req.source, now)
+            .map_err(|retry_after| SecurityError::Throttled { retry_after })?;
         let user = match self.reserve_account(username, now)? {
             Reservation::Locked => return Err(SecurityError::AccountLocked),
             Reservation::Wait(retry_after) => return Err(SecurityError::Throttled { retry_after }),
@@ -770,28 +854,63 @@ impl Accounts {
         let dummy = self.dummy_hash()?;
         let Some(user) = user else {
             let _ = users::verify_hash(dummy, dummy, old);
+            self.after_failure(username, false, &source, "unknown_user_on_change")?;
             return Err(SecurityError::BadCredentials);
         };
         if !users::verify_hash(&user.hash, dummy, old) {
-            self.after_failure(username, true, "-", "wrong_password_on_change")?;
+            self.after_failure(username, true, &source, "wrong_password_on_change")?;
             return Err(SecurityError::BadCredentials);
         }
         if user.disabled {
-            self.give_back_account(username)?;
+            self.give_back(username, &ticket)?;
             return Err(SecurityError::AccountDisabled);
         }
         if old == new {
-            self.give_back_account(username)?;
+            self.give_back(username, &ticket)?;
             return Err(SecurityError::WeakPassword(
                 "the new password must differ from the current one".into(),
             ));
         }
+        let (second_factor, step) = match &user.totp_secret {
+            None => ("none", None),
+            Some(secret) => {
+                let own_session = match req.session {
+                    Some(cookie) => self
+                        .session(cookie)?
+                        .is_some_and(|(p, _)| p.username == username),
+                    None => false,
+                };
+                if own_session {
+                    ("session", None)
+                } else {
+                    let found = req
+                        .totp
+                        .and_then(|code| totp_match(secret, code, now, user.totp_last_step));
+                    let Some(step) = found else {
+                        let reason = if req.totp.is_some() {
+                            "totp_wrong_on_change"
+                        } else {
+                            "totp_missing_on_change"
+                        };
+                        self.after_failure(username, true, &source, reason)?;
+                        return Err(SecurityError::BadCredentials);
+                    };
+                    ("totp", Some(step))
+                }
+            }
+        };
         let hash = users::hash_password(new)?;
-        let ended = self.store_password(username, &hash, false)?;
+        let Some(ended) = self.store_own_password(username, &hash, step)? else {
+            // The code's step was used meanwhile (a concurrent login).
+            self.after_failure(username, true, &source, "totp_wrong_on_change")?;
+            return Err(SecurityError::BadCredentials);
+        };
+        self.give_back_address(&ticket);
         self.events.record(
             "user.password_changed",
             Outcome::Success,
-            json!({"actor": username, "username": username, "sessions_ended": ended}),
+            json!({"actor": username, "username": username, "source": source,
+                   "second_factor": second_factor, "sessions_ended": ended}),
         );
         Ok(())
     }
@@ -863,8 +982,13 @@ impl Accounts {
 
     // ---- throttling -----------------------------------------------------
 
-    /// Checks the per-address delay; when free, counts the attempt.
-    fn reserve_address(&self, source: IpAddr, now: i64) -> Option<Duration> {
+    /// Checks the per-address delay; when free, counts the attempt and
+    /// returns its ticket, else the wait left.
+    fn reserve_address(
+        &self,
+        source: IpAddr,
+        now: i64,
+    ) -> std::result::Result<AddressTicket, Duration> {
         let key = address_key(source);
         let mut map = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
         prune(&mut map, now, millis(ADDRESS_MEMORY));
@@ -884,12 +1008,18 @@ impl Accounts {
             self.policy.per_address_max_delay,
             now,
         );
-        if wait.is_some() {
-            return wait;
+        if let Some(wait) = wait {
+            return Err(wait);
         }
+        let ticket = AddressTicket {
+            key,
+            attempt: self.address_attempts.fetch_add(1, Ordering::Relaxed) + 1,
+            previous_last_ms: b.last_ms,
+        };
         b.failures = b.failures.saturating_add(1);
         b.last_ms = now;
-        None
+        b.last_attempt = ticket.attempt;
+        Ok(ticket)
     }
 
     /// Checks lock and back-off of an account (known or not); when free,
@@ -931,6 +1061,7 @@ impl Accounts {
             let b = Backoff {
                 failures: u32::try_from(failures.max(0)).unwrap_or(u32::MAX),
                 last_ms: last,
+                ..Backoff::default()
             };
             if let Some(wait) =
                 remaining(b, b.failures, self.policy.base_delay, self.policy.max_delay, now)
@@ -979,6 +1110,7 @@ impl Accounts {
         let b = Backoff {
             failures: u32::try_from(failures.max(0)).unwrap_or(u32::MAX),
             last_ms: last,
+            ..Backoff::default()
         };
         if b.failures >= self.policy.lock_after_failures {
             return Ok(Reservation::Locked);
@@ -1065,17 +1197,22 @@ impl Accounts {
 
     /// Undoes the counting of an attempt whose password was right but that
     /// did not log in (disabled, TOTP setup needed).
-    fn give_back(&self, username: &str, source: IpAddr) -> Result<()> {
-        self.give_back_address(source);
+    fn give_back(&self, username: &str, ticket: &AddressTicket) -> Result<()> {
+        self.give_back_address(ticket);
         self.give_back_account(username)
     }
 
     /// Takes back the per-address count of an attempt with the right
-    /// password (the address is not guessing).
-    fn give_back_address(&self, source: IpAddr) {
+    /// password (the address is not guessing), and its last-attempt time
+    /// when no other attempt came since (so that the address's back-off is
+    /// as it was before this attempt).
+    fn give_back_address(&self, ticket: &AddressTicket) {
         let mut map = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(b) = map.get_mut(&address_key(source)) {
+        if let Some(b) = map.get_mut(&ticket.key) {
             b.failures = b.failures.saturating_sub(1);
+            if b.last_attempt == ticket.attempt {
+                b.last_ms = ticket.previous_last_ms;
+            }
         }
     }
 
@@ -1095,7 +1232,7 @@ impl Accounts {
     fn succeed(
         &self,
         username: &str,
-        source: IpAddr,
+        ticket: &AddressTicket,
         totp_step: Option<i64>,
         now: i64,
     ) -> Result<Option<NewSession>> {
@@ -1139,7 +1276,7 @@ impl Accounts {
         }
         // A success only takes back its own attempt: logging in to one
         // account must not reset an address spraying guesses at others.
-        self.give_back_address(source);
+        self.give_back_address(ticket);
         Ok(Some(session))
     }
 
@@ -1162,6 +1299,38 @@ impl Accounts {
             let ended = end_sessions(&tx, username)?;
             tx.commit().map_err(db_err("commit"))?;
             Ok(ended)
+        })
+    }
+
+    /// [`Accounts::store_password`] for the holder's own change: clears
+    /// the must-change flag and uses up the TOTP step that proved the
+    /// second factor, if any. `None` (nothing stored) when that step is no
+    /// longer unused, or the account was locked or disabled meanwhile.
+    fn store_own_password(
+        &self,
+        username: &str,
+        hash: &str,
+        totp_step: Option<i64>,
+    ) -> Result<Option<usize>> {
+        self.db.with(|c| {
+            let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)
+                .map_err(db_err("begin"))?;
+            let n = tx
+                .execute(
+                    "UPDATE users SET password_hash = ?2, must_change_password = 0, locked = 0,
+                            failed_logins = 0, last_failure_ms = 0,
+                            totp_last_step = coalesce(?3, totp_last_step)
+                     WHERE username = ?1 AND locked = 0 AND disabled = 0
+                       AND (?3 IS NULL OR totp_last_step < ?3)",
+                    params![username, hash, totp_step],
+                )
+                .map_err(db_err("update password"))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            let ended = end_sessions(&tx, username)?;
+            tx.commit().map_err(db_err("commit"))?;
+            Ok(Some(ended))
         })
     }
 

@@ -20,7 +20,8 @@
 //!    unless configured);
 //! 6. `unknown_device`: an association rejected for an unknown calling AE;
 //! 7. `device_changed`: a known device reports another Manufacturer, model
-//!    or software version (`device.software_changed`);
+//!    or software version (`device.software_changed`); keyed by the
+//!    device, so whatever changed, one alert per device per quiet period;
 //! 8. `security_change`: user, token, device, certificate or configuration
 //!    changes;
 //! 9. `audit_verify_failed`: `audit.verify` failed.
@@ -440,7 +441,11 @@ impl Rules {
                         d.insert(k.into(), v.clone());
                     }
                 }
-                let key = format!("{ae}|{field}|{}", event.get("new").unwrap_or(&Value::Null));
+                // One alert per device per quiet period: a device that
+                // sends a mix of studies (several models, versions…)
+                // changes on every other instance, and each change is
+                // still an event of its own.
+                let key = format!("ae:{ae}");
                 let what = if field.is_empty() {
                     "manufacturer, model or software version".to_owned()
                 } else {
@@ -1367,6 +1372,37 @@ mod tests {
         assert_eq!(f[0].details["ae"], "CT1");
         assert_eq!(f[0].details["field"], "SoftwareVersions");
         assert!(r.evaluate(&sw, None).is_empty(), "the same change once");
+        // Other changes of the same device within the quiet period: quiet
+        // (a modality sending a mix of models and versions is one alert).
+        for (field, new) in [
+            ("SoftwareVersions", "1.0"),
+            ("Manufacturer", "OTHER"),
+            ("ManufacturerModelName", "X-9"),
+        ] {
+            let e = ev(
+                T0 + 5,
+                "device.software_changed",
+                "alert",
+                json!({"ae": "CT1", "field": field, "old": "a", "new": new}),
+            );
+            assert!(r.evaluate(&e, None).is_empty(), "{field}");
+        }
+        // Another device is not silenced by it.
+        let other = ev(
+            T0 + 6,
+            "device.software_changed",
+            "alert",
+            json!({"ae": "MR1", "field": "SoftwareVersions", "old": "1", "new": "2"}),
+        );
+        assert_eq!(rules_of(&r.evaluate(&other, None)), ["device_changed"]);
+        // After the quiet period the device alerts again.
+        let later = ev(
+            T0 + 601,
+            "device.software_changed",
+            "alert",
+            json!({"ae": "CT1", "field": "SoftwareVersions", "old": "2.0", "new": "3.0"}),
+        );
+        assert_eq!(rules_of(&r.evaluate(&later, None)), ["device_changed"]);
         for kind in [
             "user.added",
             "user.removed",

@@ -85,6 +85,19 @@ pub enum SecurityError {
     /// A user with this name already exists.
     #[error("user {0} already exists")]
     UserExists(String),
+    /// A user whose name differs from the new one only in ASCII letter
+    /// case exists (two such names would be easy to confuse in the event
+    /// log and the audit trail).
+    #[error(
+        "user name {name} differs from the existing user {existing} only in letter case; \
+         user names must differ by more than case"
+    )]
+    UserNameCaseClash {
+        /// The name asked for.
+        name: String,
+        /// The existing account.
+        existing: String,
+    },
     /// A value given by the operator is invalid.
     #[error("invalid {what}: {detail}")]
     Invalid {

@@ -164,7 +164,9 @@ pub(crate) fn verify_hash(stored: &str, fallback: &str, password: &str) -> bool 
 /// made with [`crate::accounts::Accounts::add_user`]).
 ///
 /// # Errors
-/// [`SecurityError::UserExists`], [`SecurityError::Model`] for an unknown
+/// [`SecurityError::UserExists`], [`SecurityError::UserNameCaseClash`]
+/// (the name differs from an existing one only in letter case),
+/// [`SecurityError::Model`] for an unknown
 /// role, [`SecurityError::Invalid`] for a bad user name,
 /// [`SecurityError::PasswordHash`], [`SecurityError::Db`].
 pub fn create_user(db: &SecurityDb, username: &str, password: &str, role: &str) -> Result<()> {
@@ -186,7 +188,25 @@ pub(crate) fn insert_user(
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
     db.with(|c| {
-        let n = c
+        let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)
+            .map_err(|source| SecurityError::Db { op: "begin", source })?;
+        // SQLite's lower() folds ASCII letters only, as intended: names
+        // are ASCII (validate_username).
+        let clash: Option<String> = tx
+            .query_row(
+                "SELECT username FROM users WHERE lower(username) = lower(?1) AND username <> ?1",
+                params![username],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|source| SecurityError::Db { op: "read users", source })?;
+        if let Some(existing) = clash {
+            return Err(SecurityError::UserNameCaseClash {
+                name: username.to_owned(),
+                existing,
+            });
+        }
+        let n = tx
             .execute(
                 "INSERT OR IGNORE INTO users (username, password_hash, role, must_change_password, created_at) VALUES (?1,?2,?3,?4,?5)",
                 params![username, hash, role.as_str(), must_change_password, ts],
@@ -195,6 +215,8 @@ pub(crate) fn insert_user(
         if n == 0 {
             return Err(SecurityError::UserExists(username.to_owned()));
         }
+        tx.commit()
+            .map_err(|source| SecurityError::Db { op: "commit", source })?;
         Ok(())
     })
 }

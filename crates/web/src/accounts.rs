@@ -10,7 +10,7 @@ use std::{net::IpAddr, time::Duration};
 
 use bastion_model::{Role, WebPermission};
 use bastion_security::{
-    accounts::{Accounts, LoginOutcome, LoginRequest, Principal, TotpEnrolment},
+    accounts::{Accounts, LoginOutcome, LoginRequest, PasswordChange, Principal, TotpEnrolment},
     SecurityError,
 };
 
@@ -95,7 +95,9 @@ pub enum LoginResult {
     Disabled,
 }
 
-/// A password change request (the first-login change needs no session).
+/// A password change request by the account holder: the current password,
+/// and for an account with TOTP either a session of the same account or a
+/// TOTP code.
 #[derive(Debug, Clone)]
 pub struct PasswordChangeRequest {
     /// Account name.
@@ -104,6 +106,10 @@ pub struct PasswordChangeRequest {
     pub old_password: String,
     /// New password.
     pub new_password: String,
+    /// TOTP code, when given.
+    pub totp: Option<String>,
+    /// The request's session cookie value, when it carried one.
+    pub session_id: Option<String>,
     /// Source address.
     pub source: IpAddr,
 }
@@ -153,8 +159,14 @@ pub trait AccountService: Send + Sync + 'static {
     fn verify_token(&self, token: &str) -> Option<Identity>;
     /// Ends a session (no error if it is already gone).
     fn logout(&self, session_id: &str);
-    /// Changes a password given the current one.
+    /// Changes a password given the current one (and, for an account with
+    /// TOTP, its own session or a TOTP code).
     fn change_password(&self, request: &PasswordChangeRequest) -> PasswordChangeResult;
+    /// How long an unused session lives (for the UI's idle logout); `None`
+    /// when the service does not say.
+    fn session_idle(&self) -> Option<Duration> {
+        None
+    }
     /// Web TOTP enrolment of an admin who must have a second factor and has
     /// none (`bastion_security::accounts::Accounts::enrol_totp`): without
     /// `secret`, a new secret; with it and `attempt.totp`, stores it and
@@ -269,8 +281,20 @@ impl AccountService for Accounts {
         let _ = logged("logout", Accounts::logout(self, session_id));
     }
 
+    fn session_idle(&self) -> Option<Duration> {
+        Some(self.policy().session_idle)
+    }
+
     fn change_password(&self, r: &PasswordChangeRequest) -> PasswordChangeResult {
-        match Accounts::change_password(self, &r.username, &r.old_password, &r.new_password) {
+        let change = PasswordChange {
+            username: &r.username,
+            old_password: &r.old_password,
+            new_password: &r.new_password,
+            totp: r.totp.as_deref(),
+            session: r.session_id.as_deref(),
+            source: r.source,
+        };
+        match Accounts::change_password(self, &change) {
             Ok(()) => PasswordChangeResult::Changed,
             Err(SecurityError::WeakPassword(why)) => {
                 PasswordChangeResult::Rejected(format!("password refused: {why}"))

@@ -14,7 +14,8 @@
 //! before anything else: URLs end up in logs, proxies and browser history.
 //! Anonymous routes: `POST /api/login` (checks `Origin`: absent — not a
 //! browser — or our own origin or an allowed CORS origin), `POST
-//! /api/password` (needs the current password), CORS preflights (answered
+//! /api/password` (needs the current password, and for an account with
+//! TOTP the account's own session cookie or a TOTP code), CORS preflights (answered
 //! by the CORS layer before this one) and `GET` of the web UI's static
 //! assets (exact paths, [`crate::ui::ASSETS`]; no patient data).
 
@@ -238,6 +239,8 @@ struct PasswordBody {
     username: String,
     old_password: String,
     new_password: String,
+    #[serde(default)]
+    totp: Option<String>,
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
@@ -466,25 +469,39 @@ pub async fn logout(
     Ok(r)
 }
 
-/// `GET /api/me`: who is logged in, with which role and permissions.
+/// `GET /api/me`: who is logged in, with which role and permissions:
+/// `{"username", "role", "permissions": [...], "must_change_password",
+/// "method": "session"|"token", "session_idle_secs"}`; `session_idle_secs`
+/// (the account policy's idle timeout of a session, for the UI's idle
+/// logout) is left out when the account service does not say.
 pub async fn me(
+    State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Extension(note): Extension<Note>,
 ) -> Json<serde_json::Value> {
     note.action("me");
     let i = &caller.identity;
-    Json(serde_json::json!({
+    let mut v = serde_json::json!({
         "username": i.username,
         "role": i.role.as_str(),
         "permissions": i.permissions.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
         "must_change_password": i.must_change_password,
         "method": match caller.method { AuthMethod::Token => "token", AuthMethod::Session(_) => "session" },
-    }))
+    });
+    if let Some(idle) = state.accounts().session_idle() {
+        v["session_idle_secs"] = idle.as_secs().into();
+    }
+    Json(v)
 }
 
-/// `POST /api/password`: `{"username", "old_password", "new_password"}` →
-/// 204; anonymous (the first-login change), so it checks `Origin` as login
-/// does.
+/// `POST /api/password`: `{"username", "old_password", "new_password",
+/// "totp"?}` → 204 (and the session cookie cleared: every session of the
+/// account ends). Anonymous (the first-login change), so it checks `Origin`
+/// as login does. An account with TOTP must also prove the second factor:
+/// the request carries a session cookie of that same account (its login
+/// passed TOTP), or `totp` is a valid, unused code; otherwise 401, the
+/// answer of a wrong password (counted as a failure). 400 for a refused new
+/// password, 429 with `Retry-After` when throttled.
 pub async fn change_password(
     State(state): State<AppState>,
     Extension(note): Extension<Note>,
@@ -498,6 +515,8 @@ pub async fn change_password(
         username: b.username,
         old_password: b.old_password,
         new_password: b.new_password,
+        totp: b.totp,
+        session_id: session_cookie(&parts.headers),
         source: source_ip(&parts.extensions),
     };
     let accounts: Arc<dyn crate::accounts::AccountService> = state.accounts();

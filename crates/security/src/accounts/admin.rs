@@ -118,7 +118,9 @@ impl Accounts {
     ///
     /// # Errors
     /// [`SecurityError::Invalid`] (user name), [`SecurityError::WeakPassword`],
-    /// [`SecurityError::UserExists`], [`SecurityError::Db`].
+    /// [`SecurityError::UserExists`], [`SecurityError::UserNameCaseClash`]
+    /// (the name equals an existing one but for ASCII letter case),
+    /// [`SecurityError::Db`].
     pub fn add_user(
         &self,
         actor: &str,

@@ -11,7 +11,7 @@ use bastion_model::{Role, WebPermission};
 use bastion_security::{
     accounts::{
         AccountPolicy, Accounts, AuthMethod, Clock, LoginOutcome, LoginRequest, NewSession,
-        PasswordChoice, Scope, TotpEnrolment,
+        PasswordChange, PasswordChoice, Scope, TotpEnrolment,
     },
     db::SecurityDb,
     events::EventLog,
@@ -82,6 +82,18 @@ fn req<'a>(user: &'a str, pw: &'a str, totp: Option<&'a str>, source: &str) -> L
         password: pw,
         totp,
         source: ip(source),
+    }
+}
+
+/// A holder's password change without a second factor, from 192.0.2.250.
+fn change<'a>(user: &'a str, old: &'a str, new: &'a str) -> PasswordChange<'a> {
+    PasswordChange {
+        username: user,
+        old_password: old,
+        new_password: new,
+        totp: None,
+        session: None,
+        source: ip("192.0.2.250"),
     }
 }
 
@@ -211,7 +223,7 @@ fn account_back_off_doubles_then_locks_until_unlock() {
         LoginOutcome::Locked
     );
     assert!(matches!(
-        f.accounts.change_password("bob", GOOD, OTHER),
+        f.accounts.change_password(&change("bob", GOOD, OTHER)),
         Err(SecurityError::AccountLocked)
     ));
     let users = f.accounts.list_users().expect("list");
@@ -589,7 +601,7 @@ fn sessions_expire_idle_and_absolute_and_end_on_logout_and_password_change() {
     let a = login("10.2.0.4");
     let b = login("10.2.0.5");
     f.accounts
-        .change_password("frank", GOOD, OTHER)
+        .change_password(&change("frank", GOOD, OTHER))
         .expect("change");
     assert!(f.accounts.session(&a.id).expect("session").is_none());
     assert!(f.accounts.session(&b.id).expect("session").is_none());
@@ -644,31 +656,32 @@ fn generated_password_must_be_changed_first() {
     assert!(WebPermission::ALL.iter().all(|w| !p.may(*w)));
     // The policy applies to the new password; the old one must be right.
     assert!(matches!(
-        f.accounts.change_password("gina", &pw, "short"),
+        f.accounts.change_password(&change("gina", &pw, "short")),
         Err(SecurityError::WeakPassword(_))
     ));
     assert!(matches!(
-        f.accounts.change_password("gina", &pw, "password1234"),
+        f.accounts
+            .change_password(&change("gina", &pw, "password1234")),
         Err(SecurityError::WeakPassword(_))
     ));
     assert!(matches!(
-        f.accounts.change_password("gina", &pw, &pw),
+        f.accounts.change_password(&change("gina", &pw, &pw)),
         Err(SecurityError::WeakPassword(_))
     ));
     f.clock.advance(Duration::from_secs(60));
     assert!(matches!(
         f.accounts
-            .change_password("gina", "wrong old password", GOOD),
+            .change_password(&change("gina", "wrong old password", GOOD)),
         Err(SecurityError::BadCredentials)
     ));
     assert!(matches!(
         f.accounts
-            .change_password("nobody", "wrong old password", GOOD),
+            .change_password(&change("nobody", "wrong old password", GOOD)),
         Err(SecurityError::BadCredentials)
     ));
     f.clock.advance(Duration::from_secs(60));
     f.accounts
-        .change_password("gina", &pw, GOOD)
+        .change_password(&change("gina", &pw, GOOD))
         .expect("change");
     let o = f
         .accounts
@@ -975,4 +988,283 @@ fn parallel_attempts_do_not_slip_through_one_window() {
         .filter(|o| **o == LoginOutcome::Failed)
         .count();
     assert_eq!(checked, 1, "{outcomes:?}");
+}
+
+#[test]
+fn password_change_of_a_totp_account_needs_the_second_factor() {
+    let f = fixture(AccountPolicy::default());
+    add(&f, "tess", Role::Admin);
+    add(&f, "ursula", Role::Clinician);
+    let (uri, _) = f.accounts.enable_totp("test", "tess").expect("totp");
+    let totp = totp_rs::TOTP::from_url(&uri).expect("uri");
+    let failures = |f: &Fixture| {
+        f.accounts
+            .list_users()
+            .expect("list")
+            .into_iter()
+            .find(|u| u.username == "tess")
+            .map(|u| u.failed_logins)
+    };
+    let with = |totp: Option<&'static str>, session: Option<&'static str>| PasswordChange {
+        totp,
+        session,
+        ..change("tess", GOOD, OTHER)
+    };
+
+    // The old password alone is not enough: the answer of a wrong
+    // password, counted as a failure.
+    assert!(matches!(
+        f.accounts.change_password(&change("tess", GOOD, OTHER)),
+        Err(SecurityError::BadCredentials)
+    ));
+    assert_eq!(failures(&f), Some(1));
+    f.clock.advance(Duration::from_secs(1));
+    // A wrong code neither.
+    let now = totp.generate(f.clock.unix_secs());
+    let wrong = if now == "000000" { "111111" } else { "000000" };
+    assert!(matches!(
+        f.accounts.change_password(&with(Some(wrong), None)),
+        Err(SecurityError::BadCredentials)
+    ));
+    assert_eq!(failures(&f), Some(2));
+    let log = events_text(&f.events_path);
+    assert!(
+        log.contains("\"reason\":\"totp_missing_on_change\""),
+        "{log}"
+    );
+    assert!(log.contains("\"reason\":\"totp_wrong_on_change\""), "{log}");
+    f.clock.advance(Duration::from_secs(2));
+    // Another account's session does not stand for this one's factor.
+    let theirs = session_of(
+        f.accounts
+            .login(&req("ursula", GOOD, None, "10.4.0.1"))
+            .expect("login"),
+    );
+    let theirs: &'static str = Box::leak(theirs.id.into_boxed_str());
+    assert!(matches!(
+        f.accounts.change_password(&with(None, Some(theirs))),
+        Err(SecurityError::BadCredentials)
+    ));
+    assert_eq!(failures(&f), Some(3));
+    f.clock.advance(Duration::from_secs(4));
+    // The right code: changed, the code used up (not for a login, not for
+    // another change).
+    let code: &'static str = Box::leak(totp.generate(f.clock.unix_secs()).into_boxed_str());
+    f.accounts
+        .change_password(&with(Some(code), None))
+        .expect("change with the code");
+    assert_eq!(failures(&f), Some(0));
+    let changed = |f: &Fixture| -> Vec<serde_json::Value> {
+        events_text(&f.events_path)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["type"] == "user.password_changed")
+            .collect()
+    };
+    let last = changed(&f).pop().expect("event");
+    assert_eq!(last["username"], "tess");
+    assert_eq!(last["second_factor"], "totp");
+    assert_eq!(last["source"], "192.0.2.250");
+    assert_eq!(
+        f.accounts
+            .login(&req("tess", OTHER, Some(code), "10.4.0.2"))
+            .expect("login"),
+        LoginOutcome::TotpRequired
+    );
+    f.clock.advance(Duration::from_secs(1));
+    assert!(matches!(
+        f.accounts.change_password(&PasswordChange {
+            totp: Some(code),
+            ..change("tess", OTHER, GOOD)
+        }),
+        Err(SecurityError::BadCredentials)
+    ));
+    // Logged in fully (TOTP included): the session stands for the second
+    // factor, the old password is still needed, and the change ends it.
+    f.clock.advance(Duration::from_secs(60));
+    let fresh = totp.generate(f.clock.unix_secs());
+    let own = session_of(
+        f.accounts
+            .login(&req("tess", OTHER, Some(&fresh), "10.4.0.3"))
+            .expect("login"),
+    );
+    assert!(matches!(
+        f.accounts.change_password(&PasswordChange {
+            session: Some(&own.id),
+            ..change("tess", "not the password", GOOD)
+        }),
+        Err(SecurityError::BadCredentials)
+    ));
+    f.clock.advance(Duration::from_secs(1));
+    f.accounts
+        .change_password(&PasswordChange {
+            session: Some(&own.id),
+            ..change("tess", OTHER, GOOD)
+        })
+        .expect("change with the own session");
+    assert_eq!(
+        changed(&f).pop().expect("event")["second_factor"],
+        "session"
+    );
+    assert!(f.accounts.session(&own.id).expect("session").is_none());
+    // An account without TOTP needs no code.
+    f.accounts
+        .change_password(&change("ursula", GOOD, OTHER))
+        .expect("change without TOTP");
+    let last = changed(&f).pop().expect("event");
+    assert_eq!(
+        (last["username"].as_str(), last["second_factor"].as_str()),
+        (Some("ursula"), Some("none"))
+    );
+    let log = events_text(&f.events_path);
+    assert!(!log.contains(code) && !log.contains(&fresh) && !log.contains(&own.id));
+}
+
+#[test]
+fn a_right_password_does_not_rearm_the_address_delay() {
+    let f = fixture(AccountPolicy::default());
+    add(&f, "root4", Role::Admin);
+    add(&f, "pat", Role::Clinician);
+    // A hospital NAT address with eight failed logins (other people's
+    // typos, or an attacker behind it).
+    let nat = "198.51.100.77";
+    let mut failed = 0;
+    let mut i = 0;
+    while failed < 8 {
+        i += 1;
+        match f
+            .accounts
+            .login(&req(&format!("typo{i}"), "guess guess guess", None, nat))
+            .expect("login")
+        {
+            LoginOutcome::Failed => failed += 1,
+            LoginOutcome::Throttled { retry_after } => f.clock.advance(retry_after),
+            other => panic!("{other:?}"),
+        }
+    }
+    // The address's delay (at most 30 s) has passed.
+    f.clock.advance(Duration::from_secs(30));
+    // A new admin logs in (TOTP setup needed) and enrols at once; a
+    // clinician logs in twice in a row: nothing waits.
+    assert_eq!(
+        f.accounts
+            .login(&req("root4", GOOD, None, nat))
+            .expect("login"),
+        LoginOutcome::TotpSetupRequired
+    );
+    let enrol = f
+        .accounts
+        .enrol_totp(&req("root4", GOOD, None, nat), None)
+        .expect("enrol");
+    assert!(matches!(enrol, TotpEnrolment::Secret { .. }), "{enrol:?}");
+    for n in 0..2 {
+        let o = f
+            .accounts
+            .login(&req("pat", GOOD, None, nat))
+            .expect("login");
+        assert!(matches!(o, LoginOutcome::Ok { .. }), "login {n}: {o:?}");
+    }
+    f.accounts
+        .change_password(&PasswordChange {
+            source: ip(nat),
+            ..change("pat", GOOD, OTHER)
+        })
+        .expect("change");
+    let o = f
+        .accounts
+        .login(&req("pat", OTHER, None, nat))
+        .expect("login");
+    assert!(matches!(o, LoginOutcome::Ok { .. }), "{o:?}");
+    // The address's failures are still counted: one more guess is
+    // checked (its delay has passed), the next one waits.
+    assert_eq!(
+        f.accounts
+            .login(&req("typo-x", "guess guess guess", None, nat))
+            .expect("login"),
+        LoginOutcome::Failed
+    );
+    assert!(matches!(
+        f.accounts
+            .login(&req("typo-y", "guess guess guess", None, nat))
+            .expect("login"),
+        LoginOutcome::Throttled { .. }
+    ));
+    // Parallel guesses from one address still do not slip through one
+    // window: the five free ones are checked, the others wait.
+    let outcomes: Vec<LoginOutcome> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let accounts = &f.accounts;
+                s.spawn(move || {
+                    accounts
+                        .login(&req(
+                            &format!("par{i}"),
+                            "guess guess guess",
+                            None,
+                            "198.51.100.99",
+                        ))
+                        .expect("login")
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let checked = outcomes
+        .iter()
+        .filter(|o| **o == LoginOutcome::Failed)
+        .count();
+    assert_eq!(checked, 5, "{outcomes:?}");
+}
+
+#[test]
+fn user_names_differing_only_in_case_are_refused() {
+    let f = fixture(AccountPolicy::default());
+    add(&f, "alice", Role::Clinician);
+    for name in ["Alice", "ALICE", "aLiCe"] {
+        match f
+            .accounts
+            .add_user("test", name, Role::Admin, PasswordChoice::Given(GOOD))
+        {
+            Err(e @ SecurityError::UserNameCaseClash { .. }) => assert_eq!(
+                e.to_string(),
+                format!(
+                    "user name {name} differs from the existing user alice only in letter case; \
+                     user names must differ by more than case"
+                )
+            ),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        f.accounts.add_user(
+            "test",
+            "alice",
+            Role::Clinician,
+            PasswordChoice::Given(GOOD)
+        ),
+        Err(SecurityError::UserExists(_))
+    ));
+    assert!(matches!(
+        bastion_security::users::create_user(&f.db, "ALICE", GOOD, "admin"),
+        Err(SecurityError::UserNameCaseClash { .. })
+    ));
+    // Other names are fine, and nothing was added.
+    add(&f, "alice2", Role::Clinician);
+    let names: Vec<String> = f
+        .accounts
+        .list_users()
+        .expect("list")
+        .into_iter()
+        .map(|u| u.username)
+        .collect();
+    assert_eq!(names, ["alice", "alice2"]);
+    assert_eq!(
+        events_text(&f.events_path)
+            .matches("\"type\":\"user.added\"")
+            .count(),
+        2
+    );
 }

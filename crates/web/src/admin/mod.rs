@@ -93,7 +93,9 @@ pub(crate) fn security_error(e: SecurityError) -> ApiError {
             ApiError::Conflict(format!("a device with AE title {ae} already exists"))
         }
         SecurityError::UserExists(u) => ApiError::Conflict(format!("user {u} already exists")),
-        e @ SecurityError::LastAdmin(_) => ApiError::Conflict(e.to_string()),
+        e @ (SecurityError::LastAdmin(_) | SecurityError::UserNameCaseClash { .. }) => {
+            ApiError::Conflict(e.to_string())
+        }
         e @ (SecurityError::Invalid { .. }
         | SecurityError::Model(_)
         | SecurityError::WeakPassword(_)) => ApiError::BadRequest(e.to_string()),

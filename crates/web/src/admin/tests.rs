@@ -68,6 +68,9 @@ impl AccountService for FakeAccounts {
     fn change_password(&self, _r: &PasswordChangeRequest) -> PasswordChangeResult {
         PasswordChangeResult::Failed
     }
+    fn session_idle(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_secs(900))
+    }
 }
 
 struct Fixture {
@@ -80,6 +83,26 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(vec![
+        ListenerInfo {
+            name: "dicom-tls".into(),
+            address: SocketAddr::from(([127, 0, 0, 1], 2762)),
+            tls: true,
+        },
+        ListenerInfo {
+            name: "dicom-plain".into(),
+            address: SocketAddr::from(([0, 0, 0, 0], 104)),
+            tls: false,
+        },
+        ListenerInfo {
+            name: "https".into(),
+            address: SocketAddr::from(([10, 1, 2, 3], 8443)),
+            tls: true,
+        },
+    ])
+}
+
+fn fixture_with(listeners: Vec<ListenerInfo>) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let master = MasterKey::from_bytes([7u8; 32]);
@@ -113,23 +136,6 @@ fn fixture() -> Fixture {
     .expect("detection");
     let paths = PkiPaths::new(d);
     pki::generate(&paths, &[]).expect("pki");
-    let listeners = vec![
-        ListenerInfo {
-            name: "dicom-tls".into(),
-            address: SocketAddr::from(([127, 0, 0, 1], 2762)),
-            tls: true,
-        },
-        ListenerInfo {
-            name: "dicom-plain".into(),
-            address: SocketAddr::from(([0, 0, 0, 0], 104)),
-            tls: false,
-        },
-        ListenerInfo {
-            name: "https".into(),
-            address: SocketAddr::from(([10, 1, 2, 3], 8443)),
-            tls: true,
-        },
-    ];
     let state = AppState::new(archive, Arc::new(FakeAccounts), WebConfig::default())
         .with_alerts(detection.clone())
         .with_admin(AdminContext {
@@ -543,6 +549,10 @@ async fn users_are_added_disabled_enabled_unlocked_and_reset() {
             StatusCode::BAD_REQUEST,
         ),
         (json!({"username": "eve"}), StatusCode::BAD_REQUEST),
+        (
+            json!({"username": "Dora", "role": "auditor"}),
+            StatusCode::CONFLICT,
+        ),
     ] {
         let (s, v) = call(
             &f,
@@ -551,6 +561,23 @@ async fn users_are_added_disabled_enabled_unlocked_and_reset() {
         .await;
         assert_eq!(s, want, "{body}: {v}");
     }
+    // A name equal to an existing one but for letter case: 409, saying so.
+    let (s, v) = call(
+        &f,
+        req(
+            Method::POST,
+            "/api/users",
+            "tok-admin",
+            Some(json!({"username": "DORA", "role": "clinician"})),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_eq!(
+        v["error"],
+        "user name DORA differs from the existing user dora only in letter case; \
+         user names must differ by more than case"
+    );
     let (s, v) = call(&f, req(Method::GET, "/api/users", "tok-admin", None)).await;
     assert_eq!(s, StatusCode::OK);
     let text = v.to_string();
@@ -867,4 +894,97 @@ async fn posture_names_each_risk() {
     let (_, v) = call(&f, req(Method::GET, "/api/posture", "tok-admin", None)).await;
     assert_eq!(v["admins_without_totp"], json!([]));
     assert_eq!(v["open_alerts"], 1);
+    assert_eq!(
+        v["open_alerts_by_severity"],
+        json!({"high": 0, "medium": 0, "low": 1})
+    );
+    // A low-severity alert (an administrator's own change) is no warning.
+    let warnings: Vec<String> = serde_json::from_value(v["warnings"].clone()).unwrap_or_default();
+    assert_eq!(warnings.len(), 3, "{warnings:?}");
+    assert!(
+        !warnings.iter().any(|w| w.contains("alert")),
+        "{warnings:?}"
+    );
+    // High and medium ones are, counted together.
+    for rule in [
+        Rule::LoginBruteForce,
+        Rule::DeviceChanged,
+        Rule::UnknownDevice,
+    ] {
+        f.detection
+            .store()
+            .insert(&Finding {
+                rule,
+                ts: time::OffsetDateTime::now_utc(),
+                summary: "x".into(),
+                details: serde_json::Map::new(),
+                evidence: vec![],
+            })
+            .expect("alert");
+    }
+    let (_, v) = call(&f, req(Method::GET, "/api/posture", "tok-admin", None)).await;
+    assert_eq!(v["open_alerts"], 4);
+    assert_eq!(
+        v["open_alerts_by_severity"],
+        json!({"high": 1, "medium": 2, "low": 1})
+    );
+    let warnings: Vec<String> = serde_json::from_value(v["warnings"].clone()).unwrap_or_default();
+    assert!(
+        warnings.contains(&"3 open high/medium-severity alerts to review".to_owned()),
+        "{warnings:?}"
+    );
+    assert_eq!(warnings.len(), 4, "{warnings:?}");
+}
+
+#[tokio::test]
+async fn posture_warns_of_plain_devices_without_a_plain_listener() {
+    let f = fixture_with(vec![ListenerInfo {
+        name: "dicom-tls".into(),
+        address: SocketAddr::from(([127, 0, 0, 1], 2762)),
+        tls: true,
+    }]);
+    let (_, v) = call(&f, req(Method::GET, "/api/posture", "tok-admin", None)).await;
+    let warnings: Vec<String> = serde_json::from_value(v["warnings"].clone()).unwrap_or_default();
+    assert!(
+        !warnings.iter().any(|w| w.contains("no plain listener")),
+        "{warnings:?}"
+    );
+    for ae in ["OLDCT", "OLDMR"] {
+        let plain =
+            json!({"ae": ae, "network": "10.0.0.0/24", "transport": "plain", "allow": ["store"]});
+        let (s, _) = call(
+            &f,
+            req(Method::POST, "/api/devices", "tok-admin", Some(plain)),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    let (_, v) = call(&f, req(Method::GET, "/api/posture", "tok-admin", None)).await;
+    let warnings: Vec<String> = serde_json::from_value(v["warnings"].clone()).unwrap_or_default();
+    let missing: Vec<&String> = warnings
+        .iter()
+        .filter(|w| w.contains("no plain listener"))
+        .collect();
+    assert_eq!(
+        missing,
+        [
+            &"devices OLDCT, OLDMR use the plain transport but cannot connect: no plain \
+           listener (start serve with --dicom-plain-addr, or register them with transport tls)"
+                .to_owned()
+        ],
+        "{warnings:?}"
+    );
+}
+
+#[tokio::test]
+async fn me_gives_the_session_idle_timeout() {
+    let f = fixture();
+    for auth in ["sess-admin", "tok-clinician"] {
+        let (s, v) = call(&f, req(Method::GET, "/api/me", auth, None)).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["session_idle_secs"], 900, "{auth}: {v}");
+    }
+    let (_, v) = call(&f, req(Method::GET, "/api/me", "sess-admin", None)).await;
+    assert_eq!(v["username"], "admin-user");
+    assert_eq!(v["method"], "session");
 }

@@ -64,8 +64,8 @@ pub async fn list(
 /// which must be changed at the first login.
 ///
 /// # Errors
-/// 400 for an invalid user name or role, 409 when the name exists, 415
-/// for a non-JSON body.
+/// 400 for an invalid user name or role, 409 when the name exists (or one
+/// equal to it but for ASCII letter case), 415 for a non-JSON body.
 pub async fn create(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
