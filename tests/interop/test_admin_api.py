@@ -327,6 +327,12 @@ def test_users_over_the_api(api):
     # The generated password logs in, and must be changed first.
     st, _, body = login(srv, "newbie", password)
     assert st == 200 and body["must_change_password"] is True, body
+    # A name equal to an existing one but for letter case: 409, saying so.
+    st, _, err = call(srv, "POST", "/api/users", admin, {"username": "NewBie", "role": "admin"})
+    assert st == 409, err
+    assert err["error"] == ("user name NewBie differs from the existing user newbie only in "
+                            "letter case; user names must differ by more than case"), err
+    assert "NewBie" not in {u["username"] for u in call(srv, "GET", "/api/users", admin)[2]}
     for bad, want in [({"username": "newbie", "role": "clinician"}, 409),
                       ({"username": "x", "role": "root"}, 400),
                       ({"username": "bad name", "role": "clinician"}, 400),
@@ -527,6 +533,12 @@ def test_posture(api):
         assert "admin" in p["admins_without_totp"] and "boss" not in p["admins_without_totp"]
         assert p["admin_requires_totp"] is True
         assert isinstance(p["open_alerts"], int) and p["open_alerts"] >= 1
+        by = p["open_alerts_by_severity"]
+        assert set(by) == {"high", "medium", "low"} and sum(by.values()) == p["open_alerts"], p
+        # the setup's user, token and device changes are low-severity alerts
+        assert by["low"] >= 1, by
+        # the plain listener is there: the plain device can connect
+        assert not any("no plain listener" in w for w in p["warnings"]), p["warnings"]
         for which, low, high in (("server_certificate", 800, 825),
                                  ("ca_certificate", 3600, 3650)):
             c = p[which]
@@ -538,7 +550,46 @@ def test_posture(api):
         assert f"dicom-plain listener on 127.0.0.1:{srv.plain_port}" in w, w
         assert "device OLDMOD uses the plain transport" in w, w
         assert "admin account admin has no second factor" in w, w
-        assert "open alert" in w, w
+        urgent = by["high"] + by["medium"]
+        if urgent:
+            assert f"{urgent} open high/medium-severity alert" in w, w
+        else:
+            assert "open" not in w, w
         assert "admin account boss" not in w, w
     finally:
         assert call(srv, "DELETE", "/api/devices/OLDMOD", tokens["admin"])[0] == 204
+
+
+def test_posture_counts_urgent_alerts_and_plain_devices_without_a_listener(make_server):
+    """serve without a plain listener: a device registered with the plain
+    transport cannot connect (a warning); the administrators' own changes
+    are low-severity alerts (counted, no warning); an unknown device trying
+    to connect is a medium one (a warning)."""
+    srv = make_server(plain=False)
+    helpers.wait_port(srv.http_port, 30, srv.proc)
+    srv.device_add("OLDMOD", transport="plain", allow="store")
+    admin = run(srv, "token", "create", "--user", "admin",
+                "--expires", "1h").stdout.strip().splitlines()[-1]
+
+    def posture():
+        st, _, p = call(srv, "GET", "/api/posture", admin)
+        assert st == 200, p
+        return p
+
+    p = wait_for("the change alerts", lambda: (lambda p: p if p["open_alerts"] >= 2 else None)(
+        posture()))
+    assert p["open_alerts_by_severity"] == {"high": 0, "medium": 0, "low": p["open_alerts"]}, p
+    assert [l["name"] for l in p["listeners"]] == ["dicom-tls", "https"]
+    assert p["plaintext_devices"] == ["OLDMOD"]
+    assert ("device OLDMOD uses the plain transport but cannot connect: no plain listener "
+            "(start serve with --dicom-plain-addr, or register it with transport tls)"
+            in p["warnings"]), p["warnings"]
+    assert not any("alert" in w for w in p["warnings"]), p["warnings"]
+
+    status = srv.echo("INTRUDER")
+    assert str(status).startswith("not established"), status
+    p = wait_for("the unknown_device alert",
+                 lambda: (lambda p: p if p["open_alerts_by_severity"]["medium"] else None)(
+                     posture()))
+    assert p["open_alerts_by_severity"]["medium"] == 1 and p["open_alerts_by_severity"]["high"] == 0
+    assert "1 open high/medium-severity alert to review" in p["warnings"], p["warnings"]

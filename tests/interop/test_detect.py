@@ -264,6 +264,40 @@ def test_device_changes(make_server):
     assert new[0]["details"]["ae"] == MODALITY
 
 
+# Corpus files of eight makers and models, stored in one batch as a mixed
+# modality (or a gateway forwarding for several) would.
+MIXED = ["CT_small.dcm", "MR_small.dcm", "examples_overlay.dcm", "liver_1frame.dcm",
+         "waveform_ecg.dcm", "reportsi.dcm", "examples_ybr_color.dcm", "examples_palette.dcm"]
+
+
+def test_a_mixed_batch_from_one_device_is_one_alert(make_server, corpus_root):
+    srv = detect_server(make_server)
+    files = [corpus_root / "pydicom" / "test_files" / n for n in MIXED]
+    since = last_id(srv)
+    res = helpers.store_files(srv.plain_port, MODALITY, files)
+    assert all(s == 0 for s in res.values()), res
+    # Every change is an event of its own ...
+    changed = [e for e in srv.events()
+               if e.get("type") == "device.software_changed" and e.get("ae") == MODALITY]
+    assert len(changed) >= len(files) - 2, changed
+    assert {e["field"] for e in changed} == {"Manufacturer", "ManufacturerModelName",
+                                             "SoftwareVersions"}, changed
+    # ... but the device raises one alert for the quiet period (600 s).
+    new = alerts_since(srv, since, ["device_changed"])
+    assert rules(new) == ["device_changed"], [(a["rule"], a["summary"]) for a in new]
+    assert new[0]["details"]["ae"] == MODALITY
+    assert new[0]["details"]["old"] == "GE MEDICAL SYSTEMS", new[0]["details"]
+    raised = [e for e in srv.events()
+              if e.get("type") == "security.alert" and e.get("rule") == "device_changed"]
+    assert len(raised) == 1, raised
+    # Another batch within the quiet period: still the one alert.
+    since = last_id(srv)
+    res = helpers.store_files(srv.plain_port, MODALITY, [
+        corpus_root / "pydicom" / "test_files" / n for n in ("JPEG-lossy.dcm", "examples_rgb_color.dcm")])
+    assert all(s == 0 for s in res.values()), res
+    assert rules(alerts_since(srv, since, [])) == []
+
+
 def test_user_and_token_changes(make_server):
     srv = detect_server(make_server)
     since = last_id(srv)

@@ -46,6 +46,24 @@ def test_user_add_with_password_stdin_and_generated(make_server):
     assert r.returncode != 0 and "already exists" in r.stderr
 
 
+def test_user_names_differing_only_in_case_are_refused(make_server):
+    srv = make_server(start=False)
+    run(srv, "user", "add", "alice", "--role", "clinician", "--password-stdin",
+        stdin=PASSWORD + "\n")
+    for name in ("Alice", "ALICE"):
+        r = run(srv, "user", "add", name, "--role", "admin", check=False)
+        assert r.returncode != 0
+        assert (f"user name {name} differs from the existing user alice only in letter case"
+                in r.stderr), r.stderr
+        assert not GENERATED.search(r.stdout), r.stdout
+    # the initial account too
+    r = run(srv, "user", "add", "Admin", "--role", "admin", check=False)
+    assert r.returncode != 0 and "existing user admin only in letter case" in r.stderr
+    assert set(users(srv)) == {"admin", "alice"}
+    log = (srv.data / "events" / "events.log").read_text()
+    assert log.count('"type":"user.added"') == 1
+
+
 def test_weak_passwords_are_refused_with_a_reason(make_server):
     srv = make_server(start=False)
     for pw, why in [("short pw", "at least 12"), ("password1234", "too easy")]:

@@ -279,6 +279,7 @@ fn open(dir: &DataDir) -> Result<Accounts> {
     let (events, _trail) =
         dir.open_events(&master, &crate::config::Config::load(&dir.config())?)?;
     crate::alerts_cli::attach(dir, &events);
+    crate::onboarding::watch(dir, &events);
     // The policy's throttling numbers do not matter to the CLI; the TOTP
     // rule is only reported.
     Ok(Accounts::new(

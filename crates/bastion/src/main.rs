@@ -10,6 +10,7 @@ mod config;
 mod datadir;
 mod decoder_sandbox;
 mod import;
+mod onboarding;
 mod serve;
 mod syslog_client;
 mod webhook;

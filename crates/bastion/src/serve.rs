@@ -1,5 +1,6 @@
 //! `bastion serve`: listeners, periodic orphan sweep, clean shutdown on
-//! SIGTERM / SIGINT.
+//! SIGTERM / SIGINT; the web UI's address in the log and the removal of the
+//! initial admin password file once it is stale ([`crate::onboarding`]).
 
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
@@ -50,6 +51,9 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
     crate::audit_cli::attach_lookup(&trail, &archive);
     let audit_reader = Arc::new(AuditReader::new(&dir.audit_dir(), dir.audit_keys(&master)?));
     let security = Arc::new(dir.open_security(&master)?);
+    // The initial admin password file goes once that password is changed.
+    crate::onboarding::remove_if_stale(dir, &security);
+    crate::onboarding::watch(dir, &events);
     let detection =
         crate::alerts_cli::start_detection(&config, &archive, &security, events.clone())?;
     archive.events().add_observer(detection.clone());
@@ -97,6 +101,8 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         )),
         None => None,
     };
+    let first_run = dir.admin_password().exists();
+    let totp_required = config.accounts.admin_requires_totp;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -119,6 +125,7 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         if let Some((addr, (tls, app, limits))) = http {
             let l = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
             tracing::info!("HTTPS (DICOMweb, account API) listening on {}", l.local_addr()?);
+            tracing::info!("{}", crate::onboarding::web_ui_line(l.local_addr()?, first_run, totp_required));
             servers.push(tokio::spawn(bastion_web::server::serve(l, tls, app, limits, rx.clone())));
         } else {
             tracing::info!("HTTPS listener off (--http-addr off)");
