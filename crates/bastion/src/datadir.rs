@@ -279,7 +279,7 @@ impl DataDir {
         println!("Initialised Bastion data directory {}", self.root.display());
         println!("Initial admin password for user 'admin': {password}");
         println!(
-            "(shown once; also in {} (mode 0600): delete it after saving the password elsewhere)",
+            "(shown once; also in {} (mode 0600), deleted when the admin password is first changed)",
             self.admin_password().display()
         );
         println!(
