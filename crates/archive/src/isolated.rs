@@ -63,6 +63,13 @@ pub fn isolated_decoder() -> Option<Arc<dyn IsolatedDecoder>> {
     DECODER.get().cloned()
 }
 
+/// Whether a fragment begins a JPEG 2000 codestream: SOC+SIZ (`FF 4F FF
+/// 51`, ISO 15444-1 §A.4) or a JP2 signature box.
+pub fn starts_j2k_codestream(fragment: &[u8]) -> bool {
+    fragment.starts_with(&[0xFF, 0x4F, 0xFF, 0x51])
+        || fragment.starts_with(&[0, 0, 0, 0x0C, b'j', b'P', b' ', b' '])
+}
+
 /// Splits encapsulated fragments into one codestream per frame: one frame
 /// takes every fragment; otherwise one fragment per frame, or fragments
 /// grouped at each codestream start (SOC+SIZ `FF 4F FF 51`, or a JP2
@@ -81,14 +88,10 @@ pub fn frame_codestreams(fragments: &[Vec<u8>], frames: u32) -> Result<Vec<Vec<u
     if fragments.len() == frames {
         return Ok(fragments.to_vec());
     }
-    let starts_codestream = |f: &Vec<u8>| {
-        f.starts_with(&[0xFF, 0x4F, 0xFF, 0x51])
-            || f.starts_with(&[0, 0, 0, 0x0C, b'j', b'P', b' ', b' '])
-    };
     let firsts: Vec<usize> = fragments
         .iter()
         .enumerate()
-        .filter(|(_, f)| starts_codestream(f))
+        .filter(|(_, f)| starts_j2k_codestream(f))
         .map(|(i, _)| i)
         .collect();
     if firsts.len() != frames || firsts.first() != Some(&0) {

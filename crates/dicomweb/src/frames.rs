@@ -252,8 +252,7 @@ fn ranges(firsts: &[usize], fragments: usize) -> Vec<std::ops::Range<usize>> {
 /// a JP2 signature box.
 fn starts_codestream(fragment: &[u8]) -> bool {
     fragment.starts_with(&[0xFF, 0xD8])
-        || fragment.starts_with(&[0xFF, 0x4F, 0xFF, 0x51])
-        || fragment.starts_with(&[0, 0, 0, 0x0C, b'j', b'P', b' ', b' '])
+        || bastion_archive::isolated::starts_j2k_codestream(fragment)
 }
 
 #[cfg(test)]

@@ -39,7 +39,6 @@ use crate::{
         TotpEnrolResult,
     },
     audit::Note,
-    body::read_body,
     error::ApiError,
     AppState,
 };
@@ -290,26 +289,34 @@ async fn anonymous_json<T: serde::de::DeserializeOwned>(
         crate::body::drain(&parts.headers, body).await;
         return Err(ApiError::Origin);
     }
-    let is_json = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
-        crate::body::drain(&parts.headers, body).await;
-        return Err(ApiError::UnsupportedMediaType(
-            "send a JSON body with Content-Type: application/json".into(),
-        ));
-    }
-    let bytes = read_body(
+    let bytes = crate::body::json_bytes(
         &parts.headers,
         body,
         state.config().max_json_bytes,
         state.config().body_timeout,
     )
     .await?;
+    // A generic message: serde's could quote a value, and these bodies
+    // carry passwords.
     parse_json(&bytes)
+}
+
+/// A login attempt from an anonymous body, its user name noted for the
+/// request's event (clipped: it is peer-supplied).
+fn attempt_of(
+    note: &Note,
+    parts: &axum::http::request::Parts,
+    username: String,
+    password: String,
+    totp: Option<String>,
+) -> LoginAttempt {
+    note.set_user(&username.chars().take(64).collect::<String>());
+    LoginAttempt {
+        username,
+        password,
+        totp,
+        source: source_ip(&parts.extensions),
+    }
 }
 
 /// `POST /api/login`: `{"username", "password", "totp"?}` → 200
@@ -323,13 +330,7 @@ pub async fn login(
     note.action("login");
     let (parts, body) = req.into_parts();
     let b: LoginBody = anonymous_json(&state, &parts, body).await?;
-    note.set_user(&b.username.chars().take(64).collect::<String>());
-    let attempt = LoginAttempt {
-        username: b.username,
-        password: b.password,
-        totp: b.totp,
-        source: source_ip(&parts.extensions),
-    };
+    let attempt = attempt_of(&note, &parts, b.username, b.password, b.totp);
     let accounts = state.accounts();
     match blocking(move || accounts.login(&attempt)).await? {
         LoginResult::Success {
@@ -409,13 +410,7 @@ pub async fn enrol_totp(
     note.action("totp.enrol");
     let (parts, body) = req.into_parts();
     let b: EnrolBody = anonymous_json(&state, &parts, body).await?;
-    note.set_user(&b.username.chars().take(64).collect::<String>());
-    let attempt = LoginAttempt {
-        username: b.username,
-        password: b.password,
-        totp: b.totp,
-        source: source_ip(&parts.extensions),
-    };
+    let attempt = attempt_of(&note, &parts, b.username, b.password, b.totp);
     let accounts = state.accounts();
     let secret = b.secret;
     match blocking(move || accounts.enrol_totp(&attempt, secret.as_deref())).await? {

@@ -69,6 +69,33 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> ApiError {
 /// refusal is sent.
 pub const DRAIN_LIMIT: usize = 1 << 20;
 
+/// The bytes of a JSON request body: `Content-Type: application/json`
+/// (else 415, the body drained: a form or `text/plain` POST is what a
+/// cross-site page can send without a CORS preflight), then
+/// [`read_body`] within `limit` and `deadline`.
+///
+/// # Errors
+/// [`ApiError::UnsupportedMediaType`], and those of [`read_body`].
+pub async fn json_bytes(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    deadline: Duration,
+) -> Result<Bytes, ApiError> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        drain(headers, body).await;
+        return Err(ApiError::UnsupportedMediaType(
+            "send a JSON body with Content-Type: application/json".into(),
+        ));
+    }
+    read_body(headers, body, limit, deadline).await
+}
+
 /// Reads and drops a small request body (at most [`DRAIN_LIMIT`] bytes,
 /// within 5 s) before an early refusal (401/403/415…) is answered: a server
 /// that closes with unread bytes makes the kernel reset the connection, and

@@ -30,14 +30,11 @@ mod tests;
 
 use std::{net::SocketAddr, sync::Arc};
 
-use axum::{
-    body::Body,
-    http::{header, request::Parts},
-};
+use axum::{body::Body, http::request::Parts};
 use bastion_security::{accounts::Accounts, db::SecurityDb, pki::PkiPaths, SecurityError};
 use serde::de::DeserializeOwned;
 
-use crate::{body::read_body, error::ApiError, AppState};
+use crate::{error::ApiError, AppState};
 
 /// What the admin API needs from the security layer, handed over by the
 /// binary (which opened the database and knows the listeners).
@@ -116,19 +113,7 @@ pub(crate) async fn json_body<T: DeserializeOwned>(
     parts: &Parts,
     body: Body,
 ) -> Result<T, ApiError> {
-    let is_json = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
-        crate::body::drain(&parts.headers, body).await;
-        return Err(ApiError::UnsupportedMediaType(
-            "send a JSON body with Content-Type: application/json".into(),
-        ));
-    }
-    let bytes = read_body(
+    let bytes = crate::body::json_bytes(
         &parts.headers,
         body,
         state.config().max_json_bytes,
