@@ -136,11 +136,7 @@ pub async fn ack(
     req: Request,
 ) -> Result<Json<Alert>, ApiError> {
     note.action("alerts.ack");
-    let (parts, body) = req.into_parts();
-    if let Err(e) = caller.require(WebPermission::Audit) {
-        crate::body::drain(&parts.headers, body).await;
-        return Err(e);
-    }
+    let (parts, body) = crate::admin::permitted(&caller, WebPermission::Audit, req).await?;
     let detection = state.alerts().ok_or(ApiError::NotFound)?;
     let id = alert_id(&id)?;
     let b: AckBody = json_body(&state, &parts, body).await?;

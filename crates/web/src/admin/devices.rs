@@ -133,11 +133,7 @@ pub async fn create(
     req: Request,
 ) -> Result<Response, ApiError> {
     note.action("devices.add");
-    let (parts, body) = req.into_parts();
-    if let Err(e) = caller.require(WebPermission::Admin) {
-        crate::body::drain(&parts.headers, body).await;
-        return Err(e);
-    }
+    let (parts, body) = super::permitted(&caller, WebPermission::Admin, req).await?;
     let ctx = context(&state)?;
     let b: DeviceBody = json_body(&state, &parts, body).await?;
     let Some(ae) = b.ae.clone() else {
@@ -174,11 +170,7 @@ pub async fn update(
     req: Request,
 ) -> Result<Json<Value>, ApiError> {
     note.action("devices.update");
-    let (parts, body) = req.into_parts();
-    if let Err(e) = caller.require(WebPermission::Admin) {
-        crate::body::drain(&parts.headers, body).await;
-        return Err(e);
-    }
+    let (parts, body) = super::permitted(&caller, WebPermission::Admin, req).await?;
     let ctx = context(&state)?;
     let ae = path_ae(&ae)?;
     let b: DeviceBody = json_body(&state, &parts, body).await?;

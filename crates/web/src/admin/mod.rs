@@ -100,12 +100,32 @@ pub(crate) fn security_error(e: SecurityError) -> ApiError {
     }
 }
 
+/// The parts and body of a request whose handler needs `permission`: the
+/// one authorisation check ([`crate::auth::Caller::require`]) made before the body is
+/// read; a refused caller's body is drained so that it sees the 403 rather
+/// than a reset connection.
+///
+/// # Errors
+/// [`ApiError::Forbidden`] without the permission.
+pub(crate) async fn permitted(
+    caller: &crate::auth::Caller,
+    permission: bastion_model::WebPermission,
+    req: axum::extract::Request,
+) -> Result<(Parts, Body), ApiError> {
+    let (parts, body) = req.into_parts();
+    if let Err(e) = caller.require(permission) {
+        crate::body::drain(&parts.headers, body).await;
+        return Err(e);
+    }
+    Ok((parts, body))
+}
+
 /// Reads a JSON request body (Content-Type `application/json`, at most
 /// `max_json_bytes`, within the body timeout) and parses it into `T`
 /// (whose fields are `deny_unknown_fields`).
 ///
 /// # Errors
-/// 415 for another content type, 413/408 from [`read_body`], 400 for
+/// 415 for another content type, 413/408 from [`crate::body::read_body`], 400 for
 /// malformed JSON or a field that is unknown, missing or of the wrong type
 /// (named when serde names it).
 pub(crate) async fn json_body<T: DeserializeOwned>(

@@ -73,11 +73,7 @@ pub async fn create(
     req: Request,
 ) -> Result<Response, ApiError> {
     note.action("users.add");
-    let (parts, body) = req.into_parts();
-    if let Err(e) = caller.require(WebPermission::Admin) {
-        crate::body::drain(&parts.headers, body).await;
-        return Err(e);
-    }
+    let (parts, body) = super::permitted(&caller, WebPermission::Admin, req).await?;
     let accounts = context(&state)?.accounts.clone();
     let b: NewUser = json_body(&state, &parts, body).await?;
     let role =
