@@ -32,6 +32,14 @@ pub struct AuditSection {
     /// `[audit.syslog]`: forward every audit message to a syslog collector;
     /// off when absent.
     pub syslog: Option<SyslogSection>,
+    /// Serve patient data even while the audit trail cannot record (a full
+    /// disk). Off by default: Bastion then refuses every operation that
+    /// would produce an audit record (DIMSE "out of resources", HTTP 503)
+    /// until recording works again. A site that chooses availability over
+    /// accountability sets it; `serve` warns at every start and the posture
+    /// page shows it.
+    #[serde(default)]
+    pub allow_unaudited_access: bool,
 }
 
 /// `[audit.syslog]`: IHE ATNA Record Audit Event export (RFC 5424 messages

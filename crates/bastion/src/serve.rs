@@ -47,6 +47,17 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
     // One event log for the archive, DIMSE and the web front end, so that
     // every observer (audit trail, detection) sees every event.
     let (events, trail) = dir.open_events(&master, &config)?;
+    // While the trail cannot record (a full disk), patient data is not
+    // served: the DIMSE and HTTP fronts ask this gate (issue 10).
+    events.set_audit_gate(bastion_security::audit::AuditGate::new(
+        trail.health(),
+        config.audit.allow_unaudited_access,
+    ));
+    if config.audit.allow_unaudited_access {
+        tracing::warn!(
+            "[audit] allow_unaudited_access = true: patient data is served even while the audit trail cannot record (a full disk); accesses during such a time leave no audit record"
+        );
+    }
     let archive = dir.open_archive_with(&master, &config, events.clone())?;
     crate::audit_cli::attach_lookup(&trail, &archive);
     let audit_reader = Arc::new(AuditReader::new(&dir.audit_dir(), dir.audit_keys(&master)?));
@@ -72,7 +83,16 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
             tracing::warn!(error = %e, "JPEG 2000 decoding off: this binary's path is unknown")
         }
     }
-    let syslog = crate::syslog_client::start(dir, &config, &master, &trail)?;
+    let syslog = crate::syslog_client::start(dir, &config, &master, &trail, &events)?;
+    if let Some(s) = &syslog {
+        events.set_audit_gate(
+            bastion_security::audit::AuditGate::new(
+                trail.health(),
+                config.audit.allow_unaudited_access,
+            )
+            .with_export(s.health()),
+        );
+    }
     let p = dir.pki();
     let tls = TlsIdentity::load(&p.server_cert, &p.server_key, &p.ca_cert)?;
     let d = &config.dicom;
@@ -148,14 +168,22 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         // minute while records are appended (and every 1000 records).
         events.record("application.start", Outcome::Success, serde_json::json!({"ae": dimse_config.ae_title.as_str(), "pid": std::process::id()}));
         events.record("audit.started", Outcome::Success, serde_json::json!({"detail": "audit recording started with serve"}));
+        if config.audit.allow_unaudited_access {
+            events.record("security.unaudited_access_allowed", Outcome::Alert, serde_json::json!({"setting": "[audit] allow_unaudited_access", "detail": "patient data is served even while the audit trail cannot record"}));
+        }
+        // Every second: a checkpoint when one is due, and while recording is
+        // stopped a probe of the reserve, so service resumes by itself once
+        // space is back; each change is recorded (110133 / 110134).
         let ticker = {
             let trail = trail.clone();
+            let events = events.clone();
             tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    record_recording_changes(&events, &trail);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                     let t = trail.clone();
                     if let Ok(Err(e)) = tokio::task::spawn_blocking(move || t.tick()).await {
-                        tracing::error!(error = %e, "cannot write the audit checkpoint");
+                        tracing::error!(error = %e, "cannot write to the audit trail");
                     }
                 }
             })
@@ -186,6 +214,29 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Records each change of the trail's recording state as an event:
+/// `audit.recording_stopped` (a PS3.15 Security Alert with EventTypeCode
+/// 110133 "Audit Recording Stopped", and an alert) and
+/// `audit.recording_resumed` (110134). While stopped, the records go into
+/// the trail's reserve.
+fn record_recording_changes(events: &EventLog, trail: &bastion_security::audit::AuditTrail) {
+    use bastion_security::audit::RecordingChange;
+    for c in trail.health().take_changes() {
+        match c {
+            RecordingChange::Stopped { reason } => events.record(
+                "audit.recording_stopped",
+                Outcome::Alert,
+                serde_json::json!({"reason": reason, "refusing": events.refuses_unaudited()}),
+            ),
+            RecordingChange::Resumed { stopped_secs } => events.record(
+                "audit.recording_resumed",
+                Outcome::Success,
+                serde_json::json!({"stopped_secs": stopped_secs}),
+            ),
+        }
+    }
 }
 
 /// The HTTPS application: TLS configuration (the DICOM-TLS server

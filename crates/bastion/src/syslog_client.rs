@@ -40,6 +40,7 @@ pub fn start(
     config: &Config,
     master: &MasterKey,
     trail: &AuditTrail,
+    events: &Arc<bastion_security::events::EventLog>,
 ) -> Result<Option<Arc<SyslogExporter>>> {
     let Some(s) = &config.audit.syslog else {
         return Ok(None);
@@ -60,6 +61,7 @@ pub fn start(
     // The exporter follows the trail file itself, so records appended by
     // CLI processes (and by serve before a crash) are exported too; serve's
     // own appends only wake it early.
+    exporter.set_events(events.clone());
     exporter
         .follow(AuditReader::new(&dir.audit_dir(), dir.audit_keys(master)?))
         .context("cannot start following the audit trail for syslog export")?;

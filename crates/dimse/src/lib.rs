@@ -16,6 +16,7 @@ pub mod scu;
 pub mod server;
 pub mod status;
 pub mod tls;
+pub mod unaudited;
 
 pub use server::{Dimse, DimseConfig};
 

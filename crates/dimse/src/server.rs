@@ -196,6 +196,12 @@ impl Dimse {
             tracing::warn!(%peer, "connection dropped: too many unfinished handshakes from this address");
             return;
         };
+        // While the audit trail cannot record, no association is accepted:
+        // A-ASSOCIATE-RJ 2/1/1 (transient), so the device retries later.
+        if self.archive.events().refuses_unaudited() {
+            self.refuse_unaudited(socket, peer, kind).await;
+            return;
+        }
         let cert_slot: CertSlot = Arc::new(Mutex::new(None));
         let accepted: Decision = Arc::new(Mutex::new(None));
         let policy = ConnectionPolicy {
@@ -255,6 +261,55 @@ impl Dimse {
                     .await;
             }
         }
+    }
+
+    /// Answers an association request with A-ASSOCIATE-RJ 2/1/1 (transient)
+    /// while the audit trail is not recording ([`crate::unaudited`]), after
+    /// the TLS handshake on the TLS listener; logs and records the refusal
+    /// (`association.refused_unaudited`, written into the trail's reserve).
+    async fn refuse_unaudited(&self, socket: TcpStream, peer: SocketAddr, kind: Listener) {
+        let timeout = self.config.handshake_timeout;
+        let (listener, titles) = match kind {
+            Listener::Tls => {
+                let Some(tls) = &self.tls else {
+                    return;
+                };
+                let Ok(cfg) = tls.config_for_connection(Arc::new(Mutex::new(None))) else {
+                    return;
+                };
+                let accepted = tokio::time::timeout(
+                    timeout,
+                    tokio_rustls::TlsAcceptor::from(cfg).accept(socket),
+                )
+                .await;
+                let titles = match accepted {
+                    Ok(Ok(stream)) => {
+                        crate::unaudited::refuse_transient(stream, timeout, ARTIM_TIMEOUT).await
+                    }
+                    _ => None,
+                };
+                ("tls", titles)
+            }
+            Listener::Plain => (
+                "plain",
+                crate::unaudited::refuse_transient(socket, timeout, ARTIM_TIMEOUT).await,
+            ),
+        };
+        let (calling, called) = titles.unwrap_or_default();
+        tracing::warn!(%peer, listener, calling_ae = %clip(&calling, 16),
+            "association refused (A-ASSOCIATE-RJ 2/1/1, transient): the audit trail is not recording");
+        self.archive.events().record(
+            "association.refused_unaudited",
+            Outcome::Refused,
+            serde_json::json!({
+                "peer": peer.to_string(),
+                "listener": listener,
+                "calling_ae": clip(&calling, 16),
+                "called_ae": clip(&called, 16),
+                "result": "A-ASSOCIATE-RJ 2/1/1",
+                "reason": "the audit trail is not recording",
+            }),
+        );
     }
 
     /// Runs an established association, or logs why establishment failed
@@ -659,6 +714,32 @@ impl Dimse {
                     &request,
                     Status::NOT_AUTHORIZED,
                     Some(format!("device lacks the {} permission", needed.name())),
+                )
+                .await;
+        }
+        // While the audit trail cannot record, nothing that would produce an
+        // audit record is served: out of resources (PS3.4 B.2.3, C.4.1.1.4,
+        // C.4.2.1.5, C.4.3.1.4), recorded into the trail's reserve.
+        let unaudited = match &request {
+            Request::CStore { .. } | Request::CFind { .. } => Some(Status::OUT_OF_RESOURCES),
+            Request::CMove { .. } => Some(Status::OUT_OF_RESOURCES_MATCHES),
+            Request::CGet { .. } => Some(Status::UNABLE_TO_PERFORM_SUBOPERATIONS),
+            _ => None,
+        };
+        if let Some(st) = unaudited.filter(|_| self.archive.events().refuses_unaudited()) {
+            tracing::warn!(peer = %s.peer, ae = %s.device.ae, status = %st, "request refused: the audit trail is not recording");
+            self.archive.events().record(
+                "dimse.refused_unaudited",
+                Outcome::Refused,
+                serde_json::json!({"ae": s.device.ae.as_str(), "peer": s.peer.to_string(), "permission": needed.name(), "status": st.to_string(), "reason": "the audit trail is not recording"}),
+            );
+            return self
+                .respond(
+                    assoc,
+                    pc_id,
+                    &request,
+                    st,
+                    Some("audit trail not recording; retry later".into()),
                 )
                 .await;
         }

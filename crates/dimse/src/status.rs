@@ -34,6 +34,10 @@ impl Status {
     /// (PS3.4 C.4.2.1.5, C.4.3.1.4): used as the final C-MOVE/C-GET status when
     /// every sub-operation failed (destination unreachable, no SCP-role context).
     pub const UNABLE_TO_PERFORM_SUBOPERATIONS: Status = Status(0xA702);
+    /// 0xA701 Refused: Out of Resources – Unable to calculate number of
+    /// matches (PS3.4 C.4.2.1.5): a C-MOVE refused while the audit trail
+    /// cannot record.
+    pub const OUT_OF_RESOURCES_MATCHES: Status = Status(0xA701);
     /// 0xA801 Refused: Move Destination unknown (PS3.4 C.4.2.1.5); also used for
     /// a registered destination the requesting device may not move to.
     pub const MOVE_DESTINATION_UNKNOWN: Status = Status(0xA801);

@@ -220,11 +220,14 @@ pub enum Rule {
     SecurityChange,
     /// The audit trail failed verification.
     AuditVerifyFailed,
+    /// The audit trail or the syslog export stopped recording (a full
+    /// disk), started again, or the site allows unaudited access.
+    AuditRecording,
 }
 
 impl Rule {
     /// Every rule.
-    pub const ALL: [Rule; 9] = [
+    pub const ALL: [Rule; 10] = [
         Rule::LoginBruteForce,
         Rule::AssociationScan,
         Rule::BroadQuery,
@@ -234,6 +237,7 @@ impl Rule {
         Rule::DeviceChanged,
         Rule::SecurityChange,
         Rule::AuditVerifyFailed,
+        Rule::AuditRecording,
     ];
 
     /// The rule's stable name.
@@ -248,6 +252,7 @@ impl Rule {
             Rule::DeviceChanged => "device_changed",
             Rule::SecurityChange => "security_change",
             Rule::AuditVerifyFailed => "audit_verify_failed",
+            Rule::AuditRecording => "audit_recording",
         }
     }
 
@@ -257,7 +262,8 @@ impl Rule {
             Rule::LoginBruteForce
             | Rule::AssociationScan
             | Rule::BulkRetrieval
-            | Rule::AuditVerifyFailed => "high",
+            | Rule::AuditVerifyFailed
+            | Rule::AuditRecording => "high",
             Rule::BroadQuery | Rule::UnknownDevice | Rule::DeviceChanged => "medium",
             Rule::OffHoursAccess | Rule::SecurityChange => "low",
         }
@@ -473,6 +479,37 @@ impl Rules {
                     rule: Rule::AuditVerifyFailed,
                     ts,
                     summary: "the audit trail failed verification".into(),
+                    details: d,
+                    evidence: vec![(*item).clone()],
+                });
+            }
+            "audit.recording_stopped"
+            | "audit.recording_resumed"
+            | "syslog.export_stopped"
+            | "syslog.export_resumed"
+            | "security.unaudited_access_allowed" => {
+                let mut d = Map::new();
+                d.insert("event".into(), kind.into());
+                for k in ["reason", "stopped_secs", "refusing", "setting"] {
+                    if let Some(v) = event.get(k) {
+                        d.insert(k.into(), v.clone());
+                    }
+                }
+                let summary = match kind {
+                    "audit.recording_stopped" => {
+                        "audit recording stopped (PS3.15 110133): patient data is refused until it records again"
+                    }
+                    "audit.recording_resumed" => "audit recording started again (PS3.15 110134)",
+                    "syslog.export_stopped" => {
+                        "syslog export of the audit trail stopped: the spool cannot be written (110133)"
+                    }
+                    "syslog.export_resumed" => "syslog export of the audit trail resumed (110134)",
+                    _ => "[audit] allow_unaudited_access is set: patient data is served even when it cannot be audited",
+                };
+                out.push(Finding {
+                    rule: Rule::AuditRecording,
+                    ts,
+                    summary: summary.into(),
                     details: d,
                     evidence: vec![(*item).clone()],
                 });

@@ -64,6 +64,8 @@ pub struct EventLog {
     path: PathBuf,
     file: Mutex<File>,
     observers: RwLock<Vec<Arc<dyn EventObserver>>>,
+    gate: RwLock<Option<crate::audit::AuditGate>>,
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl EventLog {
@@ -75,17 +77,44 @@ impl EventLog {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
         }
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .mode(0o600)
             .open(path)
             .map_err(io_err("open", path))?;
+        terminate_torn_line(&mut file, path);
         Ok(EventLog {
             path: path.to_path_buf(),
             file: Mutex::new(file),
             observers: RwLock::new(Vec::new()),
+            gate: RwLock::new(None),
+            failing: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Sets the audit gate the network fronts consult
+    /// ([`EventLog::refuses_unaudited`]); serve sets it from its trail.
+    pub fn set_audit_gate(&self, gate: crate::audit::AuditGate) {
+        *self.gate.write().unwrap_or_else(|p| p.into_inner()) = Some(gate);
+    }
+
+    /// The audit gate, when one is set.
+    pub fn audit_gate(&self) -> Option<crate::audit::AuditGate> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// `true` while operations that would produce an audit record must be
+    /// refused: the audit trail cannot record and the site did not set
+    /// `[audit] allow_unaudited_access` (see [`crate::audit::AuditGate`]).
+    /// Always `false` without a gate (CLI processes, tests).
+    pub fn refuses_unaudited(&self) -> bool {
+        self.gate
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(crate::audit::AuditGate::refuses)
     }
 
     /// Adds an observer: every later event is passed to it after it is
@@ -134,7 +163,21 @@ impl EventLog {
         {
             let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = f.write_all(line.as_bytes()) {
-                tracing::error!(path = %self.path.display(), error = %e, "cannot append to the event log");
+                // Once per failure streak (a full disk fails every event).
+                if !self
+                    .failing
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::error!(path = %self.path.display(), error = %e, "cannot append to the event log (further failures are not logged until it works again)");
+                }
+                // A partial line (a full disk) is ended here so the next
+                // event starts on a line of its own; readers skip the torn one.
+                let _ = f.write_all(b"\n");
+            } else if self
+                .failing
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!(path = %self.path.display(), "the event log is written again");
             }
         }
         if let Some(h) = hidden {
@@ -150,7 +193,9 @@ impl EventLog {
         }
     }
 
-    /// Reads every event (for tests and `bastion events`).
+    /// Reads every event (for tests and `bastion events`); lines that are
+    /// not whole JSON objects (a write interrupted by a crash or a full
+    /// disk) are skipped.
     ///
     /// # Errors
     /// [`crate::SecurityError::Io`] when the file cannot be read.
@@ -160,5 +205,26 @@ impl EventLog {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect())
+    }
+}
+
+/// Ends a last line left without its newline (a write interrupted by a crash
+/// or a full disk), so the next event is a line of its own. Other processes
+/// may append concurrently, so nothing is cut: the torn line stays, and
+/// readers skip it.
+fn terminate_torn_line(file: &mut File, path: &Path) {
+    use std::os::unix::fs::FileExt;
+    let Ok(len) = file.metadata().map(|m| m.len()) else {
+        return;
+    };
+    if len == 0 {
+        return;
+    }
+    let mut last = [0u8; 1];
+    if file.read_exact_at(&mut last, len - 1).is_ok() && last[0] != b'\n' {
+        tracing::warn!(path = %path.display(), "event log: ended a line whose write was interrupted");
+        if let Err(e) = file.write_all(b"\n") {
+            tracing::error!(path = %path.display(), error = %e, "cannot end the event log's torn line");
+        }
     }
 }

@@ -88,6 +88,13 @@ pub enum ApiError {
     /// Out of resources (503), e.g. the disk is full.
     #[error("service unavailable")]
     Unavailable,
+    /// The audit trail cannot record (a full disk) and the site does not
+    /// allow unaudited access: patient data is not served (503 with
+    /// `Retry-After`, [`AUDIT_RETRY_AFTER_SECS`]); service resumes by itself.
+    #[error(
+        "the audit trail is not recording: patient data is not served until it is; retry later"
+    )]
+    AuditUnavailable,
     /// Anything else (500); the detail is logged, never sent.
     #[error("internal error")]
     Internal(String),
@@ -112,7 +119,7 @@ impl ApiError {
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable | ApiError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -122,6 +129,9 @@ impl ApiError {
         ApiError::Internal(format!("{context}: {e}"))
     }
 }
+
+/// `Retry-After` of [`ApiError::AuditUnavailable`], seconds.
+pub const AUDIT_RETRY_AFTER_SECS: u64 = 30;
 
 /// The JSON error body `{"error": message, "status": code}`.
 pub fn error_body(status: StatusCode, message: &str) -> Response {
@@ -146,6 +156,12 @@ impl IntoResponse for ApiError {
             tracing::error!(detail = %detail, "HTTP request failed");
         }
         let mut r = error_body(status, &self.to_string());
+        if let ApiError::AuditUnavailable = self {
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(AUDIT_RETRY_AFTER_SECS),
+            );
+        }
         if let ApiError::Throttled { retry_after } = self {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {

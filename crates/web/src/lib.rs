@@ -41,6 +41,7 @@ pub mod alerts;
 pub mod audit;
 pub mod audit_api;
 pub mod audit_chain;
+pub mod audit_gate;
 pub mod auth;
 pub mod body;
 pub mod dicomweb;
@@ -229,6 +230,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ui)
         .nest("/dicomweb", dicomweb::routes())
         .fallback(|| async { ApiError::NotFound })
+        .layer(from_fn_with_state(state.clone(), audit_gate::gate))
         .layer(from_fn_with_state(state.clone(), auth::authenticate))
         .layer(from_fn(protect::refuse_content_encoding))
         .layer(RequestBodyTimeoutLayer::new(config.body_timeout))

@@ -282,6 +282,27 @@ fn plans(e: &Map<String, Value>) -> Vec<Plan> {
             vec![type_code::AUDIT_STOPPED],
             Objects::Trail,
         )],
+        // The trail or the syslog export stopped recording (a full disk)
+        // and started again (issue 10): Security Alerts 110133 / 110134.
+        "audit.recording_stopped" | "syslog.export_stopped" => vec![plan(
+            id::SECURITY_ALERT,
+            "E",
+            vec![type_code::AUDIT_STOPPED],
+            Objects::Trail,
+        )],
+        "audit.recording_resumed" | "syslog.export_resumed" => vec![plan(
+            id::SECURITY_ALERT,
+            "E",
+            vec![type_code::AUDIT_STARTED],
+            Objects::Trail,
+        )],
+        // A request refused because it could not be audited.
+        "association.refused_unaudited" | "dimse.refused_unaudited" => vec![plan(
+            id::SECURITY_ALERT,
+            "E",
+            vec![type_code::AUDIT_STOPPED],
+            Objects::None,
+        )],
         "audit.verify" | "audit.search" | "audit.read" => {
             vec![plan(id::AUDIT_LOG_USED, "R", vec![], Objects::Trail)]
         }

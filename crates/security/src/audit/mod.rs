@@ -22,8 +22,13 @@
 //! file is detected by the records that name the lost checkpoints.
 //! [`verify`] streams the records (memory independent of their number).
 
+mod health;
 pub mod message;
 mod trail;
+
+pub use health::{
+    AuditGate, AuditHealth, RecordingChange, CHECKPOINT_RESERVE_BYTES, RESERVE_BYTES,
+};
 
 pub use message::{private_query, AuditIdentity};
 pub use trail::{

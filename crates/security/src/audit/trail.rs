@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use super::health::{AuditHealth, CHECKPOINT_RESERVE_BYTES, RESERVE_BYTES};
 use super::{message, AuditError, AuditIdentity, PatientLookup, Subject};
 use crate::events::EventObserver;
 
@@ -196,6 +197,13 @@ struct Writer {
     head: Option<Head>,
     since_checkpoint: u64,
     last_checkpoint: Instant,
+    /// Records file offset up to which blocks are allocated (the reserve).
+    reserved_to: u64,
+    /// The same for the checkpoints file.
+    checkpoints_reserved_to: u64,
+    /// Bytes of a torn last record cut off by [`AuditTrail::head`], to be
+    /// recorded as `audit.tail_repaired` once the head is sound again.
+    repaired: Option<u64>,
 }
 
 /// The trail writer; also the [`EventObserver`] that appends every event.
@@ -209,6 +217,7 @@ pub struct AuditTrail {
     lookup: RwLock<Option<Arc<dyn PatientLookup>>>,
     sink: RwLock<Option<Arc<dyn crate::syslog::AuditSink>>>,
     writer: Mutex<Writer>,
+    health: Arc<AuditHealth>,
 }
 
 fn open_append(path: &Path, create_new: bool) -> Result<File> {
@@ -263,7 +272,7 @@ impl AuditTrail {
             .mode(0o600)
             .open(&lock_path)
             .map_err(io("open", &lock_path))?;
-        Ok(AuditTrail {
+        let trail = AuditTrail {
             dir: dir.to_path_buf(),
             keys,
             identity,
@@ -277,8 +286,40 @@ impl AuditTrail {
                 head: None,
                 since_checkpoint: 0,
                 last_checkpoint: Instant::now(),
+                reserved_to: 0,
+                checkpoints_reserved_to: 0,
+                repaired: None,
             }),
-        })
+            health: AuditHealth::new(),
+        };
+        // A torn last record (a crash or a full disk during its write) is cut
+        // off now, so that neither serve nor a CLI command starts on a chain
+        // that cannot grow; the reserve is allocated (or recording is marked
+        // stopped when the file system is full).
+        trail.probe()?;
+        Ok(trail)
+    }
+
+    /// The recording state of this trail (shared: the network fronts read
+    /// it through [`super::AuditGate`]).
+    pub fn health(&self) -> Arc<AuditHealth> {
+        self.health.clone()
+    }
+
+    /// Re-reads the head (cutting off a torn last record), tops the reserve
+    /// up, and so notices both a full file system and its end: call it
+    /// periodically while recording is stopped (serve does, every second).
+    ///
+    /// # Errors
+    /// [`AuditError::Io`] when the lock cannot be taken,
+    /// [`AuditError::Head`] when the last whole record is unreadable.
+    pub fn probe(&self) -> Result<()> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self.dir.join(LOCK);
+        w.lock.lock().map_err(io("lock", &path))?;
+        let r = self.head(&mut w).and_then(|_| self.after_append(&mut w));
+        let _ = w.lock.unlock();
+        r
     }
 
     /// Sets the patient lookup used for later events.
@@ -311,13 +352,19 @@ impl AuditTrail {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let path = self.dir.join(LOCK);
         w.lock.lock().map_err(io("lock", &path))?;
-        let r = self.append_locked(&mut w, &plaintext).and_then(|()| {
-            if w.since_checkpoint >= self.policy.every_records {
-                self.checkpoint_locked(&mut w)
-            } else {
-                Ok(())
-            }
-        });
+        let r = self
+            .append_locked(&mut w, &plaintext)
+            .and_then(|()| {
+                if w.since_checkpoint >= self.policy.every_records {
+                    self.checkpoint_locked(&mut w)
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| self.after_append(&mut w));
+        if let Err(e) = &r {
+            self.health.stopped(e.to_string());
+        }
         let _ = w.lock.unlock();
         let count = w.head.as_ref().map_or(0, |h| h.count);
         drop(w);
@@ -335,6 +382,9 @@ impl AuditTrail {
     /// # Errors
     /// As [`AuditTrail::checkpoint`].
     pub fn tick(&self) -> Result<()> {
+        if !self.health.recording() {
+            self.probe()?;
+        }
         let due = {
             let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             w.since_checkpoint > 0 && w.last_checkpoint.elapsed() >= self.policy.every
@@ -356,8 +406,56 @@ impl AuditTrail {
         let path = self.dir.join(LOCK);
         w.lock.lock().map_err(io("lock", &path))?;
         let r = self.checkpoint_locked(&mut w);
+        if let Err(e) = &r {
+            self.health.stopped(e.to_string());
+        }
         let _ = w.lock.unlock();
         r
+    }
+
+    /// After an append (under the lock): records a torn tail that
+    /// [`AuditTrail::head`] cut off, then keeps [`RESERVE_BYTES`] allocated
+    /// past the end of the records file (and [`CHECKPOINT_RESERVE_BYTES`]
+    /// past the checkpoints), marking recording stopped when the file system
+    /// cannot give them and resumed when it can again.
+    fn after_append(&self, w: &mut Writer) -> Result<()> {
+        if let Some(bytes) = w.repaired.take() {
+            let mut event = Map::new();
+            event.insert("ts".into(), now_rfc3339().into());
+            event.insert("type".into(), "audit.tail_repaired".into());
+            event.insert("outcome".into(), "success".into());
+            event.insert("bytes".into(), bytes.into());
+            event.insert(
+                "detail".into(),
+                "a record whose write was interrupted (crash or full disk) was cut off".into(),
+            );
+            let record = Record {
+                seq: 0,
+                event,
+                subjects: vec![],
+                event_ids: vec![],
+                messages: vec![],
+            };
+            self.append_locked(w, &serde_json::to_vec(&record).unwrap_or_default())?;
+        }
+        let head = self.head(w)?;
+        let cpath = self.dir.join(CHECKPOINTS);
+        let clen = w.checkpoints.metadata().map_err(io("stat", &cpath))?.len();
+        let records_ok = top_up(&w.records, head.len, &mut w.reserved_to, RESERVE_BYTES);
+        let checkpoints_ok = top_up(
+            &w.checkpoints,
+            clen,
+            &mut w.checkpoints_reserved_to,
+            CHECKPOINT_RESERVE_BYTES,
+        );
+        match records_ok.and(checkpoints_ok) {
+            Ok(()) => self.health.resumed(),
+            Err(e) => self.health.stopped(format!(
+                "cannot keep the audit reserve in {}: {e}",
+                self.dir.display()
+            )),
+        }
+        Ok(())
     }
 
     fn subjects(&self, e: &Map<String, Value>) -> Vec<Subject> {
@@ -392,6 +490,19 @@ impl AuditTrail {
         if let Some(h) = w.head.filter(|h| h.len == len) {
             return Ok(h);
         }
+        // Every record ends with a newline: bytes after the last one are a
+        // record whose write was interrupted (a crash, a full disk). It was
+        // never acknowledged; cut it off (under the lock, so no other
+        // writer is inside an append) instead of letting it poison the chain.
+        let len = match cut_torn_tail(&w.records, len).map_err(io("truncate", &path))? {
+            Some((kept, cut)) => {
+                tracing::warn!(path = %path.display(), bytes = cut,
+                    "audit trail: cut off a record whose write was interrupted");
+                w.repaired = Some(w.repaired.unwrap_or(0) + cut);
+                kept
+            }
+            None => len,
+        };
         let h = match last_line(&w.records, len).map_err(io("read", &path))? {
             None => Head {
                 len,
@@ -425,7 +536,15 @@ impl AuditTrail {
         let hash = sha(&bytes);
         bytes.push(b'\n');
         let path = self.dir.join(RECORDS);
-        w.records.write_all(&bytes).map_err(io("append", &path))?;
+        if let Err(e) = w.records.write_all(&bytes) {
+            // A partial write (ENOSPC) must not stay: cut the file back to
+            // the last whole record. When even that fails, the next
+            // `head()` finds the torn tail and cuts it.
+            if let Err(t) = w.records.set_len(head.len) {
+                tracing::error!(path = %path.display(), error = %t, "cannot cut off a partial audit record; it will be cut at the next append");
+            }
+            return Err(io("append", &path)(e));
+        }
         w.head = Some(Head {
             len: head.len + bytes.len() as u64,
             count: head.count + 1,
@@ -475,9 +594,10 @@ impl AuditTrail {
         };
         let mut bytes = serde_json::to_vec(&c).unwrap_or_default();
         bytes.push(b'\n');
-        w.checkpoints
-            .write_all(&bytes)
-            .map_err(io("append", &cpath))?;
+        if let Err(e) = w.checkpoints.write_all(&bytes) {
+            let _ = w.checkpoints.set_len(clen);
+            return Err(io("append", &cpath)(e));
+        }
         w.checkpoints.sync_data().map_err(io("fsync", &cpath))?;
         // The marker record: names the checkpoint, so losing the
         // checkpoints file's tail is detected.
@@ -524,6 +644,70 @@ impl Drop for AuditTrail {
             }
         }
     }
+}
+
+/// Cuts bytes after the last newline of `f` (length `len`): returns the new
+/// length and the bytes cut, or `None` when the file ends with a newline
+/// (or is empty).
+fn cut_torn_tail(f: &File, len: u64) -> std::io::Result<Option<(u64, u64)>> {
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut last = [0u8; 1];
+    f.read_exact_at(&mut last, len - 1)?;
+    if last[0] == b'\n' {
+        return Ok(None);
+    }
+    let mut pos = len;
+    const CHUNK: u64 = 64 * 1024;
+    let kept = loop {
+        let start = pos.saturating_sub(CHUNK);
+        let mut chunk = vec![0u8; (pos - start) as usize];
+        f.read_exact_at(&mut chunk, start)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            break start + i as u64 + 1;
+        }
+        if start == 0 {
+            break 0;
+        }
+        pos = start;
+    };
+    f.set_len(kept)?;
+    f.sync_data()?;
+    Ok(Some((kept, len - kept)))
+}
+
+/// Keeps `reserve` bytes allocated past `len` (`fallocate` with
+/// `FALLOC_FL_KEEP_SIZE`: the length is unchanged, later appends into the
+/// allocated blocks cannot fail for lack of space). Called again once
+/// [`TOP_UP_SLACK`] of the reserve is used (a few records), so a full file
+/// system is noticed within a few records while the reserve still holds
+/// about [`RESERVE_BYTES`]. A file system without `fallocate` has no
+/// reserve (not an error).
+fn top_up(f: &File, len: u64, reserved_to: &mut u64, reserve: u64) -> std::io::Result<()> {
+    if len + reserve.saturating_sub(TOP_UP_SLACK) <= *reserved_to {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(f, rustix::fs::FallocateFlags::KEEP_SIZE, len, reserve) {
+        Ok(()) => {
+            *reserved_to = len + reserve;
+            Ok(())
+        }
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
+            *reserved_to = u64::MAX;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reserve bytes used before it is topped up again.
+const TOP_UP_SLACK: u64 = 16 << 10;
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// The last line of a file (without its newline), read backwards.

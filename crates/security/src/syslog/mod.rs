@@ -159,6 +159,8 @@ impl SyslogExporter {
         let spool = Spool::open(spool_dir, key)?;
         let delivered = spool.delivered()?;
         let shared = Arc::new(Shared {
+            health: crate::audit::AuditHealth::new(),
+            events: Mutex::new(None),
             spool,
             header: sanitize_header(header),
             collector,
@@ -204,6 +206,19 @@ impl SyslogExporter {
             })?;
         *self.follower.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
         Ok(())
+    }
+
+    /// Records `syslog.export_stopped` (a Security Alert, 110133) when the
+    /// spool cannot be written, and `syslog.export_resumed` (110134) when
+    /// it can again, in `events` (serve's event log, hence the trail).
+    pub fn set_events(&self, events: Arc<crate::events::EventLog>) {
+        *self.shared.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(events);
+    }
+
+    /// Whether the spool is being written (`recording`) or export is
+    /// stopped, and why (the posture page shows it).
+    pub fn health(&self) -> Arc<crate::audit::AuditHealth> {
+        self.shared.health.clone()
     }
 
     /// Spools one message with an explicit severity and timestamp.
@@ -328,6 +343,11 @@ pub fn frame(header: &Header, m: &SpooledMessage) -> Vec<u8> {
 // ---------------------------------------------------------------------------
 
 struct Shared {
+    /// Whether the spool can be written (PS3.15 110133/110134 semantics for
+    /// the export path).
+    health: Arc<crate::audit::AuditHealth>,
+    /// Where the stopped/resumed events go (serve's event log).
+    events: Mutex<Option<Arc<crate::events::EventLog>>>,
     spool: Spool,
     header: Header,
     collector: Arc<dyn Collector>,
@@ -362,6 +382,7 @@ fn follow_run(shared: &Shared, trail: &AuditReader, mut resume: (u64, u32)) {
                     tracing::info!("syslog export follows the audit trail again");
                 }
                 failing = false;
+                shared.health.resumed();
             }
             Err(e) => {
                 // Retried from the same message on the next pass.
@@ -371,8 +392,10 @@ fn follow_run(shared: &Shared, trail: &AuditReader, mut resume: (u64, u32)) {
                         "cannot export audit records to the syslog spool; retrying");
                 }
                 failing = true;
+                shared.health.stopped(e);
             }
         }
+        report_changes(shared);
         if stop {
             return;
         }
@@ -380,6 +403,38 @@ fn follow_run(shared: &Shared, trail: &AuditReader, mut resume: (u64, u32)) {
         let _ = shared
             .follow_wake
             .wait_timeout_while(f, FOLLOW_INTERVAL, |f| !f.nudged && !f.stop);
+    }
+}
+
+/// Records the spool's stopped/resumed changes as events (outside every
+/// lock of the exporter: recording appends to the trail, which nudges the
+/// follower).
+fn report_changes(shared: &Shared) {
+    let changes = shared.health.take_changes();
+    if changes.is_empty() {
+        return;
+    }
+    let Some(events) = shared
+        .events
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+    else {
+        return;
+    };
+    for c in changes {
+        match c {
+            crate::audit::RecordingChange::Stopped { reason } => events.record(
+                "syslog.export_stopped",
+                crate::events::Outcome::Alert,
+                serde_json::json!({"reason": reason, "backlog_from_record": shared.spool.last_source().map(|s| s.0)}),
+            ),
+            crate::audit::RecordingChange::Resumed { stopped_secs } => events.record(
+                "syslog.export_resumed",
+                crate::events::Outcome::Success,
+                serde_json::json!({"stopped_secs": stopped_secs}),
+            ),
+        }
     }
 }
 

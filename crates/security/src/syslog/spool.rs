@@ -212,9 +212,23 @@ impl Spool {
             rec.extend_from_slice(&seq.to_be_bytes());
             rec.extend_from_slice(&nonce);
             rec.extend_from_slice(&plain);
-            st.file
-                .write_all(&rec)
-                .map_err(io_err("append to", &self.dir))?;
+            if let Err(e) = st.file.write_all(&rec) {
+                // A partial record (a full disk) must not stay in front of
+                // the next one: cut the segment back to its last whole
+                // record, so the retry writes this sequence number again
+                // at the right place. A failure to cut is reported; the
+                // open-time scan cuts a torn tail too.
+                let keep = st.segment_len;
+                if let Err(t) = st
+                    .file
+                    .set_len(keep)
+                    .and_then(|()| st.file.seek(SeekFrom::Start(keep)).map(|_| ()))
+                {
+                    tracing::error!(dir = %self.dir.display(), error = %t,
+                        "syslog spool: cannot cut off a partial record");
+                }
+                return Err(io_err("append to", &self.dir)(e));
+            }
             st.segment_len += rec.len() as u64;
             st.last = seq;
             st.last_source = match st.last_source {

@@ -499,3 +499,47 @@ fn cursor_reads_from_a_record_and_waits_for_partial_lines() {
     assert_eq!((seq, rec.is_none()), (4, true));
     assert_eq!(c.position(), 5);
 }
+
+/// Issue 10: a record torn by a crash or a full disk (bytes after the last
+/// newline) used to make every later append fail (the head did not parse)
+/// and `verify` report the trail broken. It is cut off when the trail is
+/// opened, with an `audit.tail_repaired` record; appends and verification
+/// work again, and nothing whole is lost.
+#[test]
+fn a_torn_tail_is_cut_off_and_recorded_and_the_chain_grows_again() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("audit");
+    trail(&dir, 5);
+    let records = dir.join("records");
+    let whole = std::fs::read(&records).expect("read");
+    let mut torn = whole.clone();
+    torn.extend_from_slice(br#"{"seq":99,"prev":"00","nonce":"ab","ct":"AAA"#);
+    std::fs::write(&records, &torn).expect("tear");
+    let t = AuditTrail::open(&dir, keys(), identity(), CheckpointPolicy::default()).expect("open");
+    let after_open = std::fs::read(&records).expect("read");
+    assert!(after_open.starts_with(&whole), "whole records were changed");
+    assert!(after_open.ends_with(b"\n"));
+    assert!(!after_open.windows(9).any(|w| w == br#""seq":99,"#));
+    let mut e = serde_json::Map::new();
+    e.insert("ts".into(), "2026-12-07T10:00:00Z".into());
+    e.insert("type".into(), "login.success".into());
+    e.insert("outcome".into(), "success".into());
+    t.append(&e).expect("append after the repair");
+    assert!(t.health().recording(), "{:?}", t.health().reason());
+    drop(t);
+    let report = verify(&dir, &keys()).expect("verify");
+    assert!(report.broken.is_none(), "{:?}", report.broken);
+    let mut kinds = Vec::new();
+    read(&dir, &keys(), |r| {
+        kinds.push(r.event["type"].as_str().unwrap_or_default().to_owned());
+        true
+    })
+    .expect("read");
+    let repaired = kinds.iter().position(|k| k == "audit.tail_repaired");
+    let login = kinds.iter().position(|k| k == "login.success");
+    assert!(
+        repaired.is_some() && login.is_some() && repaired < login,
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.iter().filter(|k| *k == "store.stored").count(), 5);
+}

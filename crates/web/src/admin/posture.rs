@@ -158,6 +158,7 @@ pub async fn posture(
                 .into(),
         );
     }
+    let audit = audit_state(&state, &mut warnings);
     let by_severity = open_by_severity(&open);
     let open_total: u64 = by_severity.iter().map(|(_, n)| n).sum();
     let urgent = by_severity[0].1 + by_severity[1].1;
@@ -179,8 +180,60 @@ pub async fn posture(
             .iter()
             .map(|(sev, n)| ((*sev).to_owned(), Value::from(*n)))
             .collect::<serde_json::Map<_, _>>(),
+        "audit": audit,
         "warnings": warnings,
     })))
+}
+
+/// The audit trail's recording state (issue 10): `{"recording": bool,
+/// "reason": text|null, "allow_unaudited_access": bool, "refusing": bool,
+/// "syslog_export": {"exporting": bool, "reason": text|null}|null}`, and a
+/// warning line for each risk. Read from the event log's gate, without
+/// touching the trail, so it works while the disk is full.
+fn audit_state(state: &AppState, warnings: &mut Vec<String>) -> Value {
+    let Some(gate) = state.archive().events().audit_gate() else {
+        return Value::Null;
+    };
+    let health = gate.health();
+    let recording = health.recording();
+    let reason = health.reason();
+    if !recording {
+        warnings.push(if gate.allows_unaudited() {
+            format!(
+                "the audit trail is not recording ({}): patient data is served WITHOUT audit records ([audit] allow_unaudited_access)",
+                reason.as_deref().unwrap_or("unknown reason")
+            )
+        } else {
+            format!(
+                "the audit trail is not recording ({}): patient data is refused until it records again (free disk space)",
+                reason.as_deref().unwrap_or("unknown reason")
+            )
+        });
+    }
+    if gate.allows_unaudited() {
+        warnings.push(
+            "[audit] allow_unaudited_access = true: patient data would be served even when the audit trail cannot record it"
+                .into(),
+        );
+    }
+    let export = gate.export_health().map(|h| {
+        let exporting = h.recording();
+        let reason = h.reason();
+        if !exporting {
+            warnings.push(format!(
+                "syslog export of the audit trail stopped ({}): it resumes without gaps when the spool can be written",
+                reason.as_deref().unwrap_or("unknown reason")
+            ));
+        }
+        json!({"exporting": exporting, "reason": reason})
+    });
+    json!({
+        "recording": recording,
+        "reason": reason,
+        "allow_unaudited_access": gate.allows_unaudited(),
+        "refusing": gate.refuses(),
+        "syslog_export": export,
+    })
 }
 
 /// Open alerts per severity (`high`, `medium`, `low`, in this order) from
