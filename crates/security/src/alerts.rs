@@ -506,13 +506,30 @@ impl EventObserver for Detection {
     }
 }
 
+/// Findings kept in memory while the security database cannot store them.
+const MAX_UNSTORED: usize = 1000;
+
 fn run(
     mut rules: Rules,
     rx: mpsc::Receiver<Msg>,
     shared: &Shared,
     patients: Option<&PatientResolver>,
 ) {
+    // Findings the security database could not take (a full disk): stored
+    // at the next message once it can, oldest first, so the alert that the
+    // disk filled up is not lost (bounded: the newest are kept).
+    let mut unstored: std::collections::VecDeque<crate::detect::Finding> =
+        std::collections::VecDeque::new();
     for msg in rx {
+        while let Some(f) = unstored.front() {
+            match shared.store.insert(f) {
+                Ok(a) => {
+                    tracing::info!(alert = a.id, rule = %a.rule, "stored an alert that could not be stored before");
+                    unstored.pop_front();
+                }
+                Err(_) => break,
+            }
+        }
         let event = match msg {
             Msg::Event(e) => e,
             Msg::Flush(done) => {
@@ -524,7 +541,11 @@ fn run(
             let alert = match shared.store.insert(&finding) {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::error!(error = %e, rule = finding.rule.name(), "cannot store an alert");
+                    tracing::error!(error = %e, rule = finding.rule.name(), "cannot store an alert (kept to store later)");
+                    if unstored.len() >= MAX_UNSTORED {
+                        unstored.pop_front();
+                    }
+                    unstored.push_back(finding.clone());
                     Alert {
                         id: 0,
                         ts: finding.ts.format(&Rfc3339).unwrap_or_default(),
