@@ -392,6 +392,9 @@ try {
   const certs = await page.textContent('#posture-certs');
   check('posture: listeners and certificate expiry shown', listeners.length >= 2 && /days/.test(certs),
     { listeners, certs });
+  const auditState = await page.textContent('#posture-audit');
+  check('posture: audit recording state shown', /Audit trail\s*recording/.test(auditState) && /patient data is refused/.test(auditState),
+    auditState);
   await page.screenshot({ path: join(OUT, 'posture.png') });
 
   // ---- the admin pages at tablet width: nothing wider than the screen

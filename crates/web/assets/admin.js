@@ -452,6 +452,13 @@
         ['Two-factor required for administrators', p.admin_requires_totp ? 'yes' : 'no'],
         ['Open alerts', String(p.open_alerts ?? 0)],
       ]);
+      const a = p.audit || {};
+      const exp = a.syslog_export;
+      facts('posture-audit', [
+        ['Audit trail', a.recording === false ? `NOT recording: ${a.reason || 'unknown reason'}` : 'recording'],
+        ['While it cannot record', a.allow_unaudited_access ? 'patient data is served without audit records' : 'patient data is refused'],
+        ['Syslog export', exp ? (exp.exporting ? 'exporting' : `stopped: ${exp.reason || 'unknown reason'}`) : 'not configured'],
+      ]);
     });
   }
   register('posture', {
