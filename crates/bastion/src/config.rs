@@ -23,6 +23,19 @@ pub struct Config {
     pub detect: DetectSection,
     /// Audit trail export.
     pub audit: AuditSection,
+    /// Where the keys are.
+    pub secrets: SecretsSection,
+}
+
+/// `[secrets]`: where the master key, the audit-signing key and the CA key
+/// live ([`crate::keys`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsSection {
+    /// An absolute directory outside the data directory, or
+    /// `"$CREDENTIALS_DIRECTORY"` (systemd credentials, read-only); absent:
+    /// inside the data directory (`secrets/`, `tls/ca.key`).
+    pub dir: Option<String>,
 }
 
 /// `[audit]`.
@@ -402,7 +415,7 @@ impl Config {
         };
         format!(
             r#"# Bastion PACS configuration. Command-line flags override these values.
-# Secrets are not in this file: they live in secrets/ and tls/ (mode 0600).
+# Secrets are not in this file: the keys live where [secrets] says (mode 0600).
 
 [dicom]
 # Our Application Entity title (PS3.8 Called AE Title). Associations that
@@ -530,7 +543,20 @@ webhook_queue = {dwq}
 # [audit.syslog]
 # url = "tls://collector.example.org:6514"
 # ca = "/etc/bastion/collector-ca.pem"
+
+[secrets]
+# Where the master key, the audit signing key and the CA key are: an
+# absolute directory outside this data directory (set by `bastion init
+# --secrets-dir DIR`), or "$CREDENTIALS_DIRECTORY" for systemd credentials
+# (read-only). Commented out: inside the data directory (secrets/ and
+# tls/ca.key), which `serve` and the posture page warn about: a copy of the
+# directory then decrypts everything.
+{secrets_dir}
 "#,
+            secrets_dir = match &self.secrets.dir {
+                Some(d) => format!("dir = {}", toml::Value::String(d.clone())),
+                None => "# dir = \"/etc/bastion/secrets\"".into(),
+            },
             ae = d.ae_title,
             tls = d.tls_addr,
             pdu = d.max_pdu_length,
@@ -628,6 +654,11 @@ mod tests {
         assert!(d.rules().is_err());
         assert!(toml::from_str::<Config>("[dicom]\nbogus = 1\n").is_err());
         assert!(parsed.audit.syslog.is_none());
+        assert!(parsed.secrets.dir.is_none());
+        let mut keyed = Config::default();
+        keyed.secrets.dir = Some("/etc/bastion/secrets \"x\"".into());
+        let back: Config = toml::from_str(&keyed.render()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back.secrets.dir.as_deref(), Some("/etc/bastion/secrets \"x\""));
         let with: Config = toml::from_str("[audit.syslog]\nurl = \"tls://10.0.0.5:6514\"\n")
             .unwrap_or_else(|e| panic!("{e}"));
         let sys = with.audit.syslog.unwrap_or_else(|| panic!("no syslog"));

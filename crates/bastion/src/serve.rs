@@ -22,10 +22,21 @@ const ORPHAN_MIN_AGE: Duration = Duration::from_secs(60);
 
 /// Runs the server until a signal.
 pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
-    if !dir.is_initialised() {
-        dir.init(&listen.apply(Config::default())?)?;
-    }
+    let initialised;
+    let dir = if dir.is_initialised() {
+        dir
+    } else {
+        initialised = dir.init(&listen.apply(Config::default())?)?;
+        &initialised
+    };
     dir.check_secret_permissions()?;
+    // Before anything is written (the lock file, events): a wrong
+    // passphrase stops here.
+    let master = dir.load_master_key()?;
+    let key_warnings = dir.keys().inside_data_dir_warnings(&dir.root);
+    for w in &key_warnings {
+        tracing::warn!("{w}");
+    }
     // One `serve` per data directory: a second one would sweep orphans and
     // group-commit behind the first one's back. The lock is released when
     // the process exits, however it exits.
@@ -43,7 +54,6 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         );
     }
     let config = listen.apply(Config::load(&dir.config())?)?;
-    let master = dir.load_master_key()?;
     // One event log for the archive, DIMSE and the web front end, so that
     // every observer (audit trail, detection) sees every event.
     let (events, trail) = dir.open_events(&master, &config)?;
@@ -97,6 +107,7 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
                 &detection,
                 &events,
                 audit_reader,
+                key_warnings,
             )?,
         )),
         None => None,
@@ -198,6 +209,7 @@ fn web_app(
     detection: &Arc<bastion_security::alerts::Detection>,
     events: &Arc<EventLog>,
     audit_reader: Arc<AuditReader>,
+    key_warnings: Vec<String>,
 ) -> Result<(
     Arc<rustls::ServerConfig>,
     bastion_web::Router,
@@ -246,6 +258,7 @@ fn web_app(
         accounts: accounts.clone(),
         pki: dir.pki(),
         listeners,
+        key_warnings,
     };
     let h = &config.http;
     if !h.cors_origins.is_empty() {
