@@ -42,7 +42,12 @@ pub struct Cli {
     passphrase_stdin: bool,
     /// Read that passphrase from the first line of FILE (mode 0600 or 0400,
     /// e.g. a systemd credential).
-    #[arg(long, global = true, value_name = "FILE", env = "BASTION_PASSPHRASE_FILE")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "BASTION_PASSPHRASE_FILE"
+    )]
     passphrase_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,

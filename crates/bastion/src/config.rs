@@ -658,7 +658,10 @@ mod tests {
         let mut keyed = Config::default();
         keyed.secrets.dir = Some("/etc/bastion/secrets \"x\"".into());
         let back: Config = toml::from_str(&keyed.render()).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(back.secrets.dir.as_deref(), Some("/etc/bastion/secrets \"x\""));
+        assert_eq!(
+            back.secrets.dir.as_deref(),
+            Some("/etc/bastion/secrets \"x\"")
+        );
         let with: Config = toml::from_str("[audit.syslog]\nurl = \"tls://10.0.0.5:6514\"\n")
             .unwrap_or_else(|e| panic!("{e}"));
         let sys = with.audit.syslog.unwrap_or_else(|| panic!("no syslog"));

@@ -347,8 +347,8 @@ impl DataDir {
         let mut config = config.clone();
         let keys = self.init_key_paths(&mut config)?;
         if let Some(p) = &self.passphrase {
-            let text = std::str::from_utf8(p.bytes())
-                .context("the passphrase must be UTF-8 text")?;
+            let text =
+                std::str::from_utf8(p.bytes()).context("the passphrase must be UTF-8 text")?;
             users::check_password_policy("", text)
                 .map_err(|e| anyhow!("{}", e.to_string().replace("password", "passphrase")))?;
         }
@@ -494,13 +494,14 @@ impl DataDir {
                 );
             }
         }
-        let keys = KeyPaths::resolve(
-            &self.root,
-            Some(dir.to_str().with_context(|| {
-                format!("--secrets-dir {} is not valid UTF-8", dir.display())
-            })?),
-            None,
-        )?;
+        let keys =
+            KeyPaths::resolve(
+                &self.root,
+                Some(dir.to_str().with_context(|| {
+                    format!("--secrets-dir {} is not valid UTF-8", dir.display())
+                })?),
+                None,
+            )?;
         for f in [&keys.master, &keys.master_wrapped, &keys.audit, &keys.ca] {
             if f.exists() {
                 bail!(

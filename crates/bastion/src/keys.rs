@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | absent (the embedded default) | `DATA/secrets/master.key`, `DATA/secrets/audit-signing.key`, `DATA/tls/ca.key` | yes |
 //! | `"/etc/bastion/secrets"` (absolute, outside the data directory) | `DIR/master.key`, `DIR/audit-signing.key`, `DIR/ca.key` | yes |
-//! | `"$CREDENTIALS_DIRECTORY"` | the same names in the directory systemd gives the service (`LoadCredential=`, `LoadCredentialEncrypted=`) | no: commands that would write a key refuse, naming the variable |
+//! | `"$CREDENTIALS_DIRECTORY"` | the same names in the directory systemd gives the service (`LoadCredential=`, `LoadCredentialEncrypted=`) | no: `init` refuses, naming the variable (`DataDir::init`) |
 //!
 //! Keys inside the data directory are the default so that a fresh `bastion
 //! serve` needs no extra step, but a copy of that directory (a backup, a disk
@@ -24,7 +24,7 @@
 use std::{
     ffi::OsString,
     fmt,
-    io::{BufRead, Read},
+    io::BufRead,
     path::{Component, Path, PathBuf},
     sync::Arc,
 };
@@ -135,22 +135,6 @@ impl KeyPaths {
         }
     }
 
-    /// Refuses when the keys cannot be written here: the systemd credentials
-    /// directory is read-only. `what` names the command's action.
-    ///
-    /// # Errors
-    /// The source is [`KeySource::Credentials`].
-    pub fn require_writable(&self, what: &str) -> Result<()> {
-        if self.source == KeySource::Credentials {
-            bail!(
-                "cannot {what}: the keys come from ${CREDENTIALS_VAR} ({}), systemd's read-only credentials; \
-                 create keys outside the service (`bastion init --secrets-dir DIR`) and pass them with LoadCredential=",
-                self.dir.display()
-            );
-        }
-        Ok(())
-    }
-
     /// One warning line per key file that sits inside the data directory
     /// `root` (compared after resolving symbolic links), saying what a copy
     /// of the directory gives away. A passphrase-wrapped master key is not
@@ -161,7 +145,10 @@ impl KeyPaths {
         let mut out = Vec::new();
         let mut check = |path: &Path, what: &str| {
             if path.exists() && resolved(path).starts_with(&root) {
-                out.push(format!("the {what} ({}) is inside the data directory: {hint}", path.display()));
+                out.push(format!(
+                    "the {what} ({}) is inside the data directory: {hint}",
+                    path.display()
+                ));
             }
         };
         check(
@@ -209,30 +196,25 @@ pub fn check_outside(root: &Path, secrets: &Path) -> Result<()> {
 /// resolved and `.`/`..` of the rest removed lexically.
 pub fn resolved(p: &Path) -> PathBuf {
     let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let mut existing = abs.clone();
-    let mut rest = Vec::new();
-    loop {
-        if let Ok(c) = existing.canonicalize() {
-            let mut out = c;
-            for part in rest.iter().rev() {
-                match part {
-                    Component::ParentDir => {
-                        out.pop();
-                    }
-                    Component::CurDir => {}
-                    other => out.push(other.as_os_str()),
-                }
-            }
-            return out;
-        }
-        let Some(name) = existing.components().next_back() else {
-            return abs;
+    for ancestor in abs.ancestors() {
+        let Ok(mut out) = ancestor.canonicalize() else {
+            continue;
         };
-        rest.push(name);
-        if !existing.pop() {
-            return abs;
+        let Ok(tail) = abs.strip_prefix(ancestor) else {
+            continue;
+        };
+        for part in tail.components() {
+            match part {
+                Component::ParentDir => {
+                    out.pop();
+                }
+                Component::CurDir => {}
+                other => out.push(other.as_os_str()),
+            }
         }
+        return out;
     }
+    abs
 }
 
 /// A passphrase given on the command line's behalf (stdin or a file); zeroed
@@ -333,7 +315,6 @@ mod tests {
             std::fs::write(p, b"k").unwrap_or_else(|e| panic!("{e}"));
         }
         assert!(k.inside_data_dir_warnings(&root).is_empty());
-        assert!(k.require_writable("create keys").is_ok());
         assert!(check_outside(&root, &outside).is_ok());
         // Inside, by a plain path, through `..`, through a symbolic link; the same dir.
         assert!(check_outside(&root, &root.join("keys")).is_err());
@@ -348,24 +329,27 @@ mod tests {
     }
 
     #[test]
-    fn credentials_are_read_only_and_need_the_variable() {
+    fn credentials_need_the_variable() {
         let root = Path::new("/var/lib/bastion");
         let err = KeyPaths::resolve(root, Some(CREDENTIALS_VALUE), None)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("$CREDENTIALS_DIRECTORY is not set"), "{err}");
-        let k = KeyPaths::resolve(root, Some(CREDENTIALS_VALUE), Some("/run/credentials/bastion.service".into()))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let k = KeyPaths::resolve(
+            root,
+            Some(CREDENTIALS_VALUE),
+            Some("/run/credentials/bastion.service".into()),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(k.source, KeySource::Credentials);
-        assert_eq!(k.master, Path::new("/run/credentials/bastion.service/master.key"));
-        let err = k
-            .require_writable("create keys")
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(err.contains("$CREDENTIALS_DIRECTORY"), "{err}");
-        assert!(err.starts_with("cannot create keys"), "{err}");
+        assert_eq!(
+            k.master,
+            Path::new("/run/credentials/bastion.service/master.key")
+        );
+        assert_eq!(k.ca, Path::new("/run/credentials/bastion.service/ca.key"));
+        // An empty variable is no directory.
+        assert!(KeyPaths::resolve(root, Some(CREDENTIALS_VALUE), Some("".into())).is_err());
     }
 
     #[test]

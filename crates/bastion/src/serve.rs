@@ -33,8 +33,7 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
     // Before anything is written (the lock file, events): a wrong
     // passphrase stops here.
     let master = dir.load_master_key()?;
-    let key_warnings = dir.keys().inside_data_dir_warnings(&dir.root);
-    for w in &key_warnings {
+    for w in dir.keys().inside_data_dir_warnings(&dir.root) {
         tracing::warn!("{w}");
     }
     // One `serve` per data directory: a second one would sweep orphans and
@@ -107,7 +106,6 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
                 &detection,
                 &events,
                 audit_reader,
-                key_warnings,
             )?,
         )),
         None => None,
@@ -209,7 +207,6 @@ fn web_app(
     detection: &Arc<bastion_security::alerts::Detection>,
     events: &Arc<EventLog>,
     audit_reader: Arc<AuditReader>,
-    key_warnings: Vec<String>,
 ) -> Result<(
     Arc<rustls::ServerConfig>,
     bastion_web::Router,
@@ -258,7 +255,7 @@ fn web_app(
         accounts: accounts.clone(),
         pki: dir.pki(),
         listeners,
-        key_warnings,
+        key_warnings: dir.keys().inside_data_dir_warnings(&dir.root),
     };
     let h = &config.http;
     if !h.cors_origins.is_empty() {

@@ -163,13 +163,7 @@ pub fn wrap_key(key: &[u8; 32], passphrase: &[u8]) -> Result<String> {
         nonce: hex::encode(nonce),
         ciphertext: String::new(),
     };
-    let kek = kek(
-        passphrase,
-        &salt,
-        w.memory_kib,
-        w.iterations,
-        w.parallelism,
-    )?;
+    let kek = kek(passphrase, &salt, w.memory_kib, w.iterations, w.parallelism)?;
     let mut buf = key.to_vec();
     aead(&kek)?
         .seal_in_place_append_tag(
@@ -220,9 +214,8 @@ pub fn unwrap_key(path: &Path, text: &[u8], passphrase: &[u8]) -> Result<Zeroizi
         .ok()
         .and_then(|n| n.try_into().ok())
         .ok_or_else(|| invalid("nonce is not 12 bytes of hex"))?;
-    let mut buf = Zeroizing::new(
-        hex::decode(&w.ciphertext).map_err(|_| invalid("ciphertext is not hex"))?,
-    );
+    let mut buf =
+        Zeroizing::new(hex::decode(&w.ciphertext).map_err(|_| invalid("ciphertext is not hex"))?);
     if buf.len() != 32 + AES_256_GCM.tag_len() {
         return Err(invalid("ciphertext has the wrong length"));
     }

@@ -945,7 +945,8 @@ async fn posture_names_each_risk() {
 
 #[tokio::test]
 async fn posture_lists_keys_inside_the_data_directory() {
-    let line = "the master key (/d/secrets/master.key) is inside the data directory: keep keys outside it";
+    let line =
+        "the master key (/d/secrets/master.key) is inside the data directory: keep keys outside it";
     let f = fixture_with_keys(Vec::new(), vec![line.to_owned()]);
     let (s, v) = call(&f, req(Method::GET, "/api/posture", "tok-admin", None)).await;
     assert_eq!(s, StatusCode::OK, "{v}");
