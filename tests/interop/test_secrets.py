@@ -270,3 +270,28 @@ def test_weak_passphrase_is_refused_before_anything_is_written(make_server):
     r = bastion(srv, "init", "--passphrase-stdin", stdin="short\n")
     assert r.returncode != 0 and "passphrase refused" in r.stderr, r.stderr
     assert not srv.data.exists()
+
+
+def test_moving_the_keys_of_an_existing_installation(make_server, tmp_path):
+    """The README's steps for an installation made with the default layout;
+    a key left behind in the data directory is still reported."""
+    srv = make_server(start=False)
+    srv.device_add("ECHO1", allow="echo")
+    keys = tmp_path / "moved-keys"
+    keys.mkdir(mode=0o700)
+    for f in ("secrets/master.key", "secrets/audit-signing.key", "tls/ca.key"):
+        shutil.move(srv.data / f, keys / Path(f).name)
+    toml = srv.data / "bastion.toml"
+    text = toml.read_text()
+    assert '# dir = "/etc/bastion/secrets"' in text
+    toml.write_text(text.replace('# dir = "/etc/bastion/secrets"', f'dir = "{keys}"'))
+    assert key_files_under(srv.data) == []
+    srv.start()
+    echo_ok(srv)
+    assert INSIDE not in srv.log()
+    srv.stop()
+    shutil.copy(keys / "ca.key", srv.data / "tls" / "ca.key")
+    srv.start()
+    warnings = [w for w in posture_warnings(srv) if INSIDE in w]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"the CA key ({srv.data / 'tls' / 'ca.key'})"), warnings

@@ -137,32 +137,48 @@ impl KeyPaths {
 
     /// One warning line per key file that sits inside the data directory
     /// `root` (compared after resolving symbolic links), saying what a copy
-    /// of the directory gives away. A passphrase-wrapped master key is not
-    /// reported: a copy of it is useless without the passphrase.
+    /// of the directory gives away. With the keys kept elsewhere, a key file
+    /// left at its default place in the data directory (a copy forgotten
+    /// when the keys were moved) is reported too. A passphrase-wrapped master
+    /// key is not reported: a copy of it is useless without the passphrase.
     pub fn inside_data_dir_warnings(&self, root: &Path) -> Vec<String> {
-        let root = resolved(root);
-        let hint = "keep keys outside it (`bastion init --secrets-dir DIR` or systemd credentials; README, \"Where the keys live\")";
+        let resolved_root = resolved(root);
+        let default = KeyPaths::in_data_dir(root);
         let mut out = Vec::new();
-        let mut check = |path: &Path, what: &str| {
-            if path.exists() && resolved(path).starts_with(&root) {
-                out.push(format!(
-                    "the {what} ({}) is inside the data directory: {hint}",
-                    path.display()
-                ));
+        for (name, consequence, here, there) in [
+            (
+                "master key",
+                "a copy of the data directory (a backup, a disk image) decrypts every image and database",
+                &self.master,
+                &default.master,
+            ),
+            (
+                "audit signing key",
+                "whoever can write to the data directory can forge audit checkpoints",
+                &self.audit,
+                &default.audit,
+            ),
+            (
+                "CA key",
+                "whoever holds a copy of the data directory can issue device certificates",
+                &self.ca,
+                &default.ca,
+            ),
+        ] {
+            let mut paths = vec![here];
+            if self.source != KeySource::DataDir {
+                paths.push(there);
             }
-        };
-        check(
-            &self.master,
-            "master key: a copy of the data directory (a backup, a disk image) decrypts every image and database",
-        );
-        check(
-            &self.audit,
-            "audit signing key: whoever can write to the data directory can forge audit checkpoints",
-        );
-        check(
-            &self.ca,
-            "CA key: whoever holds a copy of the data directory can issue device certificates",
-        );
+            for path in paths {
+                if path.exists() && resolved(path).starts_with(&resolved_root) {
+                    out.push(format!(
+                        "the {name} ({}) is inside the data directory: {consequence}; keep keys outside it \
+                         (`bastion init --secrets-dir DIR`, systemd credentials; README, \"Where the keys live\")",
+                        path.display()
+                    ));
+                }
+            }
+        }
         out
     }
 }
@@ -315,6 +331,16 @@ mod tests {
             std::fs::write(p, b"k").unwrap_or_else(|e| panic!("{e}"));
         }
         assert!(k.inside_data_dir_warnings(&root).is_empty());
+        // A copy left at the default place is still reported.
+        let left = KeyPaths::in_data_dir(&root).ca;
+        std::fs::create_dir_all(root.join("tls")).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&left, b"k").unwrap_or_else(|e| panic!("{e}"));
+        let w = k.inside_data_dir_warnings(&root);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(&format!("the CA key ({})", left.display())),
+            "{w:?}"
+        );
         assert!(check_outside(&root, &outside).is_ok());
         // Inside, by a plain path, through `..`, through a symbolic link; the same dir.
         assert!(check_outside(&root, &root.join("keys")).is_err());
