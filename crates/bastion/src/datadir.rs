@@ -423,6 +423,12 @@ impl DataDir {
         std::fs::write(dir.config(), config.render()).context("cannot write bastion.toml")?;
         println!("Initialised Bastion data directory {}", dir.root.display());
         match dir.keys.source {
+            KeySource::DataDir if dir.passphrase.is_some() => println!(
+                "The audit signing and CA keys are inside the data directory ({}, {}); \
+                 see `bastion init --secrets-dir` (README, \"Where the keys live\")",
+                dir.keys.dir.display(),
+                dir.keys.ca.display()
+            ),
             KeySource::DataDir => println!(
                 "Keys are inside the data directory ({}, {}): a copy of it decrypts everything; \
                  see `bastion init --secrets-dir` (README, \"Where the keys live\")",

@@ -18,6 +18,8 @@
 //! The master key may instead be `master.key.wrapped`: wrapped by a
 //! passphrase (argon2id + AES-256-GCM, `bastion_security::secrets::wrap_key`)
 //! given at each start with `--passphrase-stdin` or `--passphrase-file`.
+//! Any later secret file (e.g. database engine credentials) belongs in
+//! [`KeyPaths::dir`] too.
 //! Home-made path logic because no library knows this layout; the
 //! cryptography is the security crate's (argon2, aws-lc-rs).
 
