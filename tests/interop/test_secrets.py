@@ -295,3 +295,39 @@ def test_moving_the_keys_of_an_existing_installation(make_server, tmp_path):
     warnings = [w for w in posture_warnings(srv) if INSIDE in w]
     assert len(warnings) == 1 and warnings[0].startswith(
         f"the CA key ({srv.data / 'tls' / 'ca.key'})"), warnings
+
+
+def test_secrets_move_takes_the_keys_of_an_existing_installation_out(make_server, tmp_path):
+    srv = make_server(start=False)
+    srv.device_add("ECHO1", allow="echo")
+    keys = tmp_path / "etc" / "moved"
+    # Inside the data directory: refused, nothing changed.
+    before = snapshot(srv.data)
+    r = bastion(srv, "secrets", "move", "--to", str(srv.data / "k"))
+    assert r.returncode != 0 and "refusing --to" in r.stderr, r.stderr
+    assert snapshot(srv.data) == before
+    # While serve runs: refused.
+    srv.start()
+    r = bastion(srv, "secrets", "move", "--to", str(keys))
+    assert r.returncode != 0 and "stop it before moving the keys" in r.stderr, r.stderr
+    assert not keys.exists()
+    srv.stop()
+
+    r = bastion(srv, "secrets", "move", "--to", str(keys), check=True)
+    assert str(keys) in r.stdout
+    assert key_files_under(srv.data) == [], key_files_under(srv.data)
+    assert mode(keys) == 0o700
+    assert sorted(p.name for p in keys.iterdir()) == ["audit-signing.key", "ca.key", "master.key"]
+    assert all(mode(p) == 0o600 for p in keys.iterdir())
+    toml = (srv.data / "bastion.toml").read_text()
+    assert f'\ndir = "{keys.resolve()}"\n' in toml and "# dir =" not in toml, toml
+    assert any(e.get("event") == "secrets.moved" or "secrets.moved" in str(e) for e in srv.events())
+    # Everything still opens, with no key inside the data directory.
+    srv.start()
+    echo_ok(srv)
+    assert INSIDE not in srv.log().split("===== start #2 =====")[-1]
+    assert not any(INSIDE in w for w in posture_warnings(srv))
+    srv.stop()
+    r = bastion(srv, "secrets", "move", "--to", str(tmp_path / "again"))
+    assert r.returncode != 0 and "already outside" in r.stderr, r.stderr
+    assert bastion(srv, "audit", "verify").returncode == 0

@@ -86,6 +86,21 @@ enum Command {
     /// The tamper-evident audit trail: verify it, search it.
     #[command(subcommand)]
     Audit(crate::audit_cli::AuditCommand),
+    /// Where the keys live (README, "Where the keys live").
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretsCommand {
+    /// Move the master key, the audit signing key and the CA key out of the
+    /// data directory into DIR (created 0700; `serve` must be stopped), and
+    /// record `[secrets] dir` in bastion.toml.
+    Move {
+        /// The new key directory, outside the data directory.
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+    },
 }
 
 /// `bastion init` flags.
@@ -302,7 +317,27 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Token(cmd) => crate::accounts_cli::token(&dir, cmd),
         Command::Alerts(args) => crate::alerts_cli::alerts(&dir, args),
         Command::Audit(cmd) => crate::audit_cli::audit(&dir, cmd),
+        Command::Secrets(SecretsCommand::Move { to }) => secrets_move(&dir, &to),
     }
+}
+
+fn secrets_move(dir: &DataDir, to: &Path) -> Result<ExitCode> {
+    dir.require_initialised()?;
+    // Loaded first: a wrong passphrase stops here, and the move is recorded
+    // in the audit trail afterwards.
+    dir.load_master_key()?;
+    let keys = dir.move_keys(to)?;
+    open_events(&dir.reopen()?)?.record(
+        "secrets.moved",
+        Outcome::Success,
+        serde_json::json!({"actor": "cli", "dir": keys.dir}),
+    );
+    println!(
+        "moved the master key, the audit signing key and the CA key to {}; bastion.toml now says [secrets] dir = {:?}",
+        keys.dir.display(),
+        keys.dir.display().to_string()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn open_events(dir: &DataDir) -> Result<std::sync::Arc<EventLog>> {

@@ -604,6 +604,49 @@ webhook_queue = {dwq}
     }
 }
 
+/// `text` (a `bastion.toml`) with `[secrets] dir = "DIR"`, comments and
+/// everything else kept: the commented `# dir = …` line `init` writes is
+/// replaced, else the line goes right under `[secrets]`, else a `[secrets]`
+/// table is appended (files written before the section existed). The result
+/// is parsed back and must name `dir`.
+///
+/// # Errors
+/// `[secrets] dir` is already set, or the result does not parse.
+pub fn with_secrets_dir(text: &str, dir: &str) -> Result<String> {
+    let current: Config = toml::from_str(text).context("invalid bastion.toml")?;
+    if current.secrets.dir.is_some() {
+        anyhow::bail!("bastion.toml already sets [secrets] dir");
+    }
+    let line = format!("dir = {}", toml::Value::String(dir.to_owned()));
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let header = lines.iter().position(|l| l.trim() == "[secrets]");
+    match header {
+        Some(h) => {
+            let end = lines[h + 1..]
+                .iter()
+                .position(|l| l.trim_start().starts_with('['))
+                .map_or(lines.len(), |i| h + 1 + i);
+            match (h + 1..end).find(|&i| lines[i].trim_start().starts_with("# dir =")) {
+                Some(i) => lines[i] = line,
+                None => lines.insert(h + 1, line),
+            }
+        }
+        None => {
+            lines.push(String::new());
+            lines.push("[secrets]".into());
+            lines.push("# Where the keys are (`bastion secrets move`).".into());
+            lines.push(line);
+        }
+    }
+    let mut out = lines.join("\n");
+    out.push('\n');
+    let parsed: Config = toml::from_str(&out).context("bastion.toml with [secrets] dir")?;
+    if parsed.secrets.dir.as_deref() != Some(dir) {
+        anyhow::bail!("cannot record [secrets] dir in bastion.toml");
+    }
+    Ok(out)
+}
+
 impl AccountsSection {
     /// The security layer's policy; refuses values that would disable the
     /// protection (no lock, sessions that never end).
@@ -658,6 +701,21 @@ mod tests {
         let mut keyed = Config::default();
         keyed.secrets.dir = Some("/etc/bastion/secrets \"x\"".into());
         let back: Config = toml::from_str(&keyed.render()).unwrap_or_else(|e| panic!("{e}"));
+        // `secrets move`: the rendered file, and one without a [secrets] table.
+        let moved =
+            with_secrets_dir(&c.render(), "/etc/bastion/secrets").unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            moved.contains("\ndir = \"/etc/bastion/secrets\"\n"),
+            "{moved}"
+        );
+        assert!(!moved.contains("# dir ="), "{moved}");
+        assert!(moved.contains("[audit]"), "{moved}");
+        assert!(with_secrets_dir(&moved, "/x").is_err());
+        let old = "[dicom]\nae_title = \"OLD\"\n";
+        let moved = with_secrets_dir(old, "/k").unwrap_or_else(|e| panic!("{e}"));
+        let parsed: Config = toml::from_str(&moved).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(parsed.dicom.ae_title, "OLD");
+        assert_eq!(parsed.secrets.dir.as_deref(), Some("/k"));
         assert_eq!(
             back.secrets.dir.as_deref(),
             Some("/etc/bastion/secrets \"x\"")

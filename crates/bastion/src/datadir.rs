@@ -84,6 +84,21 @@ impl DataDir {
         Ok(dir)
     }
 
+    /// The same data directory opened again (after its `bastion.toml`
+    /// changed), with the same passphrase and loaded master key.
+    ///
+    /// # Errors
+    /// As [`DataDir::open`].
+    pub fn reopen(&self) -> Result<DataDir> {
+        let mut dir = DataDir::open(
+            &self.root,
+            self.passphrase.clone(),
+            std::env::var_os(keys::CREDENTIALS_VAR),
+        )?;
+        dir.master = self.master.clone();
+        Ok(dir)
+    }
+
     /// Where the keys are.
     pub fn keys(&self) -> &KeyPaths {
         &self.keys
@@ -457,9 +472,8 @@ impl DataDir {
         Ok(dir)
     }
 
-    /// Where `init` puts the keys, the key directory (if any) checked and
-    /// created, `config.secrets.dir` set to its absolute path. Nothing is
-    /// created when this fails.
+    /// Where `init` puts the keys: the key directory (if any) checked,
+    /// `config.secrets.dir` set to its absolute path. Creates nothing.
     fn init_key_paths(&self, config: &mut Config) -> Result<KeyPaths> {
         let credentials = std::env::var_os(keys::CREDENTIALS_VAR).filter(|v| !v.is_empty());
         let Some(wanted) = config.secrets.dir.clone() else {
@@ -474,6 +488,16 @@ impl DataDir {
             }
             return Ok(KeyPaths::in_data_dir(&self.root));
         };
+        let keys = self.new_key_dir(&wanted, "--secrets-dir")?;
+        config.secrets.dir = Some(keys.dir.to_string_lossy().into_owned());
+        Ok(keys)
+    }
+
+    /// The key paths in a new key directory `wanted` (named `flag` in
+    /// errors), checked: not the systemd credentials (read-only), outside
+    /// the data directory, private if it exists, holding no key yet.
+    /// Nothing is created.
+    fn new_key_dir(&self, wanted: &str, flag: &str) -> Result<KeyPaths> {
         if wanted == keys::CREDENTIALS_VALUE {
             bail!(
                 "cannot create keys in ${}: systemd credentials are read-only; create them with \
@@ -483,31 +507,31 @@ impl DataDir {
                 keys::CREDENTIALS_VALUE
             );
         }
-        let dir = keys::resolved(Path::new(&wanted));
-        keys::check_outside(&self.root, &dir)?;
+        let dir = keys::resolved(Path::new(wanted));
+        keys::check_outside(&self.root, &dir, flag)?;
         if dir.exists() {
             let meta = std::fs::metadata(&dir)
                 .with_context(|| format!("cannot inspect {}", dir.display()))?;
             if !meta.is_dir() {
-                bail!("--secrets-dir {} is not a directory", dir.display());
+                bail!("{flag} {} is not a directory", dir.display());
             }
             if meta.permissions().mode() & 0o077 != 0 {
                 bail!(
-                    "--secrets-dir {} is accessible by other users (mode {:o}); run `chmod 700 {}` or choose a new directory",
+                    "{flag} {} is accessible by other users (mode {:o}); run `chmod 700 {}` or choose a new directory",
                     dir.display(),
                     meta.permissions().mode() & 0o7777,
                     dir.display()
                 );
             }
         }
-        let keys =
-            KeyPaths::resolve(
-                &self.root,
-                Some(dir.to_str().with_context(|| {
-                    format!("--secrets-dir {} is not valid UTF-8", dir.display())
-                })?),
-                None,
-            )?;
+        let keys = KeyPaths::resolve(
+            &self.root,
+            Some(
+                dir.to_str()
+                    .with_context(|| format!("{flag} {} is not valid UTF-8", dir.display()))?,
+            ),
+            None,
+        )?;
         for f in [&keys.master, &keys.master_wrapped, &keys.audit, &keys.ca] {
             if f.exists() {
                 bail!(
@@ -516,8 +540,90 @@ impl DataDir {
                 );
             }
         }
-        config.secrets.dir = Some(keys.dir.to_string_lossy().into_owned());
         Ok(keys)
+    }
+
+    /// `bastion secrets move --to DIR`: moves the master key (plain or
+    /// wrapped), the audit signing key and the CA key of an installation
+    /// that keeps them inside its data directory to the new key directory
+    /// DIR (0700, files 0600), records `[secrets] dir` in `bastion.toml`,
+    /// then deletes the old files. `serve` must be stopped (its lock is
+    /// taken for the move). Order: copies fsynced first, then the
+    /// configuration replaced atomically, then the old files removed, so an
+    /// interruption leaves a working installation (at worst with a leftover
+    /// copy that `serve` reports).
+    ///
+    /// # Errors
+    /// Not initialised; keys already elsewhere; `serve` running; DIR
+    /// unusable ([`DataDir::new_key_dir`]); a key missing or not private.
+    pub fn move_keys(&self, to: &Path) -> Result<KeyPaths> {
+        self.require_initialised()?;
+        if self.keys.source != KeySource::DataDir {
+            bail!(
+                "the keys of {} are already outside it, in {} ([secrets] dir in {})",
+                self.root.display(),
+                self.keys.dir.display(),
+                self.config().display()
+            );
+        }
+        self.check_secret_permissions()?;
+        let wanted = to
+            .to_str()
+            .with_context(|| format!("--to {} is not UTF-8", to.display()))?;
+        let new = self.new_key_dir(wanted, "--to")?;
+        // The lock file is the first thing written: everything above only reads.
+        let lock_path = self.root.join("serve.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        if lock.try_lock().is_err() {
+            bail!(
+                "`bastion serve` is running on {}: stop it before moving the keys",
+                self.root.display()
+            );
+        }
+        let master_new = if self.master_key_file() == self.keys.master_wrapped {
+            &new.master_wrapped
+        } else {
+            &new.master
+        };
+        let moves = [
+            (self.master_key_file().to_path_buf(), master_new.clone()),
+            (self.keys.audit.clone(), new.audit.clone()),
+            (self.keys.ca.clone(), new.ca.clone()),
+        ];
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&new.dir)
+            .with_context(|| format!("cannot create {}", new.dir.display()))?;
+        for (from, to) in &moves {
+            let bytes = zeroize::Zeroizing::new(secrets::read_secret(from)?);
+            secrets::write_secret(to, &bytes)?;
+        }
+        std::fs::File::open(&new.dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot fsync {}", new.dir.display()))?;
+        let text = std::fs::read_to_string(self.config())
+            .with_context(|| format!("cannot read {}", self.config().display()))?;
+        let updated = crate::config::with_secrets_dir(&text, &new.dir.to_string_lossy())?;
+        let tmp = self.root.join("bastion.toml.new");
+        std::fs::write(&tmp, updated)
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, self.config())
+            .with_context(|| format!("cannot replace {}", self.config().display()))?;
+        for (from, _) in &moves {
+            std::fs::remove_file(from)
+                .with_context(|| format!("cannot remove {}", from.display()))?;
+        }
+        // The old secrets/ directory, when nothing else is left in it.
+        let _ = std::fs::remove_dir(&self.keys.dir);
+        drop(lock);
+        Ok(new)
     }
 }
 

@@ -185,24 +185,25 @@ impl KeyPaths {
     }
 }
 
-/// Refuses a key directory `secrets` inside the data directory `root` (or the
-/// data directory inside it, or both the same), comparing absolute paths with
-/// symbolic links resolved as far as the paths exist.
+/// Refuses a key directory `secrets` (given with the option `flag`) inside
+/// the data directory `root` (or the data directory inside it, or both the
+/// same), comparing absolute paths with symbolic links resolved as far as
+/// the paths exist.
 ///
 /// # Errors
 /// The two overlap.
-pub fn check_outside(root: &Path, secrets: &Path) -> Result<()> {
+pub fn check_outside(root: &Path, secrets: &Path, flag: &str) -> Result<()> {
     let (r, s) = (resolved(root), resolved(secrets));
     if s.starts_with(&r) {
         bail!(
-            "refusing --secrets-dir {}: it is inside the data directory {}, where a copy of the data would carry the keys; choose a directory outside it (e.g. /etc/bastion/secrets)",
+            "refusing {flag} {}: it is inside the data directory {}, where a copy of the data would carry the keys; choose a directory outside it (e.g. /etc/bastion/secrets)",
             secrets.display(),
             root.display()
         );
     }
     if r.starts_with(&s) {
         bail!(
-            "refusing --secrets-dir {}: the data directory {} is inside it; choose a separate directory (e.g. /etc/bastion/secrets)",
+            "refusing {flag} {}: the data directory {} is inside it; choose a separate directory (e.g. /etc/bastion/secrets)",
             secrets.display(),
             root.display()
         );
@@ -343,15 +344,15 @@ mod tests {
             w[0].starts_with(&format!("the CA key ({})", left.display())),
             "{w:?}"
         );
-        assert!(check_outside(&root, &outside).is_ok());
+        assert!(check_outside(&root, &outside, "--secrets-dir").is_ok());
         // Inside, by a plain path, through `..`, through a symbolic link; the same dir.
-        assert!(check_outside(&root, &root.join("keys")).is_err());
-        assert!(check_outside(&root, &outside.join("../data/k")).is_err());
+        assert!(check_outside(&root, &root.join("keys"), "--secrets-dir").is_err());
+        assert!(check_outside(&root, &outside.join("../data/k"), "--secrets-dir").is_err());
         let link = tmp.path().join("link");
         std::os::unix::fs::symlink(&root, &link).unwrap_or_else(|e| panic!("{e}"));
-        assert!(check_outside(&root, &link.join("keys")).is_err());
-        assert!(check_outside(&root, &root).is_err());
-        assert!(check_outside(&root, tmp.path()).is_err());
+        assert!(check_outside(&root, &link.join("keys"), "--secrets-dir").is_err());
+        assert!(check_outside(&root, &root, "--secrets-dir").is_err());
+        assert!(check_outside(&root, tmp.path(), "--secrets-dir").is_err());
         // A relative [secrets] dir is refused.
         assert!(KeyPaths::resolve(&root, Some("keys"), None).is_err());
     }
