@@ -174,8 +174,8 @@ impl KeyPaths {
             for path in paths {
                 if path.exists() && resolved(path).starts_with(&resolved_root) {
                     out.push(format!(
-                        "the {name} ({}) is inside the data directory: {consequence}; keep keys outside it \
-                         (`bastion init --secrets-dir DIR`, systemd credentials; README, \"Where the keys live\")",
+                        "the {name} ({}) is inside the data directory: {consequence}; move the keys out \
+                         (`bastion secrets move --to DIR`; README, \"Where the keys live\")",
                         path.display()
                     ));
                 }
