@@ -16,7 +16,11 @@ use bastion_security::{
 };
 use clap::{Args, Parser, Subcommand};
 
-use crate::{config::Config, datadir::DataDir};
+use crate::{
+    config::Config,
+    datadir::DataDir,
+    keys::{Passphrase, CREDENTIALS_VAR},
+};
 
 /// Bastion: a secure-by-default PACS. Only registered devices may connect;
 /// everything is encrypted in transit and at rest; every decision is logged.
@@ -31,6 +35,20 @@ pub struct Cli {
         env = "BASTION_DATA"
     )]
     data: PathBuf,
+    /// Read the passphrase that wraps the master key from the first line of
+    /// standard input (with `init`/first `serve`: wrap the new master key
+    /// with it).
+    #[arg(long, global = true, conflicts_with = "passphrase_file")]
+    passphrase_stdin: bool,
+    /// Read that passphrase from the first line of FILE (mode 0600 or 0400,
+    /// e.g. a systemd credential).
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "BASTION_PASSPHRASE_FILE"
+    )]
+    passphrase_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,7 +57,7 @@ pub struct Cli {
 enum Command {
     /// Initialise an empty data directory: master key, audit signing key,
     /// private CA and server certificate, admin user with a random password.
-    Init(ListenArgs),
+    Init(InitArgs),
     /// Run the DICOM and HTTPS listeners (initialises an empty data directory first).
     Serve(ListenArgs),
     /// Manage the device allowlist (remote AE titles allowed to connect).
@@ -68,6 +86,33 @@ enum Command {
     /// The tamper-evident audit trail: verify it, search it.
     #[command(subcommand)]
     Audit(crate::audit_cli::AuditCommand),
+    /// Where the keys live (README, "Where the keys live").
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretsCommand {
+    /// Move the master key, the audit signing key and the CA key out of the
+    /// data directory into DIR (created 0700; `serve` must be stopped), and
+    /// record `[secrets] dir` in bastion.toml.
+    Move {
+        /// The new key directory, outside the data directory.
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+    },
+}
+
+/// `bastion init` flags.
+#[derive(Debug, Args, Clone)]
+pub struct InitArgs {
+    #[command(flatten)]
+    listen: ListenArgs,
+    /// Keep the master key, the audit signing key and the CA key in DIR
+    /// (created 0700, outside the data directory) instead of inside the data
+    /// directory; recorded as `[secrets] dir` in bastion.toml.
+    #[arg(long, value_name = "DIR")]
+    secrets_dir: Option<PathBuf>,
 }
 
 /// Listener settings (override `bastion.toml`).
@@ -239,10 +284,25 @@ enum InstanceCommand {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode> {
-    let dir = DataDir::new(&cli.data);
+    let passphrase = if cli.passphrase_stdin {
+        Some(Passphrase::read(std::io::stdin().lock(), "standard input")?)
+    } else if let Some(f) = &cli.passphrase_file {
+        Some(Passphrase::from_file(f)?)
+    } else {
+        None
+    };
+    let dir = DataDir::open(&cli.data, passphrase, std::env::var_os(CREDENTIALS_VAR))?;
     match cli.command {
-        Command::Init(listen) => {
-            dir.init(&listen.apply(Config::default())?)?;
+        Command::Init(args) => {
+            let mut config = args.listen.apply(Config::default())?;
+            if let Some(d) = &args.secrets_dir {
+                config.secrets.dir = Some(
+                    d.to_str()
+                        .with_context(|| format!("--secrets-dir {} is not UTF-8", d.display()))?
+                        .to_owned(),
+                );
+            }
+            dir.init(&config)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(listen) => crate::serve::serve(&dir, &listen),
@@ -257,7 +317,27 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Token(cmd) => crate::accounts_cli::token(&dir, cmd),
         Command::Alerts(args) => crate::alerts_cli::alerts(&dir, args),
         Command::Audit(cmd) => crate::audit_cli::audit(&dir, cmd),
+        Command::Secrets(SecretsCommand::Move { to }) => secrets_move(&dir, &to),
     }
+}
+
+fn secrets_move(dir: &DataDir, to: &Path) -> Result<ExitCode> {
+    dir.require_initialised()?;
+    // Loaded first: a wrong passphrase stops here, and the move is recorded
+    // in the audit trail afterwards.
+    dir.load_master_key()?;
+    let keys = dir.move_keys(to)?;
+    open_events(&dir.reopen()?)?.record(
+        "secrets.moved",
+        Outcome::Success,
+        serde_json::json!({"actor": "cli", "dir": keys.dir}),
+    );
+    println!(
+        "moved the master key, the audit signing key and the CA key to {}; bastion.toml now says [secrets] dir = {:?}",
+        keys.dir.display(),
+        keys.dir.display().to_string()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn open_events(dir: &DataDir) -> Result<std::sync::Arc<EventLog>> {

@@ -23,6 +23,19 @@ pub struct Config {
     pub detect: DetectSection,
     /// Audit trail export.
     pub audit: AuditSection,
+    /// Where the keys are.
+    pub secrets: SecretsSection,
+}
+
+/// `[secrets]`: where the master key, the audit-signing key and the CA key
+/// live ([`crate::keys`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsSection {
+    /// An absolute directory outside the data directory, or
+    /// `"$CREDENTIALS_DIRECTORY"` (systemd credentials, read-only); absent:
+    /// inside the data directory (`secrets/`, `tls/ca.key`).
+    pub dir: Option<String>,
 }
 
 /// `[audit]`.
@@ -410,7 +423,7 @@ impl Config {
         };
         format!(
             r#"# Bastion PACS configuration. Command-line flags override these values.
-# Secrets are not in this file: they live in secrets/ and tls/ (mode 0600).
+# Secrets are not in this file: the keys live where [secrets] says (mode 0600).
 
 [dicom]
 # Our Application Entity title (PS3.8 Called AE Title). Associations that
@@ -538,7 +551,20 @@ webhook_queue = {dwq}
 # [audit.syslog]
 # url = "tls://collector.example.org:6514"
 # ca = "/etc/bastion/collector-ca.pem"
+
+[secrets]
+# Where the master key, the audit signing key and the CA key are: an
+# absolute directory outside this data directory (set by `bastion init
+# --secrets-dir DIR`), or "$CREDENTIALS_DIRECTORY" for systemd credentials
+# (read-only). Commented out: inside the data directory (secrets/ and
+# tls/ca.key), which `serve` and the posture page warn about: a copy of the
+# directory then decrypts everything.
+{secrets_dir}
 "#,
+            secrets_dir = match &self.secrets.dir {
+                Some(d) => format!("dir = {}", toml::Value::String(d.clone())),
+                None => "# dir = \"/etc/bastion/secrets\"".into(),
+            },
             ae = d.ae_title,
             tls = d.tls_addr,
             pdu = d.max_pdu_length,
@@ -584,6 +610,49 @@ webhook_queue = {dwq}
             dwq = self.detect.webhook_queue,
         )
     }
+}
+
+/// `text` (a `bastion.toml`) with `[secrets] dir = "DIR"`, comments and
+/// everything else kept: the commented `# dir = …` line `init` writes is
+/// replaced, else the line goes right under `[secrets]`, else a `[secrets]`
+/// table is appended (files written before the section existed). The result
+/// is parsed back and must name `dir`.
+///
+/// # Errors
+/// `[secrets] dir` is already set, or the result does not parse.
+pub fn with_secrets_dir(text: &str, dir: &str) -> Result<String> {
+    let current: Config = toml::from_str(text).context("invalid bastion.toml")?;
+    if current.secrets.dir.is_some() {
+        anyhow::bail!("bastion.toml already sets [secrets] dir");
+    }
+    let line = format!("dir = {}", toml::Value::String(dir.to_owned()));
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let header = lines.iter().position(|l| l.trim() == "[secrets]");
+    match header {
+        Some(h) => {
+            let end = lines[h + 1..]
+                .iter()
+                .position(|l| l.trim_start().starts_with('['))
+                .map_or(lines.len(), |i| h + 1 + i);
+            match (h + 1..end).find(|&i| lines[i].trim_start().starts_with("# dir =")) {
+                Some(i) => lines[i] = line,
+                None => lines.insert(h + 1, line),
+            }
+        }
+        None => {
+            lines.push(String::new());
+            lines.push("[secrets]".into());
+            lines.push("# Where the keys are (`bastion secrets move`).".into());
+            lines.push(line);
+        }
+    }
+    let mut out = lines.join("\n");
+    out.push('\n');
+    let parsed: Config = toml::from_str(&out).context("bastion.toml with [secrets] dir")?;
+    if parsed.secrets.dir.as_deref() != Some(dir) {
+        anyhow::bail!("cannot record [secrets] dir in bastion.toml");
+    }
+    Ok(out)
 }
 
 impl AccountsSection {
@@ -636,6 +705,29 @@ mod tests {
         assert!(d.rules().is_err());
         assert!(toml::from_str::<Config>("[dicom]\nbogus = 1\n").is_err());
         assert!(parsed.audit.syslog.is_none());
+        assert!(parsed.secrets.dir.is_none());
+        let mut keyed = Config::default();
+        keyed.secrets.dir = Some("/etc/bastion/secrets \"x\"".into());
+        let back: Config = toml::from_str(&keyed.render()).unwrap_or_else(|e| panic!("{e}"));
+        // `secrets move`: the rendered file, and one without a [secrets] table.
+        let moved =
+            with_secrets_dir(&c.render(), "/etc/bastion/secrets").unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            moved.contains("\ndir = \"/etc/bastion/secrets\"\n"),
+            "{moved}"
+        );
+        assert!(!moved.contains("# dir ="), "{moved}");
+        assert!(moved.contains("[audit]"), "{moved}");
+        assert!(with_secrets_dir(&moved, "/x").is_err());
+        let old = "[dicom]\nae_title = \"OLD\"\n";
+        let moved = with_secrets_dir(old, "/k").unwrap_or_else(|e| panic!("{e}"));
+        let parsed: Config = toml::from_str(&moved).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(parsed.dicom.ae_title, "OLD");
+        assert_eq!(parsed.secrets.dir.as_deref(), Some("/k"));
+        assert_eq!(
+            back.secrets.dir.as_deref(),
+            Some("/etc/bastion/secrets \"x\"")
+        );
         let with: Config = toml::from_str("[audit.syslog]\nurl = \"tls://10.0.0.5:6514\"\n")
             .unwrap_or_else(|e| panic!("{e}"));
         let sys = with.audit.syslog.unwrap_or_else(|| panic!("no syslog"));

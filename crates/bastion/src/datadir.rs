@@ -4,9 +4,10 @@
 //! ```text
 //! DIR/                       0700
 //!   bastion.toml             settings (written last by init: its presence marks a complete init)
-//!   secrets/master.key       0600, 256-bit master key (hex)
+//!   secrets/master.key       0600, 256-bit master key (hex), or master.key.wrapped (passphrase)
 //!   secrets/audit-signing.key 0600, Ed25519 PKCS#8 PEM
 //!   tls/ca.crt ca.key server.crt server.key   (keys 0600)
+//!     (secrets/ and tls/ca.key are elsewhere with `[secrets] dir`: crate::keys)
 //!   initial-admin-password   0600, shown once
 //!   security.db              devices, users (SQLCipher)
 //!   index.db                 patient/study/series/instance index (SQLCipher)
@@ -16,12 +17,13 @@
 //! ```
 
 use std::{
+    ffi::OsString,
     os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, OnceLock},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use bastion_archive::{Archive, Limits};
 use bastion_index::Index;
 use bastion_security::{
@@ -32,33 +34,78 @@ use bastion_security::{
 };
 use bastion_store::{BlobStore, MasterKey};
 
-use crate::config::Config;
+use crate::{
+    config::Config,
+    keys::{self, KeyPaths, KeySource, Passphrase},
+};
 
-/// Paths inside a data directory.
+/// Paths inside a data directory, where its keys are ([`KeyPaths`]), and
+/// the passphrase given for a wrapped master key.
 #[derive(Debug, Clone)]
 pub struct DataDir {
     /// The root.
     pub root: PathBuf,
+    keys: KeyPaths,
+    passphrase: Option<Passphrase>,
+    /// The master key once loaded (unwrapping costs an argon2id run).
+    master: Arc<OnceLock<MasterKey>>,
 }
 
 impl DataDir {
-    /// Wraps a path.
+    /// Wraps a path, keys in the data directory (the embedded default), no
+    /// passphrase.
     pub fn new(root: &Path) -> DataDir {
         DataDir {
             root: root.to_path_buf(),
+            keys: KeyPaths::in_data_dir(root),
+            passphrase: None,
+            master: Arc::default(),
         }
+    }
+
+    /// The data directory at `root` with its keys where its `bastion.toml`
+    /// says (`[secrets] dir`; the embedded default before `init`);
+    /// `credentials` is `$CREDENTIALS_DIRECTORY`.
+    ///
+    /// # Errors
+    /// An unreadable `bastion.toml`, or `[secrets] dir` unusable
+    /// ([`KeyPaths::resolve`]).
+    pub fn open(
+        root: &Path,
+        passphrase: Option<Passphrase>,
+        credentials: Option<OsString>,
+    ) -> Result<DataDir> {
+        let mut dir = DataDir::new(root);
+        dir.passphrase = passphrase;
+        if dir.is_initialised() {
+            let config = Config::load(&dir.config())?;
+            dir.keys = KeyPaths::resolve(root, config.secrets.dir.as_deref(), credentials)?;
+        }
+        Ok(dir)
+    }
+
+    /// The same data directory opened again (after its `bastion.toml`
+    /// changed), with the same passphrase and loaded master key.
+    ///
+    /// # Errors
+    /// As [`DataDir::open`].
+    pub fn reopen(&self) -> Result<DataDir> {
+        let mut dir = DataDir::open(
+            &self.root,
+            self.passphrase.clone(),
+            std::env::var_os(keys::CREDENTIALS_VAR),
+        )?;
+        dir.master = self.master.clone();
+        Ok(dir)
+    }
+
+    /// Where the keys are.
+    pub fn keys(&self) -> &KeyPaths {
+        &self.keys
     }
     /// `bastion.toml`.
     pub fn config(&self) -> PathBuf {
         self.root.join("bastion.toml")
-    }
-    /// `secrets/master.key`.
-    pub fn master_key(&self) -> PathBuf {
-        self.root.join("secrets/master.key")
-    }
-    /// `secrets/audit-signing.key`.
-    pub fn audit_key(&self) -> PathBuf {
-        self.root.join("secrets/audit-signing.key")
     }
     /// `initial-admin-password`.
     pub fn admin_password(&self) -> PathBuf {
@@ -84,27 +131,54 @@ impl DataDir {
     pub fn audit_dir(&self) -> PathBuf {
         self.root.join("audit")
     }
-    /// TLS file paths.
+    /// TLS file paths: certificates and the server key under `tls/`, the CA
+    /// key where the keys are.
     pub fn pki(&self) -> pki::PkiPaths {
-        pki::PkiPaths::new(&self.root)
+        let mut p = pki::PkiPaths::new(&self.root);
+        p.ca_key = self.keys.ca.clone();
+        p
     }
     /// Whether `init` completed here.
     pub fn is_initialised(&self) -> bool {
         self.config().exists()
     }
 
+    /// The master key file in use: the wrapped one when it exists.
+    fn master_key_file(&self) -> &Path {
+        if self.keys.master_wrapped.exists() {
+            &self.keys.master_wrapped
+        } else {
+            &self.keys.master
+        }
+    }
+
     /// Every secret file that must be 0600.
     fn secret_files(&self) -> Vec<PathBuf> {
         let p = self.pki();
-        let mut v = vec![self.master_key(), self.audit_key(), p.ca_key, p.server_key];
+        let mut v = vec![
+            self.master_key_file().to_path_buf(),
+            self.keys.audit.clone(),
+            p.ca_key,
+            p.server_key,
+        ];
         if self.admin_password().exists() {
             v.push(self.admin_password());
         }
         v
     }
 
-    /// Refuses to go on when a secret file is readable by others.
+    /// Refuses to go on when a key is missing (with where it was looked
+    /// for and why) or a secret file is readable by others.
     pub fn check_secret_permissions(&self) -> Result<()> {
+        for (what, path) in [
+            ("master key", self.master_key_file()),
+            ("audit signing key", &self.keys.audit),
+            ("CA key", &self.keys.ca),
+        ] {
+            if !path.exists() {
+                return Err(self.missing_key(what, path));
+            }
+        }
         for f in self.secret_files() {
             secrets::check_private(&f)
                 .with_context(|| "refusing to start: a secret file is not private")?;
@@ -112,10 +186,65 @@ impl DataDir {
         Ok(())
     }
 
-    /// Loads the master key.
+    /// The error for a missing key file, saying where keys are kept.
+    fn missing_key(&self, what: &str, path: &Path) -> anyhow::Error {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match self.keys.source {
+            KeySource::DataDir => anyhow!("the {what} {} is missing", path.display()),
+            KeySource::Dir => anyhow!(
+                "the {what} {} is missing: this data directory keeps its keys in {} ([secrets] dir in {}){}; \
+                 a copy of the data directory alone cannot be opened: restore or mount the key directory",
+                path.display(),
+                self.keys.dir.display(),
+                self.config().display(),
+                if self.keys.dir.is_dir() { "" } else { ", which does not exist" }
+            ),
+            KeySource::Credentials => anyhow!(
+                "the {what} {name} is missing from ${} ({}): pass it with LoadCredential={name}:/path/to/{name} in the service unit",
+                keys::CREDENTIALS_VAR,
+                self.keys.dir.display()
+            ),
+        }
+    }
+
+    /// Loads the master key: `master.key` (hex), or `master.key.wrapped`
+    /// unwrapped with the passphrase given (`--passphrase-stdin`,
+    /// `--passphrase-file`). Loaded once per command.
+    ///
+    /// # Errors
+    /// Missing or unreadable key; a wrapped key without a passphrase, or
+    /// with a wrong one; a passphrase given for a key that is not wrapped.
     pub fn load_master_key(&self) -> Result<MasterKey> {
-        MasterKey::load_hex_file(&self.master_key())
-            .with_context(|| format!("cannot load {}", self.master_key().display()))
+        if let Some(k) = self.master.get() {
+            return Ok(k.clone());
+        }
+        let (plain, wrapped) = (&self.keys.master, &self.keys.master_wrapped);
+        let key = match (plain.exists(), wrapped.exists(), &self.passphrase) {
+            (true, true, _) => bail!(
+                "both {} and {} exist: keep only one master key",
+                plain.display(),
+                wrapped.display()
+            ),
+            (false, true, None) => bail!(
+                "the master key {} is wrapped by a passphrase: give it with --passphrase-stdin or --passphrase-file FILE",
+                wrapped.display()
+            ),
+            (false, true, Some(p)) => {
+                let bytes = secrets::read_wrapped_key(wrapped, p.bytes())?;
+                MasterKey::from_bytes(*bytes)
+            }
+            (true, false, Some(_)) => bail!(
+                "a passphrase was given but the master key {} is not wrapped by one",
+                plain.display()
+            ),
+            (true, false, None) => MasterKey::load_hex_file(plain)
+                .with_context(|| format!("cannot load {}", plain.display()))?,
+            (false, false, _) => return Err(self.missing_key("master key", plain)),
+        };
+        Ok(self.master.get_or_init(|| key).clone())
     }
 
     /// Opens the security database.
@@ -129,7 +258,7 @@ impl DataDir {
     /// (`bastion audit v1`), the Ed25519 checkpoint key from its own file.
     pub fn audit_keys(&self, master: &MasterKey) -> Result<Arc<AuditKeys>> {
         let key = master.derive("bastion audit v1");
-        Ok(Arc::new(AuditKeys::load(&key, &self.audit_key())?))
+        Ok(Arc::new(AuditKeys::load(&key, &self.keys.audit)?))
     }
 
     /// Opens the event log with the audit trail attached: every event
@@ -203,8 +332,17 @@ impl DataDir {
         Ok(())
     }
 
-    /// First-start initialisation. Prints the admin password once.
-    pub fn init(&self, config: &Config) -> Result<()> {
+    /// First-start initialisation. Prints the admin password once. The
+    /// keys go where `config.secrets.dir` says (`bastion init --secrets-dir
+    /// DIR`: created 0700, never inside the data directory), else into the
+    /// data directory; the master key is wrapped when a passphrase was given.
+    /// Returns the data directory opened with its keys.
+    ///
+    /// # Errors
+    /// Already initialised or not empty; `$CREDENTIALS_DIRECTORY` set
+    /// (read-only keys) or chosen; a key directory inside the data
+    /// directory, or one that already holds keys; a weak passphrase.
+    pub fn init(&self, config: &Config) -> Result<DataDir> {
         if self.is_initialised() {
             bail!(
                 "{} is already initialised; refusing to overwrite its keys",
@@ -221,6 +359,14 @@ impl DataDir {
                 self.root.display()
             );
         }
+        let mut config = config.clone();
+        let keys = self.init_key_paths(&mut config)?;
+        if let Some(p) = &self.passphrase {
+            let text =
+                std::str::from_utf8(p.bytes()).context("the passphrase must be UTF-8 text")?;
+            users::check_password_policy("", text)
+                .map_err(|e| anyhow!("{}", e.to_string().replace("password", "passphrase")))?;
+        }
         let mkdir = |p: &Path| {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -230,21 +376,35 @@ impl DataDir {
         };
         mkdir(&self.root)?;
         std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))?;
-        mkdir(&self.root.join("secrets"))?;
+        mkdir(&keys.dir)?;
         mkdir(&self.root.join("tls"))?;
         mkdir(&self.root.join("events"))?;
+        let dir = DataDir {
+            root: self.root.clone(),
+            keys,
+            passphrase: self.passphrase.clone(),
+            master: Arc::default(),
+        };
 
         let master = MasterKey::generate();
-        master
-            .write_hex_file(&self.master_key())
-            .context("cannot write the master key")?;
+        match &dir.passphrase {
+            Some(p) => {
+                let text = secrets::wrap_key(master.as_bytes(), p.bytes())?;
+                secrets::write_secret(&dir.keys.master_wrapped, text.as_bytes())
+                    .context("cannot write the wrapped master key")?;
+            }
+            None => master
+                .write_hex_file(&dir.keys.master)
+                .context("cannot write the master key")?,
+        }
+        let _ = dir.master.set(master.clone());
         let signing = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
         let pem = ed25519_dalek::pkcs8::EncodePrivateKey::to_pkcs8_pem(
             &signing,
             ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF,
         )
         .map_err(|e| anyhow::anyhow!("cannot encode the audit signing key: {e}"))?;
-        secrets::write_secret(&self.audit_key(), pem.as_bytes())?;
+        secrets::write_secret(&dir.keys.audit, pem.as_bytes())?;
 
         let mut hosts = Vec::new();
         for addr in [Some(config.dicom.tls_addr), config.dicom.plain_addr]
@@ -255,38 +415,215 @@ impl DataDir {
                 hosts.push(addr.ip().to_string());
             }
         }
-        pki::generate(&self.pki(), &hosts)
+        pki::generate(&dir.pki(), &hosts)
             .context("cannot create the private CA and server certificate")?;
 
-        let security = self.open_security(&master)?;
+        let security = dir.open_security(&master)?;
         let password = users::generate_password();
         users::create_user(&security, "admin", &password, "admin")?;
-        secrets::write_secret(&self.admin_password(), format!("{password}\n").as_bytes())?;
+        secrets::write_secret(&dir.admin_password(), format!("{password}\n").as_bytes())?;
         drop(AuditTrail::create(
-            &self.audit_dir(),
-            self.audit_keys(&master)?,
-            audit_identity(config),
+            &dir.audit_dir(),
+            dir.audit_keys(&master)?,
+            audit_identity(&config),
             CheckpointPolicy::default(),
         )?);
-        let archive = self.open_archive(&master, config)?;
+        let archive = dir.open_archive(&master, &config)?;
         archive.events().record(
             "audit.started",
             Outcome::Success,
             serde_json::json!({"actor": "cli", "detail": "audit trail created by init"}),
         );
         drop(archive);
-        std::fs::write(self.config(), config.render()).context("cannot write bastion.toml")?;
-        println!("Initialised Bastion data directory {}", self.root.display());
+        std::fs::write(dir.config(), config.render()).context("cannot write bastion.toml")?;
+        println!("Initialised Bastion data directory {}", dir.root.display());
+        match dir.keys.source {
+            KeySource::DataDir if dir.passphrase.is_some() => println!(
+                "The audit signing and CA keys are inside the data directory ({}, {}); \
+                 see `bastion init --secrets-dir` (README, \"Where the keys live\")",
+                dir.keys.dir.display(),
+                dir.keys.ca.display()
+            ),
+            KeySource::DataDir => println!(
+                "Keys are inside the data directory ({}, {}): a copy of it decrypts everything; \
+                 see `bastion init --secrets-dir` (README, \"Where the keys live\")",
+                dir.keys.dir.display(),
+                dir.keys.ca.display()
+            ),
+            _ => println!(
+                "Keys are in {} (outside the data directory; back it up separately)",
+                dir.keys.dir.display()
+            ),
+        }
+        if dir.passphrase.is_some() {
+            println!(
+                "The master key is wrapped by your passphrase: every command needs --passphrase-stdin or --passphrase-file"
+            );
+        }
         println!("Initial admin password for user 'admin': {password}");
         println!(
             "(shown once; also in {} (mode 0600), deleted when the admin password is first changed)",
-            self.admin_password().display()
+            dir.admin_password().display()
         );
         println!(
             "Clients must trust the CA certificate {}",
-            self.pki().ca_cert.display()
+            dir.pki().ca_cert.display()
         );
-        Ok(())
+        Ok(dir)
+    }
+
+    /// Where `init` puts the keys: the key directory (if any) checked,
+    /// `config.secrets.dir` set to its absolute path. Creates nothing.
+    fn init_key_paths(&self, config: &mut Config) -> Result<KeyPaths> {
+        let credentials = std::env::var_os(keys::CREDENTIALS_VAR).filter(|v| !v.is_empty());
+        let Some(wanted) = config.secrets.dir.clone() else {
+            if credentials.is_some() {
+                bail!(
+                    "${} is set (systemd credentials, read-only) and no --secrets-dir was given: \
+                     refusing to create keys inside the data directory; create them outside the service \
+                     (`bastion init --data {} --secrets-dir DIR`) and pass them with LoadCredential=",
+                    keys::CREDENTIALS_VAR,
+                    self.root.display()
+                );
+            }
+            return Ok(KeyPaths::in_data_dir(&self.root));
+        };
+        let keys = self.new_key_dir(&wanted, "--secrets-dir")?;
+        config.secrets.dir = Some(keys.dir.to_string_lossy().into_owned());
+        Ok(keys)
+    }
+
+    /// The key paths in a new key directory `wanted` (named `flag` in
+    /// errors), checked: not the systemd credentials (read-only), outside
+    /// the data directory, private if it exists, holding no key yet.
+    /// Nothing is created.
+    fn new_key_dir(&self, wanted: &str, flag: &str) -> Result<KeyPaths> {
+        if wanted == keys::CREDENTIALS_VALUE {
+            bail!(
+                "cannot create keys in ${}: systemd credentials are read-only; create them with \
+                 `bastion init --secrets-dir DIR` outside the service, pass them with LoadCredential= \
+                 and set [secrets] dir = \"{}\" in bastion.toml",
+                keys::CREDENTIALS_VAR,
+                keys::CREDENTIALS_VALUE
+            );
+        }
+        let dir = keys::resolved(Path::new(wanted));
+        keys::check_outside(&self.root, &dir, flag)?;
+        if dir.exists() {
+            let meta = std::fs::metadata(&dir)
+                .with_context(|| format!("cannot inspect {}", dir.display()))?;
+            if !meta.is_dir() {
+                bail!("{flag} {} is not a directory", dir.display());
+            }
+            if meta.permissions().mode() & 0o077 != 0 {
+                bail!(
+                    "{flag} {} is accessible by other users (mode {:o}); run `chmod 700 {}` or choose a new directory",
+                    dir.display(),
+                    meta.permissions().mode() & 0o7777,
+                    dir.display()
+                );
+            }
+        }
+        let keys = KeyPaths::resolve(
+            &self.root,
+            Some(
+                dir.to_str()
+                    .with_context(|| format!("{flag} {} is not valid UTF-8", dir.display()))?,
+            ),
+            None,
+        )?;
+        for f in [&keys.master, &keys.master_wrapped, &keys.audit, &keys.ca] {
+            if f.exists() {
+                bail!(
+                    "{} already exists: that key directory belongs to another data directory; choose a new one",
+                    f.display()
+                );
+            }
+        }
+        Ok(keys)
+    }
+
+    /// `bastion secrets move --to DIR`: moves the master key (plain or
+    /// wrapped), the audit signing key and the CA key of an installation
+    /// that keeps them inside its data directory to the new key directory
+    /// DIR (0700, files 0600), records `[secrets] dir` in `bastion.toml`,
+    /// then deletes the old files. `serve` must be stopped (its lock is
+    /// taken for the move). Order: copies fsynced first, then the
+    /// configuration replaced atomically, then the old files removed, so an
+    /// interruption leaves a working installation (at worst with a leftover
+    /// copy that `serve` reports).
+    ///
+    /// # Errors
+    /// Not initialised; keys already elsewhere; `serve` running; DIR
+    /// unusable ([`DataDir::new_key_dir`]); a key missing or not private.
+    pub fn move_keys(&self, to: &Path) -> Result<KeyPaths> {
+        self.require_initialised()?;
+        if self.keys.source != KeySource::DataDir {
+            bail!(
+                "the keys of {} are already outside it, in {} ([secrets] dir in {})",
+                self.root.display(),
+                self.keys.dir.display(),
+                self.config().display()
+            );
+        }
+        self.check_secret_permissions()?;
+        let wanted = to
+            .to_str()
+            .with_context(|| format!("--to {} is not UTF-8", to.display()))?;
+        let new = self.new_key_dir(wanted, "--to")?;
+        // The lock file is the first thing written: everything above only reads.
+        let lock_path = self.root.join("serve.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        if lock.try_lock().is_err() {
+            bail!(
+                "`bastion serve` is running on {}: stop it before moving the keys",
+                self.root.display()
+            );
+        }
+        let master_new = if self.master_key_file() == self.keys.master_wrapped {
+            &new.master_wrapped
+        } else {
+            &new.master
+        };
+        let moves = [
+            (self.master_key_file().to_path_buf(), master_new.clone()),
+            (self.keys.audit.clone(), new.audit.clone()),
+            (self.keys.ca.clone(), new.ca.clone()),
+        ];
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&new.dir)
+            .with_context(|| format!("cannot create {}", new.dir.display()))?;
+        for (from, to) in &moves {
+            let bytes = zeroize::Zeroizing::new(secrets::read_secret(from)?);
+            secrets::write_secret(to, &bytes)?;
+        }
+        std::fs::File::open(&new.dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot fsync {}", new.dir.display()))?;
+        let text = std::fs::read_to_string(self.config())
+            .with_context(|| format!("cannot read {}", self.config().display()))?;
+        let updated = crate::config::with_secrets_dir(&text, &new.dir.to_string_lossy())?;
+        let tmp = self.root.join("bastion.toml.new");
+        std::fs::write(&tmp, updated)
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, self.config())
+            .with_context(|| format!("cannot replace {}", self.config().display()))?;
+        for (from, _) in &moves {
+            std::fs::remove_file(from)
+                .with_context(|| format!("cannot remove {}", from.display()))?;
+        }
+        // The old secrets/ directory, when nothing else is left in it.
+        let _ = std::fs::remove_dir(&self.keys.dir);
+        drop(lock);
+        Ok(new)
     }
 }
 

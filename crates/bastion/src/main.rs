@@ -10,6 +10,7 @@ mod config;
 mod datadir;
 mod decoder_sandbox;
 mod import;
+mod keys;
 mod onboarding;
 mod serve;
 mod syslog_client;

@@ -22,10 +22,20 @@ const ORPHAN_MIN_AGE: Duration = Duration::from_secs(60);
 
 /// Runs the server until a signal.
 pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
-    if !dir.is_initialised() {
-        dir.init(&listen.apply(Config::default())?)?;
-    }
+    let initialised;
+    let dir = if dir.is_initialised() {
+        dir
+    } else {
+        initialised = dir.init(&listen.apply(Config::default())?)?;
+        &initialised
+    };
     dir.check_secret_permissions()?;
+    // Before anything is written (the lock file, events): a wrong
+    // passphrase stops here.
+    let master = dir.load_master_key()?;
+    for w in dir.keys().inside_data_dir_warnings(&dir.root) {
+        tracing::warn!("{w}");
+    }
     // One `serve` per data directory: a second one would sweep orphans and
     // group-commit behind the first one's back. The lock is released when
     // the process exits, however it exits.
@@ -43,7 +53,6 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         );
     }
     let config = listen.apply(Config::load(&dir.config())?)?;
-    let master = dir.load_master_key()?;
     // One event log for the archive, DIMSE and the web front end, so that
     // every observer (audit trail, detection) sees every event.
     let (events, trail) = dir.open_events(&master, &config)?;
@@ -297,6 +306,7 @@ fn web_app(
         accounts: accounts.clone(),
         pki: dir.pki(),
         listeners,
+        key_warnings: dir.keys().inside_data_dir_warnings(&dir.root),
     };
     let h = &config.http;
     if !h.cors_origins.is_empty() {

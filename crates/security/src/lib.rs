@@ -1,7 +1,8 @@
 //! # bastion-security: who may connect, what they may do, and what happened
 //!
 //! - [`secrets`]: writing and checking secret files (mode 0600, refused when
-//!   readable by others).
+//!   readable by others); wrapping a key with a passphrase (argon2id +
+//!   AES-256-GCM).
 //! - [`pki`]: the private CA, the server certificate and device client
 //!   certificates (rcgen), certificate fingerprints.
 //! - [`db`]: the encrypted security database (SQLCipher) holding devices and
@@ -147,6 +148,18 @@ pub enum SecurityError {
     /// No alert with this id.
     #[error("no alert with id {0}; `bastion alerts --all` lists them")]
     NoSuchAlert(i64),
+    /// The passphrase does not unwrap the key (or the wrapped key file was
+    /// altered: AES-GCM cannot tell the two apart).
+    #[error("{0}: wrong passphrase (or the wrapped key file was altered); nothing was changed")]
+    WrongPassphrase(PathBuf),
+    /// A wrapped key file is not in the format [`secrets::wrap_key`] writes.
+    #[error("{path} is not a Bastion wrapped key file: {detail}")]
+    InvalidWrappedKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
 }
 
 /// Shorthand for results of this crate.

@@ -50,6 +50,10 @@ pub struct AdminContext {
     pub pki: PkiPaths,
     /// The listeners `serve` binds, as configured.
     pub listeners: Vec<ListenerInfo>,
+    /// Warning lines about where the keys are kept, made by the binary at
+    /// start (one per key inside the data directory); shown among the
+    /// posture's warnings.
+    pub key_warnings: Vec<String>,
 }
 
 /// One listener, for [`posture`].

@@ -23,7 +23,9 @@
 //! rule's severity; only high and medium ones make a warning (low ones are
 //! mostly the record of administrators' own changes). Devices registered
 //! with the plain transport while `serve` has no plain listener make a
-//! warning too: they cannot connect.
+//! warning too: they cannot connect. The master key, audit signing key or
+//! CA key inside the data directory makes one warning each (the binary's
+//! [`super::AdminContext::key_warnings`]).
 
 use std::net::IpAddr;
 
@@ -158,6 +160,7 @@ pub async fn posture(
                 .into(),
         );
     }
+    warnings.extend(ctx.key_warnings.iter().cloned());
     let audit = audit_state(&state, &mut warnings);
     let by_severity = open_by_severity(&open);
     let open_total: u64 = by_severity.iter().map(|(_, n)| n).sum();

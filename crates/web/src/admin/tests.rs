@@ -103,6 +103,12 @@ fn fixture() -> Fixture {
 }
 
 fn fixture_with(listeners: Vec<ListenerInfo>) -> Fixture {
+    fixture_with_keys(listeners, Vec::new())
+}
+
+/// A fixture whose binary reported `key_warnings` (keys inside the data
+/// directory).
+fn fixture_with_keys(listeners: Vec<ListenerInfo>, key_warnings: Vec<String>) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let master = MasterKey::from_bytes([7u8; 32]);
@@ -143,6 +149,7 @@ fn fixture_with(listeners: Vec<ListenerInfo>) -> Fixture {
             accounts: accounts.clone(),
             pki: paths,
             listeners,
+            key_warnings,
         });
     Fixture {
         _dir: dir,
@@ -934,6 +941,25 @@ async fn posture_names_each_risk() {
         "{warnings:?}"
     );
     assert_eq!(warnings.len(), 4, "{warnings:?}");
+}
+
+#[tokio::test]
+async fn posture_lists_keys_inside_the_data_directory() {
+    let line =
+        "the master key (/d/secrets/master.key) is inside the data directory: keep keys outside it";
+    let f = fixture_with_keys(Vec::new(), vec![line.to_owned()]);
+    let (s, v) = call(&f, req(Method::GET, "/api/posture", "tok-admin", None)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let warnings: Vec<String> = serde_json::from_value(v["warnings"].clone()).unwrap_or_default();
+    assert!(warnings.contains(&line.to_owned()), "{warnings:?}");
+    // Without such lines, no key warning (the other fixtures).
+    let f = fixture_with(Vec::new());
+    let (_, v) = call(&f, req(Method::GET, "/api/posture", "tok-admin", None)).await;
+    let warnings: Vec<String> = serde_json::from_value(v["warnings"].clone()).unwrap_or_default();
+    assert!(
+        !warnings.iter().any(|w| w.contains("data directory")),
+        "{warnings:?}"
+    );
 }
 
 #[tokio::test]
