@@ -157,7 +157,8 @@ impl AlertStore {
 
     /// Adds finding `f` to open alert `id` (one more of the same burst): the
     /// count grows, `last_ts` moves to the finding's time, the evidence gets
-    /// the finding's (the last [`MAX_EVIDENCE`] kept) and the details'
+    /// the finding's events not already there (oldest first, the last
+    /// [`MAX_EVIDENCE`] kept) and the details'
     /// `"varied"` gets each value that differs from the first finding's.
     /// `None` when the alert is acknowledged or gone (open a new one).
     ///
@@ -186,7 +187,14 @@ impl AlertStore {
                 Ok(Value::Array(v)) => v,
                 _ => Vec::new(),
             };
-            evidence.extend(f.evidence.iter().cloned());
+            // Windowed rules hand the same events to successive findings:
+            // each once, oldest first.
+            for item in &f.evidence {
+                if !evidence.contains(item) {
+                    evidence.push(item.clone());
+                }
+            }
+            evidence.sort_by(|a, b| a["ts"].as_str().cmp(&b["ts"].as_str()));
             let skip = evidence.len().saturating_sub(MAX_EVIDENCE);
             let evidence: Vec<Value> = evidence.into_iter().skip(skip).collect();
             c.execute(

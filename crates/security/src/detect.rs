@@ -305,9 +305,10 @@ pub struct Finding {
 pub const MAX_EVIDENCE: usize = 20;
 
 /// Who or where a finding comes from, for grouping a burst into one alert
-/// and rate-limiting notifications: `actor:…` (a user or device the rule
-/// tracks, or who made a change), else `addr:…` (the peer or source
-/// address), else `ae:…`, `user:…`, else `rule:…` (one source per rule).
+/// and rate-limiting notifications: the one who acted when the rule names
+/// them (`actor:…`, a device `ae:…` or a web user `user:…`), else the
+/// address (`addr:…`: login guesses, rejected associations, unknown
+/// devices), else the account (`user:…`), else `rule:…`.
 pub fn source_of(f: &Finding) -> String {
     let field = |k: &str| {
         f.details
@@ -318,13 +319,16 @@ pub fn source_of(f: &Finding) -> String {
     if let Some(a) = field("actor") {
         return format!("actor:{a}");
     }
-    if let Some(a) = field("peer").or_else(|| field("source")) {
-        return format!("addr:{}", host_of(a));
-    }
     if let Some(a) = field("ae") {
         return format!("ae:{a}");
     }
-    if let Some(u) = field("user").or_else(|| field("username")) {
+    if let Some(u) = field("user") {
+        return format!("user:{u}");
+    }
+    if let Some(a) = field("peer").or_else(|| field("source")) {
+        return format!("addr:{}", host_of(a));
+    }
+    if let Some(u) = field("username") {
         return format!("user:{u}");
     }
     format!("rule:{}", f.rule.name())

@@ -842,36 +842,69 @@ async fn alerts_are_acknowledged_in_bulk_by_ids_or_filter() {
         rule,
         ts: time::OffsetDateTime::now_utc(),
         summary: format!("{} from {peer}", rule.name()),
-        details: json!({"peer": peer}).as_object().cloned().unwrap_or_default(),
+        details: json!({"peer": peer})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
         evidence: Vec::new(),
     };
-    let a1 = store.insert(&finding(Rule::UnknownDevice, "10.0.0.1")).expect("1");
-    let a2 = store.insert(&finding(Rule::UnknownDevice, "10.0.0.2")).expect("2");
-    let a3 = store.insert(&finding(Rule::AssociationScan, "10.0.0.3")).expect("3");
-    let a4 = store.insert(&finding(Rule::SecurityChange, "10.0.0.4")).expect("4");
+    let a1 = store
+        .insert(&finding(Rule::UnknownDevice, "10.0.0.1"))
+        .expect("1");
+    let a2 = store
+        .insert(&finding(Rule::UnknownDevice, "10.0.0.2"))
+        .expect("2");
+    let a3 = store
+        .insert(&finding(Rule::AssociationScan, "10.0.0.3"))
+        .expect("3");
+    let a4 = store
+        .insert(&finding(Rule::SecurityChange, "10.0.0.4"))
+        .expect("4");
     let bulk = "/api/alerts/ack";
     // Refusals: no selection, an empty id list, a bad time, no comment; and
     // roles without the audit permission (also in every_route_needs_…).
     for (body, want) in [
         (json!({"comment": "x"}), StatusCode::BAD_REQUEST),
-        (json!({"comment": "x", "all": false}), StatusCode::BAD_REQUEST),
+        (
+            json!({"comment": "x", "all": false}),
+            StatusCode::BAD_REQUEST,
+        ),
         (json!({"comment": "x", "ids": []}), StatusCode::BAD_REQUEST),
-        (json!({"comment": "x", "before": "yesterday"}), StatusCode::BAD_REQUEST),
-        (json!({"comment": " ", "all": true}), StatusCode::BAD_REQUEST),
+        (
+            json!({"comment": "x", "before": "yesterday"}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({"comment": " ", "all": true}),
+            StatusCode::BAD_REQUEST,
+        ),
         (json!({"all": true}), StatusCode::BAD_REQUEST),
     ] {
-        let (s, v) = call(&f, req(Method::POST, bulk, "tok-auditor", Some(body.clone()))).await;
+        let (s, v) = call(
+            &f,
+            req(Method::POST, bulk, "tok-auditor", Some(body.clone())),
+        )
+        .await;
         assert_eq!(s, want, "{body}: {v}");
     }
     for who in ["tok-clinician", "tok-technologist", "tok-researcher"] {
         let (s, _) = call(
             &f,
-            req(Method::POST, bulk, who, Some(json!({"comment": "x", "all": true}))),
+            req(
+                Method::POST,
+                bulk,
+                who,
+                Some(json!({"comment": "x", "all": true})),
+            ),
         )
         .await;
         assert_eq!(s, StatusCode::FORBIDDEN, "{who}");
     }
-    assert_eq!(store.list(false, 100).expect("list").len(), 4, "nothing acknowledged yet");
+    assert_eq!(
+        store.list(false, 100).expect("list").len(),
+        4,
+        "nothing acknowledged yet"
+    );
     // By rule.
     let (s, v) = call(
         &f,
@@ -925,7 +958,10 @@ async fn alerts_are_acknowledged_in_bulk_by_ids_or_filter() {
     assert!(store.list(false, 100).expect("list").is_empty());
     let got = store.get(a2.id).expect("get").expect("a2");
     let ack = got.ack.expect("acknowledged");
-    assert_eq!((ack.by.as_str(), ack.comment.as_str()), ("auditor-user", "scanner test"));
+    assert_eq!(
+        (ack.by.as_str(), ack.comment.as_str()),
+        ("auditor-user", "scanner test")
+    );
     let acks = of_type(&f.events, "alert.acknowledged");
     assert_eq!(acks.len(), 4);
     assert_eq!(acks[0]["actor"], "auditor-user");
