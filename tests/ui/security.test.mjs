@@ -286,6 +286,19 @@ try {
     && facts.includes('scripted failed logins') && !(await page.isVisible('#ack-form')), facts);
   await page.check('#alerts-all');
   await page.waitForSelector(`#alerts tbody tr[data-rule="login_brute_force"] td:text-is("acknowledged")`);
+  // Bulk acknowledgement: the button is there while alerts are open and
+  // acknowledges every open one; with none open it is hidden.
+  const openRows = async () => (await page.locator('#alerts tbody tr td:nth-child(4)').allTextContents())
+    .filter((t) => t === 'open').length;
+  if (await openRows() > 0) {
+    check('alerts: bulk acknowledgement offered while alerts are open', await page.isVisible('#ack-all-form'));
+    await page.fill('#ack-all-comment', 'test run: everything reviewed');
+    await page.click('#ack-all-submit');
+    await page.waitForSelector('#ack-all-done:not([hidden])');
+    const done = await page.textContent('#ack-all-done');
+    check('alerts: bulk acknowledgement done', /^\d+ alert\(s\) acknowledged\.$/.test(done) && await openRows() === 0, done);
+  }
+  check('alerts: no bulk acknowledgement without open alerts', !(await page.isVisible('#ack-all-form')));
 
   await page.goto(`${BASE}/#/audit`);
   await page.waitForFunction(() => /intact|damaged|could not/.test(document.getElementById('chain-status').textContent));

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use bastion_archive::Archive;
 use bastion_index::query::{Column, Filter, Level, Prefilter};
 use bastion_security::{
-    alerts::{os_user, Alert, AlertStore, Detection},
+    alerts::{os_user, AckFilter, Alert, AlertStore, Detection},
     db::SecurityDb,
     detect::{PatientResolver, Rules},
     events::{EventLog, Outcome},
@@ -17,7 +17,8 @@ use clap::{Args, Subcommand};
 
 use crate::{config::Config, datadir::DataDir};
 
-/// `bastion alerts [--json] [--all]`, `bastion alerts ack ID --comment TEXT`.
+/// `bastion alerts [--json] [--all]`, `bastion alerts ack ID --comment TEXT`,
+/// `bastion alerts ack --all|--rule RULE|--before TIME --comment TEXT`.
 #[derive(Debug, Args)]
 pub struct AlertsArgs {
     /// One JSON object per line instead of a table.
@@ -35,10 +36,22 @@ pub struct AlertsArgs {
 
 #[derive(Debug, Subcommand)]
 enum AlertsCommand {
-    /// Acknowledge an alert (recorded with the acting OS user and the comment).
+    /// Acknowledge an alert, or every open alert a filter selects (recorded
+    /// with the acting OS user and the comment).
     Ack {
         /// The alert's id (first column of `bastion alerts`).
-        id: i64,
+        #[arg(required_unless_present_any = ["all", "rule", "before"], conflicts_with_all = ["all", "rule", "before"])]
+        id: Option<i64>,
+        /// Every open alert.
+        #[arg(long)]
+        all: bool,
+        /// Only open alerts of this rule (e.g. unknown_device).
+        #[arg(long)]
+        rule: Option<String>,
+        /// Only open alerts raised before this time (RFC 3339, e.g.
+        /// 2026-01-01T00:00:00Z).
+        #[arg(long)]
+        before: Option<String>,
         /// Why it is acknowledged (required).
         #[arg(long)]
         comment: String,
@@ -52,7 +65,45 @@ pub fn alerts(dir: &DataDir, args: AlertsArgs) -> Result<ExitCode> {
     let master = dir.load_master_key()?;
     let store = AlertStore::new(Arc::new(dir.open_security(&master)?));
     match args.command {
-        Some(AlertsCommand::Ack { id, comment }) => {
+        Some(AlertsCommand::Ack {
+            id: None,
+            all: _,
+            rule,
+            before,
+            comment,
+        }) => {
+            let before = before
+                .map(|t| {
+                    time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
+                        .with_context(|| {
+                            format!(
+                                "--before {t:?} is not an RFC 3339 time like 2026-01-01T00:00:00Z"
+                            )
+                        })
+                })
+                .transpose()?;
+            let by = os_user();
+            let filter = AckFilter {
+                ids: None,
+                rule: rule.clone(),
+                before,
+            };
+            let ids = store.acknowledge_many(&filter, &by, &comment)?;
+            EventLog::open(&dir.events())?.record(
+                "alert.acknowledged",
+                Outcome::Success,
+                serde_json::json!({"actor": format!("cli:{by}"),
+                                   "alert_ids": ids.iter().take(1000).collect::<Vec<_>>(),
+                                   "count": ids.len(), "rule": rule, "bulk": true,
+                                   "comment": comment.trim()}),
+            );
+            println!("{} alert(s) acknowledged by {by}", ids.len());
+        }
+        Some(AlertsCommand::Ack {
+            id: Some(id),
+            comment,
+            ..
+        }) => {
             let by = os_user();
             let alert = store.ack(id, &by, &comment)?;
             EventLog::open(&dir.events())?.record(
@@ -94,8 +145,13 @@ fn print_table(list: &[Alert], all: bool) {
         "ID", "TIME", "RULE", "SEVERITY", "STATUS"
     );
     for a in list {
+        let times = if a.count > 1 {
+            format!(" (×{}, last {})", a.count, a.last_ts)
+        } else {
+            String::new()
+        };
         println!(
-            "{:>6}  {:<25}  {:<20}  {:<8}  {:<12}  {}",
+            "{:>6}  {:<25}  {:<20}  {:<8}  {:<12}  {}{times}",
             a.id, a.ts, a.rule, a.severity, a.status, a.summary
         );
         if let Some(ack) = &a.ack {
@@ -166,11 +222,12 @@ pub fn attach(dir: &DataDir, events: &EventLog) {
         let config = Config::load(&dir.config())?;
         let master = dir.load_master_key()?;
         let db = Arc::new(dir.open_security(&master)?);
-        let detection = Detection::start(
-            Rules::new(config.detect.rules()?),
-            AlertStore::new(db),
-            None,
-        )?;
+        let mut rules = Rules::new(config.detect.rules()?);
+        if !config.detect.alert_host_changes {
+            // An administrator's routine set-up on the host: recorded, no alert.
+            rules = rules.routine_host_changes();
+        }
+        let detection = Detection::start(rules, AlertStore::new(db), None)?;
         // Alert events go through an event log of their own with the audit
         // trail attached (the command's log holds the detector: sharing it
         // would keep both alive forever), or without the trail when it is

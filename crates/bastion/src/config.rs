@@ -132,6 +132,13 @@ pub struct DetectSection {
     pub repeat_secs: u64,
     /// Keys (accounts, addresses, devices) tracked per rule at most.
     pub max_tracked_keys: usize,
+    /// A new alert is sent to the webhook at most once per this many seconds
+    /// per source (address, account, device, actor), unless more severe.
+    pub notify_secs: u64,
+    /// Whether user, token, device and certificate changes made by CLI
+    /// commands on the host open `security_change` alerts (default: no, they
+    /// are routine set-up, still recorded in the event log and audit trail).
+    pub alert_host_changes: bool,
     /// HTTPS URL each new alert is POSTed to as JSON; empty: no webhook.
     pub webhook_url: String,
     /// PEM file of the CA(s) that sign the webhook server's certificate;
@@ -157,6 +164,8 @@ impl Default for DetectSection {
             timezone: "UTC".into(),
             repeat_secs: 600,
             max_tracked_keys: 10_000,
+            notify_secs: 600,
+            alert_host_changes: false,
             webhook_url: String::new(),
             webhook_ca_file: String::new(),
             webhook_queue: 1000,
@@ -210,6 +219,7 @@ impl DetectSection {
             working_hours,
             repeat: Duration::from_secs(self.repeat_secs),
             max_tracked_keys: self.max_tracked_keys.max(1),
+            notify_interval: Duration::from_secs(self.notify_secs),
         })
     }
 }
@@ -269,8 +279,14 @@ pub struct HttpSection {
     pub header_timeout_secs: u64,
     /// Seconds allowed for a whole request body.
     pub body_timeout_secs: u64,
-    /// HTTPS connections served at once.
+    /// HTTPS connections held at once.
     pub max_connections: usize,
+    /// HTTPS connections held at once from one source address (IPv6: /64).
+    pub max_connections_per_address: usize,
+    /// HTTPS connections from one source address not yet past the TLS
+    /// handshake and a first request's headers; a newer one evicts the
+    /// oldest.
+    pub max_unproven_per_address: usize,
 }
 
 impl Default for HttpSection {
@@ -284,6 +300,8 @@ impl Default for HttpSection {
             header_timeout_secs: 10,
             body_timeout_secs: 300,
             max_connections: 256,
+            max_connections_per_address: 64,
+            max_unproven_per_address: 16,
         }
     }
 }
@@ -345,8 +363,12 @@ pub struct DicomSection {
     pub max_pdu_length: u32,
     /// Concurrent associations.
     pub max_associations: usize,
-    /// Unfinished handshakes per source address.
+    /// Unfinished handshakes per source address (a newer one evicts the
+    /// oldest).
     pub max_pending_per_address: usize,
+    /// Unfinished handshakes over all addresses (a newer one evicts the
+    /// oldest of the address holding the most).
+    pub max_pending: usize,
     /// Idle association timeout, seconds.
     pub idle_timeout_secs: u64,
     /// TLS handshake + A-ASSOCIATE-RQ timeout, seconds.
@@ -378,6 +400,7 @@ impl Default for DicomSection {
             max_pdu_length: 131_072,
             max_associations: 64,
             max_pending_per_address: 64,
+            max_pending: 512,
             idle_timeout_secs: 60,
             handshake_timeout_secs: 10,
         }
@@ -442,8 +465,12 @@ max_pdu_length = {pdu}
 # more are rejected (A-ASSOCIATE-RJ 1/1/1).
 max_associations = {assoc}
 # Connections from one address still in the TLS handshake or before their
-# A-ASSOCIATE-RQ; more are closed at once (protects against socket floods).
+# A-ASSOCIATE-RQ; a newer one closes the oldest, so a socket flood cannot lock
+# out a device, not even one at the flooding address.
 max_pending_per_address = {pending}
+# The same over all addresses; a newer one closes the oldest of the address
+# holding the most.
+max_pending = {pending_all}
 # An association silent for this many seconds is aborted.
 idle_timeout_secs = {idle}
 # Seconds allowed for the TLS handshake and the A-ASSOCIATE-RQ.
@@ -484,8 +511,15 @@ max_json_bytes = {mjb}
 handshake_timeout_secs = {hts}
 header_timeout_secs = {hdt}
 body_timeout_secs = {bdt}
-# HTTPS connections served at once; more are closed at accept.
+# HTTPS connections held at once, and from one address (IPv6: per /64). A
+# connection is "unproven" until its TLS handshake and a first request's
+# headers are done; a newcomer closes the oldest unproven one of its own
+# address (beyond max_unproven_per_address or max_connections_per_address),
+# else of the address holding the most when max_connections is reached; it is
+# refused only when every connection in its way is proven.
 max_connections = {mc}
+max_connections_per_address = {mcpa}
+max_unproven_per_address = {mupa}
 
 [accounts]
 # Consecutive failed logins that lock an account (recorded; lifted by
@@ -535,6 +569,15 @@ repeat_secs = {drs}
 # Accounts, addresses and devices tracked per rule (memory bound; the least
 # recently seen is forgotten first).
 max_tracked_keys = {dmk}
+# Findings of one burst (same rule and source, each within repeat_secs of the
+# previous) update one open alert with a count. A new alert is POSTed to the
+# webhook at most once per this many seconds per source (address, account,
+# device), unless it is more severe than the last one sent for that source.
+notify_secs = {dns}
+# User, token, device and certificate changes made with CLI commands on this
+# host are routine set-up: recorded in the event log and audit trail, no
+# alert. true: they open security_change alerts as web admin changes do.
+alert_host_changes = {dahc}
 # POST each new alert as JSON to this https:// URL (retried with back-off;
 # the server certificate is verified against webhook_ca_file, else the
 # system roots). Empty: off.
@@ -570,6 +613,7 @@ webhook_queue = {dwq}
             pdu = d.max_pdu_length,
             assoc = d.max_associations,
             pending = d.max_pending_per_address,
+            pending_all = d.max_pending,
             idle = d.idle_timeout_secs,
             hs = d.handshake_timeout_secs,
             mds = l.max_dataset_bytes,
@@ -586,6 +630,8 @@ webhook_queue = {dwq}
             hdt = self.http.header_timeout_secs,
             bdt = self.http.body_timeout_secs,
             mc = self.http.max_connections,
+            mcpa = self.http.max_connections_per_address,
+            mupa = self.http.max_unproven_per_address,
             laf = self.accounts.lock_after_failures,
             bdm = self.accounts.base_delay_ms,
             mds2 = self.accounts.max_delay_secs,
@@ -605,6 +651,8 @@ webhook_queue = {dwq}
             dtz = self.detect.timezone,
             drs = self.detect.repeat_secs,
             dmk = self.detect.max_tracked_keys,
+            dns = self.detect.notify_secs,
+            dahc = self.detect.alert_host_changes,
             dwu = self.detect.webhook_url,
             dwc = self.detect.webhook_ca_file,
             dwq = self.detect.webhook_queue,

@@ -53,6 +53,13 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         );
     }
     let config = listen.apply(Config::load(&dir.config())?)?;
+    // Every socket the connection caps admit needs a descriptor (two for an
+    // unfinished DICOM one): raise the soft limit as far as the hard limit
+    // allows, so the caps, not EMFILE, decide who gets in.
+    match rlimit::increase_nofile_limit(65_536) {
+        Ok(n) => tracing::debug!(limit = n, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
     // One event log for the archive, DIMSE and the web front end, so that
     // every observer (audit trail, detection) sees every event.
     let (events, trail) = dir.open_events(&master, &config)?;
@@ -109,7 +116,8 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         ae_title: AeTitle::parse(&d.ae_title)?,
         max_pdu_length: d.max_pdu_length,
         max_associations: d.max_associations,
-        max_pending_per_address: d.max_pending_per_address,
+        max_pending_per_address: d.max_pending_per_address.max(1),
+        max_pending: d.max_pending.max(1),
         idle_timeout: Duration::from_secs(d.idle_timeout_secs),
         handshake_timeout: Duration::from_secs(d.handshake_timeout_secs),
         max_dataset_bytes: config.limits.max_dataset_bytes,
@@ -136,6 +144,10 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        // SIGTERM is handled from before the first listener is bound: a
+        // stop that arrives during start-up is a clean shutdown too.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let dimse = Arc::new(Dimse::new(archive.clone(), security, dimse_config.clone(), Some(tls)));
         let (tx, rx) = watch::channel(false);
         let mut servers = Vec::new();
@@ -197,9 +209,8 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
                 }
             })
         };
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
             _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
         }
         let _ = tx.send(true);
@@ -326,6 +337,8 @@ fn web_app(
         .with_admin(admin);
     let limits = bastion_web::server::ConnectionLimits {
         max_connections: h.max_connections.max(1),
+        max_connections_per_address: h.max_connections_per_address.max(1),
+        max_unproven_per_address: h.max_unproven_per_address.max(1),
         handshake_timeout: Duration::from_secs(h.handshake_timeout_secs),
         header_timeout: Duration::from_secs(h.header_timeout_secs),
         ..bastion_web::server::ConnectionLimits::default()

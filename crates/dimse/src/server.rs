@@ -19,7 +19,6 @@
 //! C-STORE-RSPs (and any C-CANCEL-RQ) from the same PDU stream.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -34,6 +33,7 @@ use bastion_archive::{
 };
 use bastion_model::{AeTitle, Permission};
 use bastion_security::{
+    admission::{Admission, AdmissionLimits},
     db::SecurityDb,
     devices::{Device, DeviceRegistry, OnConflict},
     events::Outcome,
@@ -53,7 +53,7 @@ use dicom_ul::{
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
+    sync::{mpsc, watch, Notify},
     task::JoinSet,
 };
 
@@ -76,8 +76,13 @@ pub struct DimseConfig {
     /// policy accepted them; more get A-ASSOCIATE-RJ 1/1/1).
     pub max_associations: usize,
     /// Connections from one source address allowed in the TLS handshake /
-    /// A-ASSOCIATE-RQ phase at once; more are closed at once.
+    /// A-ASSOCIATE-RQ phase at once; a newer one closes the oldest (so a
+    /// flood from a device's own address cannot lock the device out).
     pub max_pending_per_address: usize,
+    /// Connections in the TLS handshake / A-ASSOCIATE-RQ phase at once over
+    /// every address and listener; a newer one closes the oldest of the
+    /// address holding the most.
+    pub max_pending: usize,
     /// An association silent for this long is aborted.
     pub idle_timeout: Duration,
     /// Time allowed for the TLS handshake plus the A-ASSOCIATE-RQ.
@@ -98,8 +103,8 @@ pub struct Dimse {
     tls: Option<TlsIdentity>,
     /// Established associations (accepted by the policy).
     active: AtomicUsize,
-    /// Connections per source address still in the handshake phase.
-    pending: Mutex<HashMap<IpAddr, usize>>,
+    /// Connections still in the handshake phase, per source address.
+    pending: Arc<Admission>,
 }
 
 impl Dimse {
@@ -113,10 +118,14 @@ impl Dimse {
         Dimse {
             archive,
             security,
-            config,
             tls,
             active: AtomicUsize::new(0),
-            pending: Mutex::new(HashMap::new()),
+            pending: Admission::new(AdmissionLimits {
+                max_total: config.max_pending,
+                max_per_address: config.max_pending_per_address,
+                max_unproven_per_address: config.max_pending_per_address,
+            }),
+            config,
         }
     }
 
@@ -186,15 +195,22 @@ impl Dimse {
             }
         };
         // Connections still in the TLS handshake / A-ASSOCIATE-RQ phase are
-        // capped per source address, so one host cannot starve others; only
-        // associations the policy accepted count against max_associations.
-        let Some(_pending) = PendingGuard::enter(
-            &self.pending,
-            peer.ip(),
-            self.config.max_pending_per_address,
-        ) else {
-            tracing::warn!(%peer, "connection dropped: too many unfinished handshakes from this address");
-            return;
+        // capped per source address and in total; a newcomer closes the
+        // oldest unfinished one (of its own address, else of the address
+        // holding the most), so neither one host nor many can lock a device
+        // out. Only associations the policy accepted count against
+        // max_associations.
+        let evicted = Arc::new(Notify::new());
+        let wake = evicted.clone();
+        let _pending = match self
+            .pending
+            .admit(peer.ip(), Box::new(move || wake.notify_one()))
+        {
+            Ok(t) => t,
+            Err(refusal) => {
+                tracing::warn!(%peer, reason = refusal.describe(), "connection dropped");
+                return;
+            }
         };
         // While the audit trail cannot record, no association is accepted:
         // A-ASSOCIATE-RJ 2/1/1 (transient), so the device retries later.
@@ -241,21 +257,25 @@ impl Dimse {
                     }
                 };
                 let options = options.tls_config(cfg);
-                let established = tokio::time::timeout(
-                    self.config.handshake_timeout,
-                    options.establish_tls_async(socket),
-                )
-                .await;
+                let established = tokio::select! {
+                    r = tokio::time::timeout(
+                        self.config.handshake_timeout,
+                        options.establish_tls_async(socket),
+                    ) => r,
+                    () = evicted.notified() => return evicted_log(peer),
+                };
                 drop(_pending);
                 self.after_establish(established, peer, &accepted, listener_name, shutdown, artim)
                     .await;
             }
             Listener::Plain => {
-                let established = tokio::time::timeout(
-                    self.config.handshake_timeout,
-                    options.establish_async(socket),
-                )
-                .await;
+                let established = tokio::select! {
+                    r = tokio::time::timeout(
+                        self.config.handshake_timeout,
+                        options.establish_async(socket),
+                    ) => r,
+                    () = evicted.notified() => return evicted_log(peer),
+                };
                 drop(_pending);
                 self.after_establish(established, peer, &accepted, listener_name, shutdown, artim)
                     .await;
@@ -1864,38 +1884,10 @@ fn fragment_len(peer_max: u32) -> usize {
 /// client certificate it presented.
 type Decision = Arc<Mutex<Option<(Device, Option<PeerCertificate>)>>>;
 
-/// Counts one connection in the handshake phase for its source address.
-struct PendingGuard<'a> {
-    map: &'a Mutex<HashMap<IpAddr, usize>>,
-    ip: IpAddr,
-}
-
-impl<'a> PendingGuard<'a> {
-    fn enter(
-        map: &'a Mutex<HashMap<IpAddr, usize>>,
-        ip: IpAddr,
-        max: usize,
-    ) -> Option<PendingGuard<'a>> {
-        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(PendingGuard { map, ip })
-    }
-}
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
-    }
+/// An unfinished connection closed to admit a newer one (see
+/// [`DimseConfig::max_pending_per_address`]).
+fn evicted_log(peer: SocketAddr) {
+    tracing::debug!(%peer, "unfinished connection closed: evicted by a newer one");
 }
 
 struct ActiveGuard<'a>(&'a AtomicUsize);

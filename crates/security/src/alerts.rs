@@ -3,19 +3,24 @@
 //! - [`AlertStore`]: alerts persisted in the security database (SQLCipher,
 //!   table `alerts`): id (stable, never reused), time, rule, severity,
 //!   summary, details (JSON), the evidence (summaries of the events that
-//!   raised it, [`crate::detect::evidence`]) and the acknowledgement (who,
-//!   when, comment).
+//!   raised it, [`crate::detect::evidence`]), the count of findings grouped
+//!   into it and the time of the latest, and the acknowledgement (who, when,
+//!   comment), one at a time or in bulk ([`AlertStore::acknowledge_many`]).
 //! - [`Detection`]: the [`EventObserver`] that feeds every event to the
 //!   [`Rules`] on a thread of its own (a bounded queue: recording an event
 //!   never waits for detection, the database or the network), stores each
-//!   finding, records it as a `security.alert` event, and tells the
-//!   notifiers (the webhook); it also keeps the Prometheus counters
+//!   finding (a finding of the same rule and source as an open alert's
+//!   latest, within the rules' quiet period, updates that alert's count
+//!   instead of opening another: one burst, one alert), records it as a
+//!   `security.alert` event, and tells the notifiers (the webhook) at most
+//!   once per source per [`crate::detect::DetectConfig::notify_interval`]
+//!   unless the severity rises; it also keeps the Prometheus counters
 //!   ([`Detection::metrics_text`]).
 //!
 //! Alerts name accounts, AE titles, addresses and UIDs, never patients.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         atomic::{AtomicU64, Ordering},
         mpsc, Arc, Mutex, RwLock,
@@ -30,7 +35,7 @@ use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
 use crate::{
     db::SecurityDb,
-    detect::{Finding, PatientResolver, Rule, Rules},
+    detect::{source_of, Finding, PatientResolver, Rule, Rules, MAX_EVIDENCE},
     events::{EventLog, EventObserver, Outcome},
     Result, SecurityError,
 };
@@ -48,8 +53,14 @@ pub struct Alert {
     pub severity: String,
     /// One line for people.
     pub summary: String,
-    /// Rule-specific fields.
+    /// Rule-specific fields: those of the first finding; for a group, also
+    /// `"varied"`: each field whose value differed between the findings with
+    /// its distinct values (at most [`MAX_VARIED_VALUES`] each).
     pub details: Value,
+    /// Findings grouped into this alert (1 for a single one).
+    pub count: i64,
+    /// When the latest grouped finding happened (RFC 3339, UTC).
+    pub last_ts: String,
     /// `open` or `acknowledged`.
     pub status: String,
     /// Acknowledgement, when acknowledged.
@@ -66,6 +77,32 @@ pub struct Ack {
     pub by: String,
     /// The operator's comment.
     pub comment: String,
+}
+
+/// Distinct values kept per varying detail field of a grouped alert.
+pub const MAX_VARIED_VALUES: usize = 100;
+
+/// Which open alerts a bulk acknowledgement covers: every condition given
+/// must hold (none given: every open alert).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AckFilter {
+    /// Only these ids.
+    pub ids: Option<Vec<i64>>,
+    /// Only alerts of this rule ([`Rule::name`]).
+    pub rule: Option<String>,
+    /// Only alerts raised before this time.
+    pub before: Option<OffsetDateTime>,
+}
+
+impl AckFilter {
+    fn matches(&self, id: i64, rule: &str, ts: &str) -> bool {
+        let ids_ok = self.ids.as_ref().is_none_or(|ids| ids.contains(&id));
+        let rule_ok = self.rule.as_deref().is_none_or(|r| r == rule);
+        let before_ok = self
+            .before
+            .is_none_or(|b| OffsetDateTime::parse(ts, &Rfc3339).is_ok_and(|t| t < b));
+        ids_ok && rule_ok && before_ok
+    }
 }
 
 /// The alert table of the security database.
@@ -90,8 +127,8 @@ impl AlertStore {
         let evidence = Value::Array(f.evidence.clone()).to_string();
         let id = self.db.with(|c| {
             c.execute(
-                "INSERT INTO alerts (ts, rule, severity, summary, details, evidence)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO alerts (ts, rule, severity, summary, details, evidence, count, last_ts)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?1)",
                 params![
                     ts,
                     f.rule.name(),
@@ -106,14 +143,78 @@ impl AlertStore {
         })?;
         Ok(Alert {
             id,
-            ts,
+            ts: ts.clone(),
             rule: f.rule.name().into(),
             severity: f.rule.severity().into(),
             summary: f.summary.clone(),
             details: Value::Object(f.details.clone()),
+            count: 1,
+            last_ts: ts,
             status: "open".into(),
             ack: None,
         })
+    }
+
+    /// Adds finding `f` to open alert `id` (one more of the same burst): the
+    /// count grows, `last_ts` moves to the finding's time, the evidence gets
+    /// the finding's events not already there (oldest first, the last
+    /// [`MAX_EVIDENCE`] kept) and the details'
+    /// `"varied"` gets each value that differs from the first finding's.
+    /// `None` when the alert is acknowledged or gone (open a new one).
+    ///
+    /// # Errors
+    /// [`SecurityError::Db`].
+    pub fn group(&self, id: i64, f: &Finding) -> Result<Option<Alert>> {
+        let ts = f.ts.format(&Rfc3339).unwrap_or_default();
+        let updated = self.db.with(|c| {
+            let row: Option<(String, String)> = c
+                .query_row(
+                    "SELECT details, evidence FROM alerts WHERE id = ?1 AND ack_ts IS NULL",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(db_err("read alert"))?;
+            let Some((details, evidence)) = row else {
+                return Ok(false);
+            };
+            let mut details = match serde_json::from_str(&details) {
+                Ok(Value::Object(m)) => m,
+                _ => Map::new(),
+            };
+            merge_varied(&mut details, &f.details);
+            let mut evidence = match serde_json::from_str(&evidence) {
+                Ok(Value::Array(v)) => v,
+                _ => Vec::new(),
+            };
+            // Windowed rules hand the same events to successive findings:
+            // each once, oldest first.
+            for item in &f.evidence {
+                if !evidence.contains(item) {
+                    evidence.push(item.clone());
+                }
+            }
+            evidence.sort_by(|a, b| a["ts"].as_str().cmp(&b["ts"].as_str()));
+            let skip = evidence.len().saturating_sub(MAX_EVIDENCE);
+            let evidence: Vec<Value> = evidence.into_iter().skip(skip).collect();
+            c.execute(
+                "UPDATE alerts SET count = count + 1, last_ts = ?2, details = ?3, evidence = ?4
+                 WHERE id = ?1 AND ack_ts IS NULL",
+                params![
+                    id,
+                    ts,
+                    Value::Object(details).to_string(),
+                    Value::Array(evidence).to_string()
+                ],
+            )
+            .map(|n| n == 1)
+            .map_err(db_err("group alert"))
+        })?;
+        if updated {
+            self.get(id)
+        } else {
+            Ok(None)
+        }
     }
 
     /// Alerts, open ones first, newest first within each group; acknowledged
@@ -126,7 +227,8 @@ impl AlertStore {
         self.db.with(|c| {
             let mut stmt = c
                 .prepare(
-                    "SELECT id, ts, rule, severity, summary, details, ack_ts, ack_by, ack_comment
+                    "SELECT id, ts, rule, severity, summary, details, ack_ts, ack_by, ack_comment,
+                            count, last_ts
                      FROM alerts WHERE (?1 OR ack_ts IS NULL)
                      ORDER BY ack_ts IS NOT NULL, id DESC LIMIT ?2",
                 )
@@ -146,7 +248,8 @@ impl AlertStore {
     pub fn get(&self, id: i64) -> Result<Option<Alert>> {
         self.db.with(|c| {
             c.query_row(
-                "SELECT id, ts, rule, severity, summary, details, ack_ts, ack_by, ack_comment
+                "SELECT id, ts, rule, severity, summary, details, ack_ts, ack_by, ack_comment,
+                        count, last_ts
                  FROM alerts WHERE id = ?1",
                 [id],
                 row_to_alert,
@@ -217,6 +320,63 @@ impl AlertStore {
         }
     }
 
+    /// Acknowledges every open alert `filter` covers, at once, with the
+    /// same `by` and `comment`; returns their ids (ascending; empty when
+    /// none matched).
+    ///
+    /// # Errors
+    /// [`SecurityError::Invalid`] for an empty comment, [`SecurityError::Db`].
+    pub fn acknowledge_many(
+        &self,
+        filter: &AckFilter,
+        by: &str,
+        comment: &str,
+    ) -> Result<Vec<i64>> {
+        let comment = comment.trim();
+        if comment.is_empty() {
+            return Err(SecurityError::Invalid {
+                what: "comment",
+                detail: "say why the alerts are acknowledged".into(),
+            });
+        }
+        let now = OffsetDateTime::now_utc()
+            .format(&Rfc3339)
+            .unwrap_or_default();
+        self.db.with(|c| {
+            let tx =
+                rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)
+                    .map_err(db_err("acknowledge alerts"))?;
+            let open: Vec<(i64, String, String)> = {
+                let mut stmt = tx
+                    .prepare("SELECT id, rule, ts FROM alerts WHERE ack_ts IS NULL ORDER BY id")
+                    .map_err(db_err("acknowledge alerts"))?;
+                let rows = stmt
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .map_err(db_err("acknowledge alerts"))?;
+                rows.collect::<std::result::Result<_, _>>()
+                    .map_err(db_err("acknowledge alerts"))?
+            };
+            let mut done = Vec::new();
+            for (id, rule, ts) in open {
+                if !filter.matches(id, &rule, &ts) {
+                    continue;
+                }
+                let n = tx
+                    .execute(
+                        "UPDATE alerts SET ack_ts = ?2, ack_by = ?3, ack_comment = ?4
+                         WHERE id = ?1 AND ack_ts IS NULL",
+                        params![id, now, by, comment],
+                    )
+                    .map_err(db_err("acknowledge alerts"))?;
+                if n == 1 {
+                    done.push(id);
+                }
+            }
+            tx.commit().map_err(db_err("acknowledge alerts"))?;
+            Ok(done)
+        })
+    }
+
     /// Open alerts per rule.
     ///
     /// # Errors
@@ -250,13 +410,18 @@ fn row_to_alert(r: &rusqlite::Row<'_>) -> rusqlite::Result<Alert> {
         }),
         None => None,
     };
+    let ts: String = r.get(1)?;
     Ok(Alert {
         id: r.get(0)?,
-        ts: r.get(1)?,
         rule: r.get(2)?,
         severity: r.get(3)?,
         summary: r.get(4)?,
         details: serde_json::from_str(&details).unwrap_or(Value::Null),
+        count: r.get(9)?,
+        last_ts: r
+            .get::<_, Option<String>>(10)?
+            .unwrap_or_else(|| ts.clone()),
+        ts,
         status: if ack.is_some() {
             "acknowledged"
         } else {
@@ -265,6 +430,33 @@ fn row_to_alert(r: &rusqlite::Row<'_>) -> rusqlite::Result<Alert> {
         .into(),
         ack,
     })
+}
+
+/// Records in `details["varied"]` each value of `new` that differs from the
+/// first finding's (`details`), distinct, at most [`MAX_VARIED_VALUES`] per
+/// field: the AE titles a scanner tried, the accounts a spray guessed.
+fn merge_varied(details: &mut Map<String, Value>, new: &Map<String, Value>) {
+    let mut varied = match details.remove("varied") {
+        Some(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    for (k, v) in new {
+        let first = details.get(k);
+        if first == Some(v) || !(v.is_string() || v.is_number()) {
+            continue;
+        }
+        let list = varied
+            .entry(k.clone())
+            .or_insert_with(|| Value::Array(first.cloned().into_iter().collect()));
+        if let Value::Array(a) = list {
+            if a.len() < MAX_VARIED_VALUES && !a.contains(v) {
+                a.push(v.clone());
+            }
+        }
+    }
+    if !varied.is_empty() {
+        details.insert("varied".into(), Value::Object(varied));
+    }
 }
 
 fn db_err(op: &'static str) -> impl Fn(rusqlite::Error) -> SecurityError {
@@ -520,6 +712,7 @@ fn run(
     // disk filled up is not lost (bounded: the newest are kept).
     let mut unstored: std::collections::VecDeque<crate::detect::Finding> =
         std::collections::VecDeque::new();
+    let mut bursts = Bursts::new(rules.config().repeat, rules.config().notify_interval);
     for msg in rx {
         while let Some(f) = unstored.front() {
             match shared.store.insert(f) {
@@ -538,57 +731,186 @@ fn run(
             }
         };
         for finding in rules.evaluate(&event, patients) {
-            let alert = match shared.store.insert(&finding) {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::error!(error = %e, rule = finding.rule.name(), "cannot store an alert (kept to store later)");
-                    if unstored.len() >= MAX_UNSTORED {
-                        unstored.pop_front();
+            let source = source_of(&finding);
+            let now = unix_ms(finding.ts);
+            let grouped = bursts
+                .open_alert(finding.rule, &source, now)
+                .and_then(|id| match shared.store.group(id, &finding) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::error!(error = %e, alert = id, "cannot update an alert");
+                        None
                     }
-                    unstored.push_back(finding.clone());
-                    Alert {
-                        id: 0,
-                        ts: finding.ts.format(&Rfc3339).unwrap_or_default(),
-                        rule: finding.rule.name().into(),
-                        severity: finding.rule.severity().into(),
-                        summary: finding.summary.clone(),
-                        details: Value::Object(finding.details.clone()),
-                        status: "open".into(),
-                        ack: None,
-                    }
-                }
+                });
+            let (alert, new) = match grouped {
+                Some(a) => (a, false),
+                None => (store_new(shared, &finding, &mut unstored), true),
             };
-            tracing::warn!(alert = alert.id, rule = %alert.rule, "security alert: {}", alert.summary);
-            *shared
-                .counters
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .alerts
-                .entry(alert.rule.clone())
-                .or_insert(0) += 1;
+            bursts.seen(finding.rule, &source, alert.id, now);
+            if new {
+                tracing::warn!(alert = alert.id, rule = %alert.rule, "security alert: {}", alert.summary);
+                *shared
+                    .counters
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .alerts
+                    .entry(alert.rule.clone())
+                    .or_insert(0) += 1;
+            } else {
+                tracing::info!(alert = alert.id, rule = %alert.rule, count = alert.count,
+                    "security alert grouped: {}", finding.summary);
+            }
             let events = shared
                 .events
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
             if let Some(events) = events {
+                // Every finding stays in the trail, grouped or not.
                 events.record(
                     "security.alert",
                     Outcome::Alert,
                     json!({"alert_id": alert.id, "rule": alert.rule, "severity": alert.severity,
-                           "summary": alert.summary, "details": alert.details}),
+                           "summary": finding.summary, "details": finding.details,
+                           "count": alert.count, "grouped": !new}),
                 );
             }
-            for n in shared
-                .notifiers
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-            {
-                n(&alert);
+            if bursts.may_notify(&source, finding.rule.severity_rank(), new, now) {
+                for n in shared
+                    .notifiers
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                {
+                    n(&alert);
+                }
             }
         }
     }
+}
+
+/// Stores a new alert for `finding` (on a database failure, an alert with id
+/// 0 still goes to the log, the event and the notifiers).
+fn store_new(
+    shared: &Shared,
+    finding: &Finding,
+    unstored: &mut std::collections::VecDeque<Finding>,
+) -> Alert {
+    match shared.store.insert(finding) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, rule = finding.rule.name(), "cannot store an alert (kept to store later)");
+            if unstored.len() >= MAX_UNSTORED {
+                unstored.pop_front();
+            }
+            unstored.push_back(finding.clone());
+            let ts = finding.ts.format(&Rfc3339).unwrap_or_default();
+            Alert {
+                id: 0,
+                ts: ts.clone(),
+                rule: finding.rule.name().into(),
+                severity: finding.rule.severity().into(),
+                summary: finding.summary.clone(),
+                details: Value::Object(finding.details.clone()),
+                count: 1,
+                last_ts: ts,
+                status: "open".into(),
+                ack: None,
+            }
+        }
+    }
+}
+
+/// Sources and bursts remembered at most (the least recently seen go first).
+const MAX_BURSTS: usize = 10_000;
+
+/// The detector's memory of bursts (rule + source → the open alert and the
+/// time of its latest finding) and of notifications per source.
+struct Bursts {
+    /// A finding this close to the burst's latest joins it, ms.
+    window: i64,
+    /// Per source, at most one notification this often, ms.
+    notify_every: i64,
+    open: HashMap<(Rule, String), (i64, i64)>,
+    /// Source → (time of the last notification, its severity rank).
+    notified: HashMap<String, (i64, u8)>,
+}
+
+impl Bursts {
+    fn new(window: std::time::Duration, notify_every: std::time::Duration) -> Bursts {
+        let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        Bursts {
+            window: ms(window),
+            notify_every: ms(notify_every),
+            open: HashMap::new(),
+            notified: HashMap::new(),
+        }
+    }
+
+    /// The alert a finding of `rule` from `source` at `now` joins, if any.
+    fn open_alert(&self, rule: Rule, source: &str, now: i64) -> Option<i64> {
+        self.open
+            .get(&(rule, source.to_owned()))
+            .filter(|(id, last)| *id > 0 && now.saturating_sub(*last) < self.window)
+            .map(|(id, _)| *id)
+    }
+
+    fn seen(&mut self, rule: Rule, source: &str, id: i64, now: i64) {
+        if self.open.len() >= MAX_BURSTS {
+            let window = self.window;
+            self.open
+                .retain(|_, (_, last)| now.saturating_sub(*last) < window);
+            if let Some(k) = (self.open.len() >= MAX_BURSTS)
+                .then(|| {
+                    self.open
+                        .iter()
+                        .min_by_key(|(_, (_, l))| *l)
+                        .map(|(k, _)| k.clone())
+                })
+                .flatten()
+            {
+                self.open.remove(&k);
+            }
+        }
+        self.open.insert((rule, source.to_owned()), (id, now));
+    }
+
+    /// Whether to tell the notifiers: the first notification for `source`
+    /// in `notify_every`, or a new alert more severe than the last one
+    /// notified for it. A grouped finding is told again only after
+    /// `notify_every` (with the alert's count so far).
+    fn may_notify(&mut self, source: &str, rank: u8, new: bool, now: i64) -> bool {
+        let allowed = match self.notified.get(source) {
+            None => true,
+            Some((at, last_rank)) => {
+                now.saturating_sub(*at) >= self.notify_every || (new && rank > *last_rank)
+            }
+        };
+        if allowed {
+            if self.notified.len() >= MAX_BURSTS && !self.notified.contains_key(source) {
+                let every = self.notify_every;
+                self.notified
+                    .retain(|_, (at, _)| now.saturating_sub(*at) < every);
+                if let Some(k) = (self.notified.len() >= MAX_BURSTS)
+                    .then(|| {
+                        self.notified
+                            .iter()
+                            .min_by_key(|(_, (at, _))| *at)
+                            .map(|(k, _)| k.clone())
+                    })
+                    .flatten()
+                {
+                    self.notified.remove(&k);
+                }
+            }
+            self.notified.insert(source.to_owned(), (now, rank));
+        }
+        allowed
+    }
+}
+
+fn unix_ms(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 /// A Prometheus label value, escaped.
@@ -628,6 +950,10 @@ mod tests {
     use crate::detect::DetectConfig;
 
     fn setup() -> (tempfile::TempDir, Arc<EventLog>, Arc<Detection>) {
+        setup_with(DetectConfig::default())
+    }
+
+    fn setup_with(config: DetectConfig) -> (tempfile::TempDir, Arc<EventLog>, Arc<Detection>) {
         let Ok(dir) = tempfile::tempdir() else {
             panic!("tempdir")
         };
@@ -636,11 +962,7 @@ mod tests {
         let events = EventLog::open(&dir.path().join("events.log"));
         let Ok(events) = events else { panic!("events") };
         let events = Arc::new(events);
-        let d = Detection::start(
-            Rules::new(DetectConfig::default()),
-            AlertStore::new(Arc::new(db)),
-            None,
-        );
+        let d = Detection::start(Rules::new(config), AlertStore::new(Arc::new(db)), None);
         let Ok(d) = d else { panic!("start") };
         d.record_alerts_to(events.clone());
         events.add_observer(d.clone());
@@ -770,6 +1092,224 @@ mod tests {
             *seen.lock().unwrap_or_else(|p| p.into_inner()),
             ["security_change", "audit_verify_failed"]
         );
+    }
+
+    /// Counts the notifications `d` sends, by rule.
+    fn notifications(d: &Detection) -> Arc<Mutex<Vec<(String, i64)>>> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        d.add_notifier(Box::new(move |a: &Alert| {
+            s.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((a.rule.clone(), a.count))
+        }));
+        seen
+    }
+
+    fn rejected_at(events: &EventLog, ts: &str, calling: &str, peer: &str) {
+        events.record(
+            "association.rejected",
+            Outcome::Refused,
+            json!({"ts": ts, "calling_ae": calling, "called_ae": "BASTION", "peer": peer,
+                   "reason": "unknown_calling_ae"}),
+        );
+    }
+
+    fn scan_50(events: &EventLog, peer: &str) {
+        for i in 0..50 {
+            events.record(
+                "association.rejected",
+                Outcome::Refused,
+                json!({"calling_ae": format!("SCAN{i:02}"), "called_ae": "BASTION",
+                       "peer": format!("{peer}:{}", 7000 + i), "reason": "unknown_calling_ae"}),
+            );
+        }
+    }
+
+    #[test]
+    fn fifty_unknown_ae_titles_from_one_address_are_one_alert_and_one_notification() {
+        // The scan rule set above 50 so that only unknown_device speaks.
+        let (_dir, events, d) = setup_with(DetectConfig {
+            scan_rejections: 100,
+            ..DetectConfig::default()
+        });
+        let seen = notifications(&d);
+        scan_50(&events, "10.0.0.66");
+        d.flush();
+        let Ok(list) = d.store().list(true, 100) else {
+            panic!("list")
+        };
+        assert_eq!(list.len(), 1, "{list:?}");
+        assert_eq!(list[0].rule, "unknown_device");
+        assert_eq!(list[0].count, 50);
+        let tried = list[0].details["varied"]["calling_ae"].as_array().cloned();
+        assert_eq!(
+            tried.as_ref().map(Vec::len),
+            Some(50),
+            "{:?}",
+            list[0].details
+        );
+        assert_eq!(tried.and_then(|t| t.last().cloned()), Some(json!("SCAN49")));
+        let Ok(ev) = d.store().evidence(list[0].id) else {
+            panic!("evidence")
+        };
+        assert_eq!(ev.len(), crate::detect::MAX_EVIDENCE);
+        assert_eq!(ev[ev.len() - 1]["ae"], "SCAN49");
+        assert_eq!(
+            *seen.lock().unwrap_or_else(|p| p.into_inner()),
+            [("unknown_device".to_owned(), 1)]
+        );
+        // Every finding is still a security.alert event (the trail keeps them).
+        let Ok(all) = events.read_all() else {
+            panic!("read")
+        };
+        let alerts: Vec<_> = all
+            .iter()
+            .filter(|e| e["type"] == "security.alert")
+            .collect();
+        assert_eq!(alerts.len(), 50);
+        assert!(alerts.iter().all(|e| e["alert_id"] == list[0].id));
+        assert_eq!(alerts[49]["count"], 50);
+        // Another address is another source: its own alert and notification.
+        scan_50(&events, "10.0.0.67");
+        d.flush();
+        assert_eq!(d.store().list(true, 100).map(|l| l.len()).ok(), Some(2));
+        assert_eq!(seen.lock().unwrap_or_else(|p| p.into_inner()).len(), 2);
+    }
+
+    #[test]
+    fn a_scan_with_default_thresholds_is_two_alerts_not_fifty() {
+        let (_dir, events, d) = setup();
+        let seen = notifications(&d);
+        scan_50(&events, "10.0.0.68");
+        d.flush();
+        let Ok(list) = d.store().list(true, 100) else {
+            panic!("list")
+        };
+        let mut got: Vec<(String, i64)> = list.iter().map(|a| (a.rule.clone(), a.count)).collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("association_scan".to_owned(), 1),
+                ("unknown_device".to_owned(), 50)
+            ]
+        );
+        // The scan is more severe than the unknown device notified first:
+        // told too; nothing else.
+        assert_eq!(
+            *seen.lock().unwrap_or_else(|p| p.into_inner()),
+            [
+                ("unknown_device".to_owned(), 1),
+                ("association_scan".to_owned(), 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn bursts_end_with_the_quiet_period_or_an_acknowledgement() {
+        let (_dir, events, d) = setup_with(DetectConfig {
+            scan_rejections: 100,
+            ..DetectConfig::default()
+        });
+        let seen = notifications(&d);
+        rejected_at(&events, "2026-03-01T10:00:00Z", "A1", "10.0.0.5:1");
+        rejected_at(&events, "2026-03-01T10:09:00Z", "A2", "10.0.0.5:2");
+        // 9 min after the previous finding: same burst (sliding).
+        rejected_at(&events, "2026-03-01T10:18:00Z", "A3", "10.0.0.5:3");
+        d.flush();
+        let Ok(list) = d.store().list(true, 100) else {
+            panic!("list")
+        };
+        assert_eq!(list.iter().map(|a| a.count).collect::<Vec<_>>(), [3]);
+        assert_eq!(list[0].last_ts, "2026-03-01T10:18:00Z");
+        // 18 min after the first: the source may be told again (count 3).
+        assert_eq!(
+            *seen.lock().unwrap_or_else(|p| p.into_inner()),
+            [
+                ("unknown_device".to_owned(), 1),
+                ("unknown_device".to_owned(), 3)
+            ]
+        );
+        // Acknowledged: the next finding opens a new alert.
+        assert!(d.store().ack(list[0].id, "tester", "seen").is_ok());
+        rejected_at(&events, "2026-03-01T10:19:00Z", "A4", "10.0.0.5:4");
+        // More than the quiet period after the last finding: a new burst.
+        rejected_at(&events, "2026-03-01T10:40:00Z", "A5", "10.0.0.5:5");
+        d.flush();
+        let Ok(list) = d.store().list(true, 100) else {
+            panic!("list")
+        };
+        let mut counts: Vec<(i64, String)> =
+            list.iter().map(|a| (a.count, a.status.clone())).collect();
+        counts.sort();
+        assert_eq!(
+            counts,
+            [
+                (1, "open".to_owned()),
+                (1, "open".to_owned()),
+                (3, "acknowledged".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn bulk_acknowledgement_by_rule_time_and_ids() {
+        let (_dir, _events, d) = setup();
+        let store = d.store();
+        let at = |t: &str| {
+            let Ok(t) = OffsetDateTime::parse(t, &Rfc3339) else {
+                panic!("time")
+            };
+            t
+        };
+        let f = |rule: Rule, ts: &str| Finding {
+            rule,
+            ts: at(ts),
+            summary: rule.name().into(),
+            details: Map::new(),
+            evidence: Vec::new(),
+        };
+        let ids: Vec<i64> = [
+            (Rule::UnknownDevice, "2026-01-01T00:00:00Z"),
+            (Rule::UnknownDevice, "2026-02-01T00:00:00Z"),
+            (Rule::SecurityChange, "2026-01-15T00:00:00Z"),
+            (Rule::AssociationScan, "2026-03-01T00:00:00Z"),
+        ]
+        .iter()
+        .map(|(r, t)| store.insert(&f(*r, t)).map(|a| a.id).unwrap_or(-1))
+        .collect();
+        assert!(store
+            .acknowledge_many(&AckFilter::default(), "tester", " ")
+            .is_err());
+        let by_rule_before = AckFilter {
+            rule: Some("unknown_device".into()),
+            before: Some(at("2026-01-20T00:00:00Z")),
+            ..AckFilter::default()
+        };
+        assert_eq!(
+            store.acknowledge_many(&by_rule_before, "tester", "ok").ok(),
+            Some(vec![ids[0]])
+        );
+        let by_ids = AckFilter {
+            ids: Some(vec![ids[0], ids[2]]),
+            ..AckFilter::default()
+        };
+        assert_eq!(
+            store.acknowledge_many(&by_ids, "tester", "ok").ok(),
+            Some(vec![ids[2]])
+        );
+        assert_eq!(
+            store
+                .acknowledge_many(&AckFilter::default(), "other", "rest")
+                .ok(),
+            Some(vec![ids[1], ids[3]])
+        );
+        let Ok(Some(first)) = store.get(ids[0]) else {
+            panic!("get")
+        };
+        assert_eq!(first.ack.map(|a| a.comment), Some("ok".to_owned()));
+        assert_eq!(store.list(false, 10).map(|l| l.len()).ok(), Some(0));
     }
 
     #[test]

@@ -144,6 +144,12 @@ CREATE TABLE device_rejections (
 );
 ALTER TABLE alerts ADD COLUMN evidence TEXT NOT NULL DEFAULT '[]';
 "#,
+    // 7: alert grouping (issue 10): the findings of one burst update one
+    // alert; `count` of them and the time of the latest (`last_ts`).
+    r#"
+ALTER TABLE alerts ADD COLUMN count INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE alerts ADD COLUMN last_ts TEXT;
+"#,
 ];
 
 impl SecurityDb {

@@ -27,9 +27,14 @@
 //! 9. `audit_verify_failed`: `audit.verify` failed.
 //!
 //! A rule that fired for a key stays quiet for that key for
-//! [`DetectConfig::repeat`] (one attack, one alert). Findings name accounts,
-//! AE titles, addresses and UIDs, never patients: patients are counted by an
-//! opaque key the caller supplies.
+//! [`DetectConfig::repeat`] (one attack, one alert). Findings of one burst
+//! (same rule, same [`source_of`], each within [`DetectConfig::repeat`] of
+//! the previous) are grouped by [`crate::alerts::Detection`] into one alert
+//! with a count, and notifications are rate-limited per source
+//! ([`DetectConfig::notify_interval`]). Security changes made by CLI commands
+//! on the host are routine ([`Rules::routine_host_changes`]): recorded, no
+//! alert. Findings name accounts, AE titles, addresses and UIDs, never
+//! patients: patients are counted by an opaque key the caller supplies.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -68,6 +73,10 @@ pub struct DetectConfig {
     pub repeat: Duration,
     /// Keys tracked per rule at most (least recently seen evicted first).
     pub max_tracked_keys: usize,
+    /// A new alert notifies (webhook) at most once per this period per
+    /// source ([`source_of`]), unless it is more severe than the last one
+    /// notified for that source.
+    pub notify_interval: Duration,
 }
 
 impl Default for DetectConfig {
@@ -84,6 +93,7 @@ impl Default for DetectConfig {
             working_hours: None,
             repeat: Duration::from_secs(600),
             max_tracked_keys: 10_000,
+            notify_interval: Duration::from_secs(600),
         }
     }
 }
@@ -256,6 +266,15 @@ impl Rule {
         }
     }
 
+    /// Severity as a rank for comparisons: `high` 3, `medium` 2, `low` 1.
+    pub fn severity_rank(self) -> u8 {
+        match self.severity() {
+            "high" => 3,
+            "medium" => 2,
+            _ => 1,
+        }
+    }
+
     /// Severity for display and the webhook: `high`, `medium` or `low`.
     pub fn severity(self) -> &'static str {
         match self {
@@ -290,6 +309,36 @@ pub struct Finding {
 
 /// Most events kept as one finding's [`Finding::evidence`].
 pub const MAX_EVIDENCE: usize = 20;
+
+/// Who or where a finding comes from, for grouping a burst into one alert
+/// and rate-limiting notifications: the one who acted when the rule names
+/// them (`actor:…`, a device `ae:…` or a web user `user:…`), else the
+/// address (`addr:…`: login guesses, rejected associations, unknown
+/// devices), else the account (`user:…`), else `rule:…`.
+pub fn source_of(f: &Finding) -> String {
+    let field = |k: &str| {
+        f.details
+            .get(k)
+            .and_then(Value::as_str)
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(a) = field("actor") {
+        return format!("actor:{a}");
+    }
+    if let Some(a) = field("ae") {
+        return format!("ae:{a}");
+    }
+    if let Some(u) = field("user") {
+        return format!("user:{u}");
+    }
+    if let Some(a) = field("peer").or_else(|| field("source")) {
+        return format!("addr:{}", host_of(a));
+    }
+    if let Some(u) = field("username") {
+        return format!("user:{u}");
+    }
+    format!("rule:{}", f.rule.name())
+}
 
 /// The summary of an event kept as an alert's evidence: `ts`, `type`,
 /// `outcome` and, where the event has them, `user` (its `user` or
@@ -348,6 +397,8 @@ pub struct Rules {
     bulk: HashMap<String, Retrievals>,
     /// Quiet periods: (rule, key) → until (Unix ms).
     quiet: HashMap<(Rule, String), i64>,
+    /// Whether `security_change` fires (false for CLI commands on the host).
+    alert_security_changes: bool,
 }
 
 impl Rules {
@@ -359,7 +410,19 @@ impl Rules {
             scans: Windows::default(),
             bulk: HashMap::new(),
             quiet: HashMap::new(),
+            alert_security_changes: true,
         }
+    }
+
+    /// The rules of a CLI command run on the host: its user, token, device,
+    /// certificate and configuration changes are an administrator's routine
+    /// set-up, recorded (event log, audit trail) but raising no
+    /// `security_change` alert. Only a process on the host with the master
+    /// key can record such events, so no remote caller can pass for one.
+    #[must_use]
+    pub fn routine_host_changes(mut self) -> Rules {
+        self.alert_security_changes = false;
+        self
     }
 
     /// The thresholds in force.
@@ -514,7 +577,11 @@ impl Rules {
                     evidence: vec![(*item).clone()],
                 });
             }
-            k if is_security_change(k) && outcome != "refused" && outcome != "failure" => {
+            k if self.alert_security_changes
+                && is_security_change(k)
+                && outcome != "refused"
+                && outcome != "failure" =>
+            {
                 let mut d = Map::new();
                 d.insert("event".into(), k.into());
                 for key in [
@@ -1476,6 +1543,57 @@ mod tests {
         assert!(r.evaluate(&ok, None).is_empty());
         let bad = ev(T0, "audit.verify", "failure", json!({"first_broken": 17}));
         assert_eq!(rules_of(&r.evaluate(&bad, None)), ["audit_verify_failed"]);
+    }
+
+    #[test]
+    fn host_commands_record_routine_changes_without_alerts() {
+        let mut r = Rules::new(DetectConfig::default()).routine_host_changes();
+        for kind in [
+            "user.added",
+            "user.password_set",
+            "token.created",
+            "device.added",
+            "device.updated",
+            "cert.issued",
+        ] {
+            let e = ev(
+                T0,
+                kind,
+                "success",
+                json!({"actor": "cli", "username": "x"}),
+            );
+            assert!(r.evaluate(&e, None).is_empty(), "{kind}");
+        }
+        // What is not a routine change still alerts from the host.
+        let bad = ev(T0, "audit.verify", "failure", json!({"first_broken": 17}));
+        assert_eq!(rules_of(&r.evaluate(&bad, None)), ["audit_verify_failed"]);
+    }
+
+    #[test]
+    fn findings_name_their_source() {
+        let mut r = Rules::new(DetectConfig::default());
+        let f = run(
+            &mut r,
+            &[rejected(T0, "EVIL", "10.0.0.9:4000", "unknown_calling_ae")],
+        );
+        assert_eq!(
+            f.iter().map(source_of).collect::<Vec<_>>(),
+            ["addr:10.0.0.9"]
+        );
+        let e = ev(
+            T0,
+            "user.added",
+            "success",
+            json!({"actor": "alice", "username": "x"}),
+        );
+        let f = r.evaluate(&e, None);
+        assert_eq!(f.iter().map(source_of).collect::<Vec<_>>(), ["actor:alice"]);
+        let fails: Vec<_> = (0..5).map(|i| failure(T0 + i, "bob", "10.0.0.3")).collect();
+        let f = run(&mut r, &fails);
+        assert_eq!(
+            f.iter().map(source_of).collect::<Vec<_>>(),
+            ["addr:10.0.0.3"]
+        );
     }
 
     #[test]

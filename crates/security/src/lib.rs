@@ -22,6 +22,8 @@
 //! - [`inventory`]: what each device's stored headers say (manufacturer,
 //!   model, software versions…) with history, and unknown devices that
 //!   tried to connect.
+//! - [`admission`]: per-address and total caps on a listener's sockets,
+//!   evicting the oldest unproven socket rather than refusing a newcomer.
 //! - [`syslog`]: reliable export of audit messages to a syslog collector
 //!   (RFC 5424 over TLS, RFC 5425), through an encrypted on-disk spool.
 //!
@@ -29,6 +31,7 @@
 //! [`policy::decide`] is a pure function with an exhaustive `match`.
 
 pub mod accounts;
+pub mod admission;
 pub mod alerts;
 pub mod audit;
 pub mod db;

@@ -261,13 +261,14 @@
         tr.dataset.rule = a.rule;
         cell(tr, when(a.ts));
         cell(tr, '').appendChild(tag(a.severity, a.severity === 'high' ? 'warn' : a.severity === 'medium' ? 'mid' : ''));
-        cell(tr, a.summary);
+        cell(tr, a.count > 1 ? `${a.summary} (×${a.count})` : a.summary);
         cell(tr, a.status);
         tr.addEventListener('click', () => openAlert(a.id));
         tr.addEventListener('keydown', (ev) => { if (ev.key === 'Enter') openAlert(a.id); });
         body.appendChild(tr);
       }
       $('alerts-empty').hidden = alerts.length > 0;
+      $('ack-all-form').hidden = !alerts.some((a) => a.status === 'open');
     });
   }
   async function openAlert(id) {
@@ -290,6 +291,7 @@
       fact('Rule', a.rule);
       fact('Severity', a.severity);
       fact('When', when(a.ts));
+      if (a.count > 1) fact('Findings', `${a.count}, the latest ${when(a.last_ts)}`);
       for (const [k, v] of Object.entries(a.details || {})) {
         if (k !== 'evidence') fact(k.replaceAll('_', ' '), v);
       }
@@ -322,6 +324,17 @@
       await loadAlerts();
       await openAlert(id);
       message($('ack-done'), 'Acknowledged.');
+    });
+  });
+  $('ack-all-form').addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const comment = $('ack-all-comment').value.trim();
+    await guarded('alerts-error', async () => {
+      const r = await apiJson('/api/alerts/ack', { method: 'POST', json: { all: true, comment } });
+      $('ack-all-comment').value = '';
+      $('alert-detail').hidden = true;
+      await loadAlerts();
+      message($('ack-all-done'), `${r.count} alert(s) acknowledged.`);
     });
   });
   $('alerts-all').addEventListener('change', loadAlerts);

@@ -1,8 +1,9 @@
 //! `GET /api/alerts` (the alerts of the detection rules, open first),
 //! `GET /api/alerts/{id}` (one alert with its evidence), `POST
-//! /api/alerts/{id}/ack` and `GET /metrics` (Prometheus text format), all
-//! for callers with the audit permission (roles `admin` and `auditor`) on
-//! the main HTTPS listener.
+//! /api/alerts/{id}/ack`, `POST /api/alerts/ack` (bulk acknowledgement by
+//! ids or filter) and `GET /metrics` (Prometheus text format), all for
+//! callers with the audit permission (roles `admin` and `auditor`) on the
+//! main HTTPS listener.
 
 use axum::{
     extract::{Path, Query, Request, State},
@@ -11,7 +12,10 @@ use axum::{
     Extension, Json,
 };
 use bastion_model::WebPermission;
-use bastion_security::{alerts::Alert, events::Outcome};
+use bastion_security::{
+    alerts::{AckFilter, Alert},
+    events::Outcome,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -140,17 +144,7 @@ pub async fn ack(
     let detection = state.alerts().ok_or(ApiError::NotFound)?;
     let id = alert_id(&id)?;
     let b: AckBody = json_body(&state, &parts, body).await?;
-    let comment = b.comment.trim().to_owned();
-    if comment.is_empty() {
-        return Err(ApiError::BadRequest(
-            "invalid comment: say why the alert is acknowledged".into(),
-        ));
-    }
-    if comment.chars().count() > MAX_COMMENT_CHARS {
-        return Err(ApiError::BadRequest(format!(
-            "invalid comment: at most {MAX_COMMENT_CHARS} characters"
-        )));
-    }
+    let comment = checked_comment(&b.comment)?;
     let by = caller.identity.username.clone();
     let text = comment.clone();
     let (alert, acknowledged) = blocking(move || {
@@ -175,6 +169,107 @@ pub async fn ack(
                "comment": comment}),
     );
     Ok(Json(alert))
+}
+
+/// Most ids named in one `alert.acknowledged` event of a bulk
+/// acknowledgement (the count is always complete).
+const MAX_IDS_IN_EVENT: usize = 1000;
+
+/// `POST /api/alerts/ack` `{"comment": "why", "ids": [1, 2]}` or with a
+/// filter instead of ids: `"rule": "unknown_device"`, `"before":
+/// "2026-01-01T00:00:00Z"` (RFC 3339), or `"all": true` for every open
+/// alert; conditions given together must all hold. → 200 `{"acknowledged":
+/// [ids], "count": n}` (already acknowledged alerts are skipped, not an
+/// error), recorded as one `alert.acknowledged` with the web user as
+/// `actor`, the ids and the count.
+///
+/// # Errors
+/// 400 for a missing, empty or too long comment, no ids and no filter (say
+/// `"all": true`), an empty id list, or a malformed `before`; 403 without
+/// the audit permission.
+pub async fn ack_many(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(note): Extension<Note>,
+    req: Request,
+) -> Result<Json<Value>, ApiError> {
+    note.action("alerts.ack");
+    let (parts, body) = crate::admin::permitted(&caller, WebPermission::Audit, req).await?;
+    let detection = state.alerts().ok_or(ApiError::NotFound)?;
+    let b: AckManyBody = json_body(&state, &parts, body).await?;
+    let comment = checked_comment(&b.comment)?;
+    if b.ids.as_ref().is_some_and(Vec::is_empty) {
+        return Err(ApiError::BadRequest(
+            "invalid ids: the list is empty".into(),
+        ));
+    }
+    let before = match b.before.as_deref() {
+        None => None,
+        Some(t) => Some(
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                .map_err(|_| {
+                    ApiError::BadRequest(
+                        "invalid before: an RFC 3339 time like 2026-01-01T00:00:00Z".into(),
+                    )
+                })?,
+        ),
+    };
+    let filter = AckFilter {
+        ids: b.ids,
+        rule: b.rule,
+        before,
+    };
+    if filter == AckFilter::default() && b.all != Some(true) {
+        return Err(ApiError::BadRequest(
+            "say which alerts: ids, rule, before, or \"all\": true".into(),
+        ));
+    }
+    let by = caller.identity.username.clone();
+    let text = comment.clone();
+    let f = filter.clone();
+    let ids = blocking(move || detection.store().acknowledge_many(&f, &by, &text))
+        .await?
+        .map_err(security_error)?;
+    state.archive().events().record(
+        "alert.acknowledged",
+        Outcome::Success,
+        json!({"actor": caller.identity.username,
+               "alert_ids": ids.iter().take(MAX_IDS_IN_EVENT).collect::<Vec<_>>(),
+               "count": ids.len(), "rule": filter.rule, "bulk": true, "comment": comment}),
+    );
+    Ok(Json(json!({"acknowledged": ids, "count": ids.len()})))
+}
+
+/// A trimmed, non-empty comment of at most [`MAX_COMMENT_CHARS`] characters.
+fn checked_comment(raw: &str) -> Result<String, ApiError> {
+    let comment = raw.trim().to_owned();
+    if comment.is_empty() {
+        return Err(ApiError::BadRequest(
+            "invalid comment: say why the alert is acknowledged".into(),
+        ));
+    }
+    if comment.chars().count() > MAX_COMMENT_CHARS {
+        return Err(ApiError::BadRequest(format!(
+            "invalid comment: at most {MAX_COMMENT_CHARS} characters"
+        )));
+    }
+    Ok(comment)
+}
+
+/// The body of `POST /api/alerts/ack`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AckManyBody {
+    /// Why the alerts are acknowledged.
+    comment: String,
+    /// Only these alerts.
+    ids: Option<Vec<i64>>,
+    /// Only alerts of this rule.
+    rule: Option<String>,
+    /// Only alerts raised before this time (RFC 3339).
+    before: Option<String>,
+    /// `true`: every open alert (required when no other condition is given).
+    all: Option<bool>,
 }
 
 /// The body of `POST /api/alerts/{id}/ack`.

@@ -134,7 +134,8 @@ impl AppState {
     }
 
     /// Serves `GET /api/alerts`, `GET /api/alerts/{id}`, `POST
-    /// /api/alerts/{id}/ack` and `GET /metrics` from this detector.
+    /// /api/alerts/{id}/ack`, `POST /api/alerts/ack` and `GET /metrics` from
+    /// this detector.
     pub fn with_alerts(self, detection: Arc<bastion_security::alerts::Detection>) -> AppState {
         let mut inner = Arc::unwrap_or_clone(self.0);
         inner.alerts = Some(detection);
@@ -198,6 +199,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/audit", get(audit_api::search))
         .route("/api/alerts", get(alerts::list))
         .route("/api/alerts/{id}", get(alerts::get))
+        .route("/api/alerts/ack", post(alerts::ack_many))
         .route("/api/alerts/{id}/ack", post(alerts::ack))
         .route("/api/audit/chain", get(audit_chain::status))
         .route(

@@ -1,18 +1,31 @@
 //! The TLS listener: rustls (aws-lc-rs; TLS 1.3 and 1.2; ALPN `http/1.1`)
 //! in front of hyper's HTTP/1.1 connection, one task per connection.
 //!
-//! Bounds on every connection, before any request reaches the router: at
-//! most [`ConnectionLimits::max_connections`] at once (more are closed at
-//! accept), the TLS handshake within
+//! Bounds on every connection, before any request reaches the router:
+//! admission by [`bastion_security::admission`] (at most
+//! [`ConnectionLimits::max_connections`] sockets, at most
+//! [`ConnectionLimits::max_connections_per_address`] from one address, of
+//! which at most [`ConnectionLimits::max_unproven_per_address`] not yet past
+//! the TLS handshake and a first request's headers; a newcomer evicts the
+//! oldest such unproven socket of its own address, or of the address holding
+//! the most when the listener is full, so idle sockets from one host or from
+//! hundreds cannot lock anyone out, not even a client at the flooding
+//! address), the TLS handshake within
 //! [`ConnectionLimits::handshake_timeout`], each request's headers within
 //! [`ConnectionLimits::header_timeout`] (hyper closes a slowloris
-//! connection), headers at most [`ConnectionLimits::max_header_bytes`].
+//! connection, and an idle keep-alive one), headers at most
+//! [`ConnectionLimits::max_header_bytes`].
 //! There is no plaintext listener: a client speaking HTTP to the port fails
 //! the TLS handshake.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use axum::{extract::ConnectInfo, Router};
+use bastion_security::admission::{Admission, AdmissionLimits, Ticket};
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
@@ -21,14 +34,24 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer},
     ServerConfig,
 };
-use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio::{
+    net::TcpListener,
+    sync::{watch, Notify},
+    task::JoinSet,
+};
 use tower::ServiceExt;
 
 /// Per-connection bounds.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
-    /// Connections served at once.
+    /// Connections held at once.
     pub max_connections: usize,
+    /// Connections held at once from one source address (IPv6: one /64).
+    pub max_connections_per_address: usize,
+    /// Connections from one source address not yet past the TLS handshake
+    /// and a first request's headers; a newcomer beyond it evicts the
+    /// oldest.
+    pub max_unproven_per_address: usize,
     /// TLS handshake deadline.
     pub handshake_timeout: Duration,
     /// Deadline for a request's headers (and for the next request on an
@@ -42,6 +65,8 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         ConnectionLimits {
             max_connections: 256,
+            max_connections_per_address: 64,
+            max_unproven_per_address: 16,
             handshake_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
             max_header_bytes: 64 << 10,
@@ -78,7 +103,11 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let admission = Admission::new(AdmissionLimits {
+        max_total: limits.max_connections,
+        max_per_address: limits.max_connections_per_address,
+        max_unproven_per_address: limits.max_unproven_per_address,
+    });
     let mut tasks = JoinSet::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -93,18 +122,22 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         while tasks.try_join_next().is_some() {}
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, max = limits.max_connections, "HTTPS connection refused: too many connections");
-            continue;
+        let evicted = Arc::new(Notify::new());
+        let wake = evicted.clone();
+        let ticket = match admission.admit(peer.ip(), Box::new(move || wake.notify_one())) {
+            Ok(t) => t,
+            Err(refusal) => {
+                tracing::warn!(%peer, reason = refusal.describe(), "HTTPS connection refused");
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         let mut stop = shutdown.clone();
         tasks.spawn(async move {
-            let _permit = permit;
-            let stream =
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+            let stream = tokio::select! {
+                r = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)) => match r {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -114,8 +147,14 @@ pub async fn serve(
                         tracing::debug!(%peer, "TLS handshake timed out");
                         return;
                     }
-                };
-            serve_connection(stream, peer, app, limits, &mut stop).await;
+                },
+                () = evicted.notified() => {
+                    tracing::debug!(%peer, "connection closed in the TLS handshake: evicted by a newer one");
+                    return;
+                }
+            };
+            let ticket = Arc::new(Mutex::new(ticket));
+            serve_connection(stream, peer, app, limits, ticket, &evicted, &mut stop).await;
         });
     }
     tracing::info!("HTTPS listener stopped; finishing open connections");
@@ -131,11 +170,16 @@ async fn serve_connection<S>(
     peer: SocketAddr,
     app: Router,
     limits: ConnectionLimits,
+    ticket: Arc<Mutex<Ticket>>,
+    evicted: &Notify,
     stop: &mut watch::Receiver<bool>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = app.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+        // A whole request head arrived: the connection can no longer be
+        // evicted by newcomers (it still counts against the caps).
+        ticket.lock().unwrap_or_else(|p| p.into_inner()).prove();
         req.extensions_mut().insert(ConnectInfo(peer));
         req
     });
@@ -152,6 +196,11 @@ async fn serve_connection<S>(
             if let Err(e) = r {
                 tracing::debug!(%peer, error = %e, "HTTPS connection ended with an error");
             }
+        }
+        // Only an unproven connection is ever evicted (before its first
+        // request's headers): nothing is lost by dropping it.
+        () = evicted.notified() => {
+            tracing::debug!(%peer, "connection closed before its first request: evicted by a newer one");
         }
         _ = stop.changed() => {
             conn.as_mut().graceful_shutdown();

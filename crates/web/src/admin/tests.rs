@@ -277,6 +277,12 @@ fn routes() -> Vec<(Method, &'static str, Option<Value>, WebPermission)> {
             Some(json!({"comment": "x"})),
             WebPermission::Audit,
         ),
+        (
+            Method::POST,
+            "/api/alerts/ack",
+            Some(json!({"comment": "x", "all": true})),
+            WebPermission::Audit,
+        ),
         (Method::GET, "/api/audit/chain", None, WebPermission::Audit),
     ]
 }
@@ -833,6 +839,142 @@ async fn alerts_show_their_evidence_and_are_acknowledged_once() {
     assert_eq!(acks[0]["actor"], "auditor-user");
     assert_eq!(acks[0]["alert_id"], alert.id);
     assert_eq!(acks[0]["comment"], "known pentest");
+}
+
+#[tokio::test]
+async fn alerts_are_acknowledged_in_bulk_by_ids_or_filter() {
+    let f = fixture();
+    let store = f.detection.store();
+    let finding = |rule: Rule, peer: &str| Finding {
+        rule,
+        ts: time::OffsetDateTime::now_utc(),
+        summary: format!("{} from {peer}", rule.name()),
+        details: json!({"peer": peer})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+        evidence: Vec::new(),
+    };
+    let a1 = store
+        .insert(&finding(Rule::UnknownDevice, "10.0.0.1"))
+        .expect("1");
+    let a2 = store
+        .insert(&finding(Rule::UnknownDevice, "10.0.0.2"))
+        .expect("2");
+    let a3 = store
+        .insert(&finding(Rule::AssociationScan, "10.0.0.3"))
+        .expect("3");
+    let a4 = store
+        .insert(&finding(Rule::SecurityChange, "10.0.0.4"))
+        .expect("4");
+    let bulk = "/api/alerts/ack";
+    // Refusals: no selection, an empty id list, a bad time, no comment; and
+    // roles without the audit permission (also in every_route_needs_…).
+    for (body, want) in [
+        (json!({"comment": "x"}), StatusCode::BAD_REQUEST),
+        (
+            json!({"comment": "x", "all": false}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (json!({"comment": "x", "ids": []}), StatusCode::BAD_REQUEST),
+        (
+            json!({"comment": "x", "before": "yesterday"}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({"comment": " ", "all": true}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (json!({"all": true}), StatusCode::BAD_REQUEST),
+    ] {
+        let (s, v) = call(
+            &f,
+            req(Method::POST, bulk, "tok-auditor", Some(body.clone())),
+        )
+        .await;
+        assert_eq!(s, want, "{body}: {v}");
+    }
+    for who in ["tok-clinician", "tok-technologist", "tok-researcher"] {
+        let (s, _) = call(
+            &f,
+            req(
+                Method::POST,
+                bulk,
+                who,
+                Some(json!({"comment": "x", "all": true})),
+            ),
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{who}");
+    }
+    assert_eq!(
+        store.list(false, 100).expect("list").len(),
+        4,
+        "nothing acknowledged yet"
+    );
+    // By rule.
+    let (s, v) = call(
+        &f,
+        req(
+            Method::POST,
+            bulk,
+            "tok-auditor",
+            Some(json!({"comment": "scanner test", "rule": "unknown_device"})),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["acknowledged"], json!([a1.id, a2.id]));
+    assert_eq!(v["count"], 2);
+    // By ids (an already acknowledged one is skipped).
+    let (s, v) = call(
+        &f,
+        req(
+            Method::POST,
+            bulk,
+            "sess-admin",
+            Some(json!({"comment": "seen", "ids": [a1.id, a3.id]})),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["acknowledged"], json!([a3.id]));
+    // Everything before a time in the past: none; then all.
+    let (_, v) = call(
+        &f,
+        req(
+            Method::POST,
+            bulk,
+            "tok-admin",
+            Some(json!({"comment": "old", "before": "2000-01-01T00:00:00Z"})),
+        ),
+    )
+    .await;
+    assert_eq!(v["count"], 0, "{v}");
+    let (_, v) = call(
+        &f,
+        req(
+            Method::POST,
+            bulk,
+            "tok-admin",
+            Some(json!({"comment": "all reviewed", "all": true})),
+        ),
+    )
+    .await;
+    assert_eq!(v["acknowledged"], json!([a4.id]), "{v}");
+    assert!(store.list(false, 100).expect("list").is_empty());
+    let got = store.get(a2.id).expect("get").expect("a2");
+    let ack = got.ack.expect("acknowledged");
+    assert_eq!(
+        (ack.by.as_str(), ack.comment.as_str()),
+        ("auditor-user", "scanner test")
+    );
+    let acks = of_type(&f.events, "alert.acknowledged");
+    assert_eq!(acks.len(), 4);
+    assert_eq!(acks[0]["actor"], "auditor-user");
+    assert_eq!(acks[0]["alert_ids"], json!([a1.id, a2.id]));
+    assert_eq!(acks[0]["count"], 2);
+    assert_eq!(acks[1]["actor"], "admin-user");
 }
 
 #[tokio::test]
