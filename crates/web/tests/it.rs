@@ -88,10 +88,6 @@ impl AccountService for FakeAccounts {
     }
 }
 
-fn archive(dir: &Path) -> Arc<Archive> {
-    archive_with(dir, Limits::default())
-}
-
 fn archive_with(dir: &Path, limits: Limits) -> Arc<Archive> {
     let master = MasterKey::from_bytes([7u8; 32]);
     let store = BlobStore::open(&dir.join("blobs"), master.clone()).expect("store");
