@@ -92,3 +92,19 @@ def test_parallel_deflate_bombs_are_refused_within_the_memory_bound(make_server,
     status, _, doc, _ = bombs.stow(srv, tokens[1], bombs.multipart(p2.read_bytes()))
     assert status == 200, doc
     assert srv.instance_get(uid2) is not None
+
+
+def test_association_continues_after_a_refused_bomb(make_server, bomb_file, tmp_path):
+    """A lone bomb is refused (0xA700) at its association's share of the memory
+    budget, not as 'budget in use', and does not end its association: the next
+    C-STORE on it is stored."""
+    bomb_uid, bomb_file = bomb_file
+    srv = make_server(plain=True)
+    srv.device_add("BOMBSEQ", transport="plain", allow="echo,store")
+    uid, p = _normal_file(tmp_path, "same-assoc.dcm")
+    results = helpers.store_files(srv.plain_port, "BOMBSEQ", [bomb_file, p])
+    assert results == {bomb_file: helpers.OUT_OF_RESOURCES, p: helpers.SUCCESS}, results
+    assert srv.instance_get(uid) is not None
+    assert srv.instance_get(bomb_uid, check=False) is None
+    refused = [e for e in srv.events() if e.get("type") == "store.refused"]
+    assert refused and all("budget of" not in str(e) for e in refused), refused
