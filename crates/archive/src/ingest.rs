@@ -25,6 +25,7 @@ use dicom_transfer_syntax_registry::{entries, TransferSyntaxRegistry};
 use sha2::{Digest, Sha256};
 
 use crate::{
+    budget::{BudgetError, MemoryBudget, Reservation},
     scan::{self, Encoding, ScanLimits},
     ArchiveError, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME,
 };
@@ -42,6 +43,11 @@ pub struct Limits {
     pub max_sequence_depth: u32,
     /// Parses running at once (each holds one dataset's attributes).
     pub max_concurrent_parses: usize,
+    /// Global memory budget for received datasets, request bodies and
+    /// inflated datasets ([`crate::budget`]).
+    pub memory_budget_bytes: u64,
+    /// The most one association, request or ingest may hold of it.
+    pub transfer_budget_bytes: u64,
 }
 
 impl Default for Limits {
@@ -52,6 +58,8 @@ impl Default for Limits {
             max_inflated_bytes: 1 << 30,
             max_sequence_depth: 16,
             max_concurrent_parses: 4,
+            memory_budget_bytes: 384 << 20,
+            transfer_budget_bytes: 256 << 20,
         }
     }
 }
@@ -147,6 +155,7 @@ pub struct Archive {
     index: Arc<Index>,
     events: Arc<EventLog>,
     limits: Limits,
+    budget: MemoryBudget,
     parses: Slots,
     /// `None` once the archive is being dropped (closes the channel so the
     /// group-commit thread ends).
@@ -181,6 +190,7 @@ impl Archive {
                 free: Mutex::new(limits.max_concurrent_parses.max(1)),
                 cv: Condvar::new(),
             },
+            budget: MemoryBudget::new(limits.memory_budget_bytes, limits.transfer_budget_bytes),
             limits,
             committer: Mutex::new(Some(tx)),
             commit_thread: Mutex::new(commit_thread),
@@ -209,6 +219,12 @@ impl Archive {
         self.limits
     }
 
+    /// The global memory budget: front ends take one [`Reservation`] per
+    /// association or request from it and grow it as they buffer.
+    pub fn budget(&self) -> &MemoryBudget {
+        &self.budget
+    }
+
     /// Runs the pipeline. Returns only after the instance is durable and
     /// indexed (or known to be a duplicate).
     ///
@@ -218,7 +234,25 @@ impl Archive {
     /// [`ArchiveError::TooLarge`], [`ArchiveError::NoSpace`],
     /// [`ArchiveError::Internal`]. Nothing is visible after an error.
     pub fn ingest(&self, received: Received, origin: &Origin) -> Result<Ingested, ArchiveError> {
-        let result = self.ingest_inner(received, origin);
+        self.ingest_reserved(received, origin, &mut self.budget.transfer())
+    }
+
+    /// [`Archive::ingest`] for a dataset whose bytes `reservation` already
+    /// covers (the front end's association or request): the inflated form
+    /// of a deflated dataset is reserved from it too, and inflation stops as
+    /// soon as it cannot grow (deflate bomb: [`ArchiveError::TooLarge`] or
+    /// [`ArchiveError::Busy`], nothing stored). The caller gives back what
+    /// it reserved for the dataset; inflation gives back its own share.
+    ///
+    /// # Errors
+    /// As [`Archive::ingest`], and [`ArchiveError::Busy`].
+    pub fn ingest_reserved(
+        &self,
+        received: Received,
+        origin: &Origin,
+        reservation: &mut Reservation,
+    ) -> Result<Ingested, ArchiveError> {
+        let result = self.ingest_inner(received, origin, reservation);
         match &result {
             Ok(Ingested::Stored { sop_instance_uid }) => self.events.record(
                 "store.stored",
@@ -250,7 +284,12 @@ impl Archive {
         result
     }
 
-    fn ingest_inner(&self, received: Received, origin: &Origin) -> Result<Ingested, ArchiveError> {
+    fn ingest_inner(
+        &self,
+        received: Received,
+        origin: &Origin,
+        reservation: &mut Reservation,
+    ) -> Result<Ingested, ArchiveError> {
         let _slot = self.parses.acquire();
         let (dataset, ts_uid, affected, preamble_alert) = match received {
             Received::Network {
@@ -276,7 +315,11 @@ impl Archive {
             });
         }
         let ts_uid = ts_uid.trim_end_matches(['\0', ' ']).to_owned();
-        let (parsed, content_sha256) = self.parse(raw, &ts_uid)?;
+        let held_before = reservation.held();
+        let parsed = self.parse(raw, &ts_uid, reservation);
+        // The inflated copy is gone: give its share back.
+        reservation.shrink(reservation.held().saturating_sub(held_before));
+        let (parsed, content_sha256) = parsed?;
         let attrs = crate::extract::extract(&parsed)?;
         let device = self
             .inventory
@@ -452,7 +495,12 @@ impl Archive {
     /// returns the content hash used to tell an identical re-send from a
     /// conflicting one: SHA-256 of the (inflated) dataset bytes without
     /// group lengths and trailing padding, which senders drop or add freely.
-    fn parse(&self, raw: &[u8], ts_uid: &str) -> Result<(InMemDicomObject, String), ArchiveError> {
+    fn parse(
+        &self,
+        raw: &[u8],
+        ts_uid: &str,
+        reservation: &mut Reservation,
+    ) -> Result<(InMemDicomObject, String), ArchiveError> {
         let ts = TransferSyntaxRegistry.get(ts_uid).ok_or_else(|| {
             ArchiveError::NotDicom(format!("unsupported transfer syntax {ts_uid}"))
         })?;
@@ -460,18 +508,7 @@ impl Archive {
         let inflated;
         let (buf, enc) = if deflated {
             // PS3.5 Annex A.5: the dataset is raw deflate of explicit VR LE.
-            let mut out = Vec::new();
-            let cap = self.limits.max_inflated_bytes;
-            flate2::read::DeflateDecoder::new(raw)
-                .take(cap + 1)
-                .read_to_end(&mut out)
-                .map_err(|e| {
-                    ArchiveError::NotDicom(format!("deflated dataset cannot be inflated: {e}"))
-                })?;
-            if out.len() as u64 > cap {
-                return Err(ArchiveError::TooLarge { limit: cap });
-            }
-            inflated = out;
+            inflated = inflate(raw, self.limits.max_inflated_bytes, reservation)?;
             (
                 &inflated[..],
                 Encoding {
@@ -707,6 +744,56 @@ fn now() -> String {
 
 #[allow(dead_code)]
 const _PIXEL: Tag = tags::PIXEL_DATA;
+
+/// Inflates a raw-deflate stream (PS3.5 Annex A.5) chunk by chunk, growing
+/// `reservation` before the output grows: a deflate bomb is stopped at
+/// `max_inflated` bytes or as soon as the memory budget has no room, having
+/// held at most that much, never its full inflated size.
+///
+/// # Errors
+/// [`ArchiveError::NotDicom`] for a corrupt stream, [`ArchiveError::TooLarge`]
+/// over `max_inflated` or the per-transfer budget, [`ArchiveError::Busy`]
+/// when the global budget is in use.
+pub fn inflate(
+    deflated: &[u8],
+    max_inflated: u64,
+    reservation: &mut Reservation,
+) -> Result<Vec<u8>, ArchiveError> {
+    let mut decoder = flate2::read::DeflateDecoder::new(deflated);
+    let mut out = Vec::new();
+    let mut chunk = vec![0u8; INFLATE_CHUNK];
+    loop {
+        let n = match decoder.read(&mut chunk) {
+            Ok(0) => return Ok(out),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(ArchiveError::NotDicom(format!(
+                    "deflated dataset cannot be inflated: {e}"
+                )))
+            }
+        };
+        if (out.len() + n) as u64 > max_inflated {
+            return Err(ArchiveError::TooLarge {
+                limit: max_inflated,
+            });
+        }
+        reservation
+            .extend(&mut out, &chunk[..n])
+            .map_err(budget_err)?;
+    }
+}
+
+/// Bytes inflated per step.
+const INFLATE_CHUNK: usize = 64 * 1024;
+
+/// A reservation that could not grow, as an ingest error.
+pub fn budget_err(e: BudgetError) -> ArchiveError {
+    match e {
+        BudgetError::TransferLimit { limit } => ArchiveError::TooLarge { limit },
+        BudgetError::Exhausted { limit } => ArchiveError::Busy { limit },
+    }
+}
 
 /// Most bytes reserved up front for a retrieved instance (its recorded size is
 /// trusted only up to this; larger ones grow as they are decrypted).

@@ -17,6 +17,7 @@
 //! - nothing here knows dicom-ul, HTTP or SQL: errors are [`ArchiveError`],
 //!   mapped to DIMSE statuses by `bastion-dimse` in one function.
 
+pub mod budget;
 pub mod charset;
 pub mod extract;
 pub mod ingest;
@@ -59,6 +60,13 @@ pub enum ArchiveError {
     #[error("dataset exceeds the configured limit of {limit} bytes")]
     TooLarge {
         /// The limit in bytes.
+        limit: u64,
+    },
+    /// The global memory budget has no room now (0xA700; STOW-RS 503 with
+    /// `Retry-After` for a whole request): retrying later may succeed.
+    #[error("the server's memory budget of {limit} bytes is in use; retry later")]
+    Busy {
+        /// The global budget in bytes.
         limit: u64,
     },
     /// The disk is full (0xA700).

@@ -314,3 +314,117 @@ fn mutated_datasets_are_refused_or_stored_never_panic() {
     assert_eq!(stored + refused, 3000);
     assert!(refused > 1000, "most mutations must be refused ({refused})");
 }
+
+/// An archive with a small memory budget (`total`, `per_transfer` bytes).
+fn archive_with_budget(dir: &Path, total: u64, per_transfer: u64) -> Arc<Archive> {
+    let master = MasterKey::from_bytes([9u8; 32]);
+    let store = BlobStore::open(&dir.join("blobs"), master.clone()).expect("store");
+    let index =
+        Index::open(&dir.join("index.db"), &master.derive("bastion index v1")).expect("index");
+    let events = EventLog::open(&dir.join("events/events.log")).expect("events");
+    Arc::new(Archive::new(
+        Arc::new(store),
+        Arc::new(index),
+        Arc::new(events),
+        Limits {
+            memory_budget_bytes: total,
+            transfer_budget_bytes: per_transfer,
+            ..Limits::default()
+        },
+    ))
+}
+
+/// A Deflated Explicit VR Little Endian dataset (PS3.5 Annex A.5): the
+/// instance's attributes, then (7FE0,0010) OB of `zeros` zero bytes, raw
+/// deflated (a deflate bomb when `zeros` is large).
+fn deflated(sop: &str, zeros: u32) -> Received {
+    use std::io::Write;
+    let (mut ds, _) = instance(sop, "deflated");
+    ds.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0]);
+    ds.extend_from_slice(&zeros.to_le_bytes());
+    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    z.write_all(&ds).expect("deflate");
+    let block = vec![0u8; 1 << 20];
+    let mut left = zeros as usize;
+    while left > 0 {
+        let n = left.min(block.len());
+        z.write_all(&block[..n]).expect("deflate");
+        left -= n;
+    }
+    Received::Network {
+        dataset: z.finish().expect("deflate"),
+        transfer_syntax: "1.2.840.10008.1.2.1.99".into(),
+        affected_sop_class: "1.2.840.10008.5.1.4.1.1.7".into(),
+        affected_sop_instance: sop.into(),
+    }
+}
+
+/// A deflate bomb is inflated only as far as one transfer's budget: 64 MiB
+/// of zeros (well under `max_inflated_bytes`, so accepted before the budget
+/// existed) is refused at the 8 MiB per-transfer cap, nothing stays
+/// reserved and nothing is stored; a small deflated instance is stored.
+#[test]
+fn deflate_bomb_stops_at_the_transfer_budget() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = archive_with_budget(dir.path(), 16 << 20, 8 << 20);
+    let o = origin(OnConflict::Refuse);
+    let bomb = deflated("1.2.3.500", 64 << 20);
+    if let Received::Network { dataset, .. } = &bomb {
+        assert!(dataset.len() < 1 << 20, "a bomb: {} bytes", dataset.len());
+    }
+    match a.ingest(bomb, &o) {
+        Err(ArchiveError::TooLarge { limit }) => assert_eq!(limit, 8 << 20),
+        other => panic!("expected TooLarge at the transfer budget, got {other:?}"),
+    }
+    assert_eq!(a.budget().in_use(), 0);
+    assert_eq!(a.index().counts().expect("counts").instances, 0);
+    let small = a.ingest(deflated("1.2.3.501", 1 << 20), &o);
+    assert!(matches!(small, Ok(Ingested::Stored { .. })), "{small:?}");
+    assert_eq!(a.budget().in_use(), 0);
+}
+
+/// When other transfers hold the global budget, inflation stops as soon as
+/// it has no room (Busy: 0xA700 / 503 + Retry-After) and the same instance
+/// is stored once the budget is free again.
+#[test]
+fn inflation_is_refused_while_the_global_budget_is_in_use() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = archive_with_budget(dir.path(), 16 << 20, 8 << 20);
+    let o = origin(OnConflict::Refuse);
+    let mut others = [a.budget().transfer(), a.budget().transfer()];
+    others[0].grow(8 << 20).expect("room");
+    others[1].grow(6 << 20).expect("room");
+    match a.ingest(deflated("1.2.3.502", 4 << 20), &o) {
+        Err(ArchiveError::Busy { limit }) => assert_eq!(limit, 16 << 20),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    assert_eq!(a.budget().in_use(), 14 << 20);
+    drop(others);
+    let r = a.ingest(deflated("1.2.3.502", 4 << 20), &o);
+    assert!(matches!(r, Ok(Ingested::Stored { .. })), "{r:?}");
+}
+
+/// `inflate` never holds more than its reservation allows, and gives a
+/// corrupt stream a clear error.
+#[test]
+fn inflate_holds_at_most_the_reservation() {
+    use std::io::Write;
+    let budget = bastion_archive::budget::MemoryBudget::new(64 << 20, 3 << 20);
+    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+    z.write_all(&vec![0u8; 32 << 20]).expect("deflate");
+    let bomb = z.finish().expect("deflate");
+    let mut r = budget.transfer();
+    let e = bastion_archive::ingest::inflate(&bomb, 1 << 30, &mut r);
+    assert!(
+        matches!(e, Err(ArchiveError::TooLarge { limit }) if limit == 3 << 20),
+        "{e:?}"
+    );
+    assert!(r.held() <= 3 << 20);
+    r.release_all();
+    assert_eq!(budget.in_use(), 0);
+    let garbage = bastion_archive::ingest::inflate(&[0xFF; 64], 1 << 30, &mut budget.transfer());
+    assert!(
+        matches!(garbage, Err(ArchiveError::NotDicom(_))),
+        "{garbage:?}"
+    );
+}

@@ -389,6 +389,12 @@ pub struct LimitsSection {
     pub max_sequence_depth: u32,
     /// Datasets parsed at once.
     pub max_concurrent_parses: usize,
+    /// Global memory budget, MiB: received datasets, STOW-RS bodies and
+    /// inflated datasets together.
+    pub memory_budget_mib: u64,
+    /// The most one association, STOW-RS request or ingest may hold of the
+    /// memory budget, MiB.
+    pub transfer_budget_mib: u64,
 }
 
 impl Default for DicomSection {
@@ -415,6 +421,8 @@ impl Default for LimitsSection {
             max_inflated_bytes: 1 << 30,
             max_sequence_depth: 16,
             max_concurrent_parses: 4,
+            memory_budget_mib: 384,
+            transfer_budget_mib: 256,
         }
     }
 }
@@ -487,6 +495,13 @@ max_inflated_bytes = {mib}
 max_sequence_depth = {msd}
 # Datasets parsed at once (bounds memory under load).
 max_concurrent_parses = {mcp}
+# Memory budget, MiB, for everything peers make the server hold: datasets
+# being received (DICOM), STOW-RS bodies and inflated deflated datasets. When
+# it is in use, a C-STORE gets 0xA700 and a STOW-RS request 503 + Retry-After.
+memory_budget_mib = {mbm}
+# The most one association or STOW-RS request may hold of it, MiB (larger
+# datasets or bodies are refused: 0xA700 / 503).
+transfer_budget_mib = {tbm}
 
 [query]
 # A C-FIND matching more than this many entities is refused with 0xA700
@@ -621,6 +636,8 @@ webhook_queue = {dwq}
             mib = l.max_inflated_bytes,
             msd = l.max_sequence_depth,
             mcp = l.max_concurrent_parses,
+            mbm = l.memory_budget_mib,
+            tbm = l.transfer_budget_mib,
             mm = self.query.max_matches,
             http_addr = self.http.addr,
             cors = cors,

@@ -311,6 +311,8 @@ impl DataDir {
             max_inflated_bytes: l.max_inflated_bytes,
             max_sequence_depth: l.max_sequence_depth,
             max_concurrent_parses: l.max_concurrent_parses,
+            memory_budget_bytes: l.memory_budget_mib.saturating_mul(1 << 20),
+            transfer_budget_bytes: l.transfer_budget_mib.saturating_mul(1 << 20),
         };
         Ok(Arc::new(Archive::new(
             Arc::new(store),

@@ -28,6 +28,8 @@ use std::{
 };
 
 use bastion_archive::{
+    budget::Reservation,
+    ingest::budget_err,
     query::{level_name, unique_key, FindOptions, FindResponse, Model, Query, QueryIdentifier},
     transcode, Archive, ArchiveError, Ingested, Origin, Received,
 };
@@ -427,7 +429,8 @@ impl Dimse {
             command: Vec::new(),
             dataset: Vec::new(),
             pending: None,
-            overflow: false,
+            overflow: None,
+            reservation: self.archive.budget().transfer(),
             find: None,
             retrieve: None,
             next_store_id: 0,
@@ -574,7 +577,7 @@ impl Dimse {
                     };
                     if request.has_dataset() {
                         s.pending = Some((pdv.presentation_context_id, request));
-                        s.overflow = false;
+                        s.overflow = None;
                     } else {
                         self.dispatch(assoc, s, pdv.presentation_context_id, request, None)
                             .await?;
@@ -587,38 +590,54 @@ impl Dimse {
                     if *pc_id != pdv.presentation_context_id {
                         return Err("dataset fragment on another presentation context");
                     }
-                    if s.overflow
-                        || (s.dataset.len() + pdv.data.len()) as u64 > self.config.max_dataset_bytes
-                    {
-                        // Keep reading (and discarding) so the peer gets a
-                        // status instead of a broken association.
-                        s.overflow = true;
-                        s.dataset = Vec::new();
-                    } else {
-                        s.dataset.extend_from_slice(&pdv.data);
+                    if s.overflow.is_none() {
+                        let grown = if (s.dataset.len() + pdv.data.len()) as u64
+                            > self.config.max_dataset_bytes
+                        {
+                            Err(format!(
+                                "dataset exceeds the configured limit of {} bytes",
+                                self.config.max_dataset_bytes
+                            ))
+                        } else {
+                            s.reservation
+                                .extend(&mut s.dataset, &pdv.data)
+                                .map_err(|e| budget_err(e).to_string())
+                        };
+                        if let Err(comment) = grown {
+                            // Keep reading (and discarding) so the peer gets a
+                            // status instead of a broken association.
+                            tracing::warn!(peer = %s.peer, ae = %s.device.ae, reason = %comment, "C-STORE dataset discarded while receiving");
+                            s.overflow = Some(comment);
+                            s.dataset = Vec::new();
+                            s.reservation.release_all();
+                        }
                     }
                     if pdv.is_last {
                         let Some((pc_id, request)) = s.pending.take() else {
                             continue;
                         };
                         let dataset = std::mem::take(&mut s.dataset);
-                        let dataset = if s.overflow { None } else { Some(dataset) };
-                        let overflow = s.overflow;
-                        s.overflow = false;
-                        if overflow {
+                        if let Some(comment) = s.overflow.take() {
+                            drop(dataset);
+                            s.reservation.release_all();
+                            self.archive.events().record(
+                                "store.refused",
+                                Outcome::Refused,
+                                serde_json::json!({"ae": s.device.ae.as_str(), "peer": s.peer.to_string(), "reason": comment}),
+                            );
                             self.respond(
                                 assoc,
                                 pc_id,
                                 &request,
                                 Status::OUT_OF_RESOURCES,
-                                Some(format!(
-                                    "dataset exceeds the configured limit of {} bytes",
-                                    self.config.max_dataset_bytes
-                                )),
+                                Some(comment),
                             )
                             .await?;
                         } else {
-                            self.dispatch(assoc, s, pc_id, request, dataset).await?;
+                            let done = self.dispatch(assoc, s, pc_id, request, Some(dataset)).await;
+                            // The dataset is gone (ingested or answered).
+                            s.reservation.release_all();
+                            done?;
                         }
                     }
                 }
@@ -788,13 +807,19 @@ impl Dimse {
                     },
                 };
                 let archive = self.archive.clone();
-                let result = tokio::task::spawn_blocking(move || archive.ingest(received, &origin))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(bastion_archive::ArchiveError::Internal(format!(
-                            "ingest task failed: {e}"
-                        )))
-                    });
+                // The dataset's reservation goes with it into the ingest (which
+                // reserves its inflated form there) and is given back after.
+                let mut reservation =
+                    std::mem::replace(&mut s.reservation, self.archive.budget().transfer());
+                let result = tokio::task::spawn_blocking(move || {
+                    archive.ingest_reserved(received, &origin, &mut reservation)
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(bastion_archive::ArchiveError::Internal(format!(
+                        "ingest task failed: {e}"
+                    )))
+                });
                 let (st, comment) = match &result {
                     Ok(
                         Ingested::Stored { .. }
@@ -1784,7 +1809,12 @@ struct Session {
     command: Vec<u8>,
     dataset: Vec<u8>,
     pending: Option<(u8, Request)>,
-    overflow: bool,
+    /// Why the dataset being received is discarded (over `max_dataset_bytes`
+    /// or the memory budget): the Error Comment of its 0xA700.
+    overflow: Option<String>,
+    /// This association's share of the archive's memory budget, covering
+    /// `dataset` (and, during ingest, its inflated form).
+    reservation: Reservation,
     /// The C-FIND in progress, if any.
     find: Option<RunningFind>,
     /// The C-MOVE or C-GET in progress, if any.

@@ -70,7 +70,9 @@ pub fn for_ingest_error(e: &ArchiveError) -> (Status, String) {
         ArchiveError::NotDicom(_) => Status::CANNOT_UNDERSTAND,
         ArchiveError::InvalidDataset(_) => Status::DATASET_DOES_NOT_MATCH_SOP_CLASS,
         ArchiveError::Conflict { .. } => Status::DUPLICATE_SOP_INSTANCE,
-        ArchiveError::TooLarge { .. } | ArchiveError::NoSpace => Status::OUT_OF_RESOURCES,
+        ArchiveError::TooLarge { .. } | ArchiveError::Busy { .. } | ArchiveError::NoSpace => {
+            Status::OUT_OF_RESOURCES
+        }
         ArchiveError::NotFound(_) | ArchiveError::Internal(_) => Status::OUT_OF_RESOURCES,
         ArchiveError::InvalidQuery { .. } => Status::IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
         ArchiveError::TooManyMatches { .. } => Status::OUT_OF_RESOURCES,

@@ -12,6 +12,8 @@ use axum::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 
+use bastion_archive::budget::Reservation;
+
 use crate::error::ApiError;
 
 /// Reads `body` (at most `limit` bytes, within `deadline`).
@@ -42,6 +44,72 @@ pub async fn read_body(
         Ok(Ok(c)) => Ok(c.to_bytes()),
         Ok(Err(e)) => Err(classify(e.as_ref())),
     }
+}
+
+/// [`read_body`] under a memory budget (the STOW-RS body, PS3.18 §10.5):
+/// `reservation` grows before the buffer does, so a request that would hold
+/// more than its share of the server's memory budget is refused at once,
+/// with 503 and `Retry-After`, however its bytes arrive. 413 stays for a
+/// declared or streamed length over `limit` (`max_upload_bytes`).
+///
+/// # Errors
+/// [`ApiError::Busy`] when the budget cannot grow (also for a declared
+/// length over the per-request cap), and those of [`read_body`].
+pub async fn read_body_reserved(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    deadline: Duration,
+    reservation: &mut Reservation,
+) -> Result<Bytes, ApiError> {
+    let declared = declared_length(headers)?;
+    if let Some(len) = declared {
+        if len > limit as u64 {
+            return Err(ApiError::TooLarge);
+        }
+        if len > reservation.cap() {
+            return Err(ApiError::Busy);
+        }
+    }
+    let read = async {
+        let mut body = Limited::new(body, limit);
+        let mut buf = Vec::new();
+        // A declared length is reserved (and allocated) at once.
+        if let Some(len) = declared.and_then(|l| usize::try_from(l).ok()) {
+            reservation.grow(len as u64).map_err(|_| ApiError::Busy)?;
+            buf.reserve_exact(len);
+        }
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| classify(e.as_ref()))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() <= buf.capacity() {
+                    buf.extend_from_slice(&data);
+                } else {
+                    reservation
+                        .extend(&mut buf, &data)
+                        .map_err(|_| ApiError::Busy)?;
+                }
+            }
+        }
+        Ok(Bytes::from(buf))
+    };
+    match tokio::time::timeout(deadline, read).await {
+        Err(_) => Err(ApiError::BodyTimeout),
+        Ok(r) => r,
+    }
+}
+
+/// The `Content-Length` header, if any.
+fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .map(|len| {
+            len.to_str()
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| ApiError::BadRequest("malformed Content-Length".into()))
+        })
+        .transpose()
 }
 
 /// Maps a body error (ours, tower-http's limit or idle timeout, hyper's)

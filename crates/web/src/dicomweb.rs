@@ -30,6 +30,7 @@ use axum::{
     Extension, Router,
 };
 use bastion_archive::{
+    ingest::budget_err,
     query::{FindOptions, Query as ArchiveQuery, QueryIdentifier},
     transcode::{can_transcode, transcode, EXPLICIT_VR_LE},
     Archive, ArchiveError, Ingested, Origin, Received,
@@ -47,7 +48,7 @@ use serde_json::{json, Value};
 use crate::{
     audit::Note,
     auth::Caller,
-    body::read_body,
+    body::read_body_reserved,
     error::{failure_reason, ApiError},
     negotiate::{parse_accept, MediaRange},
     AppState,
@@ -951,7 +952,19 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
         ));
     }
     let cfg = state.config();
-    let body = read_body(&parts.headers, body, cfg.max_upload_bytes, cfg.body_timeout).await?;
+    // The body, each instance's copy and its inflated form are held under
+    // one reservation from the archive's memory budget: a request with no
+    // room left is refused whole (503, Retry-After), a deflate bomb inside
+    // it fails as its own instance (FailedSOPSequence, 0xA700).
+    let mut reservation = state.archive().budget().transfer();
+    let body = read_body_reserved(
+        &parts.headers,
+        body,
+        cfg.max_upload_bytes,
+        cfg.body_timeout,
+        &mut reservation,
+    )
+    .await?;
     let base = base_url(&parts.headers);
     let origin = Origin {
         // The user is in the request's own event (`http.request`); `peer`
@@ -997,7 +1010,22 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
                     }
                 }
             }
-            match archive.ingest(Received::File(part.body.to_vec()), &origin) {
+            let copy = part.body.len() as u64;
+            if let Err(e) = reservation.grow(copy) {
+                results.push(Stored::Failed {
+                    class: String::new(),
+                    sop: String::new(),
+                    reason: failure_reason(&budget_err(e)),
+                });
+                continue;
+            }
+            let ingested = archive.ingest_reserved(
+                Received::File(part.body.to_vec()),
+                &origin,
+                &mut reservation,
+            );
+            reservation.shrink(copy);
+            match ingested {
                 Ok(
                     Ingested::Stored { sop_instance_uid }
                     | Ingested::Duplicate { sop_instance_uid }

@@ -95,6 +95,10 @@ pub enum ApiError {
         "the audit trail is not recording: patient data is not served until it is; retry later"
     )]
     AuditUnavailable,
+    /// The memory budget has no room for this request now (503 with
+    /// `Retry-After`: [`BUSY_RETRY_AFTER_SECS`]).
+    #[error("server busy: its memory budget is in use; retry later")]
+    Busy,
     /// Anything else (500); the detail is logged, never sent.
     #[error("internal error")]
     Internal(String),
@@ -119,7 +123,9 @@ impl ApiError {
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable | ApiError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable | ApiError::AuditUnavailable | ApiError::Busy => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -132,6 +138,9 @@ impl ApiError {
 
 /// `Retry-After` of [`ApiError::AuditUnavailable`], seconds.
 pub const AUDIT_RETRY_AFTER_SECS: u64 = 30;
+/// `Retry-After` (seconds) of a request refused because the memory budget
+/// is in use: long enough for the transfers holding it to finish.
+pub const BUSY_RETRY_AFTER_SECS: u64 = 5;
 
 /// The JSON error body `{"error": message, "status": code}`.
 pub fn error_body(status: StatusCode, message: &str) -> Response {
@@ -162,6 +171,12 @@ impl IntoResponse for ApiError {
                 HeaderValue::from(AUDIT_RETRY_AFTER_SECS),
             );
         }
+        if let ApiError::Busy = self {
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(BUSY_RETRY_AFTER_SECS),
+            );
+        }
         if let ApiError::Throttled { retry_after } = self {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
@@ -181,6 +196,7 @@ impl From<ArchiveError> for ApiError {
                 ApiError::BadRequest(format!("more than {limit} matches: refine the query"))
             }
             ArchiveError::TooLarge { .. } => ApiError::TooLarge,
+            ArchiveError::Busy { .. } => ApiError::Busy,
             ArchiveError::NoSpace => {
                 tracing::error!("out of storage space");
                 ApiError::Unavailable
@@ -222,6 +238,7 @@ pub fn failure_reason(e: &ArchiveError) -> u16 {
         ArchiveError::InvalidDataset(_) | ArchiveError::InvalidQuery { .. } => 0xA900,
         ArchiveError::Conflict { .. } => 0x0111,
         ArchiveError::TooLarge { .. }
+        | ArchiveError::Busy { .. }
         | ArchiveError::NoSpace
         | ArchiveError::NotFound(_)
         | ArchiveError::TooManyMatches { .. }

@@ -88,7 +88,7 @@ impl AccountService for FakeAccounts {
     }
 }
 
-fn archive(dir: &Path) -> Arc<Archive> {
+fn archive_with(dir: &Path, limits: Limits) -> Arc<Archive> {
     let master = MasterKey::from_bytes([7u8; 32]);
     let store = BlobStore::open(&dir.join("blobs"), master.clone()).expect("store");
     let index =
@@ -98,7 +98,7 @@ fn archive(dir: &Path) -> Arc<Archive> {
         Arc::new(store),
         Arc::new(index),
         Arc::new(events),
-        Limits::default(),
+        limits,
     ))
 }
 
@@ -109,8 +109,12 @@ struct Fixture {
 }
 
 fn fixture(config: WebConfig) -> Fixture {
+    fixture_with(config, Limits::default())
+}
+
+fn fixture_with(config: WebConfig, limits: Limits) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
-    let archive = archive(dir.path());
+    let archive = archive_with(dir.path(), limits);
     let state = AppState::new(archive.clone(), Arc::new(FakeAccounts), config);
     Fixture {
         _dir: dir,
@@ -928,4 +932,118 @@ async fn the_ui_assets_are_anonymous_typed_and_hardened() {
             "{path}"
         );
     }
+}
+
+/// A Part 10 file in Deflated Explicit VR Little Endian (PS3.5 Annex A.5)
+/// whose dataset inflates to `zeros` bytes of Pixel Data: a deflate bomb.
+fn deflate_bomb(sop: &str, zeros: u32) -> Vec<u8> {
+    use std::io::Write;
+    let plain = part10(STUDY, sop);
+    let meta_end = 132 + {
+        // (0002,0000) File Meta Information Group Length: its value + 12.
+        let v = &plain[140..144];
+        12 + u32::from_le_bytes([v[0], v[1], v[2], v[3]]) as usize
+    };
+    let mut ds = plain[meta_end..].to_vec();
+    ds.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0]);
+    ds.extend_from_slice(&zeros.to_le_bytes());
+    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    z.write_all(&ds).expect("deflate");
+    z.write_all(&vec![0u8; zeros as usize]).expect("deflate");
+    let meta = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(CT)
+        .media_storage_sop_instance_uid(sop)
+        .transfer_syntax("1.2.840.10008.1.2.1.99")
+        .build()
+        .expect("meta");
+    let mut out = vec![0u8; 128];
+    out.extend_from_slice(b"DICM");
+    meta.write(&mut out).expect("meta");
+    out.extend_from_slice(&z.finish().expect("deflate"));
+    out
+}
+
+fn stow_request(body: Body, length: Option<usize>) -> Request<Body> {
+    let mut b = request(Method::POST, "/dicomweb/studies")
+        .header(header::AUTHORIZATION, "Bearer tok-technologist")
+        .header(
+            header::CONTENT_TYPE,
+            "multipart/related; type=\"application/dicom\"; boundary=BOUNDARY",
+        );
+    if let Some(n) = length {
+        b = b.header(header::CONTENT_LENGTH, n.to_string());
+    }
+    b.body(body).expect("request")
+}
+
+/// STOW-RS under the memory budget (issue 10): a body over one request's
+/// share, declared or streamed, is 503 with Retry-After (413 stays for
+/// `max_upload_bytes`); while the global budget is in use a request is 503
+/// with Retry-After and succeeds once it is free; a deflate bomb among the
+/// instances is one FailedSOPSequence item with FailureReason 0xA700 (202),
+/// the other instance stored, nothing left reserved.
+#[tokio::test]
+async fn stow_bodies_and_bombs_stay_within_the_memory_budget() {
+    let f = fixture_with(
+        WebConfig {
+            max_upload_bytes: 64 << 20,
+            ..WebConfig::default()
+        },
+        Limits {
+            memory_budget_bytes: 8 << 20,
+            transfer_budget_bytes: 4 << 20,
+            ..Limits::default()
+        },
+    );
+    let busy = |r: &Response<Body>| {
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            r.headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()),
+            Some("5")
+        );
+    };
+    // Declared over the per-request share (but under max_upload_bytes).
+    let (r, _) = send(&f.app, stow_request(Body::empty(), Some(5 << 20))).await;
+    busy(&r);
+    // The same streamed without a Content-Length.
+    let chunks = futures_util::stream::iter(
+        (0..80).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 64 << 10]))),
+    );
+    let (r, _) = send(&f.app, stow_request(Body::from_stream(chunks), None)).await;
+    busy(&r);
+    assert_eq!(f.archive.budget().in_use(), 0);
+    // Over max_upload_bytes is still 413.
+    let (r, _) = send(&f.app, stow_request(Body::empty(), Some(65 << 20))).await;
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // The global budget held by others: 503, then 200 once it is free.
+    let body = stow_body(&[&part10(STUDY, SOP)]);
+    let mut others = [f.archive.budget().transfer(), f.archive.budget().transfer()];
+    others[0].grow(4 << 20).expect("room");
+    others[1].grow(4 << 20).expect("room");
+    let n = body.len();
+    let (r, _) = send(&f.app, stow_request(Body::from(body.clone()), Some(n))).await;
+    busy(&r);
+    drop(others);
+    let (r, _) = send(&f.app, stow_request(Body::from(body), Some(n))).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    // A bomb (32 MiB of zeros in a few KiB) next to a normal instance.
+    let bomb = deflate_bomb("1.2.826.0.1.3680043.8.498.77", 32 << 20);
+    assert!(bomb.len() < 256 << 10, "{}", bomb.len());
+    let other = "1.2.826.0.1.3680043.8.498.78";
+    let body = stow_body(&[&bomb, &part10(STUDY, other)]);
+    let n = body.len();
+    let (r, out) = send(&f.app, stow_request(Body::from(body), Some(n))).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let doc = json(&out);
+    assert_eq!(doc["00081198"]["Value"][0]["00081197"]["Value"][0], 0xA700);
+    assert_eq!(doc["00081199"]["Value"][0]["00081155"]["Value"][0], other);
+    assert_eq!(f.archive.budget().in_use(), 0);
+    assert!(f
+        .archive
+        .index()
+        .find_instance("1.2.826.0.1.3680043.8.498.77")
+        .expect("index")
+        .is_none());
 }
