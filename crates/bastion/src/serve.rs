@@ -72,7 +72,7 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
             tracing::warn!(error = %e, "JPEG 2000 decoding off: this binary's path is unknown")
         }
     }
-    let syslog = crate::syslog_client::start(dir, &config, &master, &trail)?;
+    let syslog = crate::syslog_client::start(dir, &config, &master, &trail, &events)?;
     let p = dir.pki();
     let tls = TlsIdentity::load(&p.server_cert, &p.server_key, &p.ca_cert)?;
     let d = &config.dicom;

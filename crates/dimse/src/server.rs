@@ -34,6 +34,7 @@ use bastion_archive::{
 };
 use bastion_model::{AeTitle, Permission};
 use bastion_security::{
+    certs::TrustCache,
     db::SecurityDb,
     devices::{Device, DeviceRegistry, OnConflict},
     events::Outcome,
@@ -62,7 +63,7 @@ use crate::{
     retrieve::{self, RetrieveKind, RetrieveMsg, RunningRetrieve, SubOpOutcome},
     scu::Destination,
     status::{self, Status},
-    tls::{CertSlot, TlsIdentity},
+    tls::{CertSlot, RejectSlot, TlsIdentity},
 };
 
 /// Settings of the DIMSE front end (all configurable in `bastion.toml`).
@@ -96,6 +97,9 @@ pub struct Dimse {
     security: Arc<SecurityDb>,
     config: DimseConfig,
     tls: Option<TlsIdentity>,
+    /// The certificate revocation list and pinned fingerprints the TLS
+    /// handshake checks (refreshed from the security database).
+    trust: Arc<TrustCache>,
     /// Established associations (accepted by the policy).
     active: AtomicUsize,
     /// Connections per source address still in the handshake phase.
@@ -110,11 +114,13 @@ impl Dimse {
         config: DimseConfig,
         tls: Option<TlsIdentity>,
     ) -> Dimse {
+        let trust = Arc::new(TrustCache::new(security.clone(), TrustCache::DEFAULT_TTL));
         Dimse {
             archive,
             security,
             config,
             tls,
+            trust,
             active: AtomicUsize::new(0),
             pending: Mutex::new(HashMap::new()),
         }
@@ -227,7 +233,12 @@ impl Dimse {
                     tracing::error!("TLS listener without a TLS identity");
                     return;
                 };
-                let cfg = match tls.config_for_connection(cert_slot) {
+                let rejected: RejectSlot = Arc::new(Mutex::new(None));
+                let cfg = match tls.config_for_connection(
+                    cert_slot,
+                    rejected.clone(),
+                    self.trust.clone(),
+                ) {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot build the TLS configuration");
@@ -241,6 +252,13 @@ impl Dimse {
                 )
                 .await;
                 drop(_pending);
+                let refusal = rejected.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(r) = refusal {
+                    // The handshake failed on the certificate: the peer
+                    // never reached the A-ASSOCIATE-RQ parser.
+                    self.certificate_refused(peer, &r);
+                    return;
+                }
                 self.after_establish(established, peer, &accepted, listener_name, shutdown, artim)
                     .await;
             }
@@ -308,6 +326,26 @@ impl Dimse {
             .unwrap_or_else(|p| p.into_inner())
             .is_some()
             .then(|| ActiveGuard(&self.active))
+    }
+
+    /// Logs and records a client certificate the TLS handshake refused, with
+    /// its reason (PS3.15 A.5.3.1 Security Alert, Node Authentication).
+    fn certificate_refused(&self, peer: SocketAddr, r: &crate::tls::CertRejection) {
+        let cn = r.subject_cn.as_deref().map(|c| clip(c, 64));
+        tracing::warn!(
+            %peer, listener = "tls", reason = r.code, detail = %clip(&r.detail, 300),
+            certificate_sha256 = %r.sha256, subject_cn = cn.as_deref().unwrap_or("-"),
+            "TLS handshake refused: client certificate rejected"
+        );
+        self.archive.events().record(
+            "association.rejected",
+            Outcome::Refused,
+            serde_json::json!({
+                "peer": peer.to_string(), "listener": "tls", "stage": "tls_handshake",
+                "reason": r.code, "detail": clip(&r.detail, 300),
+                "certificate_sha256": r.sha256, "subject_cn": cn,
+            }),
+        );
     }
 
     fn establish_failed(&self, peer: SocketAddr, listener: &str, reason: &str) {
@@ -1083,13 +1121,18 @@ impl Dimse {
         let kind = match destination {
             Some(destination) => {
                 let dest_ae = destination.ae.clone();
+                let tls_reject: crate::tls::ServerReject = Arc::new(Mutex::new(None));
                 tokio::spawn(retrieve::run_move(retrieve::MoveJob {
                     archive: self.archive.clone(),
                     query,
                     max_matches,
                     our_ae: self.config.ae_title.clone(),
                     destination,
-                    tls: self.tls.as_ref().map(TlsIdentity::client_config),
+                    tls: self
+                        .tls
+                        .as_ref()
+                        .map(|t| t.client_config_reporting(tls_reject.clone())),
+                    tls_reject,
                     originator: (ae, message_id),
                     timeout: self.config.idle_timeout.min(Duration::from_secs(30)),
                     cancel: cancel.clone(),

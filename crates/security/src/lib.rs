@@ -4,6 +4,8 @@
 //!   readable by others).
 //! - [`pki`]: the private CA, the server certificate and device client
 //!   certificates (rcgen), certificate fingerprints.
+//! - [`certs`]: the record of issued device certificates and their
+//!   revocation list, and the cached view the TLS handshake checks.
 //! - [`db`]: the encrypted security database (SQLCipher) holding devices and
 //!   users.
 //! - [`devices`]: the device allowlist (AE title + network + transport +
@@ -30,6 +32,7 @@
 pub mod accounts;
 pub mod alerts;
 pub mod audit;
+pub mod certs;
 pub mod db;
 pub mod detect;
 pub mod devices;
