@@ -220,6 +220,7 @@ impl ClientCertVerifier for RecordingVerifier {
         let chain = self
             .inner
             .verify_client_cert(end_entity, intermediates, now);
+        let chains_to_ca = chain.is_ok();
         let sha256 = hex::encode(Sha256::digest(end_entity.as_ref()));
         let subject_cn = subject_common_name(end_entity.as_ref());
         let reject = |code: &'static str, detail: String, error: rustls::Error| {
@@ -235,7 +236,7 @@ impl ClientCertVerifier for RecordingVerifier {
         // pinned: re-read the list before refusing it, so a device
         // registered a moment ago is not refused from a stale snapshot.
         let trust = match self.trust.current().and_then(|t| {
-            if chain.is_err() && !t.pinned(&sha256) {
+            if !chains_to_ca && !t.pinned(&sha256) {
                 self.trust.refresh()
             } else {
                 Ok(t)
@@ -251,7 +252,7 @@ impl ClientCertVerifier for RecordingVerifier {
                 );
             }
         };
-        if let Some(why) = trust.revoked(&sha256, chain.is_ok(), subject_cn.as_deref()) {
+        if let Some(why) = trust.revoked(&sha256, chains_to_ca, subject_cn.as_deref()) {
             return reject(
                 "certificate_revoked",
                 why.into(),
@@ -272,7 +273,6 @@ impl ClientCertVerifier for RecordingVerifier {
                 );
             }
         }
-        let chains_to_ca = chain.is_ok();
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(PeerCertificate {
             sha256,
             chains_to_ca,
@@ -522,7 +522,7 @@ mod tests {
         };
         (
             cert.der().clone(),
-            PrivateKeyDer::try_from(key.serialize_der()).expect("key der"),
+            PrivateKeyDer::Pkcs8(key.serialize_der().into()),
         )
     }
 
