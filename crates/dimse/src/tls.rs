@@ -29,7 +29,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use bastion_security::{certs::TrustCache, policy::PeerCertificate};
+use bastion_security::{
+    certs::{TrustCache, TrustSnapshot},
+    policy::PeerCertificate,
+};
 use rustls::{
     client::{
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -232,11 +235,17 @@ impl ClientCertVerifier for RecordingVerifier {
             });
             Err(error)
         };
-        // A certificate that does not chain to our CA passes only when
-        // pinned: re-read the list before refusing it, so a device
-        // registered a moment ago is not refused from a stale snapshot.
+        // Before refusing a certificate for something a newer snapshot may
+        // change (a pin registered, or a certificate issued, a moment ago),
+        // re-read the list; a fingerprint on the list stays revoked.
+        let may_be_stale = |t: &TrustSnapshot| {
+            (!chains_to_ca && !t.pinned(&sha256))
+                || (!t.listed(&sha256)
+                    && t.revoked(&sha256, chains_to_ca, subject_cn.as_deref())
+                        .is_some())
+        };
         let trust = match self.trust.current().and_then(|t| {
-            if !chains_to_ca && !t.pinned(&sha256) {
+            if may_be_stale(&t) {
                 self.trust.refresh()
             } else {
                 Ok(t)

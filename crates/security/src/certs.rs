@@ -310,6 +310,12 @@ impl TrustSnapshot {
         )
     }
 
+    /// Whether this fingerprint is on the revocation list itself (not only
+    /// revoked through its AE's cut-off).
+    pub fn listed(&self, sha256: &str) -> bool {
+        self.revoked.contains(sha256)
+    }
+
     /// Whether a registered device pins exactly this fingerprint.
     pub fn pinned(&self, sha256: &str) -> bool {
         self.pinned.contains(sha256)
