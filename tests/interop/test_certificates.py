@@ -389,7 +389,8 @@ def test_tampered_blob_fails_cleanly_and_alerts(server, tmp_path):
     srv = server
     srv.device_add("GETTER", transport="plain", allow="echo,store,get")
     study, sop = store_study(srv, "GETTER", tmp_path)
-    blobs = [p for p in (srv.data / "blobs").rglob("*") if p.is_file() and "tmp" not in p.parts]
+    root = srv.data / "blobs"
+    blobs = [p for p in root.rglob("*") if p.is_file() and "tmp" not in p.relative_to(root).parts]
     assert len(blobs) == 1, blobs
     b = bytearray(blobs[0].read_bytes())
     b[len(b) // 2] ^= 0x01
