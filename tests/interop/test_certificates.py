@@ -424,3 +424,76 @@ def test_tampered_blob_fails_cleanly_and_alerts(server, tmp_path):
     assert alert["details"]["sop_instance_uid"] == sop
     # the event log names no patient
     assert "Test^Patient" not in json.dumps(ev[-1])
+
+
+class TlsSink:
+    """A TLS server standing in for a syslog collector: completes what
+    handshakes it can with the given certificate and counts connections."""
+
+    def __init__(self, crt: Path, key: Path):
+        import threading
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(crt), str(key))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.5)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.stop_flag = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while not self.stop_flag:
+            try:
+                c, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            c.settimeout(10)
+            try:
+                self.ctx.wrap_socket(c, server_side=True).close()
+            except (ssl.SSLError, OSError):
+                pass
+            finally:
+                c.close()
+
+    def close(self):
+        self.stop_flag = True
+        self.sock.close()
+
+
+def test_syslog_collector_with_an_untrusted_certificate_alerts_once(make_server, tmp_path):
+    """The collector's certificate is from a CA Bastion was not told about:
+    the export is refused as before, and now the exact failure is logged,
+    recorded (`tls.peer_rejected`) and raises one alert, not one event per
+    reconnect."""
+    crt, key, _ = make_cert(tmp_path, "collector", "collector.test", signer=foreign_ca(),
+                            server=True)
+    sink = TlsSink(crt, key)
+    srv = make_server(start=False)
+    try:
+        with open(srv.data / "bastion.toml", "a") as f:
+            f.write(f'\n[audit.syslog]\nurl = "tls://127.0.0.1:{sink.port}"\n')
+        srv.start()
+
+        def rejected():
+            return [e for e in srv.events() if e.get("type") == "tls.peer_rejected"]
+
+        ev = wait_for(rejected, "tls.peer_rejected for the collector", timeout=60)
+        assert ev[0]["purpose"] == "syslog collector", ev[0]
+        assert ev[0]["peer"] == f"127.0.0.1:{sink.port}"
+        assert "UnknownIssuer" in ev[0]["reason"], ev[0]
+        alert = wait_alert(srv, "tls_peer_rejected")
+        assert "UnknownIssuer" in alert["summary"], alert
+        assert "syslog collector certificate refused" in srv.log()
+        # the exporter retries (back-off from 1 s): the same failure is not
+        # recorded again at each attempt
+        wait_for(lambda: sink.connections >= 3, "three connection attempts", timeout=90)
+        assert len(rejected()) == 1, rejected()
+    finally:
+        srv.stop()
+        sink.close()

@@ -120,9 +120,10 @@ impl TlsCollector {
             .with_context(|| format!("cannot read {}", key.display()))?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let rejected: ServerReject = Arc::new(Mutex::new(None));
-        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .with_context(|| format!("[audit.syslog] cannot use CA {}", ca.display()))?;
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .with_context(|| format!("[audit.syslog] cannot use CA {}", ca.display()))?;
         let config = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
             .dangerous()

@@ -435,10 +435,7 @@ pub(crate) async fn run_move(job: MoveJob) {
     let mut scu = match StoreScu::connect(&our_ae, &destination, &contexts, tls, timeout).await {
         Ok(s) => s,
         Err(e) => {
-            let refused = tls_reject
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
+            let refused = tls_reject.lock().unwrap_or_else(|p| p.into_inner()).take();
             match refused {
                 Some(reason) => {
                     // Bastion as a TLS client refused the destination's

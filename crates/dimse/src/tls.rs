@@ -509,10 +509,9 @@ mod tests {
         }
         let cert = match signer {
             "ours" => {
-                let ca_key = KeyPair::from_pem(
-                    &std::fs::read_to_string(&fx.paths.ca_key).expect("ca key"),
-                )
-                .expect("ca key");
+                let ca_key =
+                    KeyPair::from_pem(&std::fs::read_to_string(&fx.paths.ca_key).expect("ca key"))
+                        .expect("ca key");
                 let ca_pem = std::fs::read_to_string(&fx.paths.ca_cert).expect("ca");
                 let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key).expect("issuer");
                 p.signed_by(&key, &issuer).expect("sign")
@@ -641,12 +640,17 @@ mod tests {
         let fx = fixture();
         let o = handshake(&fx, Some(leaf(&fx, "self", "MOD1", false, Usage::Client)));
         refused(&o, "certificate_not_trusted");
-        let o = handshake(&fx, Some(leaf(&fx, "foreign", "MOD1", false, Usage::Client)));
+        let o = handshake(
+            &fx,
+            Some(leaf(&fx, "foreign", "MOD1", false, Usage::Client)),
+        );
         refused(&o, "certificate_not_trusted");
         let o = handshake(&fx, Some(leaf(&fx, "ours", "MOD1", true, Usage::Client)));
         refused(&o, "certificate_expired");
         assert!(
-            o.rejected.as_ref().is_some_and(|r| r.detail.contains("expired")),
+            o.rejected
+                .as_ref()
+                .is_some_and(|r| r.detail.contains("expired")),
             "{:?}",
             o.rejected
         );
@@ -669,8 +673,13 @@ mod tests {
     fn revoked_certificate_fails_the_handshake() {
         let fx = fixture();
         let ((c, k), sha) = issued(&fx, "MOD1");
-        assert_eq!(handshake(&fx, Some((c.clone(), k.clone_key()))).result, Ok(()));
-        CertRegistry::new(&fx.db).revoke_sha256(&sha).expect("revoke");
+        assert_eq!(
+            handshake(&fx, Some((c.clone(), k.clone_key()))).result,
+            Ok(())
+        );
+        CertRegistry::new(&fx.db)
+            .revoke_sha256(&sha)
+            .expect("revoke");
         let o = handshake(&fx, Some((c, k)));
         refused(&o, "certificate_revoked");
         assert_eq!(o.rejected.map(|r| r.sha256), Some(sha));
@@ -703,9 +712,14 @@ mod tests {
             .expect("add");
         let o = handshake(&fx, Some((pair.0.clone(), pair.1.clone_key())));
         assert_eq!(o.result, Ok(()));
-        assert_eq!(o.accepted.map(|c| (c.sha256, c.chains_to_ca)), Some((sha.clone(), false)));
+        assert_eq!(
+            o.accepted.map(|c| (c.sha256, c.chains_to_ca)),
+            Some((sha.clone(), false))
+        );
         // a pinned certificate can still be revoked
-        CertRegistry::new(&fx.db).revoke_sha256(&sha).expect("revoke");
+        CertRegistry::new(&fx.db)
+            .revoke_sha256(&sha)
+            .expect("revoke");
         refused(&handshake(&fx, Some(pair)), "certificate_revoked");
     }
 }

@@ -121,8 +121,8 @@ impl<'a> CertRegistry<'a> {
         keep_previous: bool,
     ) -> Result<Vec<String>> {
         let now = now_ms();
-        let not_after_ms = i64::try_from(not_after.unix_timestamp_nanos() / 1_000_000)
-            .unwrap_or(i64::MAX);
+        let not_after_ms =
+            i64::try_from(not_after.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
         self.db.with(|c| {
             let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)
                 .map_err(db_err("begin"))?;
@@ -151,8 +151,9 @@ impl<'a> CertRegistry<'a> {
     /// [`SecurityError::Db`].
     pub fn revoke_ae(&self, ae: &AeTitle) -> Result<Vec<String>> {
         self.db.with(|c| {
-            let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)
-                .map_err(db_err("begin"))?;
+            let tx =
+                rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)
+                    .map_err(db_err("begin"))?;
             let revoked = revoke_ae_in(&tx, ae.as_str(), now_ms())?;
             tx.commit().map_err(db_err("commit"))?;
             Ok(revoked)
@@ -245,9 +246,7 @@ impl<'a> CertRegistry<'a> {
                     .map_err(db_err("read revocation list"))
             };
             Ok(TrustSnapshot {
-                revoked: strings(
-                    "SELECT sha256 FROM certificates WHERE revoked_ms IS NOT NULL",
-                )?,
+                revoked: strings("SELECT sha256 FROM certificates WHERE revoked_ms IS NOT NULL")?,
                 recorded: strings("SELECT sha256 FROM certificates")?,
                 cutoff_aes: strings("SELECT ae FROM certificate_ae_cutoffs")?,
                 pinned: strings("SELECT cert_sha256 FROM devices WHERE cert_sha256 IS NOT NULL")?,
@@ -332,7 +331,9 @@ pub struct TrustCache {
 
 impl std::fmt::Debug for TrustCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrustCache").field("ttl", &self.ttl).finish()
+        f.debug_struct("TrustCache")
+            .field("ttl", &self.ttl)
+            .finish()
     }
 }
 
@@ -466,8 +467,15 @@ mod tests {
         let db = Arc::new(db);
         let cache = TrustCache::new(db.clone(), Duration::ZERO);
         let x = "e".repeat(64);
-        assert_eq!(cache.current().expect("snap").revoked(&x, false, None), None);
+        assert_eq!(
+            cache.current().expect("snap").revoked(&x, false, None),
+            None
+        );
         CertRegistry::new(&db).revoke_sha256(&x).expect("revoke");
-        assert!(cache.current().expect("snap").revoked(&x, false, None).is_some());
+        assert!(cache
+            .current()
+            .expect("snap")
+            .revoked(&x, false, None)
+            .is_some());
     }
 }

@@ -650,7 +650,14 @@ impl Rules {
     ) {
         let reason = str_field(event, "reason");
         let mut d = Map::new();
-        for k in ["purpose", "ae", "peer", "sop_instance_uid", "blob", "reason"] {
+        for k in [
+            "purpose",
+            "ae",
+            "peer",
+            "sop_instance_uid",
+            "blob",
+            "reason",
+        ] {
             if let Some(v) = event.get(k) {
                 d.insert(k.into(), v.clone());
             }
@@ -1184,7 +1191,10 @@ mod tests {
         );
         assert!(f[0].summary.contains("UnknownIssuer"), "{}", f[0].summary);
         assert_eq!(Rule::TlsPeerRejected.severity(), "medium");
-        let f = run(&mut r, &[blob(T0, "ab"), blob(T0 + 1, "ab"), blob(T0 + 2, "cd")]);
+        let f = run(
+            &mut r,
+            &[blob(T0, "ab"), blob(T0 + 1, "ab"), blob(T0 + 2, "cd")],
+        );
         assert_eq!(rules_of(&f), ["blob_auth_failed", "blob_auth_failed"]);
         assert_eq!(f[0].details["blob"], "ab");
         assert_eq!(f[0].details["sop_instance_uid"], "1.2.3");
