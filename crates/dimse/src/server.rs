@@ -329,7 +329,8 @@ impl Dimse {
     }
 
     /// Logs and records a client certificate the TLS handshake refused, with
-    /// its reason (PS3.15 A.5.3.1 Security Alert, Node Authentication).
+    /// its reason (the audit trail maps it to a DICOM Security Alert, PS3.15
+    /// A.5.3.11, event type Node Authentication).
     fn certificate_refused(&self, peer: SocketAddr, r: &crate::tls::CertRejection) {
         let cn = r.subject_cn.as_deref().map(|c| clip(c, 64));
         tracing::warn!(
