@@ -414,6 +414,14 @@ def test_tampered_blob_fails_cleanly_and_alerts(server, tmp_path):
         if assoc.is_established:
             assoc.release()
     assert received == [] and statuses and statuses[-1] not in (SUCCESS, None, *PENDING), statuses
+    # WADO-RS: a clean error status, not a cut stream
+    from test_dicomweb import new_token, request
+    token = new_token(srv, "tamperview", "clinician")
+    status, headers, body = request(srv, "GET", f"/dicomweb/studies/{study}", token,
+                                    headers={"Accept": 'multipart/related; type="application/dicom"'})
+    assert status == 500, (status, body[:200])
+    assert json.loads(body) == {"error": "internal error", "status": 500}
+    assert "a stored instance could not be read" in srv.log()
     # the server is still up and answers
     assert srv.echo("GETTER", tls=False) == SUCCESS
     ev = wait_for(lambda: [e for e in srv.events() if e.get("type") == "blob.auth_failed"],
