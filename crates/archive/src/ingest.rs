@@ -563,13 +563,21 @@ impl Archive {
             .map_err(index_err)?
             .ok_or_else(|| ArchiveError::NotFound(sop_instance_uid.to_string()))?;
         let id = BlobId::parse(&found.blob_id).map_err(store_err)?;
-        let mut reader = self.store.open_blob(&id).map_err(store_err)?;
+        // A blob that fails authentication is tampering with or corruption
+        // of patient data: it is never served, and it raises an alert.
+        let failed = |e: StoreError| {
+            if let StoreError::Corrupt { reason, .. } = &e {
+                self.blob_auth_failed(sop_instance_uid, &id, reason);
+            }
+            store_err(e)
+        };
+        let mut reader = self.store.open_blob(&id).map_err(failed)?;
         let mut bytes = Vec::with_capacity(
             usize::try_from(found.stored_size)
                 .unwrap_or(0)
                 .min(MAX_PREALLOC),
         );
-        while let Some(segment) = reader.next_segment().map_err(store_err)? {
+        while let Some(segment) = reader.next_segment().map_err(failed)? {
             bytes.extend_from_slice(segment);
         }
         // A blob bound to its id (store format 2) is exactly what was stored under
@@ -577,11 +585,33 @@ impl Archive {
         // recheck, a quarter of the CPU of a retrieval, is only needed for format 1
         // blobs, which a swapped file could otherwise pass.
         if !reader.bound_to_id() && hex::encode(Sha256::digest(&bytes)) != found.stored_sha256 {
+            self.blob_auth_failed(
+                sop_instance_uid,
+                &id,
+                "decrypted bytes do not match their recorded SHA-256",
+            );
             return Err(ArchiveError::Internal(format!(
                 "instance {sop_instance_uid}: stored bytes do not match their recorded SHA-256"
             )));
         }
         Ok(bytes)
+    }
+
+    /// Logs and records (`blob.auth_failed`) a stored blob that failed
+    /// authentication on read; the detection rules raise a high-severity
+    /// alert from the event.
+    fn blob_auth_failed(&self, sop_instance_uid: &Uid, id: &BlobId, reason: &str) {
+        tracing::error!(
+            sop_instance_uid = %sop_instance_uid, blob = id.as_str(), reason,
+            "stored blob failed authentication: tampering or corruption; not served"
+        );
+        self.events.record(
+            "blob.auth_failed",
+            Outcome::Failure,
+            serde_json::json!({
+                "sop_instance_uid": sop_instance_uid.as_str(), "blob": id.as_str(), "reason": reason,
+            }),
+        );
     }
 
     /// Deletes published blobs that no index row references and that are

@@ -10,6 +10,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use bastion_model::{AeTitle, Transport, Uid};
 use bastion_security::{
+    certs::{self, CertRegistry},
     devices::{Device, DeviceRegistry, DeviceSettings, OnConflict},
     events::{EventLog, Outcome},
     inventory, pki,
@@ -257,7 +258,9 @@ enum CertCommand {
     /// Issue a client certificate for a registered device: writes
     /// OUT/client.key (0600), OUT/client.crt and OUT/ca.crt, prints the
     /// certificate's SHA-256. The certificate's subject CN is the AE title,
-    /// and Bastion accepts it only from that device.
+    /// and Bastion accepts it only from that device. It is recorded (serial,
+    /// AE, SHA-256, not-after), and the device's previous certificates are
+    /// revoked unless --keep-previous.
     Issue {
         /// The device's AE title (becomes the certificate's CN).
         #[arg(long)]
@@ -265,6 +268,34 @@ enum CertCommand {
         /// Output directory (created).
         #[arg(long)]
         out: PathBuf,
+        /// Keep the device's previous certificates valid (e.g. while it is
+        /// being switched over); by default they are revoked.
+        #[arg(long)]
+        keep_previous: bool,
+    },
+    /// Revoke device certificates: every certificate of an AE title, or one
+    /// certificate by its SHA-256 fingerprint (also one never recorded, e.g.
+    /// issued before certificates were recorded, or a pinned third-party
+    /// certificate). Applies to the next TLS handshake on every node within
+    /// seconds; no restart.
+    Revoke {
+        /// Revoke every certificate issued to this AE title (including ones
+        /// issued before certificates were recorded).
+        #[arg(long, conflicts_with = "sha256", required_unless_present = "sha256")]
+        ae: Option<String>,
+        /// Revoke the certificate with this SHA-256 (hex; colons and case ignored).
+        #[arg(long)]
+        sha256: Option<String>,
+    },
+    /// List recorded device certificates: serial, AE, SHA-256, not-after,
+    /// revoked.
+    List {
+        /// Only the certificates of this AE title.
+        #[arg(long)]
+        ae: Option<String>,
+        /// JSON array of {serial, ae, sha256, not_after, issued_at, revoked, revoked_at}.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -307,7 +338,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Serve(listen) => crate::serve::serve(&dir, &listen),
         Command::Device(cmd) => device(&dir, cmd),
-        Command::Cert(CertCommand::Issue { ae, out }) => cert_issue(&dir, &ae, &out),
+        Command::Cert(CertCommand::Issue {
+            ae,
+            out,
+            keep_previous,
+        }) => cert_issue(&dir, &ae, &out, keep_previous),
+        Command::Cert(CertCommand::Revoke { ae, sha256 }) => cert_revoke(&dir, ae, sha256),
+        Command::Cert(CertCommand::List { ae, json }) => cert_list(&dir, ae, json),
         Command::Cert(CertCommand::Server { hosts }) => cert_server(&dir, hosts),
         Command::Import { paths } => crate::import::import(&dir, &paths),
         Command::Instance(InstanceCommand::Get { sop_uid, out }) => {
@@ -542,13 +579,13 @@ fn warn(warnings: &[String]) {
     }
 }
 
-fn cert_issue(dir: &DataDir, ae: &str, out: &Path) -> Result<ExitCode> {
+fn cert_issue(dir: &DataDir, ae: &str, out: &Path, keep_previous: bool) -> Result<ExitCode> {
     dir.require_initialised()?;
     dir.check_secret_permissions()?;
     let ae = AeTitle::parse(ae)?;
+    let master = dir.load_master_key()?;
+    let db = dir.open_security(&master)?;
     let host = {
-        let master = dir.load_master_key()?;
-        let db = dir.open_security(&master)?;
         let Some(device) = DeviceRegistry::new(&db).get(&ae)? else {
             bail!("no device with AE title {ae}: register it first with `bastion device add --ae {ae} ...`; a certificate is bound to one registered device");
         };
@@ -557,12 +594,6 @@ fn cert_issue(dir: &DataDir, ae: &str, out: &Path) -> Result<ExitCode> {
         }
         device.host
     };
-    let issued = pki::issue_client(&dir.pki(), ae.as_str(), host.as_deref())?;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(out)
-        .with_context(|| format!("cannot create {}", out.display()))?;
     let key = out.join("client.key");
     let crt = out.join("client.crt");
     let ca = out.join("ca.crt");
@@ -571,14 +602,37 @@ fn cert_issue(dir: &DataDir, ae: &str, out: &Path) -> Result<ExitCode> {
             bail!("{} exists; refusing to overwrite", p.display());
         }
     }
+    let issued = pki::issue_client(&dir.pki(), ae.as_str(), host.as_deref())?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(out)
+        .with_context(|| format!("cannot create {}", out.display()))?;
     bastion_security::secrets::write_secret(&key, issued.key_pem.as_bytes())?;
     bastion_security::secrets::write_public(&crt, issued.cert_pem.as_bytes())?;
     std::fs::copy(dir.pki().ca_cert, &ca).context("cannot copy ca.crt")?;
-    open_events(dir)?.record(
+    let revoked = CertRegistry::new(&db).record_issued(
+        &ae,
+        &issued.sha256,
+        &issued.serial,
+        issued.not_after,
+        keep_previous,
+    )?;
+    let events = open_events(dir)?;
+    events.record(
         "cert.issued",
         Outcome::Success,
-        serde_json::json!({"actor": "cli", "ae": ae.as_str(), "certificate_sha256": issued.sha256}),
+        serde_json::json!({"actor": "cli", "ae": ae.as_str(), "certificate_sha256": issued.sha256,
+                           "serial": issued.serial, "keep_previous": keep_previous}),
     );
+    if !keep_previous {
+        events.record(
+            "cert.revoked",
+            Outcome::Success,
+            serde_json::json!({"actor": "cli", "ae": ae.as_str(), "certificates_sha256": revoked,
+                               "why": "re-issued"}),
+        );
+    }
     println!(
         "wrote {}, {} and {}",
         key.display(),
@@ -586,6 +640,94 @@ fn cert_issue(dir: &DataDir, ae: &str, out: &Path) -> Result<ExitCode> {
         ca.display()
     );
     println!("certificate SHA-256: {}", issued.sha256);
+    println!("serial: {}", issued.serial);
+    if keep_previous {
+        println!("previous certificates of {ae} stay valid (--keep-previous)");
+    } else {
+        println!(
+            "revoked {} previous certificate(s) of {ae}{}",
+            revoked.len(),
+            if revoked.is_empty() { "" } else { ":" }
+        );
+        for r in &revoked {
+            println!("  {r}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cert_revoke(dir: &DataDir, ae: Option<String>, sha256: Option<String>) -> Result<ExitCode> {
+    dir.require_initialised()?;
+    dir.check_secret_permissions()?;
+    let master = dir.load_master_key()?;
+    let db = dir.open_security(&master)?;
+    let reg = CertRegistry::new(&db);
+    let events = open_events(dir)?;
+    match (ae, sha256) {
+        (Some(ae), None) => {
+            let ae = AeTitle::parse(&ae)?;
+            let revoked = reg.revoke_ae(&ae)?;
+            events.record(
+                "cert.revoked",
+                Outcome::Success,
+                serde_json::json!({"actor": "cli", "ae": ae.as_str(), "certificates_sha256": revoked}),
+            );
+            println!(
+                "revoked {} recorded certificate(s) of {ae}, and any issued to {ae} before certificates were recorded",
+                revoked.len()
+            );
+            for r in &revoked {
+                println!("  {r}");
+            }
+        }
+        (None, Some(sha)) => {
+            let sha = certs::normalize_sha256(&sha)?;
+            let newly = reg.revoke_sha256(&sha)?;
+            if newly {
+                events.record(
+                    "cert.revoked",
+                    Outcome::Success,
+                    serde_json::json!({"actor": "cli", "certificate_sha256": sha}),
+                );
+                println!("revoked certificate {sha}");
+            } else {
+                println!("certificate {sha} was already revoked");
+            }
+        }
+        _ => bail!("give exactly one of --ae AE or --sha256 HEX"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cert_list(dir: &DataDir, ae: Option<String>, json: bool) -> Result<ExitCode> {
+    dir.require_initialised()?;
+    dir.check_secret_permissions()?;
+    let master = dir.load_master_key()?;
+    let db = dir.open_security(&master)?;
+    let ae = ae.as_deref().map(AeTitle::parse).transpose()?;
+    let list = CertRegistry::new(&db).list(ae.as_ref())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if list.is_empty() {
+        println!("no certificates recorded (certificates issued before this version are not listed; revoke them with `bastion cert revoke --ae AE`)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<34} {:<16} {:<64} {:<26} REVOKED",
+        "SERIAL", "AE", "SHA-256", "NOT AFTER"
+    );
+    for c in &list {
+        println!(
+            "{:<34} {:<16} {:<64} {:<26} {}",
+            c.serial.as_deref().unwrap_or("-"),
+            c.ae.as_deref().unwrap_or("-"),
+            c.sha256,
+            c.not_after.as_deref().unwrap_or("-"),
+            c.revoked_at.as_deref().unwrap_or("no")
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

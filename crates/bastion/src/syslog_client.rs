@@ -3,22 +3,30 @@
 //! (which carries clientAuth) as client certificate, the collector's
 //! certificate verified against the configured CA file and its name or IP
 //! address, TLS 1.3/1.2 with the aws-lc-rs provider as everywhere else.
+//! A collector certificate that fails verification (wrong name, untrusted
+//! issuer, expired) is refused as before, and the exact failure is logged
+//! and recorded as `tls.peer_rejected` (which raises a Security Alert); the
+//! same failure is recorded again only after [`REPORT_AGAIN_AFTER`], not at
+//! every reconnect.
 
 use std::{
     io::{self, Read, Write},
     net::{TcpStream, ToSocketAddrs},
     path::Path,
-    sync::Arc,
-    time::Duration,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
+use bastion_dimse::tls::{ReportingServerVerifier, ServerReject};
 use bastion_security::{
     audit::{AuditReader, AuditTrail},
+    events::{EventLog, Outcome},
     syslog::{Collector, CollectorConnection, Header, SyslogExporter},
 };
 use bastion_store::MasterKey;
 use rustls::{
+    client::WebPkiServerVerifier,
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
     ClientConfig, ClientConnection, RootCertStore, StreamOwned,
 };
@@ -27,6 +35,10 @@ use crate::{config::Config, datadir::DataDir};
 
 /// Connect, handshake, read and write time limits.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The same certificate failure of the collector is recorded again after
+/// this long (the exporter reconnects every few seconds).
+pub const REPORT_AGAIN_AFTER: Duration = Duration::from_secs(600);
 
 /// Starts the syslog exporter when `[audit.syslog]` is set: spool in
 /// `DIR/spool/syslog` (key `bastion syslog spool v1`), fed with the audit
@@ -40,7 +52,7 @@ pub fn start(
     config: &Config,
     master: &MasterKey,
     trail: &AuditTrail,
-    events: &Arc<bastion_security::events::EventLog>,
+    events: &Arc<EventLog>,
 ) -> Result<Option<Arc<SyslogExporter>>> {
     let Some(s) = &config.audit.syslog else {
         return Ok(None);
@@ -48,7 +60,8 @@ pub fn start(
     let (host, port) = s.target()?;
     let p = dir.pki();
     let ca = s.ca.clone().unwrap_or_else(|| p.ca_cert.clone());
-    let collector = TlsCollector::new(&host, port, &ca, &p.server_cert, &p.server_key)?;
+    let collector = TlsCollector::new(&host, port, &ca, &p.server_cert, &p.server_key)?
+        .reporting_to(events.clone());
     let hostname = s.hostname.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
@@ -77,6 +90,12 @@ pub struct TlsCollector {
     port: u16,
     name: ServerName<'static>,
     config: Arc<ClientConfig>,
+    /// Where the verifier leaves the reason it refused the collector's
+    /// certificate.
+    rejected: ServerReject,
+    events: Option<Arc<EventLog>>,
+    /// The failure last recorded, and when.
+    reported: Mutex<Option<(String, Instant)>>,
 }
 
 impl TlsCollector {
@@ -101,9 +120,18 @@ impl TlsCollector {
         let key = PrivateKeyDer::from_pem_file(key)
             .with_context(|| format!("cannot read {}", key.display()))?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let rejected: ServerReject = Arc::new(Mutex::new(None));
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .with_context(|| format!("[audit.syslog] cannot use CA {}", ca.display()))?;
         let config = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_root_certificates(roots)
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ReportingServerVerifier::new(
+                verifier,
+                rejected.clone(),
+            )))
             .with_client_auth_cert(chain, key)
             .with_context(|| format!("cannot use {} as client certificate", cert.display()))?;
         let name = ServerName::try_from(host.to_owned())
@@ -113,7 +141,48 @@ impl TlsCollector {
             port,
             name,
             config: Arc::new(config),
+            rejected,
+            events: None,
+            reported: Mutex::new(None),
         })
+    }
+
+    /// Records refused collector certificates in `events`.
+    #[must_use]
+    pub fn reporting_to(mut self, events: Arc<EventLog>) -> TlsCollector {
+        self.events = Some(events);
+        self
+    }
+
+    /// Logs and records the certificate failure the verifier left, if any
+    /// (once per distinct failure per [`REPORT_AGAIN_AFTER`]).
+    fn report_rejection(&self) {
+        let Some(reason) = self
+            .rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let mut last = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((r, at)) = last.as_ref() {
+            if *r == reason && at.elapsed() < REPORT_AGAIN_AFTER {
+                return;
+            }
+        }
+        tracing::warn!(collector = %self.describe(), reason = %reason, "syslog collector certificate refused");
+        if let Some(events) = &self.events {
+            events.record(
+                "tls.peer_rejected",
+                Outcome::Failure,
+                serde_json::json!({
+                    "role": "client", "purpose": "syslog collector",
+                    "peer": format!("{}:{}", self.host, self.port), "reason": reason,
+                }),
+            );
+        }
+        *last = Some((reason, Instant::now()));
     }
 }
 
@@ -135,7 +204,10 @@ impl Collector for TlsCollector {
                 .map_err(io::Error::other)?;
             let mut tls = StreamOwned::new(conn, tcp);
             while tls.conn.is_handshaking() {
-                tls.conn.complete_io(&mut tls.sock)?;
+                if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+                    self.report_rejection();
+                    return Err(e);
+                }
             }
             return Ok(Box::new(TlsConnection(tls)));
         }

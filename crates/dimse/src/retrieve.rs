@@ -368,6 +368,9 @@ pub(crate) struct MoveJob {
     pub our_ae: AeTitle,
     pub destination: Destination,
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Where the TLS client configuration's verifier leaves the reason it
+    /// refused the destination's certificate.
+    pub tls_reject: crate::tls::ServerReject,
     /// Move Originator AE Title and Message ID for the C-STORE-RQs.
     pub originator: (String, u16),
     pub timeout: Duration,
@@ -385,6 +388,7 @@ pub(crate) async fn run_move(job: MoveJob) {
         our_ae,
         destination,
         tls,
+        tls_reject,
         originator,
         timeout,
         cancel,
@@ -431,7 +435,27 @@ pub(crate) async fn run_move(job: MoveJob) {
     let mut scu = match StoreScu::connect(&our_ae, &destination, &contexts, tls, timeout).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(error = %e, "C-MOVE destination unreachable");
+            let refused = tls_reject.lock().unwrap_or_else(|p| p.into_inner()).take();
+            match refused {
+                Some(reason) => {
+                    // Bastion as a TLS client refused the destination's
+                    // certificate: log the exact failure and raise an alert.
+                    tracing::warn!(
+                        destination = %destination.ae, host = %destination.host, port = destination.port,
+                        reason = %reason, "C-MOVE destination certificate refused"
+                    );
+                    archive.events().record(
+                        "tls.peer_rejected",
+                        bastion_security::events::Outcome::Failure,
+                        serde_json::json!({
+                            "role": "client", "purpose": "C-MOVE destination",
+                            "ae": destination.ae.as_str(), "peer": format!("{}:{}", destination.host, destination.port),
+                            "reason": reason,
+                        }),
+                    );
+                }
+                None => tracing::warn!(error = %e, "C-MOVE destination unreachable"),
+            }
             let _ = tx.send(RetrieveMsg::Stopped(e.to_string())).await;
             return;
         }

@@ -36,6 +36,7 @@ use bastion_archive::{
 use bastion_model::{AeTitle, Permission};
 use bastion_security::{
     admission::{Admission, AdmissionLimits},
+    certs::TrustCache,
     db::SecurityDb,
     devices::{Device, DeviceRegistry, OnConflict},
     events::Outcome,
@@ -64,7 +65,7 @@ use crate::{
     retrieve::{self, RetrieveKind, RetrieveMsg, RunningRetrieve, SubOpOutcome},
     scu::Destination,
     status::{self, Status},
-    tls::{CertSlot, TlsIdentity},
+    tls::{CertSlot, RejectSlot, TlsIdentity},
 };
 
 /// Settings of the DIMSE front end (all configurable in `bastion.toml`).
@@ -103,6 +104,9 @@ pub struct Dimse {
     security: Arc<SecurityDb>,
     config: DimseConfig,
     tls: Option<TlsIdentity>,
+    /// The certificate revocation list and pinned fingerprints the TLS
+    /// handshake checks (refreshed from the security database).
+    trust: Arc<TrustCache>,
     /// Established associations (accepted by the policy).
     active: AtomicUsize,
     /// Connections still in the handshake phase, per source address.
@@ -117,10 +121,12 @@ impl Dimse {
         config: DimseConfig,
         tls: Option<TlsIdentity>,
     ) -> Dimse {
+        let trust = Arc::new(TrustCache::new(security.clone(), TrustCache::DEFAULT_TTL));
         Dimse {
             archive,
             security,
             tls,
+            trust,
             active: AtomicUsize::new(0),
             pending: Admission::new(AdmissionLimits {
                 max_total: config.max_pending,
@@ -251,7 +257,12 @@ impl Dimse {
                     tracing::error!("TLS listener without a TLS identity");
                     return;
                 };
-                let cfg = match tls.config_for_connection(cert_slot) {
+                let rejected: RejectSlot = Arc::new(Mutex::new(None));
+                let cfg = match tls.config_for_connection(
+                    cert_slot,
+                    rejected.clone(),
+                    self.trust.clone(),
+                ) {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot build the TLS configuration");
@@ -267,6 +278,13 @@ impl Dimse {
                     () = evicted.notified() => return evicted_log(peer),
                 };
                 drop(_pending);
+                let refusal = rejected.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(r) = refusal {
+                    // The handshake failed on the certificate: the peer
+                    // never reached the A-ASSOCIATE-RQ parser.
+                    self.certificate_refused(peer, &r);
+                    return;
+                }
                 self.after_establish(established, peer, &accepted, listener_name, shutdown, artim)
                     .await;
             }
@@ -296,7 +314,11 @@ impl Dimse {
                 let Some(tls) = &self.tls else {
                     return;
                 };
-                let Ok(cfg) = tls.config_for_connection(Arc::new(Mutex::new(None))) else {
+                let Ok(cfg) = tls.config_for_connection(
+                    Arc::new(Mutex::new(None)),
+                    Arc::new(Mutex::new(None)),
+                    self.trust.clone(),
+                ) else {
                     return;
                 };
                 let accepted = tokio::time::timeout(
@@ -385,6 +407,27 @@ impl Dimse {
             .unwrap_or_else(|p| p.into_inner())
             .is_some()
             .then(|| ActiveGuard(&self.active))
+    }
+
+    /// Logs and records a client certificate the TLS handshake refused, with
+    /// its reason (the audit trail maps it to a DICOM Security Alert, PS3.15
+    /// A.5.3.11, event type Node Authentication).
+    fn certificate_refused(&self, peer: SocketAddr, r: &crate::tls::CertRejection) {
+        let cn = r.subject_cn.as_deref().map(|c| clip(c, 64));
+        tracing::warn!(
+            %peer, listener = "tls", reason = r.code, detail = %clip(&r.detail, 300),
+            certificate_sha256 = %r.sha256, subject_cn = cn.as_deref().unwrap_or("-"),
+            "TLS handshake refused: client certificate rejected"
+        );
+        self.archive.events().record(
+            "association.rejected",
+            Outcome::Refused,
+            serde_json::json!({
+                "peer": peer.to_string(), "listener": "tls", "stage": "tls_handshake",
+                "reason": r.code, "detail": clip(&r.detail, 300),
+                "certificate_sha256": r.sha256, "subject_cn": cn,
+            }),
+        );
     }
 
     fn establish_failed(&self, peer: SocketAddr, listener: &str, reason: &str) {
@@ -1209,13 +1252,18 @@ impl Dimse {
         let kind = match destination {
             Some(destination) => {
                 let dest_ae = destination.ae.clone();
+                let tls_reject: crate::tls::ServerReject = Arc::new(Mutex::new(None));
                 tokio::spawn(retrieve::run_move(retrieve::MoveJob {
                     archive: self.archive.clone(),
                     query,
                     max_matches,
                     our_ae: self.config.ae_title.clone(),
                     destination,
-                    tls: self.tls.as_ref().map(TlsIdentity::client_config),
+                    tls: self
+                        .tls
+                        .as_ref()
+                        .map(|t| t.client_config_reporting(tls_reject.clone())),
+                    tls_reject,
                     originator: (ae, message_id),
                     timeout: self.config.idle_timeout.min(Duration::from_secs(30)),
                     cancel: cancel.clone(),

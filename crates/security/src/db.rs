@@ -150,6 +150,27 @@ ALTER TABLE alerts ADD COLUMN evidence TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE alerts ADD COLUMN count INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE alerts ADD COLUMN last_ts TEXT;
 "#,
+    // 8: device certificates (issue 10). Every certificate `bastion cert
+    // issue` made (serial, AE, SHA-256, not-after) and the revocation list;
+    // a revoked fingerprint that was never recorded (issued before this
+    // migration) has NULL serial/AE/not-after. `certificate_ae_cutoffs`:
+    // AE titles whose certificates issued before this table existed are
+    // revoked (they cannot be listed by fingerprint). Times: Unix ms.
+    r#"
+CREATE TABLE certificates (
+    sha256 TEXT PRIMARY KEY NOT NULL,
+    serial TEXT,
+    ae TEXT,
+    not_after_ms INTEGER,
+    issued_ms INTEGER,
+    revoked_ms INTEGER
+);
+CREATE INDEX certificates_ae ON certificates(ae);
+CREATE TABLE certificate_ae_cutoffs (
+    ae TEXT PRIMARY KEY NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+"#,
 ];
 
 impl SecurityDb {

@@ -24,7 +24,14 @@
 //!    device, so whatever changed, one alert per device per quiet period;
 //! 8. `security_change`: user, token, device, certificate or configuration
 //!    changes;
-//! 9. `audit_verify_failed`: `audit.verify` failed.
+//! 9. `audit_verify_failed`: `audit.verify` failed;
+//! 10. `tls_peer_rejected`: Bastion as a TLS client (C-MOVE destination,
+//!     syslog collector) refused the peer's certificate
+//!     (`tls.peer_rejected`, with the exact verification failure); keyed by
+//!     the peer;
+//! 11. `blob_auth_failed`: a stored blob failed authentication on read
+//!     (`blob.auth_failed`: tampering or corruption of patient data); keyed
+//!     by the blob.
 //!
 //! A rule that fired for a key stays quiet for that key for
 //! [`DetectConfig::repeat`] (one attack, one alert). Findings of one burst
@@ -233,11 +240,16 @@ pub enum Rule {
     /// The audit trail or the syslog export stopped recording (a full
     /// disk), started again, or the site allows unaudited access.
     AuditRecording,
+    /// A peer Bastion connected to as a TLS client presented a certificate
+    /// that failed verification.
+    TlsPeerRejected,
+    /// A stored blob failed authentication on read.
+    BlobAuthFailed,
 }
 
 impl Rule {
     /// Every rule.
-    pub const ALL: [Rule; 10] = [
+    pub const ALL: [Rule; 12] = [
         Rule::LoginBruteForce,
         Rule::AssociationScan,
         Rule::BroadQuery,
@@ -248,6 +260,8 @@ impl Rule {
         Rule::SecurityChange,
         Rule::AuditVerifyFailed,
         Rule::AuditRecording,
+        Rule::TlsPeerRejected,
+        Rule::BlobAuthFailed,
     ];
 
     /// The rule's stable name.
@@ -263,6 +277,8 @@ impl Rule {
             Rule::SecurityChange => "security_change",
             Rule::AuditVerifyFailed => "audit_verify_failed",
             Rule::AuditRecording => "audit_recording",
+            Rule::TlsPeerRejected => "tls_peer_rejected",
+            Rule::BlobAuthFailed => "blob_auth_failed",
         }
     }
 
@@ -282,8 +298,12 @@ impl Rule {
             | Rule::AssociationScan
             | Rule::BulkRetrieval
             | Rule::AuditVerifyFailed
-            | Rule::AuditRecording => "high",
-            Rule::BroadQuery | Rule::UnknownDevice | Rule::DeviceChanged => "medium",
+            | Rule::AuditRecording
+            | Rule::BlobAuthFailed => "high",
+            Rule::BroadQuery
+            | Rule::UnknownDevice
+            | Rule::DeviceChanged
+            | Rule::TlsPeerRejected => "medium",
             Rule::OffHoursAccess | Rule::SecurityChange => "low",
         }
     }
@@ -322,6 +342,11 @@ pub fn source_of(f: &Finding) -> String {
             .and_then(Value::as_str)
             .filter(|v| !v.is_empty())
     };
+    // Recording stopped and started again are two stories, each grouped
+    // with its own repeats.
+    if f.rule == Rule::AuditRecording {
+        return format!("event:{}", field("event").unwrap_or_default());
+    }
     if let Some(a) = field("actor") {
         return format!("actor:{a}");
     }
@@ -531,6 +556,9 @@ impl Rules {
                     vec![(*item).clone()],
                 );
             }
+            "tls.peer_rejected" | "blob.auth_failed" => {
+                self.integrity(kind, event, &item, ts, now, &mut out)
+            }
             "audit.verify" if outcome != "success" => {
                 let mut d = Map::new();
                 for k in ["result", "records", "reason", "first_broken", "actor"] {
@@ -716,6 +744,55 @@ impl Rules {
             details: d,
             evidence,
         });
+    }
+
+    /// `tls_peer_rejected` and `blob_auth_failed`: one alert per peer or
+    /// blob per quiet period, with the exact reason.
+    fn integrity(
+        &mut self,
+        kind: &str,
+        event: &Map<String, Value>,
+        item: &Arc<Value>,
+        ts: OffsetDateTime,
+        now: i64,
+        out: &mut Vec<Finding>,
+    ) {
+        let reason = str_field(event, "reason");
+        let mut d = Map::new();
+        for k in [
+            "purpose",
+            "ae",
+            "peer",
+            "sop_instance_uid",
+            "blob",
+            "reason",
+        ] {
+            if let Some(v) = event.get(k) {
+                d.insert(k.into(), v.clone());
+            }
+        }
+        let (rule, key, summary) = if kind == "blob.auth_failed" {
+            let blob = str_field(event, "blob");
+            (
+                Rule::BlobAuthFailed,
+                format!("blob:{blob}"),
+                format!(
+                    "stored blob {blob} (instance {}) failed authentication: {reason}",
+                    str_field(event, "sop_instance_uid")
+                ),
+            )
+        } else {
+            let peer = str_field(event, "peer");
+            (
+                Rule::TlsPeerRejected,
+                format!("peer:{peer}"),
+                format!(
+                    "{} {peer} presented a certificate that failed verification: {reason}",
+                    str_field(event, "purpose")
+                ),
+            )
+        };
+        self.raise(out, rule, key, ts, now, summary, d, vec![(**item).clone()]);
     }
 
     fn rejected(
@@ -1185,6 +1262,52 @@ mod tests {
             "failure",
             json!({"username": user, "source": source, "reason": "wrong_password"}),
         )
+    }
+
+    #[test]
+    fn tls_peer_rejected_and_blob_auth_failed_alert_once_per_key() {
+        let mut r = Rules::new(DetectConfig::default());
+        let tls = |t, peer: &str| {
+            ev(
+                t,
+                "tls.peer_rejected",
+                "failure",
+                json!({"purpose": "C-MOVE destination", "ae": "DEST", "peer": peer,
+                       "reason": "invalid peer certificate: UnknownIssuer"}),
+            )
+        };
+        let blob = |t, id: &str| {
+            ev(
+                t,
+                "blob.auth_failed",
+                "failure",
+                json!({"sop_instance_uid": "1.2.3", "blob": id, "reason": "segment 0 failed authentication"}),
+            )
+        };
+        let f = run(
+            &mut r,
+            &[
+                tls(T0, "10.0.0.9:104"),
+                tls(T0 + 1, "10.0.0.9:104"),
+                tls(T0 + 2, "10.0.0.8:104"),
+            ],
+        );
+        assert_eq!(rules_of(&f), ["tls_peer_rejected", "tls_peer_rejected"]);
+        assert_eq!(f[0].details["peer"], "10.0.0.9:104");
+        assert_eq!(
+            f[0].details["reason"],
+            "invalid peer certificate: UnknownIssuer"
+        );
+        assert!(f[0].summary.contains("UnknownIssuer"), "{}", f[0].summary);
+        assert_eq!(Rule::TlsPeerRejected.severity(), "medium");
+        let f = run(
+            &mut r,
+            &[blob(T0, "ab"), blob(T0 + 1, "ab"), blob(T0 + 2, "cd")],
+        );
+        assert_eq!(rules_of(&f), ["blob_auth_failed", "blob_auth_failed"]);
+        assert_eq!(f[0].details["blob"], "ab");
+        assert_eq!(f[0].details["sop_instance_uid"], "1.2.3");
+        assert_eq!(f[0].rule.severity(), "high");
     }
 
     #[test]

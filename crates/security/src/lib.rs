@@ -5,6 +5,8 @@
 //!   AES-256-GCM).
 //! - [`pki`]: the private CA, the server certificate and device client
 //!   certificates (rcgen), certificate fingerprints.
+//! - [`certs`]: the record of issued device certificates and their
+//!   revocation list, and the cached view the TLS handshake checks.
 //! - [`db`]: the encrypted security database (SQLCipher) holding devices and
 //!   users.
 //! - [`devices`]: the device allowlist (AE title + network + transport +
@@ -34,6 +36,7 @@ pub mod accounts;
 pub mod admission;
 pub mod alerts;
 pub mod audit;
+pub mod certs;
 pub mod db;
 pub mod detect;
 pub mod devices;

@@ -52,6 +52,10 @@ pub struct IssuedCert {
     pub cert_pem: String,
     /// SHA-256 of the DER certificate, lowercase hex.
     pub sha256: String,
+    /// The serial number, lowercase hex (as `openssl x509 -serial` shows it).
+    pub serial: String,
+    /// End of the validity period.
+    pub not_after: time::OffsetDateTime,
 }
 
 fn cert_err(e: rcgen::Error) -> SecurityError {
@@ -199,10 +203,18 @@ pub fn issue_client(paths: &PkiPaths, ae: &str, host: Option<&str>) -> Result<Is
     let hosts: Vec<String> = host.map(str::to_owned).into_iter().collect();
     let p = leaf_params(ae, Some("Bastion PACS device"), &hosts)?;
     let cert = p.signed_by(&key, &issuer).map_err(cert_err)?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.der())
+        .map_err(|e| SecurityError::Certificate(format!("issued certificate: {e}")))?;
+    let not_after =
+        time::OffsetDateTime::from_unix_timestamp(parsed.validity().not_after.timestamp())
+            .map_err(|e| SecurityError::Certificate(format!("issued certificate: {e}")))?;
+    let serial = hex::encode(parsed.raw_serial());
     Ok(IssuedCert {
         key_pem: key.serialize_pem(),
         cert_pem: cert.pem(),
         sha256: fingerprint(cert.der()),
+        serial,
+        not_after,
     })
 }
 
@@ -256,6 +268,8 @@ mod tests {
         secrets::check_private(&paths.server_key)?;
         let issued = issue_client(&paths, "MOD1", Some("10.0.0.5"))?;
         assert_eq!(issued.sha256.len(), 64);
+        assert!(!issued.serial.is_empty());
+        assert!(issued.not_after > time::OffsetDateTime::now_utc() + time::Duration::days(800));
         assert!(issued.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(issued.key_pem.contains("PRIVATE KEY"));
         // A second generate on the same directory must not overwrite keys.

@@ -470,11 +470,15 @@ fn part10_in(inst: &StoredInstance, stored: &[u8], ts: &str) -> Result<Vec<u8>, 
 
 /// Streams the instances as `multipart/related; type="application/dicom"`,
 /// one instance decrypted (and transcoded) at a time on a blocking thread.
-fn stream_instances(
+/// The response starts only once the first instance is ready, so one that
+/// cannot be read (e.g. a blob failing authentication: tampering or
+/// corruption) is a clean error status rather than a cut stream; a later
+/// instance that cannot be read aborts the stream (the status is sent).
+async fn stream_instances(
     archive: Arc<Archive>,
     instances: Vec<StoredInstance>,
     syntax: Syntax,
-) -> Response {
+) -> Result<Response, ApiError> {
     let mut writer = MultipartWriter::new();
     let content_type = writer.content_type();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
@@ -526,14 +530,28 @@ fn stream_instances(
         }
         let _ = tx.blocking_send(Ok(writer.closing().into()));
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+    let mut rx = rx;
+    let first = match rx.recv().await {
+        Some(Ok(chunk)) => chunk,
+        Some(Err(_)) | None => {
+            return Err(ApiError::internal(
+                "WADO-RS",
+                "a stored instance could not be read",
+            ))
+        }
+    };
+    let rest = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
-    (
+    let stream = futures_util::StreamExt::chain(
+        futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) }),
+        rest,
+    );
+    Ok((
         [(header::CONTENT_TYPE, content_type)],
         Body::from_stream(stream),
     )
-        .into_response()
+        .into_response())
 }
 
 async fn retrieve(
@@ -545,7 +563,7 @@ async fn retrieve(
     let (caller, note) = who(&req)?;
     let instances = resolve(&state, &caller, &note, action, &target).await?;
     let syntax = negotiate_instances(req.headers(), &instances)?;
-    Ok(stream_instances(state.archive(), instances, syntax))
+    stream_instances(state.archive(), instances, syntax).await
 }
 
 fn who(req: &Request) -> Result<(Caller, Note), ApiError> {
