@@ -90,6 +90,18 @@ def scenario(make_server, tmp_path):
     assert status == 200
     status, _, _ = request(srv, "GET", f"/dicomweb/studies/{study}/metadata", cookie)
     assert status == 200
+    # The admin API: a device added and a user disabled by an administrator
+    # over HTTPS (from 127.0.0.1).
+    cli(srv, "user", "add", "boss", "--role", "admin", "--password-stdin", stdin=PASSWORD + "\n")
+    boss = cli(srv, "token", "create", "--user", "boss", "--expires", "1d").stdout.strip().splitlines()[-1]
+    auth = {"Authorization": f"Bearer {boss}", "Content-Type": "application/json"}
+    body = json.dumps({"ae": "APIDEV", "network": "127.0.0.1/32", "transport": "tls",
+                       "allow": ["echo"]}).encode()
+    status, _, out = request(srv, "POST", "/api/devices", auth, body)
+    assert status == 201, out
+    cli(srv, "user", "add", "temp", "--role", "auditor", "--password-stdin", stdin=PASSWORD + "\n")
+    status, _, out = request(srv, "POST", "/api/users/temp/disable", auth)
+    assert status == 200, out
     # bastion import.
     ds = helpers.make_dataset(patient_name="Import^Ivan", patient_id="IMP-002")
     p = tmp_path / "import.dcm"
@@ -152,6 +164,50 @@ def test_every_audit_message_validates_and_event_ids(make_server, tmp_path, jing
             if "<ParticipantObjectQuery>" in m]
     assert any(base64.b64decode(m.split("<ParticipantObjectQuery>")[1].split("<")[0])
                == f"StudyInstanceUID={study}".encode() for m in qido), qido
+    # One access, one message (issue 10, item 7).
+    def of_type(kind, **kw):
+        return [r for r in records if r["type"] == kind
+                and all(r["event"].get(k) == v for k, v in kw.items())]
+
+    def attr(xml, name):
+        return [part.split('"')[0] for part in xml.split(f' {name}="')[1:]]
+
+    # The one QIDO-RS search: exactly one Query message (its http.request),
+    # none for the archive's query.find (ae web:doc).
+    qido_msgs = [m for r in of_type("http.request", action="qido.studies") for m in r["messages"]]
+    web_find = of_type("query.find", ae="web:doc")
+    assert web_find and all(r["messages"] == [] for r in web_find), web_find
+    assert len(qido_msgs) == 1 and 'csd-code="110112"' in qido_msgs[0], qido_msgs
+    # The failed login: one User Authentication (110114), outcome 4, no
+    # Use of Restricted Function (110132) for the 401.
+    failed = of_type("login.failure", username="doc")
+    assert len(failed) == 1 and len(failed[0]["messages"]) == 1, failed
+    m = failed[0]["messages"][0]
+    assert 'csd-code="110114"' in m and attr(m, "EventOutcomeIndicator") == ["4"], m
+    logins = of_type("http.request", action="login")
+    assert [r["event"]["status"] for r in logins] == [200, 401], logins
+    assert all(r["messages"] == [] for r in logins), logins
+    assert not any('csd-code="110132"' in m for r in records if r["user"] == "doc"
+                   for m in r["messages"])
+    # Accepted associations: recorded, but no Security Alert (110113);
+    # the refused one (STRANGER) still is.
+    accepted = of_type("association.accepted")
+    assert accepted and all(r["messages"] == [] for r in accepted), accepted
+    rejected = of_type("association.rejected")
+    assert rejected and all(len(r["messages"]) == 1 and 'csd-code="110113"' in r["messages"][0]
+                            for r in rejected), rejected
+    # Admin API changes: the admin from 127.0.0.1 (NetworkAccessPointID).
+    for kind, field in (("device.added", None), ("user.disabled", "temp")):
+        recs = [r for r in of_type(kind, actor="boss")
+                if field is None or r["event"].get("username") == field]
+        assert len(recs) == 1 and len(recs[0]["messages"]) == 1, (kind, recs)
+        m = recs[0]["messages"][0]
+        assert 'UserID="boss"' in m and attr(m, "NetworkAccessPointID") == ["127.0.0.1"], m
+    # The plain listener: a Security Alert at start (Security Configuration).
+    plain = of_type("config.plain_listener")
+    assert len(plain) >= 1, sorted({r["type"] for r in records})
+    assert all(len(r["messages"]) == 1 and 'csd-code="110113"' in r["messages"][0]
+               and 'csd-code="110129"' in r["messages"][0] for r in plain), plain
     # ... and the event log never holds it.
     events_log = (srv.data / "events" / "events.log").read_bytes()
     assert b"AUD-001" not in events_log and b"private" not in events_log
@@ -188,8 +244,19 @@ def test_search_filters_and_api_roles(make_server, tmp_path):
     assert request(srv, "GET", "/api/audit?bogus=1", {"Authorization": f"Bearer {aud}"})[0] == 400
     srv.stop()
     used = search(srv, "--event", "audit-log-used")
-    kinds = {r["type"] for r in used}
-    assert {"audit.search", "audit.read"} <= kinds, kinds
+    # The one successful read: one Audit Log Used message (the handler's
+    # audit.read); its http.request, marked audited, adds none. The refused
+    # reads (403, 400) are one Audit Log Used each, outcome 4.
+    reads = [r for r in used if r["type"] == "audit.read" and r["event"].get("via") == "api"]
+    assert len(reads) == 1 and len(reads[0]["messages"]) == 1, reads
+    requests_ = [r for r in search(srv) if r["type"] == "http.request"
+                 and r["event"].get("action") == "audit.search"]
+    assert sorted(r["event"]["status"] for r in requests_) == [200, 400, 403], requests_
+    for r in requests_:
+        if r["event"]["status"] == 200:
+            assert r["messages"] == [] and r["event"].get("audited") is True, r
+        else:
+            assert len(r["messages"]) == 1 and ' EventOutcomeIndicator="4"' in r["messages"][0], r
 
 
 def _lines(p: Path):

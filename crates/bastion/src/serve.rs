@@ -154,8 +154,10 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         let tls_listener = TcpListener::bind(d.tls_addr).await.with_context(|| format!("cannot listen on {}", d.tls_addr))?;
         tracing::info!("DICOM-TLS listening on {} as AE {}", tls_listener.local_addr()?, dimse_config.ae_title);
         servers.push(tokio::spawn(dimse.clone().serve(tls_listener, Listener::Tls, rx.clone())));
+        let mut plain_bound = None;
         if let Some(addr) = d.plain_addr {
             let l = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            plain_bound = Some(l.local_addr()?);
             tracing::warn!(
                 "plain DICOM listening on {} as AE {} (unencrypted; only devices registered with --transport plain may use it)",
                 l.local_addr()?,
@@ -191,6 +193,17 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
         events.record("audit.started", Outcome::Success, serde_json::json!({"detail": "audit recording started with serve"}));
         if config.audit.allow_unaudited_access {
             events.record("security.unaudited_access_allowed", Outcome::Alert, serde_json::json!({"setting": "[audit] allow_unaudited_access", "detail": "patient data is served even while the audit trail cannot record"}));
+        }
+        // An unencrypted listener is a security-relevant configuration: a
+        // Security Alert in the audit trail at every start (PS3.15 A.5.3.11,
+        // Security Configuration), not only a log line.
+        if let Some(addr) = plain_bound {
+            events.record(
+                "config.plain_listener",
+                Outcome::Alert,
+                serde_json::json!({"listener": "dicom-plain", "address": addr.to_string(),
+                    "detail": "plain (unencrypted) DICOM listener enabled; only devices registered with --transport plain may use it"}),
+            );
         }
         // Every second: a checkpoint when one is due, and while recording is
         // stopped a probe of the reserve, so service resumes by itself once

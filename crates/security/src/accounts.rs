@@ -101,7 +101,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-pub use admin::{PasswordChoice, TokenInfo, UserInfo, MAX_TOKEN_LIFETIME};
+pub use admin::{Actor, PasswordChoice, TokenInfo, UserInfo, MAX_TOKEN_LIFETIME};
 
 use crate::{
     db::SecurityDb,
@@ -694,7 +694,8 @@ impl Accounts {
         self.events.record(
             "user.totp_enabled",
             Outcome::Success,
-            json!({"actor": req.username, "username": req.username, "replaced": false, "via": "web"}),
+            json!({"actor": req.username, "username": req.username, "replaced": false, "via": "web",
+                   "source": source}),
         );
         let Some(session) = self.succeed(req.username, &ticket, Some(step), now)? else {
             self.after_failure(req.username, true, &source, "concurrent_change")?;
@@ -1180,9 +1181,11 @@ impl Accounts {
         } else {
             clip(username)
         };
+        // A wrong credential is a refusal (the audit trail's User
+        // Authentication message, outcome 4), not a technical failure.
         self.events.record(
             "login.failure",
-            Outcome::Failure,
+            Outcome::Refused,
             json!({"username": username, "source": source, "reason": reason, "consecutive_failures": failures}),
         );
         if locked_now {

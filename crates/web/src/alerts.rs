@@ -165,7 +165,7 @@ pub async fn ack(
     state.archive().events().record(
         "alert.acknowledged",
         Outcome::Success,
-        json!({"actor": caller.identity.username, "alert_id": id, "rule": alert.rule,
+        json!({"actor": caller.identity.username, "peer": caller.peer_field(), "alert_id": id, "rule": alert.rule,
                "comment": comment}),
     );
     Ok(Json(alert))

@@ -34,6 +34,9 @@ struct NoteInner {
     /// The QIDO-RS query string: names patients, so it goes to the audit
     /// trail only (`EventLog::record_private`), never to the event log.
     query: Option<Vec<u8>>,
+    /// The handler recorded its own event for this access (`audit.read`,
+    /// `audit.verify`), which is then the audit trail's one message for it.
+    audited: bool,
 }
 
 impl Note {
@@ -64,6 +67,13 @@ impl Note {
     /// Query message only (never written to the event log).
     pub fn query(&self, raw: &[u8]) {
         self.with(|n| n.query = Some(raw.to_vec()));
+    }
+
+    /// The handler recorded its own event for this request, whose DICOM
+    /// audit message stands for the request (the `http.request` event is
+    /// still recorded, marked `"audited": true`, and maps to no message).
+    pub fn audited(&self) {
+        self.with(|n| n.audited = true);
     }
 
     /// A Study Instance UID the request touched.
@@ -103,13 +113,14 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
     } else {
         Outcome::Refused
     };
-    let (user, action, studies, qido, query) = note.with(|n| {
+    let (user, action, studies, qido, query, audited) = note.with(|n| {
         (
             n.user.take(),
             n.action,
             std::mem::take(&mut n.studies),
             n.qido.take(),
             n.query.take(),
+            n.audited,
         )
     });
     let mut fields = serde_json::json!({
@@ -121,8 +132,13 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
         "status": status.as_u16(),
         "study_uids": studies.into_iter().collect::<Vec<_>>(),
     });
-    if let (Some(q), Some(m)) = (qido, fields.as_object_mut()) {
-        m.insert("qido".into(), q);
+    if let Some(m) = fields.as_object_mut() {
+        if let Some(q) = qido {
+            m.insert("qido".into(), q);
+        }
+        if audited {
+            m.insert("audited".into(), true.into());
+        }
     }
     let private = query.map_or(serde_json::Value::Null, |q| {
         bastion_security::audit::private_query(&q, None)

@@ -104,5 +104,6 @@ pub async fn search(
             "filter": {"user": q.user, "device": q.device, "patient_id": q.patient_id.is_some(),
                 "study": q.study, "event": q.event, "since": q.since, "until": q.until}}),
     );
+    note.audited();
     Ok(Json(found.iter().map(|r| r.summary()).collect()))
 }

@@ -81,9 +81,10 @@ pub async fn status(
     state.archive().events().record(
         "audit.verify",
         if ok { Outcome::Success } else { Outcome::Alert },
-        json!({"actor": caller.identity.username, "records": records, "checkpoints": checkpoints,
+        json!({"actor": caller.identity.username, "peer": caller.peer_field(), "records": records, "checkpoints": checkpoints,
                "result": problems.first().map_or("intact", String::as_str)}),
     );
+    note.audited();
     let v = json!({
         "ok": ok,
         "records": records,

@@ -65,9 +65,17 @@ pub struct Caller {
     pub identity: Identity,
     /// How.
     pub method: AuthMethod,
+    /// From where: the TCP peer of the request (the NetworkAccessPointID
+    /// of the audit messages of what the caller changes).
+    pub peer: Option<SocketAddr>,
 }
 
 impl Caller {
+    /// The caller's address as the events record it (`peer`: `ip:port`).
+    pub fn peer_field(&self) -> Option<String> {
+        self.peer.map(|a| a.to_string())
+    }
+
     /// `Ok` when the credential grants `p`, else 403.
     ///
     /// # Errors
@@ -154,6 +162,7 @@ async fn identify(state: &AppState, req: &mut Request) -> Result<Option<Caller>,
         Caller {
             identity,
             method: AuthMethod::Token,
+            peer: peer(req.extensions()),
         }
     } else if let Some(id) = session_cookie(req.headers()) {
         let lookup = id.clone();
@@ -177,6 +186,7 @@ async fn identify(state: &AppState, req: &mut Request) -> Result<Option<Caller>,
         Caller {
             identity: session.identity,
             method: AuthMethod::Session(id),
+            peer: peer(req.extensions()),
         }
     } else {
         return Err(ApiError::Unauthenticated);

@@ -20,6 +20,49 @@ use crate::{events::Outcome, users, Result, SecurityError};
 /// credential, so it must expire.
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
 
+/// Who asks for an account change: the events' `actor` (`cli`, or the web
+/// user's name) and, for a change over the network, `peer`, the caller's
+/// address (`ip:port`), which the audit trail's messages carry as the
+/// actor's NetworkAccessPointID (PS3.15 A.5.1 ActiveParticipant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Actor<'a> {
+    /// `cli`, or the acting web user's name.
+    pub name: &'a str,
+    /// The caller's address, when the change came over the network.
+    pub peer: Option<&'a str>,
+}
+
+impl<'a> Actor<'a> {
+    /// A web user acting from `peer`.
+    pub fn remote(name: &'a str, peer: Option<&'a str>) -> Self {
+        Self { name, peer }
+    }
+
+    /// The event's fields with `actor` (and `peer`, when known) added.
+    fn stamp(self, mut fields: serde_json::Value) -> serde_json::Value {
+        if let Some(m) = fields.as_object_mut() {
+            m.insert("actor".into(), self.name.into());
+            if let Some(p) = self.peer {
+                m.insert("peer".into(), p.into());
+            }
+        }
+        fields
+    }
+}
+
+impl<'a> From<&'a str> for Actor<'a> {
+    /// A local actor (`"cli"`, or a name without an address).
+    fn from(name: &'a str) -> Self {
+        Self { name, peer: None }
+    }
+}
+
+impl<'a> From<&'a String> for Actor<'a> {
+    fn from(name: &'a String) -> Self {
+        Self::from(name.as_str())
+    }
+}
+
 /// How a new password is chosen.
 #[derive(Clone, Copy)]
 pub enum PasswordChoice<'a> {
@@ -121,13 +164,14 @@ impl Accounts {
     /// [`SecurityError::UserExists`], [`SecurityError::UserNameCaseClash`]
     /// (the name equals an existing one but for ASCII letter case),
     /// [`SecurityError::Db`].
-    pub fn add_user(
+    pub fn add_user<'a>(
         &self,
-        actor: &str,
+        actor: impl Into<Actor<'a>>,
         username: &str,
         role: Role,
         password: PasswordChoice,
     ) -> Result<Option<String>> {
+        let actor: Actor<'a> = actor.into();
         users::validate_username(username)?;
         let (pw, generated) = chosen(username, password)?;
         let hash = users::hash_password(&pw)?;
@@ -143,8 +187,8 @@ impl Accounts {
         self.events.record(
             "user.added",
             Outcome::Success,
-            json!({"actor": actor, "username": username, "role": role.as_str(),
-                   "generated_password": generated}),
+            actor.stamp(json!({"username": username, "role": role.as_str(),
+                   "generated_password": generated})),
         );
         Ok(generated.then_some(pw))
     }
@@ -201,7 +245,13 @@ impl Accounts {
     /// # Errors
     /// [`SecurityError::NoSuchUser`], [`SecurityError::LastAdmin`],
     /// [`SecurityError::Db`].
-    pub fn set_disabled(&self, actor: &str, username: &str, disabled: bool) -> Result<()> {
+    pub fn set_disabled<'a>(
+        &self,
+        actor: impl Into<Actor<'a>>,
+        username: &str,
+        disabled: bool,
+    ) -> Result<()> {
+        let actor: Actor<'a> = actor.into();
         let ended = self.db.with(|c| {
             let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)
                 .map_err(db_err("begin"))?;
@@ -232,7 +282,7 @@ impl Accounts {
                 "user.enabled"
             },
             Outcome::Success,
-            json!({"actor": actor, "username": username, "sessions_ended": ended}),
+            actor.stamp(json!({"username": username, "sessions_ended": ended})),
         );
         Ok(())
     }
@@ -241,7 +291,8 @@ impl Accounts {
     ///
     /// # Errors
     /// [`SecurityError::NoSuchUser`], [`SecurityError::Db`].
-    pub fn unlock(&self, actor: &str, username: &str) -> Result<()> {
+    pub fn unlock<'a>(&self, actor: impl Into<Actor<'a>>, username: &str) -> Result<()> {
+        let actor: Actor<'a> = actor.into();
         let was_locked = self.db.with(|c| {
             let locked: Option<bool> = c
                 .query_row(
@@ -264,7 +315,7 @@ impl Accounts {
         self.events.record(
             "user.unlocked",
             Outcome::Success,
-            json!({"actor": actor, "username": username, "was_locked": was_locked}),
+            actor.stamp(json!({"username": username, "was_locked": was_locked})),
         );
         Ok(())
     }
@@ -277,12 +328,13 @@ impl Accounts {
     /// # Errors
     /// [`SecurityError::WeakPassword`], [`SecurityError::NoSuchUser`],
     /// [`SecurityError::Db`].
-    pub fn set_password(
+    pub fn set_password<'a>(
         &self,
-        actor: &str,
+        actor: impl Into<Actor<'a>>,
         username: &str,
         password: PasswordChoice,
     ) -> Result<Option<String>> {
+        let actor: Actor<'a> = actor.into();
         self.user_exists(username)?;
         let (pw, generated) = chosen(username, password)?;
         let hash = users::hash_password(&pw)?;
@@ -290,8 +342,10 @@ impl Accounts {
         self.events.record(
             "user.password_set",
             Outcome::Success,
-            json!({"actor": actor, "username": username, "generated_password": generated,
+            actor.stamp(
+                json!({"username": username, "generated_password": generated,
                    "sessions_ended": ended}),
+            ),
         );
         Ok(generated.then_some(pw))
     }
@@ -302,7 +356,8 @@ impl Accounts {
     /// # Errors
     /// [`SecurityError::NoSuchUser`], [`SecurityError::LastAdmin`],
     /// [`SecurityError::Db`].
-    pub fn remove_user(&self, actor: &str, username: &str) -> Result<()> {
+    pub fn remove_user<'a>(&self, actor: impl Into<Actor<'a>>, username: &str) -> Result<()> {
+        let actor: Actor<'a> = actor.into();
         let (sessions, tokens) = self.db.with(|c| {
             let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)
                 .map_err(db_err("begin"))?;
@@ -325,8 +380,8 @@ impl Accounts {
         self.events.record(
             "user.removed",
             Outcome::Success,
-            json!({"actor": actor, "username": username, "sessions_ended": sessions,
-                   "tokens_removed": tokens}),
+            actor.stamp(json!({"username": username, "sessions_ended": sessions,
+                   "tokens_removed": tokens})),
         );
         Ok(())
     }
@@ -338,7 +393,12 @@ impl Accounts {
     ///
     /// # Errors
     /// [`SecurityError::NoSuchUser`], [`SecurityError::Db`].
-    pub fn enable_totp(&self, actor: &str, username: &str) -> Result<(String, bool)> {
+    pub fn enable_totp<'a>(
+        &self,
+        actor: impl Into<Actor<'a>>,
+        username: &str,
+    ) -> Result<(String, bool)> {
+        let actor: Actor<'a> = actor.into();
         let mut secret = vec![0u8; TOTP_SECRET_BYTES];
         OsRng.fill_bytes(&mut secret);
         let uri = totp_for(&secret, username)?.get_url();
@@ -365,7 +425,7 @@ impl Accounts {
         self.events.record(
             "user.totp_enabled",
             Outcome::Success,
-            json!({"actor": actor, "username": username, "replaced": replaced}),
+            actor.stamp(json!({"username": username, "replaced": replaced})),
         );
         Ok((uri, replaced))
     }
@@ -378,13 +438,14 @@ impl Accounts {
     /// [`SecurityError::NoSuchUser`], [`SecurityError::AccountDisabled`],
     /// [`SecurityError::Invalid`] (lifetime, or a scope that leaves the role
     /// nothing), [`SecurityError::Db`].
-    pub fn create_token(
+    pub fn create_token<'a>(
         &self,
-        actor: &str,
+        actor: impl Into<Actor<'a>>,
         username: &str,
         lifetime: Duration,
         scope: Scope,
     ) -> Result<(TokenInfo, String)> {
+        let actor: Actor<'a> = actor.into();
         if lifetime.is_zero() || lifetime > MAX_TOKEN_LIFETIME {
             return Err(SecurityError::Invalid {
                 what: "token lifetime",
@@ -435,8 +496,10 @@ impl Accounts {
         self.events.record(
             "token.created",
             Outcome::Success,
-            json!({"actor": actor, "username": username, "token_id": id, "scope": scope.as_str(),
+            actor.stamp(
+                json!({"username": username, "token_id": id, "scope": scope.as_str(),
                    "expires": rfc3339_ms(expires)}),
+            ),
         );
         let info = TokenInfo {
             id,
@@ -454,7 +517,8 @@ impl Accounts {
     ///
     /// # Errors
     /// [`SecurityError::NoSuchToken`], [`SecurityError::Db`].
-    pub fn revoke_token(&self, actor: &str, id: &str) -> Result<()> {
+    pub fn revoke_token<'a>(&self, actor: impl Into<Actor<'a>>, id: &str) -> Result<()> {
+        let actor: Actor<'a> = actor.into();
         let now = self.now_ms();
         let username: String = self.db.with(|c| {
             let user = c
@@ -476,7 +540,7 @@ impl Accounts {
         self.events.record(
             "token.revoked",
             Outcome::Success,
-            json!({"actor": actor, "username": username, "token_id": id}),
+            actor.stamp(json!({"username": username, "token_id": id})),
         );
         Ok(())
     }

@@ -122,6 +122,10 @@ mod object_type {
     pub const NODE: Code = dcm("110182", "Node ID");
 }
 
+/// The FindOptions `ae` prefix of the web front end's searches
+/// (`web:<user>`, set by `bastion-web` for QIDO-RS).
+const WEB_AE_PREFIX: &str = "web:";
+
 /// Who we are in audit messages.
 #[derive(Debug, Clone)]
 pub struct AuditIdentity {
@@ -169,6 +173,9 @@ struct Plan {
     /// Who acts: true when the remote user or device requested the action.
     remote_is_source: Option<bool>,
     objects: Objects,
+    /// The EventOutcomeIndicator of an unsuccessful outcome when the event
+    /// type, not the outcome, decides it.
+    indicator: Option<&'static str>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -198,6 +205,7 @@ fn plan(id: Code, action: &'static str, types: Vec<Code>, objects: Objects) -> P
         types,
         remote_is_source: None,
         objects,
+        indicator: None,
     }
 }
 
@@ -219,12 +227,26 @@ fn plans(e: &Map<String, Value>) -> Vec<Plan> {
             vec![type_code::APPLICATION_STOP],
             Objects::None,
         )],
-        "login.success" | "login.failure" | "login.refused" => vec![plan(
+        "login.success" => vec![plan(
             id::USER_AUTHENTICATION,
             "E",
             vec![type_code::LOGIN],
             Objects::None,
         )],
+        // A refused login (wrong name, password or TOTP code, locked or
+        // disabled account, throttled) is one User Authentication message
+        // with outcome 4 (minor failure, PS3.15 A.5.3.7), never a Security
+        // Alert as well: the request refused was the authentication.
+        "login.failure" | "login.refused" => {
+            let mut p = plan(
+                id::USER_AUTHENTICATION,
+                "E",
+                vec![type_code::LOGIN],
+                Objects::None,
+            );
+            p.indicator = Some("4");
+            vec![p]
+        }
         "logout" => vec![plan(
             id::USER_AUTHENTICATION,
             "E",
@@ -246,6 +268,12 @@ fn plans(e: &Map<String, Value>) -> Vec<Plan> {
             p.remote_is_source = Some(true);
             vec![p]
         }
+        // A QIDO-RS search is audited once, by its `http.request` (which
+        // knows the authenticated user, the status and the query string,
+        // and exists also when the search is refused before the archive is
+        // asked); the archive's `query.find` for it (FindOptions `ae`
+        // `web:<user>`, set by the web crate) adds no second message.
+        "query.find" if s(e, "ae").is_some_and(|ae| ae.starts_with(WEB_AE_PREFIX)) => vec![],
         "query.find" => vec![plan(id::QUERY, "E", vec![], Objects::Query)],
         "retrieve.move" | "retrieve.get" => {
             let mut begin = plan(id::BEGIN_TRANSFERRING, "E", vec![], Objects::Data);
@@ -256,14 +284,17 @@ fn plans(e: &Map<String, Value>) -> Vec<Plan> {
         }
         "instance.exported" => vec![plan(id::EXPORT, "R", vec![], Objects::Data)],
         "http.request" => http_plans(e, outcome),
-        "association.rejected" | "association.failed" | "association.accepted" => {
-            vec![plan(
-                id::SECURITY_ALERT,
-                "E",
-                vec![type_code::NODE_AUTHENTICATION],
-                Objects::None,
-            )]
-        }
+        "association.rejected" | "association.failed" => vec![plan(
+            id::SECURITY_ALERT,
+            "E",
+            vec![type_code::NODE_AUTHENTICATION],
+            Objects::None,
+        )],
+        // An accepted association is no security alert (PS3.15 A.5.3.11
+        // Security Alert is for a detected security event): what the device
+        // then does (store, query, retrieve) has its own messages. The event
+        // stays in the event log and the trail for the inventory and search.
+        "association.accepted" => vec![],
         "dimse.not_authorized" => vec![plan(
             id::SECURITY_ALERT,
             "E",
@@ -367,11 +398,23 @@ fn http_plans(e: &Map<String, Value>, outcome: &str) -> Vec<Plan> {
             p.remote_is_source = Some(true);
             vec![p]
         }
+        // A trail read whose handler recorded its own event (`audit.read`
+        // for GET /api/audit, `audit.verify` for GET /api/audit/chain,
+        // marked `audited` by the handler) has that event's message only.
+        a if (a.starts_with("audit") || a == "events.read")
+            && e.get("audited").and_then(Value::as_bool) == Some(true) =>
+        {
+            vec![]
+        }
         a if a.starts_with("audit") || a == "events.read" => {
             vec![plan(id::AUDIT_LOG_USED, "R", vec![], Objects::Trail)]
         }
-        // Login, logout, password: the account events are the messages; a
-        // refused request (401/403) is a Security Alert.
+        // Login, logout, password change, TOTP enrolment: the account
+        // service's events (`login.*`, `logout`, `user.*`) are the messages,
+        // also for a refused attempt (a wrong password is one User
+        // Authentication message with outcome 4, not a Security Alert too).
+        "login" | "logout" | "password.change" | "totp.enrol" => vec![],
+        // Any other refused request (401/403) is a Security Alert.
         _ if outcome != "success" => vec![plan(
             id::SECURITY_ALERT,
             "E",
@@ -560,7 +603,14 @@ fn write_message(
         w.create_element("EventIdentification")
             .with_attribute(("EventActionCode", p.action))
             .with_attribute(("EventDateTime", ts.as_str()))
-            .with_attribute(("EventOutcomeIndicator", outcome_indicator(outcome)))
+            .with_attribute((
+                "EventOutcomeIndicator",
+                match (p.indicator, outcome) {
+                    (_, "success") => "0",
+                    (Some(i), _) => i,
+                    (None, o) => outcome_indicator(o),
+                },
+            ))
             .write_inner_content(|w| {
                 coded(w, "EventID", p.id)?;
                 for t in &p.types {
@@ -576,11 +626,20 @@ fn write_message(
             .or_else(|| s(e, "source"))
             .filter(|p| *p != "file" && *p != "unknown")
             .map(address);
-        let user = s(e, "username")
-            .or_else(|| s(e, "user"))
-            .or_else(|| s(e, "actor").filter(|a| *a != "cli"));
-        let device = s(e, "ae").or_else(|| s(e, "calling_ae"));
-        let cli = s(e, "actor") == Some("cli") || device == Some("IMPORT");
+        // An event with an `actor` (an account, device or alert change from
+        // the CLI or the admin API) was requested by that actor, with the
+        // caller's address as `peer` when it came over the network; the
+        // user or device it names is the participant object, not a
+        // participant.
+        let actor = s(e, "actor");
+        let user = match actor {
+            Some(a) => Some(a).filter(|a| *a != "cli"),
+            None => s(e, "username").or_else(|| s(e, "user")),
+        };
+        let device = s(e, "ae")
+            .or_else(|| s(e, "calling_ae"))
+            .filter(|_| actor.is_none());
+        let cli = actor == Some("cli") || device == Some("IMPORT");
         let remote_role =
             p.remote_is_source
                 .map(|src| if src { role::SOURCE } else { role::DESTINATION });
@@ -828,4 +887,285 @@ fn data_objects(w: &mut W, e: &Map<String, Value>, subjects: &[Subject]) -> std:
 /// The operating-system account running a CLI command (informative only).
 fn os_user() -> String {
     std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quick_xml::{events::Event, Reader};
+    use serde_json::json;
+
+    fn me() -> AuditIdentity {
+        AuditIdentity {
+            ae_title: "BASTION".into(),
+            source_id: "BASTION@test".into(),
+        }
+    }
+
+    /// The messages of one event (with a timestamp added).
+    fn of(event: Value) -> Vec<(Code, String)> {
+        let mut m = event.as_object().cloned().expect("object");
+        m.insert("ts".into(), "2026-12-01T10:00:00.000001Z".into());
+        messages(&m, &[], &me())
+    }
+
+    /// The values of attribute `attr` on every `element` of `xml`, parsed
+    /// with quick-xml's reader (not by searching the text).
+    fn attrs(xml: &str, element: &str, attr: &str) -> Vec<String> {
+        let mut r = Reader::from_str(xml);
+        let mut out = Vec::new();
+        loop {
+            match r.read_event().expect("well-formed XML") {
+                Event::Start(t) | Event::Empty(t) if t.name().as_ref() == element.as_bytes() => {
+                    for a in t.attributes() {
+                        let a = a.expect("attribute");
+                        if a.key.as_ref() == attr.as_bytes() {
+                            out.push(
+                                a.normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                                    .expect("value")
+                                    .into_owned(),
+                            );
+                        }
+                    }
+                }
+                Event::Eof => break,
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn indicator(xml: &str) -> String {
+        attrs(xml, "EventIdentification", "EventOutcomeIndicator")
+            .pop()
+            .expect("EventOutcomeIndicator")
+    }
+
+    fn ids(msgs: &[(Code, String)]) -> Vec<&'static str> {
+        msgs.iter().map(|(c, _)| c.code).collect()
+    }
+
+    #[test]
+    fn qido_search_is_one_query_message() {
+        // One QIDO-RS search records an `http.request` and the archive's
+        // `query.find` (ae `web:<user>`): one Query message in all.
+        let http = of(
+            json!({"type": "http.request", "outcome": "success", "user": "doc",
+            "peer": "127.0.0.1:6000", "action": "qido.studies", "status": 200, "study_uids": [],
+            "private": private_query(b"StudyInstanceUID=1.2.3", None)}),
+        );
+        let find = of(
+            json!({"type": "query.find", "outcome": "success", "ae": "web:doc",
+            "peer": "127.0.0.1:6000", "model": "study_root", "level": "STUDY", "matches": 1,
+            "private": private_query(b"StudyInstanceUID=1.2.3", None)}),
+        );
+        assert_eq!(ids(&http), ["110112"]);
+        assert!(find.is_empty(), "{find:?}");
+        let xml = &http[0].1;
+        assert_eq!(indicator(xml), "0");
+        assert_eq!(
+            attrs(xml, "ActiveParticipant", "UserID"),
+            ["doc", "BASTION"],
+            "{xml}"
+        );
+        assert_eq!(
+            attrs(xml, "ActiveParticipant", "NetworkAccessPointID"),
+            ["127.0.0.1"]
+        );
+        // A refused search (never reached the archive) is still one Query
+        // message, outcome 4.
+        let refused = of(
+            json!({"type": "http.request", "outcome": "refused", "user": "doc",
+            "peer": "127.0.0.1:6000", "action": "qido.studies", "status": 403}),
+        );
+        assert_eq!(ids(&refused), ["110112"]);
+        assert_eq!(indicator(&refused[0].1), "4");
+        // A DIMSE C-FIND keeps its Query message.
+        let dimse = of(
+            json!({"type": "query.find", "outcome": "success", "ae": "CT1",
+            "peer": "10.0.0.1:104", "model": "study_root", "level": "STUDY", "matches": 0}),
+        );
+        assert_eq!(ids(&dimse), ["110112"]);
+    }
+
+    #[test]
+    fn audit_log_read_is_one_message() {
+        let read = of(
+            json!({"type": "audit.read", "outcome": "success", "user": "aud",
+            "peer": "127.0.0.1:7000", "via": "api", "matches": 3}),
+        );
+        assert_eq!(ids(&read), ["110101"]);
+        assert_eq!(
+            attrs(&read[0].1, "ActiveParticipant", "NetworkAccessPointID"),
+            ["127.0.0.1"]
+        );
+        // The request the handler audited itself adds nothing.
+        for action in ["audit.search", "audit.chain"] {
+            let http = of(
+                json!({"type": "http.request", "outcome": "success", "user": "aud",
+                "peer": "127.0.0.1:7000", "action": action, "status": 200, "audited": true}),
+            );
+            assert!(http.is_empty(), "{action}: {http:?}");
+        }
+        // A refused read (the handler recorded nothing) is one Audit Log
+        // Used message, outcome 4.
+        let refused = of(
+            json!({"type": "http.request", "outcome": "refused", "user": "clin",
+            "peer": "127.0.0.1:7000", "action": "audit.search", "status": 403}),
+        );
+        assert_eq!(ids(&refused), ["110101"]);
+        assert_eq!(indicator(&refused[0].1), "4");
+        // GET /api/events (no event of its own) keeps its message.
+        let events = of(
+            json!({"type": "http.request", "outcome": "success", "user": "aud",
+            "peer": "127.0.0.1:7000", "action": "events.read", "status": 200}),
+        );
+        assert_eq!(ids(&events), ["110101"]);
+    }
+
+    #[test]
+    fn failed_login_is_one_user_authentication_with_outcome_4() {
+        // As the account service records it today (refused), and as older
+        // records had it (failure): outcome 4 either way.
+        for outcome in ["refused", "failure"] {
+            let m = of(
+                json!({"type": "login.failure", "outcome": outcome, "username": "doc",
+                "source": "127.0.0.1", "reason": "wrong_password"}),
+            );
+            assert_eq!(ids(&m), ["110114"], "{outcome}");
+            let xml = &m[0].1;
+            assert_eq!(indicator(xml), "4", "{xml}");
+            assert_eq!(attrs(xml, "EventTypeCode", "csd-code"), ["110122"]);
+            assert_eq!(
+                attrs(xml, "ActiveParticipant", "NetworkAccessPointID"),
+                ["127.0.0.1"]
+            );
+        }
+        let locked = of(
+            json!({"type": "login.refused", "outcome": "refused", "username": "doc",
+            "source": "127.0.0.1", "reason": "locked"}),
+        );
+        assert_eq!(ids(&locked), ["110114"]);
+        assert_eq!(indicator(&locked[0].1), "4");
+        // The 401 answer adds no Security Alert (110132).
+        for action in ["login", "logout", "password.change", "totp.enrol"] {
+            let http = of(
+                json!({"type": "http.request", "outcome": "refused", "user": "doc",
+                "peer": "127.0.0.1:6000", "action": action, "status": 401}),
+            );
+            assert!(http.is_empty(), "{action}: {http:?}");
+        }
+        let ok = of(
+            json!({"type": "login.success", "outcome": "success", "username": "doc",
+            "source": "127.0.0.1"}),
+        );
+        assert_eq!(ids(&ok), ["110114"]);
+        assert_eq!(indicator(&ok[0].1), "0");
+        // Other refused requests stay Security Alerts (Use of Restricted Function).
+        let other = of(
+            json!({"type": "http.request", "outcome": "refused", "user": "doc",
+            "peer": "127.0.0.1:6000", "action": "users.list", "status": 403}),
+        );
+        assert_eq!(ids(&other), ["110113"]);
+        assert_eq!(attrs(&other[0].1, "EventTypeCode", "csd-code"), ["110132"]);
+    }
+
+    #[test]
+    fn admin_changes_name_the_caller_and_its_address() {
+        let cases = [
+            json!({"type": "user.disabled", "outcome": "success", "actor": "root",
+                "peer": "127.0.0.9:5555", "username": "bob", "sessions_ended": 1}),
+            json!({"type": "user.added", "outcome": "success", "actor": "root",
+                "peer": "127.0.0.9:5555", "username": "bob", "role": "auditor"}),
+            json!({"type": "device.added", "outcome": "success", "actor": "root",
+                "peer": "127.0.0.9:5555", "device": {"ae": "CT1"}}),
+            json!({"type": "device.removed", "outcome": "success", "actor": "root",
+                "peer": "127.0.0.9:5555", "ae": "CT1"}),
+            json!({"type": "alert.acknowledged", "outcome": "success", "actor": "root",
+                "peer": "127.0.0.9:5555", "alert_id": 4, "rule": "login_brute_force"}),
+        ];
+        for e in cases {
+            let m = of(e.clone());
+            assert_eq!(ids(&m), ["110113"], "{e}");
+            let xml = &m[0].1;
+            // The acting admin is the requestor, from its address; the user
+            // or device changed is the object, not a participant.
+            assert_eq!(
+                attrs(xml, "ActiveParticipant", "UserID"),
+                ["root", "BASTION"],
+                "{xml}"
+            );
+            assert_eq!(
+                attrs(xml, "ActiveParticipant", "NetworkAccessPointID"),
+                ["127.0.0.9"],
+                "{xml}"
+            );
+            assert_eq!(
+                attrs(xml, "ActiveParticipant", "UserIsRequestor"),
+                ["true", "false"]
+            );
+        }
+        let removed = of(
+            json!({"type": "device.removed", "outcome": "success", "actor": "root",
+            "peer": "127.0.0.9:5555", "ae": "CT1"}),
+        );
+        assert_eq!(
+            attrs(
+                &removed[0].1,
+                "ParticipantObjectIdentification",
+                "ParticipantObjectID"
+            ),
+            ["CT1"]
+        );
+        let disabled = of(
+            json!({"type": "user.disabled", "outcome": "success", "actor": "root",
+            "peer": "127.0.0.9:5555", "username": "bob"}),
+        );
+        assert_eq!(
+            attrs(
+                &disabled[0].1,
+                "ParticipantObjectIdentification",
+                "ParticipantObjectID"
+            ),
+            ["bob"]
+        );
+        // The CLI: no address, the bastion-cli participant.
+        let cli = of(
+            json!({"type": "user.disabled", "outcome": "success", "actor": "cli",
+            "username": "bob"}),
+        );
+        let xml = &cli[0].1;
+        assert_eq!(
+            attrs(xml, "ActiveParticipant", "UserID"),
+            ["bastion-cli", "BASTION"]
+        );
+        assert!(attrs(xml, "ActiveParticipant", "NetworkAccessPointID").is_empty());
+    }
+
+    #[test]
+    fn accepted_association_is_no_security_alert() {
+        let accepted = of(json!({"type": "association.accepted", "outcome": "success",
+            "ae": "CT1", "peer": "10.0.0.1:104", "listener": "dicom-tls"}));
+        assert!(accepted.is_empty(), "{accepted:?}");
+        for kind in ["association.rejected", "association.failed"] {
+            let m = of(
+                json!({"type": kind, "outcome": "refused", "calling_ae": "EVIL",
+                "peer": "10.0.0.1:104", "reason": "1/1/3"}),
+            );
+            assert_eq!(ids(&m), ["110113"], "{kind}");
+            assert_eq!(attrs(&m[0].1, "EventTypeCode", "csd-code"), ["110126"]);
+            assert_eq!(indicator(&m[0].1), "4");
+        }
+    }
+
+    #[test]
+    fn plain_listener_is_a_security_alert() {
+        let m = of(json!({"type": "config.plain_listener", "outcome": "alert",
+            "listener": "dicom-plain", "address": "127.0.0.1:11112",
+            "detail": "plain (unencrypted) DICOM listener enabled"}));
+        assert_eq!(ids(&m), ["110113"]);
+        let xml = &m[0].1;
+        assert_eq!(attrs(xml, "EventTypeCode", "csd-code"), ["110129"]);
+        assert_eq!(indicator(xml), "4");
+    }
 }

@@ -149,7 +149,7 @@ pub async fn create(
     state.archive().events().record(
         "device.added",
         Outcome::Success,
-        json!({"actor": caller.identity.username, "device": device.to_json()}),
+        json!({"actor": caller.identity.username, "peer": caller.peer_field(), "device": device.to_json()}),
     );
     let object = one(&ctx.db, device.ae).await?;
     Ok((StatusCode::CREATED, Json(object)).into_response())
@@ -202,7 +202,7 @@ pub async fn update(
     state.archive().events().record(
         "device.updated",
         Outcome::Success,
-        json!({"actor": caller.identity.username, "device": device.to_json()}),
+        json!({"actor": caller.identity.username, "peer": caller.peer_field(), "device": device.to_json()}),
     );
     Ok(Json(one(&ctx.db, ae).await?))
 }
@@ -229,7 +229,7 @@ pub async fn remove(
     state.archive().events().record(
         "device.removed",
         Outcome::Success,
-        json!({"actor": caller.identity.username, "ae": ae.as_str()}),
+        json!({"actor": caller.identity.username, "peer": caller.peer_field(), "ae": ae.as_str()}),
     );
     Ok(StatusCode::NO_CONTENT)
 }

@@ -2,7 +2,7 @@
 //! [`Accounts`](bastion_security::accounts::Accounts) calls as `bastion
 //! user …`: the events (`user.added`, `user.disabled`, `user.enabled`,
 //! `user.unlocked`, `user.password_set`) are recorded by the account
-//! service with the web user as `actor`.
+//! service with the web user as `actor` and the caller's address as `peer`.
 //!
 //! A user object is `bastion user list --json`'s — `username`, `role`,
 //! `disabled`, `locked`, `failed_logins`, `must_change_password`,
@@ -17,7 +17,7 @@ use axum::{
     Extension, Json,
 };
 use bastion_model::{Role, WebPermission};
-use bastion_security::accounts::{PasswordChoice, UserInfo};
+use bastion_security::accounts::{Actor, PasswordChoice, UserInfo};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -79,12 +79,19 @@ pub async fn create(
     let role =
         Role::parse(&b.role).map_err(|e| ApiError::BadRequest(format!("invalid role: {e}")))?;
     let actor = caller.identity.username.clone();
+    let peer = caller.peer_field();
     let name = b.username.clone();
-    let password =
-        blocking(move || accounts.add_user(&actor, &name, role, PasswordChoice::Generate))
-            .await?
-            .map_err(security_error)?
-            .ok_or_else(|| ApiError::internal("user add", "no generated password"))?;
+    let password = blocking(move || {
+        accounts.add_user(
+            Actor::remote(&actor, peer.as_deref()),
+            &name,
+            role,
+            PasswordChoice::Generate,
+        )
+    })
+    .await?
+    .map_err(security_error)?
+    .ok_or_else(|| ApiError::internal("user add", "no generated password"))?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"username": b.username, "role": role.as_str(), "password": password})),
@@ -154,16 +161,18 @@ async fn change(
     caller.require(WebPermission::Admin)?;
     let accounts = context(&state)?.accounts.clone();
     let actor = caller.identity.username.clone();
+    let peer = caller.peer_field();
     if what == Change::Disable && name == actor {
         return Err(ApiError::Conflict(
             "you cannot disable your own account; another admin can".into(),
         ));
     }
     let user = blocking(move || {
+        let by = Actor::remote(&actor, peer.as_deref());
         match what {
-            Change::Disable => accounts.set_disabled(&actor, &name, true)?,
-            Change::Enable => accounts.set_disabled(&actor, &name, false)?,
-            Change::Unlock => accounts.unlock(&actor, &name)?,
+            Change::Disable => accounts.set_disabled(by, &name, true)?,
+            Change::Enable => accounts.set_disabled(by, &name, false)?,
+            Change::Unlock => accounts.unlock(by, &name)?,
         }
         find(&accounts, &name)
     })
@@ -194,10 +203,17 @@ pub async fn reset_password(
             "change your own password with POST /api/password".into(),
         ));
     }
-    let password = blocking(move || accounts.set_password(&actor, &name, PasswordChoice::Generate))
-        .await?
-        .map_err(security_error)?
-        .ok_or_else(|| ApiError::internal("password reset", "no generated password"))?;
+    let peer = caller.peer_field();
+    let password = blocking(move || {
+        accounts.set_password(
+            Actor::remote(&actor, peer.as_deref()),
+            &name,
+            PasswordChoice::Generate,
+        )
+    })
+    .await?
+    .map_err(security_error)?
+    .ok_or_else(|| ApiError::internal("password reset", "no generated password"))?;
     Ok(Json(json!({"password": password})))
 }
 
