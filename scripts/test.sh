@@ -5,6 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# `--full`: also the long runs that do not fit CI's budget (every fuzz
+# target FUZZ_LONG_SECONDS, default 600 s, after the tests). Other
+# arguments go to pytest.
+FULL=0
+if [[ "${1:-}" == "--full" ]]; then
+    FULL=1
+    shift
+fi
+
 export DEBIAN_FRONTEND=noninteractive
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
@@ -14,7 +23,7 @@ PY_PACKAGES=(pydicom==3.0.2 pynetdicom==3.0.4 pytest==9.2.0 cryptography==50.0.2
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "1/6 system packages (DCMTK, cmake, chromium, node)"
+step "1/8 system packages (DCMTK, cmake, chromium, node)"
 need=()
 [[ -x /usr/bin/storescu && -x /usr/bin/echoscu && -x /usr/bin/storescp ]] || need+=(dcmtk)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
@@ -35,7 +44,7 @@ else
     echo "dcmtk and cmake present"
 fi
 
-step "2/6 python venv ($VENV) and tests/ui node modules"
+step "2/8 python venv ($VENV) and tests/ui node modules"
 if [[ ! -x $VENV/bin/python ]]; then
     python3 -m venv "$VENV"
 fi
@@ -61,19 +70,30 @@ if [[ ! -d tests/ui/node_modules/playwright-core ]]; then
     (cd tests/ui && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund)
 fi
 
-step "3/6 test corpus"
+step "3/8 test corpus"
 PYTHON=$VENV/bin/python ./scripts/fetch-corpus.sh
 
-step "4/6 cargo fmt + clippy"
+step "4/8 cargo fmt + clippy"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
-step "5/6 cargo build + cargo test"
+step "5/8 cargo build + cargo test"
 cargo build --workspace
 cargo test --workspace
 
-step "6/6 interop tests (pytest tests/interop)"
+step "6/8 supply chain: cargo deny (advisories offline, licenses, bans, sources), CycloneDX SBOM"
+./scripts/supply-chain.sh
+
+step "7/8 fuzz smoke (every target ~10 s, nightly + cargo-fuzz cached outside the checkout)"
+./scripts/fuzz.sh smoke
+
+step "8/8 interop tests (pytest tests/interop)"
 BASTION_BIN=target/debug/bastion BASTION_CORPUS=.cache/corpus \
     "$VENV/bin/python" -m pytest tests/interop -v -p no:cacheprovider "$@"
+
+if ((FULL)); then
+    step "full: long fuzz runs (${FUZZ_LONG_SECONDS:-600} s per target)"
+    ./scripts/fuzz.sh long "${FUZZ_LONG_SECONDS:-600}"
+fi
 
 step "all tests passed"
