@@ -265,7 +265,7 @@ impl Archive {
                 None,
             ),
             Received::File(bytes) => {
-                let (offset, ts, alert) = self.split_part10(&bytes)?;
+                let (offset, ts, alert) = Self::split_part10(&bytes)?;
                 (DatasetBytes::Tail(bytes, offset), ts, None, alert)
             }
         };
@@ -276,25 +276,14 @@ impl Archive {
             });
         }
         let ts_uid = ts_uid.trim_end_matches(['\0', ' ']).to_owned();
-        let (parsed, content_sha256) = self.parse(raw, &ts_uid)?;
+        let (parsed, content_sha256) = Self::parse(&self.limits, raw, &ts_uid)?;
         let attrs = crate::extract::extract(&parsed)?;
         let device = self
             .inventory
             .get()
             .map(|_| crate::extract::device_headers(&parsed));
         if let Some((class, instance)) = &affected {
-            if class.trim_end_matches(['\0', ' ']) != attrs.instance.sop_class_uid {
-                return Err(ArchiveError::InvalidDataset(format!(
-                    "SOP Class UID in the dataset ({}) differs from the C-STORE Affected SOP Class UID",
-                    attrs.instance.sop_class_uid
-                )));
-            }
-            if instance.trim_end_matches(['\0', ' ']) != attrs.instance.sop_instance_uid {
-                return Err(ArchiveError::InvalidDataset(format!(
-                    "SOP Instance UID in the dataset ({}) differs from the C-STORE Affected SOP Instance UID",
-                    attrs.instance.sop_instance_uid
-                )));
-            }
+            check_affected(class, instance, &attrs)?;
         }
         let sop = Uid::parse(&attrs.instance.sop_instance_uid)
             .map_err(|e| ArchiveError::InvalidDataset(e.to_string()))?;
@@ -406,11 +395,55 @@ impl Archive {
             .map_err(|_| ArchiveError::Internal("the index commit thread has stopped".into()))?
     }
 
+    /// The parse stage of [`Archive::ingest`] alone, with no store, index or
+    /// event log: the Part 10 split (file meta, PS3.10 §7.1) of a
+    /// [`Received::File`], the size limit, the bounds scan
+    /// ([`crate::scan`]), inflation of a deflated dataset, the parse of the
+    /// attributes before Pixel Data, the extraction of the indexed
+    /// attributes and, for [`Received::Network`], the check against the
+    /// C-STORE Affected SOP Class / Instance UIDs. Public for the
+    /// `ingest_parse` fuzz target (`fuzz/`); ingest runs the same functions.
+    ///
+    /// # Errors
+    /// As [`Archive::ingest`] for bad input: [`ArchiveError::NotDicom`],
+    /// [`ArchiveError::InvalidDataset`], [`ArchiveError::TooLarge`].
+    pub fn parse_received(
+        received: &Received,
+        limits: &Limits,
+    ) -> Result<crate::extract::Extracted, ArchiveError> {
+        let (raw, ts_uid, affected) = match received {
+            Received::Network {
+                dataset,
+                transfer_syntax,
+                affected_sop_class,
+                affected_sop_instance,
+            } => (
+                &dataset[..],
+                transfer_syntax.clone(),
+                Some((affected_sop_class, affected_sop_instance)),
+            ),
+            Received::File(bytes) => {
+                let (offset, ts, _) = Self::split_part10(bytes)?;
+                (bytes.get(offset..).unwrap_or_default(), ts, None)
+            }
+        };
+        if raw.len() as u64 > limits.max_dataset_bytes {
+            return Err(ArchiveError::TooLarge {
+                limit: limits.max_dataset_bytes,
+            });
+        }
+        let (parsed, _) = Self::parse(limits, raw, ts_uid.trim_end_matches(['\0', ' ']))?;
+        let attrs = crate::extract::extract(&parsed)?;
+        if let Some((class, instance)) = affected {
+            check_affected(class, instance, &attrs)?;
+        }
+        Ok(attrs)
+    }
+
     /// Finds the meta header of a Part 10 file. Returns the dataset offset,
     /// the transfer syntax and, when the preamble held an executable header,
     /// its kind.
     fn split_part10(
-        &self,
         bytes: &[u8],
     ) -> Result<(usize, String, Option<&'static str>), ArchiveError> {
         let dicm = if bytes.get(128..132) == Some(b"DICM") {
@@ -452,7 +485,11 @@ impl Archive {
     /// returns the content hash used to tell an identical re-send from a
     /// conflicting one: SHA-256 of the (inflated) dataset bytes without
     /// group lengths and trailing padding, which senders drop or add freely.
-    fn parse(&self, raw: &[u8], ts_uid: &str) -> Result<(InMemDicomObject, String), ArchiveError> {
+    fn parse(
+        limits: &Limits,
+        raw: &[u8],
+        ts_uid: &str,
+    ) -> Result<(InMemDicomObject, String), ArchiveError> {
         let ts = TransferSyntaxRegistry.get(ts_uid).ok_or_else(|| {
             ArchiveError::NotDicom(format!("unsupported transfer syntax {ts_uid}"))
         })?;
@@ -461,7 +498,7 @@ impl Archive {
         let (buf, enc) = if deflated {
             // PS3.5 Annex A.5: the dataset is raw deflate of explicit VR LE.
             let mut out = Vec::new();
-            let cap = self.limits.max_inflated_bytes;
+            let cap = limits.max_inflated_bytes;
             flate2::read::DeflateDecoder::new(raw)
                 .take(cap + 1)
                 .read_to_end(&mut out)
@@ -490,8 +527,8 @@ impl Archive {
             buf,
             enc,
             ScanLimits {
-                max_element_len: self.limits.max_element_bytes,
-                max_depth: self.limits.max_sequence_depth,
+                max_element_len: limits.max_element_bytes,
+                max_depth: limits.max_sequence_depth,
             },
             None,
         )
@@ -662,6 +699,28 @@ pub(crate) fn part10_header(
     meta.write(&mut out)
         .map_err(|e| ArchiveError::Internal(format!("file meta: {e}")))?;
     Ok(out)
+}
+
+/// Refuses a dataset whose SOP Class / Instance UIDs differ from the C-STORE
+/// command's Affected SOP Class / Instance UIDs (PS3.7 §9.1.1; padding trimmed).
+fn check_affected(
+    class: &str,
+    instance: &str,
+    attrs: &crate::extract::Extracted,
+) -> Result<(), ArchiveError> {
+    if class.trim_end_matches(['\0', ' ']) != attrs.instance.sop_class_uid {
+        return Err(ArchiveError::InvalidDataset(format!(
+            "SOP Class UID in the dataset ({}) differs from the C-STORE Affected SOP Class UID",
+            attrs.instance.sop_class_uid
+        )));
+    }
+    if instance.trim_end_matches(['\0', ' ']) != attrs.instance.sop_instance_uid {
+        return Err(ArchiveError::InvalidDataset(format!(
+            "SOP Instance UID in the dataset ({}) differs from the C-STORE Affected SOP Instance UID",
+            attrs.instance.sop_instance_uid
+        )));
+    }
+    Ok(())
 }
 
 /// CVE-2019-11687: a preamble may hold a PE, ELF or Mach-O header, making
