@@ -443,9 +443,7 @@ impl Archive {
     /// Finds the meta header of a Part 10 file. Returns the dataset offset,
     /// the transfer syntax and, when the preamble held an executable header,
     /// its kind.
-    fn split_part10(
-        bytes: &[u8],
-    ) -> Result<(usize, String, Option<&'static str>), ArchiveError> {
+    fn split_part10(bytes: &[u8]) -> Result<(usize, String, Option<&'static str>), ArchiveError> {
         let dicm = if bytes.get(128..132) == Some(b"DICM") {
             128
         } else if bytes.get(0..4) == Some(b"DICM") {
