@@ -87,7 +87,12 @@ pub fn scan(
         pixel: None,
         non_content: Vec::new(),
     };
-    s.dataset(buf.len(), 0, only_group)?;
+    // A delimiter ends the scan of its level early: at the top level (or in
+    // an item of defined length, below) the bytes after it would go to the
+    // parser unchecked (fuzz finding), so it is refused there.
+    if !matches!(s.dataset(buf.len(), 0, only_group)?, Stop::End) {
+        return s.err("item or sequence delimitation outside a sequence");
+    }
     Ok(ScanReport {
         pixel_data_offset: s.pixel,
         end: s.pos,
@@ -319,7 +324,9 @@ impl Scanner<'_> {
                         ));
                     }
                     let item_end = self.pos + item_len as usize;
-                    self.dataset(item_end, depth, None)?;
+                    if !matches!(self.dataset(item_end, depth, None)?, Stop::End) {
+                        return self.err("delimitation inside an item of defined length");
+                    }
                     self.pos = item_end;
                 }
                 other => return self.err(format!("expected an item in a sequence, found {other}")),
@@ -402,6 +409,31 @@ mod tests {
         v.extend(u16::try_from(value.len()).unwrap_or(0).to_le_bytes());
         v.extend(value);
         v
+    }
+
+    /// Fuzz finding (`fuzz/corpus/ingest_parse/regression-oom-top-level-delimiter`):
+    /// a delimiter stopped the scan of its level as if it were the end, and
+    /// the bytes after it reached the parser unchecked (3 GB for 1 KB).
+    #[test]
+    fn regression_delimiters_outside_a_sequence_are_refused() {
+        let mut ds = evr((0x0008, 0x0060), b"CS", b"CT");
+        ds.extend([0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        ds.extend(evr((0x0010, 0x0010), b"PN", b"Doe"));
+        let e = scan(&ds, EVRLE, LIMITS, None).expect_err("top-level delimiter");
+        assert_eq!(e.what, "item or sequence delimitation outside a sequence");
+        let mut ds = evr((0x0008, 0x0060), b"CS", b"CT");
+        ds.extend([0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        assert!(scan(&ds, IVRLE, LIMITS, None).is_err());
+        // (0008,1032) SQ of defined length, one item of defined length 16
+        // holding an item delimitation then 8 more bytes.
+        let mut sq = vec![0x08, 0x00, 0x32, 0x10, b'S', b'Q', 0, 0];
+        sq.extend(24u32.to_le_bytes());
+        sq.extend([0xFE, 0xFF, 0x00, 0xE0]);
+        sq.extend(16u32.to_le_bytes());
+        sq.extend([0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        sq.extend([0x08, 0x00, 0x00, 0x01, 0xFF, 0xFF, 0xFF, 0x7F]);
+        let e = scan(&sq, EVRLE, LIMITS, None).expect_err("delimiter in a defined item");
+        assert_eq!(e.what, "delimitation inside an item of defined length");
     }
 
     /// dicom-parser reads `len / size` values of a binary VR: a remainder

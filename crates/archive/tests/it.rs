@@ -341,3 +341,28 @@ fn regression_binary_value_length_not_a_multiple_is_refused_before_parsing() {
         "{msg}"
     );
 }
+
+/// Fuzz finding (`fuzz/corpus/ingest_parse/regression-oom-top-level-delimiter`):
+/// a Sequence Delimitation Item at the top level of a 1 KB dataset ended the
+/// bounds scan early, and the parser took the unchecked bytes after it: 3 GB
+/// for one C-STORE. The scan now refuses a delimiter outside a sequence.
+#[test]
+fn regression_top_level_delimiter_is_refused_before_parsing() {
+    let input =
+        include_bytes!("../../../fuzz/corpus/ingest_parse/regression-oom-top-level-delimiter");
+    assert_eq!(input[0], 1); // network, implicit VR LE
+    let received = Received::Network {
+        dataset: input[1..].to_vec(),
+        transfer_syntax: "1.2.840.10008.1.2".into(),
+        affected_sop_class: "1.2.840.10008.5.1.4.1.1.7".into(),
+        affected_sop_instance: "1.2.3.4.5".into(),
+    };
+    let err = Archive::parse_received(&received, &Limits::default())
+        .expect_err("a top-level delimiter is refused");
+    let msg = err.to_string();
+    assert!(matches!(err, ArchiveError::NotDicom(_)), "{msg}");
+    assert!(
+        msg.contains("item or sequence delimitation outside a sequence at byte offset 526"),
+        "{msg}"
+    );
+}
