@@ -304,7 +304,7 @@ impl Archive {
                 None,
             ),
             Received::File(bytes) => {
-                let (offset, ts, alert) = self.split_part10(&bytes)?;
+                let (offset, ts, alert) = Self::split_part10(&bytes)?;
                 (DatasetBytes::Tail(bytes, offset), ts, None, alert)
             }
         };
@@ -316,7 +316,7 @@ impl Archive {
         }
         let ts_uid = ts_uid.trim_end_matches(['\0', ' ']).to_owned();
         let held_before = reservation.held();
-        let parsed = self.parse(raw, &ts_uid, reservation);
+        let parsed = Self::parse(&self.limits, raw, &ts_uid, reservation);
         // The inflated copy is gone: give its share back.
         reservation.shrink(reservation.held().saturating_sub(held_before));
         let (parsed, content_sha256) = parsed?;
@@ -326,18 +326,7 @@ impl Archive {
             .get()
             .map(|_| crate::extract::device_headers(&parsed));
         if let Some((class, instance)) = &affected {
-            if class.trim_end_matches(['\0', ' ']) != attrs.instance.sop_class_uid {
-                return Err(ArchiveError::InvalidDataset(format!(
-                    "SOP Class UID in the dataset ({}) differs from the C-STORE Affected SOP Class UID",
-                    attrs.instance.sop_class_uid
-                )));
-            }
-            if instance.trim_end_matches(['\0', ' ']) != attrs.instance.sop_instance_uid {
-                return Err(ArchiveError::InvalidDataset(format!(
-                    "SOP Instance UID in the dataset ({}) differs from the C-STORE Affected SOP Instance UID",
-                    attrs.instance.sop_instance_uid
-                )));
-            }
+            check_affected(class, instance, &attrs)?;
         }
         let sop = Uid::parse(&attrs.instance.sop_instance_uid)
             .map_err(|e| ArchiveError::InvalidDataset(e.to_string()))?;
@@ -449,13 +438,67 @@ impl Archive {
             .map_err(|_| ArchiveError::Internal("the index commit thread has stopped".into()))?
     }
 
+    /// The parse stage of [`Archive::ingest`] alone, with no store, index or
+    /// event log: the Part 10 split (file meta, PS3.10 §7.1) of a
+    /// [`Received::File`], the size limit, the bounds scan
+    /// ([`crate::scan`]), inflation of a deflated dataset, the parse of the
+    /// attributes before Pixel Data, the extraction of the indexed
+    /// attributes and, for [`Received::Network`], the check against the
+    /// C-STORE Affected SOP Class / Instance UIDs. Public for the
+    /// `ingest_parse` fuzz target (`fuzz/`); ingest runs the same functions.
+    ///
+    /// # Errors
+    /// As [`Archive::ingest`] for bad input: [`ArchiveError::NotDicom`],
+    /// [`ArchiveError::InvalidDataset`], [`ArchiveError::TooLarge`].
+    pub fn parse_received(
+        received: &Received,
+        limits: &Limits,
+    ) -> Result<crate::extract::Extracted, ArchiveError> {
+        let (raw, ts_uid, affected) = match received {
+            Received::Network {
+                dataset,
+                transfer_syntax,
+                affected_sop_class,
+                affected_sop_instance,
+            } => (
+                &dataset[..],
+                transfer_syntax.clone(),
+                Some((affected_sop_class, affected_sop_instance)),
+            ),
+            Received::File(bytes) => {
+                let (offset, ts, _) = Self::split_part10(bytes)?;
+                (bytes.get(offset..).unwrap_or_default(), ts, None)
+            }
+        };
+        if raw.len() as u64 > limits.max_dataset_bytes {
+            return Err(ArchiveError::TooLarge {
+                limit: limits.max_dataset_bytes,
+            });
+        }
+        // A budget of its own, as large as one transfer's share, bounds the
+        // inflation as ingest's would.
+        let budget = crate::budget::MemoryBudget::new(
+            limits.transfer_budget_bytes,
+            limits.transfer_budget_bytes,
+        );
+        let mut reservation = budget.transfer();
+        let (parsed, _) = Self::parse(
+            limits,
+            raw,
+            ts_uid.trim_end_matches(['\0', ' ']),
+            &mut reservation,
+        )?;
+        let attrs = crate::extract::extract(&parsed)?;
+        if let Some((class, instance)) = affected {
+            check_affected(class, instance, &attrs)?;
+        }
+        Ok(attrs)
+    }
+
     /// Finds the meta header of a Part 10 file. Returns the dataset offset,
     /// the transfer syntax and, when the preamble held an executable header,
     /// its kind.
-    fn split_part10(
-        &self,
-        bytes: &[u8],
-    ) -> Result<(usize, String, Option<&'static str>), ArchiveError> {
+    fn split_part10(bytes: &[u8]) -> Result<(usize, String, Option<&'static str>), ArchiveError> {
         let dicm = if bytes.get(128..132) == Some(b"DICM") {
             128
         } else if bytes.get(0..4) == Some(b"DICM") {
@@ -496,7 +539,7 @@ impl Archive {
     /// conflicting one: SHA-256 of the (inflated) dataset bytes without
     /// group lengths and trailing padding, which senders drop or add freely.
     fn parse(
-        &self,
+        limits: &Limits,
         raw: &[u8],
         ts_uid: &str,
         reservation: &mut Reservation,
@@ -508,7 +551,7 @@ impl Archive {
         let inflated;
         let (buf, enc) = if deflated {
             // PS3.5 Annex A.5: the dataset is raw deflate of explicit VR LE.
-            inflated = inflate(raw, self.limits.max_inflated_bytes, reservation)?;
+            inflated = inflate(raw, limits.max_inflated_bytes, reservation)?;
             (
                 &inflated[..],
                 Encoding {
@@ -527,8 +570,8 @@ impl Archive {
             buf,
             enc,
             ScanLimits {
-                max_element_len: self.limits.max_element_bytes,
-                max_depth: self.limits.max_sequence_depth,
+                max_element_len: limits.max_element_bytes,
+                max_depth: limits.max_sequence_depth,
             },
             None,
         )
@@ -729,6 +772,28 @@ pub(crate) fn part10_header(
     meta.write(&mut out)
         .map_err(|e| ArchiveError::Internal(format!("file meta: {e}")))?;
     Ok(out)
+}
+
+/// Refuses a dataset whose SOP Class / Instance UIDs differ from the C-STORE
+/// command's Affected SOP Class / Instance UIDs (PS3.7 §9.1.1; padding trimmed).
+fn check_affected(
+    class: &str,
+    instance: &str,
+    attrs: &crate::extract::Extracted,
+) -> Result<(), ArchiveError> {
+    if class.trim_end_matches(['\0', ' ']) != attrs.instance.sop_class_uid {
+        return Err(ArchiveError::InvalidDataset(format!(
+            "SOP Class UID in the dataset ({}) differs from the C-STORE Affected SOP Class UID",
+            attrs.instance.sop_class_uid
+        )));
+    }
+    if instance.trim_end_matches(['\0', ' ']) != attrs.instance.sop_instance_uid {
+        return Err(ArchiveError::InvalidDataset(format!(
+            "SOP Instance UID in the dataset ({}) differs from the C-STORE Affected SOP Instance UID",
+            attrs.instance.sop_instance_uid
+        )));
+    }
+    Ok(())
 }
 
 /// CVE-2019-11687: a preamble may hold a PE, ELF or Mach-O header, making

@@ -1154,8 +1154,12 @@ impl Query {
         out
     }
 
-    /// Whether `row` matches every key that needs no extra lookup.
-    fn row_matches(&self, row: &EntityRow) -> bool {
+    /// Whether `row` matches every key that needs no extra lookup (PS3.4
+    /// §C.2.2.2 attribute matching; sequence matching against the stored item
+    /// JSON). Modalities in Study (0008,0061) is not checked here: it needs the
+    /// study's counts, which [`Archive::find`] fetches. Public for the
+    /// `cfind_query` and `qido` fuzz targets (`fuzz/`).
+    pub fn row_matches(&self, row: &EntityRow) -> bool {
         self.keys.iter().all(|k| {
             if k.tag == tags::MODALITIES_IN_STUDY {
                 return true; // checked with the study's counts

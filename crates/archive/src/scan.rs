@@ -87,7 +87,12 @@ pub fn scan(
         pixel: None,
         non_content: Vec::new(),
     };
-    s.dataset(buf.len(), 0, only_group)?;
+    // A delimiter ends the scan of its level early: at the top level (or in
+    // an item of defined length, below) the bytes after it would go to the
+    // parser unchecked (fuzz finding), so it is refused there.
+    if !matches!(s.dataset(buf.len(), 0, only_group)?, Stop::End) {
+        return s.err("item or sequence delimitation outside a sequence");
+    }
     Ok(ScanReport {
         pixel_data_offset: s.pixel,
         end: s.pos,
@@ -252,6 +257,19 @@ impl Scanner<'_> {
                     return self.err(format!("undefined length on non-sequence element {tag}"));
                 }
             } else {
+                // dicom-parser reads `len / size` values of a binary VR and
+                // moves on as if it had read `len` bytes: any remainder
+                // desynchronises it, and it then takes value bytes for the
+                // next header and allocates whatever length it finds there
+                // (fuzz finding: 146 bytes → 3 GB). Top-level Pixel Data is
+                // never parsed (ingest stops before it).
+                let unit = value_unit(vr.unwrap_or_else(|| implicit_vr(tag)));
+                if len % unit != 0 && !(depth == 0 && tag == PIXEL_DATA) {
+                    self.pos = start;
+                    return self.err(format!(
+                        "length {len} of {tag} is not a multiple of its value size {unit}"
+                    ));
+                }
                 self.skip_value(len, end)?;
             }
             if depth == 0 && (tag.1 == 0x0000 || tag == TRAILING_PADDING) {
@@ -306,7 +324,9 @@ impl Scanner<'_> {
                         ));
                     }
                     let item_end = self.pos + item_len as usize;
-                    self.dataset(item_end, depth, None)?;
+                    if !matches!(self.dataset(item_end, depth, None)?, Stop::End) {
+                        return self.err("delimitation inside an item of defined length");
+                    }
                     self.pos = item_end;
                 }
                 other => return self.err(format!("expected an item in a sequence, found {other}")),
@@ -332,6 +352,25 @@ impl Scanner<'_> {
                 other => return self.err(format!("expected a pixel data fragment, found {other}")),
             }
         }
+    }
+}
+
+/// The VR dicom-parser gives `tag` in an implicit VR encoding: the
+/// dictionary's (ambiguous ones relaxed: US, OW), UN when unknown.
+fn implicit_vr(tag: Tag) -> VR {
+    StandardDataDictionary
+        .by_tag(tag)
+        .map_or(VR::UN, |e| e.vr().relaxed())
+}
+
+/// Bytes per value of a binary VR (PS3.5 §6.2, Table 6.2-1); a value length
+/// must be a multiple of it. 1 for the VRs whose values are bytes or text.
+fn value_unit(vr: VR) -> u32 {
+    match vr {
+        VR::US | VR::SS | VR::OW => 2,
+        VR::UL | VR::SL | VR::FL | VR::AT | VR::OL | VR::OF => 4,
+        VR::FD | VR::OD | VR::SV | VR::UV | VR::OV => 8,
+        _ => 1,
     }
 }
 
@@ -370,6 +409,73 @@ mod tests {
         v.extend(u16::try_from(value.len()).unwrap_or(0).to_le_bytes());
         v.extend(value);
         v
+    }
+
+    /// Fuzz finding (`fuzz/corpus/ingest_parse/regression-oom-top-level-delimiter`):
+    /// a delimiter stopped the scan of its level as if it were the end, and
+    /// the bytes after it reached the parser unchecked (3 GB for 1 KB).
+    #[test]
+    fn regression_delimiters_outside_a_sequence_are_refused() {
+        let mut ds = evr((0x0008, 0x0060), b"CS", b"CT");
+        ds.extend([0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        ds.extend(evr((0x0010, 0x0010), b"PN", b"Doe"));
+        let e = scan(&ds, EVRLE, LIMITS, None).expect_err("top-level delimiter");
+        assert_eq!(e.what, "item or sequence delimitation outside a sequence");
+        let mut ds = evr((0x0008, 0x0060), b"CS", b"CT");
+        ds.extend([0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        assert!(scan(&ds, IVRLE, LIMITS, None).is_err());
+        // (0008,1032) SQ of defined length, one item of defined length 16
+        // holding an item delimitation then 8 more bytes.
+        let mut sq = vec![0x08, 0x00, 0x32, 0x10, b'S', b'Q', 0, 0];
+        sq.extend(24u32.to_le_bytes());
+        sq.extend([0xFE, 0xFF, 0x00, 0xE0]);
+        sq.extend(16u32.to_le_bytes());
+        sq.extend([0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        sq.extend([0x08, 0x00, 0x00, 0x01, 0xFF, 0xFF, 0xFF, 0x7F]);
+        let e = scan(&sq, EVRLE, LIMITS, None).expect_err("delimiter in a defined item");
+        assert_eq!(e.what, "delimitation inside an item of defined length");
+    }
+
+    /// dicom-parser reads `len / size` values of a binary VR: a remainder
+    /// would desynchronise it (see the fuzz regression in `tests/it.rs`).
+    #[test]
+    fn binary_values_must_be_whole_values() {
+        let refused = |ds: &[u8], enc: Encoding| {
+            scan(ds, enc, LIMITS, None)
+                .expect_err("refused")
+                .what
+                .contains("not a multiple of its value size")
+        };
+        assert!(refused(&evr((0x0028, 0x0010), b"US", &[1, 0, 2]), EVRLE));
+        assert!(refused(&evr((0x0018, 0x9004), b"FD", &[0; 12]), EVRLE));
+        // Implicit VR: the dictionary's VR; (gggg,0000) group lengths are UL.
+        let implicit = |tag: (u16, u16), value: &[u8]| {
+            let mut v = Vec::new();
+            v.extend(tag.0.to_le_bytes());
+            v.extend(tag.1.to_le_bytes());
+            v.extend(u32::try_from(value.len()).unwrap_or(0).to_le_bytes());
+            v.extend(value);
+            v
+        };
+        assert!(refused(&implicit((0x8E01, 0x0000), &[0]), IVRLE));
+        assert!(refused(&implicit((0x0028, 0x0010), &[1, 0, 2]), IVRLE));
+        assert_eq!(
+            scan(
+                &implicit((0x0028, 0x0010), &[1, 0, 0, 0]),
+                IVRLE,
+                LIMITS,
+                None
+            )
+            .map(|r| r.end),
+            Ok(8 + 4)
+        );
+        // Bytes and text: any length; private (unknown) tags are UN.
+        assert!(scan(&evr((0x0010, 0x0010), b"PN", b"Doe"), EVRLE, LIMITS, None).is_ok());
+        let ob = [9, 0, 0x10, 0, b'O', b'B', 0, 0, 3, 0, 0, 0, 1, 2, 3];
+        assert!(scan(&ob, EVRLE, LIMITS, None).is_ok());
+        assert!(scan(&implicit((0x0009, 0x1001), &[1, 2, 3]), IVRLE, LIMITS, None).is_ok());
+        // Top-level Pixel Data is never parsed: an odd OW length is left alone.
+        assert!(scan(&implicit((0x7FE0, 0x0010), &[1, 2, 3]), IVRLE, LIMITS, None).is_ok());
     }
 
     #[test]

@@ -428,3 +428,55 @@ fn inflate_holds_at_most_the_reservation() {
         "{garbage:?}"
     );
 }
+
+/// Fuzz finding (`fuzz/corpus/ingest_parse/regression-oom-ul-length-1`): a
+/// 145-byte implicit VR dataset with a group length (UL) of length 1 passed
+/// the bounds scan; dicom-parser read no value from it but counted the byte,
+/// lost its place, and allocated the "lengths" it then read from value
+/// bytes: 3 GB and 6 s for one C-STORE. The scan now refuses a binary value
+/// whose length is not a multiple of its value size, before any parse.
+#[test]
+fn regression_binary_value_length_not_a_multiple_is_refused_before_parsing() {
+    let input = include_bytes!("../../../fuzz/corpus/ingest_parse/regression-oom-ul-length-1");
+    // The fuzz input's first byte chose the path: network, implicit VR LE.
+    assert_eq!(input[0], 1);
+    let received = Received::Network {
+        dataset: input[1..].to_vec(),
+        transfer_syntax: "1.2.840.10008.1.2".into(),
+        affected_sop_class: "1.2.840.10008.5.1.4.1.1.7".into(),
+        affected_sop_instance: "1.2.3.4.5".into(),
+    };
+    let err = Archive::parse_received(&received, &Limits::default())
+        .expect_err("a misaligned dataset is refused");
+    let msg = err.to_string();
+    assert!(matches!(err, ArchiveError::NotDicom(_)), "{msg}");
+    assert!(
+        msg.contains("(8E01,0000)") && msg.contains("not a multiple of its value size 4"),
+        "{msg}"
+    );
+}
+
+/// Fuzz finding (`fuzz/corpus/ingest_parse/regression-oom-top-level-delimiter`):
+/// a Sequence Delimitation Item at the top level of a 1 KB dataset ended the
+/// bounds scan early, and the parser took the unchecked bytes after it: 3 GB
+/// for one C-STORE. The scan now refuses a delimiter outside a sequence.
+#[test]
+fn regression_top_level_delimiter_is_refused_before_parsing() {
+    let input =
+        include_bytes!("../../../fuzz/corpus/ingest_parse/regression-oom-top-level-delimiter");
+    assert_eq!(input[0], 1); // network, implicit VR LE
+    let received = Received::Network {
+        dataset: input[1..].to_vec(),
+        transfer_syntax: "1.2.840.10008.1.2".into(),
+        affected_sop_class: "1.2.840.10008.5.1.4.1.1.7".into(),
+        affected_sop_instance: "1.2.3.4.5".into(),
+    };
+    let err = Archive::parse_received(&received, &Limits::default())
+        .expect_err("a top-level delimiter is refused");
+    let msg = err.to_string();
+    assert!(matches!(err, ArchiveError::NotDicom(_)), "{msg}");
+    assert!(
+        msg.contains("item or sequence delimitation outside a sequence at byte offset 526"),
+        "{msg}"
+    );
+}

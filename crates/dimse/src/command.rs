@@ -201,7 +201,7 @@ pub fn decode(bytes: &[u8]) -> Result<Request, CommandError> {
             bytes.len()
         )));
     }
-    scan::scan(
+    let report = scan::scan(
         bytes,
         Encoding {
             explicit_vr: false,
@@ -214,6 +214,15 @@ pub fn decode(bytes: &[u8]) -> Result<Request, CommandError> {
         Some(0x0000),
     )
     .map_err(|e| CommandError(e.to_string()))?;
+    // The scan stops at the first element of another group, so what follows
+    // was not bounds-checked: a command set holds group 0000 only (PS3.7
+    // §6.3.1), refuse it rather than let the parser allocate its lengths.
+    if report.end != bytes.len() {
+        return Err(CommandError(format!(
+            "element outside the command group (0000,xxxx) at byte offset {}",
+            report.end
+        )));
+    }
     let obj = InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
         .map_err(|e| CommandError(e.to_string()))?;
     let command_field = u16_of(&obj, tags::COMMAND_FIELD)
@@ -472,6 +481,40 @@ fn pad_uid(uid: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fuzz finding (`fuzz/corpus/dimse_command/regression-oom-other-group`): a
+    /// 115-byte command set whose second element is in group 0002 passed the
+    /// bounds scan (which stops at the first element of another group), and
+    /// dicom-object then allocated the declared lengths that followed: 4 GB
+    /// and 14 s for one command. It is now refused, and a command with a
+    /// large declared length after a foreign element costs nothing.
+    #[test]
+    fn regression_element_outside_group_0000_is_refused() {
+        let input = include_bytes!("../../../fuzz/corpus/dimse_command/regression-oom-other-group");
+        let err = decode(input).expect_err("a foreign group is refused");
+        assert!(err.0.contains("outside the command group"), "{err}");
+        assert!(err.0.contains("offset 12"), "{err}");
+
+        // C-ECHO-RQ, then (0008,0016) declaring 0xFFFFFFF0 bytes.
+        let mut echo = Vec::new();
+        for (g, e, v) in [
+            (0x0000u16, 0x0100u16, 0x0030u16),
+            (0x0000, 0x0110, 1),
+            (0x0000, 0x0800, NO_DATASET),
+        ] {
+            echo.extend_from_slice(&g.to_le_bytes());
+            echo.extend_from_slice(&e.to_le_bytes());
+            echo.extend_from_slice(&2u32.to_le_bytes());
+            echo.extend_from_slice(&v.to_le_bytes());
+        }
+        assert!(matches!(
+            decode(&echo),
+            Ok(Request::CEcho { message_id: 1, .. })
+        ));
+        echo.extend_from_slice(&[0x08, 0x00, 0x16, 0x00, 0xF0, 0xFF, 0xFF, 0xFF]);
+        let err = decode(&echo).expect_err("a foreign group is refused");
+        assert!(err.0.contains("offset 30"), "{err}");
+    }
 
     #[test]
     fn identifier_uids_are_nul_padded() {

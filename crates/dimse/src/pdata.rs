@@ -29,10 +29,13 @@ const BATCH: usize = 256 * 1024;
 /// flag), one PDV per P-DATA-TF PDU, on presentation context `pc_id`; then
 /// flushes.
 ///
+/// Public so that the `pdata` fuzz target (`fuzz/`) can check that dicom-ul
+/// reads back what this writes; the server is its only other caller.
+///
 /// # Errors
 /// The stream's I/O error, or `TimedOut` when the whole write takes longer
 /// than `timeout`.
-pub(crate) async fn write_message<W>(
+pub async fn write_message<W>(
     stream: &mut W,
     pc_id: u8,
     command: &[u8],
