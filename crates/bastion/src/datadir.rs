@@ -52,6 +52,23 @@ pub struct DataDir {
 }
 
 impl DataDir {
+    /// Takes `DIR/serve.lock`, the lock one `bastion serve` holds while it
+    /// runs (released when the process exits, however it exits): `None`
+    /// when another process holds it.
+    ///
+    /// # Errors
+    /// The lock file cannot be opened.
+    pub fn lock_serve(&self) -> Result<Option<std::fs::File>> {
+        let lock_path = self.root.join("serve.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        Ok(lock.try_lock().is_ok().then_some(lock))
+    }
+
     /// Wraps a path, keys in the data directory (the embedded default), no
     /// passphrase.
     pub fn new(root: &Path) -> DataDir {
@@ -574,19 +591,12 @@ impl DataDir {
             .with_context(|| format!("--to {} is not UTF-8", to.display()))?;
         let new = self.new_key_dir(wanted, "--to")?;
         // The lock file is the first thing written: everything above only reads.
-        let lock_path = self.root.join("serve.lock");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("cannot open {}", lock_path.display()))?;
-        if lock.try_lock().is_err() {
+        let Some(lock) = self.lock_serve()? else {
             bail!(
                 "`bastion serve` is running on {}: stop it before moving the keys",
                 self.root.display()
             );
-        }
+        };
         let master_new = if self.master_key_file() == self.keys.master_wrapped {
             &new.master_wrapped
         } else {

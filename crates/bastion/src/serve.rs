@@ -39,19 +39,12 @@ pub fn serve(dir: &DataDir, listen: &ListenArgs) -> Result<ExitCode> {
     // One `serve` per data directory: a second one would sweep orphans and
     // group-commit behind the first one's back. The lock is released when
     // the process exits, however it exits.
-    let lock_path = dir.root.join("serve.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    if lock.try_lock().is_err() {
+    let Some(lock) = dir.lock_serve()? else {
         anyhow::bail!(
             "another `bastion serve` is already running on {}",
             dir.root.display()
         );
-    }
+    };
     let config = listen.apply(Config::load(&dir.config())?)?;
     // Every socket the connection caps admit needs a descriptor (two for an
     // unfinished DICOM one): raise the soft limit as far as the hard limit
