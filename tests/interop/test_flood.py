@@ -202,3 +202,39 @@ def test_socket_floods_leave_login_qido_and_echo_reachable(make_server):
     # and the server still serves
     dcmtk_echo(srv, cert)
     assert "panicked" not in srv.log()
+
+
+def test_max_associations_is_enforced_and_slots_come_back(make_server):
+    """`[dicom] max_associations` counts associations the policy accepted:
+    past it a registered device gets A-ASSOCIATE-RJ 1/1/1; a released
+    association gives its slot back (before this, the counter was never
+    raised: the limit was not enforced at all)."""
+    srv = make_server(start=False)
+    cfg = srv.data / "bastion.toml"
+    text = cfg.read_text()
+    assert "max_associations = 64" in text, text
+    cfg.write_text(text.replace("max_associations = 64", "max_associations = 2"))
+    srv.start()
+    srv.device_add("MANY", transport="plain", allow="echo")
+    held = [helpers.associate(srv.plain_port, "MANY") for _ in range(2)]
+    try:
+        assert all(a.is_established for a in held)
+        third = helpers.associate(srv.plain_port, "MANY")
+        assert not third.is_established, "a third association was accepted"
+        assert helpers.rejection(third) in ((1, 1, 1), None)  # pynetdicom's RJ-as-abort race
+        held.pop().release()
+        # the slot comes back (bounded wait: the release is asynchronous)
+        deadline = time.monotonic() + 30
+        while True:
+            status = helpers.echo_status(srv.plain_port, "MANY")
+            if status == 0x0000 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert status == 0x0000, status
+    finally:
+        for a in held:
+            if a.is_established:
+                a.release()
+    refused = [e for e in srv.events() if e.get("type") == "association.rejected"
+               and e.get("reason") == "too_many_associations"]
+    assert refused and refused[0]["calling_ae"] == "MANY", refused

@@ -275,7 +275,11 @@ impl Dimse {
                         self.config.handshake_timeout,
                         options.establish_tls_async(socket),
                     ) => r,
-                    () = evicted.notified() => return evicted_log(peer),
+                    () = evicted.notified() => {
+                        // A slot the policy may have taken meanwhile is given back.
+                        let _slot = self.active_guard(&accepted);
+                        return evicted_log(peer);
+                    }
                 };
                 drop(_pending);
                 let refusal = rejected.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -294,7 +298,11 @@ impl Dimse {
                         self.config.handshake_timeout,
                         options.establish_async(socket),
                     ) => r,
-                    () = evicted.notified() => return evicted_log(peer),
+                    () = evicted.notified() => {
+                        // A slot the policy may have taken meanwhile is given back.
+                        let _slot = self.active_guard(&accepted);
+                        return evicted_log(peer);
+                    }
                 };
                 drop(_pending);
                 self.after_establish(established, peer, &accepted, listener_name, shutdown, artim)
@@ -2025,6 +2033,31 @@ impl AccessControl for ConnectionPolicy {
         };
         match policy::decide(&attempt, device.as_ref()) {
             Ok(()) => {
+                // Only associations the policy accepted take a slot; past
+                // `max_associations` the device is told to come back later.
+                let max = self.dimse.config.max_associations;
+                let admitted = device.is_some()
+                    && self
+                        .dimse
+                        .active
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                            (n < max).then_some(n + 1)
+                        })
+                        .is_ok();
+                if !admitted {
+                    tracing::warn!(peer = %self.peer, calling_ae = %calling, max_associations = max,
+                        "association rejected: too many associations at once");
+                    events.record(
+                        "association.rejected",
+                        Outcome::Refused,
+                        serde_json::json!({
+                            "calling_ae": calling, "called_ae": called, "peer": self.peer.to_string(),
+                            "reason": "too_many_associations",
+                        }),
+                    );
+                    return Err(AssociationRJServiceUserReason::NoReasonGiven);
+                }
+                // The slot is given back by the `ActiveGuard` taken for it.
                 *self.accepted.lock().unwrap_or_else(|p| p.into_inner()) =
                     device.map(|d| (d, cert.clone()));
                 Ok(())
