@@ -103,13 +103,26 @@ fuzz_all() {
     fi
 }
 
+# fuzz/target (build artifacts, working corpus, logs) lives outside the
+# checkout, in $BASTION_FUZZ_CACHE (default ~/.cache/bastion-fuzz), so a
+# fresh clone (CI) reuses the nightly builds of aws-lc-sys, SQLCipher & co.
+# An existing fuzz/target directory (a developer's) is used as it is.
+fuzz_target_dir() {
+    if [[ ! -e fuzz/target ]]; then
+        local cache=${BASTION_FUZZ_CACHE:-$HOME/.cache/bastion-fuzz}
+        mkdir -p "$cache/target"
+        ln -s "$cache/target" fuzz/target
+    fi
+    mkdir -p fuzz/target
+}
+
 mode=${1:-}
 case "$mode" in
 smoke)
     secs=${FUZZ_SMOKE_SECONDS:-10}
     install_tools
     step "building the fuzz targets (nightly, fuzz/target)"
-    mkdir -p fuzz/target
+    fuzz_target_dir
     cargo +nightly fuzz build "${FUZZ_FLAGS[@]}"
     step "fuzz smoke: ${#TARGETS[@]} targets, ${secs} s each"
     fuzz_all "$secs" "${TARGETS[@]}"
@@ -121,7 +134,7 @@ long)
     targets=("$@")
     ((${#targets[@]})) || targets=("${TARGETS[@]}")
     install_tools
-    mkdir -p fuzz/target
+    fuzz_target_dir
     cargo +nightly fuzz build "${FUZZ_FLAGS[@]}"
     step "fuzz long run: ${targets[*]}, ${secs} s each"
     fuzz_all "$secs" "${targets[@]}"
