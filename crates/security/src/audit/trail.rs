@@ -438,7 +438,18 @@ impl AuditTrail {
             };
             self.append_locked(w, &serde_json::to_vec(&record).unwrap_or_default())?;
         }
-        let head = self.head(w)?;
+        // The head `append_locked` just set (no stat on the ingest path);
+        // the reserves are looked at only once TOP_UP_SLACK of the records'
+        // reserve is used, or while recording is stopped.
+        let head = match w.head {
+            Some(h) => h,
+            None => self.head(w)?,
+        };
+        if self.health.recording()
+            && head.len + RESERVE_BYTES.saturating_sub(TOP_UP_SLACK) <= w.reserved_to
+        {
+            return Ok(());
+        }
         let cpath = self.dir.join(CHECKPOINTS);
         let clen = w.checkpoints.metadata().map_err(io("stat", &cpath))?.len();
         let records_ok = top_up(&w.records, head.len, &mut w.reserved_to, RESERVE_BYTES);
