@@ -59,7 +59,8 @@ mod pixel;
 pub use frames::{frame_transfer_syntax, frames};
 pub use json::{to_dicom_json, JsonOptions};
 pub use multipart::{
-    parse_multipart_related, MultipartLimits, MultipartRelated, MultipartWriter, Part,
+    parse_multipart_related, MultipartLimits, MultipartRelated, MultipartWriter, OwnedPart, Part,
+    PartSplitter,
 };
 pub use qido::{qido_result_json, qido_to_query, retrieve_url, PathUids, QidoLevel, QidoOptions};
 pub use render::{
@@ -131,13 +132,18 @@ pub enum DicomWebError {
     /// ingest, so this is an internal inconsistency).
     #[error("dataset cannot be decoded: {0}")]
     InvalidDataset(String),
+    /// Buffering a streamed body would exceed the server's memory budget
+    /// (503 with `Retry-After`: a resource refusal, PS3.18 §10.5.3).
+    #[error("{0}")]
+    Budget(#[from] bastion_archive::budget::BudgetError),
 }
 
 impl DicomWebError {
     /// The HTTP status this error suggests (PS3.18 §8.6.3 and the "Status
     /// Codes" tables of §10): 400 Bad Request, 404 Not Found, 406 Not
     /// Acceptable, 413 Payload Too Large, 415 Unsupported Media Type,
-    /// 422 Unprocessable Content, 500 Internal Server Error. The web layer
+    /// 422 Unprocessable Content, 500 Internal Server Error, 503 Service
+    /// Unavailable. The web layer
     /// keeps the one authoritative mapping; this is its hint.
     pub fn http_status(&self) -> u16 {
         match self {
@@ -151,6 +157,7 @@ impl DicomWebError {
             DicomWebError::UnsupportedMediaType(_) => 415,
             DicomWebError::InvalidImage(_) => 422,
             DicomWebError::InvalidDataset(_) => 500,
+            DicomWebError::Budget(_) => 503,
         }
     }
 }

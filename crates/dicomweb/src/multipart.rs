@@ -31,6 +31,7 @@
 //! size of one part and of its headers give
 //! [`DicomWebError::MultipartTooLarge`].
 
+use bastion_archive::budget::{BudgetError, Reservation};
 use memchr::memmem;
 use rand::RngCore;
 
@@ -391,6 +392,343 @@ impl<'a> Parts<'a> {
     }
 }
 
+/// One part taken out of a streamed body by [`PartSplitter`]: it owns its
+/// bytes (the splitter's buffer, handed over without a copy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedPart {
+    /// Header fields in order, names as sent, values trimmed.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+    /// Bytes of the caller's [`Reservation`] that cover `body`'s allocation:
+    /// give them back (`Reservation::shrink`) once the part is dropped.
+    pub reserved: u64,
+}
+
+impl OwnedPart {
+    /// The first header called `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The part's Content-Type, if given (see [`Part::content_type`]).
+    pub fn content_type(&self) -> Option<&str> {
+        self.header("content-type")
+    }
+}
+
+/// Where a [`PartSplitter`] is in the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Split {
+    /// Before the opening boundary.
+    Preamble,
+    /// The buffer starts with `--boundary`.
+    Parts,
+    /// Dropping the bytes of a part the caller gave up on, up to the next
+    /// delimiter (only the last `delimiter.len() - 1` bytes are kept).
+    Skipping,
+    /// After the closing `--boundary--`: the epilogue is dropped.
+    Closed,
+}
+
+/// Most bytes of preamble before the opening boundary, and of transport
+/// padding after a boundary, a streamed body may carry.
+const MAX_PREAMBLE: usize = 64 << 10;
+
+/// Splits a `multipart/related` body (STOW-RS, PS3.18 §10.5.1.2) that
+/// arrives in pieces into its parts, so that a request of any size is held
+/// in memory one part at a time, each byte buffered under the caller's
+/// [`Reservation`] from the archive's memory budget.
+///
+/// The framing is that of [`MultipartRelated::parts`] (module docs), and
+/// for the same bytes the parts are the same, however the bytes are cut
+/// (the `multipart` fuzz target checks that), except that a streamed body
+/// may carry at most 64 KiB of preamble and of padding after a boundary.
+///
+/// Use: [`push`](Self::push) each piece, then take every complete part with
+/// [`next_part`](Self::next_part) until it gives `None`; at the end of the
+/// body, [`finish`](Self::finish). When a part cannot be buffered (the
+/// budget is full), [`skip_part`](Self::skip_part) drops it and the parts
+/// after it still come out.
+#[derive(Debug)]
+pub struct PartSplitter {
+    dash_boundary: Vec<u8>,
+    delimiter: Vec<u8>,
+    limits: MultipartLimits,
+    /// Unconsumed bytes: from the opening boundary of the current part (or
+    /// the preamble, or the kept tail while skipping).
+    buf: Vec<u8>,
+    /// Bytes of the reservation that cover `buf`'s allocation.
+    reserved: u64,
+    /// Where the next delimiter search in `buf` starts (what is before was
+    /// searched already, minus a delimiter's length).
+    searched: usize,
+    state: Split,
+    count: usize,
+}
+
+impl PartSplitter {
+    /// A splitter for a body with the boundary of `related`, enforcing
+    /// `limits` (parts counted over the whole body).
+    pub fn new(related: &MultipartRelated, limits: &MultipartLimits) -> Self {
+        PartSplitter {
+            dash_boundary: format!("--{}", related.boundary).into_bytes(),
+            delimiter: format!("\r\n--{}", related.boundary).into_bytes(),
+            limits: *limits,
+            buf: Vec::new(),
+            reserved: 0,
+            searched: 0,
+            state: Split::Preamble,
+            count: 0,
+        }
+    }
+
+    /// Bytes buffered and not yet handed out as a part.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Parts handed out or skipped so far.
+    pub fn parts_seen(&self) -> usize {
+        self.count
+    }
+
+    /// Whether the closing boundary has been read.
+    pub fn is_closed(&self) -> bool {
+        self.state == Split::Closed
+    }
+
+    /// Appends the next piece of the body, growing `reservation` first by
+    /// whatever the buffer must gain. While skipping, only a delimiter's
+    /// length of the piece is kept; after the closing boundary, nothing.
+    ///
+    /// # Errors
+    /// The [`BudgetError`] of the reservation; nothing is appended then, and
+    /// the caller may [`skip_part`](Self::skip_part) and push again.
+    pub fn push(&mut self, bytes: &[u8], reservation: &mut Reservation) -> Result<(), BudgetError> {
+        match self.state {
+            Split::Closed => Ok(()),
+            Split::Skipping => {
+                // In slices, so that the buffer stays small whatever the
+                // size of a piece.
+                let mut rest = bytes;
+                while !rest.is_empty() {
+                    let take = rest.len().min(64 << 10);
+                    let (slice, after) = rest.split_at(take);
+                    rest = after;
+                    self.append(slice, reservation)?;
+                    match memmem::find(&self.buf[self.searched..], &self.delimiter) {
+                        Some(p) => {
+                            // The skipped part ends here: the buffer starts
+                            // again at `--boundary`.
+                            let at = self.searched + p + 2;
+                            self.buf.drain(..at);
+                            self.searched = 0;
+                            self.state = Split::Parts;
+                            return self.push(rest, reservation);
+                        }
+                        None => {
+                            let keep = self.delimiter.len() - 1;
+                            let cut = self.buf.len().saturating_sub(keep);
+                            self.buf.drain(..cut);
+                            self.searched = 0;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Split::Preamble | Split::Parts => self.append(bytes, reservation),
+        }
+    }
+
+    fn append(&mut self, bytes: &[u8], reservation: &mut Reservation) -> Result<(), BudgetError> {
+        let before = self.buf.capacity() as u64;
+        reservation.extend(&mut self.buf, bytes)?;
+        self.reserved += (self.buf.capacity() as u64).saturating_sub(before);
+        Ok(())
+    }
+
+    /// Gives up on the part being buffered (the caller could not push its
+    /// next piece): its bytes are dropped, and so are those still to come up
+    /// to the next delimiter. The part counts towards `max_parts`. Only
+    /// between boundaries: elsewhere (preamble, closed) it does nothing.
+    ///
+    /// # Errors
+    /// [`DicomWebError::MultipartTooLarge`] when the skipped part is one
+    /// part too many.
+    pub fn skip_part(&mut self, reservation: &mut Reservation) -> Result<(), DicomWebError> {
+        if self.state != Split::Parts {
+            return Ok(());
+        }
+        self.count_part()?;
+        // Keep what may be the start of the next delimiter, drop the rest
+        // and its allocation.
+        let keep = self.delimiter.len() - 1;
+        let tail = self.buf[self.buf.len().saturating_sub(keep)..].to_vec();
+        reservation.shrink(self.reserved);
+        self.reserved = 0;
+        self.buf = Vec::new();
+        self.searched = 0;
+        self.state = Split::Skipping;
+        self.append(&tail, reservation)?;
+        Ok(())
+    }
+
+    fn count_part(&mut self) -> Result<(), DicomWebError> {
+        self.count += 1;
+        if self.count > self.limits.max_parts {
+            return Err(DicomWebError::MultipartTooLarge {
+                what: "parts",
+                limit: self.limits.max_parts,
+            });
+        }
+        Ok(())
+    }
+
+    /// The next complete part, if the bytes pushed so far hold one. Its
+    /// bytes leave the splitter with the share of the reservation that
+    /// covers them ([`OwnedPart::reserved`]).
+    ///
+    /// # Errors
+    /// [`DicomWebError::BadMultipart`] for broken framing,
+    /// [`DicomWebError::MultipartTooLarge`] as soon as a part, its headers,
+    /// the preamble or the number of parts is over its limit, and
+    /// [`DicomWebError::Budget`] when the bytes after the part cannot be
+    /// kept within the reservation. The splitter is of no further use then.
+    pub fn next_part(
+        &mut self,
+        reservation: &mut Reservation,
+    ) -> Result<Option<OwnedPart>, DicomWebError> {
+        let bad = |m: &str| DicomWebError::BadMultipart(m.into());
+        let dash = self.dash_boundary.len();
+        if self.state == Split::Preamble {
+            if self.buf.len() < dash && self.dash_boundary.starts_with(&self.buf) {
+                return Ok(None);
+            }
+            if self.buf.starts_with(&self.dash_boundary) {
+                self.state = Split::Parts;
+            } else if let Some(p) = memmem::find(&self.buf[self.searched..], &self.delimiter) {
+                self.buf.drain(..self.searched + p + 2);
+                self.searched = 0;
+                self.state = Split::Parts;
+            } else if self.buf.len() > MAX_PREAMBLE {
+                return Err(bad("no opening boundary"));
+            } else {
+                self.searched = self.buf.len().saturating_sub(self.delimiter.len() - 1);
+                return Ok(None);
+            }
+        }
+        if self.state != Split::Parts {
+            return Ok(None);
+        }
+        // What follows the boundary: `--` (close) or padding + CRLF.
+        let rest = &self.buf[dash..];
+        if rest.starts_with(b"--") {
+            self.state = Split::Closed;
+            reservation.shrink(self.reserved);
+            self.reserved = 0;
+            self.buf = Vec::new();
+            return Ok(None);
+        }
+        let pad = rest
+            .iter()
+            .take_while(|b| **b == b' ' || **b == b'\t')
+            .count();
+        if pad > MAX_PREAMBLE {
+            return Err(bad("boundary not followed by CRLF or --"));
+        }
+        let after_pad = &rest[pad..];
+        if after_pad.len() < 2 {
+            // `-` alone may still become `--`.
+            if after_pad.is_empty() || after_pad == b"\r" || (pad == 0 && after_pad == b"-") {
+                return Ok(None);
+            }
+            return Err(bad("boundary not followed by CRLF or --"));
+        }
+        if !after_pad.starts_with(b"\r\n") {
+            return Err(bad("boundary not followed by CRLF or --"));
+        }
+        let part_start = dash + pad + 2;
+        // Headers: up to the empty line (none when the part starts with it).
+        let part = &self.buf[part_start..];
+        let header_window = self.limits.max_header_bytes + 4;
+        let (headers, body_start) = if part.starts_with(b"\r\n") {
+            (Vec::new(), part_start + 2)
+        } else if part.len() < 2 && b"\r\n".starts_with(part) {
+            return Ok(None);
+        } else {
+            let window = &part[..part.len().min(header_window)];
+            match memmem::find(window, b"\r\n\r\n") {
+                Some(end) => (parse_headers(&part[..end])?, part_start + end + 4),
+                None if part.len() > header_window => {
+                    return Err(DicomWebError::MultipartTooLarge {
+                        what: "header bytes per part",
+                        limit: self.limits.max_header_bytes,
+                    })
+                }
+                None => return Ok(None),
+            }
+        };
+        // Body: up to the next delimiter.
+        let from = self.searched.max(body_start);
+        let Some(found) = memmem::find(&self.buf[from..], &self.delimiter).map(|p| from + p) else {
+            if self.buf.len() - body_start > self.limits.max_part_bytes + self.delimiter.len() {
+                return Err(DicomWebError::MultipartTooLarge {
+                    what: "bytes per part",
+                    limit: self.limits.max_part_bytes,
+                });
+            }
+            self.searched = self
+                .buf
+                .len()
+                .saturating_sub(self.delimiter.len() - 1)
+                .max(body_start);
+            return Ok(None);
+        };
+        if found - body_start > self.limits.max_part_bytes {
+            return Err(DicomWebError::MultipartTooLarge {
+                what: "bytes per part",
+                limit: self.limits.max_part_bytes,
+            });
+        }
+        self.count_part()?;
+        // The bytes after the part start the next buffer (from
+        // `--boundary`); the current buffer becomes the part's body.
+        let mut next = Vec::new();
+        let before = reservation.held();
+        reservation.extend(&mut next, &self.buf[found + 2..])?;
+        let next_reserved = reservation.held() - before;
+        let mut body = std::mem::replace(&mut self.buf, next);
+        let reserved = std::mem::replace(&mut self.reserved, next_reserved);
+        self.searched = 0;
+        body.truncate(found);
+        body.drain(..body_start);
+        Ok(Some(OwnedPart {
+            headers,
+            body,
+            reserved,
+        }))
+    }
+
+    /// The end of the body: checks that it was closed.
+    ///
+    /// # Errors
+    /// [`DicomWebError::BadMultipart`] when the body ended before its
+    /// closing boundary (or before any boundary).
+    pub fn finish(&self) -> Result<(), DicomWebError> {
+        match self.state {
+            Split::Closed => Ok(()),
+            Split::Preamble => Err(DicomWebError::BadMultipart("no opening boundary".into())),
+            Split::Parts | Split::Skipping => Err(DicomWebError::BadMultipart(
+                "body ends before the closing boundary".into(),
+            )),
+        }
+    }
+}
+
 /// `Name: value` lines (RFC 5322 §2.2; folded lines joined).
 fn parse_headers(block: &[u8]) -> Result<Vec<(String, String)>, DicomWebError> {
     let text = std::str::from_utf8(block)
@@ -540,5 +878,146 @@ mod tests {
         .expect("valid");
         assert_eq!(r.boundary, "xyz");
         assert_eq!(r.root_type.as_deref(), Some("application/dicom"));
+    }
+
+    /// Streams `body` in `piece`-byte pieces under a budget of `cap` bytes,
+    /// skipping a part that does not fit; returns (index, part) pairs, the
+    /// finish result and the most bytes the reservation ever held.
+    fn stream(
+        body: &[u8],
+        boundary: &str,
+        piece: usize,
+        cap: u64,
+    ) -> (Vec<(usize, OwnedPart)>, Result<(), DicomWebError>, u64) {
+        let related = MultipartRelated {
+            boundary: boundary.into(),
+            root_type: None,
+        };
+        let budget = bastion_archive::budget::MemoryBudget::new(cap, cap);
+        let mut res = budget.transfer();
+        let mut split = PartSplitter::new(&related, &MultipartLimits::default());
+        let (mut out, mut peak) = (Vec::new(), 0);
+        for chunk in body.chunks(piece) {
+            if split.push(chunk, &mut res).is_err() {
+                split.skip_part(&mut res).expect("skip");
+                split.push(chunk, &mut res).expect("push after skip");
+            }
+            peak = peak.max(res.held());
+            loop {
+                let index = split.parts_seen();
+                match split.next_part(&mut res) {
+                    Ok(Some(p)) => {
+                        res.shrink(p.reserved);
+                        out.push((index, p));
+                    }
+                    Ok(None) => break,
+                    Err(e) => return (out, Err(e), peak),
+                }
+            }
+        }
+        let end = split.finish();
+        (out, end, peak)
+    }
+
+    #[test]
+    fn streamed_parts_equal_the_slice_parser_for_every_cut() {
+        let mut w = MultipartWriter::with_type("application/dicom");
+        w.add_part("application/dicom", b"first\r\n-");
+        w.add_part("application/dicom", b"");
+        w.add_part("application/octet-stream", b"third part, a bit longer");
+        let boundary = w.boundary().to_owned();
+        let mut body = b"a preamble\r\n".to_vec();
+        body.extend(w.finish());
+        body.extend_from_slice(b"\r\nan epilogue");
+        let related = MultipartRelated {
+            boundary: boundary.clone(),
+            root_type: None,
+        };
+        let whole: Vec<Part> = related
+            .parts(&body, &MultipartLimits::default())
+            .collect::<Result<_, _>>()
+            .expect("parses");
+        assert_eq!(whole.len(), 3);
+        for piece in 1..=body.len() {
+            let (parts, end, _) = stream(&body, &boundary, piece, 1 << 20);
+            assert_eq!(end, Ok(()), "piece {piece}");
+            assert_eq!(parts.len(), 3, "piece {piece}");
+            for ((i, p), q) in parts.iter().zip(&whole) {
+                assert_eq!(p.headers, q.headers, "piece {piece} part {i}");
+                assert_eq!(p.body, q.body, "piece {piece} part {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_large_body_is_held_one_part_at_a_time() {
+        // 50 parts of 100 KiB (5 MB) through a 400 KiB budget.
+        let mut w = MultipartWriter::new();
+        for i in 0..50u8 {
+            w.add_part("application/dicom", &vec![i; 100 << 10]);
+        }
+        let boundary = w.boundary().to_owned();
+        let body = w.finish();
+        let (parts, end, peak) = stream(&body, &boundary, 16 << 10, 400 << 10);
+        assert_eq!(end, Ok(()));
+        assert_eq!(parts.len(), 50);
+        for (i, p) in &parts {
+            assert_eq!(p.body.len(), 100 << 10);
+            assert!(p.body.iter().all(|b| usize::from(*b) == *i));
+        }
+        assert!(peak <= 400 << 10, "held {peak} bytes");
+    }
+
+    #[test]
+    fn a_part_over_the_budget_is_skipped_and_the_rest_still_come() {
+        let mut w = MultipartWriter::new();
+        w.add_part("application/dicom", &[1; 10 << 10]);
+        w.add_part("application/dicom", &[2; 400 << 10]);
+        w.add_part("application/dicom", &[3; 10 << 10]);
+        let boundary = w.boundary().to_owned();
+        let body = w.finish();
+        let (parts, end, peak) = stream(&body, &boundary, 8 << 10, 150 << 10);
+        assert_eq!(end, Ok(()));
+        let indices: Vec<usize> = parts.iter().map(|(i, _)| *i).collect();
+        assert_eq!(indices, [0, 2]);
+        assert_eq!(parts[1].1.body, vec![3; 10 << 10]);
+        assert!(peak <= 150 << 10);
+    }
+
+    #[test]
+    fn streamed_refusals() {
+        let b = "bnd";
+        // Never closed.
+        let (parts, end, _) = stream(b"--bnd\r\n\r\nbody\r\n--bnd\r\n\r\nmore", b, 4, 1 << 20);
+        assert_eq!(parts.len(), 1);
+        assert!(matches!(end, Err(DicomWebError::BadMultipart(_))));
+        // No boundary at all.
+        let (_, end, _) = stream(b"just some bytes", b, 3, 1 << 20);
+        assert!(matches!(end, Err(DicomWebError::BadMultipart(_))));
+        // Junk after a boundary.
+        let (_, end, _) = stream(b"--bndX\r\n\r\n\r\n--bnd--", b, 2, 1 << 20);
+        assert!(matches!(end, Err(DicomWebError::BadMultipart(_))));
+        // A part over max_part_bytes fails as soon as it is, not at the end.
+        let related = MultipartRelated {
+            boundary: b.into(),
+            root_type: None,
+        };
+        let limits = MultipartLimits {
+            max_part_bytes: 100,
+            ..MultipartLimits::default()
+        };
+        let budget = bastion_archive::budget::MemoryBudget::new(1 << 20, 1 << 20);
+        let mut res = budget.transfer();
+        let mut split = PartSplitter::new(&related, &limits);
+        split.push(b"--bnd\r\n\r\n", &mut res).expect("push");
+        assert_eq!(split.next_part(&mut res), Ok(None));
+        split.push(&[0; 200], &mut res).expect("push");
+        assert_eq!(
+            split.next_part(&mut res),
+            Err(DicomWebError::MultipartTooLarge {
+                what: "bytes per part",
+                limit: 100
+            })
+        );
     }
 }

@@ -12,8 +12,6 @@ use axum::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 
-use bastion_archive::budget::Reservation;
-
 use crate::error::ApiError;
 
 /// Reads `body` (at most `limit` bytes, within `deadline`).
@@ -46,56 +44,63 @@ pub async fn read_body(
     }
 }
 
-/// [`read_body`] under a memory budget (the STOW-RS body, PS3.18 §10.5):
-/// `reservation` grows before the buffer does, so a request that would hold
-/// more than its share of the server's memory budget is refused at once,
-/// with 503 and `Retry-After`, however its bytes arrive. 413 stays for a
-/// declared or streamed length over `limit` (`max_upload_bytes`).
-///
-/// # Errors
-/// [`ApiError::Busy`] when the budget cannot grow (also for a declared
-/// length over the per-request cap), and those of [`read_body`].
-pub async fn read_body_reserved(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-    deadline: Duration,
-    reservation: &mut Reservation,
-) -> Result<Bytes, ApiError> {
-    let declared = declared_length(headers)?;
-    if let Some(len) = declared {
-        if len > limit as u64 {
+/// A request body read piece by piece (the STOW-RS body, PS3.18 §10.5),
+/// so that a handler can hold one part at a time whatever the size of the
+/// request: 413 for a declared or streamed length over the limit
+/// (`max_upload_bytes`), 408 when the time spent *waiting* for the body
+/// (not the time the handler spends on what it read) exceeds the body
+/// timeout.
+#[derive(Debug)]
+pub struct BodyFrames {
+    body: Limited<Body>,
+    waiting_left: Duration,
+}
+
+impl BodyFrames {
+    /// Checks the declared length against `limit` (413 at once) and starts
+    /// reading.
+    ///
+    /// # Errors
+    /// [`ApiError::TooLarge`], [`ApiError::BadRequest`] for a malformed
+    /// Content-Length.
+    pub fn new(
+        headers: &HeaderMap,
+        body: Body,
+        limit: usize,
+        deadline: Duration,
+    ) -> Result<BodyFrames, ApiError> {
+        if declared_length(headers)?.is_some_and(|len| len > limit as u64) {
             return Err(ApiError::TooLarge);
         }
-        if len > reservation.cap() {
-            return Err(ApiError::Busy);
-        }
+        Ok(BodyFrames {
+            body: Limited::new(body, limit),
+            waiting_left: deadline,
+        })
     }
-    let read = async {
-        let mut body = Limited::new(body, limit);
-        let mut buf = Vec::new();
-        // A declared length is reserved (and allocated) at once.
-        if let Some(len) = declared.and_then(|l| usize::try_from(l).ok()) {
-            reservation.grow(len as u64).map_err(|_| ApiError::Busy)?;
-            buf.reserve_exact(len);
-        }
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| classify(e.as_ref()))?;
-            if let Ok(data) = frame.into_data() {
-                if buf.len() + data.len() <= buf.capacity() {
-                    buf.extend_from_slice(&data);
-                } else {
-                    reservation
-                        .extend(&mut buf, &data)
-                        .map_err(|_| ApiError::Busy)?;
+
+    /// The next piece of the body, `None` at its end.
+    ///
+    /// # Errors
+    /// [`ApiError::TooLarge`] as soon as the bytes read exceed the limit,
+    /// [`ApiError::BodyTimeout`], [`ApiError::BadRequest`] for a broken
+    /// connection.
+    pub async fn next(&mut self) -> Result<Option<Bytes>, ApiError> {
+        loop {
+            let started = tokio::time::Instant::now();
+            let frame = tokio::time::timeout(self.waiting_left, self.body.frame()).await;
+            self.waiting_left = self.waiting_left.saturating_sub(started.elapsed());
+            match frame {
+                Err(_) => return Err(ApiError::BodyTimeout),
+                Ok(None) => return Ok(None),
+                Ok(Some(Err(e))) => return Err(classify(e.as_ref())),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Ok(Some(data));
+                    }
+                    // Trailers: nothing to hand out.
                 }
             }
         }
-        Ok(Bytes::from(buf))
-    };
-    match tokio::time::timeout(deadline, read).await {
-        Err(_) => Err(ApiError::BodyTimeout),
-        Ok(r) => r,
     }
 }
 

@@ -30,6 +30,7 @@ use axum::{
     Extension, Router,
 };
 use bastion_archive::{
+    budget::{BudgetError, Reservation},
     ingest::budget_err,
     query::{FindOptions, Query as ArchiveQuery, QueryIdentifier},
     transcode::{can_transcode, transcode, EXPLICIT_VR_LE},
@@ -37,8 +38,8 @@ use bastion_archive::{
 };
 use bastion_dicomweb::{
     frame_transfer_syntax, json::bulk_value, qido_result_json, qido_to_query, retrieve_url,
-    ImageFormat, JsonOptions, MultipartLimits, MultipartRelated, MultipartWriter, PathUids,
-    QidoLevel, RenderOptions,
+    ImageFormat, JsonOptions, MultipartLimits, MultipartRelated, MultipartWriter, OwnedPart,
+    PartSplitter, PathUids, QidoLevel, RenderOptions,
 };
 use bastion_index::StoredInstance;
 use bastion_model::{Uid, WebPermission};
@@ -48,7 +49,7 @@ use serde_json::{json, Value};
 use crate::{
     audit::Note,
     auth::Caller,
-    body::read_body_reserved,
+    body::BodyFrames,
     error::{failure_reason, ApiError},
     negotiate::{parse_accept, MediaRange},
     AppState,
@@ -970,19 +971,13 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
         ));
     }
     let cfg = state.config();
-    // The body, each instance's copy and its inflated form are held under
-    // one reservation from the archive's memory budget: a request with no
-    // room left is refused whole (503, Retry-After), a deflate bomb inside
-    // it fails as its own instance (FailedSOPSequence, 0xA700).
-    let mut reservation = state.archive().budget().transfer();
-    let body = read_body_reserved(
-        &parts.headers,
-        body,
-        cfg.max_upload_bytes,
-        cfg.body_timeout,
-        &mut reservation,
-    )
-    .await?;
+    let archive = state.archive();
+    let limits = MultipartLimits {
+        max_part_bytes: usize::try_from(archive.limits().max_dataset_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1 << 20),
+        ..MultipartLimits::default()
+    };
     let base = base_url(&parts.headers);
     let origin = Origin {
         // The user is in the request's own event (`http.request`); `peer`
@@ -991,94 +986,52 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
         peer: peer_of(&parts.extensions),
         on_conflict: bastion_index::OnConflict::Refuse,
     };
-    let archive = state.archive();
-    let limits = MultipartLimits {
-        max_part_bytes: usize::try_from(archive.limits().max_dataset_bytes)
-            .unwrap_or(usize::MAX)
-            .saturating_add(1 << 20),
-        ..MultipartLimits::default()
-    };
-    let expected = study.clone();
-    let results = blocking(move || {
-        let mut results = Vec::new();
-        for part in related.parts(&body, &limits) {
-            let part = part?;
-            let is_dicom = part
-                .content_type()
-                .map(|c| c.trim().to_ascii_lowercase())
-                .is_some_and(|c| c == "application/dicom" || c.starts_with("application/dicom;"));
-            if !is_dicom {
-                results.push(Stored::Failed {
-                    class: String::new(),
-                    sop: String::new(),
-                    reason: 0xC000,
-                });
-                continue;
+    // The body is streamed: one part at a time is buffered, under one
+    // reservation from the archive's memory budget that also covers its
+    // inflated form, and stored before the next part is read (TCP holds the
+    // client back meanwhile). A part that does not fit fails alone
+    // (FailedSOPSequence, 0xA700) and the parts after it are still stored;
+    // a request that finds no room at all is refused whole (503,
+    // Retry-After). Each instance stored is whole and acknowledged in the
+    // index, even if the request fails later (broken framing, timeout).
+    let mut reservation = archive.budget().transfer();
+    let mut frames = BodyFrames::new(&parts.headers, body, cfg.max_upload_bytes, cfg.body_timeout)?;
+    let mut splitter = PartSplitter::new(&related, &limits);
+    let mut results = Vec::new();
+    while let Some(data) = frames.next().await? {
+        if let Err(e) = splitter.push(&data, &mut reservation) {
+            if results.is_empty() && matches!(e, BudgetError::Exhausted { .. }) {
+                return Err(ApiError::Busy);
             }
-            if let Some(expected) = &expected {
-                match crate::peek::study_uid(part.body) {
-                    Some(s) if s == expected.as_str() => {}
-                    Some(_) | None => {
-                        results.push(Stored::Failed {
-                            class: String::new(),
-                            sop: String::new(),
-                            reason: 0xA900,
-                        });
-                        continue;
-                    }
-                }
-            }
-            let copy = part.body.len() as u64;
-            if let Err(e) = reservation.grow(copy) {
-                results.push(Stored::Failed {
-                    class: String::new(),
-                    sop: String::new(),
-                    reason: failure_reason(&budget_err(e)),
-                });
-                continue;
-            }
-            let ingested = archive.ingest_reserved(
-                Received::File(part.body.to_vec()),
-                &origin,
-                &mut reservation,
-            );
-            reservation.shrink(copy);
-            match ingested {
-                Ok(
-                    Ingested::Stored { sop_instance_uid }
-                    | Ingested::Duplicate { sop_instance_uid }
-                    | Ingested::Replaced { sop_instance_uid },
-                ) => {
-                    let row = archive
-                        .index()
-                        .find_instance(sop_instance_uid.as_str())
-                        .map_err(|e| ApiError::internal("index", e))?;
-                    let (class, study, series) = row
-                        .map(|r| (r.sop_class_uid, r.study_instance_uid, r.series_instance_uid))
-                        .unwrap_or_default();
-                    results.push(Stored::Ok {
-                        class,
-                        sop: sop_instance_uid.to_string(),
-                        study,
-                        series,
-                    });
-                }
-                Err(e) => {
-                    let sop = match &e {
-                        ArchiveError::Conflict { sop_instance_uid } => sop_instance_uid.to_string(),
-                        _ => String::new(),
-                    };
-                    results.push(Stored::Failed {
-                        class: String::new(),
-                        sop,
-                        reason: failure_reason(&e),
-                    });
-                }
-            }
+            // The part being received does not fit: drop it, go on.
+            splitter.skip_part(&mut reservation)?;
+            results.push(Stored::Failed {
+                class: String::new(),
+                sop: String::new(),
+                reason: failure_reason(&budget_err(e)),
+            });
+            splitter
+                .push(&data, &mut reservation)
+                .map_err(|_| ApiError::Busy)?;
         }
-        Ok(results)
-    })
-    .await?;
+        while let Some(part) = splitter.next_part(&mut reservation)? {
+            let reserved = part.reserved;
+            let (archive, origin, expected) = (archive.clone(), origin.clone(), study.clone());
+            let (stored, mut back) = blocking(move || {
+                let stored =
+                    store_part(&archive, &origin, expected.as_ref(), part, &mut reservation)?;
+                Ok((stored, reservation))
+            })
+            .await?;
+            back.shrink(reserved);
+            reservation = back;
+            if let Stored::Ok { study, .. } = &stored {
+                note.study(study);
+            }
+            results.push(stored);
+        }
+    }
+    splitter.finish()?;
     let mut referenced = Vec::new();
     let mut failed = Vec::new();
     let mut studies = std::collections::BTreeSet::new();
@@ -1090,7 +1043,6 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
                 study,
                 series,
             } => {
-                note.study(study);
                 studies.insert(study.clone());
                 let mut item = serde_json::Map::new();
                 item.insert("00081150".into(), ui(class));
@@ -1137,6 +1089,73 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
     let body =
         serde_json::to_vec(&Value::Object(out)).map_err(|e| ApiError::internal("JSON", e))?;
     Ok((status, [(header::CONTENT_TYPE, DICOM_JSON)], body).into_response())
+}
+
+/// Stores one STOW-RS part through the C-STORE pipeline
+/// (`Archive::ingest_reserved`; `reservation` covers its bytes): a part that
+/// is not `application/dicom` fails with 0xC000, one of another study than
+/// the request's path names with 0xA900 (PS3.18 §10.5.3), an archive
+/// refusal with its [`failure_reason`].
+///
+/// # Errors
+/// [`ApiError::Internal`] when the index cannot be read back.
+fn store_part(
+    archive: &Archive,
+    origin: &Origin,
+    expected: Option<&Uid>,
+    part: OwnedPart,
+    reservation: &mut Reservation,
+) -> Result<Stored, ApiError> {
+    let failed = |reason| Stored::Failed {
+        class: String::new(),
+        sop: String::new(),
+        reason,
+    };
+    let is_dicom = part
+        .content_type()
+        .map(|c| c.trim().to_ascii_lowercase())
+        .is_some_and(|c| c == "application/dicom" || c.starts_with("application/dicom;"));
+    if !is_dicom {
+        return Ok(failed(0xC000));
+    }
+    if let Some(expected) = expected {
+        match crate::peek::study_uid(&part.body) {
+            Some(s) if s == expected.as_str() => {}
+            Some(_) | None => return Ok(failed(0xA900)),
+        }
+    }
+    match archive.ingest_reserved(Received::File(part.body), origin, reservation) {
+        Ok(
+            Ingested::Stored { sop_instance_uid }
+            | Ingested::Duplicate { sop_instance_uid }
+            | Ingested::Replaced { sop_instance_uid },
+        ) => {
+            let row = archive
+                .index()
+                .find_instance(sop_instance_uid.as_str())
+                .map_err(|e| ApiError::internal("index", e))?;
+            let (class, study, series) = row
+                .map(|r| (r.sop_class_uid, r.study_instance_uid, r.series_instance_uid))
+                .unwrap_or_default();
+            Ok(Stored::Ok {
+                class,
+                sop: sop_instance_uid.to_string(),
+                study,
+                series,
+            })
+        }
+        Err(e) => {
+            let sop = match &e {
+                ArchiveError::Conflict { sop_instance_uid } => sop_instance_uid.to_string(),
+                _ => String::new(),
+            };
+            Ok(Stored::Failed {
+                class: String::new(),
+                sop,
+                reason: failure_reason(&e),
+            })
+        }
+    }
 }
 
 /// A UI attribute in DICOM JSON (empty: no Value).

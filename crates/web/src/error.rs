@@ -223,6 +223,7 @@ impl From<DicomWebError> for ApiError {
             DicomWebError::UnsupportedMediaType(m) => ApiError::UnsupportedMediaType(m),
             DicomWebError::InvalidImage(m) => ApiError::Unprocessable(m),
             DicomWebError::InvalidDataset(m) => ApiError::Internal(format!("stored dataset: {m}")),
+            DicomWebError::Budget(_) => ApiError::Busy,
         }
     }
 }
