@@ -56,20 +56,37 @@ fuzz_target!(|data: &[u8]| {
         let (parts, finished) = stream(&related, &limits, body, piece, 1 << 30);
         for (i, p) in &parts {
             let q = &whole[*i];
-            assert_eq!((&p.headers, p.body.as_slice()), (&q.headers, q.body), "part {i}");
+            assert_eq!(
+                (&p.headers, p.body.as_slice()),
+                (&q.headers, q.body),
+                "part {i}"
+            );
         }
         let indices: Vec<usize> = parts.iter().map(|(i, _)| *i).collect();
-        assert_eq!(indices, (0..parts.len()).collect::<Vec<_>>(), "no part skipped");
+        assert_eq!(
+            indices,
+            (0..parts.len()).collect::<Vec<_>>(),
+            "no part skipped"
+        );
         if closed {
-            assert!(finished, "the slice parser closed the body, the splitter did not");
+            assert!(
+                finished,
+                "the slice parser closed the body, the splitter did not"
+            );
             assert_eq!(parts.len(), whole.len(), "the splitter lost a part");
         }
         // A budget of a few hundred bytes: parts are skipped, never wrong.
         let cap = 64 + usize::from(ct.first().copied().unwrap_or(0)) * 4;
         let (small, _) = stream(&related, &limits, body, piece, cap as u64);
         for (i, p) in &small {
-            let q = whole.get(*i).expect("a part the slice parser does not give");
-            assert_eq!((&p.headers, p.body.as_slice()), (&q.headers, q.body), "part {i}");
+            let q = whole
+                .get(*i)
+                .expect("a part the slice parser does not give");
+            assert_eq!(
+                (&p.headers, p.body.as_slice()),
+                (&q.headers, q.body),
+                "part {i}"
+            );
         }
     }
 
@@ -124,7 +141,10 @@ fn stream(
             let before = splitter.parts_seen();
             match splitter.next_part(&mut reservation) {
                 Ok(Some(p)) => {
-                    assert!(p.body.capacity() as u64 <= p.reserved, "part bytes not reserved");
+                    assert!(
+                        p.body.capacity() as u64 <= p.reserved,
+                        "part bytes not reserved"
+                    );
                     reservation.shrink(p.reserved);
                     out.push((before, p));
                 }
