@@ -176,6 +176,13 @@ def test_full_disk_refuses_unaudited_access_and_resumes_by_itself(make_server, t
     assert any("audit trail is not recording" in w for w in p["warnings"]), p["warnings"]
     v = srv.cli("audit", "verify", check=False)
     assert v.returncode == 0, v.stdout + v.stderr
+    # `bastion doctor` too: it reads the trail (intact) and says what is wrong.
+    d = srv.cli("doctor", check=False)
+    assert d.returncode == 1, d.stdout + d.stderr
+    lines = d.stdout.splitlines()
+    assert any(l.startswith("ok") and "audit trail" in l and "intact" in l for l in lines), d.stdout
+    assert any(l.startswith("FAIL") and ("disk space" in l or "audit recording" in l)
+               for l in lines), d.stdout
 
     # Space comes back: service resumes by itself.
     filler.unlink()

@@ -1,4 +1,5 @@
 """init, device and cert CLI contract."""
+import json
 import os
 import stat
 
@@ -160,3 +161,46 @@ def test_cert_server_renews_server_certificate(make_server):
     # the running server presents the new certificate
     pem = ssl.get_server_certificate(("127.0.0.1", srv.tls_port))
     assert ssl.PEM_cert_to_DER_cert(pem) == ssl.PEM_cert_to_DER_cert(after.decode())
+
+
+def test_doctor_reports_each_check_and_fails_on_a_damaged_database(make_server):
+    """`bastion doctor`: every check on a fresh installation (exit 0, the keys
+    inside the data directory are warnings), then a damaged index database and
+    a world-readable key are failures (exit 1) naming what and where."""
+    srv = make_server(start=False)
+    r = srv.cli("doctor", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    checks = {line[6:26].strip(): line[:4].strip() for line in r.stdout.splitlines()
+              if line[:4].strip() in ("ok", "warn", "FAIL")}
+    for name in ("configuration", "permissions", "key location", "disk space", "master key",
+                 "security database", "index database", "audit trail", "audit recording",
+                 "certificates", "accounts", "alerts"):
+        assert name in checks, (name, r.stdout)
+    assert checks["index database"] == "ok" and checks["audit trail"] == "ok", r.stdout
+    assert checks["key location"] == "warn", r.stdout
+    assert "0 failures" in r.stdout
+    j = srv.cli("doctor", "--json", check=False)
+    rows = [json.loads(l) for l in j.stdout.splitlines() if l.strip()]
+    assert {row["level"] for row in rows} <= {"ok", "warn", "fail"}
+    assert any(row["check"] == "audit trail" and row["level"] == "ok" for row in rows)
+
+    # Damage the index database: overwrite 4 KiB in its second page.
+    db = srv.data / "index.db"
+    with open(db, "r+b") as f:
+        f.seek(4096 + 100)
+        f.write(os.urandom(4096))
+    key = srv.data / "tls" / "ca.key"
+    key.chmod(0o644)
+    r = srv.cli("doctor", check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    fails = [l for l in r.stdout.splitlines() if l.startswith("FAIL")]
+    assert any("permissions" in l and "ca.key" in l for l in fails), r.stdout
+    assert any("index database" in l for l in fails), r.stdout
+
+
+def test_doctor_without_installation(tmp_path, bastion_bin):
+    import subprocess
+    r = subprocess.run([str(bastion_bin), "--data", str(tmp_path / "none"), "doctor"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "bastion init" in r.stderr

@@ -90,6 +90,18 @@ enum Command {
     /// Where the keys live (README, "Where the keys live").
     #[command(subcommand)]
     Secrets(SecretsCommand),
+    /// Check this installation's health, read-only: configuration, file
+    /// modes, where the keys live, free space, the databases (with SQLite's
+    /// quick_check), the audit trail (verify, and whether it records),
+    /// certificates, risky settings, accounts, open alerts. One line per
+    /// check (ok / warn / FAIL); exit 0 when nothing failed, 1 when a check
+    /// failed, 2 without an installation. Works while the audit trail cannot
+    /// record.
+    Doctor {
+        /// One JSON object per check ({"level", "check", "message"}).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -355,6 +367,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Alerts(args) => crate::alerts_cli::alerts(&dir, args),
         Command::Audit(cmd) => crate::audit_cli::audit(&dir, cmd),
         Command::Secrets(SecretsCommand::Move { to }) => secrets_move(&dir, &to),
+        Command::Doctor { json } => crate::doctor::doctor(&dir, json),
     }
 }
 

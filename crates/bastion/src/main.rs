@@ -9,6 +9,7 @@ mod cli;
 mod config;
 mod datadir;
 mod decoder_sandbox;
+mod doctor;
 mod import;
 mod keys;
 mod onboarding;

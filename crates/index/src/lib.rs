@@ -409,6 +409,25 @@ impl Index {
         &self.path
     }
 
+    /// SQLite's `PRAGMA quick_check` (a structural check of every page,
+    /// without the index-content cross-check of `integrity_check`): the
+    /// problems it reports, empty when the database is sound.
+    ///
+    /// # Errors
+    /// [`IndexError::Sqlite`] when the check cannot run.
+    pub fn quick_check(&self) -> Result<Vec<String>, IndexError> {
+        let conn = self.lock();
+        let mut st = conn
+            .prepare("PRAGMA quick_check")
+            .map_err(sql_err("quick check"))?;
+        let rows = st
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(sql_err("quick check"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql_err("quick check"))?;
+        Ok(rows.into_iter().filter(|r| r != "ok").collect())
+    }
+
     /// Looks up an instance by SOP Instance UID.
     ///
     /// # Errors

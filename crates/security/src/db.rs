@@ -242,6 +242,30 @@ impl SecurityDb {
         })
     }
 
+    /// SQLite's `PRAGMA quick_check`: the problems it reports, empty when
+    /// the database is sound.
+    ///
+    /// # Errors
+    /// [`SecurityError::Db`] when the check cannot run.
+    pub fn quick_check(&self) -> Result<Vec<String>> {
+        self.with(|c| {
+            let mut st = c
+                .prepare("PRAGMA quick_check")
+                .map_err(|source| SecurityError::Db {
+                    op: "quick check",
+                    source,
+                })?;
+            let rows = st
+                .query_map([], |r| r.get::<_, String>(0))
+                .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
+                .map_err(|source| SecurityError::Db {
+                    op: "quick check",
+                    source,
+                })?;
+            Ok(rows.into_iter().filter(|r| r != "ok").collect())
+        })
+    }
+
     /// Runs `f` with the connection held.
     pub(crate) fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
