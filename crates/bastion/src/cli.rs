@@ -143,6 +143,10 @@ pub struct ListenArgs {
     /// HTTPS listener (DICOMweb, account API), IP:PORT or `off` (overrides bastion.toml; default 127.0.0.1:8443)
     #[arg(long, value_name = "HOST:PORT|off")]
     pub http_addr: Option<String>,
+    /// Serve the OHIF Viewer unpacked in DIR (npm @ohif/app: the package or
+    /// its dist/) at /viewer/ (overrides `[http] ohif_dir`)
+    #[arg(long, value_name = "DIR")]
+    pub ohif_dir: Option<std::path::PathBuf>,
 }
 
 impl ListenArgs {
@@ -159,6 +163,9 @@ impl ListenArgs {
         }
         if let Some(a) = &self.http_addr {
             c.http.addr = a.clone();
+        }
+        if let Some(d) = &self.ohif_dir {
+            c.http.ohif_dir = Some(d.clone());
         }
         AeTitle::parse(&c.dicom.ae_title).context("invalid --ae-title")?;
         c.http.listen_addr().context("invalid --http-addr")?;

@@ -1,6 +1,9 @@
 //! `DIR/bastion.toml`: every setting, with its default, commented.
 
-use std::{net::SocketAddr, path::Path};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -287,6 +290,11 @@ pub struct HttpSection {
     /// handshake and a first request's headers; a newer one evicts the
     /// oldest.
     pub max_unproven_per_address: usize,
+    /// An unpacked OHIF Viewer (npm `@ohif/app`: the package directory or
+    /// its `dist/`), served at `/viewer/` on the same origin; unset: no
+    /// viewer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ohif_dir: Option<PathBuf>,
 }
 
 impl Default for HttpSection {
@@ -302,6 +310,7 @@ impl Default for HttpSection {
             max_connections: 256,
             max_connections_per_address: 64,
             max_unproven_per_address: 16,
+            ohif_dir: None,
         }
     }
 }
@@ -448,6 +457,10 @@ impl Config {
             .collect::<Vec<_>>()
             .join(", ");
         let cors = format!("[{cors}]");
+        let ohif = match &self.http.ohif_dir {
+            Some(p) => format!("ohif_dir = {:?}", p.display().to_string()),
+            None => "# ohif_dir = \"/opt/ohif/package\"".into(),
+        };
         let plain = match d.plain_addr {
             Some(a) => format!("plain_addr = \"{a}\""),
             None => "# plain_addr = \"127.0.0.1:11112\"".into(),
@@ -517,6 +530,10 @@ addr = "{http_addr}"
 # Browser origins allowed to call the API (CORS), e.g. an OHIF viewer at
 # ["https://viewer.example.org"]. Empty: CORS off. Never "*".
 cors_origins = {cors}
+# An unpacked OHIF Viewer (npm @ohif/app: `npm pack @ohif/app@3.13.2`, then
+# tar -xzf; the package directory or its dist/) to serve at /viewer/, on this
+# origin with the user's session: no CORS, no token in JavaScript.
+{ohif}
 # Largest STOW-RS request body, bytes (held in memory while it is stored).
 max_upload_bytes = {mub}
 # Largest JSON request body (login, password change), bytes.
@@ -641,6 +658,7 @@ webhook_queue = {dwq}
             mm = self.query.max_matches,
             http_addr = self.http.addr,
             cors = cors,
+            ohif = ohif,
             mub = self.http.max_upload_bytes,
             mjb = self.http.max_json_bytes,
             hts = self.http.handshake_timeout_secs,

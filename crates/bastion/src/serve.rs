@@ -338,9 +338,14 @@ fn web_app(
         ae_title: config.dicom.ae_title.clone(),
         ..bastion_web::WebConfig::default()
     };
-    let state = bastion_web::AppState::new(archive.clone(), accounts, web)
+    let mut state = bastion_web::AppState::new(archive.clone(), accounts, web)
         .with_alerts(detection.clone())
         .with_admin(admin);
+    if let Some(d) = &h.ohif_dir {
+        let viewer = bastion_web::ohif::Ohif::open(d).context("[http] ohif_dir")?;
+        tracing::info!(dir = %viewer.root().display(), "OHIF viewer served at /viewer/");
+        state = state.with_ohif(viewer);
+    }
     let limits = bastion_web::server::ConnectionLimits {
         max_connections: h.max_connections.max(1),
         max_connections_per_address: h.max_connections_per_address.max(1),

@@ -37,6 +37,9 @@ struct NoteInner {
     /// The handler recorded its own event for this access (`audit.read`,
     /// `audit.verify`), which is then the audit trail's one message for it.
     audited: bool,
+    /// A successful read of a public program file (the OHIF viewer's):
+    /// not recorded.
+    quiet: bool,
 }
 
 impl Note {
@@ -76,6 +79,13 @@ impl Note {
         self.with(|n| n.audited = true);
     }
 
+    /// The request reads a public program file (no patient data, no access
+    /// decision): when it succeeds it is not recorded (an OHIF page load
+    /// reads about 60 files). Refusals and errors are still recorded.
+    pub fn quiet(&self) {
+        self.with(|n| n.quiet = true);
+    }
+
     /// A Study Instance UID the request touched.
     pub fn study(&self, uid: &str) {
         self.with(|n| {
@@ -113,6 +123,9 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
     } else {
         Outcome::Refused
     };
+    if status.is_success() && note.with(|n| n.quiet) {
+        return response;
+    }
     let (user, action, studies, qido, query, audited) = note.with(|n| {
         (
             n.user.take(),

@@ -40,6 +40,10 @@ pub fn exempt(method: &Method, path: &str) -> bool {
     if *method == Method::GET && ui::ASSETS.iter().any(|a| a.path == path) {
         return true;
     }
+    // The OHIF viewer's program files: no patient data.
+    if crate::ohif::is_viewer_path(method, path) {
+        return true;
+    }
     EXEMPT
         .iter()
         .any(|e| path == *e || (e.ends_with('/') && path.starts_with(e)))

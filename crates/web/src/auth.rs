@@ -106,6 +106,7 @@ fn is_public(method: &Method, path: &str) -> bool {
     (*method == Method::POST
         && (path == "/api/login" || path == "/api/password" || path == "/api/totp/enrol"))
         || crate::ui::is_asset(method, path)
+        || crate::ohif::is_viewer_path(method, path)
 }
 
 fn state_changing(method: &Method) -> bool {

@@ -47,6 +47,7 @@ pub mod body;
 pub mod dicomweb;
 pub mod error;
 pub mod export;
+pub mod ohif;
 mod negotiate;
 mod peek;
 pub mod protect;
@@ -114,6 +115,7 @@ struct Inner {
     alerts: Option<Arc<bastion_security::alerts::Detection>>,
     admin: Option<Arc<admin::AdminContext>>,
     chain: audit_chain::ChainCache,
+    ohif: Option<Arc<ohif::Ohif>>,
 }
 
 impl AppState {
@@ -130,6 +132,7 @@ impl AppState {
             alerts: None,
             admin: None,
             chain: audit_chain::ChainCache::default(),
+            ohif: None,
         }))
     }
 
@@ -149,6 +152,18 @@ impl AppState {
         let mut inner = Arc::unwrap_or_clone(self.0);
         inner.admin = Some(Arc::new(admin));
         AppState(Arc::new(inner))
+    }
+
+    /// Serves the OHIF viewer at `/viewer/` ([`ohif`]).
+    pub fn with_ohif(self, viewer: ohif::Ohif) -> AppState {
+        let mut inner = Arc::unwrap_or_clone(self.0);
+        inner.ohif = Some(Arc::new(viewer));
+        AppState(Arc::new(inner))
+    }
+
+    /// The OHIF viewer, when `[http] ohif_dir` is set.
+    pub fn ohif(&self) -> Option<Arc<ohif::Ohif>> {
+        self.0.ohif.clone()
     }
 
     /// The admin context, when the admin API is served.
@@ -231,6 +246,9 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .merge(ui)
         .nest("/dicomweb", dicomweb::routes())
+        .route("/viewer", get(ohif::serve))
+        .route("/viewer/", get(ohif::serve))
+        .route("/viewer/{*path}", get(ohif::serve))
         .fallback(|| async { ApiError::NotFound })
         .layer(from_fn_with_state(state.clone(), audit_gate::gate))
         .layer(from_fn_with_state(state.clone(), auth::authenticate))
@@ -247,6 +265,13 @@ pub fn router(state: AppState) -> Router {
     protect::security_headers()
         .into_iter()
         .fold(app, |app, (name, value)| {
-            app.layer(SetResponseHeaderLayer::overriding(name, value))
+            // Only the OHIF viewer's files set their own policy (its inline
+            // scripts by hash, WebAssembly, workers: `ohif::Ohif::csp`);
+            // every other response gets the strict one.
+            if name == axum::http::header::CONTENT_SECURITY_POLICY {
+                app.layer(SetResponseHeaderLayer::if_not_present(name, value))
+            } else {
+                app.layer(SetResponseHeaderLayer::overriding(name, value))
+            }
         })
 }
