@@ -26,6 +26,7 @@ pub mod part10;
 pub mod query;
 pub mod scan;
 pub mod transcode;
+pub mod unknown_vr;
 
 pub use ingest::{Archive, Ingested, Limits, Origin, Received};
 

@@ -19,6 +19,8 @@
 //! - AT values are `"GGGGEEEE"` strings (§F.2.4), SQ values arrays of item
 //!   objects (§F.2.2), an empty value in a multi-valued attribute `null`
 //!   (§F.2.5);
+//! - a standard attribute whose value arrived as UN is written with its
+//!   data dictionary VR and value (`bastion_archive::unknown_vr`);
 //! - binary values (OB, OD, OF, OL, OV, OW, UN) are `"InlineBinary"` (base64
 //!   of the little-endian bytes, §F.2.7) up to [`JsonOptions::bulk_threshold`]
 //!   bytes, `"BulkDataURI"` (§F.2.6) above; Pixel Data (7FE0,0010),
@@ -75,7 +77,10 @@ impl Default for JsonOptions {
 /// the mapping. Never fails: a value that does not fit its VR's JSON type is
 /// written as a string (numbers) or as its bytes (binary).
 pub fn to_dicom_json(obj: &InMemDicomObject, opts: &JsonOptions) -> Value {
-    let normalized = bastion_archive::charset::normalize(obj);
+    // Standard attributes sent as UN get their dictionary VR first (as
+    // QIDO-RS shows them: PS3.5 §6.2.2), then the text is made Unicode.
+    let resolved = bastion_archive::unknown_vr::resolve_unknown_vrs(obj);
+    let normalized = bastion_archive::charset::normalize(resolved.as_ref().unwrap_or(obj));
     dataset_json(&normalized, "", opts)
 }
 

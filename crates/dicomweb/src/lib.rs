@@ -62,7 +62,10 @@ pub use multipart::{
     parse_multipart_related, MultipartLimits, MultipartRelated, MultipartWriter, OwnedPart, Part,
     PartSplitter,
 };
-pub use qido::{qido_result_json, qido_to_query, retrieve_url, PathUids, QidoLevel, QidoOptions};
+pub use qido::{
+    omit_empty_unnamed, qido_result_json, qido_to_query, retrieve_url, PathUids, QidoLevel,
+    QidoOptions,
+};
 pub use render::{
     render, render_image, thumbnail, ImageFormat, RenderOptions, Rendered, THUMBNAIL_SIZE,
 };

@@ -99,6 +99,10 @@ pub struct QidoOptions {
     /// The attributes named by `includefield`, in request order (sequence
     /// attributes by their top-level tag).
     pub include_fields: Vec<Tag>,
+    /// Every attribute the request named, as a matching key or in
+    /// `includefield` (top-level tags): an empty one of these is returned
+    /// empty, any other empty attribute is left out ([`omit_empty_unnamed`]).
+    pub named: Vec<Tag>,
 }
 
 /// Translates a QIDO-RS search into the engine's [`Query`] and the
@@ -191,6 +195,11 @@ pub fn qido_to_query(
             }),
         }
     }
+    opts.named = keys
+        .iter()
+        .map(|k| k.tag)
+        .chain(opts.include_fields.iter().copied())
+        .collect();
     if opts.fuzzy {
         for k in keys.iter_mut().filter(|k| k.is_pn() && !k.value.is_empty()) {
             if !k.value.ends_with('*') {
@@ -274,6 +283,37 @@ pub fn qido_result_json(
         ));
     }
     to_dicom_json(&obj, opts)
+}
+
+/// Leaves out of a QIDO-RS result the attributes that have no value and that
+/// the request did not name (`named`, [`QidoOptions::named`]): PS3.18
+/// §10.6.3.3 allows an empty attribute either way, and real clients break on
+/// one they did not ask for (OHIF's worklist fails on `"00080061": {"vr":
+/// "CS"}` with no Value for a study without Modality). The UIDs are never
+/// empty.
+pub fn omit_empty_unnamed(obj: &mut InMemDicomObject, named: &[Tag]) {
+    let empty: Vec<Tag> = obj
+        .iter()
+        .filter(|e| !named.contains(&e.header().tag) && value_is_empty(e.value()))
+        .map(|e| e.header().tag)
+        .collect();
+    for tag in empty {
+        obj.remove_element(tag);
+    }
+}
+
+/// No value: an empty primitive (or one of only padding and separators),
+/// a sequence without items.
+fn value_is_empty(v: &dicom_core::DicomValue<InMemDicomObject>) -> bool {
+    match v {
+        dicom_core::DicomValue::Primitive(p) => {
+            p.multiplicity() == 0
+                || (matches!(p, PrimitiveValue::Str(_) | PrimitiveValue::Strs(_))
+                    && p.to_str().trim_matches(['\0', ' ', '\\']).is_empty())
+        }
+        dicom_core::DicomValue::Sequence(s) => s.items().is_empty(),
+        dicom_core::DicomValue::PixelSequence(_) => false,
+    }
 }
 
 /// The WADO-RS URL of a study, series or instance (PS3.18 §10.4.1, the

@@ -37,9 +37,9 @@ use bastion_archive::{
     Archive, ArchiveError, Ingested, Origin, Received,
 };
 use bastion_dicomweb::{
-    frame_transfer_syntax, json::bulk_value, qido_result_json, qido_to_query, retrieve_url,
-    ImageFormat, JsonOptions, MultipartLimits, MultipartRelated, MultipartWriter, OwnedPart,
-    PartSplitter, PathUids, QidoLevel, RenderOptions,
+    frame_transfer_syntax, json::bulk_value, omit_empty_unnamed, qido_result_json, qido_to_query,
+    retrieve_url, ImageFormat, JsonOptions, MultipartLimits, MultipartRelated, MultipartWriter,
+    OwnedPart, PartSplitter, PathUids, QidoLevel, RenderOptions,
 };
 use bastion_index::StoredInstance;
 use bastion_model::{Uid, WebPermission};
@@ -218,7 +218,9 @@ async fn search(
                 {
                     studies.push(st.trim_end_matches(['\0', ' ']).to_owned());
                 }
-                out.push(qido_result_json(&r.identifier, level, &base, &json_opts));
+                let mut identifier = r.identifier.clone();
+                omit_empty_unnamed(&mut identifier, &opts.named);
+                out.push(qido_result_json(&identifier, level, &base, &json_opts));
             }
             out.len() < limit
         })?;
@@ -747,14 +749,22 @@ async fn bulk(
 ) -> Result<Response, ApiError> {
     let who = (caller, note);
     let target = Target::instance(&study, &series, &sop)?;
-    if !accept(&headers)
-        .iter()
-        .any(|r| r.matches("multipart/related"))
-    {
+    // PS3.18 §8.7.3.1: multipart/related (type application/octet-stream),
+    // or a single part when the client asks for application/octet-stream
+    // (OHIF does, for waveforms and other bulk data); the client's order
+    // (and quality) decides, a wildcard means a single part.
+    let single = accept(&headers).iter().find_map(|r| {
+        if r.essence == "multipart/related" {
+            matches!(r.param("type"), None | Some("application/octet-stream")).then_some(false)
+        } else {
+            r.matches("application/octet-stream").then_some(true)
+        }
+    });
+    let Some(single) = single else {
         return Err(ApiError::NotAcceptable(
-            "bulk data is available as multipart/related; type=\"application/octet-stream\"".into(),
+            "bulk data is available as application/octet-stream or multipart/related; type=\"application/octet-stream\"".into(),
         ));
-    }
+    };
     let (_, bytes, _) = one_instance(&st, &who, "wado.bulk", &target).await?;
     let value = blocking(move || {
         let obj = dicom_object::from_reader(&bytes[128..])
@@ -763,6 +773,13 @@ async fn bulk(
         Ok(bulk_value(&obj, &path)?)
     })
     .await?;
+    if single {
+        return Ok((
+            [(header::CONTENT_TYPE, "application/octet-stream".to_owned())],
+            value,
+        )
+            .into_response());
+    }
     let mut w = MultipartWriter::with_type("application/octet-stream");
     w.add_part("application/octet-stream", &value);
     let ct = w.content_type();

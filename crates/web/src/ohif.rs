@@ -363,8 +363,19 @@ mod tests {
     #[test]
     fn paths_outside_the_directory_are_refused() {
         assert_eq!(safe_relative("app.js"), Some(PathBuf::from("app.js")));
-        assert_eq!(safe_relative("assets/x.png"), Some(PathBuf::from("assets/x.png")));
-        for bad in ["../etc/passwd", "a/../../b", "/etc/passwd", ".git/config", "a/.b", "", "a\\b"] {
+        assert_eq!(
+            safe_relative("assets/x.png"),
+            Some(PathBuf::from("assets/x.png"))
+        );
+        for bad in [
+            "../etc/passwd",
+            "a/../../b",
+            "/etc/passwd",
+            ".git/config",
+            "a/.b",
+            "",
+            "a\\b",
+        ] {
             assert_eq!(safe_relative(bad), None, "{bad}");
         }
     }
