@@ -123,6 +123,11 @@ pub struct DetectSection {
     pub bulk_studies: usize,
     /// More distinct patients than this per user or device raise `bulk_retrieval`.
     pub bulk_patients: usize,
+    /// More distinct studies than this *viewed* (WADO-RS metadata, frames,
+    /// rendered, thumbnails: a viewer's requests) raise `bulk_retrieval`.
+    pub view_studies: usize,
+    /// More distinct patients than this viewed raise `bulk_retrieval`.
+    pub view_patients: usize,
     /// Window of `bulk_retrieval`, seconds.
     pub bulk_window_secs: u64,
     /// Working hours like "07:00-19:00"; empty: `off_hours_access` is off.
@@ -158,9 +163,11 @@ impl Default for DetectSection {
             login_window_secs: 60,
             scan_rejections: 10,
             scan_window_secs: 60,
-            qido_max_limit: 100,
+            qido_max_limit: 200,
             bulk_studies: 20,
             bulk_patients: 10,
+            view_studies: 60,
+            view_patients: 40,
             bulk_window_secs: 600,
             working_hours: String::new(),
             working_days: Vec::new(),
@@ -218,6 +225,8 @@ impl DetectSection {
             qido_max_limit: self.qido_max_limit,
             bulk_studies: self.bulk_studies,
             bulk_patients: self.bulk_patients,
+            view_studies: self.view_studies,
+            view_patients: self.view_patients,
             bulk_window: Duration::from_secs(self.bulk_window_secs.max(1)),
             working_hours,
             repeat: Duration::from_secs(self.repeat_secs),
@@ -582,12 +591,19 @@ login_window_secs = {dlw}
 scan_rejections = {dsr}
 scan_window_secs = {dsw}
 # A QIDO-RS study search with no restrictive key is broad unless it asks for
-# limit <= this (a paged worklist). A universal C-FIND is always broad.
+# limit <= this (a paged worklist: OHIF asks 101, the web UI 50). A universal
+# C-FIND is always broad.
 qido_max_limit = {dql}
-# One user or device retrieving (C-MOVE, C-GET, WADO-RS) more than this many
-# studies, or studies of more than this many patients, within the window.
+# One user or device copying (C-MOVE, C-GET, WADO-RS instances) more than
+# this many studies, or studies of more than this many patients, within the
+# window: bulk_retrieval.
 bulk_studies = {dbs}
 bulk_patients = {dbp}
+# The same for studies viewed (WADO-RS metadata, frames, rendered images,
+# thumbnails: what OHIF and the web UI ask), higher: a clinician reading
+# through a worklist is not a harvester.
+view_studies = {dvs}
+view_patients = {dvp}
 bulk_window_secs = {dbw}
 # Access outside working hours raises off_hours_access; off while empty.
 # working_hours = "07:00-19:00"
@@ -681,6 +697,8 @@ webhook_queue = {dwq}
             dql = self.detect.qido_max_limit,
             dbs = self.detect.bulk_studies,
             dbp = self.detect.bulk_patients,
+            dvs = self.detect.view_studies,
+            dvp = self.detect.view_patients,
             dbw = self.detect.bulk_window_secs,
             dwh = self.detect.working_hours,
             dtz = self.detect.timezone,

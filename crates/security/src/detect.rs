@@ -15,7 +15,13 @@
 //! 3. `broad_query`: a universal C-FIND at PATIENT/STUDY level, or a QIDO-RS
 //!    study search with no restrictive key and no `limit` ≤ the paging bound;
 //! 4. `bulk_retrieval`: one user or device retrieving more than N studies or
-//!    M patients within T (C-MOVE, C-GET, WADO-RS);
+//!    M patients within T (C-MOVE, C-GET, WADO-RS instances: copies that
+//!    leave the archive), or *viewing* more than N' studies or M' patients
+//!    within T (WADO-RS metadata, frames, rendered, thumbnails, bulk data:
+//!    what a viewer such as OHIF or the built-in UI asks); the viewing
+//!    thresholds are higher, so that a clinician reading a list of patients
+//!    in a viewer is not a harvester, while a script pulling a hundred
+//!    studies in the window is either way;
 //! 5. `off_hours_access`: access outside the configured working hours (off
 //!    unless configured);
 //! 6. `unknown_device`: an association rejected for an unknown calling AE;
@@ -72,6 +78,12 @@ pub struct DetectConfig {
     pub bulk_studies: usize,
     /// More distinct patients than this within `bulk_window` raise `bulk_retrieval`.
     pub bulk_patients: usize,
+    /// More distinct studies than this *viewed* within `bulk_window` raise
+    /// `bulk_retrieval`.
+    pub view_studies: usize,
+    /// More distinct patients than this viewed within `bulk_window` raise
+    /// `bulk_retrieval`.
+    pub view_patients: usize,
     /// Window of `bulk_retrieval`.
     pub bulk_window: Duration,
     /// Working hours; `None`: `off_hours_access` is off.
@@ -93,9 +105,12 @@ impl Default for DetectConfig {
             login_window: Duration::from_secs(60),
             scan_rejections: 10,
             scan_window: Duration::from_secs(60),
-            qido_max_limit: 100,
+            // OHIF's worklist asks limit=101, the built-in UI's 50.
+            qido_max_limit: 200,
             bulk_studies: 20,
             bulk_patients: 10,
+            view_studies: 60,
+            view_patients: 40,
             bulk_window: Duration::from_secs(600),
             working_hours: None,
             repeat: Duration::from_secs(600),
@@ -518,6 +533,7 @@ impl Rules {
                     format!("ae:{ae}"),
                     studies,
                     via,
+                    false,
                     &item,
                     ts,
                     now,
@@ -899,10 +915,17 @@ impl Rules {
         }
         if action.starts_with("wado.") {
             let studies = str_list(event, "study_uids");
+            // Copies of whole instances, or what a viewer displays.
+            let viewing = !matches!(action, "wado.study" | "wado.series" | "wado.instance");
             self.retrieved(
                 format!("user:{user}"),
                 studies,
-                "WADO-RS",
+                if viewing {
+                    "WADO-RS (viewing)"
+                } else {
+                    "WADO-RS"
+                },
+                viewing,
                 item,
                 ts,
                 now,
@@ -918,6 +941,7 @@ impl Rules {
         actor: String,
         studies: Vec<String>,
         via: &'static str,
+        viewing: bool,
         item: &Arc<Value>,
         ts: OffsetDateTime,
         now: i64,
@@ -928,6 +952,17 @@ impl Rules {
             return;
         }
         let window = ms(self.config.bulk_window);
+        let (max_studies, max_patients) = if viewing {
+            (self.config.view_studies, self.config.view_patients)
+        } else {
+            (self.config.bulk_studies, self.config.bulk_patients)
+        };
+        // Views and copies are counted apart, each against its thresholds.
+        let actor = if viewing {
+            format!("{actor} (viewing)")
+        } else {
+            actor
+        };
         if !self.bulk.contains_key(&actor) && self.bulk.len() >= self.config.max_tracked_keys {
             if let Some(oldest) = self
                 .bulk
@@ -941,7 +976,7 @@ impl Rules {
         let r = self.bulk.entry(actor.clone()).or_default();
         r.last = now;
         // Bounded per actor: far more entries than any threshold needs.
-        let per_actor_cap = (self.config.bulk_studies + self.config.bulk_patients + 1) * 8;
+        let per_actor_cap = (max_studies + max_patients + 1) * 8;
         for s in studies {
             let patient = patients.and_then(|f| f(&s));
             r.items.push_back((now, s, patient));
@@ -960,7 +995,7 @@ impl Rules {
             .filter_map(|(_, _, p)| p.as_deref())
             .collect();
         let (ns, np) = (studies.len(), patients.len());
-        if ns > self.config.bulk_studies || np > self.config.bulk_patients {
+        if ns > max_studies || np > max_patients {
             let mut uids: Vec<&str> = studies.into_iter().collect();
             uids.sort_unstable();
             uids.truncate(100);
@@ -1536,6 +1571,73 @@ mod tests {
             .map(|i| mv(T0 + i * 60, vec![format!("1.2.5.{i}")]))
             .collect();
         assert!(run(&mut r, &evs).is_empty(), "10 per 10 minutes");
+    }
+
+    /// What OHIF really sends when a clinician reads 30 studies of 30
+    /// patients in 10 minutes: the worklist (limit=101), then per study
+    /// metadata, frames, thumbnails. No alert. A script pulling 100 studies
+    /// in the same time alerts, whether it copies instances or only reads
+    /// metadata and frames.
+    #[test]
+    fn a_viewer_reading_a_worklist_is_not_a_harvester() {
+        let resolver: Box<PatientResolver> =
+            Box::new(|uid: &str| Some(format!("p-{}", uid.rsplit('.').next().unwrap_or(""))));
+        let req = |t, user: &str, action: &str, uid: Option<String>, qido: Option<Value>| {
+            let mut f = json!({"user": user, "peer": "127.0.0.1:5555", "action": action,
+                               "status": 200, "study_uids": uid.into_iter().collect::<Vec<_>>()});
+            if let Some(q) = qido {
+                f["qido"] = q;
+            }
+            ev(t, "http.request", "success", f)
+        };
+        let worklist = json!({"level": "STUDY", "universal": true, "limit": 101});
+        let mut r = Rules::new(DetectConfig::default());
+        let mut found = Vec::new();
+        for i in 0..30 {
+            let t = T0 + i * 19; // 30 studies within 10 minutes
+            found.extend(r.evaluate(
+                &req(t, "doc", "qido.studies", None, Some(worklist.clone())),
+                None,
+            ));
+            let uid = format!("1.2.7.{i}");
+            for action in [
+                "wado.metadata",
+                "wado.thumbnail",
+                "wado.frames",
+                "wado.frames",
+            ] {
+                found.extend(r.evaluate(
+                    &req(t + 1, "doc", action, Some(uid.clone()), None),
+                    Some(&*resolver),
+                ));
+            }
+        }
+        assert!(found.is_empty(), "{:?}", rules_of(&found));
+
+        for (user, actions) in [
+            ("script", &["wado.study"][..]),
+            ("scraper", &["wado.metadata", "wado.frames"][..]),
+        ] {
+            let mut r = Rules::new(DetectConfig::default());
+            let mut found = Vec::new();
+            for i in 0..100 {
+                for action in actions {
+                    let uid = format!("1.2.8.{i}");
+                    found.extend(r.evaluate(
+                        &req(T0 + i * 5, user, action, Some(uid), None),
+                        Some(&*resolver),
+                    ));
+                }
+            }
+            assert_eq!(rules_of(&found), ["bulk_retrieval"], "{user}");
+        }
+        // A universal worklist with no limit, or a large one, is still broad.
+        let mut r = Rules::new(DetectConfig::default());
+        let all = json!({"level": "STUDY", "universal": true, "limit": null});
+        assert_eq!(
+            rules_of(&r.evaluate(&req(T0, "x", "qido.studies", None, Some(all)), None)),
+            ["broad_query"]
+        );
     }
 
     #[test]
