@@ -30,6 +30,8 @@ command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 { [[ -x /usr/sbin/rsyslogd ]] && compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null; } || need+=(rsyslog rsyslog-gnutls)
 command -v jing >/dev/null 2>&1 || need+=(jing)
+# the OHIF tarball's sha512 check (scripts/fetch-ohif.sh)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # the web UI's browser tests: Debian's chromium (never a downloaded browser), node + npm
 [[ -x /usr/bin/chromium ]] || need+=(chromium)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
@@ -70,8 +72,10 @@ if [[ ! -d tests/ui/node_modules/playwright-core ]]; then
     (cd tests/ui && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund)
 fi
 
-step "3/8 test corpus"
+step "3/8 test corpus, and the OHIF Viewer the browser tests serve (cached outside the checkout)"
 PYTHON=$VENV/bin/python ./scripts/fetch-corpus.sh
+BASTION_OHIF_DIR=$(./scripts/fetch-ohif.sh)
+export BASTION_OHIF_DIR
 
 step "4/8 cargo fmt + clippy"
 cargo fmt --all -- --check

@@ -497,6 +497,13 @@ pub async fn me(
     if let Some(idle) = state.accounts().session_idle() {
         v["session_idle_secs"] = idle.as_secs().into();
     }
+    // Where the OHIF viewer is served (`[http] ohif_dir`), for the study
+    // list's "Open in OHIF"; null without one.
+    v["viewer"] = if state.ohif().is_some() {
+        crate::ohif::PREFIX.into()
+    } else {
+        serde_json::Value::Null
+    };
     Json(v)
 }
 

@@ -117,8 +117,25 @@ impl Ohif {
         &self.csp
     }
 
-    /// The response for `path` (the part after `/viewer/`).
+    /// The response for `path` (the part after `/viewer/`). A JavaScript
+    /// response carries [`WORKER_CSP`] (see there), every other one
+    /// [`Ohif::csp`].
     fn respond(&self, path: &str) -> Result<Response, ApiError> {
+        let mut r = self.file(path)?;
+        let is_js = r
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/javascript"));
+        let csp = if is_js {
+            HeaderValue::from_static(WORKER_CSP)
+        } else {
+            self.csp.clone()
+        };
+        r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, csp);
+        Ok(r)
+    }
+
+    fn file(&self, path: &str) -> Result<Response, ApiError> {
         match path {
             "app-config.js" => return Ok(js(APP_CONFIG.as_bytes().to_vec())),
             "init-service-worker.js" => {
@@ -136,6 +153,11 @@ impl Ohif {
         match std::fs::read(&file) {
             Ok(bytes) => {
                 let mime = mime_guess::from_path(&rel).first_or_octet_stream();
+                let mime = if mime.subtype() == "javascript" {
+                    mime_guess::mime::TEXT_JAVASCRIPT
+                } else {
+                    mime
+                };
                 let bytes = match mime.subtype().as_str() {
                     "javascript" => replace_all(
                         &bytes,
@@ -166,6 +188,16 @@ impl Ohif {
         r
     }
 }
+
+/// The policy of a JavaScript response. A browser applies a script
+/// response's own policy only when the script is a worker's (a script in a
+/// page runs under the page's policy, [`Ohif::csp`]): this lets OHIF's image
+/// decoding workers, whose Emscripten glue builds functions with `new
+/// Function`, run with `'unsafe-eval'` inside the worker — no DOM, no
+/// access to the page — while the page itself never may evaluate strings.
+pub const WORKER_CSP: &str =
+    "default-src 'self'; script-src 'self' 'unsafe-eval' 'wasm-unsafe-eval'; \
+     worker-src 'self' blob:; connect-src 'self'; object-src 'none'; base-uri 'none'";
 
 /// The generated `app-config.js`: OHIF's configuration (`window.config`)
 /// with Bastion's DICOMweb as the only data source, on this origin.
@@ -347,11 +379,9 @@ pub async fn serve(
     }
     let rel = path.strip_prefix(PREFIX).unwrap_or_default().to_owned();
     let ohif2 = ohif.clone();
-    let mut r = tokio::task::spawn_blocking(move || ohif2.respond(&rel))
+    let r = tokio::task::spawn_blocking(move || ohif2.respond(&rel))
         .await
         .map_err(|e| ApiError::internal("viewer task", e))??;
-    r.headers_mut()
-        .insert(header::CONTENT_SECURITY_POLICY, ohif.csp().clone());
     note.quiet();
     Ok(r)
 }
