@@ -23,13 +23,18 @@ PY_PACKAGES=(pydicom==3.0.2 pynetdicom==3.0.4 pytest==9.2.0 cryptography==50.0.2
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "1/8 system packages (DCMTK, cmake, chromium, node)"
+step "1/8 system packages (DCMTK, cmake, chromium, node, Orthanc)"
 need=()
 [[ -x /usr/bin/storescu && -x /usr/bin/echoscu && -x /usr/bin/storescp ]] || need+=(dcmtk)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 { [[ -x /usr/sbin/rsyslogd ]] && compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null; } || need+=(rsyslog rsyslog-gnutls)
 command -v jing >/dev/null 2>&1 || need+=(jing)
+# Orthanc 1.10 and its DICOMweb plugin, a peer in a network namespace
+# (tests/interop/test_orthanc.py; `ip` from iproute2)
+[[ -x /usr/sbin/Orthanc ]] || need+=(orthanc)
+[[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || need+=(orthanc-dicomweb)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 # the OHIF tarball's sha512 check (scripts/fetch-ohif.sh)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # the web UI's browser tests: Debian's chromium (never a downloaded browser), node + npm

@@ -32,7 +32,9 @@ fuzz_target!(|data: &[u8]| {
     };
 
     if let Ok(related) = MultipartRelated::from_content_type(&String::from_utf8_lossy(ct)) {
-        assert!((1..=70).contains(&related.boundary.len()));
+        assert!(
+            (1..=bastion_dicomweb::multipart::MAX_BOUNDARY_LEN).contains(&related.boundary.len())
+        );
         let range = body.as_ptr_range();
         let mut n = 0;
         for part in related.parts(body, &limits) {

@@ -70,6 +70,10 @@ class Server:
         self.init_output: str | None = None
         # set by the disk-full tests: the event log may hold torn lines
         self.torn_events_expected = False
+        # where the plain DICOM and HTTPS listeners bind: loopback, except for
+        # a peer in a network namespace (test_orthanc.py: the host end of
+        # its veth pair)
+        self.peer_host = "127.0.0.1"
 
     # -- CLI ------------------------------------------------------------
     def cli(self, *args, check=True, timeout=CLI_TIMEOUT) -> subprocess.CompletedProcess:
@@ -176,16 +180,16 @@ class Server:
         self._log.flush()
         cmd = [str(self.bin), "serve", "--data", str(self.data),
                "--dicom-addr", f"127.0.0.1:{self.tls_port}", "--ae-title", self.ae_title,
-               "--http-addr", f"127.0.0.1:{self.http_port}"]
+               "--http-addr", f"{self.peer_host}:{self.http_port}"]
         if plain:
-            cmd += ["--dicom-plain-addr", f"127.0.0.1:{self.plain_port}"]
+            cmd += ["--dicom-plain-addr", f"{self.peer_host}:{self.plain_port}"]
         cmd += list(extra)
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log,
                                      stdin=subprocess.DEVNULL)
         self.starts += 1
         helpers.wait_port(self.tls_port, READY_TIMEOUT, self.proc)
         if plain:
-            helpers.wait_port(self.plain_port, READY_TIMEOUT, self.proc)
+            helpers.wait_port(self.plain_port, READY_TIMEOUT, self.proc, host=self.peer_host)
         # the contract: a 'listening' line per listener on stderr
         deadline = time.monotonic() + 10
         want = 2 if plain else 1

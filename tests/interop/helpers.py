@@ -345,13 +345,13 @@ def ends_in_abort_or_close(sock: socket.socket, timeout: float = 15.0) -> str:
     raise AssertionError("server neither aborted nor closed the connection")
 
 
-def wait_port(port: int, timeout: float = 60.0, proc=None) -> None:
+def wait_port(port: int, timeout: float = 60.0, proc=None, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"server exited with {proc.returncode} before listening")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+            with socket.create_connection((host, port), timeout=1):
                 return
         except OSError:
             time.sleep(0.1)

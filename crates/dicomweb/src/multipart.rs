@@ -146,6 +146,10 @@ impl MultipartWriter {
     }
 }
 
+/// Longest boundary accepted in a request (RFC 2046 §5.1.1 says 70; Orthanc
+/// 1.10's DICOMweb client sends 73).
+pub const MAX_BOUNDARY_LEN: usize = 200;
+
 /// Limits applied while parsing a `multipart/related` body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MultipartLimits {
@@ -181,8 +185,10 @@ pub struct MultipartRelated {
 
 impl MultipartRelated {
     /// Parses a request's Content-Type: `multipart/related` with a
-    /// `boundary` parameter, quoted or a token (RFC 2046 §5.1.1: 1–70
-    /// characters).
+    /// `boundary` parameter, quoted or a token, of RFC 2046 §5.1.1
+    /// characters. RFC 2046 allows 1–70 of them; up to
+    /// [`MAX_BOUNDARY_LEN`] are accepted, because real clients send more
+    /// (Orthanc's DICOMweb plugin: 73).
     ///
     /// # Errors
     /// [`DicomWebError::UnsupportedMediaType`] when it is not
@@ -205,14 +211,14 @@ impl MultipartRelated {
             .get_param(mime::BOUNDARY)
             .map(|b| b.as_str().to_owned())
             .ok_or_else(|| DicomWebError::BadMultipart("no boundary parameter".into()))?;
-        let valid = (1..=70).contains(&boundary.len())
+        let valid = (1..=MAX_BOUNDARY_LEN).contains(&boundary.len())
             && !boundary.ends_with(' ')
             && boundary
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b" '()+_,-./:=?".contains(&b));
         if !valid {
             return Err(DicomWebError::BadMultipart(
-                "boundary must be 1-70 characters of RFC 2046 bchars".into(),
+                "boundary must be 1-200 characters of RFC 2046 bchars".into(),
             ));
         }
         let root_type = m
@@ -860,6 +866,20 @@ mod tests {
         ));
         assert!(matches!(
             parse_multipart_related("multipart/related", b"", &LIMITS),
+            Err(DicomWebError::BadMultipart(_))
+        ));
+    }
+
+    #[test]
+    fn long_boundaries_of_real_clients_are_accepted() {
+        // Orthanc 1.10's DICOMweb client: two UUIDs, 73 characters.
+        let b = "833c12ac-1095-4581-bfe2-4acbe01446a6-833c12ac-1095-4581-bfe2-4acbe01446a6";
+        let ct = format!("multipart/related; type=\"application/dicom\"; boundary={b}");
+        assert_eq!(MultipartRelated::from_content_type(&ct).expect("accepted").boundary, b);
+        let too_long = "x".repeat(MAX_BOUNDARY_LEN + 1);
+        let ct = format!("multipart/related; boundary={too_long}");
+        assert!(matches!(
+            MultipartRelated::from_content_type(&ct),
             Err(DicomWebError::BadMultipart(_))
         ));
     }
