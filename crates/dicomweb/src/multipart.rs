@@ -253,13 +253,18 @@ pub struct Part<'a> {
     pub body: &'a [u8],
 }
 
+/// The first of `headers` called `name` (case-insensitive).
+fn find_header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
 impl Part<'_> {
     /// The first header called `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        find_header(&self.headers, name)
     }
 
     /// The part's Content-Type, if given (RFC 2046 §5.1: default
@@ -414,10 +419,7 @@ pub struct OwnedPart {
 impl OwnedPart {
     /// The first header called `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        find_header(&self.headers, name)
     }
 
     /// The part's Content-Type, if given (see [`Part::content_type`]).
@@ -552,7 +554,7 @@ impl PartSplitter {
 
     fn append(&mut self, bytes: &[u8], reservation: &mut Reservation) -> Result<(), BudgetError> {
         let before = self.buf.capacity() as u64;
-        reservation.extend(&mut self.buf, bytes)?;
+        reservation.extend_tight(&mut self.buf, bytes)?;
         self.reserved += (self.buf.capacity() as u64).saturating_sub(before);
         Ok(())
     }
@@ -705,7 +707,7 @@ impl PartSplitter {
         // `--boundary`); the current buffer becomes the part's body.
         let mut next = Vec::new();
         let before = reservation.held();
-        reservation.extend(&mut next, &self.buf[found + 2..])?;
+        reservation.extend_tight(&mut next, &self.buf[found + 2..])?;
         let next_reserved = reservation.held() - before;
         let mut body = std::mem::replace(&mut self.buf, next);
         let reserved = std::mem::replace(&mut self.reserved, next_reserved);
@@ -875,7 +877,12 @@ mod tests {
         // Orthanc 1.10's DICOMweb client: two UUIDs, 73 characters.
         let b = "833c12ac-1095-4581-bfe2-4acbe01446a6-833c12ac-1095-4581-bfe2-4acbe01446a6";
         let ct = format!("multipart/related; type=\"application/dicom\"; boundary={b}");
-        assert_eq!(MultipartRelated::from_content_type(&ct).expect("accepted").boundary, b);
+        assert_eq!(
+            MultipartRelated::from_content_type(&ct)
+                .expect("accepted")
+                .boundary,
+            b
+        );
         let too_long = "x".repeat(MAX_BOUNDARY_LEN + 1);
         let ct = format!("multipart/related; boundary={too_long}");
         assert!(matches!(

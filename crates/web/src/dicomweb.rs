@@ -942,6 +942,9 @@ async fn stow_study(
     stow(st, req, Some(study)).await
 }
 
+/// Most bytes of a body frame pushed into the part splitter at once.
+const STOW_SLICE: usize = 256 << 10;
+
 /// One instance of a STOW-RS request.
 enum Stored {
     Ok {
@@ -1015,37 +1018,41 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
     let mut frames = BodyFrames::new(&parts.headers, body, cfg.max_upload_bytes, cfg.body_timeout)?;
     let mut splitter = PartSplitter::new(&related, &limits);
     let mut results = Vec::new();
-    while let Some(data) = frames.next().await? {
-        if let Err(e) = splitter.push(&data, &mut reservation) {
-            if results.is_empty() && matches!(e, BudgetError::Exhausted { .. }) {
-                return Err(ApiError::Busy);
+    while let Some(frame) = frames.next().await? {
+        // In slices: a frame may be larger than one part's share (a client
+        // or a proxy may send the whole body as one frame).
+        for data in frame.chunks(STOW_SLICE) {
+            if let Err(e) = splitter.push(data, &mut reservation) {
+                if results.is_empty() && matches!(e, BudgetError::Exhausted { .. }) {
+                    return Err(ApiError::Busy);
+                }
+                // The part being received does not fit: drop it, go on.
+                splitter.skip_part(&mut reservation)?;
+                results.push(Stored::Failed {
+                    class: String::new(),
+                    sop: String::new(),
+                    reason: failure_reason(&budget_err(e)),
+                });
+                splitter
+                    .push(data, &mut reservation)
+                    .map_err(|_| ApiError::Busy)?;
             }
-            // The part being received does not fit: drop it, go on.
-            splitter.skip_part(&mut reservation)?;
-            results.push(Stored::Failed {
-                class: String::new(),
-                sop: String::new(),
-                reason: failure_reason(&budget_err(e)),
-            });
-            splitter
-                .push(&data, &mut reservation)
-                .map_err(|_| ApiError::Busy)?;
-        }
-        while let Some(part) = splitter.next_part(&mut reservation)? {
-            let reserved = part.reserved;
-            let (archive, origin, expected) = (archive.clone(), origin.clone(), study.clone());
-            let (stored, mut back) = blocking(move || {
-                let stored =
-                    store_part(&archive, &origin, expected.as_ref(), part, &mut reservation)?;
-                Ok((stored, reservation))
-            })
-            .await?;
-            back.shrink(reserved);
-            reservation = back;
-            if let Stored::Ok { study, .. } = &stored {
-                note.study(study);
+            while let Some(part) = splitter.next_part(&mut reservation)? {
+                let reserved = part.reserved;
+                let (archive, origin, expected) = (archive.clone(), origin.clone(), study.clone());
+                let (stored, mut back) = blocking(move || {
+                    let stored =
+                        store_part(&archive, &origin, expected.as_ref(), part, &mut reservation)?;
+                    Ok((stored, reservation))
+                })
+                .await?;
+                back.shrink(reserved);
+                reservation = back;
+                if let Stored::Ok { study, .. } = &stored {
+                    note.study(study);
+                }
+                results.push(stored);
             }
-            results.push(stored);
         }
     }
     splitter.finish()?;

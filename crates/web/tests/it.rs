@@ -155,6 +155,16 @@ fn part10(study: &str, sop: &str) -> Vec<u8> {
     out
 }
 
+/// [`part10`] with `extra` more bytes (an Encapsulated Document OB value).
+fn part10_sized(study: &str, sop: &str, extra: usize) -> Vec<u8> {
+    let mut out = part10(study, sop);
+    // (0042,0011) OB, explicit VR LE: tag, "OB", reserved, 4-byte length.
+    out.extend_from_slice(&[0x42, 0x00, 0x11, 0x00, b'O', b'B', 0, 0]);
+    out.extend_from_slice(&u32::try_from(extra).expect("fits").to_le_bytes());
+    out.extend(std::iter::repeat_n(0x5Au8, extra));
+    out
+}
+
 fn stow_body(parts: &[&[u8]]) -> Vec<u8> {
     let mut body = Vec::new();
     for p in parts {
@@ -502,9 +512,13 @@ async fn oversized_and_encoded_bodies_are_refused_before_reading() {
         send(&f.app, req).await.0.status(),
         StatusCode::PAYLOAD_TOO_LARGE
     );
-    // A chunked body over the limit (no Content-Length).
+    // A chunked body over the limit (no Content-Length): one part that
+    // never ends.
+    let head = bytes::Bytes::from_static(b"--B\r\nContent-Type: application/dicom\r\n\r\n");
     let chunks = futures_util::stream::iter(
-        (0..40).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 64 << 10]))),
+        std::iter::once(head)
+            .chain((0..40).map(|_| bytes::Bytes::from(vec![b'x'; 64 << 10])))
+            .map(Ok::<_, std::io::Error>),
     );
     let req = request(Method::POST, "/dicomweb/studies")
         .header(header::AUTHORIZATION, "Bearer tok-admin")
@@ -884,6 +898,13 @@ async fn slow_headers_and_bodies_are_cut_off_and_the_server_stays_up() {
     // An endless chunked body: 413 once over the limit.
     let mut s = tls_connect(&l).await;
     s.write_all(b"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok-admin\r\nContent-Type: multipart/related; type=\"application/dicom\"; boundary=B\r\nTransfer-Encoding: chunked\r\n\r\n").await.expect("write");
+    // One part that never ends.
+    let head = b"--B\r\nContent-Type: application/dicom\r\n\r\n";
+    s.write_all(format!("{:x}\r\n", head.len()).as_bytes())
+        .await
+        .expect("write");
+    s.write_all(head).await.expect("write");
+    s.write_all(b"\r\n").await.expect("write");
     let chunk = format!("{:x}\r\n{}\r\n", 64 << 10, "x".repeat(64 << 10));
     for _ in 0..40 {
         if s.write_all(chunk.as_bytes()).await.is_err() {
@@ -977,7 +998,8 @@ fn stow_request(body: Body, length: Option<usize>) -> Request<Body> {
 }
 
 /// STOW-RS under the memory budget (issue 10): a body over one request's
-/// share, declared or streamed, is 503 with Retry-After (413 stays for
+/// share, declared or streamed, is stored one part at a time, one instance
+/// over the share fails alone with 0xA700 (413 stays for
 /// `max_upload_bytes`); while the global budget is in use a request is 503
 /// with Retry-After and succeeds once it is free; a deflate bomb among the
 /// instances is one FailedSOPSequence item with FailureReason 0xA700 (202),
@@ -1004,15 +1026,54 @@ async fn stow_bodies_and_bombs_stay_within_the_memory_budget() {
             Some("5")
         );
     };
-    // Declared over the per-request share (but under max_upload_bytes).
-    let (r, _) = send(&f.app, stow_request(Body::empty(), Some(5 << 20))).await;
-    busy(&r);
-    // The same streamed without a Content-Length.
-    let chunks = futures_util::stream::iter(
-        (0..80).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 64 << 10]))),
+    // A body of four 2 MiB instances, twice one request's share: streamed
+    // one part at a time, all stored (before issue 10's streaming: 503).
+    let sops: Vec<String> = (0..4)
+        .map(|i| format!("1.2.826.0.1.3680043.8.498.60{i}"))
+        .collect();
+    let parts: Vec<Vec<u8>> = sops
+        .iter()
+        .map(|sop| part10_sized(STUDY, sop, 2 << 20))
+        .collect();
+    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    let body = stow_body(&refs);
+    let n = body.len();
+    let (r, out) = send(&f.app, stow_request(Body::from(body.clone()), Some(n))).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&out)
     );
-    let (r, _) = send(&f.app, stow_request(Body::from_stream(chunks), None)).await;
-    busy(&r);
+    assert_eq!(
+        json(&out)["00081199"]["Value"].as_array().map(Vec::len),
+        Some(4)
+    );
+    assert_eq!(f.archive.budget().in_use(), 0);
+    // The same streamed without a Content-Length, in 64 KiB pieces.
+    let pieces: Vec<_> = body
+        .chunks(64 << 10)
+        .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c)))
+        .collect();
+    let (r, _) = send(
+        &f.app,
+        stow_request(Body::from_stream(futures_util::stream::iter(pieces)), None),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    // One instance over the share fails alone (0xA700), the others stored.
+    let big = part10_sized(STUDY, "1.2.826.0.1.3680043.8.498.610", 5 << 20);
+    let small = part10_sized(STUDY, "1.2.826.0.1.3680043.8.498.611", 1 << 20);
+    let body = stow_body(&[&big, &small]);
+    let n = body.len();
+    let (r, out) = send(&f.app, stow_request(Body::from(body), Some(n))).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let doc = json(&out);
+    assert_eq!(doc["00081198"]["Value"][0]["00081197"]["Value"][0], 0xA700);
+    assert_eq!(
+        doc["00081199"]["Value"][0]["00081155"]["Value"][0],
+        "1.2.826.0.1.3680043.8.498.611"
+    );
     assert_eq!(f.archive.budget().in_use(), 0);
     // Over max_upload_bytes is still 413.
     let (r, _) = send(&f.app, stow_request(Body::empty(), Some(65 << 20))).await;
