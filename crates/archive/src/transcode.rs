@@ -251,9 +251,9 @@ impl Geometry {
                 g.samples
             ));
         }
-        if !matches!(g.bits_allocated, 8 | 16) {
+        if !matches!(g.bits_allocated, 8 | 16 | 32) {
             return Err(format!(
-                "Bits Allocated {} (8 or 16 can be decoded)",
+                "Bits Allocated {} (8, 16 or 32 can be decoded)",
                 g.bits_allocated
             ));
         }
@@ -315,7 +315,16 @@ fn decode_pixel_data(
     native
         .try_reserve_exact(total)
         .map_err(|e| fail(format!("cannot allocate {total} bytes: {e}")))?;
+    if g.bits_allocated == 32 && decoder != Decoder::Rle {
+        return Err(fail(
+            "Bits Allocated 32 (only RLE Lossless is decoded at 32 bits)".into(),
+        ));
+    }
     match decoder {
+        Decoder::Rle if g.bits_allocated == 32 => {
+            check_rle(fragments, &g).map_err(fail)?;
+            decode_rle_32(fragments, &g, &mut native).map_err(fail)?;
+        }
         Decoder::Rle => {
             check_rle(fragments, &g).map_err(fail)?;
             let reader = match TransferSyntaxRegistry.get(ts).map(|t| t.codec()) {
@@ -506,6 +515,75 @@ fn check_rle(fragments: &[Vec<u8>], g: &Geometry) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// RLE Lossless at 32 bits allocated (PS3.5 §G.2: one segment per byte of
+/// each sample, most significant first), decoded here because dicom-rs's
+/// RLE adapter refuses more than 16 bits. `check_rle` has checked the
+/// header and that each segment yields at least one byte per pixel; the
+/// output is interleaved, little endian.
+fn decode_rle_32(fragments: &[Vec<u8>], g: &Geometry, out: &mut Vec<u8>) -> Result<(), String> {
+    let samples = usize::from(g.samples);
+    let pixels = usize::from(g.rows) * usize::from(g.cols);
+    let frame_bytes = pixels * samples * 4;
+    for fragment in fragments {
+        let base = out.len();
+        out.resize(base + frame_bytes, 0);
+        let offset = |i: usize| -> usize {
+            fragment
+                .get(4 * i..4 * i + 4)
+                .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as usize)
+                .unwrap_or(0)
+        };
+        let count = samples * 4;
+        let mut segment_bytes = Vec::with_capacity(pixels);
+        for s in 0..count {
+            let start = offset(1 + s);
+            let end = if s + 1 < count {
+                offset(2 + s)
+            } else {
+                fragment.len()
+            };
+            let segment = fragment
+                .get(start..end)
+                .ok_or_else(|| format!("RLE segment {s} out of bounds"))?;
+            segment_bytes.clear();
+            packbits_decode(segment, pixels, &mut segment_bytes);
+            if segment_bytes.len() < pixels {
+                return Err(format!("RLE segment {s} decodes to too few bytes"));
+            }
+            let (sample, byte) = (s / 4, 3 - s % 4);
+            for (p, b) in segment_bytes.iter().take(pixels).enumerate() {
+                out[base + (p * samples + sample) * 4 + byte] = *b;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decodes a PackBits segment (PS3.5 §G.3.1) into `out`, stopping at
+/// `max` bytes.
+fn packbits_decode(segment: &[u8], max: usize, out: &mut Vec<u8>) {
+    let mut pos = 0usize;
+    while let Some(&header) = segment.get(pos) {
+        if out.len() >= max {
+            break;
+        }
+        pos += 1;
+        let n = header as i8;
+        if n >= 0 {
+            let run = (n as usize + 1).min(segment.len() - pos);
+            out.extend_from_slice(&segment[pos..pos + run]);
+            pos += run;
+        } else if n != -128 {
+            if let Some(&b) = segment.get(pos) {
+                let run = (1 - isize::from(n)) as usize;
+                out.extend(std::iter::repeat_n(b, run));
+            }
+            pos += 1;
+        }
+    }
+    out.truncate(max);
 }
 
 /// Bytes a PackBits segment decodes to (PS3.5 §G.3.1), as the adapter reads

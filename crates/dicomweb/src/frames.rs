@@ -1,6 +1,10 @@
 //! WADO-RS Frames (PS3.18 §10.4.1.1.3, `…/instances/{sop}/frames/{list}`):
-//! the pixel data of selected frames, each as one `application/octet-stream`
-//! part, in the stored transfer syntax.
+//! the pixel data of selected frames: [`frames`] as stored (native frames
+//! little endian, compressed ones as their codestream),
+//! [`native_frames`] decoded to native pixel data (Explicit VR Little
+//! Endian, the default of PS3.18 §8.7.3.5.2 for frames), and
+//! [`frame_media_type`] the media type of a compressed frame
+//! (`image/jls`, `image/jp2`… Table 8.7.3-5).
 //!
 //! ## How frames are found
 //!
@@ -38,7 +42,9 @@ use dicom_core::DicomValue;
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::InMemDicomObject;
 
-use bastion_archive::transcode::{EXPLICIT_VR_BE, MAX_DECODED_PIXEL_BYTES};
+use bastion_archive::transcode::{
+    can_transcode, transcode, EXPLICIT_VR_BE, EXPLICIT_VR_LE, MAX_DECODED_PIXEL_BYTES,
+};
 
 use crate::pixel::{parse_dataset, Geometry};
 use crate::DicomWebError;
@@ -152,6 +158,89 @@ pub fn frame_transfer_syntax(stored_ts: &str) -> &str {
         | EXPLICIT_VR_BE => uids::EXPLICIT_VR_LITTLE_ENDIAN,
         other => other,
     }
+}
+
+/// Whether `ts` is an uncompressed (native) transfer syntax.
+fn is_native(ts: &str) -> bool {
+    matches!(
+        ts,
+        uids::IMPLICIT_VR_LITTLE_ENDIAN
+            | uids::EXPLICIT_VR_LITTLE_ENDIAN
+            | uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+            | EXPLICIT_VR_BE
+    )
+}
+
+/// Whether frames of an instance stored in `stored_ts` can be returned as
+/// native pixel data (Explicit VR Little Endian, PS3.18 §8.7.3.5.2, the
+/// default transfer syntax of frames): stored uncompressed, or in a
+/// compressed syntax `bastion_archive::transcode` decodes.
+pub fn can_return_native(stored_ts: &str) -> bool {
+    is_native(stored_ts) || can_transcode(stored_ts, EXPLICIT_VR_LE)
+}
+
+/// The frames `numbers` (as [`frames`]) as native pixel data, little
+/// endian (Explicit VR Little Endian): a compressed instance is decoded
+/// first by `bastion_archive::transcode` (the whole instance, then the
+/// frames taken from it), with the same decoders and caps as C-GET.
+///
+/// # Errors
+/// As [`frames`]; [`DicomWebError::Unsupported`] when the stored syntax is
+/// not decoded ([`can_return_native`] is false); [`DicomWebError::InvalidImage`]
+/// when decoding fails (the reason, no patient data).
+pub fn native_frames(
+    dataset: &[u8],
+    ts_uid: &str,
+    numbers: &[u32],
+) -> Result<Vec<Vec<u8>>, DicomWebError> {
+    if is_native(ts_uid) {
+        return frames(dataset, ts_uid, numbers);
+    }
+    if !can_transcode(ts_uid, EXPLICIT_VR_LE) {
+        return Err(DicomWebError::Unsupported(format!(
+            "pixel data in transfer syntax {ts_uid} is not decoded"
+        )));
+    }
+    // Frame numbers are checked before the (costly) decoding.
+    if numbers.is_empty() {
+        return frames(dataset, ts_uid, numbers);
+    }
+    let obj = parse_dataset(dataset, ts_uid)?;
+    if obj.get(tags::PIXEL_DATA).is_none() {
+        return Err(DicomWebError::NoPixelData);
+    }
+    let g = Geometry::of(&obj)?;
+    for n in numbers {
+        g.check_frame(*n)?;
+    }
+    let native = transcode(dataset, ts_uid, EXPLICIT_VR_LE).map_err(|e| {
+        DicomWebError::InvalidImage(match e {
+            bastion_archive::ArchiveError::NotDicom(m) => m,
+            other => other.to_string(),
+        })
+    })?;
+    frames(&native, EXPLICIT_VR_LE, numbers)
+}
+
+/// The media type of a frame kept in its stored compressed transfer syntax
+/// (PS3.18 §8.7.3.5.2, Table 8.7.3-5): `image/jpeg`, `image/jls`,
+/// `image/jp2`, `image/jpx`, `image/jphc`, `image/dicom-rle`; `None` for the
+/// uncompressed syntaxes (`application/octet-stream`) and the others.
+pub fn frame_media_type(ts: &str) -> Option<&'static str> {
+    Some(match ts {
+        "1.2.840.10008.1.2.4.50"
+        | "1.2.840.10008.1.2.4.51"
+        | "1.2.840.10008.1.2.4.57"
+        | "1.2.840.10008.1.2.4.70" => "image/jpeg",
+        "1.2.840.10008.1.2.4.80" | "1.2.840.10008.1.2.4.81" => "image/jls",
+        "1.2.840.10008.1.2.4.90" | "1.2.840.10008.1.2.4.91" => "image/jp2",
+        "1.2.840.10008.1.2.4.92" | "1.2.840.10008.1.2.4.93" => "image/jpx",
+        "1.2.840.10008.1.2.4.201" | "1.2.840.10008.1.2.4.202" | "1.2.840.10008.1.2.4.203" => {
+            "image/jphc"
+        }
+        uids::RLE_LOSSLESS => "image/dicom-rle",
+        _ => return None,
+    })
 }
 
 /// Extended Offset Table (7FE0,0001), 64-bit little-endian offsets.

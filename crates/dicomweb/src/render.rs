@@ -240,12 +240,39 @@ fn frame_image(
         }
         None => return Err(DicomWebError::NoPixelData),
     };
+    if g.bits_allocated == 1 {
+        // PS3.5 §8.1.1 / Annex D: single-bit pixels packed eight per byte,
+        // least significant bit first, frames following each other bit by
+        // bit; unpacked to one byte per sample.
+        let unpacked = unpack_bits(&bytes, g, frame)?;
+        let g8 = Geometry {
+            bits_allocated: 8,
+            bits_stored: 1,
+            high_bit: 0,
+            signed: false,
+            frames: 1,
+            ..g.clone()
+        };
+        return sample_image(obj, &g8, &unpacked, 1, window);
+    }
     if !matches!(g.bits_allocated, 8 | 16 | 32) {
         return Err(DicomWebError::Unsupported(format!(
             "rendering Bits Allocated {}",
             g.bits_allocated
         )));
     }
+    sample_image(obj, g, &bytes, frame, window)
+}
+
+/// One frame of byte-aligned native samples (`bytes`: every frame) as an
+/// 8-bit image, by Photometric Interpretation (PS3.3 §C.7.6.3.1.2).
+fn sample_image(
+    obj: &InMemDicomObject,
+    g: &Geometry,
+    bytes: &[u8],
+    frame: u32,
+    window: Option<(f64, f64)>,
+) -> Result<Image, DicomWebError> {
     let frame_len = g.frame_bytes()?;
     let start = u64::from(frame - 1) * frame_len;
     let end = start + frame_len;
@@ -273,9 +300,19 @@ fn frame_image(
             let (out, used) = grayscale(obj, &reader, pixels, window, invert);
             (1, out, Some(used))
         }
+        (1, "PALETTE COLOR") => (3, palette(obj, &reader, pixels)?, None),
         (3, "RGB" | "YBR_FULL") => {
             let ybr = g.photometric == "YBR_FULL";
             (3, colour(&reader, g, pixels, ybr), None)
+        }
+        (3, "YBR_FULL_422") => {
+            if g.cols % 2 != 0 {
+                return Err(DicomWebError::InvalidImage(format!(
+                    "YBR_FULL_422 with an odd number of columns ({})",
+                    g.cols
+                )));
+            }
+            (3, ybr_422(&reader, g, pixels), None)
         }
         (samples, photometric) => {
             return Err(DicomWebError::Unsupported(format!(
@@ -290,6 +327,273 @@ fn frame_image(
         data: out,
         window: used,
     })
+}
+
+/// Frame `frame` of single-bit pixel data, one byte (0 or 1) per sample.
+fn unpack_bits(bytes: &[u8], g: &Geometry, frame: u32) -> Result<Vec<u8>, DicomWebError> {
+    let bits = u64::from(g.rows) * u64::from(g.cols) * u64::from(g.samples);
+    let first = u64::from(frame - 1) * bits;
+    let last_byte = (first + bits).div_ceil(8);
+    if last_byte > bytes.len() as u64 {
+        return Err(DicomWebError::InvalidImage(format!(
+            "frame {frame} of {} × {} single-bit pixels ends at byte {last_byte}, \
+             the pixel data has {}",
+            g.rows,
+            g.cols,
+            bytes.len()
+        )));
+    }
+    // Within the bytes present, so at most 8 × their length.
+    Ok((first..first + bits)
+        .map(|b| (bytes[(b / 8) as usize] >> (b % 8)) & 1)
+        .collect())
+}
+
+/// The Red, Green and Blue Palette Color Lookup Tables (PS3.3 §C.7.6.3.1.5,
+/// §C.7.6.3.1.6; segmented ones, §C.7.9.2, expanded) applied to each
+/// stored value, 8 bits per channel out.
+fn palette(
+    obj: &InMemDicomObject,
+    s: &Samples<'_>,
+    pixels: usize,
+) -> Result<Vec<u8>, DicomWebError> {
+    let luts = [
+        (
+            tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+            tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            tags::SEGMENTED_RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            "Red",
+        ),
+        (
+            tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+            tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            tags::SEGMENTED_GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            "Green",
+        ),
+        (
+            tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+            tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            tags::SEGMENTED_BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+            "Blue",
+        ),
+    ]
+    .map(|(desc, data, segmented, name)| Lut::read(obj, desc, data, segmented, name));
+    let [r, g, b] = luts;
+    let (r, g, b) = (r?, g?, b?);
+    let mut out = Vec::with_capacity(pixels * 3);
+    for p in 0..pixels {
+        let v = s.get(p);
+        out.extend_from_slice(&[r.get(v), g.get(v), b.get(v)]);
+    }
+    Ok(out)
+}
+
+/// Largest lookup table: 65536 entries (a descriptor's first value of 0).
+const MAX_LUT_ENTRIES: usize = 1 << 16;
+
+/// One palette colour lookup table, entries scaled to 8 bits.
+struct Lut {
+    first: i64,
+    entries: Vec<u8>,
+}
+
+impl Lut {
+    fn read(
+        obj: &InMemDicomObject,
+        desc: dicom_core::Tag,
+        data: dicom_core::Tag,
+        segmented: dicom_core::Tag,
+        name: &str,
+    ) -> Result<Lut, DicomWebError> {
+        let bad = |m: &str| DicomWebError::InvalidImage(format!("{name} palette: {m}"));
+        let d: Vec<i64> = obj
+            .get(desc)
+            .and_then(|e| e.to_multi_int::<i64>().ok())
+            .filter(|d| d.len() == 3)
+            .ok_or_else(|| bad("the lookup table descriptor is missing or not 3 numbers"))?;
+        // PS3.3 §C.7.6.3.1.5: 0 entries means 2^16; the first mapped value
+        // is US or SS as the pixel data (a negative value read as US wraps).
+        let count = match d[0] {
+            0 => MAX_LUT_ENTRIES,
+            n if n > 0 && n <= MAX_LUT_ENTRIES as i64 => n as usize,
+            _ => return Err(bad("the lookup table descriptor has an invalid size")),
+        };
+        let nominal_bits = d[2];
+        let words = |tag| -> Option<Vec<u16>> {
+            let bytes = obj.get(tag)?.value().to_bytes().ok()?;
+            Some(
+                bytes
+                    .chunks_exact(2)
+                    .map(|w| u16::from_le_bytes([w[0], w[1]]))
+                    .collect(),
+            )
+        };
+        let raw: Vec<u16> = if let Some(plain) = obj.get(data) {
+            let bytes = plain
+                .value()
+                .to_bytes()
+                .map_err(|_| bad("the lookup table data is not binary"))?;
+            // 8-bit entries may be packed two per word (PS3.3
+            // §C.7.6.3.1.6); the data length tells which.
+            if bytes.len() == count || (nominal_bits == 8 && bytes.len() == count + 1) {
+                bytes[..count].iter().map(|b| u16::from(*b)).collect()
+            } else if bytes.len() >= count * 2 {
+                bytes
+                    .chunks_exact(2)
+                    .take(count)
+                    .map(|w| u16::from_le_bytes([w[0], w[1]]))
+                    .collect()
+            } else {
+                return Err(bad("the lookup table data is shorter than its descriptor"));
+            }
+        } else if let Some(seg) = words(segmented) {
+            expand_segmented(&seg, count).map_err(|m| bad(&m))?
+        } else {
+            return Err(bad("the lookup table data is missing"));
+        };
+        // 16-bit entries are scaled down, unless every one fits in 8 bits
+        // (tables declared 16 bits holding 8-bit values exist).
+        let wide = nominal_bits > 8 && raw.iter().any(|v| *v > 255);
+        let entries = raw
+            .iter()
+            .map(|v| {
+                if wide {
+                    (v >> 8) as u8
+                } else {
+                    (*v).min(255) as u8
+                }
+            })
+            .collect();
+        let first = if d[1] > 0x7FFF
+            && obj
+                .get(tags::PIXEL_REPRESENTATION)
+                .and_then(|e| e.uint16().ok())
+                == Some(1)
+        {
+            d[1] - 0x1_0000
+        } else {
+            d[1]
+        };
+        Ok(Lut { first, entries })
+    }
+
+    /// The entry for stored value `v`: values below the first mapped one
+    /// take the first entry, above the table the last (PS3.3 §C.7.6.3.1.5).
+    fn get(&self, v: i64) -> u8 {
+        let last = self.entries.len().saturating_sub(1);
+        let i = (v - self.first).clamp(0, last as i64) as usize;
+        self.entries.get(i).copied().unwrap_or(0)
+    }
+}
+
+/// Expands segmented palette colour lookup table data (PS3.3 §C.7.9.2:
+/// discrete, linear and indirect segments) to at most `count` entries.
+fn expand_segmented(seg: &[u16], count: usize) -> Result<Vec<u16>, String> {
+    let mut out: Vec<u16> = Vec::with_capacity(count);
+    expand_segments(seg, 0, seg.len(), count, &mut out, 0)?;
+    if out.is_empty() {
+        return Err("the segmented lookup table is empty".into());
+    }
+    out.truncate(count);
+    Ok(out)
+}
+
+/// Expands the segments of `seg[from..to]` into `out` (bounded by `count`;
+/// an indirect segment may not nest).
+fn expand_segments(
+    seg: &[u16],
+    from: usize,
+    to: usize,
+    count: usize,
+    out: &mut Vec<u16>,
+    depth: u8,
+) -> Result<(), String> {
+    let word = |i: usize| {
+        seg.get(i)
+            .copied()
+            .ok_or_else(|| "a segment runs past the segmented lookup table".to_owned())
+    };
+    let mut i = from;
+    while i < to && out.len() < count {
+        let (op, n) = (word(i)?, usize::from(word(i + 1)?));
+        match op {
+            0 => {
+                for k in 0..n {
+                    out.push(word(i + 2 + k)?);
+                }
+                i += 2 + n;
+            }
+            1 => {
+                let y1 = f64::from(word(i + 2)?);
+                let y0 = f64::from(
+                    *out.last()
+                        .ok_or("a linear segment without a previous value")?,
+                );
+                for k in 1..=n {
+                    let y = y0 + (y1 - y0) * k as f64 / n as f64;
+                    out.push(y.round() as u16);
+                }
+                i += 3;
+            }
+            2 if depth == 0 => {
+                let offset = usize::from(word(i + 2)?) | (usize::from(word(i + 3)?) << 16);
+                // `n` segments starting at word `offset`.
+                let mut at = offset;
+                for _ in 0..n {
+                    let before = out.len();
+                    let len = segment_len(seg, at)?;
+                    expand_segments(seg, at, at + len, count, out, 1)?;
+                    at += len;
+                    if out.len() == before || out.len() >= count {
+                        break;
+                    }
+                }
+                i += 4;
+            }
+            other => return Err(format!("segment type {other} is not defined")),
+        }
+        if out.len() > count {
+            out.truncate(count);
+        }
+    }
+    Ok(())
+}
+
+/// Words taken by the segment at `at`.
+fn segment_len(seg: &[u16], at: usize) -> Result<usize, String> {
+    match (seg.get(at), seg.get(at + 1)) {
+        (Some(0), Some(n)) => Ok(2 + usize::from(*n)),
+        (Some(1), Some(_)) => Ok(3),
+        (Some(2), Some(_)) => Ok(4),
+        _ => Err("an indirect segment points outside the table".into()),
+    }
+}
+
+/// YBR_FULL_422 (PS3.3 §C.7.6.3.1.2): `Y1 Y2 Cb Cr` for each pair of pixels
+/// of a row, converted to RGB as YBR_FULL.
+fn ybr_422(s: &Samples<'_>, g: &Geometry, pixels: usize) -> Vec<u8> {
+    let down = u32::from(g.bits_stored).saturating_sub(8);
+    let to8 = |v: i64| f64::from((v.max(0) >> down).min(255) as u8);
+    let mut out = Vec::with_capacity(pixels * 3);
+    for pair in 0..pixels / 2 {
+        let (y1, y2) = (to8(s.get(pair * 4)), to8(s.get(pair * 4 + 1)));
+        let (cb, cr) = (to8(s.get(pair * 4 + 2)), to8(s.get(pair * 4 + 3)));
+        for y in [y1, y2] {
+            out.extend_from_slice(&ybr_to_rgb(y, cb, cr));
+        }
+    }
+    out
+}
+
+/// YBR_FULL to RGB (PS3.3 §C.7.6.3.1.2, ITU-R BT.601 full range).
+fn ybr_to_rgb(y: f64, cb: f64, cr: f64) -> [u8; 3] {
+    let (cb, cr) = (cb - 128.0, cr - 128.0);
+    let clamp = |v: f64| v.round().clamp(0.0, 255.0) as u8;
+    [
+        clamp(y + 1.402 * cr),
+        clamp(y - 0.344_136 * cb - 0.714_136 * cr),
+        clamp(y + 1.772 * cb),
+    ]
 }
 
 /// Stored sample values of one frame (PS3.5 §8.1.1, little endian).
@@ -404,11 +708,7 @@ fn colour(s: &Samples<'_>, g: &Geometry, pixels: usize, ybr: bool) -> Vec<u8> {
     for p in 0..pixels {
         let (a, b, c) = (to8(at(p, 0)), to8(at(p, 1)), to8(at(p, 2)));
         if ybr {
-            let (y, cb, cr) = (f64::from(a), f64::from(b) - 128.0, f64::from(c) - 128.0);
-            let clamp = |v: f64| v.round().clamp(0.0, 255.0) as u8;
-            out.push(clamp(y + 1.402 * cr));
-            out.push(clamp(y - 0.344_136 * cb - 0.714_136 * cr));
-            out.push(clamp(y + 1.772 * cb));
+            out.extend_from_slice(&ybr_to_rgb(f64::from(a), f64::from(b), f64::from(c)));
         } else {
             out.extend_from_slice(&[a, b, c]);
         }

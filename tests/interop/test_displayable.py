@@ -1,0 +1,256 @@
+"""Every image displayable (issue 11): rendered images, thumbnails and frames
+for every photometric interpretation and codec of the corpus.
+
+- /rendered and /thumbnail of PALETTE COLOR (plain and segmented lookup
+  tables, native and RLE), YBR_FULL_422 (native and JPEG), 32-bit (native and
+  RLE), single-bit, JPEG-LS and 12-bit JPEG files are 200 with an image whose
+  pixels are not all one value;
+- /frames without a transfer-syntax parameter answer native little-endian
+  pixel data (Explicit VR Little Endian, PS3.18 §8.7.3.5.2) of Rows × Columns
+  × Samples × Bits Allocated / 8 bytes, also for compressed instances, equal
+  to pydicom's decoding where pydicom decodes losslessly;
+- `transfer-syntax=*` keeps the frames as stored (OHIF's default Accept);
+- single-part frame requests (`Accept: application/octet-stream`,
+  `image/dicom-rle`, `image/jls`…) get one body, not multipart;
+- a C-GET requestor accepting only Explicit VR Little Endian receives 12-bit
+  JPEG decoded.
+
+Each file is stored under a fresh SOP Instance UID (several corpus files
+share one).
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+import corpus
+import helpers
+from test_dicomweb import _multipart, new_token, request
+
+ROOT = corpus.corpus_root()
+
+# (corpus file, whether pydicom's own decoding is the expected native frame)
+FILES = {
+    # PALETTE COLOR: plain 8-bit tables (16-bit entries), native and RLE
+    "pydicom-data/OBXXXX1A.dcm": True,
+    "pydicom-data/OBXXXX1A_2frame.dcm": True,
+    "pydicom-data/OBXXXX1A_rle.dcm": True,
+    "pydicom-data/OBXXXX1A_expb.dcm": True,
+    "pydicom/test_files/examples_palette.dcm": True,
+    # PALETTE COLOR with segmented lookup tables, 16-bit pixels
+    "pydicom-data/gdcm-US-ALOKA-16.dcm": True,
+    "pydicom-data/gdcm-US-ALOKA-16_big.dcm": True,
+    # YBR_FULL_422: uncompressed (2 samples per pixel stored), and JPEG
+    "pydicom/test_files/SC_ybr_full_422_uncompressed.dcm": True,
+    "pydicom/test_files/SC_rgb_dcmtk_+eb+cy+s2.dcm": False,
+    # 32 bits allocated: native and RLE, grey and colour
+    "pydicom-data/SC_rgb_32bit.dcm": True,
+    "pydicom/test_files/SC_rgb_rle_32bit.dcm": True,
+    "pydicom/test_files/SC_rgb_rle_32bit_2frame.dcm": True,
+    "pydicom/test_files/rtdose_rle.dcm": True,
+    "pydicom/test_files/rtdose_rle_1frame.dcm": True,
+    "pydicom/test_files/rtdose.dcm": True,
+    # single bit
+    "pydicom/test_files/liver_1frame.dcm": None,
+    # JPEG-LS (CharLS, in the sandboxed child)
+    "pydicom/test_files/MR_small_jpeg_ls_lossless.dcm": "pydicom/test_files/MR_small.dcm",
+    "pydicom-data/emri_small_jpeg_ls_lossless.dcm": "pydicom-data/emri_small.dcm",
+    # 12-bit JPEG Extended (libjpeg-turbo, in the sandboxed child)
+    "pydicom/test_files/JPEG-lossy.dcm": False,
+    "pydicom/test_files/JPGExtended.dcm": False,
+}
+RENDER_ONLY = {"pydicom/test_files/liver_1frame.dcm"}  # frames: Bits Allocated 1
+
+
+def _path(uids):
+    study, series, sop = uids
+    return f"/dicomweb/studies/{study}/series/{series}/instances/{sop}"
+
+
+@pytest.fixture(scope="module")
+def shown(bastion_bin, tmp_path_factory):
+    from conftest import Server
+    tmp = tmp_path_factory.mktemp("displayable")
+    srv = Server(bastion_bin, tmp)
+    srv.init()
+    srv.start(plain=False)
+    helpers.wait_port(srv.http_port, 30, srv.proc)
+    tech = new_token(srv, "tech", "technologist")
+    reader = new_token(srv, "reader", "clinician")
+    uids, files = {}, []
+    for i, rel in enumerate(FILES):
+        ds = pydicom.dcmread(ROOT / rel)
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=["h8-displayable", rel])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        out = tmp / f"f{i}.dcm"
+        ds.save_as(out, enforce_file_format=True)
+        files.append(out)
+        uids[rel] = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    body, b = _multipart(files)
+    st, _, out = request(srv, "POST", "/dicomweb/studies", tech,
+                         {"Content-Type": f'multipart/related; type="application/dicom"; '
+                                          f'boundary="{b}"', "Accept": "application/dicom+json"},
+                         body)
+    assert st == 200, out[:500]
+    yield srv, reader, uids
+    srv.stop()
+
+
+def _parts(headers, body):
+    ct = headers["content-type"]
+    assert ct.startswith("multipart/related"), ct
+    boundary = ct.split("boundary=")[1].split(";")[0].strip('"')
+    parts = [p for p in body.split(b"\r\n--" + boundary.encode())]
+    out = []
+    for p in parts:
+        if p.startswith(b"--" + boundary.encode()):
+            p = p[len(boundary) + 2:]
+        if p.startswith(b"--"):
+            continue
+        head, data = p.split(b"\r\n\r\n", 1)
+        out.append((head.decode(), data))
+    return out
+
+
+def _frame_bytes(ds) -> int:
+    samples = 2 if ds.PhotometricInterpretation == "YBR_FULL_422" and \
+        ds.file_meta.TransferSyntaxUID in corpus.UNCOMPRESSED_TS else int(ds.SamplesPerPixel)
+    return int(ds.Rows) * int(ds.Columns) * samples * int(ds.BitsAllocated) // 8
+
+
+@pytest.mark.parametrize("rel", list(FILES))
+@pytest.mark.parametrize("resource", ["rendered", "thumbnail"])
+def test_rendered_and_thumbnail_show_the_image(shown, rel, resource):
+    srv, reader, uids = shown
+    ds = pydicom.dcmread(ROOT / rel, stop_before_pixels=True)
+    st, hd, png = request(srv, "GET", f"{_path(uids[rel])}/{resource}", reader,
+                          {"Accept": "image/png"})
+    assert st == 200, (st, png[:300])
+    assert hd["content-type"] == "image/png"
+    img = Image.open(io.BytesIO(png))
+    img.load()
+    if resource == "rendered":
+        assert img.size == (ds.Columns, ds.Rows)
+    else:
+        assert max(img.size) <= 128
+    lo, hi = img.convert("L").getextrema()
+    assert hi > lo, (lo, hi)  # not all one value
+
+
+def test_palette_colours_are_the_lookup_table(shown):
+    """The rendered PNG is the palette applied (pydicom's apply_color_lut)."""
+    srv, reader, uids = shown
+    rel = "pydicom-data/OBXXXX1A.dcm"
+    ds = pydicom.dcmread(ROOT / rel)
+    st, _, png = request(srv, "GET", f"{_path(uids[rel])}/rendered", reader,
+                         {"Accept": "image/png"})
+    assert st == 200, png[:300]
+    got = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    want = pydicom.pixels.apply_color_lut(ds.pixel_array, ds)
+    if want.dtype != np.uint8:
+        want = (want >> 8).astype(np.uint8)
+    assert np.array_equal(got, want)
+
+
+def _expected_native(rel, twin, frame):
+    """The native little-endian bytes of 1-based `frame` pydicom decodes."""
+    src = ROOT / (twin if isinstance(twin, str) else rel)
+    ds = pydicom.dcmread(src)
+    if ds.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
+        n = _frame_bytes(ds)
+        return ds.PixelData[(frame - 1) * n: frame * n]
+    arr = ds.pixel_array
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        arr = arr[frame - 1]
+    return arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+
+
+@pytest.mark.parametrize("rel", [r for r in FILES if r not in RENDER_ONLY])
+def test_frames_default_to_native_little_endian(shown, rel):
+    srv, reader, uids = shown
+    ds = pydicom.dcmread(ROOT / rel, stop_before_pixels=True)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    n = frames  # the last frame
+    st, hd, body = request(srv, "GET", f"{_path(uids[rel])}/frames/{n}", reader,
+                           {"Accept": 'multipart/related; type="application/octet-stream"'})
+    assert st == 200, (st, body[:300])
+    [(head, data)] = _parts(hd, body)
+    assert f"transfer-syntax={ExplicitVRLittleEndian}" in head, head
+    if ds.PhotometricInterpretation == "YBR_FULL_422" and \
+            ds.file_meta.TransferSyntaxUID not in corpus.UNCOMPRESSED_TS:
+        expected_len = int(ds.Rows) * int(ds.Columns) * 3  # decoded to RGB
+    else:
+        expected_len = _frame_bytes(ds)
+    assert len(data) == expected_len
+    twin = FILES[rel]
+    if twin:
+        assert data == _expected_native(rel, twin, n)
+
+
+@pytest.mark.parametrize("rel", [r for r in FILES if r not in RENDER_ONLY])
+def test_frames_with_any_transfer_syntax_are_as_stored(shown, rel):
+    """OHIF's default Accept: the frames as stored."""
+    srv, reader, uids = shown
+    ds = pydicom.dcmread(ROOT / rel)
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    st, hd, body = request(srv, "GET", f"{_path(uids[rel])}/frames/1", reader,
+                           {"Accept": "multipart/related; type=application/octet-stream; "
+                                      "transfer-syntax=*"})
+    assert st == 200, (st, body[:300])
+    [(head, data)] = _parts(hd, body)
+    if ts in corpus.UNCOMPRESSED_TS:
+        assert f"transfer-syntax={ExplicitVRLittleEndian}" in head
+        assert data == _expected_native(rel, True, 1)
+    else:
+        assert f"transfer-syntax={ts}" in head, head
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        first = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=frames))
+        assert data.rstrip(b"\0") == first.rstrip(b"\0")
+
+
+def test_single_part_frames(shown):
+    srv, reader, uids = shown
+    rle = "pydicom/test_files/SC_rgb_rle_32bit_2frame.dcm"
+    ds = pydicom.dcmread(ROOT / rle)
+    # application/octet-stream: one body, native, not multipart
+    st, hd, body = request(srv, "GET", f"{_path(uids[rle])}/frames/2", reader,
+                           {"Accept": "application/octet-stream"})
+    assert st == 200, body[:300]
+    assert hd["content-type"] == f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}"
+    assert body == _expected_native(rle, True, 2)
+    # the stored codec's media type: the stored fragment
+    st, hd, body = request(srv, "GET", f"{_path(uids[rle])}/frames/1", reader,
+                           {"Accept": "image/dicom-rle"})
+    assert st == 200, body[:300]
+    assert hd["content-type"].startswith("image/dicom-rle")
+    first = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=2))
+    assert body == first
+    jls = "pydicom/test_files/MR_small_jpeg_ls_lossless.dcm"
+    st, hd, body = request(srv, "GET", f"{_path(uids[jls])}/frames/1", reader,
+                           {"Accept": "image/jls"})
+    assert st == 200, body[:300]
+    assert hd["content-type"].startswith("image/jls") and body[:2] == b"\xff\xd8"
+    # a codec that is not the stored one cannot be produced
+    st, _, _ = request(srv, "GET", f"{_path(uids[rle])}/frames/1", reader,
+                       {"Accept": "image/jls"})
+    assert st == 406
+    # an explicit uncompressed syntax for a compressed image: decoded
+    st, hd, body = request(srv, "GET", f"{_path(uids[rle])}/frames/1", reader,
+                           {"Accept": "multipart/related; type=application/octet-stream; "
+                                      f"transfer-syntax={ExplicitVRLittleEndian}"})
+    assert st == 200, body[:300]
+    [(_, data)] = _parts(hd, body)
+    assert data == _expected_native(rle, True, 1)
+
+
+def test_frames_are_refused_to_a_caller_without_a_token(shown):
+    srv, _, uids = shown
+    rel = "pydicom-data/OBXXXX1A.dcm"
+    st, _, _ = request(srv, "GET", f"{_path(uids[rel])}/frames/1", None,
+                       {"Accept": "application/octet-stream"})
+    assert st == 401
