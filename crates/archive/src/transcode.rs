@@ -87,6 +87,7 @@ use dicom_encoding::{Codec, TransferSyntaxIndex};
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
+use crate::isolated::IsolatedCodec;
 use crate::ArchiveError;
 
 /// Implicit VR Little Endian.
@@ -184,21 +185,28 @@ enum Decoder {
         /// Baseline or extended (DCT) rather than lossless (process 14).
         lossy: bool,
     },
-    /// ISO 15444-1, by the registered [`crate::isolated::IsolatedDecoder`]
-    /// (a sandboxed child process), only when one is registered.
-    Jpeg2000,
+    /// JPEG 2000 (ISO 15444-1) or JPEG-LS (ISO 14495-1), by the registered
+    /// [`crate::isolated::IsolatedDecoder`] (a sandboxed child process),
+    /// only when one is registered.
+    Isolated(IsolatedCodec),
 }
 
 impl Decoder {
     fn of(ts: &str) -> Option<Self> {
+        let isolated = |codec| {
+            crate::isolated::isolated_decoder()
+                .is_some()
+                .then_some(Decoder::Isolated(codec))
+        };
         match ts {
             RLE_LOSSLESS => Some(Decoder::Rle),
             JPEG_BASELINE | JPEG_EXTENDED => Some(Decoder::Jpeg { lossy: true }),
             JPEG_LOSSLESS | JPEG_LOSSLESS_SV1 => Some(Decoder::Jpeg { lossy: false }),
-            crate::isolated::JPEG_2000_LOSSLESS | crate::isolated::JPEG_2000
-                if crate::isolated::isolated_decoder().is_some() =>
-            {
-                Some(Decoder::Jpeg2000)
+            crate::isolated::JPEG_2000_LOSSLESS | crate::isolated::JPEG_2000 => {
+                isolated(IsolatedCodec::Jpeg2000)
+            }
+            crate::isolated::JPEG_LS_LOSSLESS | crate::isolated::JPEG_LS => {
+                isolated(IsolatedCodec::JpegLs)
             }
             _ => None,
         }
@@ -345,31 +353,45 @@ fn decode_pixel_data(
         Decoder::Jpeg { lossy } => {
             let data = fragments.concat();
             let images = check_jpeg(&data, &g, lossy).map_err(fail)?;
-            // DCMTK's default rule (PS3.5 §8.2.1): the dataset, not the
-            // JFIF/Adobe markers or component identifiers that jpeg-decoder
-            // would otherwise go by, says whether the samples are YCbCr.
-            let colour = (lossy && g.samples == 3).then(|| {
-                if photometric.as_deref() == Some("RGB") {
-                    jpeg_decoder::ColorTransform::None
-                } else {
-                    jpeg_decoder::ColorTransform::YCbCr
-                }
-            });
-            decode_jpeg(&data, &images, &g, colour, &mut native).map_err(fail)?;
-        }
-        Decoder::Jpeg2000 => {
-            let decoder = crate::isolated::isolated_decoder()
-                .ok_or_else(|| fail("no JPEG 2000 decoder registered".into()))?;
-            let codestreams =
-                crate::isolated::frame_codestreams(fragments, g.frames).map_err(fail)?;
-            let frame_bytes = usize::try_from(g.frame_bytes()).map_err(|e| fail(e.to_string()))?;
-            for (i, cs) in codestreams.iter().enumerate() {
-                let image = decoder
-                    .decode_j2k(cs, frame_bytes)
-                    .map_err(|e| fail(format!("frame {}: {e}", i + 1)))?;
-                check_j2k(&image, &g).map_err(|e| fail(format!("frame {}: {e}", i + 1)))?;
-                native.extend_from_slice(&image.samples);
+            if lossy && images.iter().any(|f| f.precision > 8) {
+                // 12-bit DCT (process 4): jpeg-decoder has none; libjpeg-turbo
+                // (C) decodes it in the sandboxed child when one is registered.
+                let decoder = crate::isolated::isolated_decoder().ok_or_else(|| {
+                    fail("12-bit JPEG needs the isolated decoder, none is registered".into())
+                })?;
+                let codestreams = images
+                    .iter()
+                    .map(|f| data.get(f.start..f.end).unwrap_or_default().to_vec())
+                    .collect::<Vec<_>>();
+                decode_isolated(
+                    decoder.as_ref(),
+                    IsolatedCodec::Jpeg12,
+                    &codestreams,
+                    &g,
+                    &mut native,
+                )
+                .map_err(fail)?;
+            } else {
+                // DCMTK's default rule (PS3.5 §8.2.1): the dataset, not the
+                // JFIF/Adobe markers or component identifiers that jpeg-decoder
+                // would otherwise go by, says whether the samples are YCbCr.
+                let colour = (lossy && g.samples == 3).then(|| {
+                    if photometric.as_deref() == Some("RGB") {
+                        jpeg_decoder::ColorTransform::None
+                    } else {
+                        jpeg_decoder::ColorTransform::YCbCr
+                    }
+                });
+                decode_jpeg(&data, &images, &g, colour, &mut native).map_err(fail)?;
             }
+        }
+        Decoder::Isolated(codec) => {
+            let decoder = crate::isolated::isolated_decoder()
+                .ok_or_else(|| fail(format!("no {} decoder registered", codec.label())))?;
+            let codestreams =
+                crate::isolated::frame_codestreams(codec, fragments, g.frames).map_err(fail)?;
+            decode_isolated(decoder.as_ref(), codec, &codestreams, &g, &mut native)
+                .map_err(fail)?;
         }
     }
     if native.len() != total {
@@ -405,7 +427,7 @@ fn decode_pixel_data(
             PrimitiveValue::from(0_u16),
         ));
     }
-    if decoder == Decoder::Jpeg2000 && g.samples == 3 {
+    if decoder == Decoder::Isolated(IsolatedCodec::Jpeg2000) && g.samples == 3 {
         // The decoder applied the inverse component transform (YBR_RCT,
         // YBR_ICT): the samples are RGB (PS3.5 §8.2.4).
         obj.put(DataElement::new(
@@ -441,6 +463,26 @@ fn decode_pixel_data(
         .is_some_and(|items| items.iter().any(has_encapsulated));
     if icon_encapsulated {
         obj.remove_element(tags::ICON_IMAGE_SEQUENCE);
+    }
+    Ok(())
+}
+
+/// Decodes each frame's codestream with the isolated decoder, checks it
+/// against the attributes and appends its samples to `out`.
+fn decode_isolated(
+    decoder: &dyn crate::isolated::IsolatedDecoder,
+    codec: IsolatedCodec,
+    codestreams: &[Vec<u8>],
+    g: &Geometry,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    let frame_bytes = usize::try_from(g.frame_bytes()).map_err(|e| e.to_string())?;
+    for (i, cs) in codestreams.iter().enumerate() {
+        let image = decoder
+            .decode(codec, cs, frame_bytes)
+            .map_err(|e| format!("frame {}: {e}", i + 1))?;
+        check_isolated(&image, g).map_err(|e| format!("frame {}: {e}", i + 1))?;
+        out.extend_from_slice(&image.samples);
     }
     Ok(())
 }
@@ -669,10 +711,11 @@ fn check_jpeg(data: &[u8], g: &Geometry, lossy: bool) -> Result<Vec<JpegFrame>, 
     Ok(frames)
 }
 
-/// Whether a decoded JPEG 2000 image is what the dataset says (PS3.5
-/// §8.2.4: the codestream's size, components and precision must agree with
-/// Rows, Columns, Samples per Pixel and Bits Allocated/Stored).
-fn check_j2k(image: &crate::isolated::DecodedImage, g: &Geometry) -> Result<(), String> {
+/// Whether an image decoded by the isolated decoder is what the dataset
+/// says (PS3.5 §8.2.4, §8.2.3, §8.2.1: the codestream's size, components
+/// and precision must agree with Rows, Columns, Samples per Pixel and Bits
+/// Allocated).
+fn check_isolated(image: &crate::isolated::DecodedImage, g: &Geometry) -> Result<(), String> {
     if image.width != u32::from(g.cols) || image.height != u32::from(g.rows) {
         return Err(format!(
             "codestream of {}×{} for an image of {}×{}",
