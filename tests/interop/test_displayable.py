@@ -21,6 +21,8 @@ share one).
 from __future__ import annotations
 
 import io
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -30,9 +32,11 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import corpus
 import helpers
+import test_transcode
 from test_dicomweb import _multipart, new_token, request
 
 ROOT = corpus.corpus_root()
+STORED = {}  # corpus file -> the copy stored (fresh SOP Instance UID)
 
 # (corpus file, whether pydicom's own decoding is the expected native frame)
 FILES = {
@@ -61,8 +65,8 @@ FILES = {
     "pydicom/test_files/MR_small_jpeg_ls_lossless.dcm": "pydicom/test_files/MR_small.dcm",
     "pydicom-data/emri_small_jpeg_ls_lossless.dcm": "pydicom-data/emri_small.dcm",
     # 12-bit JPEG Extended (libjpeg-turbo, in the sandboxed child)
-    "pydicom/test_files/JPEG-lossy.dcm": False,
-    "pydicom/test_files/JPGExtended.dcm": False,
+    "pydicom/test_files/JPEG-lossy.dcm": "dcmdjpeg",
+    "pydicom/test_files/JPGExtended.dcm": "dcmdjpeg",
 }
 RENDER_ONLY = {"pydicom/test_files/liver_1frame.dcm"}  # frames: Bits Allocated 1
 
@@ -82,6 +86,7 @@ def shown(bastion_bin, tmp_path_factory):
     helpers.wait_port(srv.http_port, 30, srv.proc)
     tech = new_token(srv, "tech", "technologist")
     reader = new_token(srv, "reader", "clinician")
+    srv.device_add(test_transcode.GETTER, transport="mtls", allow="echo,store,get")
     uids, files = {}, []
     for i, rel in enumerate(FILES):
         ds = pydicom.dcmread(ROOT / rel)
@@ -91,6 +96,7 @@ def shown(bastion_bin, tmp_path_factory):
         ds.save_as(out, enforce_file_format=True)
         files.append(out)
         uids[rel] = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+        STORED[rel] = out
     body, b = _multipart(files)
     st, _, out = request(srv, "POST", "/dicomweb/studies", tech,
                          {"Content-Type": f'multipart/related; type="application/dicom"; '
@@ -99,6 +105,14 @@ def shown(bastion_bin, tmp_path_factory):
     assert st == 200, out[:500]
     yield srv, reader, uids
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def getter(shown, tmp_path_factory):
+    """A C-GET requestor (mTLS) of the `shown` server, as test_transcode's."""
+    srv, _, _ = shown
+    crt, key, ca, _ = srv.cert_issue(test_transcode.GETTER)
+    return {"srv": srv, "ctx": helpers.client_ssl_context(ca, crt, key)}
 
 
 def _parts(headers, body):
@@ -157,9 +171,16 @@ def test_palette_colours_are_the_lookup_table(shown):
     assert np.array_equal(got, want)
 
 
+def _dcmdjpeg(rel, tmp_path) -> Path:
+    """DCMTK's decoding of a JPEG file (IJG's 12-bit codec)."""
+    out = tmp_path / "dcmdjpeg.dcm"
+    subprocess.run(["/usr/bin/dcmdjpeg", str(ROOT / rel), str(out)], check=True, timeout=60)
+    return out
+
+
 def _expected_native(rel, twin, frame):
     """The native little-endian bytes of 1-based `frame` pydicom decodes."""
-    src = ROOT / (twin if isinstance(twin, str) else rel)
+    src = twin if isinstance(twin, Path) else ROOT / (twin if isinstance(twin, str) else rel)
     ds = pydicom.dcmread(src)
     if ds.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
         n = _frame_bytes(ds)
@@ -171,7 +192,7 @@ def _expected_native(rel, twin, frame):
 
 
 @pytest.mark.parametrize("rel", [r for r in FILES if r not in RENDER_ONLY])
-def test_frames_default_to_native_little_endian(shown, rel):
+def test_frames_default_to_native_little_endian(shown, rel, tmp_path):
     srv, reader, uids = shown
     ds = pydicom.dcmread(ROOT / rel, stop_before_pixels=True)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -188,7 +209,13 @@ def test_frames_default_to_native_little_endian(shown, rel):
         expected_len = _frame_bytes(ds)
     assert len(data) == expected_len
     twin = FILES[rel]
-    if twin:
+    if twin == "dcmdjpeg":
+        # lossy: libjpeg-turbo and DCMTK's IJG code may round differently
+        want = np.frombuffer(_expected_native(rel, _dcmdjpeg(rel, tmp_path), n), "<u2")
+        got = np.frombuffer(data, "<u2")
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+        assert got.max() > 0
+    elif twin:
         assert data == _expected_native(rel, twin, n)
 
 
@@ -254,3 +281,26 @@ def test_frames_are_refused_to_a_caller_without_a_token(shown):
     st, _, _ = request(srv, "GET", f"{_path(uids[rel])}/frames/1", None,
                        {"Accept": "application/octet-stream"})
     assert st == 401
+
+
+@pytest.mark.parametrize("rel", ["pydicom/test_files/JPGExtended.dcm",
+                                 "pydicom/test_files/MR_small_jpeg_ls_lossless.dcm"])
+def test_get_transcodes_12_bit_jpeg_and_jpeg_ls_to_explicit_le(shown, getter, rel, tmp_path):
+    """A C-GET requestor accepting only Explicit VR Little Endian receives
+    the image decoded (12-bit JPEG: `SamplePrecision(12)` before)."""
+    ds = pydicom.dcmread(ROOT / rel, stop_before_pixels=True)
+    status, counts, received = test_transcode.get(getter, STORED[rel], ds.SOPClassUID,
+                                                  [ExplicitVRLittleEndian])
+    assert status == 0x0000 and counts == (1, 0), (hex(status), counts)
+    [(ts, data)] = received
+    assert ts == ExplicitVRLittleEndian
+    got = test_transcode.decoded(data, ts)
+    assert len(got.PixelData) == _frame_bytes(ds)
+    twin = FILES[rel]
+    if twin == "dcmdjpeg":
+        want = np.frombuffer(_expected_native(rel, _dcmdjpeg(rel, tmp_path), 1), "<u2")
+        diff = np.frombuffer(got.PixelData, "<u2").astype(int) - want.astype(int)
+        assert np.abs(diff).max() <= 1
+        assert got.LossyImageCompression == "01"
+    else:
+        assert got.PixelData == _expected_native(rel, twin, 1)
