@@ -21,6 +21,7 @@ share one).
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 from pathlib import Path
 
@@ -304,3 +305,32 @@ def test_get_transcodes_12_bit_jpeg_and_jpeg_ls_to_explicit_le(shown, getter, re
         assert got.LossyImageCompression == "01"
     else:
         assert got.PixelData == _expected_native(rel, twin, 1)
+
+
+def test_an_image_that_cannot_be_shown_says_why(shown, tmp_path):
+    """The viewer shows `reason` in place of the image: plain words, no
+    transfer syntax UID or attribute jargon, no patient data."""
+    srv, reader, _ = shown
+    tech = new_token(srv, "tech2", "technologist")
+    ds = pydicom.dcmread(ROOT / "pydicom-data/SC_rgb.dcm")
+    ds.PhotometricInterpretation = "HSV"  # retired colour model
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["h8-hsv"])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    f = tmp_path / "hsv.dcm"
+    ds.save_as(f, enforce_file_format=True)
+    body, b = _multipart([f])
+    st, _, out = request(srv, "POST", "/dicomweb/studies", tech,
+                         {"Content-Type": f'multipart/related; type="application/dicom"; '
+                                          f'boundary="{b}"', "Accept": "application/dicom+json"},
+                         body)
+    assert st == 200, out[:300]
+    path = _path((ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID))
+    for resource in ("rendered", "thumbnail"):
+        st, hd, out = request(srv, "GET", f"{path}/{resource}", reader, {"Accept": "image/png"})
+        assert st == 406, (st, out[:300])
+        err = json.loads(out)
+        assert err["reason"].startswith("This image cannot be displayed: its colour model"), err
+        assert str(ds.PatientName) not in err["reason"]
+    # the browser client shows `reason` in place of the image
+    app = (Path(__file__).resolve().parents[2] / "crates/web/assets/app.js").read_text()
+    assert "body.reason" in app

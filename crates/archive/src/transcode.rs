@@ -1121,6 +1121,49 @@ mod tests {
         assert!(check_jpeg(&[0xFF, 0xD8, 0x12], &g, true).is_err());
     }
 
+    /// One RLE fragment: the header, then each segment as literal runs.
+    fn rle_fragment(segments: &[Vec<u8>]) -> Vec<u8> {
+        let coded: Vec<Vec<u8>> = segments
+            .iter()
+            .map(|s| {
+                s.chunks(128)
+                    .flat_map(|c| std::iter::once(c.len() as u8 - 1).chain(c.iter().copied()))
+                    .collect()
+            })
+            .collect();
+        let mut header = vec![0u8; 64];
+        header[..4].copy_from_slice(&(segments.len() as u32).to_le_bytes());
+        let mut at = 64u32;
+        for (i, c) in coded.iter().enumerate() {
+            header[4 + 4 * i..8 + 4 * i].copy_from_slice(&at.to_le_bytes());
+            at += c.len() as u32;
+        }
+        header.extend(coded.concat());
+        header
+    }
+
+    #[test]
+    fn rle_32_bit_is_decoded_most_significant_segment_first() {
+        // 1 × 2 pixels, 1 sample, 32 bits: values 0x01020304, 0xA0B0C0D0
+        let g = geometry(1, 2, 1, 32, 1);
+        let frag = rle_fragment(&[
+            vec![0x01, 0xA0],
+            vec![0x02, 0xB0],
+            vec![0x03, 0xC0],
+            vec![0x04, 0xD0],
+        ]);
+        assert_eq!(check_rle(std::slice::from_ref(&frag), &g), Ok(()));
+        let mut out = Vec::new();
+        decode_rle_32(&[frag], &g, &mut out).expect("decoded");
+        let mut want = 0x0102_0304u32.to_le_bytes().to_vec();
+        want.extend(0xA0B0_C0D0u32.to_le_bytes());
+        assert_eq!(out, want);
+        // a replicate run: 3 × 7, stopped at the pixels wanted
+        let mut run = Vec::new();
+        packbits_decode(&[0xFE, 7, 0x00, 9], 2, &mut run);
+        assert_eq!(run, vec![7, 7]);
+    }
+
     #[test]
     fn oversized_image_is_refused_before_decoding() {
         let g = geometry(0xFFFF, 0xFFFF, 3, 16, 1);

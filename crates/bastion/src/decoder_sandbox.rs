@@ -587,6 +587,50 @@ mod tests {
         }
     }
 
+    /// A JPEG-LS codestream of `samples` (2 × 2, 8-bit) by CharLS.
+    fn jls(components: i32, mode: charls::InterleaveMode, samples: &[u8]) -> Vec<u8> {
+        let mut codec = charls::CharLS::default();
+        codec.set_interleave_mode(mode).expect("mode");
+        codec
+            .encode(
+                charls::FrameInfo {
+                    width: 2,
+                    height: 2,
+                    bits_per_sample: 8,
+                    component_count: components,
+                },
+                0,
+                samples,
+            )
+            .expect("encoded")
+    }
+
+    #[test]
+    fn jpeg_ls_colour_comes_out_interleaved_by_pixel() {
+        let rgb = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+        let planar = [1, 4, 7, 10, 2, 5, 8, 11, 3, 6, 9, 12];
+        for (mode, input) in [
+            (charls::InterleaveMode::Sample, rgb),
+            (charls::InterleaveMode::Line, rgb),
+            (charls::InterleaveMode::None, planar),
+        ] {
+            let cs = jls(3, mode, &input);
+            let out = decode(IsolatedCodec::JpegLs, &cs, 1 << 20).expect("decoded");
+            let img = parse_output(&out, 1 << 20).expect("valid output");
+            assert_eq!((img.width, img.height, img.components), (2, 2, 3));
+            assert_eq!(img.samples, rgb.to_vec(), "{mode:?}");
+        }
+        let grey = jls(1, charls::InterleaveMode::None, &[0, 50, 100, 255]);
+        let img = parse_output(
+            &decode(IsolatedCodec::JpegLs, &grey, 1 << 20).expect("decoded"),
+            1 << 20,
+        )
+        .expect("valid output");
+        assert_eq!(img.samples, vec![0, 50, 100, 255]);
+        // the cap is checked from the header, before decoding
+        assert!(decode(IsolatedCodec::JpegLs, &grey, 3).is_err());
+    }
+
     #[test]
     fn output_is_checked() {
         let mut out = Vec::from(*MAGIC);

@@ -397,6 +397,35 @@ mod tests {
     }
 
     #[test]
+    fn media_types_of_compressed_frames() {
+        assert_eq!(
+            frame_media_type("1.2.840.10008.1.2.4.80"),
+            Some("image/jls")
+        );
+        assert_eq!(
+            frame_media_type("1.2.840.10008.1.2.4.90"),
+            Some("image/jp2")
+        );
+        assert_eq!(
+            frame_media_type("1.2.840.10008.1.2.4.51"),
+            Some("image/jpeg")
+        );
+        assert_eq!(
+            frame_media_type(uids::RLE_LOSSLESS),
+            Some("image/dicom-rle")
+        );
+        assert_eq!(frame_media_type(uids::EXPLICIT_VR_LITTLE_ENDIAN), None);
+        assert!(can_return_native(uids::IMPLICIT_VR_LITTLE_ENDIAN));
+        assert!(can_return_native(uids::RLE_LOSSLESS));
+        // no isolated decoder registered in library tests
+        assert!(!can_return_native("1.2.840.10008.1.2.4.80"));
+        assert!(matches!(
+            native_frames(&[], "1.2.840.10008.1.2.4.80", &[1]),
+            Err(DicomWebError::Unsupported(_))
+        ));
+    }
+
+    #[test]
     fn transfer_syntax_of_frames() {
         assert_eq!(
             frame_transfer_syntax(uids::IMPLICIT_VR_LITTLE_ENDIAN),

@@ -9,8 +9,9 @@
 //!    JPEG Baseline/Extended 8-bit/Lossless: the same pure-Rust decoders and
 //!    checks as the C-MOVE/C-GET fallback, capped at
 //!    `MAX_DECODED_PIXEL_BYTES` before anything is allocated; JPEG 2000 in
-//!    the sandboxed child process `serve` registers); other syntaxes
-//!    (JPEG-LS…) are [`DicomWebError::Unsupported`].
+//!    the sandboxed child process `serve` registers, as are JPEG-LS and
+//!    12-bit JPEG Extended); other syntaxes are
+//!    [`DicomWebError::Unsupported`]. RLE at 32 bits allocated too.
 //!    The whole instance is decoded even for one frame (transcode works per
 //!    dataset).
 //! 2. **Bounds.** The frame's bytes (Rows × Columns × Samples per Pixel ×
@@ -23,10 +24,16 @@
 //!    Window Center/Width (0028,1050)/(0028,1051) of the dataset, else the
 //!    frame's minimum and maximum → 8 bits; MONOCHROME1 is inverted. A VOI
 //!    LUT Sequence and VOI LUT Function other than LINEAR are ignored.
-//! 4. **Colour**: RGB passes through (16-bit samples scaled to 8 bits by
+//! 4. **Colour**: RGB passes through (16/32-bit samples scaled to 8 bits by
 //!    Bits Stored), YBR_FULL is converted to RGB (PS3.3 §C.7.6.3.1.2), both
-//!    planar configurations; the window does not apply. PALETTE COLOR,
-//!    YBR_FULL_422 (native) and other interpretations are unsupported.
+//!    planar configurations; native YBR_FULL_422 (`Y1 Y2 Cb Cr` per pair of
+//!    pixels, so 2 samples per pixel stored) likewise; PALETTE COLOR
+//!    (PS3.3 §C.7.6.3.1.5–6) through the Red/Green/Blue lookup tables, plain
+//!    or segmented (§C.7.9.2), 16-bit entries scaled to 8 bits (unless all
+//!    fit in 8); the window does not apply. Other interpretations are
+//!    unsupported; [`display_reason`] words that for a clinician.
+//!    Single-bit pixels (Bits Allocated 1, PS3.5 §8.1.1) are unpacked to
+//!    one byte each and shown as grey.
 //! 5. **Size**: the image is scaled down (box filter, aspect ratio kept) to
 //!    fit the viewport when one is given; never up.
 //! 6. **Encode**: PNG (`png`, 8-bit grey or RGB) or baseline JPEG
@@ -35,6 +42,9 @@
 use dicom_core::DicomValue;
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
+
+use dicom_encoding::TransferSyntaxIndex;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use bastion_archive::transcode::{can_transcode, transcode, EXPLICIT_VR_LE};
 
@@ -174,6 +184,43 @@ pub fn render_image(
     })
 }
 
+/// Why an image cannot be shown, in words for a clinician (the viewer
+/// shows it in place of the image), for the errors of [`render`] that say
+/// something about the image itself; `None` for the others (a bad request,
+/// a missing frame, a server fault). Never contains patient data: at most
+/// the name of a compression method or colour model.
+pub fn display_reason(e: &DicomWebError) -> Option<String> {
+    const CANNOT: &str = "This image cannot be displayed";
+    match e {
+        DicomWebError::NoPixelData => Some(
+            "This object has no picture to display (it may be a report, a measurement \
+             or a waveform)."
+                .into(),
+        ),
+        DicomWebError::Unsupported(m) if m.contains("transfer syntax") => {
+            let method = m
+                .split_whitespace()
+                .find(|w| w.starts_with("1.2.840.10008."))
+                .and_then(|uid| TransferSyntaxRegistry.get(uid))
+                .map(|ts| ts.name().to_owned())
+                .unwrap_or_else(|| "a method".into());
+            Some(format!(
+                "{CANNOT}: it is stored compressed with {method}, which this server cannot \
+                 decode. Download the study to open it in another viewer."
+            ))
+        }
+        DicomWebError::Unsupported(_) => Some(format!(
+            "{CANNOT}: its colour model or bit depth is not one this server can show. \
+             Download the study to open it in another viewer."
+        )),
+        DicomWebError::InvalidImage(_) => Some(format!(
+            "{CANNOT}: its picture data is damaged or does not match the image's \
+             description (size, colours). The rest of the study is not affected."
+        )),
+        _ => None,
+    }
+}
+
 /// The thumbnail (PS3.18 §10.4.1.1.5): the first frame rendered with the
 /// dataset's window, scaled down to fit [`THUMBNAIL_SIZE`] pixels.
 ///
@@ -306,7 +353,7 @@ fn sample_image(
             (3, colour(&reader, g, pixels, ybr), None)
         }
         (3, "YBR_FULL_422") => {
-            if g.cols % 2 != 0 {
+            if g.cols & 1 == 1 {
                 return Err(DicomWebError::InvalidImage(format!(
                     "YBR_FULL_422 with an odd number of columns ({})",
                     g.cols
@@ -550,6 +597,7 @@ fn expand_segments(
                 }
                 i += 4;
             }
+            2 => return Err("an indirect segment points to another indirect one".into()),
             other => return Err(format!("segment type {other} is not defined")),
         }
         if out.len() > count {
@@ -799,7 +847,152 @@ impl Image {
 
 #[cfg(test)]
 mod tests {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+
     use super::*;
+
+    /// A one-frame image in Explicit VR Little Endian: `rows` × `cols`,
+    /// `samples`, `bits` allocated (and stored), `photometric`, `pixels`,
+    /// and any `extra` elements.
+    fn image(
+        rows: u16,
+        cols: u16,
+        samples: u16,
+        bits: u16,
+        photometric: &str,
+        pixels: Vec<u8>,
+        extra: Vec<DataElement<InMemDicomObject>>,
+    ) -> Vec<u8> {
+        let us = |tag, v: u16| DataElement::new(tag, VR::US, PrimitiveValue::from(v));
+        let mut obj = InMemDicomObject::from_element_iter([
+            us(tags::SAMPLES_PER_PIXEL, samples),
+            DataElement::new(
+                tags::PHOTOMETRIC_INTERPRETATION,
+                VR::CS,
+                PrimitiveValue::from(photometric),
+            ),
+            us(tags::ROWS, rows),
+            us(tags::COLUMNS, cols),
+            us(tags::BITS_ALLOCATED, bits),
+            us(tags::BITS_STORED, bits),
+            us(tags::HIGH_BIT, bits - 1),
+            us(tags::PIXEL_REPRESENTATION, 0),
+            DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::from(pixels)),
+        ]);
+        for e in extra {
+            obj.put(e);
+        }
+        let mut out = Vec::new();
+        let Some(ts) = TransferSyntaxRegistry.get(EXPLICIT_VR_LE) else {
+            panic!("registry")
+        };
+        obj.write_dataset_with_ts(&mut out, ts).expect("encode");
+        out
+    }
+
+    /// The RGB or grey bytes of a rendered PNG.
+    fn png_pixels(png_bytes: &[u8]) -> Vec<u8> {
+        let decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
+        let mut reader = decoder.read_info().expect("png");
+        let mut buf = vec![0; reader.output_buffer_size().expect("size")];
+        let info = reader.next_frame(&mut buf).expect("frame");
+        buf.truncate(info.buffer_size());
+        buf
+    }
+
+    fn lut(tag: dicom_core::Tag, words: &[u16]) -> DataElement<InMemDicomObject> {
+        DataElement::new(tag, VR::OW, PrimitiveValue::U16(words.into()))
+    }
+
+    #[test]
+    fn palette_colour_applies_the_lookup_tables() {
+        let desc = |tag| {
+            DataElement::new(
+                tag,
+                VR::US,
+                PrimitiveValue::U16([2u16, 0, 16].as_slice().into()),
+            )
+        };
+        let ds = image(
+            1,
+            2,
+            1,
+            8,
+            "PALETTE COLOR",
+            vec![0, 1],
+            vec![
+                desc(tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR),
+                desc(tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR),
+                desc(tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR),
+                lut(tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA, &[0xFFFF, 0]),
+                lut(tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA, &[0, 0xFFFF]),
+                lut(
+                    tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+                    &[0x8000, 0x8000],
+                ),
+            ],
+        );
+        let png = render(&ds, EXPLICIT_VR_LE, 1, &RenderOptions::default()).expect("rendered");
+        assert_eq!(png_pixels(&png), vec![255, 0, 128, 0, 255, 128]);
+    }
+
+    #[test]
+    fn segmented_lookup_tables_expand() {
+        // discrete 10 20 30, linear to 50 in 2 steps, indirect: 1 segment at 0
+        let seg = [0, 3, 10, 20, 30, 1, 2, 50, 2, 1, 0, 0];
+        assert_eq!(
+            expand_segmented(&seg, 100),
+            Ok(vec![10, 20, 30, 40, 50, 10, 20, 30])
+        );
+        assert_eq!(expand_segmented(&seg, 4), Ok(vec![10, 20, 30, 40]));
+        assert!(expand_segmented(&[0, 5, 1], 10).is_err(), "cut short");
+        assert!(expand_segmented(&[1, 2, 50], 10).is_err(), "linear first");
+        assert!(expand_segmented(&[7, 1, 1], 10).is_err(), "unknown type");
+        assert_eq!(
+            expand_segmented(&[0, 1, 5, 2, 1, 0, 0, 2, 1, 3, 0], 10),
+            Err("an indirect segment points to another indirect one".into()),
+            "no nesting (no loop)"
+        );
+    }
+
+    #[test]
+    fn ybr_full_422_native_has_two_samples_per_pixel() {
+        // Y1 Y2 Cb Cr: two grey pixels (no chroma)
+        let ds = image(1, 2, 3, 8, "YBR_FULL_422", vec![100, 200, 128, 128], vec![]);
+        let png = render(&ds, EXPLICIT_VR_LE, 1, &RenderOptions::default()).expect("rendered");
+        assert_eq!(png_pixels(&png), vec![100, 100, 100, 200, 200, 200]);
+    }
+
+    #[test]
+    fn single_bit_pixels_are_unpacked() {
+        // 1 × 8 pixels, least significant bit first: 1 0 1 0 0 0 0 0
+        let ds = image(1, 8, 1, 1, "MONOCHROME2", vec![0b0000_0101, 0], vec![]);
+        let png = render(&ds, EXPLICIT_VR_LE, 1, &RenderOptions::default()).expect("rendered");
+        assert_eq!(png_pixels(&png), vec![255, 0, 255, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn an_image_that_cannot_be_shown_says_why_in_plain_words() {
+        let hsv = image(1, 2, 3, 8, "HSV", vec![1, 2, 3, 4, 5, 6], vec![]);
+        let e = render(&hsv, EXPLICIT_VR_LE, 1, &RenderOptions::default()).expect_err("HSV");
+        let reason = display_reason(&e).expect("a reason");
+        assert!(reason.starts_with("This image cannot be displayed: its colour model"));
+        let codec = DicomWebError::Unsupported(
+            "pixel data in transfer syntax 1.2.840.10008.1.2.4.100 is not decoded".into(),
+        );
+        let reason = display_reason(&codec).expect("a reason");
+        assert!(reason.contains("stored compressed with MPEG2"), "{reason}");
+        assert!(
+            display_reason(&DicomWebError::NoPixelData).is_some_and(|r| r.contains("no picture"))
+        );
+        assert_eq!(
+            display_reason(&DicomWebError::FrameNotFound {
+                frame: 2,
+                frames: 1
+            }),
+            None
+        );
+    }
 
     #[test]
     fn box_filter_fits_the_viewport() {

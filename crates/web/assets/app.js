@@ -111,6 +111,8 @@
   async function errorText(r) {
     try {
       const body = await r.json();
+      // `reason`: why an image cannot be shown, in words for a clinician.
+      if (body && body.reason) return body.reason;
       if (body && body.error) return body.error;
     } catch (_) { /* not JSON */ }
     return `${r.status} ${r.statusText}`;
@@ -699,6 +701,7 @@
     const seq = ++state.renderSeq;
     if (!n) {
       $('ov-position').textContent = '';
+      $('cannot').textContent = 'Cannot display this image.';
       showImageState('cannot');
       return;
     }
@@ -720,6 +723,9 @@
     } catch (e) {
       if (seq === state.renderSeq && failure(e)) {
         $('image').removeAttribute('data-src');
+        // The server's reason when the image itself cannot be shown (422, 406).
+        $('cannot').textContent = e instanceof ApiFailure && (e.status === 422 || e.status === 406)
+          ? e.message : 'Cannot display this image.';
         showImageState('cannot');
       }
       return;
@@ -732,7 +738,13 @@
     state.imageUrl = URL.createObjectURL(blob);
     await new Promise((resolve) => {
       img.onload = () => { if (old) URL.revokeObjectURL(old); resolve(); };
-      img.onerror = () => { if (seq === state.renderSeq) showImageState('cannot'); resolve(); };
+      img.onerror = () => {
+        if (seq === state.renderSeq) {
+          $('cannot').textContent = 'Cannot display this image.';
+          showImageState('cannot');
+        }
+        resolve();
+      };
       img.dataset.src = url;
       img.alt = `image ${state.imageIndex + 1} of ${n}`;
       img.src = state.imageUrl;

@@ -926,9 +926,13 @@ async fn rendered(
             &ts,
             frame,
             &opts,
-        )?)
+        ))
     })
     .await?;
+    let image = match image {
+        Ok(image) => image,
+        Err(e) => return not_displayable(e),
+    };
     let mut r = ([(header::CONTENT_TYPE, format.media_type())], image.bytes).into_response();
     // The VOI window applied, `center,width` in modality units (grey
     // images): a viewer starts a window drag from it.
@@ -985,8 +989,28 @@ async fn thumbnail(
     let (inst, bytes, at) = one_instance(&st, &who, "wado.thumbnail", &target).await?;
     let ts = inst.transfer_syntax_uid.clone();
     let image =
-        blocking(move || Ok(bastion_dicomweb::thumbnail(&bytes[at..], &ts, format)?)).await?;
-    Ok(([(header::CONTENT_TYPE, format.media_type())], image).into_response())
+        blocking(move || Ok(bastion_dicomweb::thumbnail(&bytes[at..], &ts, format))).await?;
+    match image {
+        Ok(image) => Ok(([(header::CONTENT_TYPE, format.media_type())], image).into_response()),
+        Err(e) => not_displayable(e),
+    }
+}
+
+/// The error of a rendering that failed: the usual JSON error, plus
+/// `reason`, why the image cannot be shown in words for a clinician
+/// ([`bastion_dicomweb::render::display_reason`]), which the viewer shows
+/// in place of the image. Errors without such a reason are the usual ones.
+fn not_displayable(e: bastion_dicomweb::DicomWebError) -> Result<Response, ApiError> {
+    let Some(reason) = bastion_dicomweb::render::display_reason(&e) else {
+        return Err(e.into());
+    };
+    let api = ApiError::from(e);
+    let status = api.status();
+    Ok((
+        status,
+        axum::Json(json!({"error": api.to_string(), "status": status.as_u16(), "reason": reason})),
+    )
+        .into_response())
 }
 
 // ---------------------------------------------------------------- STOW-RS
