@@ -10,33 +10,37 @@
 //! - **Decompression** of encapsulated pixel data (§A.4) to native pixel data,
 //!   written in Explicit or Implicit VR Little Endian, by pure-Rust decoders:
 //!   RLE Lossless ([`RLE_LOSSLESS`], 8 or 16 bits allocated) by
-//!   dicom-transfer-syntax-registry's RLE adapter (feature `rle`); JPEG
+//!   dicom-transfer-syntax-registry's RLE adapter (feature `rle`), 32 bits
+//!   allocated by a PackBits decoder here (PS3.5 §G.3.1; the adapter refuses
+//!   more than 16 bits); JPEG
 //!   Baseline ([`JPEG_BASELINE`]), JPEG Extended ([`JPEG_EXTENDED`], 8-bit
-//!   samples only: jpeg-decoder has no 12-bit DCT) and JPEG Lossless
+//!   samples: jpeg-decoder has no 12-bit DCT, see below) and JPEG Lossless
 //!   ([`JPEG_LOSSLESS`], [`JPEG_LOSSLESS_SV1`], 2–16 bit samples) by
 //!   `jpeg-decoder`, the decoder behind dicom-rs's `jpeg` adapter, called
 //!   directly because the adapter lets it pick the colour transform (below).
 //!
-//! **JPEG 2000** (.90, .91) is decoded only through the
-//! [`crate::isolated::IsolatedDecoder`] the binary registers (`bastion
-//! serve`: a child process under seccomp and resource limits, see
-//! `crates/bastion/src/decoder_sandbox.rs`): the only decoders are OpenJPEG
-//! (C) and `openjp2`, OpenJPEG translated into `unsafe` Rust, and a
-//! peer-supplied codestream is never parsed in the server process. Each
-//! frame's codestream is checked against Rows, Columns, Samples per Pixel
-//! and Bits Allocated; a colour image comes out RGB (the decoder applies the
-//! inverse YBR_RCT/YBR_ICT transform). Without a registered decoder JPEG
-//! 2000 is not decodable.
+//! **JPEG 2000** (.90, .91), **JPEG-LS** (.80, .81) and **12-bit JPEG
+//! Extended** (.51 whose frame header says more than 8 bits) are decoded
+//! only through the [`crate::isolated::IsolatedDecoder`] the binary
+//! registers (`bastion serve`: a child process under seccomp and resource
+//! limits, see `crates/bastion/src/decoder_sandbox.rs`): the only decoders
+//! are OpenJPEG (C) / `openjp2` (OpenJPEG translated into `unsafe` Rust),
+//! CharLS (C++) and libjpeg-turbo's 12-bit API (C), and a peer-supplied
+//! codestream is never parsed by them in the server process. Each frame's
+//! image is checked against Rows, Columns, Samples per Pixel and Bits
+//! Allocated; a JPEG 2000 colour image comes out RGB (the decoder applies
+//! the inverse YBR_RCT/YBR_ICT transform), a 12-bit colour JPEG too
+//! (libjpeg-turbo converts YCbCr), JPEG-LS keeps its Photometric
+//! Interpretation. Without a registered decoder these are not decodable.
 //!
 //! **Not decoded**, so such instances go out as stored or not at all:
-//! JPEG-LS (dicom-rs decodes it only through CharLS, C++ built with cmake),
 //! JPEG XL, MPEG/HEVC video, Deflated Image Frame Compression, Encapsulated
 //! Uncompressed.
 //!
 //! ## What the decoded dataset says (PS3.3 §C.7.6.3, PS3.5 §8)
 //!
 //! - Pixel Data (7FE0,0010) holds every frame, little endian, with VR OB when
-//!   Bits Allocated is 8 and OW when 16, padded to even length. Extended
+//!   Bits Allocated is 8 and OW when 16 or 32, padded to even length. Extended
 //!   Offset Table (7FE0,0001), its Lengths (7FE0,0002) and Encapsulated Pixel
 //!   Data Value Total Length (7FE0,0003) describe fragments and are removed.
 //! - Photometric Interpretation (0028,0004), 3-component lossy JPEG: the
@@ -124,8 +128,8 @@ pub const MAX_DECODED_PIXEL_BYTES: u64 = 1 << 30;
 /// VR Little Endian.
 ///
 /// This is a property of the pair; one instance can still fail (e.g. a 12-bit
-/// JPEG Extended image, 32-bit RLE, a codestream contradicting its
-/// attributes), and [`transcode`] then says why.
+/// JPEG Extended image without a registered isolated decoder, a codestream
+/// contradicting its attributes), and [`transcode`] then says why.
 pub fn can_transcode(from: &str, to: &str) -> bool {
     let uncompressed = |ts: &str| matches!(ts, IMPLICIT_VR_LE | EXPLICIT_VR_LE | EXPLICIT_VR_BE);
     if from == to {

@@ -1281,4 +1281,52 @@ mod tests {
         assert!(frame_numbers("a").is_err());
         assert!(frame_numbers("").is_err());
     }
+
+    #[test]
+    fn frame_negotiation() {
+        let rle = "1.2.840.10008.1.2.5";
+        let jls = "1.2.840.10008.1.2.4.80"; // no isolated decoder in unit tests
+        let ask = |accept: Option<&str>, ts: &str| {
+            let mut h = HeaderMap::new();
+            if let Some(a) = accept {
+                h.insert(header::ACCEPT, HeaderValue::from_str(a).expect("header"));
+            }
+            negotiate_frames(&h, ts).ok()
+        };
+        let octet = "multipart/related; type=\"application/octet-stream\"";
+        // the default: native, decoded when compressed (PS3.18 §8.7.3.5.2)
+        assert_eq!(ask(Some(octet), rle), Some((FrameForm::Native, true)));
+        assert_eq!(ask(None, rle), Some((FrameForm::Native, true)));
+        assert_eq!(
+            ask(Some(octet), EXPLICIT_VR_LE),
+            Some((FrameForm::Native, true))
+        );
+        // not decodable: as stored, labelled so
+        assert_eq!(ask(Some(octet), jls), Some((FrameForm::Stored, true)));
+        // OHIF's default
+        let ohif = "multipart/related; type=application/octet-stream; transfer-syntax=*";
+        assert_eq!(ask(Some(ohif), rle), Some((FrameForm::Stored, true)));
+        let evrle = format!("{octet}; transfer-syntax={EXPLICIT_VR_LE}");
+        assert_eq!(ask(Some(&evrle), rle), Some((FrameForm::Native, true)));
+        assert_eq!(ask(Some(&evrle), jls), None, "cannot be decoded: 406");
+        // single part
+        assert_eq!(
+            ask(Some("application/octet-stream"), rle),
+            Some((FrameForm::Native, false))
+        );
+        assert_eq!(
+            ask(Some("image/dicom-rle"), rle),
+            Some((FrameForm::Stored, false))
+        );
+        assert_eq!(
+            ask(Some("image/jls"), jls),
+            Some((FrameForm::Stored, false))
+        );
+        assert_eq!(ask(Some("image/jls"), rle), None);
+        assert_eq!(
+            ask(Some("multipart/related; type=\"image/jls\""), jls),
+            Some((FrameForm::Stored, true))
+        );
+        assert_eq!(ask(Some("application/octet-stream"), jls), None);
+    }
 }
