@@ -53,6 +53,7 @@ FILES = {
     # YBR_FULL_422: uncompressed (2 samples per pixel stored), and JPEG
     "pydicom/test_files/SC_ybr_full_422_uncompressed.dcm": True,
     "pydicom/test_files/SC_rgb_dcmtk_+eb+cy+s2.dcm": False,
+    "pydicom/test_files/examples_ybr_color.dcm": False,  # 30 frames
     # 32 bits allocated: native and RLE, grey and colour
     "pydicom-data/SC_rgb_32bit.dcm": True,
     "pydicom/test_files/SC_rgb_rle_32bit.dcm": True,
@@ -334,3 +335,23 @@ def test_an_image_that_cannot_be_shown_says_why(shown, tmp_path):
     # the browser client shows `reason` in place of the image
     app = (Path(__file__).resolve().parents[2] / "crates/web/assets/app.js").read_text()
     assert "body.reason" in app
+
+
+def test_a_frame_decoded_alone_equals_the_whole_instance_decoded(shown):
+    """Frame 17 of a 30-frame JPEG, decoded alone for /frames, is the 17th
+    frame of the whole instance decoded for WADO-RS in Explicit VR LE."""
+    srv, reader, uids = shown
+    rel = "pydicom/test_files/examples_ybr_color.dcm"
+    st, hd, body = request(srv, "GET", f"{_path(uids[rel])}/frames/17", reader,
+                           {"Accept": "application/octet-stream"})
+    assert st == 200, body[:300]
+    st, hd2, whole = request(srv, "GET", _path(uids[rel]), reader,
+                             {"Accept": 'multipart/related; type="application/dicom"; '
+                                        f"transfer-syntax={ExplicitVRLittleEndian}"})
+    assert st == 200, whole[:300]
+    [(_, part)] = _parts(hd2, whole)
+    ds = pydicom.dcmread(io.BytesIO(part))
+    n = int(ds.Rows) * int(ds.Columns) * 3
+    assert len(body) == n
+    assert body == ds.PixelData[16 * n:17 * n]
+    assert body != ds.PixelData[15 * n:16 * n]

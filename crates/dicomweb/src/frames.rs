@@ -38,9 +38,13 @@
 //! [`DicomWebError::InvalidImage`]. A multi-fragment frame is returned as
 //! its fragments concatenated, which is the frame's codestream.
 
-use dicom_core::DicomValue;
+use dicom_core::header::Header;
+use dicom_core::value::PixelFragmentSequence;
+use dicom_core::{DataElement, DicomValue, PrimitiveValue, VR};
 use dicom_dictionary_std::{tags, uids};
+use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use bastion_archive::transcode::{
     can_transcode, transcode, EXPLICIT_VR_BE, EXPLICIT_VR_LE, MAX_DECODED_PIXEL_BYTES,
@@ -213,13 +217,114 @@ pub fn native_frames(
     for n in numbers {
         g.check_frame(*n)?;
     }
-    let native = transcode(dataset, ts_uid, EXPLICIT_VR_LE).map_err(|e| {
-        DicomWebError::InvalidImage(match e {
-            bastion_archive::ArchiveError::NotDicom(m) => m,
-            other => other.to_string(),
-        })
-    })?;
-    frames(&native, EXPLICIT_VR_LE, numbers)
+    // Decoded sizes within the cap before anything is decoded (a decoded
+    // frame has at most Rows × Columns × Samples × Bits Allocated / 8 bytes).
+    let decoded = u64::from(g.rows)
+        * u64::from(g.cols)
+        * u64::from(g.samples)
+        * u64::from(g.bits_allocated.div_ceil(8));
+    decoded
+        .checked_mul(numbers.len() as u64)
+        .filter(|t| *t <= MAX_DECODED_PIXEL_BYTES)
+        .ok_or_else(|| DicomWebError::InvalidParameter {
+            name: "frame list".into(),
+            reason: format!("the frames asked exceed {MAX_DECODED_PIXEL_BYTES} bytes"),
+        })?;
+    // Each frame decoded alone when its fragments can be told apart, so a
+    // frame of a long multi-frame image does not cost decoding them all.
+    let mut out = Vec::with_capacity(numbers.len());
+    for n in numbers {
+        match decode_one_frame(&obj, ts_uid, &g, *n)? {
+            Some(native) => out.extend(frames(&native, EXPLICIT_VR_LE, &[1])?),
+            None => {
+                let native = decode_all(dataset, ts_uid)?;
+                return frames(&native, EXPLICIT_VR_LE, numbers);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The whole instance decoded to Explicit VR Little Endian.
+fn decode_all(dataset: &[u8], ts_uid: &str) -> Result<Vec<u8>, DicomWebError> {
+    transcode(dataset, ts_uid, EXPLICIT_VR_LE).map_err(decode_error)
+}
+
+/// A decoding failure: the dataset itself is valid, so say what failed in
+/// decoding, without the "not a valid DICOM dataset" prefix.
+pub(crate) fn decode_error(e: bastion_archive::ArchiveError) -> DicomWebError {
+    DicomWebError::InvalidImage(match e {
+        bastion_archive::ArchiveError::NotDicom(m) => m,
+        other => other.to_string(),
+    })
+}
+
+/// Frame `n` (1-based, checked) of an encapsulated multi-frame dataset
+/// `obj` stored in `ts`, decoded alone: a dataset with the same attributes,
+/// Number of Frames 1 and only that frame's fragments (found as
+/// [`frames`] finds them; offset tables dropped) goes through
+/// `bastion_archive::transcode` to Explicit VR Little Endian. `None` for a
+/// single frame or when the frames cannot be delimited by fragments (the
+/// caller then decodes the whole instance, whose decoders split the
+/// codestreams themselves).
+pub(crate) fn decode_one_frame(
+    obj: &InMemDicomObject,
+    ts: &str,
+    g: &Geometry,
+    n: u32,
+) -> Result<Option<Vec<u8>>, DicomWebError> {
+    let Some(DicomValue::PixelSequence(seq)) = obj.get(tags::PIXEL_DATA).map(|e| e.value()) else {
+        return Ok(None);
+    };
+    if g.frames <= 1 {
+        return Ok(None);
+    }
+    let extended = extended_offsets(obj);
+    let Ok(groups) = frame_fragments(
+        seq.fragments(),
+        seq.offset_table(),
+        extended.as_deref(),
+        g.frames,
+        ts == uids::RLE_LOSSLESS,
+    ) else {
+        return Ok(None);
+    };
+    let Some(range) = groups.get((n - 1) as usize).cloned() else {
+        return Ok(None);
+    };
+    let fragments: Vec<Vec<u8>> = seq.fragments()[range].to_vec();
+    let mut one = InMemDicomObject::from_element_iter(
+        obj.iter()
+            .filter(|e| {
+                !matches!(
+                    e.tag(),
+                    tags::PIXEL_DATA
+                        | tags::NUMBER_OF_FRAMES
+                        | tags::EXTENDED_OFFSET_TABLE
+                        | tags::EXTENDED_OFFSET_TABLE_LENGTHS
+                )
+            })
+            .cloned(),
+    );
+    one.put(DataElement::new(
+        tags::NUMBER_OF_FRAMES,
+        VR::IS,
+        PrimitiveValue::from("1"),
+    ));
+    one.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        DicomValue::PixelSequence(PixelFragmentSequence::new(Vec::<u32>::new(), fragments)),
+    ));
+    let syntax = TransferSyntaxRegistry
+        .get(ts)
+        .ok_or_else(|| DicomWebError::Unsupported(format!("unknown transfer syntax {ts}")))?;
+    let mut bytes = Vec::new();
+    one.write_dataset_with_ts(&mut bytes, syntax)
+        .map_err(|e| DicomWebError::InvalidImage(format!("frame {n} cannot be isolated: {e}")))?;
+    transcode(&bytes, ts, EXPLICIT_VR_LE)
+        .map(Some)
+        .map_err(decode_error)
 }
 
 /// The media type of a frame kept in its stored compressed transfer syntax

@@ -12,8 +12,9 @@
 //!    the sandboxed child process `serve` registers, as are JPEG-LS and
 //!    12-bit JPEG Extended); other syntaxes are
 //!    [`DicomWebError::Unsupported`]. RLE at 32 bits allocated too.
-//!    The whole instance is decoded even for one frame (transcode works per
-//!    dataset).
+//!    A frame of a multi-frame image is decoded alone when its fragments
+//!    can be told apart (as [`crate::frames`] finds them), else the whole
+//!    instance is decoded (transcode works per dataset).
 //! 2. **Bounds.** The frame's bytes (Rows × Columns × Samples per Pixel ×
 //!    Bits Allocated / 8) must lie within the pixel data present, checked
 //!    before any buffer is allocated: crafted Rows/Columns are an error.
@@ -140,7 +141,7 @@ pub struct Rendered {
 pub fn render_image(
     dataset: &[u8],
     ts_uid: &str,
-    frame: u32,
+    mut frame: u32,
     opts: &RenderOptions,
 ) -> Result<Rendered, DicomWebError> {
     check_options(opts)?;
@@ -161,14 +162,18 @@ pub fn render_image(
                 "pixel data in transfer syntax {ts_uid} is not decoded"
             )));
         }
-        let native = transcode(dataset, ts_uid, EXPLICIT_VR_LE).map_err(|e| {
-            // The dataset itself is valid here: say what failed in decoding,
-            // without the "not a valid DICOM dataset" prefix.
-            DicomWebError::InvalidImage(match e {
-                bastion_archive::ArchiveError::NotDicom(m) => m,
-                other => other.to_string(),
-            })
-        })?;
+        // The frame alone when its fragments can be told apart, else the
+        // whole instance.
+        let g = Geometry::of(&obj)?;
+        let native = match crate::frames::decode_one_frame(&obj, ts_uid, &g, frame)? {
+            Some(one) => {
+                frame = 1;
+                one
+            }
+            None => {
+                transcode(dataset, ts_uid, EXPLICIT_VR_LE).map_err(crate::frames::decode_error)?
+            }
+        };
         obj = parse_dataset(&native, EXPLICIT_VR_LE)?;
     }
     let g = Geometry::of(&obj)?;
