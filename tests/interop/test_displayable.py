@@ -412,3 +412,44 @@ def test_every_corpus_image_is_displayable(shown, tmp_path):
         assert st == 422 and json.loads(out)["reason"].startswith(
             "This image cannot be displayed"), (rel, out)
     assert {r for r, _, _ in not_native} == set(BROKEN), not_native
+
+
+@pytest.mark.parametrize("rel,codec", [
+    ("pydicom/test_files/MR_small_jpeg_ls_lossless.dcm", "JPEG-LS"),
+    ("pydicom/test_files/JPGExtended.dcm", "12-bit JPEG"),
+])
+def test_a_corrupt_codestream_is_refused_by_the_child_and_the_server_keeps_serving(
+        shown, tmp_path, rel, codec):
+    srv, reader, uids = shown
+    tech = new_token(srv, f"tech-{codec[:2]}", "technologist")
+    ds = pydicom.dcmread(ROOT / rel)
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["h8-corrupt", rel])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    data = bytearray(next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)))
+    if codec == "JPEG-LS":
+        for i in range(200, min(len(data) - 2, 1200)):  # entropy-coded data: garbage
+            data[i] ^= 0x5A
+    else:
+        # a bogus Huffman table (counts adding up to more than 256 codes):
+        # the marker structure stays sound, libjpeg-turbo refuses it
+        dht = bytes(data).index(b"\xff\xc4")
+        data[dht + 5:dht + 21] = b"\xfe" * 16
+    ds.PixelData = pydicom.encaps.encapsulate([bytes(data)])
+    f = tmp_path / "corrupt.dcm"
+    ds.save_as(f, enforce_file_format=True)
+    body, b = _multipart([f])
+    st, _, out = request(srv, "POST", "/dicomweb/studies", tech,
+                         {"Content-Type": f'multipart/related; type="application/dicom"; '
+                                          f'boundary="{b}"', "Accept": "application/dicom+json"},
+                         body)
+    assert st == 200, out[:300]
+    path = _path((ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID))
+    st, _, out = request(srv, "GET", f"{path}/rendered", reader, {"Accept": "image/png"})
+    assert st == 422, (st, out[:300])
+    err = json.loads(out)
+    # refused by the decoder in the child (not killed by seccomp or a limit)
+    assert f"the {codec} codestream is malformed" in err["error"], err
+    assert err["reason"].startswith("This image cannot be displayed"), err
+    # the server and the sandbox keep working for the good copy
+    st, _, _ = request(srv, "GET", f"{_path(uids[rel])}/rendered", reader, {"Accept": "image/png"})
+    assert st == 200
