@@ -13,7 +13,7 @@
 //!    12-bit JPEG Extended); other syntaxes are
 //!    [`DicomWebError::Unsupported`]. RLE at 32 bits allocated too.
 //!    A frame of a multi-frame image is decoded alone when its fragments
-//!    can be told apart (as [`crate::frames`] finds them), else the whole
+//!    can be told apart (as [`crate::frames()`] finds them), else the whole
 //!    instance is decoded (transcode works per dataset).
 //! 2. **Bounds.** The frame's bytes (Rows × Columns × Samples per Pixel ×
 //!    Bits Allocated / 8) must lie within the pixel data present, checked
@@ -35,6 +35,12 @@
 //!    unsupported; [`display_reason`] words that for a clinician.
 //!    Single-bit pixels (Bits Allocated 1, PS3.5 §8.1.1) are unpacked to
 //!    one byte each and shown as grey.
+//!
+//!    Home-made rather than dicom-pixeldata's rendering: that crate decodes
+//!    through its own codec adapters in this process (C decoders included
+//!    when enabled; Bastion decodes those only in the sandboxed child), and
+//!    it has no 12-bit JPEG or 32-bit RLE; what is left here are lookups on
+//!    samples already decoded.
 //! 5. **Size**: the image is scaled down (box filter, aspect ratio kept) to
 //!    fit the viewport when one is given; never up.
 //! 6. **Encode**: PNG (`png`, 8-bit grey or RGB) or baseline JPEG
