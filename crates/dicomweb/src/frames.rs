@@ -15,7 +15,8 @@
 //! bounds. Samples come out little endian (the byte order of the
 //! uncompressed transfer syntaxes in use; Explicit VR Big Endian is retired),
 //! so native frames are labelled Explicit VR Little Endian
-//! ([`frame_transfer_syntax`]). Bits Allocated must be a multiple of 8.
+//! ([`frame_transfer_syntax`]). Bits Allocated must be a multiple of 8, or 1 (packed bits, PS3.5 §8.1.1)
+//! when a frame is a whole number of bytes.
 //!
 //! **Encapsulated** pixel data (PS3.5 §A.4), in this order:
 //! 1. one frame: every fragment, concatenated;

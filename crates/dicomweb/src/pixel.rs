@@ -113,9 +113,16 @@ impl Geometry {
     }
 
     /// Bytes of one native frame, when Bits Allocated is a whole number of
-    /// bytes (fits in u64: at most 65535² × 65535 × 8). YBR_FULL_422
-    /// counts two samples per pixel ([`Geometry::frame_samples`]).
+    /// bytes (fits in u64: at most 65535² × 65535 × 8), or 1 with frames of a
+    /// whole number of bytes. YBR_FULL_422 counts two samples per pixel
+    /// ([`Geometry::frame_samples`]).
     pub(crate) fn frame_bytes(&self) -> Result<u64, DicomWebError> {
+        // Single-bit pixels are packed eight per byte, frames following each
+        // other bit by bit (PS3.5 §8.1.1): a frame is a byte range when its
+        // bit count is a multiple of 8.
+        if self.bits_allocated == 1 && self.frame_samples() % 8 == 0 {
+            return Ok(self.frame_samples() / 8);
+        }
         if self.bits_allocated & 7 != 0 {
             return Err(DicomWebError::Unsupported(format!(
                 "Bits Allocated {} (whole bytes per sample are supported)",
