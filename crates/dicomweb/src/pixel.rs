@@ -120,7 +120,7 @@ impl Geometry {
         // Single-bit pixels are packed eight per byte, frames following each
         // other bit by bit (PS3.5 §8.1.1): a frame is a byte range when its
         // bit count is a multiple of 8.
-        if self.bits_allocated == 1 && self.frame_samples() % 8 == 0 {
+        if self.bits_allocated == 1 && self.frame_samples() & 7 == 0 {
             return Ok(self.frame_samples() / 8);
         }
         if self.bits_allocated & 7 != 0 {
