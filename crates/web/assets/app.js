@@ -101,18 +101,18 @@
 
   class SessionExpired extends Error {}
   class ApiFailure extends Error {
-    constructor(status, text, retryAfter) {
+    constructor(status, text, retryAfter, reason) {
       super(text);
       this.status = status;
       this.retryAfter = retryAfter;
+      // why an image cannot be shown, in words for a clinician (rendering)
+      this.reason = reason || null;
     }
   }
 
   async function errorText(r) {
     try {
       const body = await r.json();
-      // `reason`: why an image cannot be shown, in words for a clinician.
-      if (body && body.reason) return body.reason;
       if (body && body.error) return body.error;
     } catch (_) { /* not JSON */ }
     return `${r.status} ${r.statusText}`;
@@ -132,7 +132,14 @@
       expire();
       throw new SessionExpired('session expired');
     }
-    if (!r.ok) throw new ApiFailure(r.status, await errorText(r), r.headers.get('Retry-After'));
+    if (!r.ok) {
+      const body = await r.text();
+      let parsed = null;
+      try { parsed = JSON.parse(body); } catch (_) { /* not JSON */ }
+      const text = parsed && parsed.error ? parsed.error : `${r.status} ${r.statusText}`;
+      throw new ApiFailure(r.status, text, r.headers.get('Retry-After'),
+        parsed && typeof parsed.reason === 'string' ? parsed.reason : null);
+    }
     return r;
   }
   async function apiJson(path, options) {
@@ -723,9 +730,8 @@
     } catch (e) {
       if (seq === state.renderSeq && failure(e)) {
         $('image').removeAttribute('data-src');
-        // The server's reason when the image itself cannot be shown (422, 406).
-        $('cannot').textContent = e instanceof ApiFailure && (e.status === 422 || e.status === 406)
-          ? e.message : 'Cannot display this image.';
+        // The server's reason when the image itself cannot be shown.
+        $('cannot').textContent = (e instanceof ApiFailure && e.reason) || 'Cannot display this image.';
         showImageState('cannot');
       }
       return;
