@@ -23,10 +23,14 @@ PY_PACKAGES=(pydicom==3.0.2 pynetdicom==3.0.4 pytest==9.2.0 cryptography==50.0.2
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "1/8 system packages (DCMTK, cmake, chromium, node, Orthanc)"
+step "1/8 system packages (DCMTK, cmake, nasm, g++, chromium, node, Orthanc)"
 need=()
 [[ -x /usr/bin/storescu && -x /usr/bin/echoscu && -x /usr/bin/storescp ]] || need+=(dcmtk)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
+# the sandboxed decoders' C/C++ sources: CharLS (JPEG-LS, C++) and
+# libjpeg-turbo 3.1 (12-bit JPEG; nasm for its SIMD code)
+command -v nasm >/dev/null 2>&1 || need+=(nasm)
+command -v c++ >/dev/null 2>&1 || need+=(g++)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 { [[ -x /usr/sbin/rsyslogd ]] && compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null; } || need+=(rsyslog rsyslog-gnutls)
 command -v jing >/dev/null 2>&1 || need+=(jing)
@@ -48,7 +52,7 @@ if ((${#need[@]})); then
     $SUDO apt-get update -q
     $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
 else
-    echo "dcmtk and cmake present"
+    echo "dcmtk, cmake and nasm present"
 fi
 
 step "2/8 python venv ($VENV) and tests/ui node modules"

@@ -1,5 +1,5 @@
 """JPEG 2000 (PS3.5 §A.4.4) decoded in the sandboxed child process
-(`bastion decode-j2k`, seccomp + resource limits; see
+(`bastion decode-image`, seccomp + resource limits; see
 crates/bastion/src/decoder_sandbox.rs), never in the server:
 
 - lossless JPEG 2000 corpus files decode to exactly the pixel data of their

@@ -119,6 +119,16 @@ try {
   check('render failure: "cannot display this image"', (await page.textContent('#cannot')).includes('Cannot display this image'));
   await page.screenshot({ path: join(OUT, 'viewer-cannot.png') });
   await page.unroute('**/rendered*');
+  // an image that truly cannot be shown: the server's reason, in plain words
+  const reason = 'This image cannot be displayed: its picture data is damaged or does not match the image\'s description (size, colours). The rest of the study is not affected.';
+  await page.route('**/rendered*', (route) => route.fulfill({
+    status: 422, contentType: 'application/json',
+    body: JSON.stringify({ error: 'cannot decompress: frame 1: codestream malformed', status: 422, reason }),
+  }));
+  await page.keyboard.press('ArrowDown');
+  await page.waitForFunction((r) => document.querySelector('#cannot').textContent === r, reason);
+  check('render failure: the server\'s reason is shown', (await page.textContent('#cannot')) === reason);
+  await page.unroute('**/rendered*');
 
   // -- logout, then an expired session
   await page.click('#logout');

@@ -10,33 +10,37 @@
 //! - **Decompression** of encapsulated pixel data (§A.4) to native pixel data,
 //!   written in Explicit or Implicit VR Little Endian, by pure-Rust decoders:
 //!   RLE Lossless ([`RLE_LOSSLESS`], 8 or 16 bits allocated) by
-//!   dicom-transfer-syntax-registry's RLE adapter (feature `rle`); JPEG
+//!   dicom-transfer-syntax-registry's RLE adapter (feature `rle`), 32 bits
+//!   allocated by a PackBits decoder here (PS3.5 §G.3.1; the adapter refuses
+//!   more than 16 bits); JPEG
 //!   Baseline ([`JPEG_BASELINE`]), JPEG Extended ([`JPEG_EXTENDED`], 8-bit
-//!   samples only: jpeg-decoder has no 12-bit DCT) and JPEG Lossless
+//!   samples: jpeg-decoder has no 12-bit DCT, see below) and JPEG Lossless
 //!   ([`JPEG_LOSSLESS`], [`JPEG_LOSSLESS_SV1`], 2–16 bit samples) by
 //!   `jpeg-decoder`, the decoder behind dicom-rs's `jpeg` adapter, called
 //!   directly because the adapter lets it pick the colour transform (below).
 //!
-//! **JPEG 2000** (.90, .91) is decoded only through the
-//! [`crate::isolated::IsolatedDecoder`] the binary registers (`bastion
-//! serve`: a child process under seccomp and resource limits, see
-//! `crates/bastion/src/decoder_sandbox.rs`): the only decoders are OpenJPEG
-//! (C) and `openjp2`, OpenJPEG translated into `unsafe` Rust, and a
-//! peer-supplied codestream is never parsed in the server process. Each
-//! frame's codestream is checked against Rows, Columns, Samples per Pixel
-//! and Bits Allocated; a colour image comes out RGB (the decoder applies the
-//! inverse YBR_RCT/YBR_ICT transform). Without a registered decoder JPEG
-//! 2000 is not decodable.
+//! **JPEG 2000** (.90, .91), **JPEG-LS** (.80, .81) and **12-bit JPEG
+//! Extended** (.51 whose frame header says more than 8 bits) are decoded
+//! only through the [`crate::isolated::IsolatedDecoder`] the binary
+//! registers (`bastion serve`: a child process under seccomp and resource
+//! limits, see `crates/bastion/src/decoder_sandbox.rs`): the only decoders
+//! are OpenJPEG (C) / `openjp2` (OpenJPEG translated into `unsafe` Rust),
+//! CharLS (C++) and libjpeg-turbo's 12-bit API (C), and a peer-supplied
+//! codestream is never parsed by them in the server process. Each frame's
+//! image is checked against Rows, Columns, Samples per Pixel and Bits
+//! Allocated; a JPEG 2000 colour image comes out RGB (the decoder applies
+//! the inverse YBR_RCT/YBR_ICT transform), a 12-bit colour JPEG too
+//! (libjpeg-turbo converts YCbCr), JPEG-LS keeps its Photometric
+//! Interpretation. Without a registered decoder these are not decodable.
 //!
 //! **Not decoded**, so such instances go out as stored or not at all:
-//! JPEG-LS (dicom-rs decodes it only through CharLS, C++ built with cmake),
 //! JPEG XL, MPEG/HEVC video, Deflated Image Frame Compression, Encapsulated
 //! Uncompressed.
 //!
 //! ## What the decoded dataset says (PS3.3 §C.7.6.3, PS3.5 §8)
 //!
 //! - Pixel Data (7FE0,0010) holds every frame, little endian, with VR OB when
-//!   Bits Allocated is 8 and OW when 16, padded to even length. Extended
+//!   Bits Allocated is 8 and OW when 16 or 32, padded to even length. Extended
 //!   Offset Table (7FE0,0001), its Lengths (7FE0,0002) and Encapsulated Pixel
 //!   Data Value Total Length (7FE0,0003) describe fragments and are removed.
 //! - Photometric Interpretation (0028,0004), 3-component lossy JPEG: the
@@ -87,6 +91,7 @@ use dicom_encoding::{Codec, TransferSyntaxIndex};
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
+use crate::isolated::IsolatedCodec;
 use crate::ArchiveError;
 
 /// Implicit VR Little Endian.
@@ -123,8 +128,8 @@ pub const MAX_DECODED_PIXEL_BYTES: u64 = 1 << 30;
 /// VR Little Endian.
 ///
 /// This is a property of the pair; one instance can still fail (e.g. a 12-bit
-/// JPEG Extended image, 32-bit RLE, a codestream contradicting its
-/// attributes), and [`transcode`] then says why.
+/// JPEG Extended image without a registered isolated decoder, a codestream
+/// contradicting its attributes), and [`transcode`] then says why.
 pub fn can_transcode(from: &str, to: &str) -> bool {
     let uncompressed = |ts: &str| matches!(ts, IMPLICIT_VR_LE | EXPLICIT_VR_LE | EXPLICIT_VR_BE);
     if from == to {
@@ -184,21 +189,28 @@ enum Decoder {
         /// Baseline or extended (DCT) rather than lossless (process 14).
         lossy: bool,
     },
-    /// ISO 15444-1, by the registered [`crate::isolated::IsolatedDecoder`]
-    /// (a sandboxed child process), only when one is registered.
-    Jpeg2000,
+    /// JPEG 2000 (ISO 15444-1) or JPEG-LS (ISO 14495-1), by the registered
+    /// [`crate::isolated::IsolatedDecoder`] (a sandboxed child process),
+    /// only when one is registered.
+    Isolated(IsolatedCodec),
 }
 
 impl Decoder {
     fn of(ts: &str) -> Option<Self> {
+        let isolated = |codec| {
+            crate::isolated::isolated_decoder()
+                .is_some()
+                .then_some(Decoder::Isolated(codec))
+        };
         match ts {
             RLE_LOSSLESS => Some(Decoder::Rle),
             JPEG_BASELINE | JPEG_EXTENDED => Some(Decoder::Jpeg { lossy: true }),
             JPEG_LOSSLESS | JPEG_LOSSLESS_SV1 => Some(Decoder::Jpeg { lossy: false }),
-            crate::isolated::JPEG_2000_LOSSLESS | crate::isolated::JPEG_2000
-                if crate::isolated::isolated_decoder().is_some() =>
-            {
-                Some(Decoder::Jpeg2000)
+            crate::isolated::JPEG_2000_LOSSLESS | crate::isolated::JPEG_2000 => {
+                isolated(IsolatedCodec::Jpeg2000)
+            }
+            crate::isolated::JPEG_LS_LOSSLESS | crate::isolated::JPEG_LS => {
+                isolated(IsolatedCodec::JpegLs)
             }
             _ => None,
         }
@@ -251,9 +263,9 @@ impl Geometry {
                 g.samples
             ));
         }
-        if !matches!(g.bits_allocated, 8 | 16) {
+        if !matches!(g.bits_allocated, 8 | 16 | 32) {
             return Err(format!(
-                "Bits Allocated {} (8 or 16 can be decoded)",
+                "Bits Allocated {} (8, 16 or 32 can be decoded)",
                 g.bits_allocated
             ));
         }
@@ -315,7 +327,16 @@ fn decode_pixel_data(
     native
         .try_reserve_exact(total)
         .map_err(|e| fail(format!("cannot allocate {total} bytes: {e}")))?;
+    if g.bits_allocated == 32 && decoder != Decoder::Rle {
+        return Err(fail(
+            "Bits Allocated 32 (only RLE Lossless is decoded at 32 bits)".into(),
+        ));
+    }
     match decoder {
+        Decoder::Rle if g.bits_allocated == 32 => {
+            check_rle(fragments, &g).map_err(fail)?;
+            decode_rle_32(fragments, &g, &mut native).map_err(fail)?;
+        }
         Decoder::Rle => {
             check_rle(fragments, &g).map_err(fail)?;
             let reader = match TransferSyntaxRegistry.get(ts).map(|t| t.codec()) {
@@ -336,31 +357,45 @@ fn decode_pixel_data(
         Decoder::Jpeg { lossy } => {
             let data = fragments.concat();
             let images = check_jpeg(&data, &g, lossy).map_err(fail)?;
-            // DCMTK's default rule (PS3.5 §8.2.1): the dataset, not the
-            // JFIF/Adobe markers or component identifiers that jpeg-decoder
-            // would otherwise go by, says whether the samples are YCbCr.
-            let colour = (lossy && g.samples == 3).then(|| {
-                if photometric.as_deref() == Some("RGB") {
-                    jpeg_decoder::ColorTransform::None
-                } else {
-                    jpeg_decoder::ColorTransform::YCbCr
-                }
-            });
-            decode_jpeg(&data, &images, &g, colour, &mut native).map_err(fail)?;
-        }
-        Decoder::Jpeg2000 => {
-            let decoder = crate::isolated::isolated_decoder()
-                .ok_or_else(|| fail("no JPEG 2000 decoder registered".into()))?;
-            let codestreams =
-                crate::isolated::frame_codestreams(fragments, g.frames).map_err(fail)?;
-            let frame_bytes = usize::try_from(g.frame_bytes()).map_err(|e| fail(e.to_string()))?;
-            for (i, cs) in codestreams.iter().enumerate() {
-                let image = decoder
-                    .decode_j2k(cs, frame_bytes)
-                    .map_err(|e| fail(format!("frame {}: {e}", i + 1)))?;
-                check_j2k(&image, &g).map_err(|e| fail(format!("frame {}: {e}", i + 1)))?;
-                native.extend_from_slice(&image.samples);
+            if lossy && images.iter().any(|f| f.precision > 8) {
+                // 12-bit DCT (process 4): jpeg-decoder has none; libjpeg-turbo
+                // (C) decodes it in the sandboxed child when one is registered.
+                let decoder = crate::isolated::isolated_decoder().ok_or_else(|| {
+                    fail("12-bit JPEG needs the isolated decoder, none is registered".into())
+                })?;
+                let codestreams = images
+                    .iter()
+                    .map(|f| data.get(f.start..f.end).unwrap_or_default().to_vec())
+                    .collect::<Vec<_>>();
+                decode_isolated(
+                    decoder.as_ref(),
+                    IsolatedCodec::Jpeg12,
+                    &codestreams,
+                    &g,
+                    &mut native,
+                )
+                .map_err(fail)?;
+            } else {
+                // DCMTK's default rule (PS3.5 §8.2.1): the dataset, not the
+                // JFIF/Adobe markers or component identifiers that jpeg-decoder
+                // would otherwise go by, says whether the samples are YCbCr.
+                let colour = (lossy && g.samples == 3).then(|| {
+                    if photometric.as_deref() == Some("RGB") {
+                        jpeg_decoder::ColorTransform::None
+                    } else {
+                        jpeg_decoder::ColorTransform::YCbCr
+                    }
+                });
+                decode_jpeg(&data, &images, &g, colour, &mut native).map_err(fail)?;
             }
+        }
+        Decoder::Isolated(codec) => {
+            let decoder = crate::isolated::isolated_decoder()
+                .ok_or_else(|| fail(format!("no {} decoder registered", codec.label())))?;
+            let codestreams =
+                crate::isolated::frame_codestreams(codec, fragments, g.frames).map_err(fail)?;
+            decode_isolated(decoder.as_ref(), codec, &codestreams, &g, &mut native)
+                .map_err(fail)?;
         }
     }
     if native.len() != total {
@@ -396,7 +431,7 @@ fn decode_pixel_data(
             PrimitiveValue::from(0_u16),
         ));
     }
-    if decoder == Decoder::Jpeg2000 && g.samples == 3 {
+    if decoder == Decoder::Isolated(IsolatedCodec::Jpeg2000) && g.samples == 3 {
         // The decoder applied the inverse component transform (YBR_RCT,
         // YBR_ICT): the samples are RGB (PS3.5 §8.2.4).
         obj.put(DataElement::new(
@@ -432,6 +467,26 @@ fn decode_pixel_data(
         .is_some_and(|items| items.iter().any(has_encapsulated));
     if icon_encapsulated {
         obj.remove_element(tags::ICON_IMAGE_SEQUENCE);
+    }
+    Ok(())
+}
+
+/// Decodes each frame's codestream with the isolated decoder, checks it
+/// against the attributes and appends its samples to `out`.
+fn decode_isolated(
+    decoder: &dyn crate::isolated::IsolatedDecoder,
+    codec: IsolatedCodec,
+    codestreams: &[Vec<u8>],
+    g: &Geometry,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    let frame_bytes = usize::try_from(g.frame_bytes()).map_err(|e| e.to_string())?;
+    for (i, cs) in codestreams.iter().enumerate() {
+        let image = decoder
+            .decode(codec, cs, frame_bytes)
+            .map_err(|e| format!("frame {}: {e}", i + 1))?;
+        check_isolated(&image, g).map_err(|e| format!("frame {}: {e}", i + 1))?;
+        out.extend_from_slice(&image.samples);
     }
     Ok(())
 }
@@ -506,6 +561,75 @@ fn check_rle(fragments: &[Vec<u8>], g: &Geometry) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// RLE Lossless at 32 bits allocated (PS3.5 §G.2: one segment per byte of
+/// each sample, most significant first), decoded here because dicom-rs's
+/// RLE adapter refuses more than 16 bits. `check_rle` has checked the
+/// header and that each segment yields at least one byte per pixel; the
+/// output is interleaved, little endian.
+fn decode_rle_32(fragments: &[Vec<u8>], g: &Geometry, out: &mut Vec<u8>) -> Result<(), String> {
+    let samples = usize::from(g.samples);
+    let pixels = usize::from(g.rows) * usize::from(g.cols);
+    let frame_bytes = pixels * samples * 4;
+    for fragment in fragments {
+        let base = out.len();
+        out.resize(base + frame_bytes, 0);
+        let offset = |i: usize| -> usize {
+            fragment
+                .get(4 * i..4 * i + 4)
+                .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as usize)
+                .unwrap_or(0)
+        };
+        let count = samples * 4;
+        let mut segment_bytes = Vec::with_capacity(pixels);
+        for s in 0..count {
+            let start = offset(1 + s);
+            let end = if s + 1 < count {
+                offset(2 + s)
+            } else {
+                fragment.len()
+            };
+            let segment = fragment
+                .get(start..end)
+                .ok_or_else(|| format!("RLE segment {s} out of bounds"))?;
+            segment_bytes.clear();
+            packbits_decode(segment, pixels, &mut segment_bytes);
+            if segment_bytes.len() < pixels {
+                return Err(format!("RLE segment {s} decodes to too few bytes"));
+            }
+            let (sample, byte) = (s / 4, 3 - s % 4);
+            for (p, b) in segment_bytes.iter().take(pixels).enumerate() {
+                out[base + (p * samples + sample) * 4 + byte] = *b;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decodes a PackBits segment (PS3.5 §G.3.1) into `out`, stopping at
+/// `max` bytes.
+fn packbits_decode(segment: &[u8], max: usize, out: &mut Vec<u8>) {
+    let mut pos = 0usize;
+    while let Some(&header) = segment.get(pos) {
+        if out.len() >= max {
+            break;
+        }
+        pos += 1;
+        let n = header as i8;
+        if n >= 0 {
+            let run = (n as usize + 1).min(segment.len() - pos);
+            out.extend_from_slice(&segment[pos..pos + run]);
+            pos += run;
+        } else if n != -128 {
+            if let Some(&b) = segment.get(pos) {
+                let run = (1 - isize::from(n)) as usize;
+                out.extend(std::iter::repeat_n(b, run));
+            }
+            pos += 1;
+        }
+    }
+    out.truncate(max);
 }
 
 /// Bytes a PackBits segment decodes to (PS3.5 §G.3.1), as the adapter reads
@@ -591,10 +715,11 @@ fn check_jpeg(data: &[u8], g: &Geometry, lossy: bool) -> Result<Vec<JpegFrame>, 
     Ok(frames)
 }
 
-/// Whether a decoded JPEG 2000 image is what the dataset says (PS3.5
-/// §8.2.4: the codestream's size, components and precision must agree with
-/// Rows, Columns, Samples per Pixel and Bits Allocated/Stored).
-fn check_j2k(image: &crate::isolated::DecodedImage, g: &Geometry) -> Result<(), String> {
+/// Whether an image decoded by the isolated decoder is what the dataset
+/// says (PS3.5 §8.2.4, §8.2.3, §8.2.1: the codestream's size, components
+/// and precision must agree with Rows, Columns, Samples per Pixel and Bits
+/// Allocated).
+fn check_isolated(image: &crate::isolated::DecodedImage, g: &Geometry) -> Result<(), String> {
     if image.width != u32::from(g.cols) || image.height != u32::from(g.rows) {
         return Err(format!(
             "codestream of {}×{} for an image of {}×{}",
@@ -998,6 +1123,49 @@ mod tests {
         cut.truncate(8); // inside the frame header
         assert!(check_jpeg(&cut, &g, true).is_err());
         assert!(check_jpeg(&[0xFF, 0xD8, 0x12], &g, true).is_err());
+    }
+
+    /// One RLE fragment: the header, then each segment as literal runs.
+    fn rle_fragment(segments: &[Vec<u8>]) -> Vec<u8> {
+        let coded: Vec<Vec<u8>> = segments
+            .iter()
+            .map(|s| {
+                s.chunks(128)
+                    .flat_map(|c| std::iter::once(c.len() as u8 - 1).chain(c.iter().copied()))
+                    .collect()
+            })
+            .collect();
+        let mut header = vec![0u8; 64];
+        header[..4].copy_from_slice(&(segments.len() as u32).to_le_bytes());
+        let mut at = 64u32;
+        for (i, c) in coded.iter().enumerate() {
+            header[4 + 4 * i..8 + 4 * i].copy_from_slice(&at.to_le_bytes());
+            at += c.len() as u32;
+        }
+        header.extend(coded.concat());
+        header
+    }
+
+    #[test]
+    fn rle_32_bit_is_decoded_most_significant_segment_first() {
+        // 1 × 2 pixels, 1 sample, 32 bits: values 0x01020304, 0xA0B0C0D0
+        let g = geometry(1, 2, 1, 32, 1);
+        let frag = rle_fragment(&[
+            vec![0x01, 0xA0],
+            vec![0x02, 0xB0],
+            vec![0x03, 0xC0],
+            vec![0x04, 0xD0],
+        ]);
+        assert_eq!(check_rle(std::slice::from_ref(&frag), &g), Ok(()));
+        let mut out = Vec::new();
+        decode_rle_32(&[frag], &g, &mut out).expect("decoded");
+        let mut want = 0x0102_0304u32.to_le_bytes().to_vec();
+        want.extend(0xA0B0_C0D0u32.to_le_bytes());
+        assert_eq!(out, want);
+        // a replicate run: 3 × 7, stopped at the pixels wanted
+        let mut run = Vec::new();
+        packbits_decode(&[0xFE, 7, 0x00, 9], 2, &mut run);
+        assert_eq!(run, vec![7, 7]);
     }
 
     #[test]

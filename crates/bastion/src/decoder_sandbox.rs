@@ -1,12 +1,13 @@
-//! JPEG 2000 decoding in a sandboxed child process
-//! ([`bastion_archive::isolated`]).
+//! JPEG 2000, JPEG-LS and 12-bit JPEG decoding in a sandboxed child
+//! process ([`bastion_archive::isolated`]).
 //!
 //! The only JPEG 2000 decoders are OpenJPEG (C) and `openjp2` (OpenJPEG
-//! translated into `unsafe` Rust). Bastion decodes peer-supplied codestreams
-//! with `openjp2` (through the `jpeg2k` crate; no C toolchain, no threads,
-//! no file I/O), but never in the server: `serve` registers a
-//! [`ChildDecoder`], which runs `bastion decode-j2k` (a hidden subcommand)
-//! per codestream:
+//! translated into `unsafe` Rust); the only JPEG-LS decoder is CharLS (C++,
+//! through the `charls` crate, built from its bundled sources with cmake);
+//! the only 12-bit JPEG decoder is libjpeg-turbo (C). Bastion decodes
+//! peer-supplied codestreams with them, but never in the server: `serve`
+//! registers a [`ChildDecoder`], which runs `bastion decode-image MAX CODEC`
+//! (a hidden subcommand; CODEC `jp2`, `jls` or `jpeg12`) per codestream:
 //!
 //! - the child starts with an empty environment, in `/`, with stdin, stdout
 //!   and stderr as its only open files; it sets resource limits (address
@@ -37,10 +38,10 @@ use std::{
     time::Duration,
 };
 
-use bastion_archive::isolated::{DecodedImage, IsolatedDecoder};
+use bastion_archive::isolated::{DecodedImage, IsolatedCodec, IsolatedDecoder};
 
 /// The hidden subcommand the child runs.
-pub const SUBCOMMAND: &str = "decode-j2k";
+pub const SUBCOMMAND: &str = "decode-image";
 /// A child that has not answered by then is killed.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 /// Children decoding at the same time (the rest wait).
@@ -55,7 +56,8 @@ const MAGIC: &[u8; 4] = b"BJ2K";
 /// Magic, width, height, components, precision, signed.
 const HEADER: usize = 16;
 
-/// Decodes JPEG 2000 by running `exe decode-j2k` per codestream.
+/// Decodes JPEG 2000, JPEG-LS and 12-bit JPEG by running `exe decode-image`
+/// per codestream.
 pub struct ChildDecoder {
     exe: PathBuf,
     running: Mutex<usize>,
@@ -93,24 +95,31 @@ impl Drop for Slot<'_> {
 }
 
 impl IsolatedDecoder for ChildDecoder {
-    fn decode_j2k(&self, codestream: &[u8], max_bytes: usize) -> Result<DecodedImage, String> {
+    fn decode(
+        &self,
+        codec: IsolatedCodec,
+        codestream: &[u8],
+        max_bytes: usize,
+    ) -> Result<DecodedImage, String> {
+        let label = codec.label();
         let _slot = self.acquire();
         let mut child = Command::new(&self.exe)
             .arg(SUBCOMMAND)
             .arg(max_bytes.to_string())
+            .arg(codec.arg())
             .env_clear()
             .current_dir("/")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot start the JPEG 2000 decoder process: {e}"))?;
+            .map_err(|e| format!("cannot start the {label} decoder process: {e}"))?;
         let (Some(mut stdin), Some(stdout), Some(mut stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             let _ = child.kill();
             let _ = child.wait();
-            return Err("the JPEG 2000 decoder process has no pipes".into());
+            return Err(format!("the {label} decoder process has no pipes"));
         };
         let child = Arc::new(Mutex::new(child));
         // Watchdog: kill the child when it overruns.
@@ -144,20 +153,21 @@ impl IsolatedDecoder for ChildDecoder {
         let message = errors.join().unwrap_or_default();
         if timed_out {
             return Err(format!(
-                "the JPEG 2000 decoder took more than {} s and was stopped",
+                "the {label} decoder took more than {} s and was stopped",
                 TIMEOUT.as_secs()
             ));
         }
-        let status = status.map_err(|e| format!("JPEG 2000 decoder process: {e}"))?;
-        read.map_err(|e| format!("reading the JPEG 2000 decoder's output: {e}"))?;
+        let status = status.map_err(|e| format!("{label} decoder process: {e}"))?;
+        read.map_err(|e| format!("reading the {label} decoder's output: {e}"))?;
         if !status.success() {
             let line = message.lines().next().unwrap_or("").trim();
             return Err(match status.code() {
                 Some(_) if !line.is_empty() => line.to_owned(),
-                Some(c) => format!("the JPEG 2000 decoder failed (exit status {c})"),
-                None => "the JPEG 2000 decoder was killed (crash, resource limit or a \
-                         forbidden system call)"
-                    .to_owned(),
+                Some(c) => format!("the {label} decoder failed (exit status {c})"),
+                None => format!(
+                    "the {label} decoder was killed (crash, resource limit or a \
+                     forbidden system call)"
+                ),
             });
         }
         parse_output(&out, max_bytes)
@@ -166,7 +176,7 @@ impl IsolatedDecoder for ChildDecoder {
 
 /// The child's answer, checked.
 fn parse_output(out: &[u8], max_bytes: usize) -> Result<DecodedImage, String> {
-    let bad = || "malformed output from the JPEG 2000 decoder".to_owned();
+    let bad = || "malformed output from the isolated decoder".to_owned();
     if out.len() < HEADER || &out[..4] != MAGIC {
         return Err(bad());
     }
@@ -191,9 +201,14 @@ fn parse_output(out: &[u8], max_bytes: usize) -> Result<DecodedImage, String> {
     })
 }
 
-/// `bastion decode-j2k MAX_BYTES`: the child. Never returns to the caller's
-/// normal flow with an error: the exit code and one stderr line say it.
-pub fn run_child(max_bytes: usize) -> ExitCode {
+/// `bastion decode-image MAX_BYTES CODEC`: the child. Never returns to the
+/// caller's normal flow with an error: the exit code and one stderr line
+/// say it.
+pub fn run_child(max_bytes: usize, codec: Option<IsolatedCodec>) -> ExitCode {
+    let Some(codec) = codec else {
+        eprintln!("unknown codec");
+        return ExitCode::from(2);
+    };
     if let Err(e) = limit_resources() {
         eprintln!("sandbox unavailable: {e}");
         return ExitCode::from(3);
@@ -211,7 +226,7 @@ pub fn run_child(max_bytes: usize) -> ExitCode {
         eprintln!("sandbox unavailable: {e}");
         return ExitCode::from(3);
     }
-    match decode(&input, max_bytes) {
+    match decode(codec, &input, max_bytes) {
         Ok(out) => {
             let mut stdout = std::io::stdout().lock();
             if stdout
@@ -230,8 +245,125 @@ pub fn run_child(max_bytes: usize) -> ExitCode {
     }
 }
 
-/// Decodes one codestream into the output format (header + samples).
-fn decode(codestream: &[u8], max_bytes: usize) -> Result<Vec<u8>, String> {
+/// Decodes one codestream of `codec` into the output format (header +
+/// samples).
+fn decode(codec: IsolatedCodec, codestream: &[u8], max_bytes: usize) -> Result<Vec<u8>, String> {
+    match codec {
+        IsolatedCodec::Jpeg2000 => decode_j2k(codestream, max_bytes),
+        IsolatedCodec::JpegLs => decode_jls(codestream, max_bytes),
+        IsolatedCodec::Jpeg12 => decode_jpeg12(codestream, max_bytes),
+    }
+}
+
+/// The output header.
+fn header(width: u32, height: u32, components: u16, precision: u8, size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + size);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&width.to_le_bytes());
+    out.extend_from_slice(&height.to_le_bytes());
+    out.extend_from_slice(&components.to_le_bytes());
+    out.push(precision);
+    out.push(0);
+    out
+}
+
+/// Checks a decoder's frame header against the limits: 1 or 3 components,
+/// `bits` within 2–16, the decoded size within `max_bytes`. Returns bytes
+/// per sample and the decoded size.
+fn checked_size(
+    width: u32,
+    height: u32,
+    components: i64,
+    bits: i64,
+    max_bytes: usize,
+) -> Result<(usize, usize), String> {
+    if !matches!(components, 1 | 3) {
+        return Err(format!("{components} components (1 or 3 can be shown)"));
+    }
+    if !(2..=16).contains(&bits) {
+        return Err(format!("precision {bits} (2 to 16 bits can be decoded)"));
+    }
+    let per = if bits <= 8 { 1usize } else { 2 };
+    let size = u64::from(width) * u64::from(height) * components as u64 * per as u64;
+    let size = usize::try_from(size)
+        .ok()
+        .filter(|s| *s <= max_bytes)
+        .ok_or_else(|| format!("{width}×{height}×{components} samples exceed the limit"))?;
+    Ok((per, size))
+}
+
+/// JPEG-LS (ISO 14495-1) with CharLS. Samples come out interleaved by pixel
+/// for the line and sample interleave modes; a colour image coded by plane
+/// (interleave mode 0, one component per scan) is interleaved here.
+fn decode_jls(codestream: &[u8], max_bytes: usize) -> Result<Vec<u8>, String> {
+    let malformed = |e: charls::Error| {
+        format!("the JPEG-LS codestream is malformed or uses an unsupported feature\n({e})")
+    };
+    let info = charls::CharLS::default()
+        .get_frame_info(codestream)
+        .map_err(malformed)?;
+    let (per, size) = checked_size(
+        info.width,
+        info.height,
+        i64::from(info.component_count),
+        i64::from(info.bits_per_sample),
+        max_bytes,
+    )?;
+    let samples = charls::CharLS::default()
+        .decode(codestream)
+        .map_err(malformed)?;
+    if samples.len() != size {
+        return Err(format!(
+            "the JPEG-LS decoder produced {} bytes, {size} expected",
+            samples.len()
+        ));
+    }
+    let n = info.component_count as usize;
+    let mut out = header(
+        info.width,
+        info.height,
+        n as u16,
+        info.bits_per_sample as u8,
+        size,
+    );
+    if n == 3 && jls_interleave(codestream) == Some(0) {
+        let plane = size / 3;
+        for p in 0..plane / per {
+            for c in 0..3 {
+                let at = c * plane + p * per;
+                out.extend_from_slice(&samples[at..at + per]);
+            }
+        }
+    } else {
+        out.extend_from_slice(&samples);
+    }
+    Ok(out)
+}
+
+/// The interleave mode (ILV) of the first JPEG-LS scan header (ISO 14495-1
+/// §C.2.3: SOS length, Ns, Ns × (Ci, Tmi), NEAR, ILV), `None` when not found.
+fn jls_interleave(codestream: &[u8]) -> Option<u8> {
+    let mut pos = 2usize; // after SOI
+    while pos + 4 <= codestream.len() {
+        if codestream[pos] != 0xFF {
+            return None;
+        }
+        let marker = codestream[pos + 1];
+        let len = usize::from(u16::from_be_bytes([
+            codestream[pos + 2],
+            codestream[pos + 3],
+        ]));
+        if marker == 0xDA {
+            let ns = usize::from(*codestream.get(pos + 4)?);
+            return codestream.get(pos + 4 + 1 + 2 * ns + 1).copied();
+        }
+        pos += 2 + len;
+    }
+    None
+}
+
+/// JPEG 2000 (ISO 15444-1) with `openjp2` through `jpeg2k`.
+fn decode_j2k(codestream: &[u8], max_bytes: usize) -> Result<Vec<u8>, String> {
     // The library's own wording ("failed to encode" for a decode failure)
     // misleads; it goes on a second line, which the parent does not show.
     let image = jpeg2k::Image::from_bytes(codestream).map_err(|e| {
@@ -285,6 +417,35 @@ fn decode(codestream: &[u8], max_bytes: usize) -> Result<Vec<u8>, String> {
                 out.extend_from_slice(&(v as u16).to_le_bytes());
             }
         }
+    }
+    Ok(out)
+}
+
+/// 12-bit JPEG (ISO 10918-1 process 4) with libjpeg-turbo's
+/// `tj3Decompress12` (`bastion-jpeg12`); colour comes out RGB.
+fn decode_jpeg12(codestream: &[u8], max_bytes: usize) -> Result<Vec<u8>, String> {
+    let image = bastion_jpeg12::decode12(codestream, max_bytes / 2).map_err(|e| {
+        format!("the 12-bit JPEG codestream is malformed or uses an unsupported feature\n({e})")
+    })?;
+    let (_, size) = checked_size(
+        image.width,
+        image.height,
+        i64::from(image.components),
+        i64::from(image.precision),
+        max_bytes,
+    )?;
+    if image.samples.len() * 2 != size {
+        return Err("the 12-bit JPEG decoder produced the wrong number of samples".into());
+    }
+    let mut out = header(
+        image.width,
+        image.height,
+        image.components,
+        image.precision,
+        size,
+    );
+    for v in &image.samples {
+        out.extend_from_slice(&v.to_le_bytes());
     }
     Ok(out)
 }
@@ -415,8 +576,59 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_not_a_crash() {
-        assert!(decode(b"not a codestream", 1 << 20).is_err());
-        assert!(decode(&[0xFF, 0x4F, 0xFF, 0x51, 0, 0], 1 << 20).is_err());
+        for codec in [
+            IsolatedCodec::Jpeg2000,
+            IsolatedCodec::JpegLs,
+            IsolatedCodec::Jpeg12,
+        ] {
+            assert!(decode(codec, b"not a codestream", 1 << 20).is_err());
+            assert!(decode(codec, &[0xFF, 0x4F, 0xFF, 0x51, 0, 0], 1 << 20).is_err());
+            assert!(decode(codec, &[0xFF, 0xD8, 0xFF, 0xF7, 0, 0], 1 << 20).is_err());
+        }
+    }
+
+    /// A JPEG-LS codestream of `samples` (2 × 2, 8-bit) by CharLS.
+    fn jls(components: i32, mode: charls::InterleaveMode, samples: &[u8]) -> Vec<u8> {
+        let mut codec = charls::CharLS::default();
+        codec.set_interleave_mode(mode).expect("mode");
+        codec
+            .encode(
+                charls::FrameInfo {
+                    width: 2,
+                    height: 2,
+                    bits_per_sample: 8,
+                    component_count: components,
+                },
+                0,
+                samples,
+            )
+            .expect("encoded")
+    }
+
+    #[test]
+    fn jpeg_ls_colour_comes_out_interleaved_by_pixel() {
+        let rgb = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+        let planar = [1, 4, 7, 10, 2, 5, 8, 11, 3, 6, 9, 12];
+        for (mode, input) in [
+            (charls::InterleaveMode::Sample, rgb),
+            (charls::InterleaveMode::Line, rgb),
+            (charls::InterleaveMode::None, planar),
+        ] {
+            let cs = jls(3, mode, &input);
+            let out = decode(IsolatedCodec::JpegLs, &cs, 1 << 20).expect("decoded");
+            let img = parse_output(&out, 1 << 20).expect("valid output");
+            assert_eq!((img.width, img.height, img.components), (2, 2, 3));
+            assert_eq!(img.samples, rgb.to_vec(), "{mode:?}");
+        }
+        let grey = jls(1, charls::InterleaveMode::None, &[0, 50, 100, 255]);
+        let img = parse_output(
+            &decode(IsolatedCodec::JpegLs, &grey, 1 << 20).expect("decoded"),
+            1 << 20,
+        )
+        .expect("valid output");
+        assert_eq!(img.samples, vec![0, 50, 100, 255]);
+        // the cap is checked from the header, before decoding
+        assert!(decode(IsolatedCodec::JpegLs, &grey, 3).is_err());
     }
 
     #[test]

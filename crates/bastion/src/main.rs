@@ -22,12 +22,15 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // The JPEG 2000 decoding child (decoder_sandbox): started by `serve`,
-    // never by hand; dispatched before anything else is set up.
+    // The image decoding child (decoder_sandbox): started by `serve`, never
+    // by hand; dispatched before anything else is set up.
     let mut args = std::env::args();
     if args.nth(1).as_deref() == Some(decoder_sandbox::SUBCOMMAND) {
         let max = args.next().and_then(|a| a.parse().ok()).unwrap_or(0);
-        return decoder_sandbox::run_child(max);
+        let codec = args
+            .next()
+            .and_then(|c| bastion_archive::isolated::IsolatedCodec::from_arg(&c));
+        return decoder_sandbox::run_child(max, codec);
     }
     if std::env::args().nth(1).as_deref() == Some("serve") {
         tune_allocator();

@@ -1,6 +1,10 @@
 //! WADO-RS Frames (PS3.18 §10.4.1.1.3, `…/instances/{sop}/frames/{list}`):
-//! the pixel data of selected frames, each as one `application/octet-stream`
-//! part, in the stored transfer syntax.
+//! the pixel data of selected frames: [`frames`] as stored (native frames
+//! little endian, compressed ones as their codestream),
+//! [`native_frames`] decoded to native pixel data (Explicit VR Little
+//! Endian, the default of PS3.18 §8.7.3.5.2 for frames), and
+//! [`frame_media_type`] the media type of a compressed frame
+//! (`image/jls`, `image/jp2`… Table 8.7.3-5).
 //!
 //! ## How frames are found
 //!
@@ -11,7 +15,8 @@
 //! bounds. Samples come out little endian (the byte order of the
 //! uncompressed transfer syntaxes in use; Explicit VR Big Endian is retired),
 //! so native frames are labelled Explicit VR Little Endian
-//! ([`frame_transfer_syntax`]). Bits Allocated must be a multiple of 8.
+//! ([`frame_transfer_syntax`]). Bits Allocated must be a multiple of 8, or 1 (packed bits, PS3.5 §8.1.1)
+//! when a frame is a whole number of bytes.
 //!
 //! **Encapsulated** pixel data (PS3.5 §A.4), in this order:
 //! 1. one frame: every fragment, concatenated;
@@ -34,11 +39,17 @@
 //! [`DicomWebError::InvalidImage`]. A multi-fragment frame is returned as
 //! its fragments concatenated, which is the frame's codestream.
 
-use dicom_core::DicomValue;
+use dicom_core::header::Header;
+use dicom_core::value::PixelFragmentSequence;
+use dicom_core::{DataElement, DicomValue, PrimitiveValue, VR};
 use dicom_dictionary_std::{tags, uids};
+use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
-use bastion_archive::transcode::{EXPLICIT_VR_BE, MAX_DECODED_PIXEL_BYTES};
+use bastion_archive::transcode::{
+    can_transcode, transcode, EXPLICIT_VR_BE, EXPLICIT_VR_LE, MAX_DECODED_PIXEL_BYTES,
+};
 
 use crate::pixel::{parse_dataset, Geometry};
 use crate::DicomWebError;
@@ -152,6 +163,190 @@ pub fn frame_transfer_syntax(stored_ts: &str) -> &str {
         | EXPLICIT_VR_BE => uids::EXPLICIT_VR_LITTLE_ENDIAN,
         other => other,
     }
+}
+
+/// Whether `ts` is an uncompressed (native) transfer syntax.
+fn is_native(ts: &str) -> bool {
+    matches!(
+        ts,
+        uids::IMPLICIT_VR_LITTLE_ENDIAN
+            | uids::EXPLICIT_VR_LITTLE_ENDIAN
+            | uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+            | EXPLICIT_VR_BE
+    )
+}
+
+/// Whether frames of an instance stored in `stored_ts` can be returned as
+/// native pixel data (Explicit VR Little Endian, PS3.18 §8.7.3.5.2, the
+/// default transfer syntax of frames): stored uncompressed, or in a
+/// compressed syntax `bastion_archive::transcode` decodes.
+pub fn can_return_native(stored_ts: &str) -> bool {
+    is_native(stored_ts) || can_transcode(stored_ts, EXPLICIT_VR_LE)
+}
+
+/// The frames `numbers` (as [`frames`]) as native pixel data, little
+/// endian (Explicit VR Little Endian): a compressed instance is decoded
+/// first by `bastion_archive::transcode` (the whole instance, then the
+/// frames taken from it), with the same decoders and caps as C-GET.
+///
+/// # Errors
+/// As [`frames`]; [`DicomWebError::Unsupported`] when the stored syntax is
+/// not decoded ([`can_return_native`] is false); [`DicomWebError::InvalidImage`]
+/// when decoding fails (the reason, no patient data).
+pub fn native_frames(
+    dataset: &[u8],
+    ts_uid: &str,
+    numbers: &[u32],
+) -> Result<Vec<Vec<u8>>, DicomWebError> {
+    if is_native(ts_uid) {
+        return frames(dataset, ts_uid, numbers);
+    }
+    if !can_transcode(ts_uid, EXPLICIT_VR_LE) {
+        return Err(DicomWebError::Unsupported(format!(
+            "pixel data in transfer syntax {ts_uid} is not decoded"
+        )));
+    }
+    // Frame numbers are checked before the (costly) decoding.
+    if numbers.is_empty() {
+        return frames(dataset, ts_uid, numbers);
+    }
+    let obj = parse_dataset(dataset, ts_uid)?;
+    if obj.get(tags::PIXEL_DATA).is_none() {
+        return Err(DicomWebError::NoPixelData);
+    }
+    let g = Geometry::of(&obj)?;
+    for n in numbers {
+        g.check_frame(*n)?;
+    }
+    // Decoded sizes within the cap before anything is decoded (a decoded
+    // frame has at most Rows × Columns × Samples × Bits Allocated / 8 bytes).
+    let decoded = u64::from(g.rows)
+        * u64::from(g.cols)
+        * u64::from(g.samples)
+        * u64::from(g.bits_allocated.div_ceil(8));
+    decoded
+        .checked_mul(numbers.len() as u64)
+        .filter(|t| *t <= MAX_DECODED_PIXEL_BYTES)
+        .ok_or_else(|| DicomWebError::InvalidParameter {
+            name: "frame list".into(),
+            reason: format!("the frames asked exceed {MAX_DECODED_PIXEL_BYTES} bytes"),
+        })?;
+    // Each frame decoded alone when its fragments can be told apart, so a
+    // frame of a long multi-frame image does not cost decoding them all.
+    let mut out = Vec::with_capacity(numbers.len());
+    for n in numbers {
+        match decode_one_frame(&obj, ts_uid, &g, *n)? {
+            Some(native) => out.extend(frames(&native, EXPLICIT_VR_LE, &[1])?),
+            None => {
+                let native = decode_all(dataset, ts_uid)?;
+                return frames(&native, EXPLICIT_VR_LE, numbers);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The whole instance decoded to Explicit VR Little Endian.
+fn decode_all(dataset: &[u8], ts_uid: &str) -> Result<Vec<u8>, DicomWebError> {
+    transcode(dataset, ts_uid, EXPLICIT_VR_LE).map_err(decode_error)
+}
+
+/// A decoding failure: the dataset itself is valid, so say what failed in
+/// decoding, without the "not a valid DICOM dataset" prefix.
+pub(crate) fn decode_error(e: bastion_archive::ArchiveError) -> DicomWebError {
+    DicomWebError::InvalidImage(match e {
+        bastion_archive::ArchiveError::NotDicom(m) => m,
+        other => other.to_string(),
+    })
+}
+
+/// Frame `n` (1-based, checked) of an encapsulated multi-frame dataset
+/// `obj` stored in `ts`, decoded alone: a dataset with the same attributes,
+/// Number of Frames 1 and only that frame's fragments (found as
+/// [`frames`] finds them; offset tables dropped) goes through
+/// `bastion_archive::transcode` to Explicit VR Little Endian. `None` for a
+/// single frame or when the frames cannot be delimited by fragments (the
+/// caller then decodes the whole instance, whose decoders split the
+/// codestreams themselves).
+pub(crate) fn decode_one_frame(
+    obj: &InMemDicomObject,
+    ts: &str,
+    g: &Geometry,
+    n: u32,
+) -> Result<Option<Vec<u8>>, DicomWebError> {
+    let Some(DicomValue::PixelSequence(seq)) = obj.get(tags::PIXEL_DATA).map(|e| e.value()) else {
+        return Ok(None);
+    };
+    if g.frames <= 1 {
+        return Ok(None);
+    }
+    let extended = extended_offsets(obj);
+    let Ok(groups) = frame_fragments(
+        seq.fragments(),
+        seq.offset_table(),
+        extended.as_deref(),
+        g.frames,
+        ts == uids::RLE_LOSSLESS,
+    ) else {
+        return Ok(None);
+    };
+    let Some(range) = groups.get((n - 1) as usize).cloned() else {
+        return Ok(None);
+    };
+    let fragments: Vec<Vec<u8>> = seq.fragments()[range].to_vec();
+    let mut one = InMemDicomObject::from_element_iter(
+        obj.iter()
+            .filter(|e| {
+                !matches!(
+                    e.tag(),
+                    tags::PIXEL_DATA
+                        | tags::NUMBER_OF_FRAMES
+                        | tags::EXTENDED_OFFSET_TABLE
+                        | tags::EXTENDED_OFFSET_TABLE_LENGTHS
+                )
+            })
+            .cloned(),
+    );
+    one.put(DataElement::new(
+        tags::NUMBER_OF_FRAMES,
+        VR::IS,
+        PrimitiveValue::from("1"),
+    ));
+    one.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        DicomValue::PixelSequence(PixelFragmentSequence::new(Vec::<u32>::new(), fragments)),
+    ));
+    let syntax = TransferSyntaxRegistry
+        .get(ts)
+        .ok_or_else(|| DicomWebError::Unsupported(format!("unknown transfer syntax {ts}")))?;
+    let mut bytes = Vec::new();
+    one.write_dataset_with_ts(&mut bytes, syntax)
+        .map_err(|e| DicomWebError::InvalidImage(format!("frame {n} cannot be isolated: {e}")))?;
+    transcode(&bytes, ts, EXPLICIT_VR_LE)
+        .map(Some)
+        .map_err(decode_error)
+}
+
+/// The media type of a frame kept in its stored compressed transfer syntax
+/// (PS3.18 §8.7.3.5.2, Table 8.7.3-5): `image/jpeg`, `image/jls`,
+/// `image/jp2`, `image/jpx`, `image/jphc`, `image/dicom-rle`; `None` for the
+/// uncompressed syntaxes (`application/octet-stream`) and the others.
+pub fn frame_media_type(ts: &str) -> Option<&'static str> {
+    Some(match ts {
+        "1.2.840.10008.1.2.4.50"
+        | "1.2.840.10008.1.2.4.51"
+        | "1.2.840.10008.1.2.4.57"
+        | "1.2.840.10008.1.2.4.70" => "image/jpeg",
+        "1.2.840.10008.1.2.4.80" | "1.2.840.10008.1.2.4.81" => "image/jls",
+        "1.2.840.10008.1.2.4.90" | "1.2.840.10008.1.2.4.91" => "image/jp2",
+        "1.2.840.10008.1.2.4.92" | "1.2.840.10008.1.2.4.93" => "image/jpx",
+        "1.2.840.10008.1.2.4.201" | "1.2.840.10008.1.2.4.202" | "1.2.840.10008.1.2.4.203" => {
+            "image/jphc"
+        }
+        uids::RLE_LOSSLESS => "image/dicom-rle",
+        _ => return None,
+    })
 }
 
 /// Extended Offset Table (7FE0,0001), 64-bit little-endian offsets.
@@ -305,6 +500,35 @@ mod tests {
         assert!(frame_fragments(&f, &[], None, 2, false).is_err());
         assert!(frame_fragments(&f, &[], None, 5, false).is_err());
         assert!(frame_fragments(&f, &[], None, 3, true).is_err(), "RLE");
+    }
+
+    #[test]
+    fn media_types_of_compressed_frames() {
+        assert_eq!(
+            frame_media_type("1.2.840.10008.1.2.4.80"),
+            Some("image/jls")
+        );
+        assert_eq!(
+            frame_media_type("1.2.840.10008.1.2.4.90"),
+            Some("image/jp2")
+        );
+        assert_eq!(
+            frame_media_type("1.2.840.10008.1.2.4.51"),
+            Some("image/jpeg")
+        );
+        assert_eq!(
+            frame_media_type(uids::RLE_LOSSLESS),
+            Some("image/dicom-rle")
+        );
+        assert_eq!(frame_media_type(uids::EXPLICIT_VR_LITTLE_ENDIAN), None);
+        assert!(can_return_native(uids::IMPLICIT_VR_LITTLE_ENDIAN));
+        assert!(can_return_native(uids::RLE_LOSSLESS));
+        // no isolated decoder registered in library tests
+        assert!(!can_return_native("1.2.840.10008.1.2.4.80"));
+        assert!(matches!(
+            native_frames(&[], "1.2.840.10008.1.2.4.80", &[1]),
+            Err(DicomWebError::Unsupported(_))
+        ));
     }
 
     #[test]

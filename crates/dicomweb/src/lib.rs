@@ -56,7 +56,9 @@ pub mod render;
 
 mod pixel;
 
-pub use frames::{frame_transfer_syntax, frames};
+pub use frames::{
+    can_return_native, frame_media_type, frame_transfer_syntax, frames, native_frames,
+};
 pub use json::{to_dicom_json, JsonOptions};
 pub use multipart::{
     parse_multipart_related, MultipartLimits, MultipartRelated, MultipartWriter, OwnedPart, Part,

@@ -94,19 +94,42 @@ impl Geometry {
         Ok(g)
     }
 
+    /// Whether native pixel data holds two luminance samples per chroma
+    /// pair (YBR_FULL_422, PS3.3 §C.7.6.3.1.2: `Y1 Y2 Cb Cr` for each two
+    /// pixels of a row, so a frame has Rows × Columns × 2 samples).
+    pub(crate) fn is_ybr_422(&self) -> bool {
+        self.samples == 3 && self.photometric == "YBR_FULL_422"
+    }
+
+    /// Samples in one native frame: Rows × Columns × Samples per Pixel,
+    /// × 2 instead of × 3 for YBR_FULL_422.
+    pub(crate) fn frame_samples(&self) -> u64 {
+        let per_pixel = if self.is_ybr_422() {
+            2
+        } else {
+            u64::from(self.samples)
+        };
+        u64::from(self.rows) * u64::from(self.cols) * per_pixel
+    }
+
     /// Bytes of one native frame, when Bits Allocated is a whole number of
-    /// bytes (fits in u64: at most 65535² × 65535 × 8).
+    /// bytes (fits in u64: at most 65535² × 65535 × 8), or 1 with frames of a
+    /// whole number of bytes. YBR_FULL_422 counts two samples per pixel
+    /// ([`Geometry::frame_samples`]).
     pub(crate) fn frame_bytes(&self) -> Result<u64, DicomWebError> {
+        // Single-bit pixels are packed eight per byte, frames following each
+        // other bit by bit (PS3.5 §8.1.1): a frame is a byte range when its
+        // bit count is a multiple of 8.
+        if self.bits_allocated == 1 && self.frame_samples() & 7 == 0 {
+            return Ok(self.frame_samples() / 8);
+        }
         if self.bits_allocated & 7 != 0 {
             return Err(DicomWebError::Unsupported(format!(
                 "Bits Allocated {} (whole bytes per sample are supported)",
                 self.bits_allocated
             )));
         }
-        Ok(u64::from(self.rows)
-            * u64::from(self.cols)
-            * u64::from(self.samples)
-            * u64::from(self.bits_allocated / 8))
+        Ok(self.frame_samples() * u64::from(self.bits_allocated / 8))
     }
 
     /// Checks a 1-based frame number.

@@ -101,10 +101,12 @@
 
   class SessionExpired extends Error {}
   class ApiFailure extends Error {
-    constructor(status, text, retryAfter) {
+    constructor(status, text, retryAfter, reason) {
       super(text);
       this.status = status;
       this.retryAfter = retryAfter;
+      // why an image cannot be shown, in words for a clinician (rendering)
+      this.reason = reason || null;
     }
   }
 
@@ -130,7 +132,14 @@
       expire();
       throw new SessionExpired('session expired');
     }
-    if (!r.ok) throw new ApiFailure(r.status, await errorText(r), r.headers.get('Retry-After'));
+    if (!r.ok) {
+      const body = await r.text();
+      let parsed = null;
+      try { parsed = JSON.parse(body); } catch (_) { /* not JSON */ }
+      const text = parsed && parsed.error ? parsed.error : `${r.status} ${r.statusText}`;
+      throw new ApiFailure(r.status, text, r.headers.get('Retry-After'),
+        parsed && typeof parsed.reason === 'string' ? parsed.reason : null);
+    }
     return r;
   }
   async function apiJson(path, options) {
@@ -699,6 +708,7 @@
     const seq = ++state.renderSeq;
     if (!n) {
       $('ov-position').textContent = '';
+      $('cannot').textContent = 'Cannot display this image.';
       showImageState('cannot');
       return;
     }
@@ -720,6 +730,8 @@
     } catch (e) {
       if (seq === state.renderSeq && failure(e)) {
         $('image').removeAttribute('data-src');
+        // The server's reason when the image itself cannot be shown.
+        $('cannot').textContent = (e instanceof ApiFailure && e.reason) || 'Cannot display this image.';
         showImageState('cannot');
       }
       return;
@@ -732,7 +744,13 @@
     state.imageUrl = URL.createObjectURL(blob);
     await new Promise((resolve) => {
       img.onload = () => { if (old) URL.revokeObjectURL(old); resolve(); };
-      img.onerror = () => { if (seq === state.renderSeq) showImageState('cannot'); resolve(); };
+      img.onerror = () => {
+        if (seq === state.renderSeq) {
+          $('cannot').textContent = 'Cannot display this image.';
+          showImageState('cannot');
+        }
+        resolve();
+      };
       img.dataset.src = url;
       img.alt = `image ${state.imageIndex + 1} of ${n}`;
       img.src = state.imageUrl;

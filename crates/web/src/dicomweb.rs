@@ -703,6 +703,76 @@ fn frame_numbers(list: &str) -> Result<Vec<u32>, ApiError> {
     }
 }
 
+/// How frames go out (PS3.18 §8.7.3.3.2, §8.7.3.5.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FrameForm {
+    /// Native pixel data, Explicit VR Little Endian (decoded when stored
+    /// compressed).
+    Native,
+    /// The stored bytes (native little endian or the codestream).
+    Stored,
+}
+
+/// The first acceptable representation of frames for an instance stored in
+/// `stored_ts`: `(form, multipart?)`, or 406. Multipart:
+/// `multipart/related; type="application/octet-stream"` (also for an absent
+/// Accept or `*/*`) without `transfer-syntax` or with Explicit VR Little
+/// Endian → native (the default; the stored syntax when it cannot be
+/// decoded), `transfer-syntax=*` or the stored syntax → as stored;
+/// `multipart/related; type=image/jls` (the stored syntax's media type) →
+/// as stored. Single part: `application/octet-stream` likewise, or the
+/// stored syntax's media type (`image/jls`, `image/jp2`…) → as stored.
+fn negotiate_frames(headers: &HeaderMap, stored_ts: &str) -> Result<(FrameForm, bool), ApiError> {
+    let native_ok = bastion_dicomweb::can_return_native(stored_ts);
+    let stored_media = bastion_dicomweb::frame_media_type(stored_ts);
+    let uncompressed = stored_media.is_none() && native_ok;
+    // For `application/octet-stream` with this transfer-syntax parameter.
+    let octet = |ts: Option<&str>| match ts {
+        None if native_ok => Some(FrameForm::Native),
+        None => Some(FrameForm::Stored),
+        Some("*") => Some(FrameForm::Stored),
+        Some(EXPLICIT_VR_LE) if native_ok => Some(FrameForm::Native),
+        Some(t) if t == stored_ts => Some(FrameForm::Stored),
+        Some(_) => None,
+    };
+    // For the stored syntax's own media type.
+    let compressed = |essence: &str, ts: Option<&str>| {
+        (Some(essence) == stored_media && matches!(ts, None | Some("*")) || ts == Some(stored_ts))
+            .then_some(FrameForm::Stored)
+    };
+    for r in accept(headers) {
+        let ts = r.param("transfer-syntax");
+        if r.matches("multipart/related") {
+            let form = match r.param("type") {
+                None | Some("application/octet-stream") => octet(ts),
+                Some(t) => compressed(t, ts),
+            };
+            if let Some(form) = form {
+                return Ok((form, true));
+            }
+            continue;
+        }
+        if r.essence == "application/octet-stream" {
+            if let Some(form) = octet(ts).filter(|f| *f == FrameForm::Native || uncompressed) {
+                return Ok((form, false));
+            }
+            continue;
+        }
+        if let Some(form) = compressed(&r.essence, ts) {
+            return Ok((form, false));
+        }
+    }
+    let native = if native_ok {
+        format!(" or {EXPLICIT_VR_LE}")
+    } else {
+        String::new()
+    };
+    Err(ApiError::NotAcceptable(format!(
+        "frames are available as multipart/related; type=\"application/octet-stream\" \
+         (or single part) in transfer syntax {stored_ts}{native}"
+    )))
+}
+
 async fn frames(
     State(st): State<AppState>,
     Path((study, series, sop, list)): Path<(String, String, String, String)>,
@@ -714,27 +784,36 @@ async fn frames(
     let numbers = frame_numbers(&list)?;
     let target = Target::instance(&study, &series, &sop)?;
     let (inst, bytes, at) = one_instance(&st, &who, "wado.frames", &target).await?;
-    let frame_ts = frame_transfer_syntax(&inst.transfer_syntax_uid).to_owned();
-    let acceptable = accept(&headers).iter().any(|r| {
-        r.matches("multipart/related")
-            && matches!(r.param("type"), None | Some("application/octet-stream"))
-            && matches!(r.param("transfer-syntax"), None | Some("*"))
-            || r.param("transfer-syntax") == Some(frame_ts.as_str())
-    });
-    if !acceptable {
-        return Err(ApiError::NotAcceptable(format!(
-            "frames are available as multipart/related; type=\"application/octet-stream\"; transfer-syntax={frame_ts}"
-        )));
+    let stored_ts = inst.transfer_syntax_uid.clone();
+    let (form, multipart) = negotiate_frames(&headers, &stored_ts)?;
+    if !multipart && numbers.len() != 1 {
+        return Err(ApiError::NotAcceptable(
+            "a single-part frames response holds one frame; ask multipart/related for more".into(),
+        ));
     }
-    let ts = inst.transfer_syntax_uid.clone();
-    let parts =
-        blocking(move || Ok(bastion_dicomweb::frames(&bytes[at..], &ts, &numbers)?)).await?;
-    let mut w = MultipartWriter::with_type("application/octet-stream");
+    let (frame_ts, media) = match form {
+        FrameForm::Native => (EXPLICIT_VR_LE.to_owned(), "application/octet-stream"),
+        FrameForm::Stored => (
+            frame_transfer_syntax(&stored_ts).to_owned(),
+            bastion_dicomweb::frame_media_type(&stored_ts).unwrap_or("application/octet-stream"),
+        ),
+    };
+    let ts = stored_ts.clone();
+    let parts = blocking(move || {
+        Ok(match form {
+            FrameForm::Native => bastion_dicomweb::native_frames(&bytes[at..], &ts, &numbers)?,
+            FrameForm::Stored => bastion_dicomweb::frames(&bytes[at..], &ts, &numbers)?,
+        })
+    })
+    .await?;
+    let part_type = format!("{media}; transfer-syntax={frame_ts}");
+    if !multipart {
+        let body = parts.into_iter().next().unwrap_or_default();
+        return Ok(([(header::CONTENT_TYPE, part_type)], body).into_response());
+    }
+    let mut w = MultipartWriter::with_type(media);
     for p in &parts {
-        w.add_part(
-            &format!("application/octet-stream; transfer-syntax={frame_ts}"),
-            p,
-        );
+        w.add_part(&part_type, p);
     }
     let ct = w.content_type();
     Ok(([(header::CONTENT_TYPE, ct)], w.finish()).into_response())
@@ -864,9 +943,13 @@ async fn rendered(
             &ts,
             frame,
             &opts,
-        )?)
+        ))
     })
     .await?;
+    let image = match image {
+        Ok(image) => image,
+        Err(e) => return not_displayable(e),
+    };
     let mut r = ([(header::CONTENT_TYPE, format.media_type())], image.bytes).into_response();
     // The VOI window applied, `center,width` in modality units (grey
     // images): a viewer starts a window drag from it.
@@ -923,8 +1006,28 @@ async fn thumbnail(
     let (inst, bytes, at) = one_instance(&st, &who, "wado.thumbnail", &target).await?;
     let ts = inst.transfer_syntax_uid.clone();
     let image =
-        blocking(move || Ok(bastion_dicomweb::thumbnail(&bytes[at..], &ts, format)?)).await?;
-    Ok(([(header::CONTENT_TYPE, format.media_type())], image).into_response())
+        blocking(move || Ok(bastion_dicomweb::thumbnail(&bytes[at..], &ts, format))).await?;
+    match image {
+        Ok(image) => Ok(([(header::CONTENT_TYPE, format.media_type())], image).into_response()),
+        Err(e) => not_displayable(e),
+    }
+}
+
+/// The error of a rendering that failed: the usual JSON error, plus
+/// `reason`, why the image cannot be shown in words for a clinician
+/// ([`bastion_dicomweb::render::display_reason`]), which the viewer shows
+/// in place of the image. Errors without such a reason are the usual ones.
+fn not_displayable(e: bastion_dicomweb::DicomWebError) -> Result<Response, ApiError> {
+    let Some(reason) = bastion_dicomweb::render::display_reason(&e) else {
+        return Err(e.into());
+    };
+    let api = ApiError::from(e);
+    let status = api.status();
+    Ok((
+        status,
+        axum::Json(json!({"error": api.to_string(), "status": status.as_u16(), "reason": reason})),
+    )
+        .into_response())
 }
 
 // ---------------------------------------------------------------- STOW-RS
@@ -1201,5 +1304,53 @@ mod tests {
         assert!(frame_numbers("0").is_err());
         assert!(frame_numbers("a").is_err());
         assert!(frame_numbers("").is_err());
+    }
+
+    #[test]
+    fn frame_negotiation() {
+        let rle = "1.2.840.10008.1.2.5";
+        let jls = "1.2.840.10008.1.2.4.80"; // no isolated decoder in unit tests
+        let ask = |accept: Option<&str>, ts: &str| {
+            let mut h = HeaderMap::new();
+            if let Some(a) = accept {
+                h.insert(header::ACCEPT, HeaderValue::from_str(a).expect("header"));
+            }
+            negotiate_frames(&h, ts).ok()
+        };
+        let octet = "multipart/related; type=\"application/octet-stream\"";
+        // the default: native, decoded when compressed (PS3.18 §8.7.3.5.2)
+        assert_eq!(ask(Some(octet), rle), Some((FrameForm::Native, true)));
+        assert_eq!(ask(None, rle), Some((FrameForm::Native, true)));
+        assert_eq!(
+            ask(Some(octet), EXPLICIT_VR_LE),
+            Some((FrameForm::Native, true))
+        );
+        // not decodable: as stored, labelled so
+        assert_eq!(ask(Some(octet), jls), Some((FrameForm::Stored, true)));
+        // OHIF's default
+        let ohif = "multipart/related; type=application/octet-stream; transfer-syntax=*";
+        assert_eq!(ask(Some(ohif), rle), Some((FrameForm::Stored, true)));
+        let evrle = format!("{octet}; transfer-syntax={EXPLICIT_VR_LE}");
+        assert_eq!(ask(Some(&evrle), rle), Some((FrameForm::Native, true)));
+        assert_eq!(ask(Some(&evrle), jls), None, "cannot be decoded: 406");
+        // single part
+        assert_eq!(
+            ask(Some("application/octet-stream"), rle),
+            Some((FrameForm::Native, false))
+        );
+        assert_eq!(
+            ask(Some("image/dicom-rle"), rle),
+            Some((FrameForm::Stored, false))
+        );
+        assert_eq!(
+            ask(Some("image/jls"), jls),
+            Some((FrameForm::Stored, false))
+        );
+        assert_eq!(ask(Some("image/jls"), rle), None);
+        assert_eq!(
+            ask(Some("multipart/related; type=\"image/jls\""), jls),
+            Some((FrameForm::Stored, true))
+        );
+        assert_eq!(ask(Some("application/octet-stream"), jls), None);
     }
 }
