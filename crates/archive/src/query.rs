@@ -1314,8 +1314,47 @@ impl Archive {
         opts: &FindOptions,
         sink: &mut dyn FnMut(FindResponse) -> bool,
     ) -> Result<FindSummary, ArchiveError> {
+        self.find_for(query, opts, None, sink)
+    }
+
+    /// [`Archive::find`] for a local operator rather than a device: the
+    /// `query.find` event names `actor` (e.g. `"cli"` for `bastion study`)
+    /// instead of `ae`/`peer` (`opts.ae` and `opts.peer` are not recorded),
+    /// and no `security.universal_query` alert is raised (the operator at
+    /// the data directory holds every key already; the query itself is
+    /// still recorded, with its identifier for the audit trail).
+    ///
+    /// # Errors
+    /// As [`Archive::find`].
+    pub fn find_local(
+        &self,
+        query: &Query,
+        opts: &FindOptions,
+        actor: &str,
+        sink: &mut dyn FnMut(FindResponse) -> bool,
+    ) -> Result<FindSummary, ArchiveError> {
+        self.find_for(query, opts, Some(actor), sink)
+    }
+
+    fn find_for(
+        &self,
+        query: &Query,
+        opts: &FindOptions,
+        actor: Option<&str>,
+        sink: &mut dyn FnMut(FindResponse) -> bool,
+    ) -> Result<FindSummary, ArchiveError> {
         let level = level_name(query.level);
-        if query.is_universal() && query.level <= Level::Study {
+        let who = |mut v: serde_json::Value| {
+            match actor {
+                Some(a) => v["actor"] = a.into(),
+                None => {
+                    v["ae"] = opts.ae.clone().into();
+                    v["peer"] = opts.peer.clone().into();
+                }
+            }
+            v
+        };
+        if actor.is_none() && query.is_universal() && query.level <= Level::Study {
             self.events().record(
                 "security.universal_query",
                 Outcome::Alert,
@@ -1338,8 +1377,8 @@ impl Archive {
                 self.events().record_private(
                     "query.find",
                     outcome,
-                    serde_json::json!({"ae": opts.ae, "peer": opts.peer, "model": query.model.name(),
-                        "level": level, "matches": 0, "reason": e.to_string()}),
+                    who(serde_json::json!({"model": query.model.name(),
+                        "level": level, "matches": 0, "reason": e.to_string()})),
                     opts.private(),
                 );
                 return Err(e);
@@ -1396,9 +1435,9 @@ impl Archive {
         self.events().record_private(
             "query.find",
             outcome,
-            serde_json::json!({"ae": opts.ae, "peer": opts.peer, "model": query.model.name(),
+            who(serde_json::json!({"model": query.model.name(),
                 "level": level, "matches": summary.matches, "sent": summary.sent,
-                "cancelled": summary.cancelled, "study_uids": studies.into_iter().collect::<Vec<_>>()}),
+                "cancelled": summary.cancelled, "study_uids": studies.into_iter().collect::<Vec<_>>()})),
             opts.private(),
         );
         result.map(|()| summary)
