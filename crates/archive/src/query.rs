@@ -1182,6 +1182,23 @@ impl Query {
     }
 }
 
+/// Study-level matches newest first: Study Date, then Study Time,
+/// descending (as text: DA/TM order for canonical values); studies without a
+/// Study Date last; ties keep index (insertion) order. PS3.4 C.2.2 leaves
+/// the order of responses open; a worklist (the web UI, QIDO-RS with
+/// `limit`/`offset`, `bastion study list`) wants the latest first, and every
+/// match is in memory already (at most `max_matches`).
+fn newest_first(rows: &mut [EntityRow]) {
+    rows.sort_by(|a, b| {
+        let (a, b) = (&a.study, &b.study);
+        a.study_date
+            .is_empty()
+            .cmp(&b.study_date.is_empty())
+            .then_with(|| b.study_date.cmp(&a.study_date))
+            .then_with(|| b.study_time.cmp(&a.study_time))
+    });
+}
+
 /// Who asks, and the limits, for [`Archive::find`].
 #[derive(Clone, Debug)]
 pub struct FindOptions {
@@ -1367,7 +1384,7 @@ impl Archive {
             }),
             other => other,
         };
-        let rows = match rows {
+        let mut rows = match rows {
             Ok(r) => r,
             Err(e) => {
                 let outcome = match e {
@@ -1384,6 +1401,9 @@ impl Archive {
                 return Err(e);
             }
         };
+        if query.level == Level::Study {
+            newest_first(&mut rows);
+        }
         let mut summary = FindSummary {
             matches: rows.len(),
             sent: 0,
@@ -1651,6 +1671,31 @@ fn dicom_vr(t: Tag) -> VR {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn study_matches_are_newest_first_undated_last() {
+        let row = |uid: &str, date: &str, time: &str| {
+            let mut r = EntityRow::default();
+            r.study.study_instance_uid = uid.into();
+            r.study.study_date = date.into();
+            r.study.study_time = time.into();
+            r
+        };
+        let mut rows = vec![
+            row("1.1", "20040119", "072730"),
+            row("1.2", "", ""),
+            row("1.3", "20240611", "083000"),
+            row("1.4", "20240611", "170000"),
+            row("1.5", "20040119", "072730"),
+        ];
+        newest_first(&mut rows);
+        let uids: Vec<_> = rows
+            .iter()
+            .map(|r| r.study.study_instance_uid.as_str())
+            .collect();
+        // ties keep index order
+        assert_eq!(uids, ["1.4", "1.3", "1.1", "1.5", "1.2"]);
+    }
 
     fn key(vr: VR, raw: &str) -> Key {
         let kind = kind_of_vr(vr);
