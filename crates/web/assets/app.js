@@ -321,11 +321,21 @@
       message($('password-error'), refusal(r, r.status === 401 ? 'The current password is wrong.' : await errorText(r)));
       return;
     }
-    // The change ends the session: log in again with the new password. A
-    // one-time code cannot be used twice, so an account with a second
-    // factor logs in with the next one.
-    setCsrf('', '');
+    // An account with a second factor stays logged in: the answer is a new
+    // session (every other one ended), so no second one-time code is
+    // needed (a code is never accepted twice).
     pendingLogin = null;
+    if (r.status === 200) {
+      const me = await r.json();
+      setCsrf(me.csrf, me.username);
+      await loadMe();
+      route();
+      return;
+    }
+    // Otherwise the change ended the session: log in again with the new
+    // password (at the list).
+    setCsrf('', '');
+    forgetStudyUrl();
     $('login-username').value = p.username;
     if (p.totp || p.voluntary) {
       showLogin(p.totp

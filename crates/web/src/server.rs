@@ -19,7 +19,7 @@
 //! (its first byte is not a TLS handshake record, 0x16, RFC 8446 §5.1, but
 //! an ASCII letter) gets one fixed `400 Bad Request` with a `text/plain`
 //! hint naming the `https://` address, and the connection is closed: no
-//! data, no cookie, no redirect to follow blindly ([`plain_http_hint`]).
+//! data, no cookie, no redirect to follow blindly (`plain_http_hint`).
 
 use std::{
     net::SocketAddr,
