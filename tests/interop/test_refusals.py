@@ -284,5 +284,8 @@ def test_unparseable_dataset_gets_an_error_comment(server, tmp_path):
     assert st in (CANNOT_UNDERSTAND, DATASET_MISMATCH), hex(st)
     comment = str(rsp.ErrorComment).strip()
     assert comment and len(comment) <= 64, comment
+    # the reason first (0xC000 already says "not DICOM"), cut at a word
+    assert comment.startswith("malformed dataset: declared length 200 "), comment
+    assert comment.endswith("..."), comment
     assert "Xyloph" not in comment and "P-77" not in comment, comment
     assert server.instance_get(uid, check=False) is None
