@@ -292,6 +292,8 @@ def test_study_list_and_show(make_server, tmp_path):
     r = srv.cli("study", "show", "1.2.826.0.1.3680043.99.1", check=False)
     assert r.returncode == 1 and "no study" in r.stderr, r.stderr
     assert r.stdout == ""
+    r = srv.cli("study", "show", "not-a-uid", check=False)
+    assert r.returncode == 1 and "not a valid Study Instance UID" in r.stderr, r.stderr
     # a malformed filter is refused with the reason
     r = srv.cli("study", "list", "--date", "2024-06", check=False)
     assert r.returncode != 0 and "date" in r.stderr, r.stderr

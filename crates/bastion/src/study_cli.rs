@@ -181,8 +181,8 @@ fn list(
                 .map(|m| m.trim().to_owned())
                 .filter(|m| !m.is_empty())
                 .collect(),
-            series: int_of(r, tags::NUMBER_OF_STUDY_RELATED_SERIES).unwrap_or(0) as u64,
-            instances: int_of(r, tags::NUMBER_OF_STUDY_RELATED_INSTANCES).unwrap_or(0) as u64,
+            series: count_of(r, tags::NUMBER_OF_STUDY_RELATED_SERIES),
+            instances: count_of(r, tags::NUMBER_OF_STUDY_RELATED_INSTANCES),
         });
     })?;
     Ok(out)
@@ -192,8 +192,12 @@ fn list(
 /// Study Instance UID gives the study, its series and instances in one
 /// recorded query.
 fn show(archive: &Archive, config: &Config, study_uid: &str, json: bool) -> Result<ExitCode> {
-    let uid = bastion_model::Uid::parse(study_uid.trim())
-        .with_context(|| format!("{study_uid:?} is not a Study Instance UID"))?;
+    let Ok(uid) = bastion_model::Uid::parse(study_uid.trim()) else {
+        eprintln!(
+            "error: {study_uid:?} is not a valid Study Instance UID (digits and dots, PS3.5 9.1)"
+        );
+        return Ok(ExitCode::from(1));
+    };
     let mut id = identifier(Level::Instance);
     put(&mut id, tags::STUDY_INSTANCE_UID, VR::UI, uid.as_str());
     for (tag, vr) in [
@@ -404,6 +408,11 @@ fn text_of(obj: &InMemDicomObject, tag: Tag) -> String {
 
 fn int_of(obj: &InMemDicomObject, tag: Tag) -> Option<i64> {
     text_of(obj, tag).trim().parse().ok()
+}
+
+/// A computed count (IS) of a response; 0 when absent or malformed.
+fn count_of(obj: &InMemDicomObject, tag: Tag) -> u64 {
+    text_of(obj, tag).trim().parse().unwrap_or(0)
 }
 
 /// Newest first: Study Date then Study Time descending; studies without a
