@@ -81,11 +81,16 @@ def test_password_change_of_a_totp_account_needs_the_second_factor(make_server):
                                            "totp": code_at(uri, step)})
     assert st == 401, body
 
-    # The right code: 204; the code is used up (a login with it is refused).
-    st, _, body = post(srv, "/api/password", {**change, "totp": right})
-    assert st == 204, body
+    # The right code: 200 with a new session (the request proved both
+    # factors); the code is used up (a login with it is refused).
+    st, hd, body = post(srv, "/api/password", {**change, "totp": right})
+    assert st == 200 and body["username"] == "tess", body
+    assert body["must_change_password"] is False, body
+    continued = session_of(hd, body)
+    assert call(srv, "GET", "/api/me", continued)[0] == 200
     e = events_of(srv, "user.password_changed")[-1]
     assert (e["username"], e["second_factor"], e["source"]) == ("tess", "totp", "127.0.0.1")
+    assert e["session_started"] is True
     st, _, _ = post(srv, "/api/login", {"username": "tess", "password": NEW, "totp": right})
     assert st == 401
 
@@ -101,11 +106,17 @@ def test_password_change_of_a_totp_account_needs_the_second_factor(make_server):
     assert me["session_idle_secs"] == 600, me
     st, hd, body = post(srv, "/api/password", {"username": "tess", "old_password": NEW,
                                                "new_password": NEWER}, auth=own)
-    assert st == 204, body
-    assert "Max-Age=0" in hd.get("set-cookie", ""), hd
+    # The holder stays logged in: a new session (new cookie and CSRF token).
+    assert st == 200, body
+    assert "Max-Age=0" not in hd.get("set-cookie", ""), hd
+    fresh = session_of(hd, body)
+    assert fresh["cookie"] != own["cookie"] and fresh["csrf"] != own["csrf"]
     assert events_of(srv, "user.password_changed")[-1]["second_factor"] == "session"
-    # Every session of the account ended with the change.
+    # Every other session of the account ended with the change.
     assert call(srv, "GET", "/api/me", own)[0] == 401
+    assert call(srv, "GET", "/api/me", continued)[0] == 401
+    st, _, me = call(srv, "GET", "/api/me", fresh)
+    assert st == 200 and me["username"] == "tess", me
     # A token's /api/me says it too.
     token = run(srv, "token", "create", "--user", "ursula", "--expires", "1h").stdout.split()[-1]
     st, _, me = call(srv, "GET", "/api/me", token)
@@ -171,9 +182,18 @@ def test_onboarding_log_line_and_initial_password_file(make_server):
     assert st == 200 and body["must_change_password"] is True, body
     session = session_of(hd, body)
     assert file.exists(), "nothing changed yet"
-    st, _, body = post(srv, "/api/password", {"username": "admin", "old_password": initial,
-                                              "new_password": NEW}, auth=session)
-    assert st == 204, body
+    st, hd, body = post(srv, "/api/password", {"username": "admin", "old_password": initial,
+                                               "new_password": NEW}, auth=session)
+    # Still logged in, in the same 30-second step as the enrolment's code:
+    # no second code, no wait (the code itself stays used up).
+    assert st == 200 and body["must_change_password"] is False, body
+    after = session_of(hd, body)
+    st, _, me = call(srv, "GET", "/api/me", after)
+    assert st == 200 and me["username"] == "admin" and "admin" in me["permissions"], me
+    assert call(srv, "GET", "/api/me", session)[0] == 401
+    st, _, _ = post(srv, "/api/login", {"username": "admin", "password": NEW,
+                                        "totp": code_at(uri, step)})
+    assert st == 401
     assert not file.exists()
     assert f"removed {file} (the admin password was changed)" in srv.log()
 

@@ -204,3 +204,107 @@ def test_doctor_without_installation(tmp_path, bastion_bin):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "bastion init" in r.stderr
+
+
+def _study_files(tmp_path):
+    """Three studies with known attributes, written as Part 10 files:
+    (files, {name: study uid}, {name: [sop uids]})."""
+    import helpers
+    from pydicom.uid import generate_uid
+
+    specs = [
+        # name, patient, id, date, time, accession, modality, description, series x instances
+        ("old", "Smith^Anna", "P-100", "20190305", "101500", "ACC-1", "CT", "Chest", [2]),
+        ("new", "Smith^Bert", "P-200", "20240611", "083000", "ACC-2", "MR", "Knee", [1, 2]),
+        ("mid", "Jones^Carl", "P-300", "20220101", "120000", "ACC-3", "US", "Liver", [1]),
+    ]
+    out = tmp_path / "studies"
+    out.mkdir()
+    files, studies, sops = [], {}, {}
+    for name, pn, pid, date, time_, acc, mod, desc, series in specs:
+        study = generate_uid()
+        studies[name] = study
+        sops[name] = []
+        for s_no, count in enumerate(series, start=1):
+            series_uid = generate_uid()
+            for i in range(1, count + 1):
+                ds = helpers.make_dataset(patient_name=pn, patient_id=pid, pixel_bytes=512,
+                                          study_uid=study, series_uid=series_uid)
+                ds.StudyDate, ds.StudyTime, ds.AccessionNumber = date, time_, acc
+                ds.StudyDescription, ds.Modality = desc, mod
+                ds.SeriesNumber, ds.InstanceNumber = s_no, i
+                ds.SeriesDescription = f"{desc} series {s_no}"
+                p = out / f"{name}-{s_no}-{i}.dcm"
+                helpers.dataset_file(ds, p)
+                files.append(p)
+                sops[name].append(ds.SOPInstanceUID)
+    return files, studies, sops
+
+
+def test_study_list_and_show(make_server, tmp_path):
+    srv = make_server(start=False)
+    files, studies, sops = _study_files(tmp_path)
+    code, summary, _, out = srv.import_(*files)
+    assert code == 0 and summary["stored"] == len(files), out
+
+    def listing(*args):
+        return json.loads(srv.cli("study", "list", "--json", *args).stdout)
+
+    every = listing()
+    # newest first, with the values stored
+    assert [s["study_instance_uid"] for s in every] == [studies["new"], studies["mid"], studies["old"]]
+    new = every[0]
+    assert new["patient_id"] == "P-200" and new["patient_name"] == "Smith^Bert"
+    assert new["study_date"] == "20240611" and new["accession_number"] == "ACC-2"
+    assert new["study_description"] == "Knee"
+    assert new["modalities"] == ["MR"] and new["series"] == 2 and new["instances"] == 3
+    assert every[2]["instances"] == 2 and every[2]["series"] == 1
+    # filters: patient ID, name wildcards (case-insensitive like C-FIND), date range, accession
+    assert [s["study_instance_uid"] for s in listing("--patient-id", "P-300")] == [studies["mid"]]
+    assert {s["study_instance_uid"] for s in listing("--name", "smith*")} == {studies["new"], studies["old"]}
+    assert [s["study_instance_uid"] for s in listing("--name", "Smith^?nna")] == [studies["old"]]
+    assert [s["study_instance_uid"] for s in listing("--date", "20200101-20231231")] == [studies["mid"]]
+    assert [s["study_instance_uid"] for s in listing("--date", "20190305")] == [studies["old"]]
+    assert [s["study_instance_uid"] for s in listing("--accession", "ACC-2")] == [studies["new"]]
+    assert listing("--patient-id", "NOBODY") == []
+    # text output: one line per study, newest first
+    text = srv.cli("study", "list").stdout.splitlines()
+    rows = [l for l in text if studies["new"] in l or studies["mid"] in l or studies["old"] in l]
+    assert len(rows) == 3 and studies["new"] in rows[0] and studies["old"] in rows[2]
+    assert "ACC-2" in rows[0] and "MR" in rows[0]
+
+    # show: series (number, modality, description, UID, count) and instance UIDs
+    shown = json.loads(srv.cli("study", "show", studies["new"], "--json").stdout)
+    assert shown["study_instance_uid"] == studies["new"] and shown["instances"] == 3
+    assert [s["series_number"] for s in shown["series"]] == [1, 2]
+    assert [len(s["instances"]) for s in shown["series"]] == [1, 2]
+    assert shown["series"][1]["modality"] == "MR"
+    assert shown["series"][1]["series_description"] == "Knee series 2"
+    got = [i["sop_instance_uid"] for s in shown["series"] for i in s["instances"]]
+    assert sorted(got) == sorted(sops["new"])
+    assert {i["sop_class_uid"] for s in shown["series"] for i in s["instances"]} == {"1.2.840.10008.5.1.4.1.1.2"}
+    assert [i["instance_number"] for i in shown["series"][1]["instances"]] == [1, 2]
+    text = srv.cli("study", "show", studies["old"]).stdout
+    for uid in sops["old"]:
+        assert uid in text
+
+    # an unknown UID: exit 1 with a clear message
+    r = srv.cli("study", "show", "1.2.826.0.1.3680043.99.1", check=False)
+    assert r.returncode == 1 and "no study" in r.stderr, r.stderr
+    assert r.stdout == ""
+    r = srv.cli("study", "show", "not-a-uid", check=False)
+    assert r.returncode == 1 and "not a valid Study Instance UID" in r.stderr, r.stderr
+    # a malformed filter is refused with the reason
+    r = srv.cli("study", "list", "--date", "2024-06", check=False)
+    assert r.returncode != 0 and "date" in r.stderr, r.stderr
+
+    # every use is an audited query by the CLI (never the patient ID in the event log)
+    finds = [e for e in srv.events() if e.get("type") == "query.find" and e.get("actor") == "cli"]
+    assert len(finds) >= 12, finds
+    assert any(studies["new"] in e.get("study_uids", []) for e in finds)
+    assert all("ae" not in e and "peer" not in e for e in finds)
+    assert "P-200" not in (srv.data / "events" / "events.log").read_text()
+    r = srv.cli("audit", "search", "--user", "cli", "--event", "query", "--json")
+    records = [json.loads(l) for l in r.stdout.splitlines() if l.strip()]
+    assert len(records) >= 12
+    assert any("<ParticipantObjectQuery>" in m for rec in records for m in rec["messages"])

@@ -206,6 +206,53 @@ def _multipart(files):
     return body + f"--{boundary}--\r\n".encode(), boundary
 
 
+def test_stow_failure_reason_reaches_the_client(make_server, tmp_path):
+    """Each FailedSOPSequence item carries an Error Comment (0000,0902, LO)
+    saying why, next to the numeric Failure Reason, without patient data."""
+    srv = make_server(plain=False)
+    helpers.wait_port(srv.http_port, 30, srv.proc)
+    token = new_token(srv, "tech", "technologist")
+    ds = helpers.make_dataset(patient_name="Quorra^Zebedee", patient_id="PID-SECRET-77",
+                              pixel_bytes=512)
+    good = tmp_path / "good.dcm"
+    helpers.dataset_file(ds, good)
+    b = "reasonboundary42"
+    body = (f"--{b}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + b"this is not a DICOM file at all, Quorra^Zebedee" + b"\r\n"
+            + f"--{b}\r\nContent-Type: text/plain\r\n\r\n".encode() + b"hello\r\n"
+            + f"--{b}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + good.read_bytes() + b"\r\n" + f"--{b}--\r\n".encode())
+    status, _, out = request(srv, "POST", "/dicomweb/studies", token,
+                             {"Content-Type": f'multipart/related; type="application/dicom"; '
+                                              f'boundary="{b}"',
+                              "Accept": "application/dicom+json"}, body)
+    assert status == 202, (status, out[:500])
+    doc = json.loads(out)
+    failed = doc["00081198"]["Value"]
+    assert len(failed) == 2, failed
+    assert [f["00081197"]["Value"][0] for f in failed] == [0xC000, 0xC000]
+    for f in failed:
+        assert f["00000902"]["vr"] == "LO"
+        comment = f["00000902"]["Value"][0]
+        assert 0 < len(comment) <= 64 and comment.isascii(), comment
+    assert "no DICM prefix" in failed[0]["00000902"]["Value"][0]
+    assert "Content-Type" in failed[1]["00000902"]["Value"][0]
+    assert [it["00081155"]["Value"][0] for it in doc["00081199"]["Value"]] == [ds.SOPInstanceUID]
+    assert b"Quorra" not in out and b"PID-SECRET" not in out
+    # a conflicting re-send: 0x0111 with its reason
+    ds.PatientName = "Other^Name"
+    helpers.dataset_file(ds, good)
+    body2, b2 = _multipart([good])
+    status, _, out = request(srv, "POST", "/dicomweb/studies", token,
+                             {"Content-Type": f'multipart/related; type="application/dicom"; '
+                                              f'boundary="{b2}"',
+                              "Accept": "application/dicom+json"}, body2)
+    assert status == 409, (status, out[:500])
+    item = json.loads(out)["00081198"]["Value"][0]
+    assert item["00081197"]["Value"] == [0x0111]
+    assert "different content" in item["00000902"]["Value"][0]
+
+
 def test_stow_every_corpus_file_then_wado_returns_the_same_dataset(web):
     srv, tokens = web
     files = corpus.one_per_sop_uid()

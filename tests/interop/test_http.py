@@ -114,16 +114,41 @@ def still_up(srv):
     assert status == 401
 
 
-def test_https_only(make_server):
-    srv = start(make_server)
+def _plain(srv, request: bytes) -> bytes:
+    """Sends `request` in plain text to the HTTPS port; everything it answers
+    until it closes (bounded: 10 reads, 10 s each)."""
+    answer = b""
     with socket.create_connection(("127.0.0.1", srv.http_port), timeout=10) as s:
-        s.sendall(b"GET /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        s.settimeout(10)
-        try:
-            answer = s.recv(4096)
-        except (socket.timeout, ConnectionError):
-            answer = b""
-    assert b"HTTP/1." not in answer
+        s.sendall(request)
+        for _ in range(10):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+def test_https_only(make_server):
+    """Plain HTTP on the HTTPS port gets a fixed 400 with a text hint naming
+    https://, nothing else (no data, no cookie), and the connection is
+    closed; HTTPS keeps working."""
+    srv = start(make_server)
+    answer = _plain(srv, b"GET /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
+                    % srv.http_port)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 400 Bad Request", answer
+    headers = {l.split(":", 1)[0].lower(): l.split(":", 1)[1].strip() for l in lines[1:]}
+    assert headers["content-type"].startswith("text/plain")
+    assert headers["connection"] == "close"
+    assert "set-cookie" not in headers and "location" not in headers
+    assert int(headers["content-length"]) == len(body)
+    assert body == b"This port speaks HTTPS: use https://127.0.0.1:%d/\n" % srv.http_port
+    # a Host that is not a plain host name is not echoed: the listener's address is named
+    answer = _plain(srv, b"POST /api/login HTTP/1.1\r\nHost: <b>x</b>\r\nContent-Length: 0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"<b>" not in answer
+    assert answer.endswith(b"use https://127.0.0.1:%d/\n" % srv.http_port)
     still_up(srv)
 
 

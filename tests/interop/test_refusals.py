@@ -265,3 +265,27 @@ def test_device_changes_apply_without_restart(server):
     server.device_remove("LATE")
     assert rj(server.plain_port, "LATE") == RJ_CALLING
     assert server.starts == 1
+
+
+def test_unparseable_dataset_gets_an_error_comment(server, tmp_path):
+    """A C-STORE whose dataset cannot be parsed is refused 0xC000 with an
+    Error Comment (0000,0902, PS3.7 C.4.2.1.4) saying why, at most 64
+    characters, without the patient data it carried."""
+    server.device_add("BADDS", transport="plain", allow="store")
+    uid = pydicom.uid.generate_uid()
+    dataset = (helpers.key_elements(helpers.SECONDARY_CAPTURE, uid, pydicom.uid.generate_uid(),
+                                    pydicom.uid.generate_uid())
+               + helpers.element(0x0010, 0x0010, b"PN", b"Xyloph^Quimby")
+               # a Patient ID declaring 200 bytes, 4 present: past the end
+               + helpers.element(0x0010, 0x0020, b"LO", b"P-77", length=200))
+    p = tmp_path / "truncated.dcm"
+    p.write_bytes(helpers.part10(helpers.file_meta_for(helpers.SECONDARY_CAPTURE, uid), dataset))
+    st, rsp = helpers.store_one(server.plain_port, "BADDS", p)
+    assert st in (CANNOT_UNDERSTAND, DATASET_MISMATCH), hex(st)
+    comment = str(rsp.ErrorComment).strip()
+    assert comment and len(comment) <= 64, comment
+    # the reason first (0xC000 already says "not DICOM"), cut at a word
+    assert comment.startswith("malformed dataset: declared length 200 "), comment
+    assert comment.endswith("..."), comment
+    assert "Xyloph" not in comment and "P-77" not in comment, comment
+    assert server.instance_get(uid, check=False) is None

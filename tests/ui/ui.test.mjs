@@ -64,6 +64,25 @@ try {
   check('logged in: the user is named in the bar', (await page.textContent('#who')) === USER);
   await page.screenshot({ path: join(OUT, 'studies.png') });
 
+  // -- the list: newest first, accession and modality columns, sortable headers
+  const headers = await page.locator('#studies thead th').allTextContents();
+  check('list: accession and modality columns', headers.map((h) => h.trim()).includes('Accession')
+    && headers.map((h) => h.trim()).includes('Modality'), headers);
+  const dateColumn = async () => page.locator('#studies tbody tr td:nth-child(4)').allTextContents();
+  const modalityColumn = async () => page.locator('#studies tbody tr td:nth-child(6)').allTextContents();
+  const dates = await dateColumn();
+  check('list: newest study first by default', dates.join() === '2004-08-26,2004-01-19', dates);
+  check('list: the study date header says descending',
+    (await page.getAttribute('#studies th[data-sort=date]', 'aria-sort')) === 'descending');
+  await page.click('#studies th[data-sort=modality] button');
+  check('sort: modality header orders A to Z', (await modalityColumn()).join() === 'CT,MR', await modalityColumn());
+  check('sort: the modality header says ascending',
+    (await page.getAttribute('#studies th[data-sort=modality]', 'aria-sort')) === 'ascending');
+  await page.click('#studies th[data-sort=modality] button');
+  check('sort: a second click reverses it', (await modalityColumn()).join() === 'MR,CT', await modalityColumn());
+  await page.click('#studies th[data-sort=date] button');
+  check('sort: study date again newest first', (await dateColumn()).join() === '2004-08-26,2004-01-19', await dateColumn());
+
   // -- search by modality
   await page.selectOption('#q-modality', 'CT');
   const searched = page.waitForResponse((r) => r.url().includes('/dicomweb/studies?') && r.url().includes('ModalitiesInStudy=CT'));
@@ -73,12 +92,20 @@ try {
     && qido.url().includes('limit=25') && qido.url().includes('includefield='), qido.url());
   await page.waitForFunction(() => document.querySelectorAll('#studies tbody tr').length === 1);
   const cells = await page.locator('#studies tbody tr td').allTextContents();
-  check('search: one CT study with its columns', cells[4] === 'CT' && cells[7] === '2', cells);
+  check('search: one CT study with its columns', cells[5] === 'CT' && cells[8] === '2', cells);
 
-  // -- the viewer
+  // -- the viewer; its URL names the study, and a reload opens it again
+  const ctStudy = await page.getAttribute('#studies tbody tr', 'data-study');
   await page.click('#studies tbody tr');
   await page.waitForSelector('#viewer-view:not([hidden])');
   await waitImage(page, '');
+  const url = new URL(page.url());
+  check('viewer: the URL names the study', url.hash === `#/study/${ctStudy}` && ctStudy.length > 10, page.url());
+  await page.reload();
+  await page.waitForSelector('#viewer-view:not([hidden])');
+  await waitImage(page, '');
+  check('reload: the same study is open', new URL(page.url()).hash === `#/study/${ctStudy}`
+    && (await page.textContent('#ov-patient')).includes('CT1'), page.url());
   const first = await imageStats(page);
   check('viewer: the CT is 128x128', first.width === 128 && first.height === 128, first);
   check('viewer: the image is not blank', first.max - first.min > 50, first);

@@ -1182,6 +1182,23 @@ impl Query {
     }
 }
 
+/// Study-level matches newest first: Study Date, then Study Time,
+/// descending (as text: DA/TM order for canonical values); studies without a
+/// Study Date last; ties keep index (insertion) order. PS3.4 C.2.2 leaves
+/// the order of responses open; a worklist (the web UI, QIDO-RS with
+/// `limit`/`offset`, `bastion study list`) wants the latest first, and every
+/// match is in memory already (at most `max_matches`).
+fn newest_first(rows: &mut [EntityRow]) {
+    rows.sort_by(|a, b| {
+        let (a, b) = (&a.study, &b.study);
+        a.study_date
+            .is_empty()
+            .cmp(&b.study_date.is_empty())
+            .then_with(|| b.study_date.cmp(&a.study_date))
+            .then_with(|| b.study_time.cmp(&a.study_time))
+    });
+}
+
 /// Who asks, and the limits, for [`Archive::find`].
 #[derive(Clone, Debug)]
 pub struct FindOptions {
@@ -1314,8 +1331,47 @@ impl Archive {
         opts: &FindOptions,
         sink: &mut dyn FnMut(FindResponse) -> bool,
     ) -> Result<FindSummary, ArchiveError> {
+        self.find_for(query, opts, None, sink)
+    }
+
+    /// [`Archive::find`] for a local operator rather than a device: the
+    /// `query.find` event names `actor` (e.g. `"cli"` for `bastion study`)
+    /// instead of `ae`/`peer` (`opts.ae` and `opts.peer` are not recorded),
+    /// and no `security.universal_query` alert is raised (the operator at
+    /// the data directory holds every key already; the query itself is
+    /// still recorded, with its identifier for the audit trail).
+    ///
+    /// # Errors
+    /// As [`Archive::find`].
+    pub fn find_local(
+        &self,
+        query: &Query,
+        opts: &FindOptions,
+        actor: &str,
+        sink: &mut dyn FnMut(FindResponse) -> bool,
+    ) -> Result<FindSummary, ArchiveError> {
+        self.find_for(query, opts, Some(actor), sink)
+    }
+
+    fn find_for(
+        &self,
+        query: &Query,
+        opts: &FindOptions,
+        actor: Option<&str>,
+        sink: &mut dyn FnMut(FindResponse) -> bool,
+    ) -> Result<FindSummary, ArchiveError> {
         let level = level_name(query.level);
-        if query.is_universal() && query.level <= Level::Study {
+        let who = |mut v: serde_json::Value| {
+            match actor {
+                Some(a) => v["actor"] = a.into(),
+                None => {
+                    v["ae"] = opts.ae.clone().into();
+                    v["peer"] = opts.peer.clone().into();
+                }
+            }
+            v
+        };
+        if actor.is_none() && query.is_universal() && query.level <= Level::Study {
             self.events().record(
                 "security.universal_query",
                 Outcome::Alert,
@@ -1328,7 +1384,7 @@ impl Archive {
             }),
             other => other,
         };
-        let rows = match rows {
+        let mut rows = match rows {
             Ok(r) => r,
             Err(e) => {
                 let outcome = match e {
@@ -1338,13 +1394,16 @@ impl Archive {
                 self.events().record_private(
                     "query.find",
                     outcome,
-                    serde_json::json!({"ae": opts.ae, "peer": opts.peer, "model": query.model.name(),
-                        "level": level, "matches": 0, "reason": e.to_string()}),
+                    who(serde_json::json!({"model": query.model.name(),
+                        "level": level, "matches": 0, "reason": e.to_string()})),
                     opts.private(),
                 );
                 return Err(e);
             }
         };
+        if query.level == Level::Study {
+            newest_first(&mut rows);
+        }
         let mut summary = FindSummary {
             matches: rows.len(),
             sent: 0,
@@ -1396,9 +1455,9 @@ impl Archive {
         self.events().record_private(
             "query.find",
             outcome,
-            serde_json::json!({"ae": opts.ae, "peer": opts.peer, "model": query.model.name(),
+            who(serde_json::json!({"model": query.model.name(),
                 "level": level, "matches": summary.matches, "sent": summary.sent,
-                "cancelled": summary.cancelled, "study_uids": studies.into_iter().collect::<Vec<_>>()}),
+                "cancelled": summary.cancelled, "study_uids": studies.into_iter().collect::<Vec<_>>()})),
             opts.private(),
         );
         result.map(|()| summary)
@@ -1612,6 +1671,31 @@ fn dicom_vr(t: Tag) -> VR {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn study_matches_are_newest_first_undated_last() {
+        let row = |uid: &str, date: &str, time: &str| {
+            let mut r = EntityRow::default();
+            r.study.study_instance_uid = uid.into();
+            r.study.study_date = date.into();
+            r.study.study_time = time.into();
+            r
+        };
+        let mut rows = vec![
+            row("1.1", "20040119", "072730"),
+            row("1.2", "", ""),
+            row("1.3", "20240611", "083000"),
+            row("1.4", "20240611", "170000"),
+            row("1.5", "20040119", "072730"),
+        ];
+        newest_first(&mut rows);
+        let uids: Vec<_> = rows
+            .iter()
+            .map(|r| r.study.study_instance_uid.as_str())
+            .collect();
+        // ties keep index order
+        assert_eq!(uids, ["1.4", "1.3", "1.1", "1.5", "1.2"]);
+    }
 
     fn key(vr: VR, raw: &str) -> Key {
         let kind = kind_of_vr(vr);

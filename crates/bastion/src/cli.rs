@@ -76,6 +76,10 @@ enum Command {
     /// Read stored instances.
     #[command(subcommand)]
     Instance(InstanceCommand),
+    /// What is stored: list studies (filters like C-FIND), show one with its
+    /// series and instances. Every use is recorded in the audit trail.
+    #[command(subcommand)]
+    Study(crate::study_cli::StudyCommand),
     /// Manage user accounts (web front end).
     #[command(subcommand)]
     User(crate::accounts_cli::UserCommand),
@@ -369,6 +373,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Instance(InstanceCommand::Get { sop_uid, out }) => {
             instance_get(&dir, &sop_uid, &out)
         }
+        Command::Study(cmd) => crate::study_cli::study(&dir, cmd),
         Command::User(cmd) => crate::accounts_cli::user(&dir, cmd),
         Command::Token(cmd) => crate::accounts_cli::token(&dir, cmd),
         Command::Alerts(args) => crate::alerts_cli::alerts(&dir, args),

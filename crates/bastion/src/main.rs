@@ -14,6 +14,7 @@ mod import;
 mod keys;
 mod onboarding;
 mod serve;
+mod study_cli;
 mod syslog_client;
 mod webhook;
 

@@ -340,12 +340,19 @@ pub fn encode(rsp: &Response) -> Vec<u8> {
         ));
     }
     if let Some(comment) = &rsp.error_comment {
-        // LO: at most 64 characters, no backslash or control characters.
+        // LO: at most 64 characters, no backslash or control characters; a
+        // longer comment is cut at a word and ends with "...".
         let clean: String = comment
             .chars()
             .filter(|c| !c.is_control() && *c != '\\' && c.is_ascii())
-            .take(64)
             .collect();
+        let clean = if clean.len() > 64 {
+            let head = &clean[..61];
+            let cut = head.rfind(' ').filter(|i| *i > 30).unwrap_or(61);
+            format!("{}...", head[..cut].trim_end())
+        } else {
+            clean
+        };
         let clean = if clean.len() % 2 == 1 {
             format!("{clean} ")
         } else {
@@ -535,6 +542,34 @@ mod tests {
         assert!(find(b"1.2.345\0"), "{bytes:?}");
         assert!(find(b"1.2\\1.234\0"), "{bytes:?}");
         assert!(!find(b"1.2.345 "));
+    }
+
+    #[test]
+    fn a_long_error_comment_is_cut_at_a_word() {
+        let rsp = Response {
+            command_field: field::C_STORE_RSP,
+            message_id: 1,
+            sop_class: "1.2.840.10008.5.1.4.1.1.2".into(),
+            sop_instance: Some("1.2.3".into()),
+            status: Status::CANNOT_UNDERSTAND,
+            error_comment: Some(
+                "malformed dataset: declared length 200 exceeds the 4 bytes present at offset 312"
+                    .into(),
+            ),
+            offending_elements: vec![],
+            dataset_follows: false,
+            sub_operations: None,
+        };
+        let bytes = encode(&rsp);
+        let obj =
+            InMemDicomObject::read_dataset_with_ts(&bytes[..], &IMPLICIT_VR_LITTLE_ENDIAN.erased());
+        let Ok(obj) = obj else { panic!("decodes") };
+        let c = uid_of(&obj, tags::ERROR_COMMENT);
+        assert_eq!(
+            c.trim_end(),
+            "malformed dataset: declared length 200 exceeds the 4 bytes..."
+        );
+        assert!(c.len() <= 64);
     }
 
     #[test]

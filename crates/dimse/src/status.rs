@@ -77,10 +77,18 @@ pub fn for_ingest_error(e: &ArchiveError) -> (Status, String) {
         ArchiveError::InvalidQuery { .. } => Status::IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
         ArchiveError::TooManyMatches { .. } => Status::OUT_OF_RESOURCES,
     };
+    // The Error Comment is an LO of at most 64 characters (PS3.7 C.4):
+    // the useful part first. 0xC000 already says "not DICOM", and the
+    // SOP Instance UID of a conflict is the response's Affected SOP
+    // Instance UID.
     let comment = match e {
         // Internal details stay in the operator log.
         ArchiveError::Internal(_) | ArchiveError::NotFound(_) => {
             "internal error; see the archive log".to_owned()
+        }
+        ArchiveError::NotDicom(reason) => reason.clone(),
+        ArchiveError::Conflict { .. } => {
+            "already stored with different content; refused".to_owned()
         }
         other => other.to_string(),
     };
@@ -104,5 +112,29 @@ pub fn for_query_error(e: &ArchiveError) -> (Status, String, Vec<dicom_core::Tag
             "unable to process the query; see the archive log".to_owned(),
             vec![],
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingest_error_comments_lead_with_the_reason() {
+        let (st, c) = for_ingest_error(&ArchiveError::NotDicom(
+            "malformed dataset: declared length 200 of (0010,0020) past the end".into(),
+        ));
+        assert_eq!(st, Status::CANNOT_UNDERSTAND);
+        assert!(
+            c.starts_with("malformed dataset: declared length 200"),
+            "{c}"
+        );
+        let (st, c) = for_ingest_error(&ArchiveError::Conflict {
+            sop_instance_uid: bastion_model::Uid::parse("1.2.3").expect("uid"),
+        });
+        assert_eq!(st, Status::DUPLICATE_SOP_INSTANCE);
+        assert!(c.len() <= 64 && c.contains("different content"), "{c}");
+        let (_, c) = for_ingest_error(&ArchiveError::Internal("/data/x Doe^John".into()));
+        assert_eq!(c, "internal error; see the archive log");
     }
 }

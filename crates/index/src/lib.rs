@@ -368,6 +368,13 @@ impl Index {
         conn.execute_batch(&pragma)
             .map_err(sql_err("set database key"))?;
         drop(pragma);
+        // SQLCipher's own logger writes to stderr, past `tracing`: a wrong
+        // key printed `ERROR CORE sqlcipher_page_cipher: hmac check failed`
+        // lines before our WrongKey error said the same. Its level is
+        // process-wide; every failure it would log also comes back as an
+        // SQLite error, which Bastion reports. Set before the key check.
+        conn.execute_batch("PRAGMA cipher_log_level = NONE;")
+            .map_err(sql_err("set SQLCipher log level"))?;
 
         conn.busy_timeout(BUSY_TIMEOUT)
             .map_err(sql_err("set busy timeout"))?;

@@ -450,3 +450,41 @@ fn patient_name_prefix_prefilter() -> TestResult {
     assert_eq!(found(&["d%"])?, ["D%e^Q", "Roe^R\\Doe^X", "Smith^A=スミス"]);
     Ok(())
 }
+
+/// Set in the child run of [`wrong_key_prints_nothing_on_stderr`].
+const QUIET_CHILD: &str = "BASTION_INDEX_TEST_WRONG_KEY_CHILD";
+
+/// A wrong key is an error value, not SQLCipher log lines on stderr
+/// (`ERROR CORE sqlcipher_page_cipher: hmac check failed`): SQLCipher
+/// writes to the process's stderr directly, so the check runs this test
+/// binary again as a child and reads what it printed.
+#[test]
+fn wrong_key_prints_nothing_on_stderr() -> TestResult {
+    if let Some(dir) = std::env::var_os(QUIET_CHILD) {
+        let path = Path::new(&dir).join("index.db");
+        drop(Index::open(&path, &KEY)?);
+        match Index::open(&path, &[0x43; 32]) {
+            Err(IndexError::WrongKey { .. }) => {}
+            r => panic!("expected WrongKey, got {r:?}"),
+        }
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "--exact",
+            "wrong_key_prints_nothing_on_stderr",
+            "--nocapture",
+        ])
+        .env(QUIET_CHILD, dir.path())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child failed: {stderr}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+        "the child did not run the test"
+    );
+    assert!(!stderr.contains("hmac check failed"), "{stderr}");
+    assert!(!stderr.contains("ERROR CORE"), "{stderr}");
+    Ok(())
+}

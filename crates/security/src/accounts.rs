@@ -72,7 +72,11 @@
 //!   the old password, under the same throttles as a login, and for an
 //!   account with TOTP the second factor: a live session of the account
 //!   (the forced first-login change, "change my password" in the UI) or a
-//!   fresh TOTP code, else the answer of a wrong password.
+//!   fresh TOTP code, else the answer of a wrong password. With
+//!   [`Accounts::change_password_and_continue`] (the web API) an account
+//!   with TOTP then stays logged in: its sessions end and one new session
+//!   starts in the same transaction, so the first login (code, then the
+//!   forced change) needs no second code, and no code is used twice.
 //! - **Must change password**: an account whose password was generated
 //!   (`bastion user add` / `user passwd` without `--password-stdin`, the
 //!   initial `admin`) logs in, but its [`Principal::may`] is `false` for
@@ -840,6 +844,32 @@ impl Accounts {
     /// [`SecurityError::AccountLocked`], [`SecurityError::AccountDisabled`],
     /// [`SecurityError::Db`].
     pub fn change_password(&self, req: &PasswordChange) -> Result<()> {
+        self.change_own_password(req, false).map(drop)
+    }
+
+    /// [`Accounts::change_password`], after which the holder of an account
+    /// with TOTP stays logged in: every session of the account still ends,
+    /// and in the same transaction one new session (new cookie value and
+    /// CSRF token) starts for this request, which has just proven the
+    /// password and the second factor (its own live session, or a fresh
+    /// code now used up). So the first-login flow (TOTP, then the forced
+    /// password change) needs no second code, and no code is ever accepted
+    /// twice. Recorded as `user.password_changed` with `session_started`,
+    /// and `login.success` (`via: "password_change"`). `None` for an
+    /// account without TOTP: the caller logs in with the new password (an
+    /// `admin` without TOTP must enrol first).
+    ///
+    /// # Errors
+    /// As [`Accounts::change_password`].
+    pub fn change_password_and_continue(&self, req: &PasswordChange) -> Result<Option<NewSession>> {
+        self.change_own_password(req, true)
+    }
+
+    fn change_own_password(
+        &self,
+        req: &PasswordChange,
+        continue_session: bool,
+    ) -> Result<Option<NewSession>> {
         let (username, old, new) = (req.username, req.old_password, req.new_password);
         users::check_password_policy(username, new)?;
         let now = self.now_ms();
@@ -901,7 +931,12 @@ impl Accounts {
             }
         };
         let hash = users::hash_password(new)?;
-        let Some(ended) = self.store_own_password(username, &hash, step)? else {
+        let session = (continue_session && user.totp_secret.is_some()).then(|| NewSession {
+            id: random_b64(32),
+            csrf: random_b64(32),
+        });
+        let Some(ended) = self.store_own_password(username, &hash, step, session.as_ref(), now)?
+        else {
             // The code's step was used meanwhile (a concurrent login).
             self.after_failure(username, true, &source, "totp_wrong_on_change")?;
             return Err(SecurityError::BadCredentials);
@@ -911,9 +946,19 @@ impl Accounts {
             "user.password_changed",
             Outcome::Success,
             json!({"actor": username, "username": username, "source": source,
-                   "second_factor": second_factor, "sessions_ended": ended}),
+                   "second_factor": second_factor, "sessions_ended": ended,
+                   "session_started": session.is_some()}),
         );
-        Ok(())
+        if let Some(session) = &session {
+            self.events.record(
+                "login.success",
+                Outcome::Success,
+                json!({"username": username, "source": source, "role": user.role.as_str(),
+                       "totp": true, "via": "password_change",
+                       "session": sha256_hex(session.id.as_bytes())}),
+            );
+        }
+        Ok(session)
     }
 
     /// Verifies an `Authorization: Bearer` token: `None` when malformed,
@@ -1307,13 +1352,16 @@ impl Accounts {
 
     /// [`Accounts::store_password`] for the holder's own change: clears
     /// the must-change flag and uses up the TOTP step that proved the
-    /// second factor, if any. `None` (nothing stored) when that step is no
+    /// second factor, if any; after ending the account's sessions, starts
+    /// `session` when given. `None` (nothing stored) when that step is no
     /// longer unused, or the account was locked or disabled meanwhile.
     fn store_own_password(
         &self,
         username: &str,
         hash: &str,
         totp_step: Option<i64>,
+        session: Option<&NewSession>,
+        now: i64,
     ) -> Result<Option<usize>> {
         self.db.with(|c| {
             let tx = rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate)
@@ -1332,6 +1380,13 @@ impl Accounts {
                 return Ok(None);
             }
             let ended = end_sessions(&tx, username)?;
+            if let Some(session) = session {
+                tx.execute(
+                    "INSERT INTO sessions (id_hash, username, csrf, created_ms, last_seen_ms) VALUES (?1,?2,?3,?4,?4)",
+                    params![sha256_hex(session.id.as_bytes()), username, session.csrf, now],
+                )
+                .map_err(db_err("insert session"))?;
+            }
             tx.commit().map_err(db_err("commit"))?;
             Ok(Some(ended))
         })

@@ -190,6 +190,11 @@ impl SecurityDb {
         let db = |op| move |source| SecurityError::Db { op, source };
         conn.execute_batch(&format!("PRAGMA key = \"x'{}'\";", hex::encode(key)))
             .map_err(db("set key"))?;
+        // SQLCipher's own stderr logger (process-wide level) printed `hmac
+        // check failed` lines for a wrong key before WrongKey said the same;
+        // its failures come back as SQLite errors anyway. Before the check.
+        conn.execute_batch("PRAGMA cipher_log_level = NONE;")
+            .map_err(db("SQLCipher log level"))?;
         if conn
             .query_row("SELECT count(*) FROM sqlite_master", [], |r| {
                 r.get::<_, i64>(0)

@@ -23,7 +23,8 @@
     smallestPixel: '00280106', largestPixel: '00280107',
   };
   const STUDY_FIELDS = [TAG.patientName, TAG.patientId, TAG.birthDate, TAG.studyDate,
-    TAG.accession, TAG.modalities, TAG.studyDescription, TAG.nSeries, TAG.nInstances];
+    TAG.studyTime, TAG.accession, TAG.modalities, TAG.studyDescription, TAG.nSeries,
+    TAG.nInstances];
   const VIEWS = ['login-view', 'totp-view', 'password-view', 'list-view', 'viewer-view'];
 
   const state = {
@@ -32,6 +33,8 @@
     permissions: [],
     offset: 0,
     query: null,
+    rows: [], // the study list page's QIDO rows
+    sort: { key: 'date', dir: -1 }, // the list's order: newest first
     study: null, // the study's QIDO row
     series: [], // [{uid, modality, number, description, images}]
     seriesIndex: 0,
@@ -327,11 +330,21 @@
       message($('password-error'), refusal(r, r.status === 401 ? 'The current password is wrong.' : await errorText(r)));
       return;
     }
-    // The change ends the session: log in again with the new password. A
-    // one-time code cannot be used twice, so an account with a second
-    // factor logs in with the next one.
-    setCsrf('', '');
+    // An account with a second factor stays logged in: the answer is a new
+    // session (every other one ended), so no second one-time code is
+    // needed (a code is never accepted twice).
     pendingLogin = null;
+    if (r.status === 200) {
+      const me = await r.json();
+      setCsrf(me.csrf, me.username);
+      await loadMe();
+      route();
+      return;
+    }
+    // Otherwise the change ended the session: log in again with the new
+    // password (at the list).
+    setCsrf('', '');
+    forgetStudyUrl();
     $('login-username').value = p.username;
     if (p.totp || p.voluntary) {
       showLogin(p.totp
@@ -374,6 +387,7 @@
     } catch (_) { /* gone already */ }
     setCsrf('', '');
     leaveViewer();
+    forgetStudyUrl();
     showLogin('You are logged out.');
   });
 
@@ -400,6 +414,23 @@
   // account may see.
   function route() {
     if (!state.csrf) return;
+    // #/study/<StudyInstanceUID>: the viewer on that study (a link, a reload).
+    const study = location.hash.match(/^#\/study\/([0-9.]{1,64})$/);
+    if (study && pages.studies) {
+      for (const a of $('nav').querySelectorAll('a')) {
+        a.classList.toggle('current', a.dataset.page === 'studies');
+      }
+      if (state.study && value(state.study, TAG.studyUid) === study[1]) return;
+      leaveViewer();
+      if (!may(pages.studies.needs)) {
+        show('list-view');
+        $('list-view').classList.add('refused');
+        pages.studies.refused();
+        return;
+      }
+      openStudyByUid(study[1]);
+      return;
+    }
     let name = (location.hash.match(/^#\/([a-z]+)/) || [])[1];
     if (!name || !pages[name]) {
       name = firstPage();
@@ -496,31 +527,86 @@
       if (text) message($('list-error'), text);
       return;
     }
-    const body = $('studies').tBodies[0];
-    body.replaceChildren();
-    for (const ds of rows) {
-      const tr = document.createElement('tr');
-      tr.tabIndex = 0;
-      const cells = [
-        personName(value(ds, TAG.patientName)),
-        value(ds, TAG.patientId),
-        dicomDate(value(ds, TAG.birthDate)),
-        dicomDate(value(ds, TAG.studyDate)),
-        values(ds, TAG.modalities).join(', '),
-        value(ds, TAG.studyDescription),
-        value(ds, TAG.nSeries),
-        value(ds, TAG.nInstances),
-      ];
-      cells.forEach((text, i) => cell(tr, text, i >= 6 ? 'num' : ''));
-      tr.addEventListener('click', () => openStudy(ds));
-      tr.addEventListener('keydown', (ev) => { if (ev.key === 'Enter') openStudy(ds); });
-      body.appendChild(tr);
-    }
+    state.rows = rows;
+    renderStudies();
     $('list-empty').hidden = rows.length > 0;
     $('prev').disabled = state.offset === 0;
     $('next').disabled = rows.length < PAGE;
     $('page-info').textContent = rows.length
       ? `Studies ${state.offset + 1}–${state.offset + rows.length}` : '';
+  }
+
+  // The sort key of a study row for each sortable column.
+  const SORT_KEYS = {
+    patient: (ds) => personName(value(ds, TAG.patientName)).toLowerCase(),
+    pid: (ds) => value(ds, TAG.patientId),
+    birth: (ds) => value(ds, TAG.birthDate),
+    date: (ds) => `${value(ds, TAG.studyDate)} ${value(ds, TAG.studyTime)}`,
+    accession: (ds) => value(ds, TAG.accession),
+    modality: (ds) => values(ds, TAG.modalities).join(','),
+    description: (ds) => value(ds, TAG.studyDescription).toLowerCase(),
+    series: (ds) => Number(value(ds, TAG.nSeries)) || 0,
+    images: (ds) => Number(value(ds, TAG.nInstances)) || 0,
+  };
+  // The rows of the page in the chosen order (the server sends the newest
+  // studies first; a header click orders the page by that column, a
+  // second click reverses it). Empty values go last either way.
+  function renderStudies() {
+    const { key, dir } = state.sort;
+    const get = SORT_KEYS[key] || SORT_KEYS.date;
+    const rows = state.rows.map((ds, i) => ({ ds, i, k: get(ds) }));
+    rows.sort((a, b) => {
+      const ea = a.k === '' || a.k === ' ';
+      const eb = b.k === '' || b.k === ' ';
+      if (ea !== eb) return ea ? 1 : -1;
+      if (a.k < b.k) return -dir;
+      if (a.k > b.k) return dir;
+      return a.i - b.i;
+    });
+    for (const th of $('studies').tHead.rows[0].cells) {
+      if (th.dataset.sort === key) {
+        th.setAttribute('aria-sort', dir > 0 ? 'ascending' : 'descending');
+      } else {
+        th.removeAttribute('aria-sort');
+      }
+    }
+    const body = $('studies').tBodies[0];
+    body.replaceChildren();
+    for (const { ds } of rows) {
+      const tr = document.createElement('tr');
+      tr.tabIndex = 0;
+      tr.dataset.study = value(ds, TAG.studyUid);
+      const cells = [
+        personName(value(ds, TAG.patientName)),
+        value(ds, TAG.patientId),
+        dicomDate(value(ds, TAG.birthDate)),
+        dicomDate(value(ds, TAG.studyDate)),
+        value(ds, TAG.accession),
+        values(ds, TAG.modalities).join(', '),
+        value(ds, TAG.studyDescription),
+        value(ds, TAG.nSeries),
+        value(ds, TAG.nInstances),
+      ];
+      cells.forEach((text, i) => cell(tr, text, i >= 7 ? 'num' : ''));
+      tr.addEventListener('click', () => openStudy(ds));
+      tr.addEventListener('keydown', (ev) => { if (ev.key === 'Enter') openStudy(ds); });
+      body.appendChild(tr);
+    }
+  }
+  for (const th of $('studies').tHead.rows[0].cells) {
+    const button = th.querySelector('button.sort');
+    if (!button) continue;
+    button.addEventListener('click', () => {
+      const key = th.dataset.sort;
+      if (state.sort.key === key) {
+        state.sort = { key, dir: -state.sort.dir };
+      } else {
+        // Text A to Z; dates and counts largest (newest) first.
+        const down = ['date', 'birth', 'series', 'images'].includes(key);
+        state.sort = { key, dir: down ? -1 : 1 };
+      }
+      renderStudies();
+    });
   }
 
   function enterList() {
@@ -560,7 +646,34 @@
   const base = () => `/dicomweb/studies/${encodeURIComponent(value(state.study, TAG.studyUid))}`;
   const seriesBase = (s) => `${base()}/series/${encodeURIComponent(s.uid)}`;
 
+  // Opens the study a #/study/<uid> URL names (a link or a reload).
+  async function openStudyByUid(uid) {
+    const q = new URLSearchParams();
+    q.set('StudyInstanceUID', uid);
+    for (const f of STUDY_FIELDS) q.append('includefield', f);
+    let rows;
+    try {
+      rows = await dicomJson(`/dicomweb/studies?${q}`);
+    } catch (e) {
+      const text = failure(e);
+      if (text !== null) {
+        show('list-view');
+        message($('list-error'), text);
+      }
+      return;
+    }
+    if (!rows.length) {
+      show('list-view');
+      message($('list-error'), 'No study with this Study Instance UID is stored (or it is not yours to see).');
+      return;
+    }
+    openStudy(rows[0]);
+  }
+
   async function openStudy(ds) {
+    // The URL names the study, so it can be linked and reloaded.
+    const here = `#/study/${value(ds, TAG.studyUid)}`;
+    if (location.hash !== here) history.pushState(null, '', here);
     state.study = ds;
     state.series = [];
     state.window = '';
@@ -768,6 +881,12 @@
     }
   }
 
+  // On logout (own or idle) the URL stops naming a study: the next person
+  // at this browser starts at the list. An expired session keeps it, so
+  // logging in again (or following a link) reopens the study.
+  function forgetStudyUrl() {
+    if (location.hash.startsWith('#/study/')) history.replaceState(null, '', '#/studies');
+  }
   function leaveViewer() {
     state.renderSeq++;
     state.study = null;
@@ -910,8 +1029,13 @@
   });
   function back() {
     leaveViewer();
+    if (location.hash.startsWith('#/study/')) history.pushState(null, '', '#/studies');
     show('list-view');
-    search();
+    if (state.query === null) {
+      enterList();
+    } else {
+      search();
+    }
   }
   $('back').addEventListener('click', back);
 
@@ -961,6 +1085,7 @@
     setCsrf('', '');
     pendingLogin = null;
     leaveViewer();
+    forgetStudyUrl();
     showLogin(`You were logged out after ${Math.round(state.idleSecs / 60)} minutes without activity.`);
   }, 5000);
 

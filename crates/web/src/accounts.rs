@@ -119,6 +119,19 @@ pub struct PasswordChangeRequest {
 pub enum PasswordChangeResult {
     /// Changed; the account's sessions were ended.
     Changed,
+    /// Changed; the account's sessions were ended and, the request having
+    /// proven the second factor, a new session started for it (the holder
+    /// stays logged in; no second TOTP code is needed).
+    ChangedLoggedIn {
+        /// The new session id (cookie value).
+        session_id: String,
+        /// Its CSRF token.
+        csrf: String,
+        /// Who is logged in.
+        identity: Identity,
+        /// Absolute session lifetime (cookie Max-Age).
+        max_age: Duration,
+    },
     /// Unknown user or wrong current password (same answer).
     Failed,
     /// The new password is refused (too short, too common…): the reason
@@ -294,8 +307,20 @@ impl AccountService for Accounts {
             session: r.session_id.as_deref(),
             source: r.source,
         };
-        match Accounts::change_password(self, &change) {
-            Ok(()) => PasswordChangeResult::Changed,
+        match Accounts::change_password_and_continue(self, &change) {
+            Ok(None) => PasswordChangeResult::Changed,
+            Ok(Some(session)) => {
+                match logged("session", Accounts::session(self, &session.id)).flatten() {
+                    Some((principal, _)) => PasswordChangeResult::ChangedLoggedIn {
+                        identity: identity(&principal),
+                        session_id: session.id.clone(),
+                        csrf: session.csrf.clone(),
+                        max_age: self.policy().session_absolute,
+                    },
+                    // Gone meanwhile (disabled): changed, log in again.
+                    None => PasswordChangeResult::Changed,
+                }
+            }
             Err(SecurityError::WeakPassword(why)) => {
                 PasswordChangeResult::Rejected(format!("password refused: {why}"))
             }

@@ -509,7 +509,9 @@ pub async fn me(
 
 /// `POST /api/password`: `{"username", "old_password", "new_password",
 /// "totp"?}` → 204 (and the session cookie cleared: every session of the
-/// account ends). Anonymous (the first-login change), so it checks `Origin`
+/// account ends), or, for an account with TOTP (whose request proved it),
+/// 200 with a new session as a login answers (every other session ends;
+/// the holder stays logged in without a second code). Anonymous (the first-login change), so it checks `Origin`
 /// as login does. An account with TOTP must also prove the second factor:
 /// the request carries a session cookie of that same account (its login
 /// passed TOTP), or `totp` is a valid, unused code; otherwise 401, the
@@ -539,6 +541,12 @@ pub async fn change_password(
             set_cookie(&mut r, "", Duration::ZERO)?;
             Ok(r)
         }
+        PasswordChangeResult::ChangedLoggedIn {
+            session_id,
+            csrf,
+            identity,
+            max_age,
+        } => session_response(&identity, &session_id, &csrf, max_age),
         PasswordChangeResult::Failed => Err(ApiError::LoginFailed),
         PasswordChangeResult::Rejected(reason) => Err(ApiError::BadRequest(reason)),
         PasswordChangeResult::Throttled { retry_after } => Err(ApiError::Throttled { retry_after }),

@@ -50,7 +50,7 @@ use crate::{
     audit::Note,
     auth::Caller,
     body::BodyFrames,
-    error::{failure_reason, ApiError},
+    error::{failure_comment, failure_reason, ApiError},
     negotiate::{parse_accept, MediaRange},
     AppState,
 };
@@ -1059,7 +1059,10 @@ enum Stored {
     Failed {
         class: String,
         sop: String,
+        /// Failure Reason (0008,1197).
         reason: u16,
+        /// Error Comment (0000,0902): why, without patient data.
+        comment: String,
     },
 }
 
@@ -1131,10 +1134,12 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
                 }
                 // The part being received does not fit: drop it, go on.
                 splitter.skip_part(&mut reservation)?;
+                let e = budget_err(e);
                 results.push(Stored::Failed {
                     class: String::new(),
                     sop: String::new(),
-                    reason: failure_reason(&budget_err(e)),
+                    reason: failure_reason(&e),
+                    comment: failure_comment(&e),
                 });
                 splitter
                     .push(data, &mut reservation)
@@ -1184,8 +1189,14 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
                 }
                 referenced.push(Value::Object(item));
             }
-            Stored::Failed { class, sop, reason } => {
+            Stored::Failed {
+                class,
+                sop,
+                reason,
+                comment,
+            } => {
                 let mut item = serde_json::Map::new();
+                item.insert("00000902".into(), json!({"vr": "LO", "Value": [comment]}));
                 item.insert("00081150".into(), ui(class));
                 item.insert("00081155".into(), ui(sop));
                 item.insert("00081197".into(), json!({"vr": "US", "Value": [reason]}));
@@ -1233,22 +1244,37 @@ fn store_part(
     part: OwnedPart,
     reservation: &mut Reservation,
 ) -> Result<Stored, ApiError> {
-    let failed = |reason| Stored::Failed {
+    let failed = |reason, comment: &str| Stored::Failed {
         class: String::new(),
         sop: String::new(),
         reason,
+        comment: comment.to_owned(),
     };
     let is_dicom = part
         .content_type()
         .map(|c| c.trim().to_ascii_lowercase())
         .is_some_and(|c| c == "application/dicom" || c.starts_with("application/dicom;"));
     if !is_dicom {
-        return Ok(failed(0xC000));
+        return Ok(failed(
+            0xC000,
+            "the part's Content-Type is not application/dicom",
+        ));
     }
     if let Some(expected) = expected {
         match crate::peek::study_uid(&part.body) {
             Some(s) if s == expected.as_str() => {}
-            Some(_) | None => return Ok(failed(0xA900)),
+            Some(_) => {
+                return Ok(failed(
+                    0xA900,
+                    "Study Instance UID differs from the one in the URL",
+                ))
+            }
+            None => {
+                return Ok(failed(
+                    0xA900,
+                    "no readable Study Instance UID (the URL names a study)",
+                ))
+            }
         }
     }
     match archive.ingest_reserved(Received::File(part.body), origin, reservation) {
@@ -1280,6 +1306,7 @@ fn store_part(
                 class: String::new(),
                 sop,
                 reason: failure_reason(&e),
+                comment: failure_comment(&e),
             })
         }
     }

@@ -228,6 +228,51 @@ impl From<DicomWebError> for ApiError {
     }
 }
 
+/// The Error Comment (0000,0902) of a STOW-RS instance the archive refused:
+/// why, in words, for the client (PS3.18 §10.5.3 lets a FailedSOPSequence
+/// item carry it, as a C-STORE-RSP does, PS3.7 §C.4). Never patient data:
+/// the archive's refusals name attributes and positions, not values; a
+/// conflict's SOP Instance UID is in the item's (0008,1155) already;
+/// internal failures say only where to look. At most 64 characters (LO).
+pub fn failure_comment(e: &ArchiveError) -> String {
+    let text = match e {
+        // 0xC000 says "not DICOM" already: the reason is the useful part.
+        ArchiveError::NotDicom(reason) => reason.clone(),
+        ArchiveError::Conflict { .. } => {
+            "already stored with different content; refused".to_owned()
+        }
+        ArchiveError::Internal(_) | ArchiveError::NotFound(_) => {
+            "internal error; see the server log".to_owned()
+        }
+        other => other.to_string(),
+    };
+    error_comment(&text)
+}
+
+/// `text` as an Error Comment value (VR LO, PS3.5 §6.2): printable ASCII
+/// without backslash, at most 64 characters (a longer text is cut at a
+/// word and ends with `...`).
+pub fn error_comment(text: &str) -> String {
+    let clean: String = text
+        .chars()
+        .map(|c| {
+            if c.is_ascii() && !c.is_control() {
+                c
+            } else {
+                ' '
+            }
+        })
+        .filter(|c| *c != '\\')
+        .collect();
+    let clean = clean.trim();
+    if clean.len() <= 64 {
+        return clean.to_owned();
+    }
+    let head = &clean[..61];
+    let cut = head.rfind(' ').filter(|i| *i > 30).unwrap_or(61);
+    format!("{}...", head[..cut].trim_end())
+}
+
 /// The Failure Reason (0008,1197) of a STOW-RS instance the archive refused
 /// (PS3.18 §10.5.3, PS3.4 Annex B.2.3 statuses), the same codes C-STORE
 /// answers: 0xC000 cannot understand, 0xA900 data set does not match SOP
@@ -244,5 +289,32 @@ pub fn failure_reason(e: &ArchiveError) -> u16 {
         | ArchiveError::NotFound(_)
         | ArchiveError::TooManyMatches { .. }
         | ArchiveError::Internal(_) => 0xA700,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_comment_is_an_lo_value_with_the_reason() {
+        let e =
+            ArchiveError::NotDicom("no DICM prefix at byte 128: not a DICOM Part 10 file".into());
+        assert_eq!(
+            failure_comment(&e),
+            "no DICM prefix at byte 128: not a DICOM Part 10 file"
+        );
+        let internal = ArchiveError::Internal("/var/lib/x: Doe^John".into());
+        assert_eq!(
+            failure_comment(&internal),
+            "internal error; see the server log"
+        );
+        let long = error_comment(&format!("{}\\x\u{e9}\n", "word ".repeat(30)));
+        assert!(
+            long.len() <= 64 && long.ends_with("...") && long.is_ascii(),
+            "{long}"
+        );
+        assert!(!long.contains('\\'));
+        assert_eq!(error_comment(" a\\b\u{1}c "), "ab c");
     }
 }

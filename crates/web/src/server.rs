@@ -15,8 +15,11 @@
 //! [`ConnectionLimits::header_timeout`] (hyper closes a slowloris
 //! connection, and an idle keep-alive one), headers at most
 //! [`ConnectionLimits::max_header_bytes`].
-//! There is no plaintext listener: a client speaking HTTP to the port fails
-//! the TLS handshake.
+//! There is no plaintext listener: a client speaking plain HTTP to the port
+//! (its first byte is not a TLS handshake record, 0x16, RFC 8446 §5.1, but
+//! an ASCII letter) gets one fixed `400 Bad Request` with a `text/plain`
+//! hint naming the `https://` address, and the connection is closed: no
+//! data, no cookie, no redirect to follow blindly (`plain_http_hint`).
 
 use std::{
     net::SocketAddr,
@@ -136,6 +139,28 @@ pub async fn serve(
         let app = app.clone();
         let mut stop = shutdown.clone();
         tasks.spawn(async move {
+            // The first byte tells TLS from plain HTTP (peeked: the TLS
+            // acceptor still reads it), under the handshake deadline.
+            let first = tokio::select! {
+                r = tokio::time::timeout(limits.handshake_timeout, first_byte(&tcp)) => match r {
+                    Ok(Ok(Some(b))) => b,
+                    Ok(Ok(None)) | Ok(Err(_)) => return,
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                },
+                () = evicted.notified() => return,
+            };
+            if first != TLS_HANDSHAKE && first.is_ascii_alphabetic() {
+                tokio::select! {
+                    _ = tokio::time::timeout(limits.handshake_timeout, plain_http_hint(tcp)) => {}
+                    () = evicted.notified() => {}
+                }
+                tracing::debug!(%peer, "plain HTTP on the HTTPS port: answered with the https:// hint");
+                drop(ticket);
+                return;
+            }
             let stream = tokio::select! {
                 r = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)) => match r {
                     Ok(Ok(s)) => s,
@@ -163,6 +188,69 @@ pub async fn serve(
     })
     .await;
     tasks.abort_all();
+}
+
+/// TLS record content type `handshake` (RFC 8446 §5.1): the first byte a
+/// TLS client sends.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Largest plain HTTP request head read for [`plain_http_hint`], bytes.
+const MAX_PLAIN_HEAD: usize = 4096;
+
+/// The first byte the client sent, without consuming it (`None`: it closed
+/// first).
+async fn first_byte(tcp: &tokio::net::TcpStream) -> std::io::Result<Option<u8>> {
+    let mut b = [0u8; 1];
+    let n = tcp.peek(&mut b).await?;
+    Ok((n == 1).then_some(b[0]))
+}
+
+/// Answers a plain HTTP request sent to the HTTPS port: reads its head (at
+/// most [`MAX_PLAIN_HEAD`] bytes), writes `400 Bad Request` with a
+/// `text/plain` body "This port speaks HTTPS: use https://HOST/" (HOST from
+/// the request's `Host` header when it is a plain host[:port], else the
+/// address the client connected to) and closes. Nothing else is served: no
+/// request is routed, no cookie set, no Location to follow.
+async fn plain_http_hint(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while head.len() < MAX_PLAIN_HEAD && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let host = host_header(&head)
+        .or_else(|| tcp.local_addr().ok().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let body = format!("This port speaks HTTPS: use https://{host}/\n");
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tcp.write_all(response.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+}
+
+/// The `Host` header of a request head when it is a plain `host[:port]`
+/// (letters, digits, `.`, `-`, `:`, `[`, `]`; at most 255 bytes), so that
+/// nothing the client sent but a host name is echoed.
+fn host_header(head: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(head).ok()?;
+    let value = text.split("\r\n").skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("host")
+            .then(|| value.trim())
+    })?;
+    let ok = !value.is_empty()
+        && value.len() <= 255
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    ok.then(|| value.to_owned())
 }
 
 async fn serve_connection<S>(
@@ -206,5 +294,26 @@ async fn serve_connection<S>(
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_header_only_a_plain_host() {
+        let h = |s: &str| host_header(s.as_bytes());
+        assert_eq!(
+            h("GET / HTTP/1.1\r\nhost: pacs.example:8443\r\n\r\n").as_deref(),
+            Some("pacs.example:8443")
+        );
+        assert_eq!(
+            h("GET / HTTP/1.1\r\nHost: [::1]:8443\r\n\r\n").as_deref(),
+            Some("[::1]:8443")
+        );
+        assert_eq!(h("GET / HTTP/1.1\r\nHost: a/<script>\r\n\r\n"), None);
+        assert_eq!(h("GET / HTTP/1.1\r\nX: y\r\n\r\n"), None);
+        assert_eq!(h("Host: x\r\n"), None, "the request line is no header");
     }
 }

@@ -841,7 +841,7 @@ async fn read_all(s: &mut (impl AsyncReadExt + Unpin), limit: Duration) -> Strin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plain_http_gets_no_answer_and_tls_works() {
+async fn plain_http_gets_only_an_https_hint_and_tls_works() {
     let l = live(WebConfig::default(), Duration::from_secs(5)).await;
     let mut plain = tokio::net::TcpStream::connect(l.addr)
         .await
@@ -851,10 +851,15 @@ async fn plain_http_gets_no_answer_and_tls_works() {
         .await
         .expect("write");
     let answer = read_all(&mut plain, Duration::from_secs(5)).await;
+    // One fixed 400 with a text hint, then the connection closes: nothing
+    // routed (no 401 of the API, no cookie).
     assert!(
-        !answer.contains("HTTP/1."),
-        "plaintext HTTP answered: {answer:?}"
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "plaintext HTTP answer: {answer:?}"
     );
+    assert!(answer.ends_with("\r\n\r\nThis port speaks HTTPS: use https://x/\n"));
+    assert!(!answer.to_ascii_lowercase().contains("set-cookie"));
+    assert!(!answer.contains("401"));
     let mut s = tls_connect(&l).await;
     s.write_all(b"GET /dicomweb/studies HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await

@@ -1268,3 +1268,101 @@ fn user_names_differing_only_in_case_are_refused() {
         2
     );
 }
+
+/// The first login of an admin (TOTP enrolment, then the forced password
+/// change) needs no second code: the change, proven by the flow's own
+/// session, starts a new session in the same 30-second step. The code
+/// stays single-use for any other login.
+#[test]
+fn first_login_totp_then_password_change_needs_no_second_code() {
+    let f = fixture(AccountPolicy::default());
+    add(&f, "vera", Role::Admin);
+    add(&f, "walt", Role::Clinician);
+    let TotpEnrolment::Secret { secret, uri } = f
+        .accounts
+        .enrol_totp(&req("vera", GOOD, None, "10.9.0.1"), None)
+        .expect("enrol")
+    else {
+        panic!("expected a secret")
+    };
+    let totp = totp_rs::TOTP::from_url(&uri).expect("uri");
+    let code = totp.generate(f.clock.unix_secs());
+    let TotpEnrolment::LoggedIn { session, .. } = f
+        .accounts
+        .enrol_totp(&req("vera", GOOD, Some(&code), "10.9.0.1"), Some(&secret))
+        .expect("enrol")
+    else {
+        panic!("expected a session")
+    };
+    // A second before the step ends at the latest: the same code is
+    // the current one throughout.
+    f.clock.advance(Duration::from_secs(1));
+    let flow: &'static str = Box::leak(session.id.clone().into_boxed_str());
+    let new = f
+        .accounts
+        .change_password_and_continue(&PasswordChange {
+            session: Some(flow),
+            source: ip("10.9.0.1"),
+            ..change("vera", GOOD, OTHER)
+        })
+        .expect("change")
+        .expect("a new session: still logged in");
+    assert_ne!(new.id, session.id);
+    assert_ne!(new.csrf, session.csrf);
+    // The flow's session ended (every session of the account does); the
+    // new one is vera's, with her permissions (no must-change any more).
+    assert!(f.accounts.session(&session.id).expect("lookup").is_none());
+    let (p, csrf) = f
+        .accounts
+        .session(&new.id)
+        .expect("lookup")
+        .expect("the new session is live");
+    assert_eq!(p.username, "vera");
+    assert_eq!(csrf, new.csrf);
+    assert!(p.may(WebPermission::Admin));
+    // The enrolment code is still used up: a new login with it, in the
+    // same step and with the new password, is refused.
+    assert_eq!(
+        f.accounts
+            .login(&req("vera", OTHER, Some(&code), "10.9.0.2"))
+            .expect("login"),
+        LoginOutcome::TotpRequired
+    );
+    // The old password is gone.
+    f.clock.advance(Duration::from_secs(30));
+    let next = totp.generate(f.clock.unix_secs());
+    assert_eq!(
+        f.accounts
+            .login(&req("vera", GOOD, Some(&next), "10.9.0.3"))
+            .expect("login"),
+        LoginOutcome::Failed
+    );
+    let events: Vec<serde_json::Value> = events_text(&f.events_path)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let changed = events
+        .iter()
+        .rfind(|e| e["type"] == "user.password_changed")
+        .expect("password_changed");
+    assert_eq!(changed["second_factor"], "session");
+    assert_eq!(changed["session_started"], true);
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "login.success" && e["via"] == "password_change"));
+    // An account without TOTP: changed, but no session started (the
+    // client logs in with the new password).
+    assert!(matches!(
+        f.accounts.change_password_and_continue(&PasswordChange {
+            session: Some(Box::leak(new.id.clone().into_boxed_str())),
+            ..change("walt", GOOD, OTHER)
+        }),
+        Ok(None)
+    ));
+    assert!(matches!(
+        f.accounts
+            .login(&req("walt", OTHER, None, "10.9.0.4"))
+            .expect("login"),
+        LoginOutcome::Ok { .. }
+    ));
+}
