@@ -90,6 +90,18 @@ try {
   await page.goto(`${BASE}/`);
   await page.waitForSelector('#login-view:not([hidden])');
   await login(page, USER, PASSWORD, '#list-view:not([hidden])');
+  // -- the built-in study list's "Open in OHIF"
+  await page.waitForSelector('#studies tbody tr a.ohif-link');
+  const links = await page.locator('#studies tbody tr a.ohif-link').count();
+  check('study list: an "Open in OHIF" link per study', links === CASES.length, links);
+  const first = page.locator('#studies tbody tr a.ohif-link').first();
+  const href = await first.getAttribute('href');
+  await first.click();
+  await page.waitForURL((u) => u.pathname === '/viewer/viewer', { timeout: 30000 });
+  const opened = await viewportStats(page);
+  check('"Open in OHIF" opens that study in OHIF', /^\/viewer\/viewer\?StudyInstanceUIDs=[0-9.]+$/.test(href)
+    && opened && opened.away > 0.02, { href, opened });
+  await page.screenshot({ path: join(OUT, 'open-in-ohif.png') });
   await page.goto(`${BASE}/viewer/`);
   await page.waitForSelector('text=/\\d+-\\d+ of \\d+/', { timeout: 60000 });
   const paging = await page.textContent('text=/\\d+-\\d+ of \\d+/');

@@ -402,6 +402,9 @@
     state.user = me.username;
     state.permissions = me.permissions || [];
     state.idleSecs = Number(me.session_idle_secs) || 30 * 60;
+    // Where Bastion serves the OHIF Viewer ([http] ohif_dir), or null.
+    state.viewer = typeof me.viewer === 'string' && me.viewer.startsWith('/') ? me.viewer : null;
+    $('ohif-col').hidden = !state.viewer;
     state.lastActivity = Date.now();
     for (const a of $('nav').querySelectorAll('a')) a.hidden = !may(a.dataset.needs);
     $('download').hidden = !may('export');
@@ -588,6 +591,18 @@
         value(ds, TAG.nInstances),
       ];
       cells.forEach((text, i) => cell(tr, text, i >= 7 ? 'num' : ''));
+      if (state.viewer) {
+        // "Open in OHIF": the same study in the OHIF Viewer Bastion serves,
+        // with the same session (a link: it can be opened in a new tab).
+        const td = cell(tr, '', 'ohif');
+        const a = document.createElement('a');
+        a.className = 'ohif-link';
+        a.textContent = 'Open in OHIF';
+        a.href = `${state.viewer}viewer?StudyInstanceUIDs=${encodeURIComponent(value(ds, TAG.studyUid))}`;
+        a.addEventListener('click', (ev) => ev.stopPropagation());
+        a.addEventListener('keydown', (ev) => ev.stopPropagation());
+        td.appendChild(a);
+      }
       tr.addEventListener('click', () => openStudy(ds));
       tr.addEventListener('keydown', (ev) => { if (ev.key === 'Enter') openStudy(ds); });
       body.appendChild(tr);
