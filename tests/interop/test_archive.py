@@ -239,3 +239,51 @@ def test_memory_bound_huge_declared_lengths(make_server, tmp_path):
     for uid, _ in files:
         assert srv.instance_get(uid, check=False) is None
     assert srv.echo("HUGE", tls=False) == SUCCESS
+
+
+def test_a_reused_series_uid_cannot_move_another_patients_images(make_server, tmp_path):
+    """An upload that reuses a stored Series Instance UID under a new study
+    and patient is refused (it once re-homed the series: the original study
+    vanished from study list, study show and QIDO-RS); the same through
+    STOW-RS is a FailedSOPSequence item 0xA900 with the reason."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    import corpus
+    from test_dicomweb import new_token, request
+
+    srv = make_server(plain=False)
+    ct = corpus.corpus_root() / "pydicom" / "test_files" / "CT_small.dcm"
+    code, summary, _, _ = srv.import_(ct)
+    assert code == 0 and summary["stored"] == 1
+    ds = pydicom.dcmread(ct)
+    study = str(ds.StudyInstanceUID)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.PatientID = "OTHERPAT"
+    reparent = tmp_path / "reparent.dcm"
+    ds.save_as(reparent, enforce_file_format=True)
+
+    code, summary, rejected, out = srv.import_(reparent)
+    assert code == 1 and summary["rejected"] == 1, out
+    assert "series stored under another study" in rejected[0][1], rejected
+    shown = srv.cli("study", "show", study, check=False)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert [e for e in srv.events() if e.get("type") == "security.hierarchy_mismatch"]
+
+    tech = new_token(srv, "reuser", "technologist")
+    b = "reuseboundary0123"
+    body = (f"--{b}\r\nContent-Type: application/dicom\r\n\r\n".encode() + reparent.read_bytes()
+            + f"\r\n--{b}--\r\n".encode())
+    status, _, doc = request(srv, "POST", "/dicomweb/studies", tech,
+                             {"Content-Type": f'multipart/related; type="application/dicom"; boundary={b}',
+                              "Accept": "application/dicom+json"}, body)
+    import json
+    doc = json.loads(doc)
+    assert status == 409, doc
+    item = doc["00081198"]["Value"][0]
+    assert item["00081197"]["Value"] == [0xA900]
+    assert item["00000902"]["Value"][0].startswith("series stored under another study"), item
+    listed = json.loads(srv.cli("study", "list", "--json").stdout)
+    assert [s["study_instance_uid"] for s in listed] == [study]

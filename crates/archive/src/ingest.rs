@@ -406,6 +406,16 @@ impl Archive {
                     sop_instance_uid: sop,
                 })
             }
+            Ok(CommitOutcome::HierarchyMismatch { reason }) => {
+                self.discard(&blob.id);
+                self.events.record(
+                    "security.hierarchy_mismatch",
+                    Outcome::Alert,
+                    serde_json::json!({"ae": origin.ae, "peer": peer_for_log(origin), "sop_instance_uid": sop,
+                        "detail": format!("{reason}; refused (it would move stored images under another study or patient)")}),
+                );
+                Err(ArchiveError::InvalidDataset(reason))
+            }
             Ok(CommitOutcome::Conflict { .. }) => {
                 self.discard(&blob.id);
                 Err(ArchiveError::Conflict {

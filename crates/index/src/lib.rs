@@ -309,6 +309,17 @@ pub enum CommitOutcome {
         /// The instance that was replaced.
         previous: StoredInstance,
     },
+    /// A new instance whose Series Instance UID is stored under another
+    /// study, or whose Study Instance UID is stored under another patient,
+    /// with [`OnConflict::Refuse`]: storing it would move that series or
+    /// study (and every instance in it) under this instance's study or
+    /// patient. Nothing written; the caller may delete the new blob.
+    /// `reason` names the level, never patient data.
+    HierarchyMismatch {
+        /// What does not match, e.g. "series stored under another study
+        /// (Series Instance UID …)".
+        reason: String,
+    },
 }
 
 /// Row counts of the hierarchy tables.
@@ -685,6 +696,11 @@ fn commit_one(tx: &Transaction<'_>, rec: &NewInstance) -> Result<CommitOutcome, 
     })?;
     let existing = find_row(tx, &rec.instance.sop_instance_uid)?;
     let Some((existing, ids)) = existing else {
+        if rec.on_conflict == OnConflict::Refuse {
+            if let Some(reason) = hierarchy_mismatch(tx, rec)? {
+                return Ok(CommitOutcome::HierarchyMismatch { reason });
+            }
+        }
         let series_ref = upsert_hierarchy(tx, rec)?;
         let i = &rec.instance;
         tx.prepare_cached(
@@ -779,6 +795,61 @@ fn commit_one(tx: &Transaction<'_>, rec: &NewInstance) -> Result<CommitOutcome, 
         remove_if_empty(tx, ids.series_ref)?;
     }
     Ok(CommitOutcome::Replaced { previous: existing })
+}
+
+/// Whether storing `rec` would move a stored series to another study or a
+/// stored study to another patient (DICOM UIDs are unique: one series has
+/// one study, one study one patient, PS3.3 C.7). A sender that reuses a UID
+/// under other parents is refused rather than allowed to re-home, and so
+/// hide, another patient's images.
+fn hierarchy_mismatch(
+    tx: &Transaction<'_>,
+    rec: &NewInstance,
+) -> Result<Option<String>, IndexError> {
+    let series_study: Option<String> = tx
+        .prepare_cached(
+            "SELECT st.study_instance_uid FROM series se JOIN studies st ON st.id = se.study_ref
+             WHERE se.series_instance_uid = ?1",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_row([&rec.series.series_instance_uid], |r| r.get(0))
+                .optional()
+        })
+        .map_err(sql_err("find series"))?;
+    if series_study.is_some_and(|s| s != rec.study.study_instance_uid) {
+        return Ok(Some(format!(
+            "series stored under another study (Series Instance UID {})",
+            rec.series.series_instance_uid
+        )));
+    }
+    let p = &rec.patient;
+    let key_name = if p.patient_id.is_empty() {
+        p.patient_name.as_str()
+    } else {
+        ""
+    };
+    let study_patient: Option<(String, String, String)> = tx
+        .prepare_cached(
+            "SELECT p.patient_id, p.issuer_of_patient_id, p.key_name
+             FROM studies st JOIN patients p ON p.id = st.patient_ref
+             WHERE st.study_instance_uid = ?1",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_row([&rec.study.study_instance_uid], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()
+        })
+        .map_err(sql_err("find study"))?;
+    if study_patient.is_some_and(|(id, issuer, name)| {
+        id != p.patient_id || issuer != p.issuer_of_patient_id || name != key_name
+    }) {
+        return Ok(Some(format!(
+            "study stored under another patient (Study Instance UID {})",
+            rec.study.study_instance_uid
+        )));
+    }
+    Ok(None)
 }
 
 /// Upserts patient, study and series of `rec`; returns the series row id.

@@ -488,3 +488,54 @@ fn wrong_key_prints_nothing_on_stderr() -> TestResult {
     assert!(!stderr.contains("ERROR CORE"), "{stderr}");
     Ok(())
 }
+
+/// A new instance may not move a stored series to another study, nor a
+/// stored study to another patient, unless the device's policy is replace
+/// (the outside trial: one upload re-homed another patient's series and the
+/// study vanished from every query).
+#[test]
+fn reused_series_or_study_uids_do_not_move_stored_images() -> TestResult {
+    let d = tempfile::tempdir()?;
+    let idx = Index::open(&d.path().join("index.db"), &KEY)?;
+    idx.commit_batch(&[rec("1.2.3", "1.2.3.1", "1.2.3.1.1", "a")])?;
+    // Same series, another study (and another patient).
+    let mut other = rec("1.2.9", "1.2.3.1", "1.2.9.1.1", "b");
+    other.patient.patient_id = "OTHERPAT".into();
+    let out = idx.commit_batch(std::slice::from_ref(&other))?;
+    assert!(
+        matches!(&out[0], CommitOutcome::HierarchyMismatch { reason } if reason.contains("series stored under another study (Series Instance UID 1.2.3.1)")),
+        "{out:?}"
+    );
+    // Same study, another patient.
+    let mut moved = rec("1.2.3", "1.2.3.2", "1.2.3.2.1", "c");
+    moved.patient.patient_id = "OTHERPAT".into();
+    let out = idx.commit_batch(std::slice::from_ref(&moved))?;
+    assert!(
+        matches!(&out[0], CommitOutcome::HierarchyMismatch { reason } if reason.contains("study stored under another patient (Study Instance UID 1.2.3)")),
+        "{out:?}"
+    );
+    // Nothing moved, nothing added.
+    let counts = idx.counts()?;
+    assert_eq!(
+        (
+            counts.patients,
+            counts.studies,
+            counts.series,
+            counts.instances
+        ),
+        (1, 1, 1, 1)
+    );
+    let kept = idx.find_instance("1.2.3.1.1")?.ok_or("missing")?;
+    assert_eq!(kept.study_instance_uid, "1.2.3");
+    // A later instance of the same study and patient is fine, in one batch
+    // with a refused one.
+    let ok = rec("1.2.3", "1.2.3.1", "1.2.3.1.2", "d");
+    let out = idx.commit_batch(&[other.clone(), ok])?;
+    assert!(matches!(out[0], CommitOutcome::HierarchyMismatch { .. }));
+    assert_eq!(out[1], CommitOutcome::Stored);
+    // With the replace policy the administrator opted into moves.
+    let mut replace = other;
+    replace.on_conflict = OnConflict::Replace;
+    assert_eq!(idx.commit_batch(&[replace])?, vec![CommitOutcome::Stored]);
+    Ok(())
+}
