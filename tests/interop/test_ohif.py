@@ -83,3 +83,33 @@ def test_ohif_opens_every_kind_of_study(make_server, tmp_path):
     assert {"qido.studies", "wado.metadata", "wado.frames"} <= actions, actions
     assert not [e for e in events if e.get("action") == "viewer.asset"
                 and str(e.get("status")) == "200"]
+
+
+def test_ohif_dir_serves_nothing_of_bastion_and_no_link_out(make_server, tmp_path):
+    """The viewer's files are anonymous: an ohif_dir overlapping the data or
+    key directory is refused at start, and a symbolic link inside it that
+    leads out is not followed (the outside trial read secrets/master.key and
+    /etc/shadow through both)."""
+    import subprocess
+    srv = make_server(start=False)
+    (srv.data / "index.html").write_text("<html></html>")
+    r = subprocess.run([str(srv.bin), "serve", "--data", str(srv.data),
+                        "--dicom-addr", f"127.0.0.1:{srv.tls_port}",
+                        "--http-addr", f"127.0.0.1:{srv.http_port}",
+                        "--ohif-dir", str(srv.data)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "overlaps the data directory" in r.stderr, r.stderr[-2000:]
+
+    fake = tmp_path / "ohif" / "dist"
+    fake.mkdir(parents=True)
+    (fake / "index.html").write_text('<script>window.PUBLIC_URL="/"</script>')
+    (fake / "app.js").write_text("// ok")
+    (fake / "etc").symlink_to("/etc")
+    (fake / "key").symlink_to(srv.data / "secrets" / "master.key")
+    srv.start(plain=False, extra=("--ohif-dir", str(fake.parent)))
+    helpers.wait_port(srv.http_port, 30, srv.proc)
+    assert request(srv, "GET", "/viewer/app.js")[0] == 200
+    for path in ("/viewer/etc/hostname", "/viewer/etc/passwd", "/viewer/key"):
+        status, _, body = request(srv, "GET", path)
+        assert status == 404, (path, status, body[:100])

@@ -342,6 +342,21 @@ fn web_app(
         .with_alerts(detection.clone())
         .with_admin(admin);
     if let Some(d) = &h.ohif_dir {
+        // The viewer's files are served without a session: the directory
+        // must hold nothing else of Bastion's.
+        for (what, other) in [
+            ("data directory", &dir.root),
+            ("key directory", &dir.keys().dir),
+        ] {
+            let (o, v) = (crate::keys::resolved(other), crate::keys::resolved(d));
+            if v.starts_with(&o) || o.starts_with(&v) {
+                anyhow::bail!(
+                    "refusing [http] ohif_dir {}: it overlaps the {what} {}, whose files would be served without a session; unpack OHIF in a directory of its own (e.g. /opt/ohif)",
+                    d.display(),
+                    other.display()
+                );
+            }
+        }
         let viewer = bastion_web::ohif::Ohif::open(d).context("[http] ohif_dir")?;
         tracing::info!(dir = %viewer.root().display(), "OHIF viewer served at /viewer/");
         state = state.with_ohif(viewer);

@@ -51,6 +51,11 @@ pub const PREFIX: &str = "/viewer/";
 /// Why an OHIF directory cannot be served.
 #[derive(Debug, thiserror::Error)]
 pub enum OhifError {
+    /// The directory does not exist.
+    #[error(
+        "{0}: no such directory (give the unpacked @ohif/app package: the directory holding dist/)"
+    )]
+    Missing(PathBuf),
     /// No `index.html` in the directory nor in its `dist/`.
     #[error(
         "{0}: no index.html here nor in dist/ (expected an unpacked @ohif/app package, or its dist/ directory)"
@@ -81,6 +86,9 @@ impl Ohif {
     /// # Errors
     /// [`OhifError`] when there is no readable `index.html`.
     pub fn open(dir: &Path) -> Result<Ohif, OhifError> {
+        if !dir.is_dir() {
+            return Err(OhifError::Missing(dir.to_path_buf()));
+        }
         let root = if dir.join("dist").join("index.html").is_file() {
             dir.join("dist")
         } else if dir.join("index.html").is_file() {
@@ -88,6 +96,12 @@ impl Ohif {
         } else {
             return Err(OhifError::NotOhif(dir.to_path_buf()));
         };
+        // Symbolic links are resolved once here; a file whose real path
+        // leaves this root is never served ([`Ohif::file`]).
+        let root = root.canonicalize().map_err(|source| OhifError::Read {
+            path: root.clone(),
+            source,
+        })?;
         let path = root.join("index.html");
         let html = std::fs::read_to_string(&path).map_err(|source| OhifError::Read {
             path: path.clone(),
@@ -150,6 +164,16 @@ impl Ohif {
             return Err(ApiError::NotFound);
         };
         let file = self.root.join(&rel);
+        // A symbolic link inside the package must not lead out of it.
+        let file = match file.canonicalize() {
+            Ok(real) if real.starts_with(&self.root) => real,
+            Ok(_) => return Err(ApiError::NotFound),
+            Err(_) if rel.extension().is_none() => return Ok(self.index()),
+            Err(_) => return Err(ApiError::NotFound),
+        };
+        if file.is_dir() {
+            return Ok(self.index());
+        }
         match std::fs::read(&file) {
             Ok(bytes) => {
                 let mime = mime_guess::from_path(&rel).first_or_octet_stream();
