@@ -308,3 +308,32 @@ def test_study_list_and_show(make_server, tmp_path):
     records = [json.loads(l) for l in r.stdout.splitlines() if l.strip()]
     assert len(records) >= 12
     assert any("<ParticipantObjectQuery>" in m for rec in records for m in rec["messages"])
+
+
+def test_study_list_escapes_control_characters_and_survives_a_closed_pipe(make_server, tmp_path):
+    """Patient data cannot drive the administrator's terminal: ESC, CR and LF
+    in stored values are printed escaped (no fake row), and `study list |
+    head -1` ends quietly (it once panicked on the broken pipe)."""
+    import subprocess
+
+    import helpers
+    srv = make_server(start=False)
+    ds = helpers.make_dataset(patient_name="EVIL\x1b[2K\x1b]0;pwned\x07", patient_id="ESC\x1b[31mRED")
+    ds.StudyDescription = "line1\nFAKE 20990101 ROW\r"
+    p = tmp_path / "evil.dcm"
+    helpers.dataset_file(ds, p)
+    code, summary, _, out = srv.import_(p)
+    assert summary["stored"] == 1, out
+    r = srv.cli("study", "list")
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout and "\r" not in r.stdout, repr(r.stdout)
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2, lines  # the header and one study: no fake row
+    assert "\\u{1b}" in lines[1], lines[1]
+    j = json.loads(srv.cli("study", "list", "--json").stdout)
+    assert j[0]["patient_id"] == "ESC\x1b[31mRED"  # JSON escapes by itself
+    for _ in range(3):
+        helpers.dataset_file(helpers.make_dataset(patient_id="MANY"), tmp_path / "m.dcm")
+        srv.import_(tmp_path / "m.dcm")
+    piped = subprocess.run(f"{srv.bin} --data {srv.data} study list | head -1",
+                           shell=True, capture_output=True, text=True, timeout=120)
+    assert "panicked" not in piped.stderr, piped.stderr

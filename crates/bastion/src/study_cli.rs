@@ -19,6 +19,48 @@ use serde::Serialize;
 
 use crate::{config::Config, datadir::DataDir};
 
+/// Prints one line to standard output with every control character of the
+/// text (ESC, CR, LF, BEL… from patient data) shown as `\u{…}`: a stored
+/// value cannot drive the administrator's terminal or fake a row. A closed
+/// pipe (`study list | head`) ends the command quietly.
+macro_rules! out {
+    () => { $crate::study_cli::write_line(String::new()) };
+    ($($arg:tt)*) => { $crate::study_cli::write_line(format!($($arg)*)) };
+}
+
+/// JSON (which escapes control characters itself) as it is, ending the
+/// command quietly on a closed pipe.
+fn write_raw(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{text}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
+/// The line of [`out!`], written.
+pub(crate) fn write_line(line: String) {
+    use std::io::Write;
+    let safe: String = line
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect();
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{safe}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
 /// The actor named in the events of these commands.
 const ACTOR: &str = "cli";
 
@@ -125,9 +167,9 @@ pub fn study(dir: &DataDir, cmd: StudyCommand) -> Result<ExitCode> {
             let mut studies = list(&archive, &config, &filters)?;
             newest_first(&mut studies);
             if json {
-                println!("{}", serde_json::to_string_pretty(&studies)?);
+                write_raw(&serde_json::to_string_pretty(&studies)?);
             } else if studies.is_empty() {
-                println!("no study matches");
+                out!("no study matches");
             } else {
                 print_studies(&studies);
             }
@@ -294,7 +336,7 @@ fn show(archive: &Archive, config: &Config, study_uid: &str, json: bool) -> Resu
     if json {
         let mut v = serde_json::to_value(&study)?;
         v["series"] = serde_json::to_value(&series)?;
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        write_raw(&serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
     let dash = |s: &str| {
@@ -304,20 +346,20 @@ fn show(archive: &Archive, config: &Config, study_uid: &str, json: bool) -> Resu
             s.to_owned()
         }
     };
-    println!("Study Instance UID  {}", study.study_instance_uid);
-    println!("Patient ID          {}", dash(&study.patient_id));
-    println!("Patient's Name      {}", dash(&study.patient_name));
-    println!(
+    out!("Study Instance UID  {}", study.study_instance_uid);
+    out!("Patient ID          {}", dash(&study.patient_id));
+    out!("Patient's Name      {}", dash(&study.patient_name));
+    out!(
         "Study Date/Time     {} {}",
         dash(&study.study_date),
         study.study_time
     );
-    println!("Accession Number    {}", dash(&study.accession_number));
-    println!("Study Description   {}", dash(&study.study_description));
-    println!("{} series, {} instances", series.len(), study.instances);
+    out!("Accession Number    {}", dash(&study.accession_number));
+    out!("Study Description   {}", dash(&study.study_description));
+    out!("{} series, {} instances", series.len(), study.instances);
     for s in &series {
-        println!();
-        println!(
+        out!();
+        out!(
             "Series {}  {}  {}  {}  ({} instances)",
             s.series_number
                 .map_or_else(|| "-".to_owned(), |n| n.to_string()),
@@ -327,7 +369,7 @@ fn show(archive: &Archive, config: &Config, study_uid: &str, json: bool) -> Resu
             s.instances.len()
         );
         for i in &s.instances {
-            println!(
+            out!(
                 "  {:>6}  {}  {}",
                 i.instance_number
                     .map_or_else(|| "-".to_owned(), |n| n.to_string()),
@@ -429,7 +471,7 @@ fn newest_first(studies: &mut [StudyRow]) {
 }
 
 fn print_studies(studies: &[StudyRow]) {
-    println!(
+    out!(
         "{:<10} {:<16} {:<24} {:<12} {:<10} {:>6} {:>9}  {:<24} STUDY INSTANCE UID",
         "DATE",
         "PATIENT ID",
@@ -448,7 +490,7 @@ fn print_studies(studies: &[StudyRow]) {
         }
     };
     for s in studies {
-        println!(
+        out!(
             "{:<10} {:<16} {:<24} {:<12} {:<10} {:>6} {:>9}  {:<24} {}",
             dash(&s.study_date),
             dash(&s.patient_id),
