@@ -89,6 +89,10 @@ def test_one_instance_over_the_share_fails_alone(make_server, tmp_path):
     assert status == 202, (status, doc)
     assert sorted(_referenced(doc)) == sorted([small_a[0], small_b[0]])
     assert bombs.stow_failure_reasons(doc) == [0xA700], doc
+    item = doc["00081198"]["Value"][0]
+    # named by its meta information, the limit named too
+    assert item["00081155"]["Value"] == [big[0]], item
+    assert "transfer_budget_mib" in item["00000902"]["Value"][0], item
     assert srv.instance_get(small_b[0]) is not None
     assert srv.instance_get(big[0], check=False) is None
     assert srv.proc.poll() is None
@@ -97,8 +101,9 @@ def test_one_instance_over_the_share_fails_alone(make_server, tmp_path):
 @pytest.mark.parametrize("cut", ["unclosed", "broken_framing"])
 def test_a_broken_body_keeps_the_whole_instances_before_it(make_server, tmp_path, cut):
     """Instances whose closing delimiter arrived are stored whole (acknowledged
-    in the index); the request is refused 400; the instance cut off by the end
-    of an unclosed body is not stored at all."""
+    in the index) and the answer says so: 202 with them referenced and the
+    rest of the request as one failed item (0xC000) naming the error; the
+    instance cut off by the end of an unclosed body is not stored at all."""
     srv = _server(make_server)
     token = new_token(srv, f"streamer-{cut}", "technologist")
     files = _instances(tmp_path, [256 * 1024, 256 * 1024], helpers.generate_uid())
@@ -106,12 +111,29 @@ def test_a_broken_body_keeps_the_whole_instances_before_it(make_server, tmp_path
     body = body[: -len(f"--{bombs.BOUNDARY}--\r\n")]  # drop the close
     if cut == "broken_framing":
         body += f"--{bombs.BOUNDARY}XX\r\n".encode()
-    status, _, _, _ = bombs.stow(srv, token, body)
-    assert status == 400
+    status, _, doc, _ = bombs.stow(srv, token, body)
     complete = files if cut == "broken_framing" else files[:1]
+    assert status == 202, (status, doc)
+    assert sorted(_referenced(doc)) == sorted(uid for uid, _ in complete)
+    failed = doc["00081198"]["Value"]
+    assert [f["00081197"]["Value"][0] for f in failed] == [0xC000], failed
+    assert failed[0]["00000902"]["Value"][0].startswith("rest of the request not read"), failed
     for uid, data in complete:
         got = srv.instance_get(uid, out=tmp_path / f"{uid}.out")
         assert got is not None
         assert (tmp_path / f"{uid}.out").read_bytes()[-1000:] == data[-1000:]
     if cut == "unclosed":
         assert srv.instance_get(files[1][0], check=False) is None
+
+
+def test_a_framing_limit_is_a_400_that_names_it(make_server, tmp_path):
+    """413 is for max_upload_bytes only; a part header over its limit is 400
+    naming that limit (it was 413 "request body too large" for a 70 KB body)."""
+    srv = _server(make_server)
+    token = new_token(srv, "streamer-limit", "technologist")
+    b = bombs.BOUNDARY
+    body = (f"--{b}\r\nContent-Type: application/dicom\r\nX-Pad: {'p' * (70 << 10)}\r\n\r\n"
+            f"x\r\n--{b}--\r\n").encode()
+    status, _, doc, _ = bombs.stow(srv, token, body)
+    assert status == 400, (status, doc)
+    assert "header bytes per part" in doc["error"], doc

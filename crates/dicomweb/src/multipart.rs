@@ -504,6 +504,17 @@ impl PartSplitter {
         self.count
     }
 
+    /// The body bytes of the part being received, as far as they are
+    /// buffered (after its headers); `None` between parts or before its
+    /// headers are complete. For naming a part that is skipped.
+    pub fn current_body(&self) -> Option<&[u8]> {
+        if self.state != Split::Parts {
+            return None;
+        }
+        let end = memmem::find(&self.buf, b"\r\n\r\n")?;
+        self.buf.get(end + 4..)
+    }
+
     /// Whether the closing boundary has been read.
     pub fn is_closed(&self) -> bool {
         self.state == Split::Closed

@@ -1124,46 +1124,84 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
     let mut frames = BodyFrames::new(&parts.headers, body, cfg.max_upload_bytes, cfg.body_timeout)?;
     let mut splitter = PartSplitter::new(&related, &limits);
     let mut results = Vec::new();
-    while let Some(frame) = frames.next().await? {
-        // In slices: a frame may be larger than one part's share (a client
-        // or a proxy may send the whole body as one frame).
-        for data in frame.chunks(STOW_SLICE) {
-            if let Err(e) = splitter.push(data, &mut reservation) {
-                if results.is_empty() && matches!(e, BudgetError::Exhausted { .. }) {
-                    return Err(ApiError::Busy);
+    let streamed: Result<(), ApiError> = async {
+        while let Some(frame) = frames.next().await? {
+            // In slices: a frame may be larger than one part's share (a
+            // client or a proxy may send the whole body as one frame).
+            for data in frame.chunks(STOW_SLICE) {
+                if let Err(e) = splitter.push(data, &mut reservation) {
+                    if results.is_empty() && matches!(e, BudgetError::Exhausted { .. }) {
+                        return Err(ApiError::Busy);
+                    }
+                    // The part being received does not fit: drop it (named
+                    // by its meta information when that much arrived), go on.
+                    let (class, sop) = splitter
+                        .current_body()
+                        .and_then(crate::peek::meta_uids)
+                        .unwrap_or_default();
+                    splitter.skip_part(&mut reservation)?;
+                    let comment = match e {
+                        BudgetError::TransferLimit { .. } => {
+                            "larger than the memory share per request (transfer_budget_mib)"
+                        }
+                        BudgetError::Exhausted { .. } => "server memory budget in use; retry later",
+                    };
+                    results.push(Stored::Failed {
+                        class,
+                        sop,
+                        reason: failure_reason(&budget_err(e)),
+                        comment: comment.into(),
+                    });
+                    splitter
+                        .push(data, &mut reservation)
+                        .map_err(|_| ApiError::Busy)?;
                 }
-                // The part being received does not fit: drop it, go on.
-                splitter.skip_part(&mut reservation)?;
-                let e = budget_err(e);
-                results.push(Stored::Failed {
-                    class: String::new(),
-                    sop: String::new(),
-                    reason: failure_reason(&e),
-                    comment: failure_comment(&e),
-                });
-                splitter
-                    .push(data, &mut reservation)
-                    .map_err(|_| ApiError::Busy)?;
-            }
-            while let Some(part) = splitter.next_part(&mut reservation)? {
-                let reserved = part.reserved;
-                let (archive, origin, expected) = (archive.clone(), origin.clone(), study.clone());
-                let (stored, mut back) = blocking(move || {
-                    let stored =
-                        store_part(&archive, &origin, expected.as_ref(), part, &mut reservation)?;
-                    Ok((stored, reservation))
-                })
-                .await?;
-                back.shrink(reserved);
-                reservation = back;
-                if let Stored::Ok { study, .. } = &stored {
-                    note.study(study);
+                while let Some(part) = splitter.next_part(&mut reservation)? {
+                    let reserved = part.reserved;
+                    let (archive, origin, expected) =
+                        (archive.clone(), origin.clone(), study.clone());
+                    let (stored, mut back) = blocking(move || {
+                        let stored = store_part(
+                            &archive,
+                            &origin,
+                            expected.as_ref(),
+                            part,
+                            &mut reservation,
+                        )?;
+                        Ok((stored, reservation))
+                    })
+                    .await?;
+                    back.shrink(reserved);
+                    reservation = back;
+                    if let Stored::Ok { study, .. } = &stored {
+                        note.study(study);
+                    }
+                    results.push(stored);
                 }
-                results.push(stored);
             }
         }
+        Ok(splitter.finish()?)
     }
-    splitter.finish()?;
+    .await;
+    if let Err(e) = streamed {
+        // Instances stored before the request broke (framing, a limit, the
+        // body timeout) are whole and acknowledged in the index: the answer
+        // says so, with the rest of the request as one failed item naming
+        // the error, rather than an error that hides them.
+        if !results.iter().any(|r| matches!(r, Stored::Ok { .. })) {
+            return Err(e);
+        }
+        let reason = match e {
+            ApiError::BadRequest(_) => 0xC000,
+            _ => 0xA700,
+        };
+        results.push(Stored::Failed {
+            class: String::new(),
+            sop: String::new(),
+            reason,
+            comment: crate::error::error_comment(&format!("rest of the request not read: {e}")),
+        });
+    }
     let mut referenced = Vec::new();
     let mut failed = Vec::new();
     let mut studies = std::collections::BTreeSet::new();

@@ -219,7 +219,9 @@ impl From<DicomWebError> for ApiError {
             | DicomWebError::BadMultipart(_) => ApiError::BadRequest(msg),
             DicomWebError::FrameNotFound { .. } | DicomWebError::NoPixelData => ApiError::NotFound,
             DicomWebError::Unsupported(m) => ApiError::NotAcceptable(m),
-            DicomWebError::MultipartTooLarge { .. } => ApiError::TooLarge,
+            // 413 is kept for `max_upload_bytes`; a limit of the framing
+            // (parts, part headers, one part) is named in a 400.
+            DicomWebError::MultipartTooLarge { .. } => ApiError::BadRequest(msg),
             DicomWebError::UnsupportedMediaType(m) => ApiError::UnsupportedMediaType(m),
             DicomWebError::InvalidImage(m) => ApiError::Unprocessable(m),
             DicomWebError::InvalidDataset(m) => ApiError::Internal(format!("stored dataset: {m}")),

@@ -10,6 +10,37 @@ use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
+/// The Media Storage SOP Class and Instance UIDs of a Part 10 file's meta
+/// information (PS3.10 §7.1), read from its first bytes only: for naming an
+/// instance whose dataset was not (or not wholly) read.
+pub fn meta_uids(bytes: &[u8]) -> Option<(String, String)> {
+    let dicm = if bytes.get(128..132) == Some(b"DICM") {
+        128
+    } else if bytes.get(0..4) == Some(b"DICM") {
+        0
+    } else {
+        return None;
+    };
+    let meta_start = dicm + 4;
+    let le = Encoding {
+        explicit_vr: true,
+        little_endian: true,
+    };
+    let meta_limits = ScanLimits {
+        max_element_len: 64 * 1024,
+        max_depth: 1,
+    };
+    let report = scan(bytes.get(meta_start..)?, le, meta_limits, Some(0x0002)).ok()?;
+    let meta =
+        dicom_object::meta::FileMetaTable::from_reader(bytes.get(dicm..meta_start + report.end)?)
+            .ok()?;
+    let trim = |s: &str| s.trim_end_matches(['\0', ' ']).to_owned();
+    Some((
+        trim(&meta.media_storage_sop_class_uid),
+        trim(&meta.media_storage_sop_instance_uid),
+    ))
+}
+
 /// The Study Instance UID of a Part 10 file (`None`: not a readable file,
 /// no such attribute, or a deflated dataset).
 pub fn study_uid(bytes: &[u8]) -> Option<String> {
