@@ -197,6 +197,26 @@ def test_doctor_reports_each_check_and_fails_on_a_damaged_database(make_server):
     assert any("permissions" in l and "ca.key" in l for l in fails), r.stdout
     assert any("index database" in l for l in fails), r.stdout
 
+    # A configuration others may change is a failure; loose database modes a warning.
+    key.chmod(0o600)
+    (srv.data / "bastion.toml").chmod(0o666)
+    (srv.data / "security.db").chmod(0o644)
+    r = srv.cli("doctor", check=False)
+    assert r.returncode == 1, r.stdout
+    modes = [l for l in r.stdout.splitlines() if "file modes" in l]
+    assert modes and modes[0].startswith("FAIL") and "bastion.toml" in modes[0] \
+        and "security.db" in modes[0], r.stdout
+    (srv.data / "bastion.toml").chmod(0o600)
+    (srv.data / "security.db").chmod(0o600)
+
+    # An emptied index is a failure, and doctor does not recreate it.
+    db.write_bytes(b"")
+    r = srv.cli("doctor", check=False)
+    assert r.returncode == 1
+    assert any(l.startswith("FAIL") and "index database" in l and "missing or empty" in l
+               for l in r.stdout.splitlines()), r.stdout
+    assert db.stat().st_size == 0, "doctor wrote to the index"
+
 
 def test_doctor_without_installation(tmp_path, bastion_bin):
     import subprocess

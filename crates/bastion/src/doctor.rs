@@ -148,10 +148,11 @@ fn run(dir: &DataDir) -> Vec<Finding> {
         Ok(()) => add(
             Level::Ok,
             "permissions",
-            "the data directory and the key files are private (0700/0600)".into(),
+            "the key files are private (0600)".into(),
         ),
         Err(e) => add(Level::Fail, "permissions", format!("{e:#}")),
     }
+    file_modes(dir, &mut add);
     let key_warnings = dir.keys().inside_data_dir_warnings(&dir.root);
     if key_warnings.is_empty() {
         add(
@@ -205,7 +206,24 @@ fn run(dir: &DataDir) -> Vec<Finding> {
         }
     };
     let key = master.derive("bastion index v1");
-    match Index::open(&dir.index_db(), &key) {
+    // Opening a missing or empty file would create a fresh, empty index
+    // (and report "0 studies"): never from a read-only check.
+    let index_len = std::fs::metadata(dir.index_db())
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let index = if index_len == 0 {
+        Err(bastion_index::IndexError::Io {
+            op: "read",
+            path: dir.index_db(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "missing or empty: every stored image is unreachable until it is restored",
+            ),
+        })
+    } else {
+        Index::open(&dir.index_db(), &key)
+    };
+    match index {
         Ok(index) => match (index.quick_check(), index.counts()) {
             (Ok(p), Ok(c)) if p.is_empty() => add(
                 Level::Ok,
@@ -301,6 +319,61 @@ fn run(dir: &DataDir) -> Vec<Finding> {
 }
 
 type Add<'a> = dyn FnMut(Level, &'static str, String) + 'a;
+
+/// Modes of the data directory and the files that are not keys: the
+/// directory and the databases readable only by Bastion's account,
+/// `bastion.toml` writable only by it (it names the OHIF directory, the
+/// listeners, the keys' directory).
+fn file_modes(dir: &DataDir, add: &mut Add<'_>) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| m.permissions().mode() & 0o777)
+    };
+    let mut loose = Vec::new();
+    let mut fail = false;
+    if let Some(m) = mode(&dir.root) {
+        if m & 0o077 != 0 {
+            loose.push(format!("{} is {m:o} (want 700)", dir.root.display()));
+        }
+    }
+    if let Some(m) = mode(&dir.config()) {
+        if m & 0o022 != 0 {
+            fail = true;
+            loose.push(format!(
+                "{} is {m:o}: others may change the configuration (want 600)",
+                dir.config().display()
+            ));
+        }
+    }
+    for p in [
+        dir.index_db(),
+        dir.security_db(),
+        dir.blobs(),
+        dir.audit_dir(),
+        dir.events(),
+    ] {
+        if let Some(m) = mode(&p) {
+            if m & 0o077 != 0 {
+                loose.push(format!("{} is {m:o} (want 600/700)", p.display()));
+            }
+        }
+    }
+    if loose.is_empty() {
+        add(
+            Level::Ok,
+            "file modes",
+            "the data directory, its databases and bastion.toml are private".into(),
+        );
+    } else {
+        add(
+            if fail { Level::Fail } else { Level::Warn },
+            "file modes",
+            format!("{} (chmod them back)", loose.join("; ")),
+        );
+    }
+}
 
 fn free_space(root: &Path, add: &mut Add<'_>) {
     match rustix::fs::statvfs(root) {
