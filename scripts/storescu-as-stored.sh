@@ -19,12 +19,28 @@ set -euo pipefail
 (($#)) || { echo "usage: $0 FILE-OR-FOLDER..." >&2; exit 2; }
 DCMDUMP=${DCMDUMP:-dcmdump}
 
+skipped=$(mktemp)
+trap 'rm -f "$skipped"' EXIT
 pairs=$(
     find "$@" -type f -print0 | while IFS= read -r -d '' f; do
-        "$DCMDUMP" -q -Un +P 0002,0002 +P 0002,0010 "$f" 2>/dev/null \
-            | sed -n 's/^(0002,00\(02\|10\)) UI \[\([0-9.]*\)\].*/\2/p' | paste -sd' ' || true
-    done | awk 'NF == 2' | sort -u
+        pair=$("$DCMDUMP" -q -Un +P 0002,0002 +P 0002,0010 "$f" 2>/dev/null \
+            | sed -n 's/^(0002,00\(02\|10\)) UI \[\([0-9.]*\)\].*/\2/p' | paste -sd' ' || true)
+        if [[ $(wc -w <<<"$pair") -eq 2 ]]; then
+            echo "$pair"
+        else
+            echo "$f" >>"$skipped"
+        fi
+    done | sort -u
 )
+# Files without File Meta Information (SOP Class and Transfer Syntax) are
+# not DICOM Part 10 files: storescu will skip them ("No presentation
+# context"). Say which, so that nobody believes the whole folder went.
+if [[ -s $skipped ]]; then
+    n_skipped=$(wc -l <"$skipped")
+    echo "$n_skipped file(s) without File Meta Information are left out (not Part 10; storescu will not send them):" >&2
+    head -n 20 "$skipped" | sed 's/^/  /' >&2
+    ((n_skipped <= 20)) || echo "  ..." >&2
+fi
 n=$(printf '%s\n' "$pairs" | grep -c . || true)
 if ((n > 128)); then
     echo "$n (SOP Class, Transfer Syntax) pairs: more than the 128 presentation contexts of one association; send the folder in parts" >&2
