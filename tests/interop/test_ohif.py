@@ -62,6 +62,13 @@ def test_ohif_opens_every_kind_of_study(make_server, tmp_path):
     status, _, _ = request(srv, "GET", "/dicomweb/studies", None,
                            {"Accept": "application/dicom+json"})
     assert status == 401
+    # Program files may be cached a day; the index, the config and data not.
+    assert headers["cache-control"] == "no-store", headers
+    assert b"/viewer/assets/mstile-144x144.png" in index
+    bundle = next(p.name for p in (ohif_dir() / "dist").glob("app.bundle.*.js"))
+    status, h, _ = request(srv, "GET", f"/viewer/{bundle}")
+    assert status == 200 and h["cache-control"] == "private, max-age=86400", h
+    assert request(srv, "GET", "/viewer/app-config.js")[1]["cache-control"] == "no-store"
 
     shots = tmp_path / "ohif"
     labels = [c[0] for c in cases]

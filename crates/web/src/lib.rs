@@ -268,7 +268,12 @@ pub fn router(state: AppState) -> Router {
             // Only the OHIF viewer's files set their own policy (its inline
             // scripts by hash, WebAssembly, workers: `ohif::Ohif::csp`);
             // every other response gets the strict one.
-            if name == axum::http::header::CONTENT_SECURITY_POLICY {
+            // The OHIF viewer's program files also set their own
+            // Cache-Control (they hold no patient data); every other
+            // response is no-store.
+            if name == axum::http::header::CONTENT_SECURITY_POLICY
+                || name == axum::http::header::CACHE_CONTROL
+            {
                 app.layer(SetResponseHeaderLayer::if_not_present(name, value))
             } else {
                 app.layer(SetResponseHeaderLayer::overriding(name, value))

@@ -195,6 +195,14 @@ impl Ohif {
                 if let Ok(v) = HeaderValue::from_str(mime.essence_str()) {
                     r.headers_mut().insert(header::CONTENT_TYPE, v);
                 }
+                // Program files of the package (no patient data; most
+                // names carry a content hash): the browser may keep them a
+                // day instead of fetching ~20 MB at every page load. The
+                // index and the generated config stay no-store.
+                r.headers_mut().insert(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("private, max-age=86400"),
+                );
                 Ok(r)
             }
             // The viewer's own routes (no extension): the SPA's index.
@@ -291,6 +299,7 @@ fn rewrite_index(html: &str) -> String {
     html.replace("window.PUBLIC_URL=\"/\"", "window.PUBLIC_URL=\"/viewer/\"")
         .replace("href=\"/", "href=\"/viewer/")
         .replace("src=\"/", "src=\"/viewer/")
+        .replace("content=\"/", "content=\"/viewer/")
 }
 
 /// The contents of the inline `<script>` elements (those without `src`).
