@@ -153,6 +153,18 @@ impl Reservation {
     /// # Errors
     /// As [`Reservation::grow`]; `buf` is unchanged then.
     pub fn extend(&mut self, buf: &mut Vec<u8>, bytes: &[u8]) -> Result<(), BudgetError> {
+        self.extend_growing(buf, bytes, |have| have.saturating_mul(2))
+    }
+
+    /// Appends `bytes` to `buf`, growing its capacity to at least
+    /// `grown(capacity)` (and `MIN_CHUNK`, at most this transfer's cap)
+    /// when it must grow, reserving the difference first.
+    fn extend_growing(
+        &mut self,
+        buf: &mut Vec<u8>,
+        bytes: &[u8],
+        grown: impl Fn(usize) -> usize,
+    ) -> Result<(), BudgetError> {
         let need = buf.len().saturating_add(bytes.len());
         let have = buf.capacity();
         if need > have {
@@ -160,11 +172,7 @@ impl Reservation {
             let room = usize::try_from(self.cap.saturating_sub(self.held))
                 .unwrap_or(usize::MAX)
                 .saturating_add(have);
-            let target = need
-                .max(have.saturating_mul(2))
-                .max(MIN_CHUNK)
-                .min(room)
-                .max(need);
+            let target = need.max(grown(have)).max(MIN_CHUNK).min(room).max(need);
             self.grow((target - have) as u64)?;
             // `Vec<u8>` allocates exactly what `reserve_exact` asks for.
             buf.reserve_exact(target - buf.len());
@@ -183,22 +191,7 @@ impl Reservation {
     /// # Errors
     /// As [`Reservation::grow`]; `buf` is unchanged then.
     pub fn extend_tight(&mut self, buf: &mut Vec<u8>, bytes: &[u8]) -> Result<(), BudgetError> {
-        let need = buf.len().saturating_add(bytes.len());
-        let have = buf.capacity();
-        if need > have {
-            let room = usize::try_from(self.cap.saturating_sub(self.held))
-                .unwrap_or(usize::MAX)
-                .saturating_add(have);
-            let target = need
-                .max(have.saturating_add(have / 8))
-                .max(MIN_CHUNK)
-                .min(room)
-                .max(need);
-            self.grow((target - have) as u64)?;
-            buf.reserve_exact(target - buf.len());
-        }
-        buf.extend_from_slice(bytes);
-        Ok(())
+        self.extend_growing(buf, bytes, |have| have.saturating_add(have / 8))
     }
 }
 
