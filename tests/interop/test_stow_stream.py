@@ -137,3 +137,17 @@ def test_a_framing_limit_is_a_400_that_names_it(make_server, tmp_path):
     status, _, doc, _ = bombs.stow(srv, token, body)
     assert status == 400, (status, doc)
     assert "header bytes per part" in doc["error"], doc
+
+
+def test_a_request_of_garbage_parts_stops_after_a_thousand_failures(make_server, tmp_path):
+    """Each refused instance is an audit record: a request of 1,500 garbage
+    parts is cut off after 1,000 failures (400 naming it), not 1,500 records."""
+    srv = _server(make_server)
+    token = new_token(srv, "garbage", "technologist")
+    b = bombs.BOUNDARY
+    part = f"--{b}\r\nContent-Type: application/dicom\r\n\r\nnot dicom\r\n".encode()
+    status, _, doc, _ = bombs.stow(srv, token, part * 1500 + f"--{b}--\r\n".encode())
+    assert status == 400, (status, doc)
+    assert "1000 instances of this request failed" in doc["error"], doc
+    refused = [e for e in srv.events() if e.get("type") == "store.refused"]
+    assert 1000 <= len(refused) <= 1001, len(refused)

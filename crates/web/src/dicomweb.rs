@@ -1048,6 +1048,11 @@ async fn stow_study(
 /// Most bytes of a body frame pushed into the part splitter at once.
 const STOW_SLICE: usize = 256 << 10;
 
+/// Most failed instances in one STOW-RS request: past it the rest of the body
+/// is not read. Each refusal is an audit record; a request of thousands of
+/// garbage parts would otherwise write thousands of them.
+pub const MAX_FAILED_PARTS: usize = 1000;
+
 /// One instance of a STOW-RS request.
 enum Stored {
     Ok {
@@ -1177,6 +1182,15 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
                         note.study(study);
                     }
                     results.push(stored);
+                    let failed = results
+                        .iter()
+                        .filter(|r| matches!(r, Stored::Failed { .. }))
+                        .count();
+                    if failed >= MAX_FAILED_PARTS {
+                        return Err(ApiError::BadRequest(format!(
+                            "{failed} instances of this request failed; the rest is not read"
+                        )));
+                    }
                 }
             }
         }
