@@ -1695,6 +1695,20 @@ mod tests {
             .collect();
         // ties keep index order
         assert_eq!(uids, ["1.4", "1.3", "1.1", "1.5", "1.2"]);
+        // `bastion study list` prints this order as it comes (it had a
+        // sort of its own: the same rows, the same order)
+        let mut rows = vec![
+            row("1.1", "20200101", "120000"),
+            row("1.2", "", ""),
+            row("1.3", "20240301", "080000"),
+            row("1.4", "20240301", "170000"),
+        ];
+        newest_first(&mut rows);
+        let uids: Vec<_> = rows
+            .iter()
+            .map(|r| r.study.study_instance_uid.as_str())
+            .collect();
+        assert_eq!(uids, ["1.4", "1.3", "1.1", "1.2"]);
     }
 
     fn key(vr: VR, raw: &str) -> Key {

@@ -26,7 +26,6 @@ use bastion_security::{
     accounts::{AccountPolicy, Accounts},
     alerts::AlertStore,
     audit::AuditReader,
-    detect::Rule,
     events::{EventLog, Outcome},
     pki,
 };
@@ -532,16 +531,9 @@ fn accounts_and_alerts(
     }
     match AlertStore::new(db).open_counts() {
         Ok(per_rule) => {
-            let urgent: u64 = per_rule
-                .iter()
-                .filter(|(name, _)| {
-                    Rule::ALL
-                        .into_iter()
-                        .find(|r| r.name() == name.as_str())
-                        .is_none_or(|r| r.severity() != "low")
-                })
-                .map(|(_, n)| n)
-                .sum();
+            // The posture page's split: high and medium need a look.
+            let by_severity = bastion_web::admin::posture::open_by_severity(&per_rule);
+            let urgent = by_severity[0].1 + by_severity[1].1;
             if urgent > 0 {
                 add(
                     Level::Warn,

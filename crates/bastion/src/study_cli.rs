@@ -164,8 +164,8 @@ pub fn study(dir: &DataDir, cmd: StudyCommand) -> Result<ExitCode> {
                 (tags::STUDY_DATE, VR::DA, "StudyDate", date),
                 (tags::ACCESSION_NUMBER, VR::SH, "AccessionNumber", accession),
             ];
-            let mut studies = list(&archive, &config, &filters)?;
-            newest_first(&mut studies);
+            // Newest first: the query engine's order for study matches.
+            let studies = list(&archive, &config, &filters)?;
             if json {
                 write_raw(&serde_json::to_string_pretty(&studies)?);
             } else if studies.is_empty() {
@@ -457,19 +457,6 @@ fn count_of(obj: &InMemDicomObject, tag: Tag) -> u64 {
     text_of(obj, tag).trim().parse().unwrap_or(0)
 }
 
-/// Newest first: Study Date then Study Time descending; studies without a
-/// date last; ties by Study Instance UID.
-fn newest_first(studies: &mut [StudyRow]) {
-    studies.sort_by(|a, b| {
-        a.study_date
-            .is_empty()
-            .cmp(&b.study_date.is_empty())
-            .then_with(|| b.study_date.cmp(&a.study_date))
-            .then_with(|| b.study_time.cmp(&a.study_time))
-            .then_with(|| a.study_instance_uid.cmp(&b.study_instance_uid))
-    });
-}
-
 fn print_studies(studies: &[StudyRow]) {
     out!(
         "{:<10} {:<16} {:<24} {:<12} {:<10} {:>6} {:>9}  {:<24} STUDY INSTANCE UID",
@@ -502,38 +489,5 @@ fn print_studies(studies: &[StudyRow]) {
             dash(&s.study_description),
             s.study_instance_uid
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn row(uid: &str, date: &str, time: &str) -> StudyRow {
-        StudyRow {
-            study_instance_uid: uid.into(),
-            patient_id: String::new(),
-            patient_name: String::new(),
-            study_date: date.into(),
-            study_time: time.into(),
-            accession_number: String::new(),
-            study_description: String::new(),
-            modalities: vec![],
-            series: 0,
-            instances: 0,
-        }
-    }
-
-    #[test]
-    fn newest_first_by_date_then_time_undated_last() {
-        let mut v = vec![
-            row("1.1", "20200101", "120000"),
-            row("1.2", "", ""),
-            row("1.3", "20240301", "080000"),
-            row("1.4", "20240301", "170000"),
-        ];
-        newest_first(&mut v);
-        let uids: Vec<_> = v.iter().map(|s| s.study_instance_uid.as_str()).collect();
-        assert_eq!(uids, ["1.4", "1.3", "1.1", "1.2"]);
     }
 }

@@ -78,14 +78,7 @@ pub fn frames(
             reason: "no frame number".into(),
         });
     }
-    let obj = parse_dataset(dataset, ts_uid)?;
-    if obj.get(tags::PIXEL_DATA).is_none() {
-        return Err(DicomWebError::NoPixelData);
-    }
-    let g = Geometry::of(&obj)?;
-    for n in numbers {
-        g.check_frame(*n)?;
-    }
+    let (obj, g) = with_frames(dataset, ts_uid, numbers)?;
     let pixel_data = obj
         .get(tags::PIXEL_DATA)
         .ok_or(DicomWebError::NoPixelData)?;
@@ -184,6 +177,24 @@ pub fn can_return_native(stored_ts: &str) -> bool {
     is_native(stored_ts) || can_transcode(stored_ts, EXPLICIT_VR_LE)
 }
 
+/// The parsed dataset and its image geometry, with pixel data present and
+/// every frame of `numbers` within Number of Frames.
+fn with_frames(
+    dataset: &[u8],
+    ts_uid: &str,
+    numbers: &[u32],
+) -> Result<(InMemDicomObject, Geometry), DicomWebError> {
+    let obj = parse_dataset(dataset, ts_uid)?;
+    if obj.get(tags::PIXEL_DATA).is_none() {
+        return Err(DicomWebError::NoPixelData);
+    }
+    let g = Geometry::of(&obj)?;
+    for n in numbers {
+        g.check_frame(*n)?;
+    }
+    Ok((obj, g))
+}
+
 /// The frames `numbers` (as [`frames`]) as native pixel data, little
 /// endian (Explicit VR Little Endian): a compressed instance is decoded
 /// first by `bastion_archive::transcode` (the whole instance, then the
@@ -210,14 +221,7 @@ pub fn native_frames(
     if numbers.is_empty() {
         return frames(dataset, ts_uid, numbers);
     }
-    let obj = parse_dataset(dataset, ts_uid)?;
-    if obj.get(tags::PIXEL_DATA).is_none() {
-        return Err(DicomWebError::NoPixelData);
-    }
-    let g = Geometry::of(&obj)?;
-    for n in numbers {
-        g.check_frame(*n)?;
-    }
+    let (obj, g) = with_frames(dataset, ts_uid, numbers)?;
     // Decoded sizes within the cap before anything is decoded (a decoded
     // frame has at most Rows × Columns × Samples × Bits Allocated / 8 bytes).
     let decoded = u64::from(g.rows)

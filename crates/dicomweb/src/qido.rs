@@ -243,7 +243,7 @@ pub fn qido_to_query(
 }
 
 /// The QIDO-RS result object (PS3.18 §10.6.3.3, Annex F) of one response
-/// Identifier of `Archive::find`: Query/Retrieve Level removed, Retrieve URL
+/// Identifier (taken by value: it is consumed, not copied) of `Archive::find`: Query/Retrieve Level removed, Retrieve URL
 /// (0008,1190) added for the level's resource (`{base}/studies/{study}`,
 /// `…/series/{series}`, `…/instances/{sop}`) from the match's UIDs (left out
 /// when one of them is missing or not a valid UID), then converted with
@@ -251,16 +251,15 @@ pub fn qido_to_query(
 ///
 /// `base` is the service root, e.g. `https://host:8443/dicomweb`.
 pub fn qido_result_json(
-    identifier: &InMemDicomObject,
+    identifier: InMemDicomObject,
     level: QidoLevel,
     base: &str,
     opts: &JsonOptions,
 ) -> Value {
-    let mut obj = identifier.clone();
+    let mut obj = identifier;
     obj.remove_element(tags::QUERY_RETRIEVE_LEVEL);
     let uid = |tag| {
-        identifier
-            .get(tag)
+        obj.get(tag)
             .and_then(|e| e.to_str().ok())
             .and_then(|s| Uid::parse(&s).ok())
     };
@@ -709,7 +708,7 @@ mod tests {
             ),
         ]);
         let j = qido_result_json(
-            &ident,
+            ident,
             QidoLevel::Series,
             "https://h/dicomweb",
             &JsonOptions::default(),

@@ -534,7 +534,7 @@ fn search(
         seen += 1;
         if seen > qopts.offset && qopts.limit.is_none_or(|l| out.len() < l) {
             out.push(qido_result_json(
-                &r.identifier,
+                r.identifier.clone(),
                 level,
                 "https://pacs/dicomweb",
                 &JsonOptions::default(),

@@ -346,13 +346,7 @@ pub fn encode(rsp: &Response) -> Vec<u8> {
             .chars()
             .filter(|c| !c.is_control() && *c != '\\' && c.is_ascii())
             .collect();
-        let clean = if clean.len() > 64 {
-            let head = &clean[..61];
-            let cut = head.rfind(' ').filter(|i| *i > 30).unwrap_or(61);
-            format!("{}...", head[..cut].trim_end())
-        } else {
-            clean
-        };
+        let clean = bastion_model::cut_lo(&clean);
         let clean = if clean.len() % 2 == 1 {
             format!("{clean} ")
         } else {

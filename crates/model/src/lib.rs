@@ -18,11 +18,13 @@
 //! ```
 
 mod ae;
+mod lo;
 mod permission;
 mod role;
 mod uid;
 
 pub use ae::AeTitle;
+pub use lo::{cut_lo, LO_MAX};
 pub use permission::{Permission, PermissionSet, Transport};
 pub use role::{Role, WebPermission};
 pub use uid::Uid;

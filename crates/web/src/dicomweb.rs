@@ -220,7 +220,7 @@ async fn search(
                 }
                 let mut identifier = r.identifier.clone();
                 omit_empty_unnamed(&mut identifier, &opts.named);
-                out.push(qido_result_json(&identifier, level, &base, &json_opts));
+                out.push(qido_result_json(identifier, level, &base, &json_opts));
             }
             out.len() < limit
         })?;
@@ -1129,6 +1129,7 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
     let mut frames = BodyFrames::new(&parts.headers, body, cfg.max_upload_bytes, cfg.body_timeout)?;
     let mut splitter = PartSplitter::new(&related, &limits);
     let mut results = Vec::new();
+    let mut failed_parts = 0usize;
     let streamed: Result<(), ApiError> = async {
         while let Some(frame) = frames.next().await? {
             // In slices: a frame may be larger than one part's share (a
@@ -1181,14 +1182,13 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
                     if let Stored::Ok { study, .. } = &stored {
                         note.study(study);
                     }
+                    if matches!(stored, Stored::Failed { .. }) {
+                        failed_parts += 1;
+                    }
                     results.push(stored);
-                    let failed = results
-                        .iter()
-                        .filter(|r| matches!(r, Stored::Failed { .. }))
-                        .count();
-                    if failed >= MAX_FAILED_PARTS {
+                    if failed_parts >= MAX_FAILED_PARTS {
                         return Err(ApiError::BadRequest(format!(
-                            "{failed} instances of this request failed; the rest is not read"
+                            "{failed_parts} instances of this request failed; the rest is not read"
                         )));
                     }
                 }

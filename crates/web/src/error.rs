@@ -266,13 +266,7 @@ pub fn error_comment(text: &str) -> String {
         })
         .filter(|c| *c != '\\')
         .collect();
-    let clean = clean.trim();
-    if clean.len() <= 64 {
-        return clean.to_owned();
-    }
-    let head = &clean[..61];
-    let cut = head.rfind(' ').filter(|i| *i > 30).unwrap_or(61);
-    format!("{}...", head[..cut].trim_end())
+    bastion_model::cut_lo(clean.trim())
 }
 
 /// The Failure Reason (0008,1197) of a STOW-RS instance the archive refused
