@@ -104,6 +104,10 @@ try {
   await page.screenshot({ path: join(OUT, 'open-in-ohif.png') });
   await page.goto(`${BASE}/viewer/`);
   await page.waitForSelector('text=/\\d+-\\d+ of \\d+/', { timeout: 60000 });
+  // OHIF draws "0-0 of 0" before its QIDO-RS answer arrives: wait (bounded)
+  // for a non-zero total, then check the number itself.
+  await page.waitForFunction(() => /\d+-\d+ of [1-9]/.test(document.body.innerText),
+    null, { timeout: 60000, polling: 250 }).catch(() => null);
   const paging = await page.textContent('text=/\\d+-\\d+ of \\d+/');
   const m = /(\d+)-(\d+) of (\d+)/.exec(paging);
   check('worklist lists every study', m && Number(m[3]) === CASES.length, paging);
