@@ -5,7 +5,8 @@ of the memory budget (`transfer_budget_mib`), so a legitimate upload of a
 study larger than that share was refused whole with 503. Now the body is
 split as it arrives and each instance is stored before the next is read: a
 request many times the share is stored whole, the server's peak RSS grows by
-about one instance, and one instance larger than the share fails alone
+about one instance, and one instance larger than the share is spilled to
+disk, encrypted (test_spill.py), or, with no room there, fails alone
 (FailedSOPSequence, 0xA700) while the others are stored.
 """
 from __future__ import annotations
@@ -19,11 +20,12 @@ from test_dicomweb import new_token
 MIB = 1 << 20
 
 
-def _server(make_server):
+def _server(make_server, spool_budget_mib=4096):
     srv = make_server(start=False)
     cfg = srv.data / "bastion.toml"
     text = cfg.read_text()
-    for key, value in (("memory_budget_mib", 16), ("transfer_budget_mib", 8)):
+    for key, value in (("memory_budget_mib", 16), ("transfer_budget_mib", 8),
+                       ("spool_budget_mib", spool_budget_mib)):
         old = next(line for line in text.splitlines() if line.startswith(f"{key} ="))
         text = text.replace(old, f"{key} = {value}")
     cfg.write_text(text)
@@ -80,8 +82,11 @@ def test_a_body_many_times_the_transfer_share_is_stored_whole(make_server, tmp_p
         assert (tmp_path / f"{uid}.out").read_bytes()[-MIB:] == data[-MIB:]
 
 
-def test_one_instance_over_the_share_fails_alone(make_server, tmp_path):
-    srv = _server(make_server)
+def test_one_instance_over_the_share_fails_alone_without_a_spool(make_server, tmp_path):
+    """With no room to spill (`spool_budget_mib = 0`), an instance larger than
+    the memory share fails alone (0xA700, named), the others are stored. With
+    room, it is spilled and stored: test_spill.py."""
+    srv = _server(make_server, spool_budget_mib=0)
     token = new_token(srv, "streamer2", "technologist")
     study = helpers.generate_uid()
     small_a, big, small_b = _instances(tmp_path, [MIB, 12 * MIB, MIB], study)

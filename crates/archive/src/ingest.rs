@@ -15,7 +15,9 @@ use bastion_security::{
     events::{EventLog, Outcome},
     inventory::Inventory,
 };
-use bastion_store::{BlobId, BlobStore, StoreError};
+use bastion_store::{BlobId, BlobStore, Spooled, StoreError};
+
+use crate::spill::{Spill, SpooledData};
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
 use dicom_encoding::transfer_syntax::Endianness;
@@ -48,6 +50,10 @@ pub struct Limits {
     pub memory_budget_bytes: u64,
     /// The most one association, request or ingest may hold of it.
     pub transfer_budget_bytes: u64,
+    /// Disk budget for transfers spilled to the encrypted spool
+    /// ([`crate::spill`]), all at once; one spill holds at most
+    /// `max_dataset_bytes` of it.
+    pub spool_budget_bytes: u64,
 }
 
 impl Default for Limits {
@@ -60,6 +66,7 @@ impl Default for Limits {
             max_concurrent_parses: 4,
             memory_budget_bytes: 384 << 20,
             transfer_budget_bytes: 256 << 20,
+            spool_budget_bytes: 4 << 30,
         }
     }
 }
@@ -83,6 +90,24 @@ pub enum Received {
     /// A PS3.10 file (128-byte preamble, `DICM`, meta, dataset); a file that
     /// starts directly with `DICM` is accepted too.
     File(Vec<u8>),
+    /// As [`Received::Network`], for a dataset too large for its share of
+    /// the memory budget: it was spooled to disk, encrypted
+    /// ([`bastion_store::Spool`]), and ingest reads it from there, holding
+    /// only the attributes before Pixel Data and one spool segment in
+    /// memory. A deflated transfer syntax cannot be spooled
+    /// ([`ArchiveError::TooLarge`]).
+    SpooledNetwork {
+        /// Dataset bytes, no preamble or meta.
+        dataset: SpooledData,
+        /// Negotiated transfer syntax UID.
+        transfer_syntax: String,
+        /// (0000,0002) Affected SOP Class UID.
+        affected_sop_class: String,
+        /// (0000,1000) Affected SOP Instance UID.
+        affected_sop_instance: String,
+    },
+    /// As [`Received::File`], spooled to disk (a large STOW-RS part).
+    SpooledFile(SpooledData),
 }
 
 /// Who sent it, for the index, the meta header and the event log.
@@ -166,6 +191,12 @@ pub struct Archive {
     /// seen as "double free or corruption" at the end of `bastion import`.
     commit_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     inventory: OnceLock<Arc<Inventory>>,
+    /// Where transfers too large for memory are spilled ([`crate::spill`]);
+    /// unset: they are refused instead.
+    spool_dir: OnceLock<std::path::PathBuf>,
+    /// Disk budget of the spills (`spool_budget_bytes`, at most
+    /// `max_dataset_bytes` each).
+    spool_budget: MemoryBudget,
 }
 
 impl Archive {
@@ -195,7 +226,36 @@ impl Archive {
             committer: Mutex::new(Some(tx)),
             commit_thread: Mutex::new(commit_thread),
             inventory: OnceLock::new(),
+            spool_dir: OnceLock::new(),
+            spool_budget: MemoryBudget::new(limits.spool_budget_bytes, limits.max_dataset_bytes),
         }
+    }
+
+    /// Lets transfers that outgrow their memory share spill to encrypted,
+    /// anonymous spool files in `dir` (set once, by `serve`; `DIR/spool/ingest`).
+    pub fn set_spool_dir(&self, dir: std::path::PathBuf) {
+        let _ = self.spool_dir.set(dir);
+    }
+
+    /// A new [`Spill`] for a transfer that no longer fits in memory, or
+    /// `None` when spilling is not configured ([`Archive::set_spool_dir`])
+    /// or its budget is 0 (`spool_budget_mib = 0` turns it off).
+    ///
+    /// # Errors
+    /// [`ArchiveError::NoSpace`] or [`ArchiveError::Internal`] when the
+    /// spool file cannot be created.
+    pub fn spill(&self) -> Result<Option<Spill>, ArchiveError> {
+        let Some(dir) = self.spool_dir.get() else {
+            return Ok(None);
+        };
+        if self.spool_budget.total() == 0 {
+            return Ok(None);
+        }
+        let spool = bastion_store::Spool::create(dir).map_err(|e| match e {
+            StoreError::NoSpace { .. } => ArchiveError::NoSpace,
+            other => ArchiveError::Internal(format!("ingest spool: {other}")),
+        })?;
+        Ok(Some(Spill::new(spool, self.spool_budget.transfer())))
     }
 
     /// Reports the device headers of every stored instance to `inventory`
@@ -307,16 +367,35 @@ impl Archive {
                 let (offset, ts, alert) = Self::split_part10(&bytes)?;
                 (DatasetBytes::Tail(bytes, offset), ts, None, alert)
             }
+            Received::SpooledNetwork {
+                dataset,
+                transfer_syntax,
+                affected_sop_class,
+                affected_sop_instance,
+            } => (
+                DatasetBytes::Spooled(dataset, 0),
+                transfer_syntax,
+                Some((affected_sop_class, affected_sop_instance)),
+                None,
+            ),
+            Received::SpooledFile(spooled) => {
+                let (offset, ts, alert) = Self::split_spooled_part10(&spooled)?;
+                (DatasetBytes::Spooled(spooled, offset), ts, None, alert)
+            }
         };
-        let raw = dataset.as_slice();
-        if raw.len() as u64 > self.limits.max_dataset_bytes {
+        if dataset.len() > self.limits.max_dataset_bytes {
             return Err(ArchiveError::TooLarge {
                 limit: self.limits.max_dataset_bytes,
             });
         }
         let ts_uid = ts_uid.trim_end_matches(['\0', ' ']).to_owned();
         let held_before = reservation.held();
-        let parsed = Self::parse(&self.limits, raw, &ts_uid, reservation);
+        let parsed = match &dataset {
+            DatasetBytes::Spooled(spooled, offset) => {
+                Self::parse_spooled(&self.limits, spooled, *offset, &ts_uid, reservation)
+            }
+            other => Self::parse(&self.limits, other.as_slice(), &ts_uid, reservation),
+        };
         // The inflated copy is gone: give its share back.
         reservation.shrink(reservation.held().saturating_sub(held_before));
         let (parsed, content_sha256) = parsed?;
@@ -364,10 +443,16 @@ impl Archive {
             sop.as_str(),
             &origin.ae,
         )?;
-        let blob = self
-            .store
-            .put_reader(&mut (&header[..]).chain(raw))
-            .map_err(store_err)?;
+        let blob = match &dataset {
+            DatasetBytes::Spooled(spooled, offset) => self
+                .store
+                .put_reader(&mut (&header[..]).chain(spooled.reader(*offset))),
+            other => self
+                .store
+                .put_reader(&mut (&header[..]).chain(other.as_slice())),
+        }
+        .map_err(store_err)?;
+        drop(dataset);
         let mut attrs = attrs;
         attrs.instance.transfer_syntax_uid = ts_uid;
         let record = NewInstance {
@@ -464,27 +549,6 @@ impl Archive {
         received: &Received,
         limits: &Limits,
     ) -> Result<crate::extract::Extracted, ArchiveError> {
-        let (raw, ts_uid, affected) = match received {
-            Received::Network {
-                dataset,
-                transfer_syntax,
-                affected_sop_class,
-                affected_sop_instance,
-            } => (
-                &dataset[..],
-                transfer_syntax.clone(),
-                Some((affected_sop_class, affected_sop_instance)),
-            ),
-            Received::File(bytes) => {
-                let (offset, ts, _) = Self::split_part10(bytes)?;
-                (bytes.get(offset..).unwrap_or_default(), ts, None)
-            }
-        };
-        if raw.len() as u64 > limits.max_dataset_bytes {
-            return Err(ArchiveError::TooLarge {
-                limit: limits.max_dataset_bytes,
-            });
-        }
         // A budget of its own, as large as one transfer's share, bounds the
         // inflation as ingest's would.
         let budget = crate::budget::MemoryBudget::new(
@@ -492,12 +556,53 @@ impl Archive {
             limits.transfer_budget_bytes,
         );
         let mut reservation = budget.transfer();
-        let (parsed, _) = Self::parse(
-            limits,
-            raw,
-            ts_uid.trim_end_matches(['\0', ' ']),
-            &mut reservation,
-        )?;
+        let too_large = |len: u64| {
+            if len > limits.max_dataset_bytes {
+                Err(ArchiveError::TooLarge {
+                    limit: limits.max_dataset_bytes,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        let (parsed, affected) = match received {
+            Received::Network {
+                dataset,
+                transfer_syntax,
+                affected_sop_class,
+                affected_sop_instance,
+            } => {
+                too_large(dataset.len() as u64)?;
+                let ts = transfer_syntax.trim_end_matches(['\0', ' ']);
+                let (parsed, _) = Self::parse(limits, dataset, ts, &mut reservation)?;
+                (parsed, Some((affected_sop_class, affected_sop_instance)))
+            }
+            Received::File(bytes) => {
+                let (offset, ts, _) = Self::split_part10(bytes)?;
+                let raw = bytes.get(offset..).unwrap_or_default();
+                too_large(raw.len() as u64)?;
+                let ts = ts.trim_end_matches(['\0', ' ']);
+                (Self::parse(limits, raw, ts, &mut reservation)?.0, None)
+            }
+            Received::SpooledNetwork {
+                dataset,
+                transfer_syntax,
+                affected_sop_class,
+                affected_sop_instance,
+            } => {
+                too_large(dataset.len())?;
+                let ts = transfer_syntax.trim_end_matches(['\0', ' ']);
+                let (parsed, _) = Self::parse_spooled(limits, dataset, 0, ts, &mut reservation)?;
+                (parsed, Some((affected_sop_class, affected_sop_instance)))
+            }
+            Received::SpooledFile(spooled) => {
+                let (offset, ts, _) = Self::split_spooled_part10(spooled)?;
+                too_large(spooled.len().saturating_sub(offset))?;
+                let ts = ts.trim_end_matches(['\0', ' ']);
+                let parsed = Self::parse_spooled(limits, spooled, offset, ts, &mut reservation)?;
+                (parsed.0, None)
+            }
+        };
         let attrs = crate::extract::extract(&parsed)?;
         if let Some((class, instance)) = affected {
             check_affected(class, instance, &attrs)?;
@@ -542,6 +647,118 @@ impl Archive {
         let meta = dicom_object::meta::FileMetaTable::from_reader(&bytes[dicm..meta_end])
             .map_err(|e| ArchiveError::NotDicom(format!("file meta information: {e}")))?;
         Ok((meta_end, meta.transfer_syntax().to_owned(), alert))
+    }
+
+    /// [`Self::split_part10`] for a spooled file: the meta header is read
+    /// from the first bytes (at most 1 MiB) of the spool.
+    fn split_spooled_part10(
+        spooled: &Spooled,
+    ) -> Result<(u64, String, Option<&'static str>), ArchiveError> {
+        let head_len = spooled.len().min(SPOOLED_HEAD_BYTES);
+        let mut head = vec![0u8; head_len as usize];
+        spooled.read_at(0, &mut head).map_err(|e| {
+            ArchiveError::Internal(format!("the spooled dataset cannot be read: {e}"))
+        })?;
+        let (offset, ts, alert) = Self::split_part10(&head)?;
+        Ok((offset as u64, ts, alert))
+    }
+
+    /// [`Self::parse`] for a spooled dataset: the same bounds scan, walked
+    /// over the spool a header at a time; the attributes before Pixel Data
+    /// read into memory under `reservation`; the content hash computed as
+    /// the dataset streams through. Deflated transfer syntaxes are inflated
+    /// in memory and so are refused here (one transfer's share is the most
+    /// a deflated dataset may take).
+    fn parse_spooled(
+        limits: &Limits,
+        spooled: &Spooled,
+        base: u64,
+        ts_uid: &str,
+        reservation: &mut Reservation,
+    ) -> Result<(InMemDicomObject, String), ArchiveError> {
+        let ts = TransferSyntaxRegistry.get(ts_uid).ok_or_else(|| {
+            ArchiveError::NotDicom(format!("unsupported transfer syntax {ts_uid}"))
+        })?;
+        if matches!(ts_uid, "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.4.95") {
+            return Err(ArchiveError::TooLarge {
+                limit: limits.transfer_budget_bytes,
+            });
+        }
+        let enc = Encoding {
+            explicit_vr: ts_uid != "1.2.840.10008.1.2",
+            little_endian: ts.endianness() == Endianness::Little,
+        };
+        let unreadable = |e: std::io::Error| {
+            ArchiveError::Internal(format!("the spooled dataset cannot be read: {e}"))
+        };
+        let len = usize::try_from(spooled.len().saturating_sub(base)).map_err(|_| {
+            ArchiveError::TooLarge {
+                limit: limits.max_dataset_bytes,
+            }
+        })?;
+        let view = SpoolView {
+            spooled,
+            base,
+            len,
+            failure: std::cell::RefCell::new(None),
+        };
+        let report = scan::scan_source(
+            &view,
+            enc,
+            ScanLimits {
+                max_element_len: limits.max_element_bytes,
+                max_depth: limits.max_sequence_depth,
+            },
+            None,
+        );
+        if let Some(e) = view.failure.borrow_mut().take() {
+            return Err(unreadable(e));
+        }
+        let report =
+            report.map_err(|e| ArchiveError::NotDicom(format!("malformed dataset: {e}")))?;
+        let prefix_len = report.pixel_data_offset.unwrap_or(len);
+        reservation.grow(prefix_len as u64).map_err(budget_err)?;
+        let parsed = (|| {
+            let mut prefix = vec![0u8; prefix_len];
+            spooled.read_at(base, &mut prefix).map_err(unreadable)?;
+            let parse_ts = match (enc.explicit_vr, enc.little_endian) {
+                (false, _) => entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+                (true, true) => entries::EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+                (true, false) => entries::EXPLICIT_VR_BIG_ENDIAN.erased(),
+            };
+            InMemDicomObject::read_dataset_with_ts(&prefix[..], &parse_ts)
+                .map_err(|e| ArchiveError::NotDicom(format!("dataset cannot be parsed: {e}")))
+        })();
+        reservation.shrink(prefix_len as u64);
+        let obj = parsed?;
+        // The content hash, as in `parse`: everything but the non-content
+        // ranges, streamed a segment at a time.
+        let mut hasher = Sha256::new();
+        let mut reader = spooled.reader(base);
+        let mut at = 0usize;
+        let mut chunk = vec![0u8; bastion_store::spool::SPOOL_SEGMENT];
+        let mut copy = |reader: &mut bastion_store::spool::SpoolReader<'_>,
+                        n: usize,
+                        keep: bool|
+         -> Result<(), ArchiveError> {
+            let mut left = n;
+            while left > 0 {
+                let take = left.min(chunk.len());
+                reader.read_exact(&mut chunk[..take]).map_err(unreadable)?;
+                if keep {
+                    hasher.update(&chunk[..take]);
+                }
+                left -= take;
+            }
+            Ok(())
+        };
+        for &(start, end) in &report.non_content {
+            copy(&mut reader, start.saturating_sub(at), true)?;
+            copy(&mut reader, end.saturating_sub(start), false)?;
+            at = end;
+        }
+        copy(&mut reader, len.saturating_sub(at), true)?;
+        Ok((obj, hex::encode(hasher.finalize())))
     }
 
     /// Bounds-checks then parses the attributes before Pixel Data. Also
@@ -697,13 +914,53 @@ impl Archive {
 enum DatasetBytes {
     Owned(Vec<u8>),
     Tail(Vec<u8>, usize),
+    /// A spooled dataset from this byte offset on (after a file's meta).
+    Spooled(SpooledData, u64),
 }
 
 impl DatasetBytes {
+    /// The bytes in memory; empty for a spooled dataset (read it through
+    /// the spool instead).
     fn as_slice(&self) -> &[u8] {
         match self {
             DatasetBytes::Owned(v) => v,
             DatasetBytes::Tail(v, off) => v.get(*off..).unwrap_or_default(),
+            DatasetBytes::Spooled(..) => &[],
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            DatasetBytes::Spooled(s, off) => s.len().saturating_sub(*off),
+            other => other.as_slice().len() as u64,
+        }
+    }
+}
+
+/// A spooled dataset seen by [`scan::scan_source`]: header bytes read one
+/// by one from the spool; the first read failure is kept for the caller.
+struct SpoolView<'a> {
+    spooled: &'a Spooled,
+    base: u64,
+    len: usize,
+    failure: std::cell::RefCell<Option<std::io::Error>>,
+}
+
+impl scan::ScanSource for SpoolView<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn read_at(&self, at: usize, out: &mut [u8]) -> bool {
+        if at.saturating_add(out.len()) > self.len {
+            return false;
+        }
+        match self.spooled.read_at(self.base + at as u64, out) {
+            Ok(()) => true,
+            Err(e) => {
+                self.failure.borrow_mut().get_or_insert(e);
+                false
+            }
         }
     }
 }
@@ -891,6 +1148,9 @@ pub fn inflate(
 
 /// Bytes inflated per step.
 const INFLATE_CHUNK: usize = 64 * 1024;
+
+/// Most bytes of a spooled file read to find its meta header.
+const SPOOLED_HEAD_BYTES: u64 = 1 << 20;
 
 /// A reservation that could not grow, as an ingest error.
 pub fn budget_err(e: BudgetError) -> ArchiveError {

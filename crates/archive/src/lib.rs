@@ -25,6 +25,7 @@ pub mod isolated;
 pub mod part10;
 pub mod query;
 pub mod scan;
+pub mod spill;
 pub mod transcode;
 pub mod unknown_vr;
 

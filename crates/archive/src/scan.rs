@@ -79,6 +79,49 @@ pub fn scan(
     limits: ScanLimits,
     only_group: Option<u16>,
 ) -> Result<ScanReport, ScanError> {
+    scan_source(buf, enc, limits, only_group)
+}
+
+/// Where [`scan_source`] reads the encoded dataset from: a slice, or a
+/// dataset spooled to disk ([`bastion_store::Spooled`]) that is read a few
+/// header bytes at a time and never held whole.
+pub trait ScanSource {
+    /// Length of the dataset in bytes.
+    fn len(&self) -> usize;
+    /// Whether the dataset is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Fills `out` with the bytes at `at`; `false` when they are not all
+    /// present (or cannot be read: the caller checks why afterwards).
+    fn read_at(&self, at: usize, out: &mut [u8]) -> bool;
+}
+
+impl ScanSource for [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn read_at(&self, at: usize, out: &mut [u8]) -> bool {
+        match at.checked_add(out.len()).and_then(|end| self.get(at..end)) {
+            Some(b) => {
+                out.copy_from_slice(b);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// [`scan`] over any [`ScanSource`]: the same walk, the same report.
+///
+/// # Errors
+/// As [`scan`].
+pub fn scan_source<S: ScanSource + ?Sized>(
+    buf: &S,
+    enc: Encoding,
+    limits: ScanLimits,
+    only_group: Option<u16>,
+) -> Result<ScanReport, ScanError> {
     let mut s = Scanner {
         buf,
         enc,
@@ -100,8 +143,8 @@ pub fn scan(
     })
 }
 
-struct Scanner<'a> {
-    buf: &'a [u8],
+struct Scanner<'a, S: ScanSource + ?Sized> {
+    buf: &'a S,
     enc: Encoding,
     limits: ScanLimits,
     pos: usize,
@@ -115,7 +158,7 @@ enum Stop {
     SequenceDelimiter,
 }
 
-impl Scanner<'_> {
+impl<S: ScanSource + ?Sized> Scanner<'_, S> {
     fn err<T>(&self, what: impl Into<String>) -> Result<T, ScanError> {
         Err(ScanError {
             what: what.into(),
@@ -124,8 +167,9 @@ impl Scanner<'_> {
     }
 
     fn u16_at(&self, at: usize, le: bool) -> Result<u16, ScanError> {
-        match self.buf.get(at..at + 2) {
-            Some(&[a, b]) => Ok(if le {
+        let mut b2 = [0u8; 2];
+        match self.buf.read_at(at, &mut b2).then_some(b2) {
+            Some([a, b]) => Ok(if le {
                 u16::from_le_bytes([a, b])
             } else {
                 u16::from_be_bytes([a, b])
@@ -135,8 +179,9 @@ impl Scanner<'_> {
     }
 
     fn u32_at(&self, at: usize, le: bool) -> Result<u32, ScanError> {
-        match self.buf.get(at..at + 4) {
-            Some(&[a, b, c, d]) => Ok(if le {
+        let mut b4 = [0u8; 4];
+        match self.buf.read_at(at, &mut b4).then_some(b4) {
+            Some([a, b, c, d]) => Ok(if le {
                 u32::from_le_bytes([a, b, c, d])
             } else {
                 u32::from_be_bytes([a, b, c, d])
@@ -201,7 +246,12 @@ impl Scanner<'_> {
                 };
             }
             let (vr, len) = if self.enc.explicit_vr {
-                let vr_bytes = self.buf.get(start + 4..start + 6).unwrap_or_default();
+                let mut vr_buf = [0u8; 2];
+                let vr_bytes: &[u8] = if self.buf.read_at(start + 4, &mut vr_buf) {
+                    &vr_buf
+                } else {
+                    &[]
+                };
                 let vr = std::str::from_utf8(vr_bytes)
                     .ok()
                     .and_then(|s| s.parse::<VR>().ok());

@@ -480,3 +480,161 @@ fn regression_top_level_delimiter_is_refused_before_parsing() {
         "{msg}"
     );
 }
+
+/// A dataset spilled to the encrypted spool (`bastion_archive::spill`) is
+/// the same instance as the same bytes in memory: stored whole, its content
+/// hash equal (a re-send from memory is a duplicate, a different one a
+/// conflict), the Part 10 form of a spilled STOW-RS part split like a file,
+/// a malformed spilled dataset refused with the scan's reason, and a
+/// deflated one refused (inflation needs memory).
+#[test]
+fn spilled_datasets_ingest_like_in_memory_ones() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = archive(dir.path());
+    a.set_spool_dir(dir.path().join("spool"));
+    let spill = |bytes: &[u8]| {
+        let mut s = a.spill().expect("spill").expect("configured");
+        // in uneven pieces, as fragments arrive
+        for piece in bytes.chunks(1000) {
+            s.append(piece).expect("append");
+        }
+        s.finish().expect("finish")
+    };
+    let (ds, file) = instance("1.2.3.4.5.60", "spilled");
+    let spilled = Received::SpooledNetwork {
+        dataset: spill(&ds),
+        transfer_syntax: "1.2.840.10008.1.2.1".into(),
+        affected_sop_class: "1.2.840.10008.5.1.4.1.1.7".into(),
+        affected_sop_instance: "1.2.3.4.5.60".into(),
+    };
+    let uid = Uid::parse("1.2.3.4.5.60").expect("uid");
+    assert_eq!(
+        a.ingest(spilled, &origin(OnConflict::Refuse)).ok(),
+        Some(Ingested::Stored {
+            sop_instance_uid: uid.clone()
+        })
+    );
+    let stored = a.instance_part10(&uid).expect("part10");
+    assert!(stored.ends_with(&ds), "the dataset bytes as sent");
+    assert_eq!(
+        a.ingest(
+            network(ds.clone(), "1.2.3.4.5.60"),
+            &origin(OnConflict::Refuse)
+        )
+        .ok(),
+        Some(Ingested::Duplicate {
+            sop_instance_uid: uid.clone()
+        })
+    );
+    // the Part 10 form (STOW-RS part) of the same instance: a duplicate too
+    assert_eq!(
+        a.ingest(
+            Received::SpooledFile(spill(&file)),
+            &origin(OnConflict::Refuse)
+        )
+        .ok(),
+        Some(Ingested::Duplicate {
+            sop_instance_uid: uid.clone()
+        })
+    );
+    // a different dataset under the same UID, spilled: a conflict
+    let (other, _) = instance("1.2.3.4.5.60", "different");
+    let r = a.ingest(
+        Received::SpooledNetwork {
+            dataset: spill(&other),
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+            affected_sop_class: "1.2.840.10008.5.1.4.1.1.7".into(),
+            affected_sop_instance: "1.2.3.4.5.60".into(),
+        },
+        &origin(OnConflict::Refuse),
+    );
+    assert!(matches!(r, Err(ArchiveError::Conflict { .. })), "{r:?}");
+    // truncated: the scan's reason, nothing stored
+    let (cut, _) = instance("1.2.3.4.5.61", "cut");
+    let r = a.ingest(
+        Received::SpooledNetwork {
+            dataset: spill(&cut[..cut.len() - 3]),
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+            affected_sop_class: "1.2.840.10008.5.1.4.1.1.7".into(),
+            affected_sop_instance: "1.2.3.4.5.61".into(),
+        },
+        &origin(OnConflict::Refuse),
+    );
+    assert!(
+        matches!(&r, Err(ArchiveError::NotDicom(m)) if m.contains("malformed dataset")),
+        "{r:?}"
+    );
+    assert!(a
+        .index()
+        .find_instance("1.2.3.4.5.61")
+        .expect("find")
+        .is_none());
+    // deflated: refused, inflation would need memory
+    let r = a.ingest(
+        Received::SpooledNetwork {
+            dataset: spill(&ds),
+            transfer_syntax: "1.2.840.10008.1.2.1.99".into(),
+            affected_sop_class: "1.2.840.10008.5.1.4.1.1.7".into(),
+            affected_sop_instance: "1.2.3.4.5.60".into(),
+        },
+        &origin(OnConflict::Refuse),
+    );
+    assert!(matches!(r, Err(ArchiveError::TooLarge { .. })), "{r:?}");
+    // the spool directory holds no file (anonymous spool files)
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("spool"))
+            .expect("spool dir")
+            .count(),
+        0
+    );
+}
+
+/// The spill budget: one spill may hold `max_dataset_bytes`, all spills
+/// together `spool_budget_bytes`; 0 turns spilling off.
+#[test]
+fn spills_stay_within_the_spool_budget() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let master = MasterKey::from_bytes([9u8; 32]);
+    let store = BlobStore::open(&dir.path().join("blobs"), master.clone()).expect("store");
+    let index = Index::open(
+        &dir.path().join("index.db"),
+        &master.derive("bastion index v1"),
+    )
+    .expect("index");
+    let events = EventLog::open(&dir.path().join("events/events.log")).expect("events");
+    let a = Archive::new(
+        Arc::new(store),
+        Arc::new(index),
+        Arc::new(events),
+        Limits {
+            max_dataset_bytes: 3000,
+            spool_budget_bytes: 5000,
+            ..Limits::default()
+        },
+    );
+    assert!(
+        a.spill().expect("spill").is_none(),
+        "no spool directory: no spill"
+    );
+    a.set_spool_dir(dir.path().join("spool"));
+    let mut first = a.spill().expect("spill").expect("spill");
+    first
+        .append(&[1u8; 2500])
+        .expect("within one spill's share");
+    assert!(matches!(
+        first.append(&[1u8; 600]),
+        Err(ArchiveError::TooLarge { limit: 3000 })
+    ));
+    let mut second = a.spill().expect("spill").expect("spill");
+    second
+        .append(&[2u8; 2000])
+        .expect("2500 + 2000 within 5000");
+    assert!(matches!(
+        second.append(&[2u8; 600]),
+        Err(ArchiveError::Busy { limit: 5000 })
+    ));
+    drop(first);
+    second
+        .append(&[2u8; 600])
+        .expect("room again once the first is gone");
+}

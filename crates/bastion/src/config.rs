@@ -413,6 +413,11 @@ pub struct LimitsSection {
     /// The most one association, STOW-RS request or ingest may hold of the
     /// memory budget, MiB.
     pub transfer_budget_mib: u64,
+    /// Disk budget, MiB, for datasets and STOW-RS parts larger than one
+    /// transfer's memory share, spilled to encrypted anonymous files in
+    /// `DIR/spool/ingest` (all spills at once; one holds at most
+    /// `max_dataset_bytes`).
+    pub spool_budget_mib: u64,
 }
 
 impl Default for DicomSection {
@@ -441,6 +446,7 @@ impl Default for LimitsSection {
             max_concurrent_parses: 4,
             memory_budget_mib: 384,
             transfer_budget_mib: 256,
+            spool_budget_mib: 4096,
         }
     }
 }
@@ -521,9 +527,13 @@ max_concurrent_parses = {mcp}
 # being received (DICOM), STOW-RS bodies and inflated deflated datasets. When
 # it is in use, a C-STORE gets 0xA700 and a STOW-RS request 503 + Retry-After.
 memory_budget_mib = {mbm}
-# The most one association or STOW-RS request may hold of it, MiB (larger
-# datasets or bodies are refused: 0xA700 / 503).
+# The most one association or STOW-RS request may hold of it, MiB. A larger
+# dataset or STOW-RS part is spilled to disk, encrypted (below).
 transfer_budget_mib = {tbm}
+# Disk budget, MiB, for those spilled datasets (all at once): anonymous files
+# in DIR/spool/ingest, AES-256-GCM under a key that exists only in memory.
+# When it is in use, a C-STORE gets 0xA700 and a STOW-RS part 0xA700.
+spool_budget_mib = {sbm}
 
 [query]
 # A C-FIND matching more than this many entities is refused with 0xA700
@@ -671,6 +681,7 @@ webhook_queue = {dwq}
             mcp = l.max_concurrent_parses,
             mbm = l.memory_budget_mib,
             tbm = l.transfer_budget_mib,
+            sbm = l.spool_budget_mib,
             mm = self.query.max_matches,
             http_addr = self.http.addr,
             cors = cors,

@@ -330,13 +330,11 @@ impl DataDir {
             max_concurrent_parses: l.max_concurrent_parses,
             memory_budget_bytes: l.memory_budget_mib.saturating_mul(1 << 20),
             transfer_budget_bytes: l.transfer_budget_mib.saturating_mul(1 << 20),
+            spool_budget_bytes: l.spool_budget_mib.saturating_mul(1 << 20),
         };
-        Ok(Arc::new(Archive::new(
-            Arc::new(store),
-            Arc::new(index),
-            events,
-            limits,
-        )))
+        let archive = Archive::new(Arc::new(store), Arc::new(index), events, limits);
+        archive.set_spool_dir(self.root.join("spool").join("ingest"));
+        Ok(Arc::new(archive))
     }
 
     /// Requires a completed `init`.

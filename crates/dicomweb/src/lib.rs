@@ -62,7 +62,7 @@ pub use frames::{
 pub use json::{to_dicom_json, JsonOptions};
 pub use multipart::{
     parse_multipart_related, MultipartLimits, MultipartRelated, MultipartWriter, OwnedPart, Part,
-    PartSplitter,
+    PartSplitter, SpillChunk,
 };
 pub use qido::{
     omit_empty_unnamed, qido_result_json, qido_to_query, retrieve_url, PathUids, QidoLevel,

@@ -438,8 +438,21 @@ enum Split {
     /// Dropping the bytes of a part the caller gave up on, up to the next
     /// delimiter (only the last `delimiter.len() - 1` bytes are kept).
     Skipping,
+    /// Handing the body of a part the caller spills to disk out in pieces
+    /// ([`PartSplitter::drain_spill`]), up to the next delimiter (only the
+    /// last `delimiter.len() - 1` bytes are kept between pieces).
+    Spilling,
     /// After the closing `--boundary--`: the epilogue is dropped.
     Closed,
+}
+
+/// A piece of the body of a part being spilled ([`PartSplitter::drain_spill`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpillChunk {
+    /// More of the body; the part goes on.
+    More(Vec<u8>),
+    /// The end of the body (the delimiter was found): the part is complete.
+    Last(Vec<u8>),
 }
 
 /// Most bytes of preamble before the opening boundary, and of transport
@@ -559,7 +572,99 @@ impl PartSplitter {
                 }
                 Ok(())
             }
-            Split::Preamble | Split::Parts => self.append(bytes, reservation),
+            Split::Preamble | Split::Parts | Split::Spilling => self.append(bytes, reservation),
+        }
+    }
+
+    /// Turns the part being buffered (whose next piece the caller could not
+    /// push: it is larger than the memory share) into a part spilled to
+    /// disk: returns its headers and the body bytes buffered so far, and
+    /// from then on [`drain_spill`](Self::drain_spill) hands out the rest of
+    /// its body as it is pushed, holding only a delimiter's length of it.
+    /// `None` (nothing changed) when the part's headers are not complete
+    /// yet or no part is being received: skip it instead.
+    ///
+    /// # Errors
+    /// [`DicomWebError::BadMultipart`] for malformed headers,
+    /// [`DicomWebError::MultipartTooLarge`] when the part is one too many.
+    #[allow(clippy::type_complexity)]
+    pub fn spill_part(
+        &mut self,
+        reservation: &mut Reservation,
+    ) -> Result<Option<(Vec<(String, String)>, Vec<u8>)>, DicomWebError> {
+        if self.state != Split::Parts {
+            return Ok(None);
+        }
+        let dash = self.dash_boundary.len();
+        let Some(rest) = self.buf.get(dash..) else {
+            return Ok(None);
+        };
+        let pad = rest
+            .iter()
+            .take_while(|b| **b == b' ' || **b == b'\t')
+            .count();
+        if !rest[pad..].starts_with(b"\r\n") {
+            return Ok(None);
+        }
+        let part_start = dash + pad + 2;
+        let part = &self.buf[part_start..];
+        let (headers, body_start) = if part.starts_with(b"\r\n") {
+            (Vec::new(), part_start + 2)
+        } else {
+            let window = &part[..part.len().min(self.limits.max_header_bytes + 4)];
+            match memmem::find(window, b"\r\n\r\n") {
+                Some(end) => (parse_headers(&part[..end])?, part_start + end + 4),
+                None => return Ok(None),
+            }
+        };
+        self.count_part()?;
+        let keep = self.delimiter.len() - 1;
+        let cut = self.buf.len().saturating_sub(keep).max(body_start);
+        let body = self.buf[body_start..cut].to_vec();
+        let tail = self.buf[cut..].to_vec();
+        reservation.shrink(self.reserved);
+        self.reserved = 0;
+        self.buf = Vec::new();
+        self.searched = 0;
+        self.state = Split::Spilling;
+        self.append(&tail, reservation)?;
+        Ok(Some((headers, body)))
+    }
+
+    /// The body bytes of the spilled part pushed since the last call (see
+    /// [`spill_part`](Self::spill_part)): [`SpillChunk::More`] while the
+    /// part goes on, [`SpillChunk::Last`] once its delimiter was found
+    /// (the splitter then goes on with the next part); `None` when there is
+    /// nothing to hand out or no part is being spilled.
+    pub fn drain_spill(&mut self) -> Option<SpillChunk> {
+        if self.state != Split::Spilling {
+            return None;
+        }
+        if let Some(p) = memmem::find(&self.buf[self.searched..], &self.delimiter) {
+            let at = self.searched + p;
+            let chunk = self.buf[..at].to_vec();
+            // The buffer starts again at `--boundary`.
+            self.buf.drain(..at + 2);
+            self.searched = 0;
+            self.state = Split::Parts;
+            return Some(SpillChunk::Last(chunk));
+        }
+        let keep = self.delimiter.len() - 1;
+        let cut = self.buf.len().saturating_sub(keep);
+        if cut == 0 {
+            return None;
+        }
+        let chunk: Vec<u8> = self.buf.drain(..cut).collect();
+        self.searched = 0;
+        Some(SpillChunk::More(chunk))
+    }
+
+    /// Gives up on the part being spilled (the spill failed): the rest of
+    /// its body is dropped as with [`skip_part`](Self::skip_part). Only
+    /// while spilling; elsewhere it does nothing.
+    pub fn abandon_spill(&mut self) {
+        if self.state == Split::Spilling {
+            self.state = Split::Skipping;
         }
     }
 
@@ -741,7 +846,7 @@ impl PartSplitter {
         match self.state {
             Split::Closed => Ok(()),
             Split::Preamble => Err(DicomWebError::BadMultipart("no opening boundary".into())),
-            Split::Parts | Split::Skipping => Err(DicomWebError::BadMultipart(
+            Split::Parts | Split::Skipping | Split::Spilling => Err(DicomWebError::BadMultipart(
                 "body ends before the closing boundary".into(),
             )),
         }
@@ -1020,6 +1125,69 @@ mod tests {
         assert_eq!(indices, [0, 2]);
         assert_eq!(parts[1].1.body, vec![3; 10 << 10]);
         assert!(peak <= 150 << 10);
+    }
+
+    /// Spill mode: a part over the budget is handed out in pieces instead of
+    /// skipped; the pieces join to exactly its body, for every cut of the
+    /// body, while the reservation stays within its cap; the parts around it
+    /// come out as usual.
+    #[test]
+    fn a_part_over_the_budget_is_spilled_whole_for_every_cut() {
+        let mut w = MultipartWriter::new();
+        w.add_part("application/dicom", &[1; 3000]);
+        // a body that holds most of a delimiter, to tempt a false end
+        let mut big: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        let fake = format!("\r\n--{}", w.boundary());
+        big[9000..9000 + fake.len() - 1].copy_from_slice(&fake.as_bytes()[..fake.len() - 1]);
+        big[9000 + fake.len() - 1] = 0;
+        w.add_part("application/dicom", &big);
+        w.add_part("application/dicom", &[3; 3000]);
+        let boundary = w.boundary().to_owned();
+        let body = w.finish();
+        let related = MultipartRelated {
+            boundary: boundary.clone(),
+            root_type: None,
+        };
+        for piece in [1usize, 7, 100, 997, 4096, 65_536] {
+            let budget = bastion_archive::budget::MemoryBudget::new(300_000, 300_000);
+            let mut res = budget.transfer();
+            let mut split = PartSplitter::new(&related, &MultipartLimits::default());
+            let (mut parts, mut spilled, mut spilling, mut peak) =
+                (Vec::new(), Vec::<Vec<u8>>::new(), None::<Vec<u8>>, 0);
+            for chunk in body.chunks(piece) {
+                if spilling.is_some() {
+                    split.push(chunk, &mut res).expect("push while spilling");
+                } else if split.push(chunk, &mut res).is_err() {
+                    let (headers, so_far) = split
+                        .spill_part(&mut res)
+                        .expect("spill")
+                        .expect("headers complete");
+                    assert_eq!(headers[0].1, "application/dicom");
+                    spilling = Some(so_far);
+                    split.push(chunk, &mut res).expect("push after spill");
+                }
+                peak = peak.max(res.held());
+                while let Some(acc) = spilling.as_mut() {
+                    match split.drain_spill() {
+                        Some(SpillChunk::More(b)) => acc.extend(b),
+                        Some(SpillChunk::Last(b)) => {
+                            acc.extend(b);
+                            spilled.extend(spilling.take());
+                        }
+                        None => break,
+                    }
+                }
+                while let Some(p) = split.next_part(&mut res).expect("part") {
+                    res.shrink(p.reserved);
+                    parts.push(p.body);
+                }
+            }
+            split.finish().expect("closed");
+            assert_eq!(spilled, vec![big.clone()], "piece {piece}");
+            assert_eq!(parts, vec![vec![1; 3000], vec![3; 3000]], "piece {piece}");
+            assert!(peak <= 300_000, "piece {piece}: held {peak}");
+            assert_eq!(split.parts_seen(), 3);
+        }
     }
 
     #[test]

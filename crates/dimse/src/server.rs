@@ -31,6 +31,7 @@ use bastion_archive::{
     budget::Reservation,
     ingest::budget_err,
     query::{level_name, unique_key, FindOptions, FindResponse, Model, Query, QueryIdentifier},
+    spill::{Spill, SpooledData},
     transcode, Archive, ArchiveError, Ingested, Origin, Received,
 };
 use bastion_model::{AeTitle, Permission};
@@ -479,6 +480,7 @@ impl Dimse {
             peer,
             command: Vec::new(),
             dataset: Vec::new(),
+            spill: None,
             pending: None,
             overflow: None,
             reservation: self.archive.budget().transfer(),
@@ -642,24 +644,14 @@ impl Dimse {
                         return Err("dataset fragment on another presentation context");
                     }
                     if s.overflow.is_none() {
-                        let grown = if (s.dataset.len() + pdv.data.len()) as u64
-                            > self.config.max_dataset_bytes
-                        {
-                            Err(format!(
-                                "dataset exceeds the configured limit of {} bytes",
-                                self.config.max_dataset_bytes
-                            ))
-                        } else {
-                            s.reservation
-                                .extend(&mut s.dataset, &pdv.data)
-                                .map_err(|e| budget_err(e).to_string())
-                        };
-                        if let Err(comment) = grown {
+                        let is_store = matches!(s.pending, Some((_, Request::CStore { .. })));
+                        if let Err(comment) = self.receive_fragment(s, &pdv.data, is_store) {
                             // Keep reading (and discarding) so the peer gets a
                             // status instead of a broken association.
                             tracing::warn!(peer = %s.peer, ae = %s.device.ae, reason = %comment, "C-STORE dataset discarded while receiving");
                             s.overflow = Some(comment);
                             s.dataset = Vec::new();
+                            s.spill = None;
                             s.reservation.release_all();
                         }
                     }
@@ -668,8 +660,16 @@ impl Dimse {
                             continue;
                         };
                         let dataset = std::mem::take(&mut s.dataset);
-                        if let Some(comment) = s.overflow.take() {
+                        let spilled = s.spill.take().map(Spill::finish).transpose();
+                        let overflow = s.overflow.take().or_else(|| {
+                            spilled
+                                .as_ref()
+                                .err()
+                                .map(|e| status::for_ingest_error(e).1)
+                        });
+                        if let Some(comment) = overflow {
                             drop(dataset);
+                            drop(spilled);
                             s.reservation.release_all();
                             self.archive.events().record(
                                 "store.refused",
@@ -685,7 +685,11 @@ impl Dimse {
                             )
                             .await?;
                         } else {
-                            let done = self.dispatch(assoc, s, pc_id, request, Some(dataset)).await;
+                            let payload = match spilled {
+                                Ok(Some(spooled)) => Payload::Spilled(spooled),
+                                _ => Payload::Memory(dataset),
+                            };
+                            let done = self.dispatch(assoc, s, pc_id, request, Some(payload)).await;
                             // The dataset is gone (ingested or answered).
                             s.reservation.release_all();
                             done?;
@@ -697,13 +701,63 @@ impl Dimse {
         Ok(())
     }
 
+    /// Adds one fragment of the dataset being received: in memory under the
+    /// association's reservation while it fits, then, for a C-STORE, in an
+    /// encrypted spill on disk (`bastion_archive::spill`): a dataset larger
+    /// than the memory share is stored, not refused. The spill's disk I/O is
+    /// one 1 MiB segment write at a time, done inline (no await point).
+    ///
+    /// # Errors
+    /// The Error Comment of the 0xA700 the C-STORE will get.
+    fn receive_fragment(
+        &self,
+        s: &mut Session,
+        bytes: &[u8],
+        is_store: bool,
+    ) -> Result<(), String> {
+        let held = s.dataset.len() as u64 + s.spill.as_ref().map_or(0, Spill::len);
+        if held + bytes.len() as u64 > self.config.max_dataset_bytes {
+            return Err(format!(
+                "dataset exceeds the configured limit of {} bytes",
+                self.config.max_dataset_bytes
+            ));
+        }
+        if let Some(spill) = s.spill.as_mut() {
+            return spill
+                .append(bytes)
+                .map_err(|e| status::for_ingest_error(&e).1);
+        }
+        let Err(budget) = s.reservation.extend(&mut s.dataset, bytes) else {
+            return Ok(());
+        };
+        let spill = if is_store {
+            self.archive
+                .spill()
+                .map_err(|e| status::for_ingest_error(&e).1)?
+        } else {
+            None
+        };
+        let Some(mut spill) = spill else {
+            return Err(budget_err(budget).to_string());
+        };
+        tracing::debug!(peer = %s.peer, ae = %s.device.ae, held = s.dataset.len(), "C-STORE dataset larger than the memory share: spilled to the encrypted spool");
+        let in_memory = std::mem::take(&mut s.dataset);
+        s.reservation.release_all();
+        spill
+            .append(&in_memory)
+            .and_then(|()| spill.append(bytes))
+            .map_err(|e| status::for_ingest_error(&e).1)?;
+        s.spill = Some(spill);
+        Ok(())
+    }
+
     async fn dispatch<S>(
         &self,
         assoc: &mut AsyncServerAssociation<S>,
         s: &mut Session,
         pc_id: u8,
         request: Request,
-        dataset: Option<Vec<u8>>,
+        dataset: Option<Payload>,
     ) -> Result<(), &'static str>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -843,11 +897,19 @@ impl Dimse {
                 ref sop_instance,
                 ..
             } => {
-                let received = Received::Network {
-                    dataset: dataset.unwrap_or_default(),
-                    transfer_syntax,
-                    affected_sop_class: sop_class.clone(),
-                    affected_sop_instance: sop_instance.clone(),
+                let received = match dataset {
+                    Some(Payload::Spilled(dataset)) => Received::SpooledNetwork {
+                        dataset,
+                        transfer_syntax,
+                        affected_sop_class: sop_class.clone(),
+                        affected_sop_instance: sop_instance.clone(),
+                    },
+                    other => Received::Network {
+                        dataset: other.map(Payload::into_memory).unwrap_or_default(),
+                        transfer_syntax,
+                        affected_sop_class: sop_class.clone(),
+                        affected_sop_instance: sop_instance.clone(),
+                    },
                 };
                 let origin = Origin {
                     ae: s.device.ae.to_string(),
@@ -899,7 +961,7 @@ impl Dimse {
                     sop_class,
                     priority,
                     &transfer_syntax,
-                    dataset.unwrap_or_default(),
+                    dataset.map(Payload::into_memory).unwrap_or_default(),
                 )
                 .await
             }
@@ -910,7 +972,7 @@ impl Dimse {
                     pc_id,
                     &request,
                     &transfer_syntax,
-                    dataset.unwrap_or_default(),
+                    dataset.map(Payload::into_memory).unwrap_or_default(),
                 )
                 .await
             }
@@ -1859,11 +1921,31 @@ enum End {
     Abort(AbortRQServiceProviderReason, String),
 }
 
+/// The dataset of a DIMSE message: in memory, or (a C-STORE larger than
+/// the association's memory share) spilled to the encrypted spool.
+enum Payload {
+    Memory(Vec<u8>),
+    Spilled(SpooledData),
+}
+
+impl Payload {
+    /// The bytes of an in-memory dataset; only C-STORE datasets are ever
+    /// spilled, so other requests see an empty one in that (unreachable) case.
+    fn into_memory(self) -> Vec<u8> {
+        match self {
+            Payload::Memory(v) => v,
+            Payload::Spilled(_) => Vec::new(),
+        }
+    }
+}
+
 struct Session {
     device: Device,
     peer: SocketAddr,
     command: Vec<u8>,
     dataset: Vec<u8>,
+    /// The C-STORE dataset being received once it outgrew the memory share.
+    spill: Option<Spill>,
     pending: Option<(u8, Request)>,
     /// Why the dataset being received is discarded (over `max_dataset_bytes`
     /// or the memory budget): the Error Comment of its 0xA700.

@@ -90,6 +90,9 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+pub mod spool;
+pub use spool::{Spool, Spooled};
+
 /// Magic bytes that open every blob file (format version 1).
 pub const MAGIC: &[u8; 8] = b"BSTNBLB1";
 /// Blob format version written by this crate (1 is still read).

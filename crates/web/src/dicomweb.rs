@@ -33,13 +33,14 @@ use bastion_archive::{
     budget::{BudgetError, Reservation},
     ingest::budget_err,
     query::{FindOptions, Query as ArchiveQuery, QueryIdentifier},
+    spill::{Spill, SpooledData},
     transcode::{can_transcode, transcode, EXPLICIT_VR_LE},
     Archive, ArchiveError, Ingested, Origin, Received,
 };
 use bastion_dicomweb::{
     frame_transfer_syntax, json::bulk_value, omit_empty_unnamed, qido_result_json, qido_to_query,
     retrieve_url, ImageFormat, JsonOptions, MultipartLimits, MultipartRelated, MultipartWriter,
-    OwnedPart, PartSplitter, PathUids, QidoLevel, RenderOptions,
+    PartSplitter, PathUids, QidoLevel, RenderOptions, SpillChunk,
 };
 use bastion_index::StoredInstance;
 use bastion_model::{Uid, WebPermission};
@@ -1128,6 +1129,9 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
     let mut reservation = archive.budget().transfer();
     let mut frames = BodyFrames::new(&parts.headers, body, cfg.max_upload_bytes, cfg.body_timeout)?;
     let mut splitter = PartSplitter::new(&related, &limits);
+    // The part being spilled to disk: its headers, the spill, and the
+    // error that ended the spill early (the part then fails alone).
+    let mut spilling: Option<Spilling> = None;
     let mut results = Vec::new();
     let mut failed_parts = 0usize;
     let streamed: Result<(), ApiError> = async {
@@ -1135,32 +1139,129 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
             // In slices: a frame may be larger than one part's share (a
             // client or a proxy may send the whole body as one frame).
             for data in frame.chunks(STOW_SLICE) {
-                if let Err(e) = splitter.push(data, &mut reservation) {
-                    if results.is_empty() && matches!(e, BudgetError::Exhausted { .. }) {
-                        return Err(ApiError::Busy);
-                    }
-                    // The part being received does not fit: drop it (named
-                    // by its meta information when that much arrived), go on.
-                    let (class, sop) = splitter
-                        .current_body()
-                        .and_then(crate::peek::meta_uids)
-                        .unwrap_or_default();
-                    splitter.skip_part(&mut reservation)?;
-                    let comment = match e {
-                        BudgetError::TransferLimit { .. } => {
-                            "larger than the memory share per request (transfer_budget_mib)"
+                if spilling.is_none() {
+                    if let Err(e) = splitter.push(data, &mut reservation) {
+                        // The part being received does not fit in memory:
+                        // spill it to the encrypted spool, or (no spool, no
+                        // room there) drop it, named by its meta information
+                        // when that much arrived, and go on.
+                        if let Some(spill) = archive.spill().ok().flatten() {
+                            if let Some((headers, body)) = splitter.spill_part(&mut reservation)? {
+                                let mut spill = spill;
+                                let start = spill.append(&body);
+                                spilling = Some((headers, spill, start.err()));
+                                splitter
+                                    .push(data, &mut reservation)
+                                    .map_err(|_| ApiError::Busy)?;
+                            }
                         }
-                        BudgetError::Exhausted { .. } => "server memory budget in use; retry later",
-                    };
-                    results.push(Stored::Failed {
-                        class,
-                        sop,
-                        reason: failure_reason(&budget_err(e)),
-                        comment: comment.into(),
-                    });
+                        if spilling.is_none() {
+                            if results.is_empty() && matches!(e, BudgetError::Exhausted { .. }) {
+                                return Err(ApiError::Busy);
+                            }
+                            let (class, sop) = splitter
+                                .current_body()
+                                .and_then(crate::peek::meta_uids)
+                                .unwrap_or_default();
+                            splitter.skip_part(&mut reservation)?;
+                            let comment = match e {
+                                BudgetError::TransferLimit { .. } => {
+                                    "larger than the memory share per request (transfer_budget_mib)"
+                                }
+                                BudgetError::Exhausted { .. } => {
+                                    "server memory budget in use; retry later"
+                                }
+                            };
+                            results.push(Stored::Failed {
+                                class,
+                                sop,
+                                reason: failure_reason(&budget_err(e)),
+                                comment: comment.into(),
+                            });
+                            splitter
+                                .push(data, &mut reservation)
+                                .map_err(|_| ApiError::Busy)?;
+                        }
+                    }
+                } else {
                     splitter
                         .push(data, &mut reservation)
                         .map_err(|_| ApiError::Busy)?;
+                }
+                // A spilled part: its body goes to the spool as it arrives,
+                // and is stored once its delimiter is found.
+                while let Some((_, spill, failure)) = spilling.as_mut() {
+                    if failure.is_none() {
+                        let Some(chunk) = splitter.drain_spill() else {
+                            break;
+                        };
+                        let (SpillChunk::More(bytes) | SpillChunk::Last(bytes)) = &chunk;
+                        if let Err(e) = spill.append(bytes) {
+                            *failure = Some(e);
+                        }
+                        if failure.is_none() && matches!(chunk, SpillChunk::More(_)) {
+                            continue;
+                        }
+                    }
+                    // The part is complete, or failed: the rest of a failed
+                    // one is dropped as it arrives.
+                    if failure.is_some() {
+                        splitter.abandon_spill();
+                    }
+                    let Some((headers, spill, failure)) = spilling.take() else {
+                        break;
+                    };
+                    let stored = match failure {
+                        Some(e) => Stored::Failed {
+                            class: String::new(),
+                            sop: String::new(),
+                            reason: failure_reason(&e),
+                            comment: failure_comment(&e),
+                        },
+                        None => {
+                            let (archive, origin, expected) =
+                                (archive.clone(), origin.clone(), study.clone());
+                            let (stored, back) = blocking(move || {
+                                let body =
+                                    spill.finish().map(PartBody::Spilled).map_err(|e| (e, ()));
+                                let stored = match body {
+                                    Ok(body) => store_part(
+                                        &archive,
+                                        &origin,
+                                        expected.as_ref(),
+                                        &headers,
+                                        body,
+                                        &mut reservation,
+                                    )?,
+                                    Err((e, ())) => Stored::Failed {
+                                        class: String::new(),
+                                        sop: String::new(),
+                                        reason: failure_reason(&e),
+                                        comment: failure_comment(&e),
+                                    },
+                                };
+                                Ok((stored, reservation))
+                            })
+                            .await?;
+                            reservation = back;
+                            stored
+                        }
+                    };
+                    if let Stored::Ok { study, .. } = &stored {
+                        note.study(study);
+                    }
+                    if matches!(stored, Stored::Failed { .. }) {
+                        failed_parts += 1;
+                    }
+                    results.push(stored);
+                    if failed_parts >= MAX_FAILED_PARTS {
+                        return Err(ApiError::BadRequest(format!(
+                            "{failed_parts} instances of this request failed; the rest is not read"
+                        )));
+                    }
+                }
+                if spilling.is_some() {
+                    continue;
                 }
                 while let Some(part) = splitter.next_part(&mut reservation)? {
                     let reserved = part.reserved;
@@ -1171,7 +1272,8 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
                             &archive,
                             &origin,
                             expected.as_ref(),
-                            part,
+                            &part.headers,
+                            PartBody::Memory(part.body),
                             &mut reservation,
                         )?;
                         Ok((stored, reservation))
@@ -1293,7 +1395,8 @@ fn store_part(
     archive: &Archive,
     origin: &Origin,
     expected: Option<&Uid>,
-    part: OwnedPart,
+    headers: &[(String, String)],
+    body: PartBody,
     reservation: &mut Reservation,
 ) -> Result<Stored, ApiError> {
     let failed = |reason, comment: &str| Stored::Failed {
@@ -1302,9 +1405,10 @@ fn store_part(
         reason,
         comment: comment.to_owned(),
     };
-    let is_dicom = part
-        .content_type()
-        .map(|c| c.trim().to_ascii_lowercase())
+    let is_dicom = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+        .map(|(_, c)| c.trim().to_ascii_lowercase())
         .is_some_and(|c| c == "application/dicom" || c.starts_with("application/dicom;"));
     if !is_dicom {
         return Ok(failed(
@@ -1313,7 +1417,8 @@ fn store_part(
         ));
     }
     if let Some(expected) = expected {
-        match crate::peek::study_uid(&part.body) {
+        let head = body.head();
+        match crate::peek::study_uid(&head) {
             Some(s) if s == expected.as_str() => {}
             Some(_) => {
                 return Ok(failed(
@@ -1329,7 +1434,11 @@ fn store_part(
             }
         }
     }
-    match archive.ingest_reserved(Received::File(part.body), origin, reservation) {
+    let received = match body {
+        PartBody::Memory(bytes) => Received::File(bytes),
+        PartBody::Spilled(spooled) => Received::SpooledFile(spooled),
+    };
+    match archive.ingest_reserved(received, origin, reservation) {
         Ok(
             Ingested::Stored { sop_instance_uid }
             | Ingested::Duplicate { sop_instance_uid }
@@ -1360,6 +1469,35 @@ fn store_part(
                 reason: failure_reason(&e),
                 comment: failure_comment(&e),
             })
+        }
+    }
+}
+
+/// A STOW-RS part being spilled to disk: its headers, the spill, and the
+/// error that ended the spill early (the part then fails alone).
+type Spilling = (Vec<(String, String)>, Spill, Option<ArchiveError>);
+
+/// The body of a STOW-RS part: in memory, or spilled to the encrypted
+/// spool (a part larger than the request's memory share).
+enum PartBody {
+    Memory(Vec<u8>),
+    Spilled(SpooledData),
+}
+
+impl PartBody {
+    /// The first bytes of the body (all of an in-memory one; at most 1 MiB
+    /// of a spilled one): enough for the meta header and the attributes a
+    /// study check reads.
+    fn head(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            PartBody::Memory(b) => std::borrow::Cow::Borrowed(b),
+            PartBody::Spilled(s) => {
+                let mut head = vec![0u8; s.len().min(1 << 20) as usize];
+                match s.read_at(0, &mut head) {
+                    Ok(()) => std::borrow::Cow::Owned(head),
+                    Err(_) => std::borrow::Cow::Owned(Vec::new()),
+                }
+            }
         }
     }
 }
