@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use bastion_index::{CommitOutcome, Index, NewInstance, OnConflict};
+use bastion_index::{CommitOutcome, Index, NewInstance};
 use bastion_model::Uid;
 use bastion_security::{
     events::{EventLog, Outcome},
@@ -108,6 +108,28 @@ pub enum Received {
     },
     /// As [`Received::File`], spooled to disk (a large STOW-RS part).
     SpooledFile(SpooledData),
+}
+
+/// What to do when a different dataset arrives under a stored SOP Instance
+/// UID (the sending device's registered policy; DESIGN §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnConflict {
+    /// Keep the stored instance; the new one is refused (C-STORE 0xA900,
+    /// STOW-RS 409) and a `security.instance_conflict` alert raised.
+    #[default]
+    Refuse,
+    /// Store the new one; the old one is kept for recovery and a
+    /// `security.instance_replaced` alert raised.
+    Replace,
+}
+
+impl From<OnConflict> for bastion_index::OnConflict {
+    fn from(o: OnConflict) -> Self {
+        match o {
+            OnConflict::Refuse => bastion_index::OnConflict::Refuse,
+            OnConflict::Replace => bastion_index::OnConflict::Replace,
+        }
+    }
 }
 
 /// Who sent it, for the index, the meta header and the event log.
@@ -264,8 +286,9 @@ impl Archive {
         let _ = self.inventory.set(inventory);
     }
 
-    /// The index (for read-only queries by the front ends and the CLI).
-    pub fn index(&self) -> &Index {
+    /// The index, for the archive's own modules: the front ends and the
+    /// CLI see only the archive's API, never an index type.
+    pub(crate) fn index(&self) -> &Index {
         &self.index
     }
 
@@ -467,7 +490,7 @@ impl Archive {
             content_sha256,
             source_ae: origin.ae.clone(),
             received_at: now(),
-            on_conflict: origin.on_conflict,
+            on_conflict: origin.on_conflict.into(),
         };
         let outcome = self.commit(record);
         if let (

@@ -29,7 +29,8 @@ pub mod spill;
 pub mod transcode;
 pub mod unknown_vr;
 
-pub use ingest::{Archive, Ingested, Limits, Origin, Received};
+pub use ingest::{Archive, Ingested, Limits, OnConflict, Origin, Received};
+pub use query::{InstanceRef, PatientOf};
 
 /// Bastion's Implementation Class UID (PS3.7 §D.3.3.2), a UUID-derived UID
 /// under the `2.25` root (PS3.5 §B.2).

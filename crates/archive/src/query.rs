@@ -76,6 +76,49 @@ use dicom_object::InMemDicomObject;
 
 use crate::{Archive, ArchiveError};
 
+/// One stored instance as the front ends see it (C-MOVE/C-GET
+/// sub-operations, WADO-RS): its UIDs and stored transfer syntax. The blob
+/// behind it is the archive's business ([`Archive::instance_part10`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InstanceRef {
+    /// (0008,0018) SOP Instance UID.
+    pub sop_instance_uid: String,
+    /// (0008,0016) SOP Class UID.
+    pub sop_class_uid: String,
+    /// (0020,000D) Study Instance UID.
+    pub study_instance_uid: String,
+    /// (0020,000E) Series Instance UID.
+    pub series_instance_uid: String,
+    /// (0002,0010) Transfer Syntax UID of the stored encoding.
+    pub transfer_syntax_uid: String,
+}
+
+impl From<&StoredInstance> for InstanceRef {
+    fn from(s: &StoredInstance) -> Self {
+        InstanceRef {
+            sop_instance_uid: s.sop_instance_uid.clone(),
+            sop_class_uid: s.sop_class_uid.clone(),
+            study_instance_uid: s.study_instance_uid.clone(),
+            series_instance_uid: s.series_instance_uid.clone(),
+            transfer_syntax_uid: s.transfer_syntax_uid.clone(),
+        }
+    }
+}
+
+/// The patient of a stored instance or study ([`Archive::patient_of`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PatientOf {
+    /// An opaque key of the patient record (`p` + row id): counts patients
+    /// without naming them (the bulk-retrieval detection rule).
+    pub key: String,
+    /// (0010,0020) Patient ID.
+    pub patient_id: String,
+    /// (0010,0010) Patient's Name.
+    pub patient_name: String,
+    /// (0020,000D) Study Instance UID (empty at the patient level).
+    pub study_instance_uid: String,
+}
+
 pub use bastion_index::query::Level;
 
 /// Patient Root Query/Retrieve Information Model – FIND (PS3.4 §C.6.1).
@@ -1473,7 +1516,7 @@ impl Archive {
         &self,
         query: &Query,
         max_matches: usize,
-    ) -> Result<Vec<StoredInstance>, ArchiveError> {
+    ) -> Result<Vec<InstanceRef>, ArchiveError> {
         let rows = self.matches(query, max_matches)?;
         if rows.len() > max_matches {
             return Err(ArchiveError::TooManyMatches { limit: max_matches });
@@ -1483,10 +1526,80 @@ impl Archive {
             out.extend(
                 self.index()
                     .instances_under(query.level, &row.ids)
-                    .map_err(|e| ArchiveError::Internal(format!("query: {e}")))?,
+                    .map_err(|e| ArchiveError::Internal(format!("query: {e}")))?
+                    .iter()
+                    .map(InstanceRef::from),
             );
         }
         Ok(out)
+    }
+
+    /// The stored instance with this SOP Instance UID, if any.
+    ///
+    /// # Errors
+    /// [`ArchiveError::Internal`] when the index cannot be read.
+    pub fn find_instance(
+        &self,
+        sop_instance_uid: &str,
+    ) -> Result<Option<InstanceRef>, ArchiveError> {
+        self.index()
+            .find_instance(sop_instance_uid)
+            .map(|found| found.as_ref().map(InstanceRef::from))
+            .map_err(|e| ArchiveError::Internal(format!("index: {e}")))
+    }
+
+    /// How many instances are stored (replaced ones not counted).
+    ///
+    /// # Errors
+    /// [`ArchiveError::Internal`] when the index cannot be read.
+    pub fn instance_count(&self) -> Result<u64, ArchiveError> {
+        self.index()
+            .counts()
+            .map(|c| c.instances)
+            .map_err(|e| ArchiveError::Internal(format!("index: {e}")))
+    }
+
+    /// Folds the index's write-ahead log into its database file (SQLite
+    /// `wal_checkpoint(TRUNCATE)`), e.g. before copying or inspecting it.
+    ///
+    /// # Errors
+    /// [`ArchiveError::Internal`] when the checkpoint fails.
+    pub fn checkpoint_index(&self) -> Result<(), ArchiveError> {
+        self.index()
+            .checkpoint()
+            .map_err(|e| ArchiveError::Internal(format!("index: {e}")))
+    }
+
+    /// The patient of a stored instance (`by_instance`) or study, for the
+    /// audit trail's ParticipantObject (PS3.15 A.5.3), which names the
+    /// patient whose data was touched; `None` when unknown or unreadable.
+    pub fn patient_of(&self, level: Level, uid: &str) -> Option<PatientOf> {
+        let column = match level {
+            Level::Instance => Column::SopInstanceUid,
+            Level::Series => Column::SeriesInstanceUid,
+            Level::Study => Column::StudyInstanceUid,
+            Level::Patient => Column::PatientId,
+        };
+        let mut found = None;
+        self.index()
+            .scan(
+                level,
+                &[Prefilter {
+                    column,
+                    filter: Filter::AnyOf(vec![uid.to_owned()]),
+                }],
+                |row| {
+                    found = Some(PatientOf {
+                        key: format!("p{}", row.ids.patient),
+                        patient_id: row.patient.patient_id.clone(),
+                        patient_name: row.patient.patient_name.clone(),
+                        study_instance_uid: row.study.study_instance_uid.clone(),
+                    });
+                    false
+                },
+            )
+            .ok()?;
+        found
     }
 
     fn response(
@@ -2003,7 +2116,7 @@ mod tests {
                 &crate::Origin {
                     ae: "MOD1".into(),
                     peer: "127.0.0.1:1".into(),
-                    on_conflict: bastion_index::OnConflict::Refuse,
+                    on_conflict: crate::OnConflict::Refuse,
                 },
             )
             .expect("stored");

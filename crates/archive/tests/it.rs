@@ -3,8 +3,9 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
+use bastion_archive::OnConflict;
 use bastion_archive::{Archive, ArchiveError, Ingested, Limits, Origin, Received};
-use bastion_index::{Index, OnConflict};
+use bastion_index::Index;
 use bastion_model::Uid;
 use bastion_security::events::EventLog;
 use bastion_store::{BlobStore, MasterKey};
@@ -115,7 +116,7 @@ fn store_duplicate_conflict_replace() {
             sop_instance_uid: uid.clone()
         })
     );
-    assert_eq!(a.index().counts().expect("counts").instances, 1);
+    assert_eq!(a.instance_count().expect("counts"), 1);
 
     let (other, _) = instance("1.2.3.4.5.6", "second");
     let r = a.ingest(
@@ -192,7 +193,7 @@ fn refusals_name_the_problem() {
         a.ingest(network(huge, "1.2.3"), &o),
         Err(ArchiveError::NotDicom(_))
     ));
-    assert_eq!(a.index().counts().expect("counts").instances, 0);
+    assert_eq!(a.instance_count().expect("counts"), 0);
 }
 
 #[test]
@@ -222,7 +223,7 @@ fn no_plaintext_patient_data_on_disk_and_orphans_swept() {
     assert!(a
         .ingest(network(ds, "1.2.3.88"), &origin(OnConflict::Refuse))
         .is_ok());
-    a.index().checkpoint().expect("checkpoint");
+    a.checkpoint_index().expect("checkpoint");
     for entry in walkdir(dir.path()) {
         let bytes = std::fs::read(&entry).expect("read");
         for needle in [NAME.as_bytes(), PID.as_bytes()] {
@@ -377,7 +378,7 @@ fn deflate_bomb_stops_at_the_transfer_budget() {
         other => panic!("expected TooLarge at the transfer budget, got {other:?}"),
     }
     assert_eq!(a.budget().in_use(), 0);
-    assert_eq!(a.index().counts().expect("counts").instances, 0);
+    assert_eq!(a.instance_count().expect("counts"), 0);
     let small = a.ingest(deflated("1.2.3.501", 1 << 20), &o);
     assert!(matches!(small, Ok(Ingested::Stored { .. })), "{small:?}");
     assert_eq!(a.budget().in_use(), 0);
@@ -564,11 +565,7 @@ fn spilled_datasets_ingest_like_in_memory_ones() {
         matches!(&r, Err(ArchiveError::NotDicom(m)) if m.contains("malformed dataset")),
         "{r:?}"
     );
-    assert!(a
-        .index()
-        .find_instance("1.2.3.4.5.61")
-        .expect("find")
-        .is_none());
+    assert!(a.find_instance("1.2.3.4.5.61").expect("find").is_none());
     // deflated: refused, inflation would need memory
     let r = a.ingest(
         Received::SpooledNetwork {

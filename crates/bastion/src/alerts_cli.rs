@@ -5,8 +5,8 @@
 use std::{process::ExitCode, sync::Arc};
 
 use anyhow::{Context, Result};
+use bastion_archive::query::Level;
 use bastion_archive::Archive;
-use bastion_index::query::{Column, Filter, Level, Prefilter};
 use bastion_security::{
     alerts::{os_user, AckFilter, Alert, AlertStore, Detection},
     db::SecurityDb,
@@ -179,22 +179,7 @@ pub fn start_detection(
     // archive's event log holds the detector.
     let patients: Box<PatientResolver> = Box::new(move |uid: &str| {
         let archive = weak.upgrade()?;
-        let mut key = None;
-        archive
-            .index()
-            .scan(
-                Level::Study,
-                &[Prefilter {
-                    column: Column::StudyInstanceUid,
-                    filter: Filter::AnyOf(vec![uid.to_owned()]),
-                }],
-                |row| {
-                    key = Some(format!("p{}", row.ids.patient));
-                    false
-                },
-            )
-            .ok()?;
-        key
+        archive.patient_of(Level::Study, uid).map(|p| p.key)
     });
     let detection = Detection::start(rules, AlertStore::new(security.clone()), Some(patients))
         .context("cannot start the detector")?;

@@ -8,8 +8,8 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use bastion_archive::query::Level;
 use bastion_archive::Archive;
-use bastion_index::query::{Column, Filter as Prefilter_, Level, Prefilter};
 use bastion_security::{
     audit::{
         AuditReader, AuditTrail, CheckpointPolicy, Filter, PatientLookup, Subject, EVENT_NAMES,
@@ -249,37 +249,22 @@ pub fn audit(dir: &DataDir, cmd: AuditCommand) -> Result<ExitCode> {
 struct IndexLookup(Weak<Archive>);
 
 impl IndexLookup {
-    fn one(&self, level: Level, column: Column, uid: &str) -> Option<Subject> {
-        let archive = self.0.upgrade()?;
-        let mut found = None;
-        archive
-            .index()
-            .scan(
-                level,
-                &[Prefilter {
-                    column,
-                    filter: Prefilter_::AnyOf(vec![uid.to_owned()]),
-                }],
-                |row| {
-                    found = Some(Subject {
-                        patient_id: row.patient.patient_id,
-                        patient_name: row.patient.patient_name,
-                        study_uid: Some(row.study.study_instance_uid).filter(|s| !s.is_empty()),
-                    });
-                    false
-                },
-            )
-            .ok()?;
-        found
+    fn one(&self, level: Level, uid: &str) -> Option<Subject> {
+        let p = self.0.upgrade()?.patient_of(level, uid)?;
+        Some(Subject {
+            patient_id: p.patient_id,
+            patient_name: p.patient_name,
+            study_uid: Some(p.study_instance_uid).filter(|s| !s.is_empty()),
+        })
     }
 }
 
 impl PatientLookup for IndexLookup {
     fn by_instance(&self, sop_instance_uid: &str) -> Option<Subject> {
-        self.one(Level::Instance, Column::SopInstanceUid, sop_instance_uid)
+        self.one(Level::Instance, sop_instance_uid)
     }
     fn by_study(&self, study_instance_uid: &str) -> Option<Subject> {
-        self.one(Level::Study, Column::StudyInstanceUid, study_instance_uid)
+        self.one(Level::Study, study_instance_uid)
     }
 }
 

@@ -55,7 +55,7 @@ pub fn import(dir: &DataDir, paths: &[PathBuf]) -> Result<ExitCode> {
     let origin = Origin {
         ae: IMPORT_AE.into(),
         peer: "file".into(),
-        on_conflict: bastion_index::OnConflict::Refuse,
+        on_conflict: bastion_archive::OnConflict::Refuse,
     };
     let (mut stored, mut duplicates, mut conflicts) = (0u64, 0u64, 0u64);
     let max = config.limits.max_dataset_bytes + 64 * 1024;

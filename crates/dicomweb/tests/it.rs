@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use bastion_archive::query::{FindOptions, Level};
 use bastion_archive::transcode::{transcode, EXPLICIT_VR_LE, JPEG_BASELINE};
+use bastion_archive::OnConflict;
 use bastion_archive::{Archive, Limits, Origin, Received};
 use bastion_dicomweb::json::bulk_value;
 use bastion_dicomweb::{
@@ -20,7 +21,7 @@ use bastion_dicomweb::{
     render, render_image, thumbnail, to_dicom_json, DicomWebError, ImageFormat, JsonOptions,
     MultipartLimits, MultipartWriter, PathUids, QidoLevel, RenderOptions,
 };
-use bastion_index::{Index, OnConflict};
+use bastion_index::Index;
 use bastion_model::Uid;
 use bastion_security::events::EventLog;
 use bastion_store::{BlobStore, MasterKey};

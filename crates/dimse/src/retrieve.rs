@@ -261,7 +261,7 @@ fn resolve(
     archive: &Archive,
     query: &Query,
     max_matches: usize,
-) -> Result<Vec<bastion_index::StoredInstance>, RetrieveMsg> {
+) -> Result<Vec<bastion_archive::InstanceRef>, RetrieveMsg> {
     archive.resolve_instances(query, max_matches).map_err(|e| {
         if !matches!(e, ArchiveError::TooManyMatches { .. }) {
             tracing::error!(error = %e, "cannot resolve a retrieve identifier");
@@ -271,7 +271,7 @@ fn resolve(
     })
 }
 
-fn resolved_msg(instances: &[bastion_index::StoredInstance]) -> RetrieveMsg {
+fn resolved_msg(instances: &[bastion_archive::InstanceRef]) -> RetrieveMsg {
     let studies: BTreeSet<String> = instances
         .iter()
         .map(|i| i.study_instance_uid.clone())

@@ -915,8 +915,8 @@ impl Dimse {
                     ae: s.device.ae.to_string(),
                     peer: s.peer.to_string(),
                     on_conflict: match s.device.on_conflict {
-                        OnConflict::Refuse => bastion_index::OnConflict::Refuse,
-                        OnConflict::Replace => bastion_index::OnConflict::Replace,
+                        OnConflict::Refuse => bastion_archive::OnConflict::Refuse,
+                        OnConflict::Replace => bastion_archive::OnConflict::Replace,
                     },
                 };
                 let archive = self.archive.clone();

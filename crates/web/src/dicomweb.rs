@@ -35,14 +35,13 @@ use bastion_archive::{
     query::{FindOptions, Query as ArchiveQuery, QueryIdentifier},
     spill::{Spill, SpooledData},
     transcode::{can_transcode, transcode, EXPLICIT_VR_LE},
-    Archive, ArchiveError, Ingested, Origin, Received,
+    Archive, ArchiveError, Ingested, InstanceRef, Origin, Received,
 };
 use bastion_dicomweb::{
     frame_transfer_syntax, json::bulk_value, omit_empty_unnamed, qido_result_json, qido_to_query,
     retrieve_url, ImageFormat, JsonOptions, MultipartLimits, MultipartRelated, MultipartWriter,
     PartSplitter, PathUids, QidoLevel, RenderOptions, SpillChunk,
 };
-use bastion_index::StoredInstance;
 use bastion_model::{Uid, WebPermission};
 use bytes::Bytes;
 use serde_json::{json, Value};
@@ -395,7 +394,7 @@ async fn resolve(
     note: &Note,
     action: &'static str,
     target: &Target,
-) -> Result<Vec<StoredInstance>, ApiError> {
+) -> Result<Vec<InstanceRef>, ApiError> {
     note.action(action);
     note.study(target.study.as_str());
     caller.require(WebPermission::View)?;
@@ -422,10 +421,7 @@ enum Syntax {
 
 /// Picks the first acceptable representation for `instances` (406 when
 /// none).
-fn negotiate_instances(
-    headers: &HeaderMap,
-    instances: &[StoredInstance],
-) -> Result<Syntax, ApiError> {
+fn negotiate_instances(headers: &HeaderMap, instances: &[InstanceRef]) -> Result<Syntax, ApiError> {
     for r in accept(headers) {
         if !r.matches("multipart/related") {
             continue;
@@ -461,7 +457,7 @@ fn split_part10(bytes: &[u8]) -> Result<usize, ApiError> {
 
 /// A Part 10 file of `inst` in transfer syntax `ts` (transcoded from the
 /// stored bytes).
-fn part10_in(inst: &StoredInstance, stored: &[u8], ts: &str) -> Result<Vec<u8>, ApiError> {
+fn part10_in(inst: &InstanceRef, stored: &[u8], ts: &str) -> Result<Vec<u8>, ApiError> {
     let at = split_part10(stored)?;
     let dataset = transcode(&stored[at..], &inst.transfer_syntax_uid, ts)?;
     Ok(bastion_archive::part10::file(
@@ -480,7 +476,7 @@ fn part10_in(inst: &StoredInstance, stored: &[u8], ts: &str) -> Result<Vec<u8>, 
 /// instance that cannot be read aborts the stream (the status is sent).
 async fn stream_instances(
     archive: Arc<Archive>,
-    instances: Vec<StoredInstance>,
+    instances: Vec<InstanceRef>,
     syntax: Syntax,
 ) -> Result<Response, ApiError> {
     let mut writer = MultipartWriter::new();
@@ -617,7 +613,7 @@ async fn one_instance(
     (caller, note): &(Caller, Note),
     action: &'static str,
     target: &Target,
-) -> Result<(StoredInstance, Vec<u8>, usize), ApiError> {
+) -> Result<(InstanceRef, Vec<u8>, usize), ApiError> {
     let mut found = resolve(state, caller, note, action, target).await?;
     let inst = found.swap_remove(0);
     let archive = state.archive();
@@ -1116,7 +1112,7 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
         // stays an address, as for DICOM.
         ae: "DICOMWEB".into(),
         peer: peer_of(&parts.extensions),
-        on_conflict: bastion_index::OnConflict::Refuse,
+        on_conflict: bastion_archive::OnConflict::Refuse,
     };
     // The body is streamed: one part at a time is buffered, under one
     // reservation from the archive's memory budget that also covers its
@@ -1445,7 +1441,6 @@ fn store_part(
             | Ingested::Replaced { sop_instance_uid },
         ) => {
             let row = archive
-                .index()
                 .find_instance(sop_instance_uid.as_str())
                 .map_err(|e| ApiError::internal("index", e))?;
             let (class, study, series) = row

@@ -1108,7 +1108,6 @@ async fn stow_bodies_and_bombs_stay_within_the_memory_budget() {
     assert_eq!(f.archive.budget().in_use(), 0);
     assert!(f
         .archive
-        .index()
         .find_instance("1.2.826.0.1.3680043.8.498.77")
         .expect("index")
         .is_none());
