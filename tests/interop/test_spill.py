@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bombs
 import helpers
-from test_dicomweb import new_token
+from test_dicomweb import new_token, request
 from test_stow_stream import _body, _referenced
 
 MIB = 1 << 20
@@ -90,6 +90,26 @@ def test_a_c_store_larger_than_the_memory_share_is_spilled_and_stored(make_serve
     assert list((srv.data / "spool" / "ingest").iterdir()) == []
     assert any(e.get("type") == "store.stored" and e.get("sop_instance_uid") == uid
                for e in srv.events())
+
+    # WADO-RS streams it back one blob segment at a time: the same bytes,
+    # the server's peak RSS again far below the instance's size.
+    import pydicom
+    ds = pydicom.dcmread(big, stop_before_pixels=True)
+    token = new_token(srv, "reader", "clinician")
+    path = (f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{uid}")
+    before = helpers.vm_hwm_kib(srv.pid)
+    status, headers, body = request(
+        srv, "GET", path, token,
+        {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    assert status == 200, body[:300]
+    peak = helpers.vm_hwm_kib(srv.pid)
+    print(f"WADO-RS 48 MiB instance streamed: peak RSS +{(peak - before) / 1024:.1f} MiB")
+    assert peak - before < 24 * 1024, f"peak {peak} KiB, before {before} KiB"
+    boundary = headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    part = body.split(f"--{boundary}".encode())[1]
+    payload = part.split(b"\r\n\r\n", 1)[1][:-2]
+    assert payload == got
 
 
 def test_a_stow_rs_part_larger_than_the_memory_share_is_spilled_and_stored(make_server, tmp_path):

@@ -850,44 +850,57 @@ impl Archive {
     /// # Errors
     /// [`ArchiveError::NotFound`] for an unknown UID; store errors otherwise.
     pub fn instance_part10(&self, sop_instance_uid: &Uid) -> Result<Vec<u8>, ArchiveError> {
+        let mut stream = self.open_instance(sop_instance_uid)?;
+        let mut bytes =
+            Vec::with_capacity(usize::try_from(stream.len()).unwrap_or(0).min(MAX_PREALLOC));
+        while let Some(chunk) = stream.next_chunk()? {
+            bytes.extend_from_slice(chunk);
+        }
+        Ok(bytes)
+    }
+
+    /// Opens a stored instance for reading as a stream of its Part 10 bytes
+    /// ([`InstanceStream::next_chunk`]), one decrypted blob segment at a
+    /// time: a retrieval of any size holds one segment (64 KiB), never the
+    /// whole instance. Every segment is authenticated before it is handed
+    /// out; one that fails is tampering or corruption of patient data and
+    /// raises the `security.blob_auth_failed` alert.
+    ///
+    /// # Errors
+    /// [`ArchiveError::NotFound`] for an unknown UID; store errors otherwise.
+    pub fn open_instance(
+        &self,
+        sop_instance_uid: &Uid,
+    ) -> Result<InstanceStream<'_>, ArchiveError> {
         let found = self
             .index
             .find_instance(sop_instance_uid.as_str())
             .map_err(index_err)?
             .ok_or_else(|| ArchiveError::NotFound(sop_instance_uid.to_string()))?;
         let id = BlobId::parse(&found.blob_id).map_err(store_err)?;
-        // A blob that fails authentication is tampering with or corruption
-        // of patient data: it is never served, and it raises an alert.
-        let failed = |e: StoreError| {
-            if let StoreError::Corrupt { reason, .. } = &e {
-                self.blob_auth_failed(sop_instance_uid, &id, reason);
+        let reader = match self.store.open_blob(&id) {
+            Ok(r) => r,
+            Err(e) => {
+                if let StoreError::Corrupt { reason, .. } = &e {
+                    self.blob_auth_failed(sop_instance_uid, &id, reason);
+                }
+                return Err(store_err(e));
             }
-            store_err(e)
         };
-        let mut reader = self.store.open_blob(&id).map_err(failed)?;
-        let mut bytes = Vec::with_capacity(
-            usize::try_from(found.stored_size)
-                .unwrap_or(0)
-                .min(MAX_PREALLOC),
-        );
-        while let Some(segment) = reader.next_segment().map_err(failed)? {
-            bytes.extend_from_slice(segment);
-        }
-        // A blob bound to its id (store format 2) is exactly what was stored under
-        // the id this (authenticated, SQLCipher) index row names, so the SHA-256
-        // recheck, a quarter of the CPU of a retrieval, is only needed for format 1
-        // blobs, which a swapped file could otherwise pass.
-        if !reader.bound_to_id() && hex::encode(Sha256::digest(&bytes)) != found.stored_sha256 {
-            self.blob_auth_failed(
-                sop_instance_uid,
-                &id,
-                "decrypted bytes do not match their recorded SHA-256",
-            );
-            return Err(ArchiveError::Internal(format!(
-                "instance {sop_instance_uid}: stored bytes do not match their recorded SHA-256"
-            )));
-        }
-        Ok(bytes)
+        // A blob bound to its id (store format 2) is exactly what was stored
+        // under the id this (authenticated, SQLCipher) index row names, so the
+        // SHA-256 recheck, a quarter of the CPU of a retrieval, is only needed
+        // for format 1 blobs, which a swapped file could otherwise pass.
+        let hasher = (!reader.bound_to_id()).then(Sha256::new);
+        Ok(InstanceStream {
+            archive: self,
+            uid: sop_instance_uid.clone(),
+            id,
+            reader,
+            hasher,
+            expected_sha256: found.stored_sha256,
+            len: found.stored_size,
+        })
     }
 
     /// Logs and records (`blob.auth_failed`) a stored blob that failed
@@ -1005,6 +1018,73 @@ impl Drop for Archive {
             .take()
         {
             let _ = t.join();
+        }
+    }
+}
+
+/// A stored instance being read ([`Archive::open_instance`]): its Part 10
+/// bytes (zero preamble, `DICM`, meta, the dataset as received), one
+/// authenticated, decrypted segment at a time.
+pub struct InstanceStream<'a> {
+    archive: &'a Archive,
+    uid: Uid,
+    id: BlobId,
+    reader: bastion_store::BlobReader,
+    /// For format-1 blobs only: the SHA-256 of what was handed out so far.
+    hasher: Option<Sha256>,
+    expected_sha256: String,
+    len: u64,
+}
+
+impl InstanceStream<'_> {
+    /// The instance's size in bytes, as recorded when it was stored.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the recorded size is 0 (never, for a stored instance).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The next piece of the Part 10 bytes, `None` after the last.
+    ///
+    /// # Errors
+    /// [`ArchiveError::Internal`] when a segment fails authentication (the
+    /// `security.blob_auth_failed` alert is raised; nothing of that segment
+    /// is handed out) or the blob cannot be read; the stream is over then.
+    pub fn next_chunk(&mut self) -> Result<Option<&[u8]>, ArchiveError> {
+        let segment = match self.reader.next_segment() {
+            Ok(s) => s,
+            Err(e) => {
+                if let StoreError::Corrupt { reason, .. } = &e {
+                    self.archive.blob_auth_failed(&self.uid, &self.id, reason);
+                }
+                return Err(store_err(e));
+            }
+        };
+        match (segment, self.hasher.as_mut()) {
+            (Some(bytes), Some(h)) => {
+                h.update(bytes);
+                Ok(Some(bytes))
+            }
+            (Some(bytes), None) => Ok(Some(bytes)),
+            (None, Some(_)) => {
+                let digest = self.hasher.take().map(|h| hex::encode(h.finalize()));
+                if digest.as_deref() != Some(self.expected_sha256.as_str()) {
+                    self.archive.blob_auth_failed(
+                        &self.uid,
+                        &self.id,
+                        "decrypted bytes do not match their recorded SHA-256",
+                    );
+                    return Err(ArchiveError::Internal(format!(
+                        "instance {}: stored bytes do not match their recorded SHA-256",
+                        self.uid
+                    )));
+                }
+                Ok(None)
+            }
+            (None, None) => Ok(None),
         }
     }
 }

@@ -29,7 +29,7 @@ pub mod spill;
 pub mod transcode;
 pub mod unknown_vr;
 
-pub use ingest::{Archive, Ingested, Limits, OnConflict, Origin, Received};
+pub use ingest::{Archive, Ingested, InstanceStream, Limits, OnConflict, Origin, Received};
 pub use query::{InstanceRef, PatientOf};
 
 /// Bastion's Implementation Class UID (PS3.7 §D.3.3.2), a UUID-derived UID

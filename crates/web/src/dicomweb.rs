@@ -484,43 +484,57 @@ async fn stream_instances(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
     tokio::task::spawn_blocking(move || {
         for inst in &instances {
-            let produced = (|| -> Result<(Vec<u8>, String), ApiError> {
-                let uid = Uid::parse(&inst.sop_instance_uid)
-                    .map_err(|e| ApiError::internal("stored UID", e))?;
-                let stored = archive.instance_part10(&uid)?;
-                let ts = inst.transfer_syntax_uid.clone();
-                Ok(match &syntax {
-                    Syntax::Stored => (stored, ts),
-                    Syntax::Exactly(t) if *t == ts => (stored, ts),
-                    Syntax::Exactly(t) => (part10_in(inst, &stored, t)?, t.clone()),
-                    Syntax::Default
-                        if ts == EXPLICIT_VR_LE || !can_transcode(&ts, EXPLICIT_VR_LE) =>
-                    {
-                        (stored, ts)
-                    }
-                    // No syntax asked for: Explicit VR LE when it can be produced,
-                    // else the stored bytes (a 12-bit JPEG, say, that the decoder
-                    // refuses) rather than a broken response.
-                    Syntax::Default => match part10_in(inst, &stored, EXPLICIT_VR_LE) {
-                        Ok(bytes) => (bytes, EXPLICIT_VR_LE.to_owned()),
-                        Err(e) => {
-                            tracing::info!(error = %e, "WADO-RS: sent in the stored transfer syntax");
-                            (stored, ts)
+            let ts = inst.transfer_syntax_uid.clone();
+            // Sent as stored unless a conversion was asked for (or, with no
+            // syntax asked for, Explicit VR LE can be produced).
+            let convert_to = match &syntax {
+                Syntax::Stored => None,
+                Syntax::Exactly(t) if *t == ts => None,
+                Syntax::Exactly(t) => Some(t.clone()),
+                Syntax::Default if ts == EXPLICIT_VR_LE || !can_transcode(&ts, EXPLICIT_VR_LE) => {
+                    None
+                }
+                Syntax::Default => Some(EXPLICIT_VR_LE.to_owned()),
+            };
+            let sent = match convert_to {
+                None => send_as_stored(&archive, inst, &mut writer, &tx),
+                Some(to) => {
+                    let produced = (|| -> Result<(Vec<u8>, String), ApiError> {
+                        let uid = Uid::parse(&inst.sop_instance_uid)
+                            .map_err(|e| ApiError::internal("stored UID", e))?;
+                        let stored = archive.instance_part10(&uid)?;
+                        match part10_in(inst, &stored, &to) {
+                            Ok(bytes) => Ok((bytes, to)),
+                            // No syntax asked for: the stored bytes (a 12-bit
+                            // JPEG, say, that the decoder refuses) rather than
+                            // a broken response.
+                            Err(e) if matches!(syntax, Syntax::Default) => {
+                                tracing::info!(error = %e, "WADO-RS: sent in the stored transfer syntax");
+                                Ok((stored, ts))
+                            }
+                            Err(e) => Err(e),
                         }
-                    },
-                })
-            })();
-            match produced {
-                Ok((bytes, ts)) => {
-                    let head =
-                        writer.part_header(&format!("application/dicom; transfer-syntax={ts}"));
-                    if tx.blocking_send(Ok(head.into())).is_err()
-                        || tx.blocking_send(Ok(bytes.into())).is_err()
-                    {
-                        return;
+                    })();
+                    match produced {
+                        Ok((bytes, ts)) => {
+                            let head = writer
+                                .part_header(&format!("application/dicom; transfer-syntax={ts}"));
+                            if tx.blocking_send(Ok(head.into())).is_err()
+                                || tx.blocking_send(Ok(bytes.into())).is_err()
+                            {
+                                Sent::Gone
+                            } else {
+                                Sent::Ok
+                            }
+                        }
+                        Err(e) => Sent::Failed(e),
                     }
                 }
-                Err(e) => {
+            };
+            match sent {
+                Sent::Ok => {}
+                Sent::Gone => return,
+                Sent::Failed(e) => {
                     tracing::warn!(error = %e, sop_instance_uid = %inst.sop_instance_uid, "WADO-RS: instance could not be sent; response aborted");
                     let _ =
                         tx.blocking_send(Err(std::io::Error::other("instance could not be read")));
@@ -553,6 +567,84 @@ async fn stream_instances(
     )
         .into_response())
 }
+
+/// How sending one instance of a WADO-RS response went.
+enum Sent {
+    Ok,
+    /// The client went away: stop.
+    Gone,
+    /// It could not be read: abort the response.
+    Failed(ApiError),
+}
+
+/// Instances up to this size are read whole before their part is sent (a
+/// blob that fails authentication is then an error before any byte of it
+/// went out); larger ones stream one blob segment at a time.
+const READ_WHOLE_UP_TO: u64 = 8 << 20;
+
+/// Sends one instance as stored: its part header, then its Part 10 bytes,
+/// streamed from the blob store when it is large (memory: one segment).
+fn send_as_stored(
+    archive: &Archive,
+    inst: &InstanceRef,
+    writer: &mut MultipartWriter,
+    tx: &tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+) -> Sent {
+    let uid = match Uid::parse(&inst.sop_instance_uid) {
+        Ok(u) => u,
+        Err(e) => return Sent::Failed(ApiError::internal("stored UID", e)),
+    };
+    let mut stream = match archive.open_instance(&uid) {
+        Ok(s) => s,
+        Err(e) => return Sent::Failed(e.into()),
+    };
+    let head = writer.part_header(&format!(
+        "application/dicom; transfer-syntax={}",
+        inst.transfer_syntax_uid
+    ));
+    if stream.len() <= READ_WHOLE_UP_TO {
+        let mut whole = Vec::with_capacity(stream.len() as usize);
+        loop {
+            match stream.next_chunk() {
+                Ok(Some(chunk)) => whole.extend_from_slice(chunk),
+                Ok(None) => break,
+                Err(e) => return Sent::Failed(e.into()),
+            }
+        }
+        if tx.blocking_send(Ok(head.into())).is_err() || tx.blocking_send(Ok(whole.into())).is_err()
+        {
+            return Sent::Gone;
+        }
+        return Sent::Ok;
+    }
+    if tx.blocking_send(Ok(head.into())).is_err() {
+        return Sent::Gone;
+    }
+    // Segments (64 KiB) gathered into 1 MiB pieces: fewer, larger writes.
+    let mut piece = Vec::with_capacity(STREAM_PIECE);
+    loop {
+        let done = match stream.next_chunk() {
+            Ok(Some(chunk)) => {
+                piece.extend_from_slice(chunk);
+                false
+            }
+            Ok(None) => true,
+            Err(e) => return Sent::Failed(e.into()),
+        };
+        if (done && !piece.is_empty()) || piece.len() >= STREAM_PIECE {
+            let full = std::mem::replace(&mut piece, Vec::with_capacity(STREAM_PIECE));
+            if tx.blocking_send(Ok(full.into())).is_err() {
+                return Sent::Gone;
+            }
+        }
+        if done {
+            return Sent::Ok;
+        }
+    }
+}
+
+/// Bytes per piece of a streamed instance.
+const STREAM_PIECE: usize = 1 << 20;
 
 async fn retrieve(
     state: AppState,
