@@ -161,3 +161,71 @@ def test_a_spill_over_the_spool_budget_fails_alone(make_server, tmp_path):
     # the association and the server go on
     assert helpers.store_one(srv.plain_port, "SPILLER2", small_a[1])[0] == 0x0000
     assert srv.proc.poll() is None
+
+
+def test_c_get_and_c_move_stream_large_instances(make_server, tmp_path):
+    """C-GET (DCMTK getscu, 16 KiB PDUs) and C-MOVE (to DCMTK storescp) of
+    instances over 8 MiB stream them from the blob store a segment at a time:
+    byte-exact datasets, the server's peak RSS far below the instances'
+    size (before: each instance read whole, and the next one prefetched)."""
+    import subprocess
+    from test_retrieve import DCMTK_ENV, dataset_bytes
+    import pydicom
+
+    srv = _server(make_server)
+    dest_port = helpers.free_port()
+    srv.device_add("BIGDEST", transport="plain", allow="echo", host="127.0.0.1", port=dest_port)
+    srv.device_add("BIGRETR", transport="plain", allow="echo,store,get,move",
+                   move_destinations="BIGDEST")
+    study = helpers.generate_uid()
+    files = [_instance(tmp_path, f"big{i}", 48 * MIB, study, seed=i)[1] for i in range(2)]
+    files.append(_instance(tmp_path, "small", 64 * 1024, study, seed=9)[1])
+    for f in files:
+        assert helpers.store_one(srv.plain_port, "BIGRETR", f)[0] == 0x0000
+    want = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(p)
+            for p in files}
+
+    def received(d):
+        return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(p)
+                for p in d.iterdir()}
+
+    before = helpers.vm_hwm_kib(srv.pid)
+    got_dir = tmp_path / "got"
+    got_dir.mkdir()
+    r = subprocess.run(["/usr/bin/getscu", "-S", "-aet", "BIGRETR", "-aec", srv.ae_title,
+                        "+B", "-od", str(got_dir), "-pdu", "16384",
+                        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+                        "127.0.0.1", str(srv.plain_port)],
+                       capture_output=True, text=True, timeout=300, env=DCMTK_ENV,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert received(got_dir) == want
+    peak = helpers.vm_hwm_kib(srv.pid)
+    print(f"C-GET of 2 x 48 MiB: peak RSS +{(peak - before) / 1024:.1f} MiB")
+    assert peak - before < 24 * 1024, f"peak {peak} KiB, before {before} KiB"
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    scp = subprocess.Popen(["/usr/bin/storescp", "-aet", "BIGDEST", "+B", "-od", str(moved),
+                            str(dest_port)], env=DCMTK_ENV, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        helpers.wait_port(dest_port, timeout=20, proc=scp)
+        before = helpers.vm_hwm_kib(srv.pid)
+        r = subprocess.run(["/usr/bin/movescu", "-S", "-aet", "BIGRETR", "-aec", srv.ae_title,
+                            "-aem", "BIGDEST",
+                            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+                            "127.0.0.1", str(srv.plain_port)],
+                           capture_output=True, text=True, timeout=300, env=DCMTK_ENV,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stdout + r.stderr
+        peak = helpers.vm_hwm_kib(srv.pid)
+    finally:
+        scp.terminate()
+        try:
+            scp.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            scp.kill()
+    assert received(moved) == want
+    print(f"C-MOVE of 2 x 48 MiB: peak RSS +{(peak - before) / 1024:.1f} MiB")
+    assert peak - before < 24 * 1024, f"peak {peak} KiB, before {before} KiB"

@@ -868,10 +868,7 @@ impl Archive {
     ///
     /// # Errors
     /// [`ArchiveError::NotFound`] for an unknown UID; store errors otherwise.
-    pub fn open_instance(
-        &self,
-        sop_instance_uid: &Uid,
-    ) -> Result<InstanceStream<'_>, ArchiveError> {
+    pub fn open_instance(&self, sop_instance_uid: &Uid) -> Result<InstanceStream, ArchiveError> {
         let found = self
             .index
             .find_instance(sop_instance_uid.as_str())
@@ -893,7 +890,7 @@ impl Archive {
         // for format 1 blobs, which a swapped file could otherwise pass.
         let hasher = (!reader.bound_to_id()).then(Sha256::new);
         Ok(InstanceStream {
-            archive: self,
+            events: self.events.clone(),
             uid: sop_instance_uid.clone(),
             id,
             reader,
@@ -907,17 +904,7 @@ impl Archive {
     /// authentication on read; the detection rules raise a high-severity
     /// alert from the event.
     fn blob_auth_failed(&self, sop_instance_uid: &Uid, id: &BlobId, reason: &str) {
-        tracing::error!(
-            sop_instance_uid = %sop_instance_uid, blob = id.as_str(), reason,
-            "stored blob failed authentication: tampering or corruption; not served"
-        );
-        self.events.record(
-            "blob.auth_failed",
-            Outcome::Failure,
-            serde_json::json!({
-                "sop_instance_uid": sop_instance_uid.as_str(), "blob": id.as_str(), "reason": reason,
-            }),
-        );
+        blob_auth_failed(&self.events, sop_instance_uid, id, reason);
     }
 
     /// Deletes published blobs that no index row references and that are
@@ -1025,8 +1012,8 @@ impl Drop for Archive {
 /// A stored instance being read ([`Archive::open_instance`]): its Part 10
 /// bytes (zero preamble, `DICM`, meta, the dataset as received), one
 /// authenticated, decrypted segment at a time.
-pub struct InstanceStream<'a> {
-    archive: &'a Archive,
+pub struct InstanceStream {
+    events: Arc<EventLog>,
     uid: Uid,
     id: BlobId,
     reader: bastion_store::BlobReader,
@@ -1036,7 +1023,7 @@ pub struct InstanceStream<'a> {
     len: u64,
 }
 
-impl InstanceStream<'_> {
+impl InstanceStream {
     /// The instance's size in bytes, as recorded when it was stored.
     pub fn len(&self) -> u64 {
         self.len
@@ -1058,7 +1045,7 @@ impl InstanceStream<'_> {
             Ok(s) => s,
             Err(e) => {
                 if let StoreError::Corrupt { reason, .. } = &e {
-                    self.archive.blob_auth_failed(&self.uid, &self.id, reason);
+                    blob_auth_failed(&self.events, &self.uid, &self.id, reason);
                 }
                 return Err(store_err(e));
             }
@@ -1072,7 +1059,8 @@ impl InstanceStream<'_> {
             (None, Some(_)) => {
                 let digest = self.hasher.take().map(|h| hex::encode(h.finalize()));
                 if digest.as_deref() != Some(self.expected_sha256.as_str()) {
-                    self.archive.blob_auth_failed(
+                    blob_auth_failed(
+                        &self.events,
                         &self.uid,
                         &self.id,
                         "decrypted bytes do not match their recorded SHA-256",
@@ -1087,6 +1075,23 @@ impl InstanceStream<'_> {
             (None, None) => Ok(None),
         }
     }
+}
+
+/// Records a blob that failed authentication on read (tampering or
+/// corruption of patient data): an error line and a `blob.auth_failed`
+/// event, which the detector turns into an alert.
+fn blob_auth_failed(events: &EventLog, sop_instance_uid: &Uid, id: &BlobId, reason: &str) {
+    tracing::error!(
+        sop_instance_uid = %sop_instance_uid, blob = id.as_str(), reason,
+        "stored blob failed authentication: tampering or corruption; not served"
+    );
+    events.record(
+        "blob.auth_failed",
+        Outcome::Failure,
+        serde_json::json!({
+            "sop_instance_uid": sop_instance_uid.as_str(), "blob": id.as_str(), "reason": reason,
+        }),
+    );
 }
 
 fn group_commit(index: &Index, rx: &mpsc::Receiver<(NewInstance, CommitReply)>) {

@@ -50,7 +50,7 @@ where
     if let Some(data) = dataset.filter(|d| d.len() >= VECTORED_FROM) {
         let work = async {
             write_copied(stream, pc_id, command, None, max_data).await?;
-            write_vectored(stream, pc_id, data, max_data).await?;
+            write_vectored(stream, pc_id, data, max_data, true).await?;
             stream.flush().await
         };
         return tokio::time::timeout(timeout, work)
@@ -64,6 +64,73 @@ where
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+}
+
+/// [`write_message`] for a dataset that arrives in pieces (a large stored
+/// instance read one blob segment at a time): the command, then `len`
+/// dataset bytes from `pieces`, each piece written as it arrives (the last
+/// fragment flagged, PS3.8 E.2), each write within `timeout`.
+///
+/// # Errors
+/// The stream's write error; `TimedOut`; `InvalidData` when a piece is an
+/// error (the instance could not be read: it failed authentication) or the
+/// pieces add up to other than `len`. The message is then cut short: the
+/// caller must give up the association.
+pub async fn write_streamed<W>(
+    stream: &mut W,
+    pc_id: u8,
+    command: &[u8],
+    len: u64,
+    pieces: &mut tokio::sync::mpsc::Receiver<Result<Vec<u8>, String>>,
+    max_data: usize,
+    timeout: Duration,
+) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let max_data = max_data.max(1);
+    let timed = |e: tokio::time::error::Elapsed| -> std::io::Error {
+        let _ = e;
+        std::io::ErrorKind::TimedOut.into()
+    };
+    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    tokio::time::timeout(
+        timeout,
+        write_copied(stream, pc_id, command, None, max_data),
+    )
+    .await
+    .map_err(timed)??;
+    let mut sent = 0u64;
+    if len == 0 {
+        let empty = pdu_header(pc_id, 0, false, true);
+        tokio::time::timeout(timeout, stream.write_all(&empty))
+            .await
+            .map_err(timed)??;
+    }
+    while sent < len {
+        let piece = match tokio::time::timeout(timeout, pieces.recv())
+            .await
+            .map_err(timed)?
+        {
+            Some(Ok(piece)) => piece,
+            Some(Err(e)) => return Err(bad(e)),
+            None => return Err(bad("the stored instance ended early".into())),
+        };
+        let after = sent + piece.len() as u64;
+        if after > len || piece.is_empty() {
+            return Err(bad("the stored instance is not its recorded length".into()));
+        }
+        tokio::time::timeout(
+            timeout,
+            write_vectored(stream, pc_id, &piece, max_data, after == len),
+        )
+        .await
+        .map_err(timed)??;
+        sent = after;
+    }
+    tokio::time::timeout(timeout, stream.flush())
+        .await
+        .map_err(timed)?
 }
 
 /// Datasets at least this large are written with vectored writes (headers
@@ -82,6 +149,7 @@ async fn write_vectored<W>(
     pc_id: u8,
     dataset: &[u8],
     max_data: usize,
+    ends: bool,
 ) -> std::io::Result<()>
 where
     W: AsyncWrite + Unpin + ?Sized,
@@ -92,7 +160,14 @@ where
         let headers: Vec<[u8; HEADERS]> = group
             .iter()
             .enumerate()
-            .map(|(i, c)| pdu_header(pc_id, c.len(), false, g * PDUS_PER_WRITE + i + 1 == n))
+            .map(|(i, c)| {
+                pdu_header(
+                    pc_id,
+                    c.len(),
+                    false,
+                    ends && g * PDUS_PER_WRITE + i + 1 == n,
+                )
+            })
             .collect();
         let mut slices: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(2 * group.len());
         for (h, c) in headers.iter().zip(group) {
@@ -226,6 +301,86 @@ mod tests {
                 assert_eq!(l.last(), Some(&true));
             }
             assert_eq!(lasts.len(), len.div_ceil(max).max(1));
+        }
+    }
+
+    /// A streamed dataset is written as the same PDUs dicom-ul reads back:
+    /// every piece fragmented within `max`, the last flag only on the final
+    /// fragment of the final piece; an error piece or a short stream is an
+    /// error, never a message that looks complete.
+    #[tokio::test]
+    async fn streamed_datasets_are_fragmented_like_whole_ones() {
+        for (pieces, max) in [
+            (vec![1usize], 100usize),
+            (vec![100, 1, 250], 100),
+            (vec![70_000, 70_000, 3], 16_372),
+        ] {
+            let command: Vec<u8> = (0..40u8).collect();
+            let data: Vec<u8> = (0..pieces.iter().sum::<usize>())
+                .map(|i| (i % 251) as u8)
+                .collect();
+            let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+            let mut at = 0;
+            for n in &pieces {
+                tx.send(Ok(data[at..at + n].to_vec())).await.expect("send");
+                at += n;
+            }
+            let mut out: Vec<u8> = Vec::new();
+            write_streamed(
+                &mut out,
+                5,
+                &command,
+                data.len() as u64,
+                &mut rx,
+                max,
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("write");
+            let mut cursor = std::io::Cursor::new(&out[..]);
+            let (mut got, mut lasts) = (Vec::new(), Vec::new());
+            while (cursor.position() as usize) < out.len() {
+                match read_pdu(&mut cursor, 1 << 20, true).expect("valid PDU") {
+                    Some(Pdu::PData { data: pdvs }) => {
+                        let pdv = &pdvs[0];
+                        assert!(pdv.data.len() <= max);
+                        if pdv.value_type == PDataValueType::Data {
+                            got.extend_from_slice(&pdv.data);
+                            lasts.push(pdv.is_last);
+                        }
+                    }
+                    other => panic!("expected P-DATA-TF, got {other:?}"),
+                }
+            }
+            assert_eq!(got, data, "pieces {pieces:?}");
+            assert_eq!(lasts.iter().filter(|l| **l).count(), 1);
+            assert_eq!(lasts.last(), Some(&true));
+        }
+        // an error piece, and a stream that ends early
+        for tail in [
+            Some(Err("segment 3 failed authentication".to_owned())),
+            None,
+        ] {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+            tx.send(Ok(vec![7u8; 10])).await.expect("send");
+            if let Some(t) = tail {
+                tx.send(t).await.expect("send");
+            }
+            drop(tx);
+            let mut out: Vec<u8> = Vec::new();
+            let e = write_streamed(&mut out, 1, &[1, 2], 30, &mut rx, 8, Duration::from_secs(5))
+                .await
+                .expect_err("cut short");
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+            // nothing flagged as the last fragment went out
+            let mut cursor = std::io::Cursor::new(&out[..]);
+            while (cursor.position() as usize) < out.len() {
+                if let Some(Pdu::PData { data: pdvs }) =
+                    read_pdu(&mut cursor, 1 << 20, true).expect("pdu")
+                {
+                    assert!(pdvs[0].value_type == PDataValueType::Command || !pdvs[0].is_last);
+                }
+            }
         }
     }
 }

@@ -285,38 +285,146 @@ fn resolved_msg(instances: &[bastion_archive::InstanceRef]) -> RetrieveMsg {
     }
 }
 
-/// A dataset's bytes inside a buffer (a decrypted Part 10 file, kept whole so
-/// that a 500 KiB instance is not copied once more just to drop its meta).
-#[derive(Debug, Default)]
-pub(crate) struct Dataset {
-    bytes: Vec<u8>,
-    start: usize,
+/// The dataset of a retrieved instance: in memory, or (an instance over
+/// [`STREAM_ABOVE`]) streamed from the blob store in pieces, so a C-GET or
+/// C-MOVE of a 1 GiB instance holds a few MiB, never the instance.
+#[derive(Debug)]
+pub(crate) enum Dataset {
+    /// A dataset's bytes inside a buffer (a decrypted Part 10 file, kept
+    /// whole so that a 500 KiB instance is not copied once more just to drop
+    /// its meta).
+    Whole { bytes: Vec<u8>, start: usize },
+    /// `len` dataset bytes arriving as pieces of about [`STREAM_PIECE`]
+    /// bytes from a blocking task reading the blob ([`pump`]); an `Err`
+    /// piece ends it (a segment failed authentication: the alert is raised).
+    Streamed {
+        len: u64,
+        rx: mpsc::Receiver<Result<Vec<u8>, String>>,
+    },
 }
+
+impl Default for Dataset {
+    fn default() -> Self {
+        Dataset::whole(Vec::new())
+    }
+}
+
+/// Instances larger than this (Part 10 bytes) are streamed.
+pub(crate) const STREAM_ABOVE: u64 = 8 << 20;
+/// Bytes per piece of a streamed dataset.
+const STREAM_PIECE: usize = 1 << 20;
 
 impl Dataset {
     /// A dataset that is the whole of `bytes`.
     pub(crate) fn whole(bytes: Vec<u8>) -> Dataset {
-        Dataset { bytes, start: 0 }
+        Dataset::Whole { bytes, start: 0 }
     }
 
-    /// The dataset bytes.
+    /// The dataset in memory: a streamed one is gathered first (for a
+    /// conversion, which needs it whole).
+    ///
+    /// # Errors
+    /// Why a streamed dataset could not be read.
+    pub(crate) async fn into_whole(self) -> Result<Dataset, String> {
+        match self {
+            whole @ Dataset::Whole { .. } => Ok(whole),
+            Dataset::Streamed { len, mut rx } => {
+                let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+                while (bytes.len() as u64) < len {
+                    match rx.recv().await {
+                        Some(Ok(piece)) => bytes.extend_from_slice(&piece),
+                        Some(Err(e)) => return Err(e),
+                        None => return Err("the stored instance ended early".into()),
+                    }
+                }
+                if bytes.len() as u64 != len {
+                    return Err("the stored instance is longer than recorded".into());
+                }
+                Ok(Dataset::whole(bytes))
+            }
+        }
+    }
+
+    /// The dataset bytes of an in-memory dataset (empty for a streamed one:
+    /// use [`Dataset::into_whole`] first).
     pub(crate) fn as_slice(&self) -> &[u8] {
-        self.bytes.get(self.start..).unwrap_or_default()
+        match self {
+            Dataset::Whole { bytes, start } => bytes.get(*start..).unwrap_or_default(),
+            Dataset::Streamed { .. } => &[],
+        }
     }
 }
 
-/// Decrypts one stored instance and returns its dataset bytes.
+/// Decrypts one stored instance and returns its dataset bytes: whole, or
+/// for an instance over [`STREAM_ABOVE`], streamed by a blocking task that
+/// reads it one authenticated segment at a time ([`pump`]). Call it from a
+/// blocking thread inside the runtime.
 fn load_dataset(archive: &Archive, uid: &str) -> Result<Dataset, String> {
     let parsed = Uid::parse(uid).map_err(|e| e.to_string())?;
-    let part10 = archive
-        .instance_part10(&parsed)
-        .map_err(|e| e.to_string())?;
-    let start = bastion_archive::part10::dataset_offset(&part10)
+    let mut stream = archive.open_instance(&parsed).map_err(|e| e.to_string())?;
+    let large = stream.len() > STREAM_ABOVE;
+    let mut head = Vec::with_capacity(if large {
+        2 * STREAM_PIECE
+    } else {
+        usize::try_from(stream.len()).unwrap_or(0)
+    });
+    // Whole, or (large) the first 64 KiB or more: enough for the meta.
+    let ended = loop {
+        match stream.next_chunk().map_err(|e| e.to_string())? {
+            Some(chunk) => head.extend_from_slice(chunk),
+            None => break true,
+        }
+        if large && head.len() >= 64 << 10 {
+            break false;
+        }
+    };
+    let start = bastion_archive::part10::dataset_offset(&head)
         .ok_or_else(|| "stored object is not a Part 10 file".to_owned())?;
-    Ok(Dataset {
-        start,
-        bytes: part10,
-    })
+    if ended {
+        return Ok(Dataset::Whole { bytes: head, start });
+    }
+    let len = stream.len().saturating_sub(start as u64);
+    let (tx, rx) = mpsc::channel(2);
+    let first = head.split_off(start);
+    tokio::task::spawn_blocking(move || pump(first, stream, &tx));
+    Ok(Dataset::Streamed { len, rx })
+}
+
+/// Reads the rest of a stored instance in [`STREAM_PIECE`] pieces into
+/// `tx` (at most two ahead of the sender), starting with `first`; stops
+/// when the receiver is gone.
+fn pump(
+    first: Vec<u8>,
+    mut stream: bastion_archive::InstanceStream,
+    tx: &mpsc::Sender<Result<Vec<u8>, String>>,
+) {
+    let mut piece = first;
+    loop {
+        match stream.next_chunk() {
+            Ok(Some(chunk)) => {
+                piece.extend_from_slice(chunk);
+                if piece.len() >= STREAM_PIECE {
+                    let full = std::mem::replace(
+                        &mut piece,
+                        Vec::with_capacity(STREAM_PIECE + (64 << 10)),
+                    );
+                    if tx.blocking_send(Ok(full)).is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(None) => {
+                if !piece.is_empty() {
+                    let _ = tx.blocking_send(Ok(piece));
+                }
+                return;
+            }
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e.to_string()));
+                return;
+            }
+        }
+    }
 }
 
 /// C-GET producer: resolves `query` and loads each instance in turn on a
@@ -486,17 +594,20 @@ pub(crate) async fn run_move(job: MoveJob) {
                     transcode::can_transcode(&inst.transfer_syntax_uid, fb)
                         && scu.accepts(&inst.sop_class_uid, fb)
                 }) {
-                    Some(fb) => {
-                        let (from, to) = (inst.transfer_syntax_uid.clone(), (*fb).to_owned());
-                        let target = to.clone();
-                        tokio::task::spawn_blocking(move || {
-                            transcode::transcode(dataset.as_slice(), &from, &target)
-                        })
-                        .await
-                        .map_err(|e| format!("transcode task failed: {e}"))
-                        .and_then(|r| r.map_err(|e| e.to_string()))
-                        .map(|bytes| (Dataset::whole(bytes), to))
-                    }
+                    Some(fb) => match dataset.into_whole().await {
+                        Ok(dataset) => {
+                            let (from, to) = (inst.transfer_syntax_uid.clone(), (*fb).to_owned());
+                            let target = to.clone();
+                            tokio::task::spawn_blocking(move || {
+                                transcode::transcode(dataset.as_slice(), &from, &target)
+                            })
+                            .await
+                            .map_err(|e| format!("transcode task failed: {e}"))
+                            .and_then(|r| r.map_err(|e| e.to_string()))
+                            .map(|bytes| (Dataset::whole(bytes), to))
+                        }
+                        Err(e) => Err(e),
+                    },
                     None => Ok((dataset, inst.transfer_syntax_uid.clone())),
                 }
             }
@@ -504,15 +615,31 @@ pub(crate) async fn run_move(job: MoveJob) {
             Err(e) => Err(e),
         };
         let outcome = match loaded {
-            Ok((dataset, ts_out)) => {
-                let req = StoreRequest {
-                    sop_class: &inst.sop_class_uid,
-                    sop_instance: &inst.sop_instance_uid,
-                    transfer_syntax: &ts_out,
-                    dataset: dataset.as_slice(),
-                    move_originator: Some((originator.0.as_str(), originator.1)),
+            Ok((mut dataset, ts_out)) => {
+                let originator = Some((originator.0.as_str(), originator.1));
+                let stored = match &mut dataset {
+                    Dataset::Streamed { len, rx } => {
+                        let req = StoreRequest {
+                            sop_class: &inst.sop_class_uid,
+                            sop_instance: &inst.sop_instance_uid,
+                            transfer_syntax: &ts_out,
+                            dataset: &[],
+                            move_originator: originator,
+                        };
+                        scu.store_streamed(req, *len, rx).await
+                    }
+                    whole => {
+                        let req = StoreRequest {
+                            sop_class: &inst.sop_class_uid,
+                            sop_instance: &inst.sop_instance_uid,
+                            transfer_syntax: &ts_out,
+                            dataset: whole.as_slice(),
+                            move_originator: originator,
+                        };
+                        scu.store(req).await
+                    }
                 };
-                match scu.store(req).await {
+                match stored {
                     Ok(code) => SubOpOutcome::of_store_status(code),
                     Err(e @ ScuError::NoContext { .. }) => {
                         tracing::warn!(error = %e, "C-MOVE sub-operation failed");

@@ -216,14 +216,7 @@ impl StoreScu {
     /// [`ScuError::NoContext`] when no context fits (nothing was sent);
     /// [`ScuError::Protocol`] when the association fails.
     pub async fn store(&mut self, req: StoreRequest<'_>) -> Result<u16, ScuError> {
-        let pc = self
-            .context_for(req.sop_class, req.transfer_syntax)
-            .ok_or_else(|| ScuError::NoContext {
-                sop_class: req.sop_class.to_owned(),
-                transfer_syntax: req.transfer_syntax.to_owned(),
-            })?;
-        self.message_id = self.message_id.wrapping_add(1).max(1);
-        let cmd = encode_store_rq(self.message_id, &req);
+        let (pc, cmd) = self.prepare(&req)?;
         let (max, timeout) = (self.max_data, self.timeout);
         let written = crate::pdata::write_message(
             self.link.stream(),
@@ -235,6 +228,45 @@ impl StoreScu {
         )
         .await;
         written.map_err(|e| ScuError::Protocol(e.to_string()))?;
+        self.store_response().await
+    }
+
+    /// [`StoreScu::store`] for a dataset of `len` bytes arriving in
+    /// `pieces` (a large stored instance read one blob segment at a time;
+    /// `req.dataset` is ignored).
+    ///
+    /// # Errors
+    /// As [`StoreScu::store`]; a piece that is an error (the instance could
+    /// not be read) is [`ScuError::Protocol`]: the message was cut short and
+    /// the association is unusable.
+    pub(crate) async fn store_streamed(
+        &mut self,
+        req: StoreRequest<'_>,
+        len: u64,
+        pieces: &mut tokio::sync::mpsc::Receiver<Result<Vec<u8>, String>>,
+    ) -> Result<u16, ScuError> {
+        let (pc, cmd) = self.prepare(&req)?;
+        let (max, timeout) = (self.max_data, self.timeout);
+        crate::pdata::write_streamed(self.link.stream(), pc, &cmd, len, pieces, max, timeout)
+            .await
+            .map_err(|e| ScuError::Protocol(e.to_string()))?;
+        self.store_response().await
+    }
+
+    /// The presentation context and C-STORE-RQ command of `req`.
+    fn prepare(&mut self, req: &StoreRequest<'_>) -> Result<(u8, Vec<u8>), ScuError> {
+        let pc = self
+            .context_for(req.sop_class, req.transfer_syntax)
+            .ok_or_else(|| ScuError::NoContext {
+                sop_class: req.sop_class.to_owned(),
+                transfer_syntax: req.transfer_syntax.to_owned(),
+            })?;
+        self.message_id = self.message_id.wrapping_add(1).max(1);
+        Ok((pc, encode_store_rq(self.message_id, req)))
+    }
+
+    /// Waits for the C-STORE-RSP of the last C-STORE-RQ.
+    async fn store_response(&mut self) -> Result<u16, ScuError> {
         let mut rsp = Vec::new();
         loop {
             match self.receive().await? {

@@ -1491,20 +1491,21 @@ impl Dimse {
                 };
                 let mut inst = inst;
                 if let Some(to) = convert_to {
-                    let (from, data) = (
-                        inst.transfer_syntax.clone(),
-                        std::mem::take(&mut inst.dataset),
-                    );
+                    let from = inst.transfer_syntax.clone();
+                    let data = std::mem::take(&mut inst.dataset).into_whole().await;
                     let target = to.clone();
-                    let converted = tokio::task::spawn_blocking(move || {
-                        transcode::transcode(data.as_slice(), &from, &target)
-                    })
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(ArchiveError::Internal(format!(
-                            "transcode task failed: {e}"
-                        )))
-                    });
+                    let converted = match data {
+                        Ok(data) => tokio::task::spawn_blocking(move || {
+                            transcode::transcode(data.as_slice(), &from, &target)
+                        })
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(ArchiveError::Internal(format!(
+                                "transcode task failed: {e}"
+                            )))
+                        }),
+                        Err(e) => Err(ArchiveError::Internal(e)),
+                    };
                     match converted {
                         Ok(bytes) => {
                             inst.dataset = crate::retrieve::Dataset::whole(bytes);
@@ -1529,15 +1530,32 @@ impl Dimse {
                         move_originator: None,
                     },
                 );
-                send_message(
-                    assoc,
-                    store_pc,
-                    &cmd,
-                    Some(inst.dataset.as_slice()),
-                    self.config.idle_timeout,
-                )
-                .await
-                .map_err(|e| {
+                let sent = match &mut inst.dataset {
+                    crate::retrieve::Dataset::Streamed { len, rx } => {
+                        let max = fragment_len(assoc.peer_max_pdu_length());
+                        crate::pdata::write_streamed(
+                            assoc.inner_stream(),
+                            store_pc,
+                            &cmd,
+                            *len,
+                            rx,
+                            max,
+                            self.config.idle_timeout,
+                        )
+                        .await
+                    }
+                    whole => {
+                        send_message(
+                            assoc,
+                            store_pc,
+                            &cmd,
+                            Some(whole.as_slice()),
+                            self.config.idle_timeout,
+                        )
+                        .await
+                    }
+                };
+                sent.map_err(|e| {
                     tracing::warn!(error = %e, "cannot send a C-GET sub-operation");
                     "cannot send a C-GET sub-operation"
                 })?;
