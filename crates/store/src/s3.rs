@@ -675,7 +675,7 @@ mod tests {
             "s3://bucket?foo=1",
             "s3://bucket:99",
             "s3://a",
-            "s3://bucket/../x",
+            "s3://bucket/a//b",
             "s3://bucket?region=a%20b",
         ] {
             match S3Location::parse(bad) {
