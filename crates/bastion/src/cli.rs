@@ -151,6 +151,14 @@ pub struct ListenArgs {
     /// its dist/) at /viewer/ (overrides `[http] ohif_dir`)
     #[arg(long, value_name = "DIR")]
     pub ohif_dir: Option<std::path::PathBuf>,
+    /// Keep the encrypted instance blobs in an S3-compatible bucket instead of
+    /// DIR/blobs: 's3://BUCKET?endpoint=http://HOST:PORT&region=REGION'
+    /// (`[store] url` in bastion.toml; `init` records it). Credentials from
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, else the file
+    /// store-credentials in the secrets directory (two lines: access key id,
+    /// secret; mode 0600). See docs/scale-out.md.
+    #[arg(long, value_name = "URL")]
+    pub store_url: Option<String>,
 }
 
 impl ListenArgs {
@@ -170,6 +178,10 @@ impl ListenArgs {
         }
         if let Some(d) = &self.ohif_dir {
             c.http.ohif_dir = Some(d.clone());
+        }
+        if let Some(u) = &self.store_url {
+            bastion_store::S3Location::parse(u).context("invalid --store-url")?;
+            c.store.url = Some(u.clone());
         }
         AeTitle::parse(&c.dicom.ae_title).context("invalid --ae-title")?;
         c.http.listen_addr().context("invalid --http-addr")?;
