@@ -502,8 +502,11 @@ fn an_unreachable_object_store_fails_the_ingest_and_acknowledges_nothing() {
     let creds = bastion_store::S3Credentials::new("GKtest", "not-a-real-secret").expect("creds");
     let store = BlobStore::open_s3(&location, creds, master.clone(), Vec::new()).expect("store");
     let index = Arc::new(
-        Index::open(&dir.path().join("index.db"), &master.derive("bastion index v1"))
-            .expect("index"),
+        Index::open(
+            &dir.path().join("index.db"),
+            &master.derive("bastion index v1"),
+        )
+        .expect("index"),
     );
     let events = EventLog::open(&dir.path().join("events/events.log")).expect("events");
     let a = Archive::new(

@@ -370,7 +370,9 @@ impl DataDir {
     /// (never their values).
     fn store_credentials(&self) -> Result<(S3Credentials, String)> {
         let id = std::env::var("AWS_ACCESS_KEY_ID").ok();
-        let secret = std::env::var("AWS_SECRET_ACCESS_KEY").ok().map(Zeroizing::new);
+        let secret = std::env::var("AWS_SECRET_ACCESS_KEY")
+            .ok()
+            .map(Zeroizing::new);
         let file = self.keys.dir.join(STORE_CREDENTIALS);
         match (id, secret) {
             (Some(id), Some(secret)) => Ok((

@@ -681,8 +681,8 @@ impl BlobStore {
                     }
                     Err(e) => return Err(io_err("open blob", &path, e)),
                 };
-                let n = read_full(&mut file, &mut header)
-                    .map_err(|e| io_err("read blob", &path, e))?;
+                let n =
+                    read_full(&mut file, &mut header).map_err(|e| io_err("read blob", &path, e))?;
                 (Source::File { file, path }, n)
             }
             Backend::S3(b) => {

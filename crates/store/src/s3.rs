@@ -75,7 +75,9 @@ impl S3Location {
         let url = url::Url::parse(text)
             .map_err(|e| StoreError::InvalidUrl(format!("not a URL ({e})")))?;
         if url.scheme() != "s3" {
-            return Err(bad("the scheme must be s3:// (s3://BUCKET?endpoint=http://HOST:PORT&region=REGION)"));
+            return Err(bad(
+                "the scheme must be s3:// (s3://BUCKET?endpoint=http://HOST:PORT&region=REGION)",
+            ));
         }
         if !url.username().is_empty() || url.password().is_some() {
             return Err(bad(
@@ -83,7 +85,9 @@ impl S3Location {
             ));
         }
         if url.port().is_some() {
-            return Err(bad("a port belongs in endpoint=, not after the bucket name"));
+            return Err(bad(
+                "a port belongs in endpoint=, not after the bucket name",
+            ));
         }
         let bucket = url.host_str().unwrap_or_default().to_owned();
         let bucket_ok = (3..=63).contains(&bucket.len())
@@ -100,7 +104,9 @@ impl S3Location {
             || prefix.contains("//")
             || !prefix.bytes().all(|b| b.is_ascii_graphic())
         {
-            return Err(bad("the key prefix (the path after the bucket) must be plain ASCII segments"));
+            return Err(bad(
+                "the key prefix (the path after the bucket) must be plain ASCII segments",
+            ));
         }
         let mut endpoint = None;
         let mut region = None;
@@ -118,8 +124,7 @@ impl S3Location {
                     endpoint = Some(v.trim_end_matches('/').to_owned());
                 }
                 "region" => {
-                    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    {
+                    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
                         return Err(bad("region= must be letters, digits and '-'"));
                     }
                     region = Some(v.into_owned());
@@ -349,16 +354,13 @@ impl S3Backend {
                 options = options.with_allow_http(true);
             }
         }
-        let store = builder
-            .with_client_options(options)
-            .build()
-            .map_err(|e| {
-                StoreError::InvalidUrl(format!(
-                    "cannot set up the S3 client for {describe}: {}",
-                    e.to_string()
-                        .replace(&credentials.access_key_id, "<access key id>")
-                ))
-            })?;
+        let store = builder.with_client_options(options).build().map_err(|e| {
+            StoreError::InvalidUrl(format!(
+                "cannot set up the S3 client for {describe}: {}",
+                e.to_string()
+                    .replace(&credentials.access_key_id, "<access key id>")
+            ))
+        })?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(WORKERS)
             .thread_name("bastion-s3")
@@ -532,11 +534,9 @@ impl ObjectWriter {
         if self.upload.is_none() {
             let store = self.client.store.clone();
             let path = self.path.clone();
-            let upload = self
-                .client
-                .run("starting a multipart upload", async move {
-                    store.put_multipart(&path).await
-                })?;
+            let upload = self.client.run("starting a multipart upload", async move {
+                store.put_multipart(&path).await
+            })?;
             self.upload = Some(upload);
         }
         let Some(upload) = self.upload.as_mut() else {
@@ -591,10 +591,9 @@ impl ObjectWriter {
     pub(crate) fn abort(&mut self) {
         self.buf = Vec::new();
         if let Some(mut upload) = self.upload.take() {
-            if let Err(e) = self
-                .client
-                .run("aborting a multipart upload", async move { upload.abort().await })
-            {
+            if let Err(e) = self.client.run("aborting a multipart upload", async move {
+                upload.abort().await
+            }) {
                 tracing::warn!(error = %e, "cannot abort a multipart upload");
             }
         }
@@ -641,11 +640,7 @@ impl ObjectReader {
         // segment authentication then reports it as truncated.
         let want = usize::try_from(end - self.offset).unwrap_or(usize::MAX);
         buf.extend_from_slice(&bytes[..bytes.len().min(want)]);
-        self.offset = if bytes.len() < want {
-            self.size
-        } else {
-            end
-        };
+        self.offset = if bytes.len() < want { self.size } else { end };
         Ok(())
     }
 }
@@ -656,13 +651,17 @@ mod tests {
 
     #[test]
     fn parses_the_fixed_interface_url() -> Result<(), StoreError> {
-        let l = S3Location::parse("s3://bastion-blobs?endpoint=http://127.0.0.1:3900&region=garage")?;
+        let l =
+            S3Location::parse("s3://bastion-blobs?endpoint=http://127.0.0.1:3900&region=garage")?;
         assert_eq!(l.bucket, "bastion-blobs");
         assert_eq!(l.prefix, "");
         assert_eq!(l.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
         assert_eq!(l.region, "garage");
         let l = S3Location::parse("s3://b12/site/a")?;
-        assert_eq!((l.prefix.as_str(), l.endpoint, l.region.as_str()), ("site/a", None, "us-east-1"));
+        assert_eq!(
+            (l.prefix.as_str(), l.endpoint, l.region.as_str()),
+            ("site/a", None, "us-east-1")
+        );
         Ok(())
     }
 
@@ -693,7 +692,10 @@ mod tests {
         assert_eq!(c.access_key_id(), "GKabc");
         assert_eq!(c.secret_access_key.as_str(), "secretvalue");
         let dbg = format!("{c:?}");
-        assert!(!dbg.contains("GKabc") && !dbg.contains("secretvalue"), "{dbg}");
+        assert!(
+            !dbg.contains("GKabc") && !dbg.contains("secretvalue"),
+            "{dbg}"
+        );
         assert!(S3Credentials::from_file_text("only-one-line\n").is_err());
         assert!(S3Credentials::from_file_text("a\nb\nc\n").is_err());
         assert!(S3Credentials::from_file_text("a b\nc\n").is_err());

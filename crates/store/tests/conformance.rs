@@ -116,7 +116,13 @@ fn tamper_detection(e: &dyn Engine) -> TestResult {
     let data = pattern(3 * SEG + 100, 4);
     let info = s.put(&data)?;
     let orig = e.read_raw(&info.id);
-    for pos in [10, 45, HEADER_LEN + 5, HEADER_LEN + SEG_CT + 1, orig.len() - 1] {
+    for pos in [
+        10,
+        45,
+        HEADER_LEN + 5,
+        HEADER_LEN + SEG_CT + 1,
+        orig.len() - 1,
+    ] {
         let mut b = orig.clone();
         b[pos] ^= 0x01;
         e.write_raw(&info.id, &b);
@@ -477,7 +483,10 @@ fn s3_endpoint_on_a_closed_port_is_unavailable() -> TestResult {
     };
     unavailable(s.check(), "check");
     unavailable(s.put(b"x").map(|_| ()), "put");
-    unavailable(s.put(&pattern(9 * 1024 * 1024, 7)).map(|_| ()), "multipart put");
+    unavailable(
+        s.put(&pattern(9 * 1024 * 1024, 7)).map(|_| ()),
+        "multipart put",
+    );
     let id = BlobId::parse("00112233445566778899aabbccddeeff")?;
     unavailable(s.get(&id).map(|_| ()), "get");
     unavailable(s.list().map(|_| ()), "list");

@@ -20,7 +20,8 @@ fn store() -> Result<(tempfile::TempDir, BlobStore), StoreError> {
 
 /// The root of a store opened on a directory.
 fn root(s: &BlobStore) -> &Path {
-    s.root().unwrap_or_else(|| panic!("a directory store has a root"))
+    s.root()
+        .unwrap_or_else(|| panic!("a directory store has a root"))
 }
 
 fn blob_file(s: &BlobStore, id: &BlobId) -> PathBuf {
