@@ -15,7 +15,8 @@
 //!   `ENOSPC` distinguishable (needed for DICOM status 0xA700);
 //! - an S3-compatible object store ([`BlobStore::open_s3`], `s3://BUCKET?endpoint=…`,
 //!   see [`S3Location`]) through the `object_store` crate: single PUT for small blobs,
-//!   multipart upload for large ones, range reads segment by segment, never a
+//!   multipart upload for large ones, range reads of about 1 MiB handed out segment by
+//!   segment, never a
 //!   conditional write (Garage ignores `If-None-Match`) and never a listing for
 //!   correctness (only for the age-guarded orphan sweep). Its failures are
 //!   [`StoreError::Unavailable`] / [`StoreError::Denied`], never a false success.

@@ -479,6 +479,8 @@ impl S3Backend {
                 path,
                 size,
                 offset: n as u64,
+                window: Vec::new(),
+                pos: 0,
             },
             n,
         ))
@@ -612,24 +614,45 @@ impl Sink for ObjectWriter {
     }
 }
 
-/// Reads a blob's segments with one range read each, so that a large blob never sits
-/// whole in memory.
+/// Reads a blob's segments through range reads of at most [`READ_AHEAD_SEGMENTS`]
+/// segments (about 1 MiB) each, handed out one segment at a time: a large blob never
+/// sits whole in memory, and a 1 GiB blob takes about a thousand requests, not 16 000.
 pub(crate) struct ObjectReader {
     client: Arc<Client>,
     path: ObjPath,
     /// Object size from the first response.
     size: u64,
+    /// Object offset of the first byte not yet fetched.
     offset: u64,
+    /// Fetched bytes not yet handed out: `window[pos..]`.
+    window: Vec<u8>,
+    pos: usize,
 }
+
+/// Segments fetched per range read.
+const READ_AHEAD_SEGMENTS: usize = 16;
 
 impl ObjectReader {
     /// Replaces `buf` with the next up to `chunk` bytes (empty at the end).
     pub(crate) fn read_chunk(&mut self, buf: &mut Vec<u8>, chunk: usize) -> Result<(), StoreError> {
         buf.clear();
+        if self.pos >= self.window.len() {
+            self.fill(chunk.saturating_mul(READ_AHEAD_SEGMENTS))?;
+        }
+        let n = chunk.min(self.window.len() - self.pos);
+        buf.extend_from_slice(&self.window[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(())
+    }
+
+    /// Fetches the next up to `len` bytes into the window (empty at the end).
+    fn fill(&mut self, len: usize) -> Result<(), StoreError> {
+        self.window.clear();
+        self.pos = 0;
         if self.offset >= self.size {
             return Ok(());
         }
-        let end = self.offset.saturating_add(chunk as u64).min(self.size);
+        let end = self.offset.saturating_add(len as u64).min(self.size);
         let range = self.offset..end;
         let store = self.client.store.clone();
         let path = self.path.clone();
@@ -639,7 +662,8 @@ impl ObjectReader {
         // A shorter answer (the object changed under us) ends the blob here; the
         // segment authentication then reports it as truncated.
         let want = usize::try_from(end - self.offset).unwrap_or(usize::MAX);
-        buf.extend_from_slice(&bytes[..bytes.len().min(want)]);
+        self.window
+            .extend_from_slice(&bytes[..bytes.len().min(want)]);
         self.offset = if bytes.len() < want { self.size } else { end };
         Ok(())
     }
