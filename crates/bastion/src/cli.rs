@@ -822,3 +822,41 @@ fn instance_get(dir: &DataDir, sop_uid: &str, out: &Path) -> Result<ExitCode> {
     println!("wrote {} ({} bytes)", out.display(), bytes.len());
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listen(store_url: &str) -> ListenArgs {
+        ListenArgs {
+            dicom_addr: None,
+            dicom_plain_addr: None,
+            ae_title: None,
+            http_addr: None,
+            ohif_dir: None,
+            store_url: Some(store_url.into()),
+        }
+    }
+
+    /// `--store-url` is checked before it is recorded; a URL carrying
+    /// credentials is refused without echoing them.
+    #[test]
+    fn store_url_flag_is_checked_and_recorded() {
+        let url = "s3://bastion?endpoint=http://127.0.0.1:3900&region=garage";
+        let c = listen(url)
+            .apply(Config::default())
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(c.store.url.as_deref(), Some(url));
+        match listen("s3://GKID:TopSecretValue@bastion?endpoint=http://127.0.0.1:1")
+            .apply(Config::default())
+        {
+            Ok(_) => panic!("credentials in the URL accepted"),
+            Err(e) => {
+                let text = format!("{e:#}");
+                assert!(text.contains("--store-url"), "{text}");
+                assert!(!text.contains("TopSecretValue"), "{text}");
+            }
+        }
+        assert!(listen("file:///tmp/x").apply(Config::default()).is_err());
+    }
+}

@@ -813,6 +813,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn store_url_is_rendered_and_read_back() {
+        let c = Config::default();
+        let parsed: Config = toml::from_str(&c.render()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            parsed.store.url.is_none(),
+            "the embedded default: DIR/blobs"
+        );
+        let mut s3 = Config::default();
+        let url = "s3://bastion?endpoint=http://127.0.0.1:3900&region=garage";
+        s3.store.url = Some(url.into());
+        let back: Config = toml::from_str(&s3.render()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back.store.url.as_deref(), Some(url));
+        assert!(toml::from_str::<Config>("[store]\nbucket = \"x\"\n").is_err());
+    }
+
+    #[test]
     fn rendered_file_parses_back_to_the_defaults() {
         let c = Config::default();
         let parsed: Result<Config, _> = toml::from_str(&c.render());
