@@ -12,7 +12,7 @@
 #                                    create bucket bastion-test and a key
 #                                    allowed --read --write on it only (no
 #                                    --owner: least privilege); writes
-#                                    DIR/env (KEY=VALUE lines: BASTION_TEST_S3_URL,
+#                                    DIR/env (KEY='VALUE' lines, for `set -a; source`: BASTION_TEST_S3_URL,
 #                                    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 #                                    BASTION_GARAGE_DIR) and DIR/garage.pid
 #   scripts/garage.sh stop DIR       stop that node (the pid in DIR/garage.pid)
@@ -30,7 +30,7 @@ REGION=garage
 die() { echo "garage.sh: $*" >&2; exit 1; }
 
 install_garage() {
-    if [[ -x $GARAGE ]] && "$GARAGE" --version 2>/dev/null | grep -q "v$GARAGE_VERSION"; then
+    if [[ -x $GARAGE ]] && "$GARAGE" --version 2>/dev/null | grep -qF ":$GARAGE_VERSION "; then
         return
     fi
     echo "garage.sh: building garage $GARAGE_VERSION (cargo install --locked; about 12 min on 2 cores, once)" >&2
@@ -105,7 +105,7 @@ admin_token = "$token"
 EOF
     start_server
     local node
-    node=$(g status 2>/dev/null | awk '/^[0-9a-f]{16}/ {print $1; exit}')
+    node=$(g status 2>/dev/null | grep -oE '^[0-9a-f]{16}' | head -1)
     [[ -n $node ]] || { g status >&2 || true; die "no node id in garage status"; }
     g layout assign -z dc1 -c 1G "$node" >/dev/null
     g layout apply --version 1 >/dev/null
@@ -117,11 +117,12 @@ EOF
     [[ -n $key_id && -n $key_secret ]] || die "cannot read the new key from garage key create"
     g bucket allow --read --write "$BUCKET" --key bastion-test-key >/dev/null
     wait_s3
+    # single-quoted: the URL holds '&' and '?' (none of the values holds a quote)
     cat >"$DIR/env" <<EOF
-BASTION_TEST_S3_URL=s3://$BUCKET?endpoint=http://127.0.0.1:$S3_PORT&region=$REGION
-AWS_ACCESS_KEY_ID=$key_id
-AWS_SECRET_ACCESS_KEY=$key_secret
-BASTION_GARAGE_DIR=$DIR
+BASTION_TEST_S3_URL='s3://$BUCKET?endpoint=http://127.0.0.1:$S3_PORT&region=$REGION'
+AWS_ACCESS_KEY_ID='$key_id'
+AWS_SECRET_ACCESS_KEY='$key_secret'
+BASTION_GARAGE_DIR='$DIR'
 EOF
     echo "garage.sh: Garage $GARAGE_VERSION on 127.0.0.1:$S3_PORT (bucket $BUCKET) in $DIR" >&2
 }

@@ -41,7 +41,7 @@ class Garage:
         self.env = {}
         for line in (self.dir / "env").read_text().splitlines():
             k, _, v = line.partition("=")
-            self.env[k] = v
+            self.env[k] = v.strip("'")
         self.url = self.env["BASTION_TEST_S3_URL"]
 
     def _run(self, cmd):

@@ -304,12 +304,21 @@ impl Client {
             detail.push_str("...");
         }
         let store = self.describe.clone();
-        match e {
+        let denied = match &e {
             object_store::Error::PermissionDenied { .. }
-            | object_store::Error::Unauthenticated { .. } => {
-                StoreError::Denied { store, op, detail }
+            | object_store::Error::Unauthenticated { .. } => true,
+            // Listing and multipart requests come back as `Generic` whatever the
+            // status, and the status-carrying `RetryError` is not exported by
+            // object_store 0.14: its message is the only place the 401/403 shows.
+            object_store::Error::Generic { .. } => {
+                detail.contains("status code: 403") || detail.contains("status code: 401")
             }
-            _ => StoreError::Unavailable { store, op, detail },
+            _ => false,
+        };
+        if denied {
+            StoreError::Denied { store, op, detail }
+        } else {
+            StoreError::Unavailable { store, op, detail }
         }
     }
 }

@@ -493,3 +493,19 @@ fn s3_endpoint_on_a_closed_port_is_unavailable() -> TestResult {
     unavailable(s.delete(&id), "delete");
     Ok(())
 }
+
+/// A bucket that does not exist fails `check` (what `serve` runs before it
+/// accepts work), and a put there is never a success. Needs the S3 engine.
+#[test]
+fn s3_missing_bucket_fails_check() -> TestResult {
+    let Some(e) = S3::new() else { return Ok(()) };
+    let mut l = e.location.clone();
+    l.bucket = format!("no-such-bucket-{}", &l.prefix[l.prefix.len() - 8..]);
+    let s = e.open_with(&l, &e.secret, MasterKey::generate());
+    match s.check() {
+        Err(StoreError::Unavailable { .. }) | Err(StoreError::Denied { .. }) => {}
+        other => panic!("check on a missing bucket: {other:?}"),
+    }
+    assert!(s.put(b"x").is_err(), "put into a missing bucket succeeded");
+    Ok(())
+}
