@@ -23,7 +23,7 @@ PY_PACKAGES=(pydicom==3.0.2 pynetdicom==3.0.4 pytest==9.2.0 cryptography==50.0.2
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "1/8 system packages (DCMTK, cmake, nasm, g++, chromium, node, Orthanc)"
+step "1/9 system packages (DCMTK, cmake, nasm, g++, chromium, node, Orthanc)"
 need=()
 [[ -x /usr/bin/storescu && -x /usr/bin/echoscu && -x /usr/bin/storescp ]] || need+=(dcmtk)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
@@ -55,7 +55,7 @@ else
     echo "dcmtk, cmake and nasm present"
 fi
 
-step "2/8 python venv ($VENV) and tests/ui node modules"
+step "2/9 python venv ($VENV) and tests/ui node modules"
 if [[ ! -x $VENV/bin/python ]]; then
     python3 -m venv "$VENV"
 fi
@@ -81,26 +81,39 @@ if [[ ! -d tests/ui/node_modules/playwright-core ]]; then
     (cd tests/ui && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund)
 fi
 
-step "3/8 test corpus, and the OHIF Viewer the browser tests serve (cached outside the checkout)"
+step "3/9 test corpus, and the OHIF Viewer the browser tests serve (cached outside the checkout)"
 PYTHON=$VENV/bin/python ./scripts/fetch-corpus.sh
 BASTION_OHIF_DIR=$(./scripts/fetch-ohif.sh)
 export BASTION_OHIF_DIR
 
-step "4/8 cargo fmt + clippy"
+step "4/9 cargo fmt + clippy"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
-step "5/8 cargo build + cargo test"
+step "5/9 Garage (S3-compatible object store) for the object-store tests: a throwaway node on 127.0.0.1"
+# Built once per machine into ~/.cargo/bin (about 12 min on 2 cores); the
+# node lives in a temp dir and stops when this script exits. Its env
+# (BASTION_TEST_S3_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+# BASTION_GARAGE_DIR) makes the S3 conformance tests run instead of SKIP.
+GARAGE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/bastion-garage.XXXXXX")
+trap './scripts/garage.sh stop "$GARAGE_DIR"; rm -rf "$GARAGE_DIR"' EXIT
+./scripts/garage.sh start "$GARAGE_DIR"
+set -a
+# shellcheck disable=SC1091
+source "$GARAGE_DIR/env"
+set +a
+
+step "6/9 cargo build + cargo test"
 cargo build --workspace
 cargo test --workspace
 
-step "6/8 supply chain: cargo deny (advisories offline, licenses, bans, sources), CycloneDX SBOM"
+step "7/9 supply chain: cargo deny (advisories offline, licenses, bans, sources), CycloneDX SBOM"
 ./scripts/supply-chain.sh
 
-step "7/8 fuzz smoke (every target ~10 s, nightly + cargo-fuzz cached outside the checkout)"
+step "8/9 fuzz smoke (every target ~10 s, nightly + cargo-fuzz cached outside the checkout)"
 ./scripts/fuzz.sh smoke
 
-step "8/8 interop tests (pytest tests/interop)"
+step "9/9 interop tests (pytest tests/interop)"
 BASTION_BIN=target/debug/bastion BASTION_CORPUS=.cache/corpus \
     "$VENV/bin/python" -m pytest tests/interop -v -p no:cacheprovider "$@"
 

@@ -1195,6 +1195,10 @@ fn peer_for_log(origin: &Origin) -> &str {
 fn store_err(e: StoreError) -> ArchiveError {
     match e {
         StoreError::NoSpace { .. } => ArchiveError::NoSpace,
+        e @ (StoreError::Unavailable { .. } | StoreError::Denied { .. }) => {
+            tracing::error!(error = %e, "blob store unavailable: the operation failed, nothing acknowledged");
+            ArchiveError::StoreUnavailable(e.to_string())
+        }
         other => ArchiveError::Internal(other.to_string()),
     }
 }

@@ -635,3 +635,51 @@ fn spills_stay_within_the_spool_budget() {
         .append(&[2u8; 600])
         .expect("room again once the first is gone");
 }
+
+/// A port on 127.0.0.1 that nothing listens on (bound, then released).
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// An object store that cannot be reached fails the ingest with
+/// `StoreUnavailable` (C-STORE 0xA700, STOW-RS 503), never a false success,
+/// and no index row names the instance.
+#[test]
+fn an_unreachable_object_store_fails_the_ingest_and_acknowledges_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let master = MasterKey::from_bytes([9u8; 32]);
+    let location = bastion_store::S3Location::parse(&format!(
+        "s3://bastion-test?endpoint=http://127.0.0.1:{}&region=garage",
+        closed_port()
+    ))
+    .expect("url");
+    let creds = bastion_store::S3Credentials::new("GKtest", "not-a-real-secret").expect("creds");
+    let store = BlobStore::open_s3(&location, creds, master.clone(), Vec::new()).expect("store");
+    let index = Arc::new(
+        Index::open(
+            &dir.path().join("index.db"),
+            &master.derive("bastion index v1"),
+        )
+        .expect("index"),
+    );
+    let events = EventLog::open(&dir.path().join("events/events.log")).expect("events");
+    let a = Archive::new(
+        Arc::new(store),
+        index.clone(),
+        Arc::new(events),
+        Limits::default(),
+    );
+    let (ds, _) = instance("1.2.3.4.5.77", "down");
+    match a.ingest(network(ds, "1.2.3.4.5.77"), &origin(OnConflict::Refuse)) {
+        Err(ArchiveError::StoreUnavailable(detail)) => {
+            assert!(detail.contains("127.0.0.1"), "{detail}");
+            assert!(!detail.contains("not-a-real-secret"), "{detail}");
+        }
+        other => panic!("expected StoreUnavailable, got {other:?}"),
+    }
+    assert!(index
+        .find_instance("1.2.3.4.5.77")
+        .expect("index")
+        .is_none());
+}

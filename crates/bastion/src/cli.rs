@@ -151,6 +151,14 @@ pub struct ListenArgs {
     /// its dist/) at /viewer/ (overrides `[http] ohif_dir`)
     #[arg(long, value_name = "DIR")]
     pub ohif_dir: Option<std::path::PathBuf>,
+    /// Keep the encrypted instance blobs in an S3-compatible bucket instead of
+    /// DIR/blobs: 's3://BUCKET?endpoint=http://HOST:PORT&region=REGION'
+    /// (`[store] url` in bastion.toml; `init` records it). Credentials from
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, else the file
+    /// store-credentials in the secrets directory (two lines: access key id,
+    /// secret; mode 0600). See docs/scale-out.md.
+    #[arg(long, value_name = "URL")]
+    pub store_url: Option<String>,
 }
 
 impl ListenArgs {
@@ -170,6 +178,10 @@ impl ListenArgs {
         }
         if let Some(d) = &self.ohif_dir {
             c.http.ohif_dir = Some(d.clone());
+        }
+        if let Some(u) = &self.store_url {
+            bastion_store::S3Location::parse(u).context("invalid --store-url")?;
+            c.store.url = Some(u.clone());
         }
         AeTitle::parse(&c.dicom.ae_title).context("invalid --ae-title")?;
         c.http.listen_addr().context("invalid --http-addr")?;
@@ -809,4 +821,42 @@ fn instance_get(dir: &DataDir, sop_uid: &str, out: &Path) -> Result<ExitCode> {
     );
     println!("wrote {} ({} bytes)", out.display(), bytes.len());
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listen(store_url: &str) -> ListenArgs {
+        ListenArgs {
+            dicom_addr: None,
+            dicom_plain_addr: None,
+            ae_title: None,
+            http_addr: None,
+            ohif_dir: None,
+            store_url: Some(store_url.into()),
+        }
+    }
+
+    /// `--store-url` is checked before it is recorded; a URL carrying
+    /// credentials is refused without echoing them.
+    #[test]
+    fn store_url_flag_is_checked_and_recorded() {
+        let url = "s3://bastion?endpoint=http://127.0.0.1:3900&region=garage";
+        let c = listen(url)
+            .apply(Config::default())
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(c.store.url.as_deref(), Some(url));
+        match listen("s3://GKID:TopSecretValue@bastion?endpoint=http://127.0.0.1:1")
+            .apply(Config::default())
+        {
+            Ok(_) => panic!("credentials in the URL accepted"),
+            Err(e) => {
+                let text = format!("{e:#}");
+                assert!(text.contains("--store-url"), "{text}");
+                assert!(!text.contains("TopSecretValue"), "{text}");
+            }
+        }
+        assert!(listen("file:///tmp/x").apply(Config::default()).is_err());
+    }
 }

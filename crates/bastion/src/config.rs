@@ -28,6 +28,20 @@ pub struct Config {
     pub audit: AuditSection,
     /// Where the keys are.
     pub secrets: SecretsSection,
+    /// Where the encrypted instance blobs are.
+    pub store: StoreSection,
+}
+
+/// `[store]`: where the encrypted instance blobs are (docs/scale-out.md).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// An S3-compatible bucket,
+    /// `s3://BUCKET?endpoint=http://HOST:PORT&region=REGION` (`bastion init
+    /// --store-url`); credentials from `AWS_ACCESS_KEY_ID` /
+    /// `AWS_SECRET_ACCESS_KEY` or the secrets file `store-credentials`.
+    /// Absent: the local directory `DIR/blobs` (the embedded default).
+    pub url: Option<String>,
 }
 
 /// `[secrets]`: where the master key, the audit-signing key and the CA key
@@ -661,7 +675,22 @@ webhook_queue = {dwq}
 # tls/ca.key), which `serve` and the posture page warn about: a copy of the
 # directory then decrypts everything.
 {secrets_dir}
+
+[store]
+# Where the encrypted instance blobs are. Commented out: the local directory
+# blobs/ (the embedded default). An S3-compatible bucket (Garage, AWS S3, ...;
+# `bastion init --store-url`): only ciphertext under random names reaches it.
+# Credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, else the file
+# store-credentials in the secrets directory (two lines: access key id,
+# secret; mode 0600). See docs/scale-out.md.
+{store_url}
 "#,
+            store_url = match &self.store.url {
+                Some(u) => format!("url = {}", toml::Value::String(u.clone())),
+                None => {
+                    "# url = \"s3://BUCKET?endpoint=http://127.0.0.1:3900&region=garage\"".into()
+                }
+            },
             secrets_dir = match &self.secrets.dir {
                 Some(d) => format!("dir = {}", toml::Value::String(d.clone())),
                 None => "# dir = \"/etc/bastion/secrets\"".into(),
@@ -793,6 +822,22 @@ impl AccountsSection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_url_is_rendered_and_read_back() {
+        let c = Config::default();
+        let parsed: Config = toml::from_str(&c.render()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            parsed.store.url.is_none(),
+            "the embedded default: DIR/blobs"
+        );
+        let mut s3 = Config::default();
+        let url = "s3://bastion?endpoint=http://127.0.0.1:3900&region=garage";
+        s3.store.url = Some(url.into());
+        let back: Config = toml::from_str(&s3.render()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back.store.url.as_deref(), Some(url));
+        assert!(toml::from_str::<Config>("[store]\nbucket = \"x\"\n").is_err());
+    }
 
     #[test]
     fn rendered_file_parses_back_to_the_defaults() {

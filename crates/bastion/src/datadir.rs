@@ -32,7 +32,8 @@ use bastion_security::{
     events::{EventLog, Outcome},
     pki, secrets, users,
 };
-use bastion_store::{BlobStore, MasterKey};
+use bastion_store::{BlobStore, MasterKey, S3Credentials, S3Location};
+use zeroize::Zeroizing;
 
 use crate::{
     config::Config,
@@ -50,6 +51,9 @@ pub struct DataDir {
     /// The master key once loaded (unwrapping costs an argon2id run).
     master: Arc<OnceLock<MasterKey>>,
 }
+
+/// The secrets file holding the S3 access key id and secret (two lines, 0600).
+pub const STORE_CREDENTIALS: &str = "store-credentials";
 
 impl DataDir {
     /// Takes `DIR/serve.lock`, the lock one `bastion serve` holds while it
@@ -316,8 +320,7 @@ impl DataDir {
         config: &Config,
         events: Arc<EventLog>,
     ) -> Result<Arc<Archive>> {
-        let store =
-            BlobStore::open(&self.blobs(), master.clone()).context("cannot open the blob store")?;
+        let store = self.open_store(master, config)?;
         let key = master.derive("bastion index v1");
         let index = Index::open(&self.index_db(), &key)
             .with_context(|| format!("cannot open {}", self.index_db().display()))?;
@@ -335,6 +338,68 @@ impl DataDir {
         let archive = Archive::new(Arc::new(store), Arc::new(index), events, limits);
         archive.set_spool_dir(self.root.join("spool").join("ingest"));
         Ok(Arc::new(archive))
+    }
+
+    /// Opens the blob store: the bucket `[store] url` names, checked now (listed,
+    /// a probe object written and deleted) so that wrong credentials or a missing
+    /// bucket stop the command with a message naming the setting; else the
+    /// directory `DIR/blobs`.
+    pub fn open_store(&self, master: &MasterKey, config: &Config) -> Result<BlobStore> {
+        let Some(url) = &config.store.url else {
+            return BlobStore::open(&self.blobs(), master.clone())
+                .context("cannot open the blob store");
+        };
+        let location = S3Location::parse(url)
+            .with_context(|| format!("[store] url in {}", self.config().display()))?;
+        let (credentials, from) = self.store_credentials()?;
+        let store = BlobStore::open_s3(&location, credentials, master.clone(), Vec::new())
+            .with_context(|| format!("[store] url in {}", self.config().display()))?;
+        store.check().map_err(|e| {
+            anyhow!(
+                "cannot use the object store of [store] url in {} ({location}) with the credentials from {from}: {e}",
+                self.config().display()
+            )
+        })?;
+        Ok(store)
+    }
+
+    /// The S3 credentials: `AWS_ACCESS_KEY_ID` + `AWS_SECRET_ACCESS_KEY`, else the
+    /// secrets file `store-credentials` (must be 0600); with where they came from
+    /// (never their values).
+    fn store_credentials(&self) -> Result<(S3Credentials, String)> {
+        let id = std::env::var("AWS_ACCESS_KEY_ID").ok();
+        let secret = std::env::var("AWS_SECRET_ACCESS_KEY")
+            .ok()
+            .map(Zeroizing::new);
+        let file = self.keys.dir.join(STORE_CREDENTIALS);
+        match (id, secret) {
+            (Some(id), Some(secret)) => Ok((
+                S3Credentials::new(&id, &secret)
+                    .context("AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")?,
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY".to_owned(),
+            )),
+            (Some(_), None) | (None, Some(_)) => bail!(
+                "[store] url needs both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (only one is set), or neither and the file {}",
+                file.display()
+            ),
+            (None, None) => {
+                if !file.exists() {
+                    bail!(
+                        "[store] url names an object store but no credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or write {} (two lines: access key id, secret; mode 0600)",
+                        file.display()
+                    );
+                }
+                let bytes = Zeroizing::new(
+                    secrets::read_secret(&file)
+                        .context("refusing to use the S3 credentials file")?,
+                );
+                let text = std::str::from_utf8(&bytes)
+                    .map_err(|_| anyhow!("{} is not UTF-8 text", file.display()))?;
+                let creds = S3Credentials::from_file_text(text)
+                    .with_context(|| format!("{}", file.display()))?;
+                Ok((creds, file.display().to_string()))
+            }
+        }
     }
 
     /// Requires a completed `init`.

@@ -74,6 +74,8 @@ pub fn for_ingest_error(e: &ArchiveError) -> (Status, String) {
             Status::OUT_OF_RESOURCES
         }
         ArchiveError::NotFound(_) | ArchiveError::Internal(_) => Status::OUT_OF_RESOURCES,
+        // Nothing was stored; retrying later may succeed (PS3.4 §B.2.3).
+        ArchiveError::StoreUnavailable(_) => Status::OUT_OF_RESOURCES,
         ArchiveError::InvalidQuery { .. } => Status::IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
         ArchiveError::TooManyMatches { .. } => Status::OUT_OF_RESOURCES,
     };
@@ -90,6 +92,8 @@ pub fn for_ingest_error(e: &ArchiveError) -> (Status, String) {
         ArchiveError::Conflict { .. } => {
             "already stored with different content; refused".to_owned()
         }
+        // The store's detail stays in the operator log.
+        ArchiveError::StoreUnavailable(_) => "image store unavailable; retry later".to_owned(),
         other => other.to_string(),
     };
     (status, comment)
@@ -136,5 +140,10 @@ mod tests {
         assert!(c.len() <= 64 && c.contains("different content"), "{c}");
         let (_, c) = for_ingest_error(&ArchiveError::Internal("/data/x Doe^John".into()));
         assert_eq!(c, "internal error; see the archive log");
+        let (st, c) = for_ingest_error(&ArchiveError::StoreUnavailable(
+            "object store s3://b at http://127.0.0.1:1 unavailable".into(),
+        ));
+        assert_eq!(st, Status::OUT_OF_RESOURCES);
+        assert_eq!(c, "image store unavailable; retry later");
     }
 }

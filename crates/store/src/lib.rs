@@ -5,19 +5,30 @@
 //! and SHA-256). Blob names are random and never derived from any input, so no caller
 //! data can steer a path.
 //!
-//! Why not `object_store`: its local backend neither exposes the
-//! write-fsync-rename-fsync(dir) publish sequence this crate guarantees nor
-//! keeps `ENOSPC` distinguishable (needed for DICOM status 0xA700), and the
-//! envelope encryption must wrap whatever backend is used anyway. An S3
-//! backend can sit behind the same `put`/`get`/`list`/`delete` surface.
+//! Two object backends sit under the one blob format (the envelope encryption and the
+//! SHA-256 stay here, above them, so a backend only ever sees ciphertext under random
+//! names):
+//!
+//! - a local directory ([`BlobStore::open`], the embedded default): home-made rather
+//!   than `object_store`'s local backend, which neither exposes the
+//!   write-fsync-rename-fsync(dir) publish sequence this crate guarantees nor keeps
+//!   `ENOSPC` distinguishable (needed for DICOM status 0xA700);
+//! - an S3-compatible object store ([`BlobStore::open_s3`], `s3://BUCKET?endpoint=…`,
+//!   see [`S3Location`]) through the `object_store` crate: single PUT for small blobs,
+//!   multipart upload for large ones, range reads of about 1 MiB handed out segment by
+//!   segment, never a
+//!   conditional write (Garage ignores `If-None-Match`) and never a listing for
+//!   correctness (only for the age-guarded orphan sweep). Its failures are
+//!   [`StoreError::Unavailable`] / [`StoreError::Denied`], never a false success.
 //!
 //! # Main types
 //!
 //! - [`MasterKey`]: the 32-byte root secret; derives the key-encryption key (KEK), the
 //!   key id recorded in each blob, and purpose-bound keys for other crates
 //!   ([`MasterKey::derive`], e.g. the index key `"bastion index v1"`).
-//! - [`BlobStore`]: a local directory of encrypted blobs with durable, atomic
-//!   [`put`](BlobStore::put) (write to `tmp/`, fsync, rename, fsync directory).
+//! - [`BlobStore`]: encrypted blobs with a durable, atomic [`put`](BlobStore::put): in a
+//!   local directory (write to `tmp/`, fsync, rename, fsync directory) or in an S3
+//!   bucket (the object exists only once its PUT or multipart completion succeeded).
 //! - [`BlobReader`]: streaming, authenticated decryption of one blob.
 //! - [`StoreError`]: the one error type; [`StoreError::NoSpace`] is distinct so that the
 //!   caller can answer "out of resources" (DICOM status 0xA700).
@@ -83,6 +94,10 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
+
+mod s3;
+
+pub use s3::{S3Credentials, S3Location};
 
 use hkdf::Hkdf;
 use rand::rngs::OsRng;
@@ -201,6 +216,35 @@ pub enum StoreError {
         /// What was being encrypted.
         op: &'static str,
     },
+    /// The object store cannot be reached or answered with an error (connection
+    /// refused, timeout, 5xx, missing bucket). Nothing was stored; a DICOM front end
+    /// answers 0xA700 and STOW-RS 503: retrying later may succeed.
+    #[error("object store {store} unavailable while {op}: {detail}")]
+    Unavailable {
+        /// The bucket and endpoint (never credentials).
+        store: String,
+        /// What the store was doing, e.g. `"uploading a blob"`.
+        op: &'static str,
+        /// The client's error, with the access key id removed.
+        detail: String,
+    },
+    /// The object store refused the credentials or the key lacks a permission
+    /// (HTTP 401/403).
+    #[error(
+        "object store {store} refused access while {op} (check the access key and its bucket permissions): {detail}"
+    )]
+    Denied {
+        /// The bucket and endpoint (never credentials).
+        store: String,
+        /// What the store was doing.
+        op: &'static str,
+        /// The client's error, with the access key id removed.
+        detail: String,
+    },
+    /// A `[store] url` that cannot be used; the reason names the part at fault,
+    /// never echoes credentials.
+    #[error("invalid [store] url: {0}")]
+    InvalidUrl(String),
 }
 
 /// Maps an I/O error to [`StoreError::NoSpace`] when it is `ENOSPC`/`EDQUOT`, else to
@@ -416,13 +460,15 @@ pub struct BlobInfo {
     pub sha256: [u8; 32],
 }
 
-/// A directory of encrypted blobs.
+/// Encrypted blobs in a local directory or an S3 bucket.
 ///
-/// `Send + Sync`; share it with `Arc`. Every operation is a self-contained filesystem
-/// operation, so several processes may use the same root concurrently.
+/// `Send + Sync`; share it with `Arc`. Every operation is self-contained (a filesystem
+/// operation, or one object-store request sequence), so several processes may use the
+/// same root or bucket concurrently. The methods are synchronous: call them from a
+/// blocking thread (`spawn_blocking`). The S3 backend runs its requests on a small
+/// runtime of its own, so it never blocks inside the caller's async runtime.
 pub struct BlobStore {
-    root: PathBuf,
-    tmp: PathBuf,
+    backend: Backend,
     /// The key new blobs are written with.
     current: MasterKey,
     current_id: String,
@@ -433,7 +479,7 @@ pub struct BlobStore {
 impl fmt::Debug for BlobStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BlobStore")
-            .field("root", &self.root)
+            .field("backend", &self.describe())
             .field("key_id", &self.current_id)
             .finish_non_exhaustive()
     }
@@ -465,19 +511,81 @@ impl BlobStore {
             .mode(0o700)
             .create(&tmp)
             .map_err(|e| io_err("create directory", &tmp, e))?;
+        Ok(BlobStore::with_backend(
+            Backend::Local(LocalDir {
+                root: root.to_path_buf(),
+                tmp,
+            }),
+            master,
+            previous,
+        ))
+    }
+
+    /// Opens a store in an S3-compatible bucket (`[store] url = "s3://…"`). No request
+    /// is made here; call [`check`](Self::check) to find out whether the bucket is
+    /// reachable with these credentials. `previous` as in
+    /// [`open_with_previous`](Self::open_with_previous).
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidUrl`] when the client cannot be built from `location`,
+    /// [`StoreError::Io`] when its runtime cannot start.
+    pub fn open_s3(
+        location: &S3Location,
+        credentials: S3Credentials,
+        master: MasterKey,
+        previous: Vec<MasterKey>,
+    ) -> Result<BlobStore, StoreError> {
+        let backend = s3::S3Backend::new(location, credentials)?;
+        Ok(BlobStore::with_backend(
+            Backend::S3(backend),
+            master,
+            previous,
+        ))
+    }
+
+    fn with_backend(backend: Backend, master: MasterKey, previous: Vec<MasterKey>) -> BlobStore {
         let current_id = master.key_id();
-        Ok(BlobStore {
-            root: root.to_path_buf(),
-            tmp,
+        BlobStore {
+            backend,
             current: master,
             current_id,
             previous: previous.into_iter().map(|k| (k.key_id(), k)).collect(),
-        })
+        }
     }
 
-    /// The store's root directory.
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// The store's root directory; `None` for an object store.
+    pub fn root(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Local(l) => Some(&l.root),
+            Backend::S3(_) => None,
+        }
+    }
+
+    /// Where the blobs are, for messages: the directory, or `s3://BUCKET at ENDPOINT`
+    /// (never credentials).
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Local(l) => l.root.display().to_string(),
+            Backend::S3(b) => b.describe().to_owned(),
+        }
+    }
+
+    /// Checks that the store is usable now: for a directory, that it exists; for an
+    /// object store, that the bucket can be listed and that an object can be written
+    /// and deleted with these credentials (a probe object with a random name that
+    /// [`list`](Self::list) never returns). `serve` calls it before accepting work.
+    ///
+    /// # Errors
+    /// [`StoreError::Denied`] for refused credentials or permissions,
+    /// [`StoreError::Unavailable`] for an unreachable endpoint or a missing bucket,
+    /// [`StoreError::Io`] for a missing directory.
+    pub fn check(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Local(l) => fs::metadata(&l.tmp)
+                .map(|_| ())
+                .map_err(|e| io_err("stat directory", &l.tmp, e)),
+            Backend::S3(b) => b.check(),
+        }
     }
 
     /// Key id of the master key new blobs are written with.
@@ -487,11 +595,15 @@ impl BlobStore {
 
     /// Encrypts `plaintext` under a fresh random 256-bit data key, writes it to
     /// `root/tmp/<random>.tmp`, fsyncs it, renames it atomically to `root/<ab>/<id>` and
-    /// fsyncs the directory. Returns after the blob is durable.
+    /// fsyncs the directory. Returns after the blob is durable. In an object store: one
+    /// PUT of the object `<id>`, or a multipart upload (8 MiB parts) for a blob larger
+    /// than one part, returning after the PUT or the completion succeeded.
     ///
     /// # Errors
-    /// [`StoreError::NoSpace`] when the disk is full, [`StoreError::Io`] otherwise. On any
-    /// failure the temp file is removed (best effort) and nothing is published.
+    /// [`StoreError::NoSpace`] when the disk is full, [`StoreError::Io`] otherwise;
+    /// [`StoreError::Unavailable`] / [`StoreError::Denied`] from an object store. On any
+    /// failure the temp file is removed (an unfinished multipart upload aborted), best
+    /// effort, and nothing is published.
     pub fn put(&self, plaintext: &[u8]) -> Result<BlobInfo, StoreError> {
         let mut r = plaintext;
         self.put_reader(&mut r)
@@ -504,8 +616,29 @@ impl BlobStore {
     /// As [`put`](Self::put), plus [`StoreError::Source`] when `r` fails.
     pub fn put_reader(&self, r: &mut dyn Read) -> Result<BlobInfo, StoreError> {
         let id = BlobId::random();
-        let tmp_path = self.tmp.join(format!("{}{TMP_SUFFIX}", BlobId::random()));
-        let result = self.write_and_publish(&id, &tmp_path, FORMAT_VERSION, r);
+        let local = match &self.backend {
+            Backend::Local(l) => l,
+            Backend::S3(b) => {
+                let mut sink = b.writer(&id);
+                let written = self.encrypt_to(&mut sink, &id, FORMAT_VERSION, r);
+                let (plaintext_len, sha256) = match written {
+                    Ok(v) => v,
+                    Err(e) => {
+                        sink.abort();
+                        return Err(e);
+                    }
+                };
+                sink.finish()?;
+                return Ok(BlobInfo {
+                    id,
+                    key_id: self.current_id.clone(),
+                    plaintext_len,
+                    sha256,
+                });
+            }
+        };
+        let tmp_path = local.tmp.join(format!("{}{TMP_SUFFIX}", BlobId::random()));
+        let result = self.write_and_publish(local, &id, &tmp_path, FORMAT_VERSION, r);
         if result.is_err() {
             if let Err(e) = fs::remove_file(&tmp_path) {
                 if e.kind() != io::ErrorKind::NotFound {
@@ -537,20 +670,30 @@ impl BlobStore {
     /// # Errors
     /// As [`get`](Self::get) for the header.
     pub fn open_blob(&self, id: &BlobId) -> Result<BlobReader, StoreError> {
-        let path = self.blob_path(id);
-        let mut file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StoreError::NotFound { id: id.clone() })
-            }
-            Err(e) => return Err(io_err("open blob", &path, e)),
-        };
         let corrupt = |reason: &str| StoreError::Corrupt {
             id: id.clone(),
             reason: reason.to_owned(),
         };
         let mut header = [0u8; HEADER_LEN];
-        let n = read_full(&mut file, &mut header).map_err(|e| io_err("read blob", &path, e))?;
+        let (source, n) = match &self.backend {
+            Backend::Local(l) => {
+                let path = l.blob_path(id);
+                let mut file = match File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        return Err(StoreError::NotFound { id: id.clone() })
+                    }
+                    Err(e) => return Err(io_err("open blob", &path, e)),
+                };
+                let n =
+                    read_full(&mut file, &mut header).map_err(|e| io_err("read blob", &path, e))?;
+                (Source::File { file, path }, n)
+            }
+            Backend::S3(b) => {
+                let (reader, n) = b.open(id, &mut header)?;
+                (Source::Object(reader), n)
+            }
+        };
         if n < HEADER_LEN {
             return Err(corrupt("truncated header"));
         }
@@ -604,8 +747,7 @@ impl BlobStore {
         prefix.copy_from_slice(&header[OFF_PREFIX..]);
         let chunk = segment_size as usize + TAG_LEN;
         Ok(BlobReader {
-            file,
-            path,
+            source,
             id: id.clone(),
             version,
             cipher,
@@ -622,14 +764,20 @@ impl BlobStore {
         })
     }
 
-    /// Deletes a blob and fsyncs its directory. A blob that does not exist is not an error.
+    /// Deletes a blob and fsyncs its directory (an object store: one DELETE). A blob
+    /// that does not exist is not an error.
     ///
     /// # Errors
-    /// [`StoreError::Io`] when the file exists but cannot be removed.
+    /// [`StoreError::Io`] when the file exists but cannot be removed;
+    /// [`StoreError::Unavailable`] / [`StoreError::Denied`] from an object store.
     pub fn delete(&self, id: &BlobId) -> Result<(), StoreError> {
-        let path = self.blob_path(id);
+        let local = match &self.backend {
+            Backend::Local(l) => l,
+            Backend::S3(b) => return b.delete(id),
+        };
+        let path = local.blob_path(id);
         match fs::remove_file(&path) {
-            Ok(()) => fsync_dir(&self.root.join(id.shard())),
+            Ok(()) => fsync_dir(&local.root.join(id.shard())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err("delete blob", &path, e)),
         }
@@ -640,11 +788,19 @@ impl BlobStore {
     /// blob is published before its index row commits). Order is unspecified; entries
     /// that are not blobs are ignored.
     ///
+    /// In an object store the time is the object's last-modified time, and the listing
+    /// may lag behind recent writes (it is only ever used for this age-guarded sweep).
+    ///
     /// # Errors
-    /// [`StoreError::Io`] when a directory cannot be read.
+    /// [`StoreError::Io`] when a directory cannot be read;
+    /// [`StoreError::Unavailable`] / [`StoreError::Denied`] from an object store.
     pub fn list(&self) -> Result<Vec<(BlobId, SystemTime)>, StoreError> {
+        let local = match &self.backend {
+            Backend::Local(l) => l,
+            Backend::S3(b) => return b.list(),
+        };
         let mut out = Vec::new();
-        for shard in read_dir(&self.root)? {
+        for shard in read_dir(&local.root)? {
             let shard_name = shard.file_name();
             let Some(shard_name) = shard_name.to_str() else {
                 continue;
@@ -691,12 +847,20 @@ impl BlobStore {
     /// Use a generous `older_than` (minutes), since a put in progress keeps its temp
     /// file's mtime fresh only while data arrives.
     ///
+    /// An object store has no temporary files (an unfinished multipart upload is aborted
+    /// by the failing `put`; for a crash, give the bucket a lifecycle rule that aborts
+    /// incomplete multipart uploads): it returns 0.
+    ///
     /// # Errors
     /// [`StoreError::Io`] when the directory cannot be read or a file cannot be removed.
     pub fn sweep_tmp(&self, older_than: Duration) -> Result<usize, StoreError> {
+        let local = match &self.backend {
+            Backend::Local(l) => l,
+            Backend::S3(_) => return Ok(0),
+        };
         let now = SystemTime::now();
         let mut removed = 0;
-        for entry in read_dir(&self.tmp)? {
+        for entry in read_dir(&local.tmp)? {
             let path = entry.path();
             let meta = match entry.metadata() {
                 Ok(m) => m,
@@ -722,10 +886,6 @@ impl BlobStore {
         Ok(removed)
     }
 
-    fn blob_path(&self, id: &BlobId) -> PathBuf {
-        self.root.join(id.shard()).join(id.as_str())
-    }
-
     fn key_for(&self, key_id: &str) -> Option<&MasterKey> {
         if key_id == self.current_id {
             return Some(&self.current);
@@ -738,25 +898,31 @@ impl BlobStore {
 
     fn write_and_publish(
         &self,
+        local: &LocalDir,
         id: &BlobId,
         tmp_path: &Path,
         version: u8,
         r: &mut dyn Read,
     ) -> Result<BlobInfo, StoreError> {
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(tmp_path)
             .map_err(|e| io_err("create temp file", tmp_path, e))?;
-        let (plaintext_len, sha256) = self.encrypt_to(&mut file, tmp_path, id, version, r)?;
+        let mut sink = FileSink {
+            file,
+            path: tmp_path,
+        };
+        let (plaintext_len, sha256) = self.encrypt_to(&mut sink, id, version, r)?;
+        let file = sink.file;
         file.sync_all()
             .map_err(|e| io_err("fsync temp file", tmp_path, e))?;
         drop(file);
 
-        let shard_dir = self.root.join(id.shard());
+        let shard_dir = local.root.join(id.shard());
         match DirBuilder::new().mode(0o700).create(&shard_dir) {
-            Ok(()) => fsync_dir(&self.root)?,
+            Ok(()) => fsync_dir(&local.root)?,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err("create directory", &shard_dir, e)),
         }
@@ -774,8 +940,7 @@ impl BlobStore {
     /// Writes header and segments to `out`; returns plaintext length and SHA-256.
     fn encrypt_to(
         &self,
-        out: &mut File,
-        path: &Path,
+        out: &mut dyn Sink,
         id: &BlobId,
         version: u8,
         r: &mut dyn Read,
@@ -807,8 +972,7 @@ impl BlobStore {
             });
         }
         header[OFF_WRAPPED..OFF_PREFIX].copy_from_slice(&wrapped);
-        out.write_all(&header)
-            .map_err(|e| io_err("write temp file", path, e))?;
+        out.write_all(&header)?;
 
         // Segments, with one segment of lookahead to know which one is last.
         let cipher = Cipher::new(&data_key[..])?;
@@ -836,8 +1000,7 @@ impl BlobStore {
                 .map_err(|_| StoreError::Crypto {
                     op: "encrypting a segment",
                 })?;
-            out.write_all(&cur)
-                .map_err(|e| io_err("write temp file", path, e))?;
+            out.write_all(&cur)?;
             if last {
                 break;
             }
@@ -858,8 +1021,7 @@ impl BlobStore {
 /// Implements [`Read`]; corruption surfaces there as an [`io::Error`] of kind
 /// `InvalidData` wrapping the [`StoreError`].
 pub struct BlobReader {
-    file: File,
-    path: PathBuf,
+    source: Source,
     id: BlobId,
     /// Format version of the file (1 or 2).
     version: u8,
@@ -914,15 +1076,13 @@ impl BlobReader {
         }
         if !self.started {
             self.started = true;
-            read_chunk(&mut self.file, &mut self.next, self.chunk)
-                .map_err(|e| io_err("read blob", &self.path, e))?;
+            self.source.read_chunk(&mut self.next, self.chunk)?;
         }
         std::mem::swap(&mut self.cur, &mut self.next);
         let last = if self.cur.len() < self.chunk {
             true
         } else {
-            read_chunk(&mut self.file, &mut self.next, self.chunk)
-                .map_err(|e| io_err("read blob", &self.path, e))?;
+            self.source.read_chunk(&mut self.next, self.chunk)?;
             self.next.is_empty()
         };
         if self.cur.len() < TAG_LEN {
@@ -1015,9 +1175,59 @@ fn fill_segment(r: &mut dyn Read, buf: &mut Vec<u8>, seg: usize) -> io::Result<(
     Ok(())
 }
 
-/// Replaces `buf` with up to `chunk` bytes of the blob file.
-fn read_chunk(f: &mut File, buf: &mut Vec<u8>, chunk: usize) -> io::Result<()> {
-    fill_segment(f, buf, chunk)
+/// Where the blobs are.
+enum Backend {
+    Local(LocalDir),
+    S3(s3::S3Backend),
+}
+
+/// The local directory backend (see "On-disk layout" in the crate docs).
+struct LocalDir {
+    root: PathBuf,
+    tmp: PathBuf,
+}
+
+impl LocalDir {
+    fn blob_path(&self, id: &BlobId) -> PathBuf {
+        self.root.join(id.shard()).join(id.as_str())
+    }
+}
+
+/// Where [`BlobStore::encrypt_to`] writes the ciphertext.
+trait Sink {
+    fn write_all(&mut self, buf: &[u8]) -> Result<(), StoreError>;
+}
+
+/// A temporary file of the local directory backend.
+struct FileSink<'a> {
+    file: File,
+    path: &'a Path,
+}
+
+impl Sink for FileSink<'_> {
+    fn write_all(&mut self, buf: &[u8]) -> Result<(), StoreError> {
+        self.file
+            .write_all(buf)
+            .map_err(|e| io_err("write temp file", self.path, e))
+    }
+}
+
+/// Where a [`BlobReader`] reads the ciphertext after the header.
+enum Source {
+    File { file: File, path: PathBuf },
+    Object(s3::ObjectReader),
+}
+
+impl Source {
+    /// Replaces `buf` with the next up to `chunk` bytes of the blob (empty at its end).
+    fn read_chunk(&mut self, buf: &mut Vec<u8>, chunk: usize) -> Result<(), StoreError> {
+        match self {
+            Source::File { file, path } => {
+                fill_segment(file, buf, chunk).map_err(|e| io_err("read blob", path, e))
+            }
+            Source::Object(o) => o.read_chunk(buf, chunk),
+        }
+    }
 }
 
 /// Reads until `buf` is full or end of input; returns the number of bytes read.
@@ -1107,10 +1317,13 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| io_err("tempdir", Path::new("."), e))?;
         let store = BlobStore::open(dir.path(), MasterKey::generate())?;
         let id = BlobId::random();
-        let tmp = store.tmp.join("v1.tmp");
+        let Backend::Local(local) = &store.backend else {
+            unreachable!("opened as a directory")
+        };
+        let tmp = local.tmp.join("v1.tmp");
         let data = vec![42u8; 200_000];
         let mut r = &data[..];
-        store.write_and_publish(&id, &tmp, 1, &mut r)?;
+        store.write_and_publish(local, &id, &tmp, 1, &mut r)?;
         let mut reader = store.open_blob(&id)?;
         assert!(!reader.bound_to_id());
         let mut out = Vec::new();

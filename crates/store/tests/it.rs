@@ -18,8 +18,14 @@ fn store() -> Result<(tempfile::TempDir, BlobStore), StoreError> {
     Ok((dir, s))
 }
 
+/// The root of a store opened on a directory.
+fn root(s: &BlobStore) -> &Path {
+    s.root()
+        .unwrap_or_else(|| panic!("a directory store has a root"))
+}
+
 fn blob_file(s: &BlobStore, id: &BlobId) -> PathBuf {
-    s.root().join(&id.as_str()[..2]).join(id.as_str())
+    root(s).join(&id.as_str()[..2]).join(id.as_str())
 }
 
 fn pattern(len: usize) -> Vec<u8> {
@@ -293,8 +299,8 @@ fn list_returns_puts() -> TestResult {
         .map(|i| s.put(&[i as u8; 10]).map(|b| b.id))
         .collect::<Result<_, _>>()?;
     // Noise that list must ignore.
-    fs::write(s.root().join("README"), "x")?;
-    fs::create_dir_all(s.root().join("zz"))?;
+    fs::write(root(&s).join("README"), "x")?;
+    fs::create_dir_all(root(&s).join("zz"))?;
     let mut listed: Vec<BlobId> = s.list()?.into_iter().map(|(id, _)| id).collect();
     ids.sort();
     listed.sort();
@@ -305,7 +311,7 @@ fn list_returns_puts() -> TestResult {
 #[test]
 fn sweep_tmp_removes_old_files() -> TestResult {
     let (_d, s) = store()?;
-    let stale = s.root().join("tmp").join("stale.tmp");
+    let stale = root(&s).join("tmp").join("stale.tmp");
     fs::write(&stale, "x")?;
     assert_eq!(s.sweep_tmp(Duration::from_secs(3600))?, 0);
     std::thread::sleep(Duration::from_millis(20));
@@ -319,9 +325,9 @@ fn directories_are_private() -> TestResult {
     let (_d, s) = store()?;
     let info = s.put(b"x")?;
     for dir in [
-        s.root().to_path_buf(),
-        s.root().join("tmp"),
-        s.root().join(&info.id.as_str()[..2]),
+        root(&s).to_path_buf(),
+        root(&s).join("tmp"),
+        root(&s).join(&info.id.as_str()[..2]),
     ] {
         assert_eq!(fs::metadata(&dir)?.permissions().mode() & 0o777, 0o700);
     }

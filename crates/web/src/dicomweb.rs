@@ -1478,7 +1478,8 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
 /// refusal with its [`failure_reason`].
 ///
 /// # Errors
-/// [`ApiError::Internal`] when the index cannot be read back.
+/// [`ApiError::Internal`] when the index cannot be read back;
+/// [`ApiError::StoreUnavailable`] when the image store is down.
 fn store_part(
     archive: &Archive,
     origin: &Origin,
@@ -1545,6 +1546,10 @@ fn store_part(
                 series,
             })
         }
+        // The image store is down: the parts after this one would fail the same
+        // way, so the request stops here (503 with Retry-After when nothing was
+        // stored; else 202 naming the rest as not read, 0xA700).
+        Err(ArchiveError::StoreUnavailable(_)) => Err(ApiError::StoreUnavailable),
         Err(e) => {
             let sop = match &e {
                 ArchiveError::Conflict { sop_instance_uid } => sop_instance_uid.to_string(),

@@ -99,6 +99,11 @@ pub enum ApiError {
     /// `Retry-After`: [`BUSY_RETRY_AFTER_SECS`]).
     #[error("server busy: its memory budget is in use; retry later")]
     Busy,
+    /// The blob store (an object store) is unreachable or failing: nothing was
+    /// stored (503 with `Retry-After`: [`STORE_RETRY_AFTER_SECS`]); the detail
+    /// went to the operator log.
+    #[error("the image store is unavailable; retry later")]
+    StoreUnavailable,
     /// Anything else (500); the detail is logged, never sent.
     #[error("internal error")]
     Internal(String),
@@ -123,9 +128,10 @@ impl ApiError {
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable | ApiError::AuditUnavailable | ApiError::Busy => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Unavailable
+            | ApiError::AuditUnavailable
+            | ApiError::Busy
+            | ApiError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -135,6 +141,9 @@ impl ApiError {
         ApiError::Internal(format!("{context}: {e}"))
     }
 }
+
+/// `Retry-After` of [`ApiError::StoreUnavailable`], seconds.
+pub const STORE_RETRY_AFTER_SECS: u64 = 10;
 
 /// `Retry-After` of [`ApiError::AuditUnavailable`], seconds.
 pub const AUDIT_RETRY_AFTER_SECS: u64 = 30;
@@ -171,6 +180,12 @@ impl IntoResponse for ApiError {
                 HeaderValue::from(AUDIT_RETRY_AFTER_SECS),
             );
         }
+        if let ApiError::StoreUnavailable = self {
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(STORE_RETRY_AFTER_SECS),
+            );
+        }
         if let ApiError::Busy = self {
             r.headers_mut().insert(
                 header::RETRY_AFTER,
@@ -205,6 +220,8 @@ impl From<ArchiveError> for ApiError {
             | ArchiveError::InvalidDataset(_)
             | ArchiveError::Conflict { .. }) => ApiError::Unprocessable(e.to_string()),
             ArchiveError::Internal(d) => ApiError::Internal(format!("archive: {d}")),
+            // Logged where it happened (the archive), with the store's detail.
+            ArchiveError::StoreUnavailable(_) => ApiError::StoreUnavailable,
         }
     }
 }
@@ -246,6 +263,7 @@ pub fn failure_comment(e: &ArchiveError) -> String {
         ArchiveError::Internal(_) | ArchiveError::NotFound(_) => {
             "internal error; see the server log".to_owned()
         }
+        ArchiveError::StoreUnavailable(_) => "image store unavailable; retry later".to_owned(),
         other => other.to_string(),
     };
     error_comment(&text)
@@ -284,6 +302,7 @@ pub fn failure_reason(e: &ArchiveError) -> u16 {
         | ArchiveError::NoSpace
         | ArchiveError::NotFound(_)
         | ArchiveError::TooManyMatches { .. }
+        | ArchiveError::StoreUnavailable(_)
         | ArchiveError::Internal(_) => 0xA700,
     }
 }

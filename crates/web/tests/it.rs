@@ -1112,3 +1112,58 @@ async fn stow_bodies_and_bombs_stay_within_the_memory_budget() {
         .expect("index")
         .is_none());
 }
+
+/// STOW-RS while the image store (an S3 endpoint on a closed port) is down:
+/// 503 with `Retry-After: 10`, nothing stored and no index row (issue 12),
+/// never a 200.
+#[tokio::test]
+async fn stow_with_the_image_store_down_is_503_with_retry_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let master = MasterKey::from_bytes([7u8; 32]);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let location = bastion_store::S3Location::parse(&format!(
+        "s3://bastion-test?endpoint=http://127.0.0.1:{port}&region=garage"
+    ))
+    .expect("url");
+    let creds = bastion_store::S3Credentials::new("GKtest", "not-a-secret").expect("creds");
+    let store = BlobStore::open_s3(&location, creds, master.clone(), Vec::new()).expect("store");
+    let index = Arc::new(
+        Index::open(
+            &dir.path().join("index.db"),
+            &master.derive("bastion index v1"),
+        )
+        .expect("index"),
+    );
+    let events = EventLog::open(&dir.path().join("events/events.log")).expect("events");
+    let archive = Arc::new(Archive::new(
+        Arc::new(store),
+        index.clone(),
+        Arc::new(events),
+        Limits::default(),
+    ));
+    let app = bastion_web::router(AppState::new(
+        archive,
+        Arc::new(FakeAccounts),
+        WebConfig::default(),
+    ));
+    let body = stow_body(&[&part10(STUDY, SOP)]);
+    let n = body.len();
+    let (r, out) = send(&app, stow_request(Body::from(body), Some(n))).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(
+        r.headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()),
+        Some("10")
+    );
+    assert!(!String::from_utf8_lossy(&out).contains("not-a-secret"));
+    assert!(index.find_instance(SOP).expect("index").is_none());
+}
