@@ -6,6 +6,7 @@ stderr goes to a log file that is printed when a test fails.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -51,6 +52,24 @@ def corpus_root() -> Path:
     return root
 
 
+def engine_args(base: Path) -> list[str]:
+    """`bastion init` options for the engines under test. By default none:
+    the embedded SQLite index and local encrypted store. With
+    BASTION_TEST_STORE_URL (set by scripts/test.sh for its second interop
+    pass, on its Garage node), each server gets its own key prefix in that
+    bucket, so that one server's orphan sweep never sees another's blobs."""
+    url = os.environ.get("BASTION_TEST_STORE_URL", "")
+    if not url:
+        return []
+    scheme, rest = url.split("://", 1)
+    bucket, _, query = rest.partition("?")
+    prefix = f"t-{os.getpid()}-{abs(hash(str(base))) % 10**12}-{next(_PREFIXES)}"
+    return ["--store-url", f"{scheme}://{bucket.rstrip('/')}/{prefix}?{query}"]
+
+
+_PREFIXES = itertools.count()
+
+
 class Server:
     """One data dir, one `bastion serve` with a TLS and a plain listener."""
 
@@ -87,7 +106,7 @@ class Server:
         return r
 
     def init(self) -> subprocess.CompletedProcess:
-        r = self.cli("init")
+        r = self.cli("init", *engine_args(self.base))
         self.init_output = r.stdout + r.stderr
         return r
 
