@@ -18,7 +18,8 @@
 # (an EXIT trap chained after any trap already set).
 #
 # PostgreSQL refuses to run as root: as root, the cluster runs as the
-# `postgres` system user (runuser), in a temp dir that user owns.
+# `postgres` system user (runuser); its data and socket directories are
+# owned by that user, the password files by the caller (0600).
 
 bastion_pg_start() {
     local bin=${BASTION_PG_BIN_DIR:-/usr/lib/postgresql/15/bin}

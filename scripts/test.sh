@@ -26,6 +26,8 @@ step() { printf '\n==> %s\n' "$*"; }
 step "1/8 system packages (DCMTK, cmake, nasm, g++, chromium, node, Orthanc)"
 need=()
 [[ -x /usr/bin/storescu && -x /usr/bin/echoscu && -x /usr/bin/storescp ]] || need+=(dcmtk)
+# PostgreSQL 15 for the index engine's conformance suite (scripts/postgres.sh)
+[[ -x /usr/lib/postgresql/15/bin/initdb ]] || need+=(postgresql)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 # the sandboxed decoders' C/C++ sources: CharLS (JPEG-LS, C++) and
 # libjpeg-turbo 3.1 (12-bit JPEG; nasm for its SIMD code)
@@ -90,8 +92,12 @@ step "4/8 cargo fmt + clippy"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
-step "5/8 cargo build + cargo test"
+step "5/8 cargo build + cargo test (a throwaway PostgreSQL 15 for the index conformance suite)"
 cargo build --workspace
+# Starts a cluster on 127.0.0.1 in a temp dir, exports BASTION_TEST_PG_URL
+# (password in a 0600 file, never printed) and removes it at exit.
+# shellcheck source=scripts/postgres.sh
+. scripts/postgres.sh
 cargo test --workspace
 
 step "6/8 supply chain: cargo deny (advisories offline, licenses, bans, sources), CycloneDX SBOM"
