@@ -28,7 +28,30 @@ pub struct Config {
     pub audit: AuditSection,
     /// Where the keys are.
     pub secrets: SecretsSection,
+    /// Where the metadata index is (embedded SQLite, or PostgreSQL).
+    pub index: IndexSection,
 }
+
+/// `[index]`: the metadata index engine (docs/scale-out.md). Absent `url`:
+/// the SQLCipher file `index.db` in the data directory (the default).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IndexSection {
+    /// `postgres://USER@HOST:PORT/DB`: the index in PostgreSQL (schema
+    /// `bastion_index`). Never a password: that comes from `PGPASSWORD` or
+    /// the 0600 file `index-password` in the secrets directory.
+    pub url: Option<String>,
+    /// PEM file of the CA(s) that sign the database server's certificate:
+    /// TLS with chain and host-name verification (verify-full). Absent:
+    /// plaintext, accepted only to loopback or a unix socket.
+    pub ca: Option<PathBuf>,
+    /// The PostgreSQL schema of the index (default `bastion_index`): another
+    /// name lets several installations (e.g. test servers) share one database.
+    pub schema: Option<String>,
+}
+
+/// The secrets-directory file holding the PostgreSQL index password.
+pub const INDEX_PASSWORD_FILE: &str = "index-password";
 
 /// `[secrets]`: where the master key, the audit-signing key and the CA key
 /// live ([`crate::keys`]).
@@ -651,7 +674,30 @@ webhook_queue = {dwq}
 # tls/ca.key), which `serve` and the posture page warn about: a copy of the
 # directory then decrypts everything.
 {secrets_dir}
+
+[index]
+# The metadata index. Commented out: the encrypted SQLite file index.db in
+# this data directory. A PostgreSQL URL (no password in it: PGPASSWORD or the
+# 0600 file index-password in the secrets directory) puts it in PostgreSQL,
+# identifying values encrypted (docs/scale-out.md, set by `bastion init
+# --index-url`). `ca`: the CA file for TLS (verify-full); without it only
+# loopback or a unix socket, in plaintext.
+{index_url}
+{index_ca}
+{index_schema}
 "#,
+            index_url = match &self.index.url {
+                Some(u) => format!("url = {}", toml::Value::String(u.clone())),
+                None => "# url = \"postgres://bastion@db.example:5432/bastion\"".into(),
+            },
+            index_schema = match &self.index.schema {
+                Some(s) => format!("schema = {}", toml::Value::String(s.clone())),
+                None => "# schema = \"bastion_index\"".into(),
+            },
+            index_ca = match &self.index.ca {
+                Some(c) => format!("ca = {}", toml::Value::String(c.display().to_string())),
+                None => "# ca = \"/etc/bastion/db-ca.pem\"".into(),
+            },
             secrets_dir = match &self.secrets.dir {
                 Some(d) => format!("dir = {}", toml::Value::String(d.clone())),
                 None => "# dir = \"/etc/bastion/secrets\"".into(),

@@ -149,6 +149,17 @@ pub enum IndexError {
     },
 }
 
+impl IndexError {
+    /// Whether PostgreSQL refused the login (wrong password or unknown role:
+    /// SQLSTATE 28P01 / 28000), so the caller can name the credentials.
+    pub fn is_credentials_refused(&self) -> bool {
+        use postgres::error::SqlState;
+        matches!(self, IndexError::Postgres { source, .. }
+            if source.code() == Some(&SqlState::INVALID_PASSWORD)
+                || source.code() == Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION))
+    }
+}
+
 /// Maps a rusqlite error, recognising "disk full" as [`IndexError::NoSpace`].
 fn sql_err(op: &'static str) -> impl Fn(rusqlite::Error) -> IndexError {
     move |source| {
@@ -490,7 +501,7 @@ impl Index {
     /// [`IndexError::WrongKey`] (its `path` is `postgres://USER@HOST:PORT/DB`);
     /// [`IndexError::SchemaTooNew`].
     pub fn open_postgres(connect: &PgConnect, key: &[u8; 32]) -> Result<Index, IndexError> {
-        let pg = pg::PgIndex::open(connect, key)?;
+        let pg = pg::off_runtime(|| pg::PgIndex::open(connect, key))?;
         Ok(Index {
             path: PathBuf::from(pg.name()),
             engine: Engine::Postgres(pg),
@@ -517,7 +528,7 @@ impl Index {
     pub fn quick_check(&self) -> Result<Vec<String>, IndexError> {
         let conn = match self.conn() {
             Conn::Sqlite(c) => c,
-            Conn::Postgres(pg) => return pg.quick_check(),
+            Conn::Postgres(pg) => return pg::off_runtime(|| pg.quick_check()),
         };
         let mut st = conn
             .prepare("PRAGMA quick_check")
@@ -540,7 +551,7 @@ impl Index {
     ) -> Result<Option<StoredInstance>, IndexError> {
         let conn = match self.conn() {
             Conn::Sqlite(c) => c,
-            Conn::Postgres(pg) => return pg.find_instance(sop_instance_uid),
+            Conn::Postgres(pg) => return pg::off_runtime(|| pg.find_instance(sop_instance_uid)),
         };
         Ok(find_row(&conn, sop_instance_uid)?.map(|(s, _)| s))
     }
@@ -573,7 +584,7 @@ impl Index {
     pub fn commit_batch(&self, records: &[NewInstance]) -> Result<Vec<CommitOutcome>, IndexError> {
         let mut conn = match self.conn() {
             Conn::Sqlite(c) => c,
-            Conn::Postgres(pg) => return pg.commit_batch(records),
+            Conn::Postgres(pg) => return pg::off_runtime(|| pg.commit_batch(records)),
         };
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -594,7 +605,7 @@ impl Index {
     pub fn blob_ids(&self) -> Result<std::collections::HashSet<String>, IndexError> {
         let conn = match self.conn() {
             Conn::Sqlite(c) => c,
-            Conn::Postgres(pg) => return pg.blob_ids(),
+            Conn::Postgres(pg) => return pg::off_runtime(|| pg.blob_ids()),
         };
         let mut stmt = conn
             .prepare("SELECT blob_id FROM instances UNION SELECT blob_id FROM replaced_instances")
@@ -613,7 +624,7 @@ impl Index {
     pub fn counts(&self) -> Result<Counts, IndexError> {
         let conn = match self.conn() {
             Conn::Sqlite(c) => c,
-            Conn::Postgres(pg) => return pg.counts(),
+            Conn::Postgres(pg) => return pg::off_runtime(|| pg.counts()),
         };
         let (p, st, se, i): (i64, i64, i64, i64) = conn
             .query_row(
@@ -638,7 +649,7 @@ impl Index {
     pub fn list_instances(&self, limit: u32) -> Result<Vec<StoredInstance>, IndexError> {
         let conn = match self.conn() {
             Conn::Sqlite(c) => c,
-            Conn::Postgres(pg) => return pg.list_instances(limit),
+            Conn::Postgres(pg) => return pg::off_runtime(|| pg.list_instances(limit)),
         };
         let sql = format!("{SELECT_INSTANCE} ORDER BY i.id LIMIT ?1");
         let mut stmt = conn.prepare(&sql).map_err(sql_err("list instances"))?;

@@ -371,7 +371,7 @@ impl Index {
     ) -> Result<(), IndexError> {
         let conn = match self.conn() {
             Conn::Sqlite(c) => c,
-            Conn::Postgres(pg) => return pg.scan(level, prefilters, &mut each),
+            Conn::Postgres(pg) => return pg.scan_any_thread(level, prefilters, &mut each),
         };
         let (sql, args) = scan_sql(level, prefilters);
         let mut stmt = conn.prepare_cached(&sql).map_err(sql_err("query scan"))?;
@@ -394,7 +394,7 @@ impl Index {
     pub fn patient_counts(&self, patient: i64) -> Result<PatientCounts, IndexError> {
         let conn = match self.conn() {
             Conn::Sqlite(c) => c,
-            Conn::Postgres(pg) => return pg.patient_counts(patient),
+            Conn::Postgres(pg) => return crate::pg::off_runtime(|| pg.patient_counts(patient)),
         };
         let (a, b, c): (i64, i64, i64) = conn
             .prepare_cached(
@@ -430,7 +430,7 @@ impl Index {
             .collect();
         let mut conn = match self.conn() {
             Conn::Sqlite(c) => c,
-            Conn::Postgres(pg) => return pg.study_counts_many(studies),
+            Conn::Postgres(pg) => return crate::pg::off_runtime(|| pg.study_counts_many(studies)),
         };
         let tx = conn.transaction().map_err(sql_err("study counts"))?;
         for batch in studies.chunks(500) {
@@ -486,8 +486,7 @@ impl Index {
         let conn = match self.conn() {
             Conn::Sqlite(c) => c,
             Conn::Postgres(pg) => {
-                return Ok(pg
-                    .study_counts_many(&[study])?
+                return Ok(crate::pg::off_runtime(|| pg.study_counts_many(&[study]))?
                     .remove(&study)
                     .unwrap_or_default())
             }
@@ -531,7 +530,9 @@ impl Index {
     pub fn series_instance_count(&self, series: i64) -> Result<u64, IndexError> {
         let conn = match self.conn() {
             Conn::Sqlite(c) => c,
-            Conn::Postgres(pg) => return pg.series_instance_count(series),
+            Conn::Postgres(pg) => {
+                return crate::pg::off_runtime(|| pg.series_instance_count(series))
+            }
         };
         let n: i64 = conn
             .prepare_cached("SELECT count(*) FROM instances WHERE series_ref = ?1")
@@ -562,7 +563,7 @@ impl Index {
         };
         let conn = match self.conn() {
             Conn::Sqlite(c) => c,
-            Conn::Postgres(pg) => return pg.instances_under(cond, id),
+            Conn::Postgres(pg) => return crate::pg::off_runtime(|| pg.instances_under(cond, id)),
         };
         let sql = format!("{} WHERE {cond} ORDER BY i.id", crate::SELECT_INSTANCE);
         let mut stmt = conn

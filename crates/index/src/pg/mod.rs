@@ -241,7 +241,7 @@ impl PgIndex {
             config.password(pw.as_bytes());
         }
         config.options(&format!(
-            "-c search_path={} -c synchronous_commit=on -c default_transaction_isolation=read\\ committed",
+            "-c search_path={} -c synchronous_commit=on -c default_transaction_isolation=read\\ committed -c client_min_messages=warning",
             c.schema
         ));
         config.application_name("bastion");
@@ -743,6 +743,39 @@ impl PgIndex {
         Ok(Vec::new())
     }
 
+    /// [`scan`](Self::scan) from any thread (see [`off_runtime`]); on a
+    /// current-thread runtime the rows are collected first, then handed out.
+    pub(crate) fn scan_any_thread(
+        &self,
+        level: Level,
+        prefilters: &[Prefilter],
+        each: &mut dyn FnMut(EntityRow) -> bool,
+    ) -> Result<(), IndexError> {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        match Handle::try_current().map(|h| h.runtime_flavor()) {
+            Err(_) => self.scan(level, prefilters, each),
+            Ok(RuntimeFlavor::MultiThread) => {
+                tokio::task::block_in_place(|| self.scan(level, prefilters, each))
+            }
+            Ok(_) => {
+                let rows = off_runtime(|| {
+                    let mut rows = Vec::new();
+                    self.scan(level, prefilters, &mut |r| {
+                        rows.push(r);
+                        true
+                    })
+                    .map(|()| rows)
+                })?;
+                for r in rows {
+                    if !each(r) {
+                        break;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
     pub(crate) fn scan(
         &self,
         level: Level,
@@ -1087,6 +1120,24 @@ impl PgIndex {
         let mut conn = self.conn()?;
         let rows = conn.query(&sql, &[&id]).map_err(pg_err(op))?;
         rows.iter().map(|r| Ok(stored_from_row(r)?.0)).collect()
+    }
+}
+
+/// Runs `f`, a call of the blocking `postgres` client, so that it works from
+/// any thread: outside Tokio directly; on a multi-thread runtime through
+/// `block_in_place` (an async worker, e.g. the audit trail's patient lookup
+/// run by the web layer's event recording, may call the index: the
+/// client's own `block_on` would panic there); on a current-thread runtime
+/// on a scoped thread of its own.
+pub(crate) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Err(_) => f(),
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        Ok(_) => std::thread::scope(|s| match s.spawn(f).join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }),
     }
 }
 

@@ -944,3 +944,33 @@ fn walk(dir: PathBuf) -> Vec<PathBuf> {
 fn memchr_find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     memchr::memmem::find(hay, needle)
 }
+
+/// The index is usable from an async task on either Tokio runtime flavour
+/// (the web layer's event recording looks patients up on an async worker):
+/// the PostgreSQL client's own `block_on` must not panic there.
+#[test]
+fn usable_from_async_tasks() -> TestResult {
+    each_engine("async", |f| {
+        let idx = &f.index;
+        let multi = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()?;
+        let current = tokio::runtime::Builder::new_current_thread().build()?;
+        for (i, rt) in [multi, current].iter().enumerate() {
+            let got: Result<(Vec<String>, u64), IndexError> = rt.block_on(async {
+                let r = rec(
+                    "P1",
+                    "3.1",
+                    "3.1.1",
+                    &format!("3.1.1.{i}"),
+                    &format!("z{i}"),
+                );
+                idx.commit_batch(&[r])?;
+                let studies = scan(idx, Level::Study, &[any_of(Column::PatientId, &["P1"])])?;
+                Ok((studies, idx.counts()?.instances))
+            });
+            assert_eq!(got?, (vec!["3.1".to_owned()], i as u64 + 1));
+        }
+        Ok(())
+    })
+}
