@@ -113,7 +113,8 @@ type Tx<'a> = postgres::Transaction<'a>;
 
 /// An open PostgreSQL index.
 pub(crate) struct PgIndex {
-    pool: Pool,
+    /// Always `Some` until dropped (see the `Drop` impl).
+    pool: Option<Pool>,
     keys: Keys,
     /// `postgres://USER@HOST:PORT/DB`, for errors.
     name: String,
@@ -124,6 +125,17 @@ impl std::fmt::Debug for PgIndex {
         f.debug_struct("PgIndex")
             .field("name", &self.name)
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PgIndex {
+    /// Closing a `postgres` client blocks on its runtime: the pool's
+    /// connections are closed off any async context (`serve` drops the
+    /// archive inside its runtime at shutdown).
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            off_runtime(move || drop(pool));
+        }
     }
 }
 
@@ -269,7 +281,11 @@ impl PgIndex {
             .min_idle(Some(0))
             .connection_timeout(Duration::from_secs(30))
             .build_unchecked(manager);
-        Ok(PgIndex { pool, keys, name })
+        Ok(PgIndex {
+            pool: Some(pool),
+            keys,
+            name,
+        })
     }
 
     /// `postgres://USER@HOST:PORT/DB`.
@@ -281,9 +297,15 @@ impl PgIndex {
         &self,
     ) -> Result<r2d2::PooledConnection<PostgresConnectionManager<MakeRustlsConnect>>, IndexError>
     {
-        self.pool.get().map_err(|e| IndexError::Unavailable {
-            reason: e.to_string(),
-        })
+        self.pool
+            .as_ref()
+            .ok_or_else(|| IndexError::Unavailable {
+                reason: "index closed".into(),
+            })?
+            .get()
+            .map_err(|e| IndexError::Unavailable {
+                reason: e.to_string(),
+            })
     }
 
     /// Runs `f` in a READ COMMITTED transaction, tried again (bounded) when a

@@ -967,6 +967,14 @@ fn usable_from_async_tasks() -> TestResult {
                 );
                 idx.commit_batch(&[r])?;
                 let studies = scan(idx, Level::Study, &[any_of(Column::PatientId, &["P1"])])?;
+                // Opened and dropped (its connections closed) on the runtime.
+                let other = match (&f.dir, &f.pg) {
+                    (Some(d), _) => Index::open(&d.path().join("index.db"), &KEY)?,
+                    (None, Some(c)) => Index::open_postgres(c, &KEY)?,
+                    (None, None) => Index::open(std::path::Path::new("/nonexistent/x"), &KEY)?,
+                };
+                assert_eq!(other.counts()?, idx.counts()?);
+                drop(other);
                 Ok((studies, idx.counts()?.instances))
             });
             assert_eq!(got?, (vec!["3.1".to_owned()], i as u64 + 1));
