@@ -109,6 +109,15 @@ step "7/8 fuzz smoke (every target ~10 s, nightly + cargo-fuzz cached outside th
 step "8/8 interop tests (pytest tests/interop)"
 BASTION_BIN=target/debug/bastion BASTION_CORPUS=.cache/corpus \
     "$VENV/bin/python" -m pytest tests/interop -v -p no:cacheprovider "$@"
+# The same ingest, query/retrieve, DICOMweb and CLI tests again with every
+# server's index on the throwaway PostgreSQL (a schema per server; issue 12).
+# The password goes to this pytest run's environment only, never printed.
+step "8/8 interop tests again, index on PostgreSQL"
+PGPASSWORD=$(cat "$BASTION_TEST_PG_PASSWORD_FILE") BASTION_TEST_INDEX_URL=$BASTION_TEST_PG_URL \
+    BASTION_BIN=target/debug/bastion BASTION_CORPUS=.cache/corpus \
+    "$VENV/bin/python" -m pytest tests/interop/test_find.py tests/interop/test_dicomweb.py \
+    tests/interop/test_retrieve.py tests/interop/test_archive.py tests/interop/test_interop.py \
+    tests/interop/test_cli.py -q -p no:cacheprovider "$@"
 
 if ((FULL)); then
     step "full: long fuzz runs (${FUZZ_LONG_SECONDS:-600} s per target)"
