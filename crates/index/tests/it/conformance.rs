@@ -23,13 +23,15 @@ const KEY: [u8; 32] = [0x42; 32];
 const PG_URL: &str = "BASTION_TEST_PG_URL";
 
 /// One engine's fresh, empty index and what is needed to inspect and remove it.
-struct Fixture {
-    engine: &'static str,
-    index: Index,
+pub(crate) struct Fixture {
+    /// `sqlite` or `postgres`.
+    pub(crate) engine: &'static str,
+    /// The index under test.
+    pub(crate) index: Index,
     /// SQLite: the temp dir holding the file.
     dir: Option<tempfile::TempDir>,
     /// PostgreSQL: the connection settings (schema of this test).
-    pg: Option<PgConnect>,
+    pub(crate) pg: Option<PgConnect>,
 }
 
 impl Drop for Fixture {
@@ -67,6 +69,11 @@ fn pg_connect(test: &str) -> Option<PgConnect> {
     Some(c)
 }
 
+/// [`pg_client`] for the other test modules.
+pub(crate) fn pg_client_pub(c: &PgConnect) -> Result<postgres::Client, postgres::Error> {
+    pg_client(c)
+}
+
 /// A plain client to the test database (to inspect or drop a schema).
 fn pg_client(c: &PgConnect) -> Result<postgres::Client, postgres::Error> {
     let mut config: postgres::Config = c.url.parse()?;
@@ -74,6 +81,11 @@ fn pg_client(c: &PgConnect) -> Result<postgres::Client, postgres::Error> {
         config.password(pw.as_bytes());
     }
     config.connect(postgres::NoTls)
+}
+
+/// [`each_engine`] for the other test modules.
+pub(crate) fn each_engine_pub(test: &str, body: impl Fn(&Fixture) -> TestResult) -> TestResult {
+    each_engine(test, body)
 }
 
 /// Runs `body` on a fresh index of every available engine.

@@ -2,6 +2,7 @@
 //! (SQLite), and the conformance suite every engine passes (`conformance`).
 
 mod conformance;
+mod timing;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
