@@ -829,6 +829,34 @@ impl AccountsSection {
 mod tests {
     use super::*;
 
+    /// `bastion init --index-url` writes `[index] url` (and schema); the
+    /// rendered file reads back the same values; without it, no URL.
+    #[test]
+    fn index_section_round_trips() {
+        let mut c = Config::default();
+        let parsed: Config = match toml::from_str(&c.render()) {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(parsed.index.url, None);
+        c.index.url = Some("postgres://bastion@db.example:5432/bastion".into());
+        c.index.schema = Some("site_a".into());
+        c.index.ca = Some(PathBuf::from("/etc/bastion/db-ca.pem"));
+        let parsed: Config = match toml::from_str(&c.render()) {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(
+            parsed.index.url.as_deref(),
+            Some("postgres://bastion@db.example:5432/bastion")
+        );
+        assert_eq!(parsed.index.schema.as_deref(), Some("site_a"));
+        assert_eq!(
+            parsed.index.ca,
+            Some(PathBuf::from("/etc/bastion/db-ca.pem"))
+        );
+    }
+
     #[test]
     fn rendered_file_parses_back_to_the_defaults() {
         let c = Config::default();
