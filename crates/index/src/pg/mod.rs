@@ -383,7 +383,7 @@ impl PgIndex {
         let pool = r2d2::Pool::builder()
             .max_size(c.pool_size.max(1))
             .min_idle(Some(0))
-            .connection_timeout(Duration::from_secs(30))
+            .connection_timeout(Duration::from_secs(10))
             .build_unchecked(manager);
         Ok(PgIndex {
             pool: Some(pool),
