@@ -23,9 +23,11 @@ PY_PACKAGES=(pydicom==3.0.2 pynetdicom==3.0.4 pytest==9.2.0 cryptography==50.0.2
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "1/9 system packages (DCMTK, cmake, nasm, g++, chromium, node, Orthanc)"
+step "1/10 system packages (DCMTK, cmake, nasm, g++, chromium, node, Orthanc)"
 need=()
 [[ -x /usr/bin/storescu && -x /usr/bin/echoscu && -x /usr/bin/storescp ]] || need+=(dcmtk)
+# PostgreSQL 15 for the index engine's conformance suite (scripts/postgres.sh)
+[[ -x /usr/lib/postgresql/15/bin/initdb ]] || need+=(postgresql)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 # the sandboxed decoders' C/C++ sources: CharLS (JPEG-LS, C++) and
 # libjpeg-turbo 3.1 (12-bit JPEG; nasm for its SIMD code)
@@ -55,7 +57,7 @@ else
     echo "dcmtk, cmake and nasm present"
 fi
 
-step "2/9 python venv ($VENV) and tests/ui node modules"
+step "2/10 python venv ($VENV) and tests/ui node modules"
 if [[ ! -x $VENV/bin/python ]]; then
     python3 -m venv "$VENV"
 fi
@@ -81,16 +83,16 @@ if [[ ! -d tests/ui/node_modules/playwright-core ]]; then
     (cd tests/ui && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund)
 fi
 
-step "3/9 test corpus, and the OHIF Viewer the browser tests serve (cached outside the checkout)"
+step "3/10 test corpus, and the OHIF Viewer the browser tests serve (cached outside the checkout)"
 PYTHON=$VENV/bin/python ./scripts/fetch-corpus.sh
 BASTION_OHIF_DIR=$(./scripts/fetch-ohif.sh)
 export BASTION_OHIF_DIR
 
-step "4/9 cargo fmt + clippy"
+step "4/10 cargo fmt + clippy"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
-step "5/9 Garage (S3-compatible object store) for the object-store tests: a throwaway node on 127.0.0.1"
+step "5/10 Garage (S3-compatible object store) for the object-store tests: a throwaway node on 127.0.0.1"
 # Built once per machine into ~/.cargo/bin (about 12 min on 2 cores); the
 # node lives in a temp dir and stops when this script exits. Its env
 # (BASTION_TEST_S3_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
@@ -103,19 +105,36 @@ set -a
 source "$GARAGE_DIR/env"
 set +a
 
-step "6/9 cargo build + cargo test"
+step "6/10 cargo build + cargo test (a throwaway PostgreSQL 15 for the index conformance suite)"
 cargo build --workspace
+# Starts a cluster on 127.0.0.1 in a temp dir, exports BASTION_TEST_PG_URL
+# (password in a 0600 file, never printed) and removes it at exit.
+# shellcheck source=scripts/postgres.sh
+. scripts/postgres.sh
 cargo test --workspace
 
-step "7/9 supply chain: cargo deny (advisories offline, licenses, bans, sources), CycloneDX SBOM"
+step "7/10 supply chain: cargo deny (advisories offline, licenses, bans, sources), CycloneDX SBOM"
 ./scripts/supply-chain.sh
 
-step "8/9 fuzz smoke (every target ~10 s, nightly + cargo-fuzz cached outside the checkout)"
+step "8/10 fuzz smoke (every target ~10 s, nightly + cargo-fuzz cached outside the checkout)"
 ./scripts/fuzz.sh smoke
 
-step "9/9 interop tests (pytest tests/interop)"
+step "9/10 interop tests (pytest tests/interop)"
 BASTION_BIN=target/debug/bastion BASTION_CORPUS=.cache/corpus \
     "$VENV/bin/python" -m pytest tests/interop -v -p no:cacheprovider "$@"
+# The same ingest, query/retrieve, DICOMweb, CLI and large-instance tests
+# again on the scale-out engines (issue 12): every server's index on the
+# throwaway PostgreSQL (a schema per server) and its blobs in the Garage
+# bucket (a key prefix per server). The password goes to this pytest run's
+# environment only, never printed.
+step "10/10 interop tests again, index on PostgreSQL and blobs on Garage (S3)"
+PGPASSWORD=$(cat "$BASTION_TEST_PG_PASSWORD_FILE") BASTION_TEST_INDEX_URL=$BASTION_TEST_PG_URL \
+    BASTION_TEST_STORE_URL=$BASTION_TEST_S3_URL \
+    BASTION_BIN=target/debug/bastion BASTION_CORPUS=.cache/corpus \
+    "$VENV/bin/python" -m pytest tests/interop/test_find.py tests/interop/test_dicomweb.py \
+    tests/interop/test_retrieve.py tests/interop/test_archive.py tests/interop/test_interop.py \
+    tests/interop/test_cli.py tests/interop/test_users.py tests/interop/test_spill.py \
+    -q -p no:cacheprovider "$@"
 
 if ((FULL)); then
     step "full: long fuzz runs (${FUZZ_LONG_SECONDS:-600} s per target)"

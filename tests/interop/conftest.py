@@ -6,7 +6,6 @@ stderr goes to a log file that is printed when a test fails.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -14,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -53,21 +53,24 @@ def corpus_root() -> Path:
 
 
 def engine_args(base: Path) -> list[str]:
-    """`bastion init` options for the engines under test. By default none:
-    the embedded SQLite index and local encrypted store. With
-    BASTION_TEST_STORE_URL (set by scripts/test.sh for its second interop
-    pass, on its Garage node), each server gets its own key prefix in that
-    bucket, so that one server's orphan sweep never sees another's blobs."""
+    """`bastion init` options for the engines under test (issue 12). By
+    default none: the embedded SQLite index and local encrypted store.
+    scripts/test.sh's second interop pass sets BASTION_TEST_INDEX_URL (a
+    PostgreSQL URL; the password in PGPASSWORD): each server's index in a
+    schema of its own; and BASTION_TEST_STORE_URL (its Garage bucket): each
+    server's blobs under a key prefix of their own, so that one server's
+    orphan sweep never sees another's blobs."""
+    args = []
+    pg = os.environ.get("BASTION_TEST_INDEX_URL", "")
+    if pg:
+        args += ["--index-url", pg, "--index-schema", "i" + uuid.uuid4().hex[:20]]
     url = os.environ.get("BASTION_TEST_STORE_URL", "")
-    if not url:
-        return []
-    scheme, rest = url.split("://", 1)
-    bucket, _, query = rest.partition("?")
-    prefix = f"t-{os.getpid()}-{abs(hash(str(base))) % 10**12}-{next(_PREFIXES)}"
-    return ["--store-url", f"{scheme}://{bucket.rstrip('/')}/{prefix}?{query}"]
-
-
-_PREFIXES = itertools.count()
+    if url:
+        scheme, rest = url.split("://", 1)
+        bucket, _, query = rest.partition("?")
+        prefix = f"t{uuid.uuid4().hex[:20]}"
+        args += ["--store-url", f"{scheme}://{bucket.rstrip('/')}/{prefix}?{query}"]
+    return args
 
 
 class Server:

@@ -14,9 +14,12 @@ def test_init_layout_and_secrets(make_server):
     srv = make_server(start=False)
     d = srv.data
     assert mode(d) == 0o700
-    for f in ["bastion.toml", "tls/ca.crt", "tls/server.crt", "security.db", "index.db",
-              "events/events.log"]:
+    # on PostgreSQL (BASTION_TEST_INDEX_URL) the index is not a file here
+    pg = bool(os.environ.get("BASTION_TEST_INDEX_URL"))
+    for f in ["bastion.toml", "tls/ca.crt", "tls/server.crt", "security.db",
+              *([] if pg else ["index.db"]), "events/events.log"]:
         assert (d / f).is_file(), f
+    assert (d / "index.db").exists() != pg
     assert (d / "blobs").is_dir()
     for f in ["tls/ca.key", "tls/server.key", "secrets/master.key",
               "secrets/audit-signing.key", "initial-admin-password"]:
@@ -184,6 +187,8 @@ def test_doctor_reports_each_check_and_fails_on_a_damaged_database(make_server):
     assert {row["level"] for row in rows} <= {"ok", "warn", "fail"}
     assert any(row["check"] == "audit trail" and row["level"] == "ok" for row in rows)
 
+    if os.environ.get("BASTION_TEST_INDEX_URL"):
+        return  # the index is in PostgreSQL: no file here to damage
     # Damage the index database: overwrite 4 KiB in its second page.
     db = srv.data / "index.db"
     with open(db, "r+b") as f:
@@ -357,3 +362,44 @@ def test_study_list_escapes_control_characters_and_survives_a_closed_pipe(make_s
     piped = subprocess.run(f"{srv.bin} --data {srv.data} study list | head -1",
                            shell=True, capture_output=True, text=True, timeout=120)
     assert "panicked" not in piped.stderr, piped.stderr
+
+
+def test_index_on_postgres_credentials(make_server):
+    """Index on PostgreSQL (issue 12): a wrong database password stops `serve`
+    with a message naming the setting and where the password came from, never
+    the password; without PGPASSWORD the 0600 secrets file index-password is
+    used, and refused when others may read it."""
+    import subprocess
+    import pytest
+    if not os.environ.get("BASTION_TEST_INDEX_URL"):
+        pytest.skip("BASTION_TEST_INDEX_URL is not set: the index is embedded")
+    srv = make_server(start=False)
+    good = os.environ["PGPASSWORD"]
+
+    def run(*args, env):
+        cmd = [str(srv.bin), args[0], "--data", str(srv.data), *args[1:]]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env,
+                              stdin=subprocess.DEVNULL)
+
+    wrong = dict(os.environ, PGPASSWORD="wrong-pw-h10xyz")
+    r = run("serve", "--dicom-addr", "127.0.0.1:0", env=wrong)
+    assert r.returncode != 0
+    assert "[index] url" in r.stderr and "refused the credentials" in r.stderr, r.stderr
+    assert "PGPASSWORD" in r.stderr, r.stderr
+    assert "wrong-pw-h10xyz" not in r.stderr + r.stdout
+
+    no_env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
+    pw_file = srv.data / "secrets" / "index-password"
+    pw_file.write_text(good + "\n")
+    os.chmod(pw_file, 0o600)
+    r = run("doctor", env=no_env)
+    assert "index database" in r.stdout and "opens with its key" in r.stdout, r.stdout + r.stderr
+    os.chmod(pw_file, 0o644)
+    r = run("doctor", env=no_env)
+    assert "index-password" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert good not in r.stdout + r.stderr
+    os.chmod(pw_file, 0o600)
+    pw_file.write_text("wrong-file-pw\n")
+    r = run("serve", "--dicom-addr", "127.0.0.1:0", env=no_env)
+    assert r.returncode != 0 and "index-password" in r.stderr, r.stderr
+    assert "wrong-file-pw" not in r.stderr + r.stdout

@@ -130,6 +130,15 @@ pub struct InitArgs {
     /// directory; recorded as `[secrets] dir` in bastion.toml.
     #[arg(long, value_name = "DIR")]
     secrets_dir: Option<PathBuf>,
+    /// Put the metadata index in PostgreSQL, `postgres://USER@HOST:PORT/DB`
+    /// (no password in it: `PGPASSWORD` or the 0600 file `index-password`
+    /// in the secrets directory); recorded as `[index] url` in bastion.toml.
+    #[arg(long, value_name = "URL")]
+    index_url: Option<String>,
+    /// The PostgreSQL schema for the index [default: bastion_index]; recorded
+    /// as `[index] schema`. Only with --index-url.
+    #[arg(long, value_name = "NAME", requires = "index_url")]
+    index_schema: Option<String>,
 }
 
 /// Listener settings (override `bastion.toml`).
@@ -368,6 +377,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                         .to_owned(),
                 );
             }
+            config.index.url = args.index_url.clone();
+            config.index.schema = args.index_schema.clone();
             dir.init(&config)?;
             Ok(ExitCode::SUCCESS)
         }

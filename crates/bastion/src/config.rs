@@ -30,6 +30,8 @@ pub struct Config {
     pub secrets: SecretsSection,
     /// Where the encrypted instance blobs are.
     pub store: StoreSection,
+    /// Where the metadata index is (embedded SQLite, or PostgreSQL).
+    pub index: IndexSection,
 }
 
 /// `[store]`: where the encrypted instance blobs are (docs/scale-out.md).
@@ -43,6 +45,27 @@ pub struct StoreSection {
     /// Absent: the local directory `DIR/blobs` (the embedded default).
     pub url: Option<String>,
 }
+
+/// `[index]`: the metadata index engine (docs/scale-out.md). Absent `url`:
+/// the SQLCipher file `index.db` in the data directory (the default).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IndexSection {
+    /// `postgres://USER@HOST:PORT/DB`: the index in PostgreSQL (schema
+    /// `bastion_index`). Never a password: that comes from `PGPASSWORD` or
+    /// the 0600 file `index-password` in the secrets directory.
+    pub url: Option<String>,
+    /// PEM file of the CA(s) that sign the database server's certificate:
+    /// TLS with chain and host-name verification (verify-full). Absent:
+    /// plaintext, accepted only to loopback or a unix socket.
+    pub ca: Option<PathBuf>,
+    /// The PostgreSQL schema of the index (default `bastion_index`): another
+    /// name lets several installations (e.g. test servers) share one database.
+    pub schema: Option<String>,
+}
+
+/// The secrets-directory file holding the PostgreSQL index password.
+pub const INDEX_PASSWORD_FILE: &str = "index-password";
 
 /// `[secrets]`: where the master key, the audit-signing key and the CA key
 /// live ([`crate::keys`]).
@@ -684,12 +707,35 @@ webhook_queue = {dwq}
 # store-credentials in the secrets directory (two lines: access key id,
 # secret; mode 0600). See docs/scale-out.md.
 {store_url}
+
+[index]
+# The metadata index. Commented out: the encrypted SQLite file index.db in
+# this data directory. A PostgreSQL URL (no password in it: PGPASSWORD or the
+# 0600 file index-password in the secrets directory) puts it in PostgreSQL,
+# identifying values encrypted (docs/scale-out.md, set by `bastion init
+# --index-url`). `ca`: the CA file for TLS (verify-full); without it only
+# loopback or a unix socket, in plaintext.
+{index_url}
+{index_ca}
+{index_schema}
 "#,
             store_url = match &self.store.url {
                 Some(u) => format!("url = {}", toml::Value::String(u.clone())),
                 None => {
                     "# url = \"s3://BUCKET?endpoint=http://127.0.0.1:3900&region=garage\"".into()
                 }
+            },
+            index_url = match &self.index.url {
+                Some(u) => format!("url = {}", toml::Value::String(u.clone())),
+                None => "# url = \"postgres://bastion@db.example:5432/bastion\"".into(),
+            },
+            index_schema = match &self.index.schema {
+                Some(s) => format!("schema = {}", toml::Value::String(s.clone())),
+                None => "# schema = \"bastion_index\"".into(),
+            },
+            index_ca = match &self.index.ca {
+                Some(c) => format!("ca = {}", toml::Value::String(c.display().to_string())),
+                None => "# ca = \"/etc/bastion/db-ca.pem\"".into(),
             },
             secrets_dir = match &self.secrets.dir {
                 Some(d) => format!("dir = {}", toml::Value::String(d.clone())),
@@ -822,6 +868,34 @@ impl AccountsSection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `bastion init --index-url` writes `[index] url` (and schema); the
+    /// rendered file reads back the same values; without it, no URL.
+    #[test]
+    fn index_section_round_trips() {
+        let mut c = Config::default();
+        let parsed: Config = match toml::from_str(&c.render()) {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(parsed.index.url, None);
+        c.index.url = Some("postgres://bastion@db.example:5432/bastion".into());
+        c.index.schema = Some("site_a".into());
+        c.index.ca = Some(PathBuf::from("/etc/bastion/db-ca.pem"));
+        let parsed: Config = match toml::from_str(&c.render()) {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(
+            parsed.index.url.as_deref(),
+            Some("postgres://bastion@db.example:5432/bastion")
+        );
+        assert_eq!(parsed.index.schema.as_deref(), Some("site_a"));
+        assert_eq!(
+            parsed.index.ca,
+            Some(PathBuf::from("/etc/bastion/db-ca.pem"))
+        );
+    }
 
     #[test]
     fn store_url_is_rendered_and_read_back() {

@@ -25,7 +25,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use bastion_archive::{Archive, Limits};
-use bastion_index::Index;
+use bastion_index::{Index, PgConnect};
 use bastion_security::{
     audit::{AuditIdentity, AuditKeys, AuditTrail, CheckpointPolicy},
     db::SecurityDb,
@@ -33,6 +33,7 @@ use bastion_security::{
     pki, secrets, users,
 };
 use bastion_store::{BlobStore, MasterKey, S3Credentials, S3Location};
+use rustls::pki_types::{pem::PemObject, CertificateDer};
 use zeroize::Zeroizing;
 
 use crate::{
@@ -321,9 +322,7 @@ impl DataDir {
         events: Arc<EventLog>,
     ) -> Result<Arc<Archive>> {
         let store = self.open_store(master, config)?;
-        let key = master.derive("bastion index v1");
-        let index = Index::open(&self.index_db(), &key)
-            .with_context(|| format!("cannot open {}", self.index_db().display()))?;
+        let index = self.open_index(master, config)?;
         let l = &config.limits;
         let limits = Limits {
             max_dataset_bytes: l.max_dataset_bytes,
@@ -400,6 +399,58 @@ impl DataDir {
                 Ok((creds, file.display().to_string()))
             }
         }
+    }
+
+    /// Opens the index where `[index]` says: the SQLCipher file in the data
+    /// directory, or PostgreSQL (`[index] url`, password from `PGPASSWORD`
+    /// or the secrets file `index-password`, TLS roots from `[index] ca`).
+    /// Errors name the setting, never the password.
+    pub fn open_index(&self, master: &MasterKey, config: &Config) -> Result<Index> {
+        let key = master.derive("bastion index v1");
+        let Some(url) = &config.index.url else {
+            return Index::open(&self.index_db(), &key)
+                .with_context(|| format!("cannot open {}", self.index_db().display()));
+        };
+        let mut connect = PgConnect::new(url);
+        if let Some(schema) = &config.index.schema {
+            connect.schema = schema.clone();
+        }
+        let file = self.keys.dir.join(crate::config::INDEX_PASSWORD_FILE);
+        let (password, from) = match std::env::var("PGPASSWORD") {
+            Ok(p) => (Some(Zeroizing::new(p)), "PGPASSWORD".to_owned()),
+            Err(_) if file.exists() => {
+                let bytes = Zeroizing::new(secrets::read_secret(&file)?);
+                let text = std::str::from_utf8(&bytes)
+                    .with_context(|| format!("{} is not UTF-8 text", file.display()))?;
+                (
+                    Some(Zeroizing::new(
+                        text.trim_end_matches(['\n', '\r']).to_owned(),
+                    )),
+                    file.display().to_string(),
+                )
+            }
+            Err(_) => (None, format!("no PGPASSWORD and no {}", file.display())),
+        };
+        connect.password = password;
+        if let Some(ca) = &config.index.ca {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca)
+                .with_context(|| format!("[index] ca: cannot read {}", ca.display()))?
+            {
+                let c = c.with_context(|| format!("[index] ca: cannot parse {}", ca.display()))?;
+                roots
+                    .add(c)
+                    .with_context(|| format!("[index] ca: cannot use {}", ca.display()))?;
+            }
+            connect.tls_roots = Some(roots);
+        }
+        Index::open_postgres(&connect, &key).map_err(|e| {
+            if e.is_credentials_refused() {
+                anyhow!("[index] url = {url:?}: the database refused the credentials (password from {from}): {e}")
+            } else {
+                anyhow!("cannot open the index at [index] url = {url:?}: {e}")
+            }
+        })
     }
 
     /// Requires a completed `init`.

@@ -210,7 +210,13 @@ fn run(dir: &DataDir) -> Vec<Finding> {
     let index_len = std::fs::metadata(dir.index_db())
         .map(|m| m.len())
         .unwrap_or(0);
-    let index = if index_len == 0 {
+    let pg_url = config.as_ref().and_then(|c| c.index.url.clone());
+    let index_name = pg_url
+        .clone()
+        .unwrap_or_else(|| dir.index_db().display().to_string());
+    let index: Result<Index, String> = if let (Some(c), Some(_)) = (&config, &pg_url) {
+        dir.open_index(&master, c).map_err(|e| format!("{e:#}"))
+    } else if index_len == 0 {
         Err(bastion_index::IndexError::Io {
             op: "read",
             path: dir.index_db(),
@@ -218,9 +224,10 @@ fn run(dir: &DataDir) -> Vec<Finding> {
                 std::io::ErrorKind::NotFound,
                 "missing or empty: every stored image is unreachable until it is restored",
             ),
-        })
+        }
+        .to_string())
     } else {
-        Index::open(&dir.index_db(), &key)
+        Index::open(&dir.index_db(), &key).map_err(|e| e.to_string())
     };
     match index {
         Ok(index) => match (index.quick_check(), index.counts()) {
@@ -244,20 +251,14 @@ fn run(dir: &DataDir) -> Vec<Finding> {
             (Err(e), _) | (_, Err(e)) => add(
                 Level::Fail,
                 "index database",
-                format!(
-                    "{}: {e} (restore it from a backup)",
-                    dir.index_db().display()
-                ),
+                format!("{index_name}: {e} (restore it from a backup)"),
             ),
             _ => {}
         },
         Err(e) => add(
             Level::Fail,
             "index database",
-            format!(
-                "{}: {e} (restore it from a backup)",
-                dir.index_db().display()
-            ),
+            format!("{index_name}: {e} (restore it from a backup)"),
         ),
     }
 

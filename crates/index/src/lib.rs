@@ -43,8 +43,11 @@
 //! durable before [`Index::commit_batch`] returns, so that a C-STORE success is sent
 //! only for committed rows.
 
+mod pg;
 pub mod query;
 mod schema;
+
+pub use pg::{PgConnect, MAX_ATTEMPTS as PG_MAX_ATTEMPTS};
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -114,6 +117,47 @@ pub enum IndexError {
         /// What is wrong.
         reason: String,
     },
+    /// A PostgreSQL operation failed (engine [`Index::open_postgres`]). The
+    /// message is PostgreSQL's; it never holds the password, and patient
+    /// values reach PostgreSQL only encrypted or as keyed hashes.
+    #[error("index: {op} failed: {source}")]
+    Postgres {
+        /// What the index was doing, e.g. `"commit batch"`.
+        op: &'static str,
+        /// The underlying error (its `code()` is the SQLSTATE).
+        source: postgres::Error,
+    },
+    /// No connection to the PostgreSQL database could be had in time (the
+    /// server is down or unreachable, or every pooled connection is busy).
+    #[error("index: PostgreSQL unavailable: {reason}")]
+    Unavailable {
+        /// The last connection error.
+        reason: String,
+    },
+    /// The PostgreSQL settings are unusable (`[index] url`, TLS, schema).
+    #[error("index configuration: {reason}")]
+    Config {
+        /// What is wrong, naming the setting.
+        reason: String,
+    },
+    /// An encrypted column cannot be sealed or opened (wrong key, or a row
+    /// altered in the database).
+    #[error("index: {reason}")]
+    Crypto {
+        /// What failed.
+        reason: &'static str,
+    },
+}
+
+impl IndexError {
+    /// Whether PostgreSQL refused the login (wrong password or unknown role:
+    /// SQLSTATE 28P01 / 28000), so the caller can name the credentials.
+    pub fn is_credentials_refused(&self) -> bool {
+        use postgres::error::SqlState;
+        matches!(self, IndexError::Postgres { source, .. }
+            if source.code() == Some(&SqlState::INVALID_PASSWORD)
+                || source.code() == Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION))
+    }
 }
 
 /// Maps a rusqlite error, recognising "disk full" as [`IndexError::NoSpace`].
@@ -335,12 +379,32 @@ pub struct Counts {
     pub instances: u64,
 }
 
-/// An open index database. `Send + Sync`: one connection behind a mutex, so calls
-/// from several threads are serialised; other processes use their own `Index`.
+/// An open index. `Send + Sync`. On SQLite (the embedded default,
+/// [`Index::open`]) one connection behind a mutex, so calls from several
+/// threads are serialised and other processes use their own `Index`; on
+/// PostgreSQL ([`Index::open_postgres`]) a pool of connections, so calls run
+/// side by side and several processes or nodes share one database.
 #[derive(Debug)]
 pub struct Index {
-    conn: Mutex<Connection>,
+    engine: Engine,
     path: PathBuf,
+}
+
+/// The database engine behind an [`Index`]: the public API is the same for
+/// every engine, and one conformance suite (`tests/it/conformance.rs`) runs
+/// against each.
+#[derive(Debug)]
+enum Engine {
+    /// SQLCipher file (the embedded default).
+    Sqlite(Mutex<Connection>),
+    /// PostgreSQL (scale-out, issue 12).
+    Postgres(pg::PgIndex),
+}
+
+/// The SQLite connection, or the PostgreSQL engine to hand the call to.
+enum Conn<'a> {
+    Sqlite(MutexGuard<'a, Connection>),
+    Postgres(&'a pg::PgIndex),
 }
 
 impl Index {
@@ -417,14 +481,42 @@ impl Index {
         let mut conn = conn;
         migrate(&mut conn)?;
         Ok(Index {
-            conn: Mutex::new(conn),
+            engine: Engine::Sqlite(Mutex::new(conn)),
             path: path.to_path_buf(),
         })
     }
 
-    /// The database file.
+    /// Opens the index in a PostgreSQL database (the scale-out engine, see
+    /// the `pg` module docs and docs/scale-out.md): connects, creates the
+    /// schema [`PgConnect::schema`] when missing, applies pending migrations
+    /// under an advisory lock (several nodes may start at once), and checks
+    /// that `key` is the key this database was written with. Identifying
+    /// values are stored encrypted under keys derived from `key`, exactly as
+    /// the SQLite engine encrypts its file with it.
+    ///
+    /// # Errors
+    /// [`IndexError::Config`] (URL holds a password, a non-loopback host
+    /// without TLS roots, a bad schema name); [`IndexError::Postgres`]
+    /// (cannot connect: wrong password → SQLSTATE 28P01, refused TLS, ...);
+    /// [`IndexError::WrongKey`] (its `path` is `postgres://USER@HOST:PORT/DB`);
+    /// [`IndexError::SchemaTooNew`].
+    pub fn open_postgres(connect: &PgConnect, key: &[u8; 32]) -> Result<Index, IndexError> {
+        let pg = pg::off_runtime(|| pg::PgIndex::open(connect, key))?;
+        Ok(Index {
+            path: PathBuf::from(pg.name()),
+            engine: Engine::Postgres(pg),
+        })
+    }
+
+    /// The database file; for PostgreSQL, `postgres://USER@HOST:PORT/DB`
+    /// (never a password).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the index is on PostgreSQL (else the embedded SQLite file).
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.engine, Engine::Postgres(_))
     }
 
     /// SQLite's `PRAGMA quick_check` (a structural check of every page,
@@ -434,7 +526,10 @@ impl Index {
     /// # Errors
     /// [`IndexError::Sqlite`] when the check cannot run.
     pub fn quick_check(&self) -> Result<Vec<String>, IndexError> {
-        let conn = self.lock();
+        let conn = match self.conn() {
+            Conn::Sqlite(c) => c,
+            Conn::Postgres(pg) => return pg::off_runtime(|| pg.quick_check()),
+        };
         let mut st = conn
             .prepare("PRAGMA quick_check")
             .map_err(sql_err("quick check"))?;
@@ -454,7 +549,10 @@ impl Index {
         &self,
         sop_instance_uid: &str,
     ) -> Result<Option<StoredInstance>, IndexError> {
-        let conn = self.lock();
+        let conn = match self.conn() {
+            Conn::Sqlite(c) => c,
+            Conn::Postgres(pg) => return pg::off_runtime(|| pg.find_instance(sop_instance_uid)),
+        };
         Ok(find_row(&conn, sop_instance_uid)?.map(|(s, _)| s))
     }
 
@@ -484,7 +582,10 @@ impl Index {
     /// `i64::MAX`), [`IndexError::Sqlite`]. Values are not validated here (empty UIDs
     /// are accepted): validating datasets is the caller's job.
     pub fn commit_batch(&self, records: &[NewInstance]) -> Result<Vec<CommitOutcome>, IndexError> {
-        let mut conn = self.lock();
+        let mut conn = match self.conn() {
+            Conn::Sqlite(c) => c,
+            Conn::Postgres(pg) => return pg::off_runtime(|| pg.commit_batch(records)),
+        };
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql_err("begin transaction"))?;
@@ -502,7 +603,10 @@ impl Index {
     /// # Errors
     /// [`IndexError::Sqlite`].
     pub fn blob_ids(&self) -> Result<std::collections::HashSet<String>, IndexError> {
-        let conn = self.lock();
+        let conn = match self.conn() {
+            Conn::Sqlite(c) => c,
+            Conn::Postgres(pg) => return pg::off_runtime(|| pg.blob_ids()),
+        };
         let mut stmt = conn
             .prepare("SELECT blob_id FROM instances UNION SELECT blob_id FROM replaced_instances")
             .map_err(sql_err("list blob ids"))?;
@@ -518,7 +622,10 @@ impl Index {
     /// # Errors
     /// [`IndexError::Sqlite`], [`IndexError::Corrupt`].
     pub fn counts(&self) -> Result<Counts, IndexError> {
-        let conn = self.lock();
+        let conn = match self.conn() {
+            Conn::Sqlite(c) => c,
+            Conn::Postgres(pg) => return pg::off_runtime(|| pg.counts()),
+        };
         let (p, st, se, i): (i64, i64, i64, i64) = conn
             .query_row(
                 "SELECT (SELECT count(*) FROM patients), (SELECT count(*) FROM studies),
@@ -540,7 +647,10 @@ impl Index {
     /// # Errors
     /// [`IndexError::Sqlite`], [`IndexError::Corrupt`].
     pub fn list_instances(&self, limit: u32) -> Result<Vec<StoredInstance>, IndexError> {
-        let conn = self.lock();
+        let conn = match self.conn() {
+            Conn::Sqlite(c) => c,
+            Conn::Postgres(pg) => return pg::off_runtime(|| pg.list_instances(limit)),
+        };
         let sql = format!("{SELECT_INSTANCE} ORDER BY i.id LIMIT ?1");
         let mut stmt = conn.prepare(&sql).map_err(sql_err("list instances"))?;
         let rows = stmt
@@ -555,19 +665,35 @@ impl Index {
 
     /// Copies the write-ahead log into the database file and truncates the log
     /// (`PRAGMA wal_checkpoint(TRUNCATE)`). Optional: SQLite checkpoints automatically.
+    /// On PostgreSQL nothing to do (the server checkpoints).
     ///
     /// # Errors
     /// [`IndexError::NoSpace`], [`IndexError::Sqlite`].
     pub fn checkpoint(&self) -> Result<(), IndexError> {
-        let conn = self.lock();
+        let conn = match self.conn() {
+            Conn::Sqlite(c) => c,
+            Conn::Postgres(_) => return Ok(()),
+        };
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .map_err(sql_err("checkpoint"))
     }
 
+    fn conn(&self) -> Conn<'_> {
+        match &self.engine {
+            // A panic while holding the lock rolled back any open transaction (the
+            // `Transaction` guard's drop), so the connection is still usable.
+            Engine::Sqlite(c) => Conn::Sqlite(c.lock().unwrap_or_else(PoisonError::into_inner)),
+            Engine::Postgres(pg) => Conn::Postgres(pg),
+        }
+    }
+
+    /// The SQLite connection (unit tests of the SQLite engine only).
+    #[cfg(test)]
     fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock rolled back any open transaction (the
-        // `Transaction` guard's drop), so the connection is still usable.
-        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+        match self.conn() {
+            Conn::Sqlite(c) => c,
+            Conn::Postgres(_) => panic!("not a SQLite index"),
+        }
     }
 }
 

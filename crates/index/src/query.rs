@@ -10,8 +10,8 @@
 use rusqlite::params_from_iter;
 
 use crate::{
-    sql_err, to_u64, Index, IndexError, InstanceAttrs, PatientAttrs, SeriesAttrs, StoredInstance,
-    StudyAttrs,
+    sql_err, to_u64, Conn, Index, IndexError, InstanceAttrs, PatientAttrs, SeriesAttrs,
+    StoredInstance, StudyAttrs,
 };
 
 /// A level of the patient / study / series / instance hierarchy.
@@ -369,8 +369,11 @@ impl Index {
         prefilters: &[Prefilter],
         mut each: impl FnMut(EntityRow) -> bool,
     ) -> Result<(), IndexError> {
+        let conn = match self.conn() {
+            Conn::Sqlite(c) => c,
+            Conn::Postgres(pg) => return pg.scan_any_thread(level, prefilters, &mut each),
+        };
         let (sql, args) = scan_sql(level, prefilters);
-        let conn = self.lock();
         let mut stmt = conn.prepare_cached(&sql).map_err(sql_err("query scan"))?;
         let mut rows = stmt
             .query(params_from_iter(args.iter()))
@@ -389,7 +392,10 @@ impl Index {
     /// # Errors
     /// [`IndexError::Sqlite`], [`IndexError::Corrupt`].
     pub fn patient_counts(&self, patient: i64) -> Result<PatientCounts, IndexError> {
-        let conn = self.lock();
+        let conn = match self.conn() {
+            Conn::Sqlite(c) => c,
+            Conn::Postgres(pg) => return crate::pg::off_runtime(|| pg.patient_counts(patient)),
+        };
         let (a, b, c): (i64, i64, i64) = conn
             .prepare_cached(
                 "SELECT (SELECT count(*) FROM studies WHERE patient_ref = ?1),
@@ -422,7 +428,10 @@ impl Index {
             .iter()
             .map(|s| (*s, StudyCounts::default()))
             .collect();
-        let mut conn = self.lock();
+        let mut conn = match self.conn() {
+            Conn::Sqlite(c) => c,
+            Conn::Postgres(pg) => return crate::pg::off_runtime(|| pg.study_counts_many(studies)),
+        };
         let tx = conn.transaction().map_err(sql_err("study counts"))?;
         for batch in studies.chunks(500) {
             let marks = vec!["?"; batch.len()].join(",");
@@ -474,7 +483,14 @@ impl Index {
     /// # Errors
     /// [`IndexError::Sqlite`], [`IndexError::Corrupt`].
     pub fn study_counts(&self, study: i64) -> Result<StudyCounts, IndexError> {
-        let conn = self.lock();
+        let conn = match self.conn() {
+            Conn::Sqlite(c) => c,
+            Conn::Postgres(pg) => {
+                return Ok(crate::pg::off_runtime(|| pg.study_counts_many(&[study]))?
+                    .remove(&study)
+                    .unwrap_or_default())
+            }
+        };
         let (a, b): (i64, i64) = conn
             .prepare_cached(
                 "SELECT (SELECT count(*) FROM series WHERE study_ref = ?1),
@@ -512,7 +528,12 @@ impl Index {
     /// # Errors
     /// [`IndexError::Sqlite`], [`IndexError::Corrupt`].
     pub fn series_instance_count(&self, series: i64) -> Result<u64, IndexError> {
-        let conn = self.lock();
+        let conn = match self.conn() {
+            Conn::Sqlite(c) => c,
+            Conn::Postgres(pg) => {
+                return crate::pg::off_runtime(|| pg.series_instance_count(series))
+            }
+        };
         let n: i64 = conn
             .prepare_cached("SELECT count(*) FROM instances WHERE series_ref = ?1")
             .and_then(|mut s| s.query_row([series], |r| r.get(0)))
@@ -540,8 +561,11 @@ impl Index {
             Level::Series => ("se.id = ?1", ids.series.ok_or_else(missing)?),
             Level::Instance => ("i.id = ?1", ids.instance.ok_or_else(missing)?),
         };
+        let conn = match self.conn() {
+            Conn::Sqlite(c) => c,
+            Conn::Postgres(pg) => return crate::pg::off_runtime(|| pg.instances_under(cond, id)),
+        };
         let sql = format!("{} WHERE {cond} ORDER BY i.id", crate::SELECT_INSTANCE);
-        let conn = self.lock();
         let mut stmt = conn
             .prepare_cached(&sql)
             .map_err(sql_err("list instances"))?;

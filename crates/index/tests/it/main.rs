@@ -1,4 +1,8 @@
-//! Integration tests for `bastion-index`: encryption at rest, keys, commit outcomes.
+//! Integration tests for `bastion-index`: encryption at rest, keys, commit outcomes
+//! (SQLite), and the conformance suite every engine passes (`conformance`).
+
+mod conformance;
+mod timing;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
