@@ -218,7 +218,13 @@ impl Progress {
         self.bar.set_position(bytes);
         self.bar
             .set_message(format!("{done}/{} instances", self.total));
-        if self.plain && (self.last.elapsed() >= Duration::from_secs(5) || done == self.total) {
+        // Plain lines: every 5 s, every 5 % of the instances, and at the end.
+        let step = (self.total / 20).max(1);
+        if self.plain
+            && (self.last.elapsed() >= Duration::from_secs(5)
+                || done % step == 0
+                || done == self.total)
+        {
             self.last = Instant::now();
             let secs = self.started.elapsed().as_secs_f64().max(0.001);
             eprintln!(
@@ -620,27 +626,23 @@ fn compare(
     let mut query_diffs = 0u64;
     let mut retrieved = 0u64;
     for study in &studies {
-        let by_study = [(
-            tags::STUDY_INSTANCE_UID,
-            VR::UI,
-            "StudyInstanceUID",
-            Some((*study).to_owned()),
-        )];
-        let a = answers(src, config, &by_study)?;
-        let b = answers(dest, config, &by_study)?;
         queries += 1;
-        if a != b {
+        let a = answers(src, config, Some(study), None);
+        let b = answers(dest, config, Some(study), None);
+        let Some(a) = same(a, b) else {
             query_diffs += 1;
             println!("query by StudyInstanceUID differs for study {study}");
-        }
+            continue;
+        };
         let patient_id = serde_json::from_str::<serde_json::Value>(&a)
             .ok()
             .and_then(|v| v.get(0)?.get("patient_id")?.as_str().map(str::to_owned))
             .unwrap_or_default();
         if !patient_id.is_empty() {
-            let by_patient = [(tags::PATIENT_ID, VR::LO, "PatientID", Some(patient_id))];
             queries += 1;
-            if answers(src, config, &by_patient)? != answers(dest, config, &by_patient)? {
+            let a = answers(src, config, None, Some(&patient_id));
+            let b = answers(dest, config, None, Some(&patient_id));
+            if same(a, b).is_none() {
                 query_diffs += 1;
                 println!("query by PatientID differs for the patient of study {study}");
             }
@@ -667,17 +669,41 @@ fn compare(
     Ok(differences + query_diffs)
 }
 
-/// The study-level answers to a query with these filters, as JSON text (a
-/// query the engine refuses is an answer too, compared as such).
+/// The study-level answers (every attribute `bastion study list` returns) to a
+/// query by Study Instance UID or by Patient ID, as JSON text.
 fn answers(
     archive: &Archive,
     config: &Config,
-    filters: &[(dicom_core::Tag, VR, &str, Option<String>)],
+    study_uid: Option<&str>,
+    patient_id: Option<&str>,
 ) -> Result<String> {
-    Ok(match crate::study_cli::list(archive, config, filters) {
-        Ok(rows) => serde_json::to_string(&rows)?,
-        Err(e) => format!("error: {e}"),
-    })
+    let own = |v: Option<&str>| v.map(str::to_owned);
+    let filters = [
+        (tags::PATIENT_ID, VR::LO, "PatientID", own(patient_id)),
+        (tags::PATIENT_NAME, VR::PN, "PatientName", None),
+        (tags::STUDY_DATE, VR::DA, "StudyDate", None),
+        (tags::ACCESSION_NUMBER, VR::SH, "AccessionNumber", None),
+        (
+            tags::STUDY_INSTANCE_UID,
+            VR::UI,
+            "StudyInstanceUID",
+            own(study_uid),
+        ),
+    ];
+    let rows = crate::study_cli::list(archive, config, &filters)?;
+    if rows.is_empty() {
+        bail!("no match");
+    }
+    Ok(serde_json::to_string(&rows)?)
+}
+
+/// The common answer when both sides answered the same (a failed or empty
+/// query on either side is a difference).
+fn same(a: Result<String>, b: Result<String>) -> Option<String> {
+    match (a, b) {
+        (Ok(a), Ok(b)) if a == b => Some(a),
+        _ => None,
+    }
 }
 
 /// After success: `--switch` rewrites DIR/bastion.toml (backup first), else the
