@@ -42,7 +42,10 @@ use std::{
     io::IsTerminal,
     path::Path,
     process::ExitCode,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        mpsc, Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -222,7 +225,7 @@ impl Progress {
         let step = (self.total / 20).max(1);
         if self.plain
             && (self.last.elapsed() >= Duration::from_secs(5)
-                || done % step == 0
+                || done.is_multiple_of(step)
                 || done == self.total)
         {
             self.last = Instant::now();
@@ -445,33 +448,73 @@ fn copy_blobs(
     tally: &mut Tally,
     progress: &mut Progress,
 ) {
-    let mut bytes = 0u64;
-    for (n, inst) in instances.iter().enumerate() {
-        bytes += inst.stored_size;
-        let outcome = (|| -> Result<bool, String> {
-            let id = BlobId::parse(&inst.blob_id).map_err(|e| e.to_string())?;
-            let check = |store: &BlobStore| {
-                verified_read(store, &id, inst.stored_size, &inst.stored_sha256, false)
-            };
-            if check(dest).is_ok() {
-                return Ok(false);
-            }
-            check(src).map_err(|e| format!("source: {e}"))?;
-            src.copy_encrypted_to(&id, dest)
-                .map_err(|e| format!("copy: {e}"))?;
-            check(dest).map_err(|e| format!("destination: {e}"))?;
-            Ok(true)
-        })();
-        match outcome {
-            Ok(true) => {
-                tally.moved += 1;
-                tally.bytes_moved += inst.stored_size;
-            }
-            Ok(false) => tally.present += 1,
-            Err(e) => tally.failed.push((inst.sop_instance_uid.clone(), e)),
+    let one = |inst: &StoredInstance| -> Result<bool, String> {
+        let id = BlobId::parse(&inst.blob_id).map_err(|e| e.to_string())?;
+        let check = |store: &BlobStore| {
+            verified_read(store, &id, inst.stored_size, &inst.stored_sha256, false)
+        };
+        if check(dest).is_ok() {
+            return Ok(false);
         }
-        progress.update(n as u64 + 1, bytes);
-    }
+        check(src).map_err(|e| format!("source: {e}"))?;
+        src.copy_encrypted_to(&id, dest)
+            .map_err(|e| format!("copy: {e}"))?;
+        check(dest).map_err(|e| format!("destination: {e}"))?;
+        Ok(true)
+    };
+    run_all(instances, COPY_WORKERS, tally, progress, &one);
+}
+
+/// Blob copies in flight at once: each streams (about 1 MiB held), and an
+/// object store's latency, not the CPU, bounds one copy at a time.
+const COPY_WORKERS: usize = 4;
+/// Re-ingests in flight at once: each holds one instance in memory.
+const INGEST_WORKERS: usize = 2;
+
+/// Runs `one` on every instance on `workers` threads (each takes the next
+/// instance), counting the outcomes (`Ok(true)` moved, `Ok(false)` already
+/// present and verified, `Err` failed) and showing progress on this thread.
+fn run_all(
+    instances: &[StoredInstance],
+    workers: usize,
+    tally: &mut Tally,
+    progress: &mut Progress,
+    one: &(dyn Fn(&StoredInstance) -> Result<bool, String> + Sync),
+) {
+    let next = AtomicUsize::new(0);
+    let (tx, rx) = mpsc::channel::<(usize, Result<bool, String>)>();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let tx = tx.clone();
+            let next = &next;
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(inst) = instances.get(i) else { break };
+                if tx.send((i, one(inst))).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let (mut done, mut bytes) = (0u64, 0u64);
+        for (i, outcome) in rx {
+            let Some(inst) = instances.get(i) else {
+                continue;
+            };
+            done += 1;
+            bytes += inst.stored_size;
+            match outcome {
+                Ok(true) => {
+                    tally.moved += 1;
+                    tally.bytes_moved += inst.stored_size;
+                }
+                Ok(false) => tally.present += 1,
+                Err(e) => tally.failed.push((inst.sop_instance_uid.clone(), e)),
+            }
+            progress.update(done, bytes);
+        }
+    });
+    tally.failed.sort();
 }
 
 /// Blobs of replaced versions (`--on-conflict replace` keeps the old one for
@@ -519,7 +562,6 @@ fn reingest(
     tally: &mut Tally,
     progress: &mut Progress,
 ) {
-    let mut bytes = 0u64;
     let at_dest = |inst: &StoredInstance| -> Result<bool, String> {
         let Some(row) = dest_index
             .find_instance(&inst.sop_instance_uid)
@@ -535,43 +577,32 @@ fn reingest(
             .map_err(|e| format!("destination: {e}"))?;
         Ok(true)
     };
-    for (n, inst) in instances.iter().enumerate() {
-        bytes += inst.stored_size;
-        let outcome = (|| -> Result<bool, String> {
-            if at_dest(inst).unwrap_or(false) {
-                return Ok(false);
-            }
-            let id = BlobId::parse(&inst.blob_id).map_err(|e| e.to_string())?;
-            let part10 = verified_read(src, &id, inst.stored_size, &inst.stored_sha256, true)
-                .map_err(|e| format!("source: {e}"))?;
-            let origin = Origin {
-                ae: source_ae(&part10),
-                peer: "migrate".into(),
-                on_conflict: OnConflict::Refuse,
-            };
-            match archive.ingest(Received::File(part10), &origin) {
-                Ok(Ingested::Stored { .. } | Ingested::Duplicate { .. }) => {}
-                Ok(Ingested::Replaced { .. }) => return Err("unexpectedly replaced".into()),
-                Err(ArchiveError::Conflict { .. }) => {
-                    return Err("the destination holds a different version of this instance".into())
-                }
-                Err(e) => return Err(format!("ingest: {e}")),
-            }
-            if !at_dest(inst)? {
-                return Err("not in the destination index after ingest".into());
-            }
-            Ok(true)
-        })();
-        match outcome {
-            Ok(true) => {
-                tally.moved += 1;
-                tally.bytes_moved += inst.stored_size;
-            }
-            Ok(false) => tally.present += 1,
-            Err(e) => tally.failed.push((inst.sop_instance_uid.clone(), e)),
+    let one = |inst: &StoredInstance| -> Result<bool, String> {
+        if at_dest(inst).unwrap_or(false) {
+            return Ok(false);
         }
-        progress.update(n as u64 + 1, bytes);
-    }
+        let id = BlobId::parse(&inst.blob_id).map_err(|e| e.to_string())?;
+        let part10 = verified_read(src, &id, inst.stored_size, &inst.stored_sha256, true)
+            .map_err(|e| format!("source: {e}"))?;
+        let origin = Origin {
+            ae: source_ae(&part10),
+            peer: "migrate".into(),
+            on_conflict: OnConflict::Refuse,
+        };
+        match archive.ingest(Received::File(part10), &origin) {
+            Ok(Ingested::Stored { .. } | Ingested::Duplicate { .. }) => {}
+            Ok(Ingested::Replaced { .. }) => return Err("unexpectedly replaced".into()),
+            Err(ArchiveError::Conflict { .. }) => {
+                return Err("the destination holds a different version of this instance".into())
+            }
+            Err(e) => return Err(format!("ingest: {e}")),
+        }
+        if !at_dest(inst)? {
+            return Err("not in the destination index after ingest".into());
+        }
+        Ok(true)
+    };
+    run_all(instances, INGEST_WORKERS, tally, progress, &one);
 }
 
 /// Compares source and destination: the counts (patients, studies, series,
