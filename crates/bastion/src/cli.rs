@@ -94,6 +94,16 @@ enum Command {
     /// Where the keys live (README, "Where the keys live").
     #[command(subcommand)]
     Secrets(SecretsCommand),
+    /// Copy this installation to the scale-out engines (docs/scale-out.md,
+    /// "Moving an installation"): the encrypted blobs to an S3-compatible
+    /// bucket (--to-store), optionally the index to another engine
+    /// (--to-index). The source is only read; every instance is verified
+    /// (decrypted, SHA-256 compared) at the source and at the destination;
+    /// an interrupted run, run again, resumes; counts and sample queries are
+    /// compared at the end. Exit 1 when an instance failed (named by SOP
+    /// Instance UID) or a comparison differed. Needs the master key (a local
+    /// administrator's command) and a stopped `serve`.
+    Migrate(crate::migrate::MigrateArgs),
     /// Check this installation's health, read-only: configuration, file
     /// modes, where the keys live, free space, the databases (with SQLite's
     /// quick_check), the audit trail (verify, and whether it records),
@@ -403,6 +413,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Audit(cmd) => crate::audit_cli::audit(&dir, cmd),
         Command::Secrets(SecretsCommand::Move { to }) => secrets_move(&dir, &to),
         Command::Doctor { json } => crate::doctor::doctor(&dir, json),
+        Command::Migrate(args) => crate::migrate::migrate(&dir, &args),
     }
 }
 

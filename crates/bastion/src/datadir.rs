@@ -365,7 +365,7 @@ impl DataDir {
     /// The S3 credentials: `AWS_ACCESS_KEY_ID` + `AWS_SECRET_ACCESS_KEY`, else the
     /// secrets file `store-credentials` (must be 0600); with where they came from
     /// (never their values).
-    fn store_credentials(&self) -> Result<(S3Credentials, String)> {
+    pub(crate) fn store_credentials(&self) -> Result<(S3Credentials, String)> {
         let id = std::env::var("AWS_ACCESS_KEY_ID").ok();
         let secret = std::env::var("AWS_SECRET_ACCESS_KEY")
             .ok()

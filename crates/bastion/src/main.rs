@@ -12,6 +12,7 @@ mod decoder_sandbox;
 mod doctor;
 mod import;
 mod keys;
+mod migrate;
 mod onboarding;
 mod serve;
 mod study_cli;

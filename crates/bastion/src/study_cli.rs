@@ -112,7 +112,7 @@ pub enum StudyCommand {
 
 /// One study, as `study list` prints it.
 #[derive(Debug, Serialize)]
-struct StudyRow {
+pub(crate) struct StudyRow {
     study_instance_uid: String,
     patient_id: String,
     patient_name: String,
@@ -180,8 +180,9 @@ pub fn study(dir: &DataDir, cmd: StudyCommand) -> Result<ExitCode> {
 }
 
 /// The studies matching `filters` (tag, VR, QIDO-RS keyword for the audit
-/// trail's query text, value), in index order.
-fn list(
+/// trail's query text, value), in index order (`bastion migrate` compares
+/// these answers between the source and the destination).
+pub(crate) fn list(
     archive: &Archive,
     config: &Config,
     filters: &[(Tag, VR, &str, Option<String>)],
@@ -205,7 +206,9 @@ fn list(
         (tags::NUMBER_OF_STUDY_RELATED_SERIES, VR::IS),
         (tags::NUMBER_OF_STUDY_RELATED_INSTANCES, VR::IS),
     ] {
-        put(&mut id, tag, vr, "");
+        if !filters.iter().any(|(t, ..)| *t == tag) {
+            put(&mut id, tag, vr, "");
+        }
     }
     let query = Query::parse(&id, Model::StudyRoot, false).map_err(query_error)?;
     let mut out = Vec::new();

@@ -783,6 +783,106 @@ impl BlobStore {
         }
     }
 
+    /// Copies the blob `id` of this store into `dest` under the same id, as stored:
+    /// the ciphertext is streamed (1 MiB at a time), never decrypted here, and
+    /// published in `dest` like [`put`](Self::put) does (temp file, fsync, atomic
+    /// rename; one PUT or a multipart upload). A copy stays valid because a
+    /// format-2 blob is bound to its id and its data key is wrapped by the master
+    /// key, which both stores share: `dest` reads it as this store does. Used by
+    /// `bastion migrate`, which authenticates the copy by reading it back from
+    /// `dest` ([`open_blob`](Self::open_blob)) before counting it as moved; a
+    /// damaged source blob is copied damaged and fails that check. Copying a blob
+    /// again overwrites the earlier copy (same bytes). Returns the bytes copied.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when this store has no such blob; read errors of
+    /// this store and write errors of `dest` as for [`get`](Self::get) and
+    /// [`put`](Self::put). On failure nothing is published in `dest` (the temp
+    /// file removed, the multipart upload aborted, best effort).
+    pub fn copy_encrypted_to(&self, id: &BlobId, dest: &BlobStore) -> Result<u64, StoreError> {
+        const CHUNK: usize = 1 << 20;
+        let (mut source, first) = match &self.backend {
+            Backend::Local(l) => {
+                let path = l.blob_path(id);
+                let file = match File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        return Err(StoreError::NotFound { id: id.clone() })
+                    }
+                    Err(e) => return Err(io_err("open blob", &path, e)),
+                };
+                (Source::File { file, path }, Vec::new())
+            }
+            Backend::S3(b) => {
+                let mut header = [0u8; HEADER_LEN];
+                let (reader, n) = b.open(id, &mut header)?;
+                (Source::Object(reader), header[..n].to_vec())
+            }
+        };
+        let pump = |source: &mut Source, sink: &mut dyn Sink| -> Result<u64, StoreError> {
+            sink.write_all(&first)?;
+            let mut total = first.len() as u64;
+            let mut buf = Vec::with_capacity(CHUNK);
+            loop {
+                source.read_chunk(&mut buf, CHUNK)?;
+                if buf.is_empty() {
+                    return Ok(total);
+                }
+                sink.write_all(&buf)?;
+                total += buf.len() as u64;
+            }
+        };
+        match &dest.backend {
+            Backend::S3(b) => {
+                let mut sink = b.writer(id);
+                match pump(&mut source, &mut sink) {
+                    Ok(total) => {
+                        sink.finish()?;
+                        Ok(total)
+                    }
+                    Err(e) => {
+                        sink.abort();
+                        Err(e)
+                    }
+                }
+            }
+            Backend::Local(local) => {
+                let tmp_path = local.tmp.join(format!("{}{TMP_SUFFIX}", BlobId::random()));
+                let result = (|| {
+                    let file = OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&tmp_path)
+                        .map_err(|e| io_err("create temp file", &tmp_path, e))?;
+                    let mut sink = FileSink {
+                        file,
+                        path: &tmp_path,
+                    };
+                    let total = pump(&mut source, &mut sink)?;
+                    sink.file
+                        .sync_all()
+                        .map_err(|e| io_err("fsync temp file", &tmp_path, e))?;
+                    let shard_dir = local.root.join(id.shard());
+                    match DirBuilder::new().mode(0o700).create(&shard_dir) {
+                        Ok(()) => fsync_dir(&local.root)?,
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(io_err("create directory", &shard_dir, e)),
+                    }
+                    let published = shard_dir.join(id.as_str());
+                    fs::rename(&tmp_path, &published)
+                        .map_err(|e| io_err("publish blob", &published, e))?;
+                    fsync_dir(&shard_dir)?;
+                    Ok(total)
+                })();
+                if result.is_err() {
+                    let _ = fs::remove_file(&tmp_path);
+                }
+                result
+            }
+        }
+    }
+
     /// Lists every published blob with its modification time (for orphan sweeps:
     /// compare with the index and only remove blobs older than a grace period, since a
     /// blob is published before its index row commits). Order is unspecified; entries
@@ -1333,6 +1433,42 @@ mod tests {
         assert_eq!(out, data);
         let v2 = store.put(b"v2")?;
         assert!(store.open_blob(&v2.id)?.bound_to_id());
+        Ok(())
+    }
+
+    /// A blob copied by id into another store under the same master key reads
+    /// back identical there; a missing one is NotFound; a damaged one is
+    /// copied but fails authentication in the destination.
+    #[test]
+    fn copy_encrypted_to_keeps_the_blob_valid_under_its_id() -> Result<(), StoreError> {
+        let tmp = |e| io_err("tempdir", Path::new("."), e);
+        let (a, b) = (
+            tempfile::tempdir().map_err(tmp)?,
+            tempfile::tempdir().map_err(tmp)?,
+        );
+        let key = MasterKey::generate();
+        let src = BlobStore::open(a.path(), key.clone())?;
+        let dst = BlobStore::open(b.path(), key)?;
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let info = src.put(&data)?;
+        let copied = src.copy_encrypted_to(&info.id, &dst)?;
+        let on_disk = fs::metadata(b.path().join(info.id.shard()).join(info.id.as_str()))
+            .map_err(tmp)?
+            .len();
+        assert_eq!(copied, on_disk);
+        assert_eq!(dst.get(&info.id)?, data);
+        assert!(matches!(
+            src.copy_encrypted_to(&BlobId::random(), &dst),
+            Err(StoreError::NotFound { .. })
+        ));
+        // Flip one ciphertext byte in the source: the copy fails authentication.
+        let path = a.path().join(info.id.shard()).join(info.id.as_str());
+        let mut bytes = fs::read(&path).map_err(tmp)?;
+        let last = bytes.len() - 10;
+        bytes[last] ^= 1;
+        fs::write(&path, &bytes).map_err(tmp)?;
+        src.copy_encrypted_to(&info.id, &dst)?;
+        assert!(matches!(dst.get(&info.id), Err(StoreError::Corrupt { .. })));
         Ok(())
     }
 
