@@ -49,8 +49,6 @@ mod schema;
 
 pub use pg::{PgConnect, MAX_ATTEMPTS as PG_MAX_ATTEMPTS};
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -58,10 +56,9 @@ use std::time::Duration;
 use rusqlite::{
     params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior,
 };
-use zeroize::Zeroizing;
 
 /// How long a statement waits for a lock held by another connection or process.
-pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+pub const BUSY_TIMEOUT: Duration = bastion_sqlcipher::BUSY_TIMEOUT;
 /// The schema version this build creates and understands.
 pub const SCHEMA_VERSION: u32 = schema::MIGRATIONS.len() as u32;
 
@@ -417,63 +414,18 @@ impl Index {
     /// [`IndexError::SchemaTooNew`]; [`IndexError::Io`] when the file cannot be created;
     /// [`IndexError::NoSpace`] / [`IndexError::Sqlite`] otherwise.
     pub fn open(path: &Path, key: &[u8; 32]) -> Result<Index, IndexError> {
-        // Create the file ourselves so that it (and the -wal/-shm files SQLite
-        // derives from it) never exists with a wider mode.
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(|source| IndexError::Io {
-                op: "create",
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let conn = Connection::open(path).map_err(sql_err("open database"))?;
-
-        // The key must be the first statement on the connection.
-        let mut pragma = Zeroizing::new(String::with_capacity(80));
-        pragma.push_str("PRAGMA key = \"x'");
-        for b in key {
-            push_hex(&mut pragma, *b);
-        }
-        pragma.push_str("'\";");
-        conn.execute_batch(&pragma)
-            .map_err(sql_err("set database key"))?;
-        drop(pragma);
-        // SQLCipher's own logger writes to stderr, past `tracing`: a wrong
-        // key printed `ERROR CORE sqlcipher_page_cipher: hmac check failed`
-        // lines before our WrongKey error said the same. Its level is
-        // process-wide; every failure it would log also comes back as an
-        // SQLite error, which Bastion reports. Set before the key check.
-        conn.execute_batch("PRAGMA cipher_log_level = NONE;")
-            .map_err(sql_err("set SQLCipher log level"))?;
-
-        conn.busy_timeout(BUSY_TIMEOUT)
-            .map_err(sql_err("set busy timeout"))?;
-        match conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
-            r.get::<_, i64>(0)
-        }) {
-            Ok(_) => {}
-            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::NotADatabase => {
-                return Err(IndexError::WrongKey {
-                    path: path.to_path_buf(),
-                })
+        // The one SQLCipher open path (bastion-sqlcipher): file created 0600,
+        // raw key first and zeroized, key verified, WAL and FULL sync.
+        let conn = bastion_sqlcipher::open(path, key).map_err(|e| match e {
+            bastion_sqlcipher::OpenError::Io { op, path, source } => {
+                IndexError::Io { op, path, source }
             }
-            Err(e) => return Err(sql_err("verify database key")(e)),
-        }
-
-        conn.execute_batch(
-            "PRAGMA temp_store = MEMORY;
-             PRAGMA foreign_keys = ON;
-             PRAGMA synchronous = FULL;",
-        )
-        .map_err(sql_err("configure database"))?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(sql_err("enable WAL"))?;
+            bastion_sqlcipher::OpenError::WrongKey { path } => IndexError::WrongKey { path },
+            bastion_sqlcipher::OpenError::NoSpace { .. } => IndexError::NoSpace,
+            bastion_sqlcipher::OpenError::Sqlite { op, source, .. } => sql_err(op)(source),
+        })?;
+        let mode =
+            bastion_sqlcipher::journal_mode(&conn).map_err(sql_err("read the journal mode"))?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(path = %path.display(), mode, "index: WAL journal mode not available");
         }
@@ -695,12 +647,6 @@ impl Index {
             Conn::Postgres(_) => panic!("not a SQLite index"),
         }
     }
-}
-
-fn push_hex(s: &mut String, b: u8) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    s.push(char::from(HEX[usize::from(b >> 4)]));
-    s.push(char::from(HEX[usize::from(b & 0x0f)]));
 }
 
 fn to_u64(v: i64, field: &str) -> Result<u64, IndexError> {

@@ -5,7 +5,7 @@
 //! shared by `bastion serve` and the CLI (WAL mode, busy timeout), so
 //! `bastion device add` applies to the next association without a restart.
 
-use std::{path::Path, sync::Mutex, time::Duration};
+use std::{path::Path, sync::Mutex};
 
 use rusqlite::Connection;
 
@@ -180,35 +180,24 @@ impl SecurityDb {
     /// [`SecurityError::WrongKey`] when the key does not decrypt an existing
     /// file; [`SecurityError::Db`] on other SQLite failures.
     pub fn open(path: &Path, key: &[u8; 32]) -> Result<SecurityDb> {
-        let existed = path.exists();
-        let conn =
-            Connection::open(path).map_err(|source| SecurityError::Db { op: "open", source })?;
-        if !existed {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-        }
+        // The one SQLCipher open path (bastion-sqlcipher): file created 0600
+        // before SQLite opens it, raw key first and zeroized, key verified,
+        // WAL and FULL sync.
+        let conn = bastion_sqlcipher::open(path, key).map_err(|e| match e {
+            bastion_sqlcipher::OpenError::Io { op, path, source } => {
+                SecurityError::Io { op, path, source }
+            }
+            bastion_sqlcipher::OpenError::WrongKey { path } => SecurityError::WrongKey(path),
+            bastion_sqlcipher::OpenError::NoSpace { path } => SecurityError::Io {
+                op: "write",
+                path,
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            },
+            bastion_sqlcipher::OpenError::Sqlite { op, source, .. } => {
+                SecurityError::Db { op, source }
+            }
+        })?;
         let db = |op| move |source| SecurityError::Db { op, source };
-        conn.execute_batch(&format!("PRAGMA key = \"x'{}'\";", hex::encode(key)))
-            .map_err(db("set key"))?;
-        // SQLCipher's own stderr logger (process-wide level) printed `hmac
-        // check failed` lines for a wrong key before WrongKey said the same;
-        // its failures come back as SQLite errors anyway. Before the check.
-        conn.execute_batch("PRAGMA cipher_log_level = NONE;")
-            .map_err(db("SQLCipher log level"))?;
-        if conn
-            .query_row("SELECT count(*) FROM sqlite_master", [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .is_err()
-        {
-            return Err(SecurityError::WrongKey(path.to_path_buf()));
-        }
-        conn.busy_timeout(Duration::from_secs(10))
-            .map_err(db("busy timeout"))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA temp_store = MEMORY;",
-        )
-        .map_err(db("pragmas"))?;
         conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);")
             .map_err(db("schema_version"))?;
         let current: i64 = conn
