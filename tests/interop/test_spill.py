@@ -16,24 +16,10 @@ from __future__ import annotations
 import bombs
 import helpers
 from test_dicomweb import new_token, request
-from test_stow_stream import _body, _referenced
+from test_stow_stream import _body, _referenced, _server
 
 MIB = 1 << 20
 MARKER = "Spill^Marker"
-
-
-def _server(make_server, spool_budget_mib=4096):
-    srv = make_server(start=False)
-    cfg = srv.data / "bastion.toml"
-    text = cfg.read_text()
-    for key, value in (("memory_budget_mib", 16), ("transfer_budget_mib", 8),
-                       ("spool_budget_mib", spool_budget_mib)):
-        old = next(line for line in text.splitlines() if line.startswith(f"{key} ="))
-        text = text.replace(old, f"{key} = {value}")
-    cfg.write_text(text)
-    srv.start()
-    helpers.wait_port(srv.http_port, 30, srv.proc)
-    return srv
 
 
 def _instance(tmp_path, name, pixel_bytes, study_uid, seed=0):

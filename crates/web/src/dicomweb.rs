@@ -1335,18 +1335,7 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
                             stored
                         }
                     };
-                    if let Stored::Ok { study, .. } = &stored {
-                        note.study(study);
-                    }
-                    if matches!(stored, Stored::Failed { .. }) {
-                        failed_parts += 1;
-                    }
-                    results.push(stored);
-                    if failed_parts >= MAX_FAILED_PARTS {
-                        return Err(ApiError::BadRequest(format!(
-                            "{failed_parts} instances of this request failed; the rest is not read"
-                        )));
-                    }
+                    tally(stored, &note, &mut results, &mut failed_parts)?;
                 }
                 if spilling.is_some() {
                     continue;
@@ -1369,18 +1358,7 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
                     .await?;
                     back.shrink(reserved);
                     reservation = back;
-                    if let Stored::Ok { study, .. } = &stored {
-                        note.study(study);
-                    }
-                    if matches!(stored, Stored::Failed { .. }) {
-                        failed_parts += 1;
-                    }
-                    results.push(stored);
-                    if failed_parts >= MAX_FAILED_PARTS {
-                        return Err(ApiError::BadRequest(format!(
-                            "{failed_parts} instances of this request failed; the rest is not read"
-                        )));
-                    }
+                    tally(stored, &note, &mut results, &mut failed_parts)?;
                 }
             }
         }
@@ -1563,6 +1541,33 @@ fn store_part(
             })
         }
     }
+}
+
+/// Records one part's outcome: the study for the request's event, the
+/// result for the response; stops the request after [`MAX_FAILED_PARTS`]
+/// failures (each is an audit record).
+///
+/// # Errors
+/// [`ApiError::BadRequest`] at the limit.
+fn tally(
+    stored: Stored,
+    note: &Note,
+    results: &mut Vec<Stored>,
+    failed_parts: &mut usize,
+) -> Result<(), ApiError> {
+    if let Stored::Ok { study, .. } = &stored {
+        note.study(study);
+    }
+    if matches!(stored, Stored::Failed { .. }) {
+        *failed_parts += 1;
+    }
+    results.push(stored);
+    if *failed_parts >= MAX_FAILED_PARTS {
+        return Err(ApiError::BadRequest(format!(
+            "{failed_parts} instances of this request failed; the rest is not read"
+        )));
+    }
+    Ok(())
 }
 
 /// A STOW-RS part being spilled to disk: its headers, the spill, and the
