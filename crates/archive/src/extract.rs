@@ -111,8 +111,8 @@ pub fn extract(obj: &InMemDicomObject) -> Result<Extracted, ArchiveError> {
 
 /// The identifying attributes of the sending device (PS3.3 C.7.5.1 General
 /// Equipment) for the device inventory.
-pub fn device_headers(obj: &InMemDicomObject) -> bastion_security::inventory::DeviceHeaders {
-    bastion_security::inventory::DeviceHeaders {
+pub fn device_headers(obj: &InMemDicomObject) -> bastion_detect::inventory::DeviceHeaders {
+    bastion_detect::inventory::DeviceHeaders {
         manufacturer: text(obj, tags::MANUFACTURER),
         model: text(obj, tags::MANUFACTURER_MODEL_NAME),
         software_versions: text(obj, tags::SOFTWARE_VERSIONS),

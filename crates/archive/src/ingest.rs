@@ -9,12 +9,10 @@ use std::{
     time::Duration,
 };
 
+use bastion_audit::events::{EventLog, Outcome};
+use bastion_detect::inventory::Inventory;
 use bastion_index::{CommitOutcome, Index, NewInstance};
 use bastion_model::Uid;
-use bastion_security::{
-    events::{EventLog, Outcome},
-    inventory::Inventory,
-};
 use bastion_store::{BlobId, BlobStore, Spooled, StoreError};
 
 use crate::spill::{Spill, SpooledData};

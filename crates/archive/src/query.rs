@@ -64,10 +64,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use bastion_audit::events::Outcome;
 use bastion_index::query::{Column, EntityRow, Filter, Prefilter, StudyCounts};
 use bastion_index::StoredInstance;
 use bastion_model::Uid;
-use bastion_security::events::Outcome;
 use dicom_core::header::Header;
 use dicom_core::value::{DataSetSequence, PrimitiveValue, Value};
 use dicom_core::{DataElement, Length, Tag, VR};
@@ -1255,7 +1255,7 @@ pub struct FindOptions {
     pub max_matches: usize,
     /// The query as the client sent it, for the audit trail only (its
     /// Query message's ParticipantObjectQuery, PS3.15 A.5.3): recorded with
-    /// [`bastion_security::events::EventLog::record_private`], never in the
+    /// [`bastion_audit::events::EventLog::record_private`], never in the
     /// event log (it names patients).
     pub identifier: Option<QueryIdentifier>,
 }
@@ -1274,7 +1274,7 @@ impl FindOptions {
         self.identifier
             .as_ref()
             .map_or(serde_json::Value::Null, |q| {
-                bastion_security::audit::private_query(&q.bytes, q.transfer_syntax.as_deref())
+                bastion_audit::audit::private_query(&q.bytes, q.transfer_syntax.as_deref())
             })
     }
 }
@@ -2076,8 +2076,8 @@ mod tests {
             &master.derive("bastion index v1"),
         )
         .expect("index");
-        let events = bastion_security::events::EventLog::open(&dir.path().join("events.log"))
-            .expect("events");
+        let events =
+            bastion_audit::events::EventLog::open(&dir.path().join("events.log")).expect("events");
         let archive = Archive::new(
             Arc::new(store),
             Arc::new(index),

@@ -5,9 +5,9 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use bastion_archive::OnConflict;
 use bastion_archive::{Archive, ArchiveError, Ingested, Limits, Origin, Received};
+use bastion_audit::events::EventLog;
 use bastion_index::Index;
 use bastion_model::Uid;
-use bastion_security::events::EventLog;
 use bastion_store::{BlobStore, MasterKey};
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;

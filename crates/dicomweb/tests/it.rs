@@ -15,6 +15,7 @@ use bastion_archive::query::{FindOptions, Level};
 use bastion_archive::transcode::{transcode, EXPLICIT_VR_LE, JPEG_BASELINE};
 use bastion_archive::OnConflict;
 use bastion_archive::{Archive, Limits, Origin, Received};
+use bastion_audit::events::EventLog;
 use bastion_dicomweb::json::bulk_value;
 use bastion_dicomweb::{
     frame_transfer_syntax, frames, parse_multipart_related, qido_result_json, qido_to_query,
@@ -23,7 +24,6 @@ use bastion_dicomweb::{
 };
 use bastion_index::Index;
 use bastion_model::Uid;
-use bastion_security::events::EventLog;
 use bastion_store::{BlobStore, MasterKey};
 use dicom_core::value::{PixelFragmentSequence, PrimitiveValue};
 use dicom_core::{DataElement, DicomValue, VR};

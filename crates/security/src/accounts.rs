@@ -87,6 +87,7 @@
 
 mod admin;
 
+use crate::DbExt;
 use std::{
     collections::HashMap,
     net::IpAddr,

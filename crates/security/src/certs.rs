@@ -20,6 +20,7 @@
 //! every serve process; the revocation list here is a table of fingerprints
 //! in the authenticated, encrypted security database instead.
 
+use crate::DbExt;
 use std::{
     collections::HashSet,
     sync::{Arc, Mutex},

@@ -4,6 +4,7 @@
 //! transport it must use, the DIMSE services it may request and, for
 //! retrieve destinations, where to reach it (DESIGN §2 "devices").
 
+use crate::DbExt;
 use std::net::IpAddr;
 
 use bastion_model::{AeTitle, PermissionSet, Transport};
@@ -584,6 +585,51 @@ impl<'a> DeviceRegistry<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Removing a device forgets its last refusal (kept by the inventory,
+    /// `bastion-detect`): a device registered again under the same AE title
+    /// starts with no refusal of its previous life.
+    #[test]
+    fn removing_a_device_forgets_its_last_refusal() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = SecurityDb::open(&dir.path().join("s.db"), &[3u8; 32]).expect("db");
+        let (Ok(ae), Ok(net), Ok(allow)) = (
+            AeTitle::parse("CT1"),
+            "127.0.0.0/8".parse::<IpNet>(),
+            PermissionSet::parse_list("echo"),
+        ) else {
+            panic!("fixtures")
+        };
+        let reg = DeviceRegistry::new(&db);
+        reg.add(&Device {
+            ae: ae.clone(),
+            network: net,
+            transport: Transport::Tls,
+            allow,
+            cert_sha256: None,
+            host: None,
+            port: None,
+            on_conflict: OnConflict::Refuse,
+            move_destinations: vec![],
+        })
+        .expect("add");
+        db.with(|c| {
+            c.execute(
+                "INSERT INTO device_rejections (ae, at_ms, reason, address) VALUES ('CT1', 1, 'permission_denied:find', '127.0.0.1')",
+                [],
+            )
+            .map_err(|source| SecurityError::Db { op: "t", source })
+        })
+        .expect("refusal");
+        assert_eq!(
+            crate::inventory::last_rejections(&db).expect("read").len(),
+            1
+        );
+        reg.remove(&ae).expect("remove");
+        assert!(crate::inventory::last_rejections(&db)
+            .expect("read")
+            .is_empty());
+    }
 
     #[test]
     fn move_destination_lists_trim_and_dedupe() {

@@ -34,19 +34,21 @@
 
 pub mod accounts;
 pub mod admission;
-pub mod alerts;
-pub mod audit;
 pub mod certs;
-pub mod db;
-pub mod detect;
 pub mod devices;
-pub mod events;
-pub mod inventory;
 pub mod pki;
 pub mod policy;
 pub mod secrets;
-pub mod syslog;
 pub mod users;
+
+// Split out (issue 12), re-exported under their old paths: the audit trail
+// and its export, detection/alerts/inventory, and the database they share.
+pub use bastion_audit::LogError;
+pub use bastion_audit::{audit, events, syslog};
+pub use bastion_detect::DetectError;
+pub use bastion_detect::{alerts, detect, inventory};
+pub use bastion_secdb as db;
+pub use bastion_secdb::DbError;
 
 use std::path::PathBuf;
 
@@ -171,10 +173,63 @@ pub enum SecurityError {
 /// Shorthand for results of this crate.
 pub type Result<T, E = SecurityError> = std::result::Result<T, E>;
 
+impl From<bastion_secdb::DbError> for SecurityError {
+    fn from(e: bastion_secdb::DbError) -> Self {
+        match e {
+            bastion_secdb::DbError::Io { op, path, source } => {
+                SecurityError::Io { op, path, source }
+            }
+            bastion_secdb::DbError::Db { op, source } => SecurityError::Db { op, source },
+            bastion_secdb::DbError::WrongKey(p) => SecurityError::WrongKey(p),
+        }
+    }
+}
+
+impl From<bastion_audit::LogError> for SecurityError {
+    fn from(e: bastion_audit::LogError) -> Self {
+        match e {
+            bastion_audit::LogError::Io { op, path, source } => {
+                SecurityError::Io { op, path, source }
+            }
+            bastion_audit::LogError::Invalid { what, detail } => {
+                SecurityError::Invalid { what, detail }
+            }
+        }
+    }
+}
+
+impl From<bastion_detect::DetectError> for SecurityError {
+    fn from(e: bastion_detect::DetectError) -> Self {
+        match e {
+            bastion_detect::DetectError::Db { op, source } => SecurityError::Db { op, source },
+            bastion_detect::DetectError::Io { op, path, source } => {
+                SecurityError::Io { op, path, source }
+            }
+            bastion_detect::DetectError::Invalid { what, detail } => {
+                SecurityError::Invalid { what, detail }
+            }
+            bastion_detect::DetectError::NoSuchAlert(id) => SecurityError::NoSuchAlert(id),
+        }
+    }
+}
+
 fn io_err(
     op: &'static str,
     path: &std::path::Path,
 ) -> impl FnOnce(std::io::Error) -> SecurityError {
     let path = path.to_path_buf();
     move |source| SecurityError::Io { op, path, source }
+}
+
+/// [`bastion_secdb::SecurityDb::with_conn`] with this crate's error type (so
+/// that `?` inside the closure needs no annotation).
+pub(crate) trait DbExt {
+    /// Runs `f` with the connection held.
+    fn with<T>(&self, f: impl FnOnce(&rusqlite::Connection) -> Result<T>) -> Result<T>;
+}
+
+impl DbExt for bastion_secdb::SecurityDb {
+    fn with<T>(&self, f: impl FnOnce(&rusqlite::Connection) -> Result<T>) -> Result<T> {
+        self.with_conn(f)
+    }
 }

@@ -3,6 +3,7 @@
 //! No default password exists: the first `admin` gets a random one, shown
 //! once. Account management itself is [`crate::accounts::Accounts`].
 
+use crate::DbExt;
 use argon2::{
     password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
     Algorithm, Argon2, Params, Version,
@@ -279,7 +280,7 @@ mod tests {
         drop(db);
         assert!(matches!(
             SecurityDb::open(&dir.path().join("s.db"), &[8u8; 32]),
-            Err(SecurityError::WrongKey(_))
+            Err(crate::DbError::WrongKey(_))
         ));
         Ok(())
     }

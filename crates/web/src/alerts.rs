@@ -150,13 +150,13 @@ pub async fn ack(
     let (alert, acknowledged) = blocking(move || {
         let store = detection.store();
         match store.get(id)? {
-            None => Err(bastion_security::SecurityError::NoSuchAlert(id)),
+            None => Err(bastion_security::DetectError::NoSuchAlert(id)),
             Some(a) if a.ack.is_some() => Ok((a, false)),
             Some(_) => store.acknowledge(id, &by, &text),
         }
     })
     .await?
-    .map_err(security_error)?;
+    .map_err(|e| security_error(e.into()))?;
     if !acknowledged {
         return Err(ApiError::Conflict(format!(
             "alert {id} is already acknowledged"
@@ -229,7 +229,7 @@ pub async fn ack_many(
     let f = filter.clone();
     let ids = blocking(move || detection.store().acknowledge_many(&f, &by, &text))
         .await?
-        .map_err(security_error)?;
+        .map_err(|e| security_error(e.into()))?;
     state.archive().events().record(
         "alert.acknowledged",
         Outcome::Success,

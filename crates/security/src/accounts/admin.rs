@@ -2,6 +2,7 @@
 //! Every change is recorded in the event log with the acting party
 //! (`actor`), never with a password, hash, secret or token.
 
+use crate::DbExt;
 use std::time::Duration;
 
 use bastion_model::{Role, WebPermission};

@@ -2,7 +2,6 @@
 //! temporary directory, real argon2.
 
 mod accounts;
-mod audit;
 
 /// Set in the child run of [`wrong_key_prints_nothing_on_stderr`].
 const QUIET_CHILD: &str = "BASTION_SECURITY_TEST_WRONG_KEY_CHILD";
@@ -12,13 +11,13 @@ const QUIET_CHILD: &str = "BASTION_SECURITY_TEST_WRONG_KEY_CHILD";
 /// directly, so this runs the test binary again and reads what it printed.
 #[test]
 fn wrong_key_prints_nothing_on_stderr() -> Result<(), Box<dyn std::error::Error>> {
-    use bastion_security::{db::SecurityDb, SecurityError};
+    use bastion_security::db::SecurityDb;
     if let Some(dir) = std::env::var_os(QUIET_CHILD) {
         let path = std::path::Path::new(&dir).join("security.db");
         drop(SecurityDb::open(&path, &[7u8; 32])?);
         assert!(matches!(
             SecurityDb::open(&path, &[8u8; 32]),
-            Err(SecurityError::WrongKey(_))
+            Err(bastion_security::DbError::WrongKey(_))
         ));
         return Ok(());
     }

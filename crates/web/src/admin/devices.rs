@@ -117,7 +117,7 @@ pub async fn unknown(
     let db = ctx.db.clone();
     let list = blocking(move || inventory::list_unknown(&db))
         .await?
-        .map_err(security_error)?;
+        .map_err(|e| security_error(e.into()))?;
     Ok(Json(list))
 }
 

@@ -9,7 +9,35 @@ use std::{path::Path, sync::Mutex};
 
 use rusqlite::Connection;
 
-use crate::{Result, SecurityError};
+/// Errors of the security database. Messages name the file or the
+/// operation, never the key.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// A file could not be created or written.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// Which file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The database failed.
+    #[error("security database: {op}: {source}")]
+    Db {
+        /// What was being done.
+        op: &'static str,
+        /// The SQLite error.
+        source: rusqlite::Error,
+    },
+    /// The database could not be opened with the derived key.
+    #[error("security database {0} cannot be decrypted with this master key")]
+    WrongKey(std::path::PathBuf),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = DbError> = std::result::Result<T, E>;
 
 /// An open security database. `Send + Sync`; statements are serialised by a
 /// mutex (the workload is a few reads per association).
@@ -177,27 +205,25 @@ impl SecurityDb {
     /// Opens (creating when missing, mode 0600) the database at `path`.
     ///
     /// # Errors
-    /// [`SecurityError::WrongKey`] when the key does not decrypt an existing
-    /// file; [`SecurityError::Db`] on other SQLite failures.
+    /// [`DbError::WrongKey`] when the key does not decrypt an existing
+    /// file; [`DbError::Db`] on other SQLite failures.
     pub fn open(path: &Path, key: &[u8; 32]) -> Result<SecurityDb> {
         // The one SQLCipher open path (bastion-sqlcipher): file created 0600
         // before SQLite opens it, raw key first and zeroized, key verified,
         // WAL and FULL sync.
         let conn = bastion_sqlcipher::open(path, key).map_err(|e| match e {
             bastion_sqlcipher::OpenError::Io { op, path, source } => {
-                SecurityError::Io { op, path, source }
+                DbError::Io { op, path, source }
             }
-            bastion_sqlcipher::OpenError::WrongKey { path } => SecurityError::WrongKey(path),
-            bastion_sqlcipher::OpenError::NoSpace { path } => SecurityError::Io {
+            bastion_sqlcipher::OpenError::WrongKey { path } => DbError::WrongKey(path),
+            bastion_sqlcipher::OpenError::NoSpace { path } => DbError::Io {
                 op: "write",
                 path,
                 source: std::io::Error::from_raw_os_error(libc::ENOSPC),
             },
-            bastion_sqlcipher::OpenError::Sqlite { op, source, .. } => {
-                SecurityError::Db { op, source }
-            }
+            bastion_sqlcipher::OpenError::Sqlite { op, source, .. } => DbError::Db { op, source },
         })?;
-        let db = |op| move |source| SecurityError::Db { op, source };
+        let db = |op| move |source| DbError::Db { op, source };
         conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);")
             .map_err(db("schema_version"))?;
         let current: i64 = conn
@@ -240,19 +266,19 @@ impl SecurityDb {
     /// the database is sound.
     ///
     /// # Errors
-    /// [`SecurityError::Db`] when the check cannot run.
+    /// [`DbError::Db`] when the check cannot run.
     pub fn quick_check(&self) -> Result<Vec<String>> {
-        self.with(|c| {
+        self.with_conn(|c| {
             let mut st = c
                 .prepare("PRAGMA quick_check")
-                .map_err(|source| SecurityError::Db {
+                .map_err(|source| DbError::Db {
                     op: "quick check",
                     source,
                 })?;
             let rows = st
                 .query_map([], |r| r.get::<_, String>(0))
                 .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
-                .map_err(|source| SecurityError::Db {
+                .map_err(|source| DbError::Db {
                     op: "quick check",
                     source,
                 })?;
@@ -260,8 +286,17 @@ impl SecurityDb {
         })
     }
 
-    /// Runs `f` with the connection held.
-    pub(crate) fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    /// Runs `f` with the connection held (one at a time: the connection is
+    /// behind a mutex). For the crates that own the tables
+    /// (`bastion-security`: devices, users, certificates; `bastion-detect`:
+    /// alerts, inventory), with their own error type `E`.
+    ///
+    /// # Errors
+    /// What `f` returns.
+    pub fn with_conn<T, E>(
+        &self,
+        f: impl FnOnce(&Connection) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&conn)
     }

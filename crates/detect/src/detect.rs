@@ -58,7 +58,7 @@ use std::{
 use serde_json::{json, Map, Value};
 use time::{format_description::well_known::Rfc3339, OffsetDateTime, UtcOffset};
 
-use crate::{Result, SecurityError};
+use crate::{DetectError, Result};
 
 /// Thresholds of the rules (`[detect]` in `bastion.toml`).
 #[derive(Debug, Clone)]
@@ -138,9 +138,9 @@ impl WorkingHours {
     /// `"-05:30"`).
     ///
     /// # Errors
-    /// [`SecurityError::Invalid`] naming the malformed setting.
+    /// [`DetectError::Invalid`] naming the malformed setting.
     pub fn parse(hours: &str, days: &[String], timezone: &str) -> Result<WorkingHours> {
-        let bad = |what: &'static str, detail: String| SecurityError::Invalid { what, detail };
+        let bad = |what: &'static str, detail: String| DetectError::Invalid { what, detail };
         let (a, b) = hours.split_once('-').ok_or_else(|| {
             bad(
                 "working_hours",

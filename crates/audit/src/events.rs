@@ -72,7 +72,7 @@ impl EventLog {
     /// Opens (creating, mode 0600) the log file.
     ///
     /// # Errors
-    /// [`crate::SecurityError::Io`] when the file cannot be opened.
+    /// [`crate::LogError::Io`] when the file cannot be opened.
     pub fn open(path: &Path) -> Result<EventLog> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
@@ -198,7 +198,7 @@ impl EventLog {
     /// disk) are skipped.
     ///
     /// # Errors
-    /// [`crate::SecurityError::Io`] when the file cannot be read.
+    /// [`crate::LogError::Io`] when the file cannot be read.
     pub fn read_all(&self) -> Result<Vec<serde_json::Value>> {
         let text = std::fs::read_to_string(&self.path).map_err(io_err("read", &self.path))?;
         Ok(text

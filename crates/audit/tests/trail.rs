@@ -3,11 +3,11 @@
 
 use std::{path::Path, sync::Arc};
 
-use bastion_security::audit::{
+use bastion_audit::audit::{
     read, verify, AuditIdentity, AuditKeys, AuditTrail, CheckpointPolicy, Filter, PatientLookup,
     Subject,
 };
-use bastion_security::events::{EventLog, Outcome};
+use bastion_audit::events::{EventLog, Outcome};
 use serde_json::json;
 
 fn keys() -> Arc<AuditKeys> {
@@ -84,7 +84,7 @@ fn write_lines(p: &Path, l: &[String]) {
     std::fs::write(p, s).expect("write");
 }
 
-fn check(dir: &Path) -> Option<bastion_security::audit::Broken> {
+fn check(dir: &Path) -> Option<bastion_audit::audit::Broken> {
     verify(dir, &keys()).expect("verify").broken
 }
 
@@ -328,14 +328,14 @@ fn query_identifier_reaches_the_trail_not_the_event_log() {
         "query.find",
         Outcome::Success,
         json!({"ae": "CT1", "peer": "127.0.0.1:4000", "model": "patient_root", "level": "PATIENT", "matches": 0}),
-        bastion_security::audit::private_query(&identifier, Some("1.2.840.10008.1.2.1")),
+        bastion_audit::audit::private_query(&identifier, Some("1.2.840.10008.1.2.1")),
     );
     // A `private` field given with `record` is stripped from the log too.
     log.record(
         "http.request",
         Outcome::Success,
         json!({"user": "ann", "peer": "127.0.0.1:6000", "action": "qido.studies", "path": "/dicomweb/studies",
-            "private": bastion_security::audit::private_query(b"PatientID=SECRET-PID", None)}),
+            "private": bastion_audit::audit::private_query(b"PatientID=SECRET-PID", None)}),
     );
     drop(log);
     drop(t);
@@ -389,7 +389,7 @@ fn query_identifier_reaches_the_trail_not_the_event_log() {
 /// (when Debian's `jing` is installed; the interop tests require it).
 #[test]
 fn messages_validate_against_the_schema() {
-    use bastion_security::audit::message::messages;
+    use bastion_audit::audit::message::messages;
     let subjects = vec![Subject {
         patient_id: "PID-1".into(),
         patient_name: "Doe^Jane".into(),
@@ -432,9 +432,9 @@ fn messages_validate_against_the_schema() {
         json!({"type": "audit.read", "outcome": "success", "user": "aud", "peer": "127.0.0.1:1"}),
         json!({"type": "something.new", "outcome": "success"}),
         json!({"type": "query.find", "outcome": "success", "ae": "CT1", "peer": "[::1]:4000", "model": "patient_root", "level": "PATIENT", "matches": 1,
-            "private": bastion_security::audit::private_query(b"\x10\x00\x20\x00\x06\x00\x00\x00PID-1 ", Some("1.2.840.10008.1.2"))}),
+            "private": bastion_audit::audit::private_query(b"\x10\x00\x20\x00\x06\x00\x00\x00PID-1 ", Some("1.2.840.10008.1.2"))}),
         json!({"type": "http.request", "outcome": "success", "user": "ann", "peer": "127.0.0.1:6000", "action": "qido.studies", "path": "/dicomweb/studies", "study_uids": [],
-            "private": bastion_security::audit::private_query(b"PatientID=PID-1&limit=10", None)}),
+            "private": bastion_audit::audit::private_query(b"PatientID=PID-1&limit=10", None)}),
     ];
     let d = tempfile::tempdir().expect("tmp");
     let mut files = Vec::new();
@@ -482,7 +482,7 @@ fn cursor_reads_from_a_record_and_waits_for_partial_lines() {
     let d = tempfile::tempdir().expect("tmp");
     let dir = d.path().join("audit");
     trail(&dir, 3);
-    let reader = bastion_security::audit::AuditReader::new(&dir, keys());
+    let reader = bastion_audit::audit::AuditReader::new(&dir, keys());
     let mut c = reader.read_from(1).expect("cursor");
     assert_eq!(c.position(), 1);
     let mut seqs = Vec::new();

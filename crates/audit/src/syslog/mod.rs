@@ -148,8 +148,8 @@ impl SyslogExporter {
     /// with the first message not yet delivered.
     ///
     /// # Errors
-    /// The spool cannot be opened ([`crate::SecurityError::Io`],
-    /// [`crate::SecurityError::Invalid`] when it does not decrypt).
+    /// The spool cannot be opened ([`crate::LogError::Io`],
+    /// [`crate::LogError::Invalid`] when it does not decrypt).
     pub fn start(
         spool_dir: &Path,
         key: &[u8; 32],
@@ -200,7 +200,7 @@ impl SyslogExporter {
         let thread = std::thread::Builder::new()
             .name("syslog-trail".into())
             .spawn(move || follow_run(&s, &trail, resume))
-            .map_err(|e| crate::SecurityError::Invalid {
+            .map_err(|e| crate::LogError::Invalid {
                 what: "syslog trail follower",
                 detail: e.to_string(),
             })?;

@@ -19,6 +19,7 @@
 //!
 //! Alerts name accounts, AE titles, addresses and UIDs, never patients.
 
+use crate::DbExt;
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
@@ -37,7 +38,7 @@ use crate::{
     db::SecurityDb,
     detect::{source_of, Finding, PatientResolver, Rule, Rules, MAX_EVIDENCE},
     events::{EventLog, EventObserver, Outcome},
-    Result, SecurityError,
+    DetectError, Result,
 };
 
 /// One alert record.
@@ -120,7 +121,7 @@ impl AlertStore {
     /// Stores a finding and returns its record.
     ///
     /// # Errors
-    /// [`SecurityError::Db`].
+    /// [`DetectError::Db`].
     pub fn insert(&self, f: &Finding) -> Result<Alert> {
         let ts = f.ts.format(&Rfc3339).unwrap_or_default();
         let details = Value::Object(f.details.clone()).to_string();
@@ -163,7 +164,7 @@ impl AlertStore {
     /// `None` when the alert is acknowledged or gone (open a new one).
     ///
     /// # Errors
-    /// [`SecurityError::Db`].
+    /// [`DetectError::Db`].
     pub fn group(&self, id: i64, f: &Finding) -> Result<Option<Alert>> {
         let ts = f.ts.format(&Rfc3339).unwrap_or_default();
         let updated = self.db.with(|c| {
@@ -221,7 +222,7 @@ impl AlertStore {
     /// ones only when `all`. At most `limit`.
     ///
     /// # Errors
-    /// [`SecurityError::Db`].
+    /// [`DetectError::Db`].
     pub fn list(&self, all: bool, limit: usize) -> Result<Vec<Alert>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.db.with(|c| {
@@ -244,7 +245,7 @@ impl AlertStore {
     /// One alert.
     ///
     /// # Errors
-    /// [`SecurityError::Db`].
+    /// [`DetectError::Db`].
     pub fn get(&self, id: i64) -> Result<Option<Alert>> {
         self.db.with(|c| {
             c.query_row(
@@ -264,7 +265,7 @@ impl AlertStore {
     /// raised before evidence was kept.
     ///
     /// # Errors
-    /// [`SecurityError::NoSuchAlert`], [`SecurityError::Db`].
+    /// [`DetectError::NoSuchAlert`], [`DetectError::Db`].
     pub fn evidence(&self, id: i64) -> Result<Vec<Value>> {
         let raw: Option<String> = self.db.with(|c| {
             c.query_row("SELECT evidence FROM alerts WHERE id = ?1", [id], |r| {
@@ -273,7 +274,7 @@ impl AlertStore {
             .optional()
             .map_err(db_err("read alert evidence"))
         })?;
-        let raw = raw.ok_or(SecurityError::NoSuchAlert(id))?;
+        let raw = raw.ok_or(DetectError::NoSuchAlert(id))?;
         Ok(match serde_json::from_str(&raw) {
             Ok(Value::Array(items)) => items,
             _ => Vec::new(),
@@ -284,8 +285,8 @@ impl AlertStore {
     /// Acknowledging twice keeps the first acknowledgement.
     ///
     /// # Errors
-    /// [`SecurityError::NoSuchAlert`], [`SecurityError::Invalid`] for an
-    /// empty comment, [`SecurityError::Db`].
+    /// [`DetectError::NoSuchAlert`], [`DetectError::Invalid`] for an
+    /// empty comment, [`DetectError::Db`].
     pub fn ack(&self, id: i64, by: &str, comment: &str) -> Result<Alert> {
         self.acknowledge(id, by, comment).map(|(a, _)| a)
     }
@@ -299,7 +300,7 @@ impl AlertStore {
     pub fn acknowledge(&self, id: i64, by: &str, comment: &str) -> Result<(Alert, bool)> {
         let comment = comment.trim();
         if comment.is_empty() {
-            return Err(SecurityError::Invalid {
+            return Err(DetectError::Invalid {
                 what: "comment",
                 detail: "say why the alert is acknowledged".into(),
             });
@@ -316,7 +317,7 @@ impl AlertStore {
         })?;
         match self.get(id)? {
             Some(a) if n == 1 || a.ack.is_some() => Ok((a, n == 1)),
-            _ => Err(SecurityError::NoSuchAlert(id)),
+            _ => Err(DetectError::NoSuchAlert(id)),
         }
     }
 
@@ -325,7 +326,7 @@ impl AlertStore {
     /// none matched).
     ///
     /// # Errors
-    /// [`SecurityError::Invalid`] for an empty comment, [`SecurityError::Db`].
+    /// [`DetectError::Invalid`] for an empty comment, [`DetectError::Db`].
     pub fn acknowledge_many(
         &self,
         filter: &AckFilter,
@@ -334,7 +335,7 @@ impl AlertStore {
     ) -> Result<Vec<i64>> {
         let comment = comment.trim();
         if comment.is_empty() {
-            return Err(SecurityError::Invalid {
+            return Err(DetectError::Invalid {
                 what: "comment",
                 detail: "say why the alerts are acknowledged".into(),
             });
@@ -380,7 +381,7 @@ impl AlertStore {
     /// Open alerts per rule.
     ///
     /// # Errors
-    /// [`SecurityError::Db`].
+    /// [`DetectError::Db`].
     pub fn open_counts(&self) -> Result<BTreeMap<String, u64>> {
         self.db.with(|c| {
             let mut stmt = c
@@ -459,8 +460,8 @@ fn merge_varied(details: &mut Map<String, Value>, new: &Map<String, Value>) {
     }
 }
 
-fn db_err(op: &'static str) -> impl Fn(rusqlite::Error) -> SecurityError {
-    move |source| SecurityError::Db { op, source }
+fn db_err(op: &'static str) -> impl Fn(rusqlite::Error) -> DetectError {
+    move |source| DetectError::Db { op, source }
 }
 
 /// Something told of every new alert (the webhook). Called on the detector's
@@ -509,7 +510,7 @@ impl Detection {
     /// `bulk_retrieval`); `None` counts studies only.
     ///
     /// # Errors
-    /// [`SecurityError::Io`] when the thread cannot be started.
+    /// [`DetectError::Io`] when the thread cannot be started.
     pub fn start(
         rules: Rules,
         store: AlertStore,
@@ -527,7 +528,7 @@ impl Detection {
         let worker = std::thread::Builder::new()
             .name("bastion-detect".into())
             .spawn(move || run(rules, rx, &s, patients.as_deref()))
-            .map_err(|source| SecurityError::Io {
+            .map_err(|source| DetectError::Io {
                 op: "start the detector thread",
                 path: std::path::PathBuf::new(),
                 source,
@@ -1041,7 +1042,7 @@ mod tests {
         assert_eq!(ev[0]["ae"], "CT1");
         assert!(matches!(
             d.store().evidence(999),
-            Err(SecurityError::NoSuchAlert(999))
+            Err(DetectError::NoSuchAlert(999))
         ));
         // Acknowledge: it moves behind the open ones and keeps its id.
         let first = list[list.len() - 1].id;
@@ -1057,7 +1058,7 @@ mod tests {
         assert!(d.store().ack(first, "tester", " ").is_err());
         assert!(matches!(
             d.store().ack(999, "tester", "x"),
-            Err(SecurityError::NoSuchAlert(999))
+            Err(DetectError::NoSuchAlert(999))
         ));
         let Ok(open) = d.store().list(false, 100) else {
             panic!("list")

@@ -29,7 +29,7 @@ use std::{
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
-use crate::{io_err, Result, SecurityError};
+use crate::{io_err, LogError, Result};
 
 /// A segment is closed once it holds this many bytes.
 pub const SEGMENT_BYTES: u64 = 16 << 20;
@@ -79,7 +79,7 @@ impl Spool {
     /// Opens (creating, mode 0700) the spool in `dir`.
     ///
     /// # Errors
-    /// [`SecurityError::Io`]; [`SecurityError::Invalid`] for an unusable key.
+    /// [`LogError::Io`]; [`LogError::Invalid`] for an unusable key.
     pub fn open(dir: &Path, key: &[u8; 32]) -> Result<Spool> {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -87,7 +87,7 @@ impl Spool {
             .create(dir)
             .map_err(io_err("create", dir))?;
         let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).map_err(|_| {
-            SecurityError::Invalid {
+            LogError::Invalid {
                 what: "syslog spool key",
                 detail: "not an AES-256 key".into(),
             }
@@ -146,7 +146,7 @@ impl Spool {
     /// Appends one message; returns its sequence number once it is on disk.
     ///
     /// # Errors
-    /// [`SecurityError::Io`]; [`SecurityError::Invalid`] for a message over
+    /// [`LogError::Io`]; [`LogError::Invalid`] for a message over
     /// [`MAX_MESSAGE_BYTES`].
     pub fn append(
         &self,
@@ -173,7 +173,7 @@ impl Spool {
         message: &str,
     ) -> Result<u64> {
         if message.len() > MAX_MESSAGE_BYTES {
-            return Err(SecurityError::Invalid {
+            return Err(LogError::Invalid {
                 what: "syslog message",
                 detail: format!("{} bytes, more than {MAX_MESSAGE_BYTES}", message.len()),
             });
@@ -202,7 +202,7 @@ impl Spool {
                     Aad::from(aad(seq)),
                     &mut plain,
                 )
-                .map_err(|_| SecurityError::Invalid {
+                .map_err(|_| LogError::Invalid {
                     what: "syslog spool record",
                     detail: "encryption failed".into(),
                 })?;
@@ -243,7 +243,7 @@ impl Spool {
     /// Makes every record appended so far durable and readable.
     ///
     /// # Errors
-    /// [`SecurityError::Io`].
+    /// [`LogError::Io`].
     pub fn sync(&self) -> Result<()> {
         let last = self.state.lock().unwrap_or_else(|p| p.into_inner()).last;
         self.sync_upto(last)
@@ -267,7 +267,7 @@ impl Spool {
     /// The last sequence number marked delivered.
     ///
     /// # Errors
-    /// [`SecurityError::Io`] when `delivered` cannot be read.
+    /// [`LogError::Io`] when `delivered` cannot be read.
     pub fn delivered(&self) -> Result<u64> {
         read_delivered(&self.dir)
     }
@@ -276,7 +276,7 @@ impl Spool {
     /// deletes segments holding only delivered records.
     ///
     /// # Errors
-    /// [`SecurityError::Io`].
+    /// [`LogError::Io`].
     pub fn set_delivered(&self, seq: u64) -> Result<()> {
         let tmp = self.dir.join("delivered.tmp");
         let path = self.dir.join(DELIVERED);
@@ -363,7 +363,7 @@ impl SpoolReader<'_> {
     /// The next record, or `None` when every durable record was read.
     ///
     /// # Errors
-    /// [`SecurityError::Io`]; [`SecurityError::Invalid`] for a record that
+    /// [`LogError::Io`]; [`LogError::Invalid`] for a record that
     /// does not authenticate or a gap in the sequence.
     pub fn next_message(&mut self) -> Result<Option<SpooledMessage>> {
         if self.next > self.spool.last_synced() {
@@ -423,8 +423,8 @@ impl SpoolReader<'_> {
     }
 }
 
-fn corrupt(detail: String) -> SecurityError {
-    SecurityError::Invalid {
+fn corrupt(detail: String) -> LogError {
+    LogError::Invalid {
         what: "syslog spool",
         detail,
     }
