@@ -403,3 +403,19 @@ def test_index_on_postgres_credentials(make_server):
     r = run("serve", "--dicom-addr", "127.0.0.1:0", env=no_env)
     assert r.returncode != 0 and "index-password" in r.stderr, r.stderr
     assert "wrong-file-pw" not in r.stderr + r.stdout
+
+
+def test_a_password_written_into_the_index_url_is_never_echoed(tmp_path, bastion_bin):
+    """An administrator who writes the database password into --index-url
+    (user:PASSWORD@ or ?password=) is refused, and no message repeats it
+    (outside test: `init`, `serve` and `migrate` printed the whole URL)."""
+    import subprocess
+    for i, url in enumerate(["postgres://bastion:Pw-echo-7Q@127.0.0.1:9/bastion",
+                             "postgres://bastion@127.0.0.1:9/bastion?password=Pw-echo-7Q"]):
+        data = tmp_path / f"d{i}"
+        r = subprocess.run([str(bastion_bin), "init", "--data", str(data), "--index-url", url],
+                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                           env=dict(os.environ, PGPASSWORD="x"))
+        assert r.returncode != 0, r.stdout + r.stderr
+        assert "Pw-echo-7Q" not in r.stdout + r.stderr, r.stderr
+        assert "[index] url" in r.stderr or "--index-url" in r.stderr, r.stderr

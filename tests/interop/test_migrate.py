@@ -63,6 +63,11 @@ def _snapshot(data: Path) -> dict:
             for p in sorted(data.rglob("*")) if p.is_file()}
 
 
+def _sop(path) -> str:
+    from pydicom import dcmread
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
 def _migrate(srv, *args, check=False):
     return srv.cli("migrate", *args, check=check, timeout=900)
 
@@ -249,6 +254,18 @@ def test_migrate_to_postgres_and_garage_then_serve_same_answers(make_server, gar
                     "(scripts/test.sh starts PostgreSQL: scripts/postgres.sh)")
     monkeypatch.setenv("PGPASSWORD", Path(pw_file).read_text().strip())
     srv, uids = _populated(make_server)
+    # one patient with several studies of the same date: the engines order
+    # such ties differently, which must not count as a difference (outside
+    # test: every such migration ended "differences: 6", exit 1)
+    import helpers
+    same_day = []
+    for i in range(4):
+        ds = helpers.make_dataset(patient_name="Same^Day", patient_id="MIG-SAME", seed_value=i)
+        p = tmp_path / f"same{i}.dcm"
+        helpers.dataset_file(ds, p)
+        same_day.append(p)
+    assert srv.import_(*same_day)[1]["stored"] == 4
+    uids = uids + [_sop(p) for p in same_day]
     srv.start()
     srv.device_add("MIGFIND", transport="plain", allow="echo,find")
     want = _cfind_studies(srv)

@@ -139,6 +139,10 @@ def test_a_spill_over_the_spool_budget_fails_alone(make_server, tmp_path):
     assert status == 202, (status, doc)
     assert sorted(_referenced(doc)) == sorted([small_a[0], small_b[0]])
     assert bombs.stow_failure_reasons(doc) == [0xA700], doc
+    item = doc["00081198"]["Value"][0]
+    # named by its file meta UIDs; the limit named too (not "memory budget")
+    assert item["00081155"]["Value"] == [big[0]], item
+    assert "memory budget" not in item["00000902"]["Value"][0], item
     assert srv.instance_get(big[0], check=False) is None
 
     status, rsp = helpers.store_one(srv.plain_port, "SPILLER2", big[1])
@@ -215,3 +219,50 @@ def test_c_get_and_c_move_stream_large_instances(make_server, tmp_path):
     assert received(moved) == want
     print(f"C-MOVE of 2 x 48 MiB: peak RSS +{(peak - before) / 1024:.1f} MiB")
     assert peak - before < 24 * 1024, f"peak {peak} KiB, before {before} KiB"
+
+
+def test_a_stalled_stow_rs_upload_is_cut_off_and_frees_the_spool(make_server, tmp_path):
+    """A STOW-RS upload that stops sending in the middle of a spilled part is
+    cut off after `body_idle_timeout_secs` (408), not after the whole
+    `body_timeout_secs` (300 s), and the spool budget it held is free again
+    (outside test: 4 stalled uploads held 56 of 64 MiB of spool for 300 s,
+    and a modality's C-STORE was refused meanwhile)."""
+    import http.client
+    import ssl
+    import time
+
+    srv = _server(make_server, spool_budget_mib=24)
+    cfg = srv.data / "bastion.toml"
+    srv.stop()
+    text = cfg.read_text()
+    old = next(line for line in text.splitlines() if line.startswith("body_idle_timeout_secs ="))
+    cfg.write_text(text.replace(old, "body_idle_timeout_secs = 2"))
+    srv.start()
+    helpers.wait_port(srv.http_port, 30, srv.proc)
+    token = new_token(srv, "staller", "technologist")
+    srv.device_add("AFTERSTALL", transport="plain", allow="echo,store")
+    study = helpers.generate_uid()
+    uid, big = _instance(tmp_path, "big", 20 * MIB, study)
+    body = _body([(uid, big.read_bytes())])
+    ctx = ssl.create_default_context(cafile=str(srv.data / "tls" / "ca.crt"))
+    conn = http.client.HTTPSConnection("localhost", srv.http_port, context=ctx, timeout=60)
+    t0 = time.monotonic()
+    try:
+        conn.putrequest("POST", "/dicomweb/studies")
+        conn.putheader("Authorization", f"Bearer {token}")
+        conn.putheader("Content-Type",
+                       f'multipart/related; type="application/dicom"; boundary="{bombs.BOUNDARY}"')
+        conn.putheader("Accept", "application/dicom+json")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders()
+        conn.send(body[: len(body) * 6 // 10])  # past the 8 MiB share: spilled
+        r = conn.getresponse()  # then silence
+        status, waited = r.status, time.monotonic() - t0
+    finally:
+        conn.close()
+    assert status == 408, status
+    assert waited < 30, waited
+    # the spool it held is free: a 20 MiB C-STORE (spilled too) is stored
+    uid2, big2 = _instance(tmp_path, "big2", 20 * MIB, study, seed=5)
+    assert helpers.store_one(srv.plain_port, "AFTERSTALL", big2)[0] == 0x0000
+    assert srv.proc.poll() is None

@@ -738,7 +738,10 @@ impl Archive {
         let report =
             report.map_err(|e| ArchiveError::NotDicom(format!("malformed dataset: {e}")))?;
         let prefix_len = report.pixel_data_offset.unwrap_or(len);
-        reservation.grow(prefix_len as u64).map_err(budget_err)?;
+        reservation.grow(prefix_len as u64).map_err(|e| match e {
+            BudgetError::TransferLimit { limit } => ArchiveError::AttributesTooLarge { limit },
+            BudgetError::Exhausted { limit } => ArchiveError::Busy { limit },
+        })?;
         let parsed = (|| {
             let mut prefix = vec![0u8; prefix_len];
             spooled.read_at(base, &mut prefix).map_err(unreadable)?;

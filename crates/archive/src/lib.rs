@@ -72,6 +72,24 @@ pub enum ArchiveError {
         /// The global budget in bytes.
         limit: u64,
     },
+    /// The ingest spool's disk budget (`spool_budget_mib`) has no room now
+    /// for a dataset too large for memory (0xA700): retrying later may
+    /// succeed.
+    #[error(
+        "the ingest spool's disk budget of {limit} bytes (spool_budget_mib) is in use; retry later"
+    )]
+    SpoolFull {
+        /// The spool budget in bytes.
+        limit: u64,
+    },
+    /// A spilled dataset's attributes before Pixel Data (all of it, when it
+    /// has none: an encapsulated PDF, a large RT Structure Set) are parsed in
+    /// memory and exceed one transfer's share (0xA700).
+    #[error("attributes before Pixel Data exceed the memory share of {limit} bytes (transfer_budget_mib)")]
+    AttributesTooLarge {
+        /// The share in bytes.
+        limit: u64,
+    },
     /// The disk is full (0xA700).
     #[error("out of storage space")]
     NoSpace,

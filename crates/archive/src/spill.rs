@@ -46,14 +46,14 @@ impl Spill {
     ///
     /// # Errors
     /// [`ArchiveError::TooLarge`] past `max_dataset_bytes` (one spill's
-    /// share of the disk budget), [`ArchiveError::Busy`] when the spool
+    /// share of the disk budget), [`ArchiveError::SpoolFull`] when the spool
     /// budget is in use by other transfers, [`ArchiveError::NoSpace`] when
     /// the disk is full, [`ArchiveError::Internal`] for other I/O errors.
     /// The spill is of no further use after an error: drop it.
     pub fn append(&mut self, bytes: &[u8]) -> Result<(), ArchiveError> {
         self.disk.grow(bytes.len() as u64).map_err(|e| match e {
             BudgetError::TransferLimit { limit } => ArchiveError::TooLarge { limit },
-            BudgetError::Exhausted { limit } => ArchiveError::Busy { limit },
+            BudgetError::Exhausted { limit } => ArchiveError::SpoolFull { limit },
         })?;
         self.spool.append(bytes).map_err(spool_err)
     }

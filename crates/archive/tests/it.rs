@@ -628,7 +628,7 @@ fn spills_stay_within_the_spool_budget() {
         .expect("2500 + 2000 within 5000");
     assert!(matches!(
         second.append(&[2u8; 600]),
-        Err(ArchiveError::Busy { limit: 5000 })
+        Err(ArchiveError::SpoolFull { limit: 5000 })
     ));
     drop(first);
     second
@@ -682,4 +682,34 @@ fn an_unreachable_object_store_fails_the_ingest_and_acknowledges_nothing() {
         .find_instance("1.2.3.4.5.77")
         .expect("index")
         .is_none());
+}
+
+/// A spilled dataset without Pixel Data larger than one transfer's memory
+/// share (an encapsulated PDF, a large structure set) is refused naming that
+/// share, not as "over the configured limit" (outside test: a 30 MiB PDF was
+/// refused as "dataset exceeds the configured limit of 8388608 bytes" with
+/// max_dataset_bytes at 100 MiB).
+#[test]
+fn a_spilled_dataset_without_pixel_data_over_the_share_names_the_share() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = archive_with_budget(dir.path(), 1 << 20, 4096);
+    a.set_spool_dir(dir.path().join("spool"));
+    let (ds, _) = instance("1.2.3.4.5.70", &"x".repeat(20_000));
+    let mut s = a.spill().expect("spill").expect("configured");
+    s.append(&ds).expect("append");
+    let r = a.ingest(
+        Received::SpooledNetwork {
+            dataset: s.finish().expect("finish"),
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+            affected_sop_class: "1.2.840.10008.5.1.4.1.1.7".into(),
+            affected_sop_instance: "1.2.3.4.5.70".into(),
+        },
+        &origin(OnConflict::Refuse),
+    );
+    match r {
+        Err(e @ ArchiveError::AttributesTooLarge { limit: 4096 }) => {
+            assert!(e.to_string().contains("transfer_budget_mib"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
 }

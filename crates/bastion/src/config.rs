@@ -64,6 +64,49 @@ pub struct IndexSection {
     pub schema: Option<String>,
 }
 
+/// `url` fit for a message: a password in its user part
+/// (`scheme://user:PASSWORD@host`) or in a `password=` query parameter is
+/// replaced by `***`. For every message that names `[index] url` or
+/// `--to-index`, which an administrator may have written a password into
+/// (it is refused, but must not be echoed either).
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some(p) => p,
+        None => ("", url),
+    };
+    let (authority_path, query) = match rest.split_once('?') {
+        Some((a, q)) => (a, Some(q)),
+        None => (rest, None),
+    };
+    let authority_path = match authority_path.split_once('@') {
+        Some((auth, host)) => match auth.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority_path.to_owned(),
+        },
+        None => authority_path.to_owned(),
+    };
+    let query = query.map(|q| {
+        q.split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    });
+    let mut out = String::new();
+    if !scheme.is_empty() {
+        out.push_str(scheme);
+        out.push_str("://");
+    }
+    out.push_str(&authority_path);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(&q);
+    }
+    out
+}
+
 /// The secrets-directory file holding the PostgreSQL index password.
 pub const INDEX_PASSWORD_FILE: &str = "index-password";
 
@@ -328,6 +371,10 @@ pub struct HttpSection {
     pub header_timeout_secs: u64,
     /// Seconds allowed for a whole request body.
     pub body_timeout_secs: u64,
+    /// Seconds a STOW-RS body may send nothing before it is cut off (408):
+    /// a stalled upload must not hold its memory or spool budget for the
+    /// whole `body_timeout_secs`.
+    pub body_idle_timeout_secs: u64,
     /// HTTPS connections held at once.
     pub max_connections: usize,
     /// HTTPS connections held at once from one source address (IPv6: /64).
@@ -353,6 +400,7 @@ impl Default for HttpSection {
             handshake_timeout_secs: 10,
             header_timeout_secs: 10,
             body_timeout_secs: 300,
+            body_idle_timeout_secs: 60,
             max_connections: 256,
             max_connections_per_address: 64,
             max_unproven_per_address: 16,
@@ -599,6 +647,9 @@ max_json_bytes = {mjb}
 handshake_timeout_secs = {hts}
 header_timeout_secs = {hdt}
 body_timeout_secs = {bdt}
+# Seconds a STOW-RS upload may send nothing before it is cut off (408): a
+# stalled upload does not hold its memory or spool budget for long.
+body_idle_timeout_secs = {bit}
 # HTTPS connections held at once, and from one address (IPv6: per /64). A
 # connection is "unproven" until its TLS handshake and a first request's
 # headers are done; a newcomer closes the oldest unproven one of its own
@@ -766,6 +817,7 @@ webhook_queue = {dwq}
             hts = self.http.handshake_timeout_secs,
             hdt = self.http.header_timeout_secs,
             bdt = self.http.body_timeout_secs,
+            bit = self.http.body_idle_timeout_secs,
             mc = self.http.max_connections,
             mcpa = self.http.max_connections_per_address,
             mupa = self.http.max_unproven_per_address,
@@ -868,6 +920,21 @@ impl AccountsSection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_never_reach_a_message() {
+        for (url, shown) in [
+            ("postgres://u:S3CRET@h:5432/d", "postgres://u:***@h:5432/d"),
+            (
+                "postgres://u@h/d?password=S3CRET&sslmode=verify-full",
+                "postgres://u@h/d?password=***&sslmode=verify-full",
+            ),
+            ("postgres://u@h:5432/d", "postgres://u@h:5432/d"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+            assert!(!redact_url(url).contains("S3CRET"));
+        }
+    }
 
     /// `bastion init --index-url` writes `[index] url` (and schema); the
     /// rendered file reads back the same values; without it, no URL.

@@ -53,17 +53,32 @@ pub struct DataDir {
     master: Arc<OnceLock<MasterKey>>,
 }
 
+/// What [`DataDir::lock_serve`] holds: released when dropped (or the
+/// process ends).
+#[derive(Debug)]
+pub struct ServeLock {
+    _file: std::fs::File,
+    _dir: std::fs::File,
+}
+
 /// The secrets file holding the S3 access key id and secret (two lines, 0600).
 pub const STORE_CREDENTIALS: &str = "store-credentials";
 
 impl DataDir {
-    /// Takes `DIR/serve.lock`, the lock one `bastion serve` holds while it
-    /// runs (released when the process exits, however it exits): `None`
-    /// when another process holds it.
+    /// Takes the lock one `bastion serve` holds while it runs (released when
+    /// the process exits, however it exits): an advisory lock (flock) on the
+    /// data directory itself, which commands that must not run beside
+    /// `serve` but must not write the directory either (`bastion migrate`)
+    /// take too ([`DataDir::lock_dir`]), and on `DIR/serve.lock` (kept for
+    /// the versions that locked only that file). `None` when another process
+    /// holds either.
     ///
     /// # Errors
-    /// The lock file cannot be opened.
-    pub fn lock_serve(&self) -> Result<Option<std::fs::File>> {
+    /// The directory or the lock file cannot be opened.
+    pub fn lock_serve(&self) -> Result<Option<ServeLock>> {
+        let Some(dir) = self.lock_dir()? else {
+            return Ok(None);
+        };
         let lock_path = self.root.join("serve.lock");
         let lock = std::fs::OpenOptions::new()
             .create(true)
@@ -71,7 +86,21 @@ impl DataDir {
             .write(true)
             .open(&lock_path)
             .with_context(|| format!("cannot open {}", lock_path.display()))?;
-        Ok(lock.try_lock().is_ok().then_some(lock))
+        Ok(lock.try_lock().is_ok().then_some(ServeLock {
+            _file: lock,
+            _dir: dir,
+        }))
+    }
+
+    /// The advisory lock on the data directory itself (no file is created):
+    /// `None` when another process (a running `serve`) holds it.
+    ///
+    /// # Errors
+    /// The directory cannot be opened.
+    pub fn lock_dir(&self) -> Result<Option<std::fs::File>> {
+        let dir = std::fs::File::open(&self.root)
+            .with_context(|| format!("cannot open {}", self.root.display()))?;
+        Ok(dir.try_lock().is_ok().then_some(dir))
     }
 
     /// Wraps a path, keys in the data directory (the embedded default), no
@@ -444,11 +473,12 @@ impl DataDir {
             }
             connect.tls_roots = Some(roots);
         }
+        let shown = crate::config::redact_url(url);
         Index::open_postgres(&connect, &key).map_err(|e| {
             if e.is_credentials_refused() {
-                anyhow!("[index] url = {url:?}: the database refused the credentials (password from {from}): {e}")
+                anyhow!("[index] url = {shown:?}: the database refused the credentials (password from {from}): {e}")
             } else {
-                anyhow!("cannot open the index at [index] url = {url:?}: {e}")
+                anyhow!("cannot open the index at [index] url = {shown:?}: {e}")
             }
         })
     }
@@ -764,5 +794,32 @@ pub fn audit_identity(config: &Config) -> AuditIdentity {
     AuditIdentity {
         ae_title: config.dicom.ae_title.clone(),
         source_id: format!("{}@{host}", config.dicom.ae_title),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `bastion migrate` holds the data directory's lock without creating
+    /// any file; a `serve` started meanwhile finds it taken and refuses
+    /// (outside test: on a never-served directory, with no serve.lock yet,
+    /// `serve` started and acknowledged instances during a migration).
+    #[test]
+    fn the_directory_lock_keeps_serve_out_and_creates_nothing() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let dir = DataDir::new(tmp.path());
+        let held = dir.lock_dir()?;
+        assert!(held.is_some());
+        assert_eq!(std::fs::read_dir(tmp.path())?.count(), 0, "nothing created");
+        assert!(dir.lock_serve()?.is_none(), "serve must not start");
+        drop(held);
+        let serving = dir.lock_serve()?;
+        assert!(serving.is_some());
+        assert!(
+            dir.lock_dir()?.is_none(),
+            "migrate must not start beside serve"
+        );
+        Ok(())
     }
 }

@@ -129,23 +129,37 @@ pub fn open_index_at(
     Index::open(path, &key).with_context(|| format!("cannot open the index {}", path.display()))
 }
 
-/// `DIR/serve.lock` held for the migration when it exists (never created: the
-/// source is not written). `serve` creates it when it starts, so a data
-/// directory without one has no `serve` running.
+/// The data directory's lock ([`DataDir::lock_dir`]), held for the whole
+/// migration so that a `serve` started meanwhile refuses to run (it takes
+/// the same lock first); nothing is created (the source is not written).
+/// Also refuses while `DIR/serve.lock` is held (a `serve` of the versions
+/// that locked only that file). Outside test: with no `serve.lock` (a
+/// directory never served), `serve` could start and acknowledge instances
+/// in the middle of a migration.
 fn lock_serve_if_present(dir: &DataDir) -> Result<Option<std::fs::File>> {
-    let path = dir.root.join("serve.lock");
-    let file = match std::fs::File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
-    };
-    if file.try_lock().is_err() {
-        bail!(
+    let running = || {
+        anyhow!(
             "`bastion serve` is running on {}: stop it before migrating (instances received during the copy would be missed)",
             dir.root.display()
-        );
+        )
+    };
+    // The data directory itself: `serve` holds it while it runs, whether or
+    // not it ever created serve.lock (no file is created here).
+    let Some(dir_lock) = dir.lock_dir()? else {
+        return Err(running());
+    };
+    let path = dir.root.join("serve.lock");
+    match std::fs::File::open(&path) {
+        Ok(f) => {
+            if f.try_lock().is_err() {
+                return Err(running());
+            }
+            drop(f);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
     }
-    Ok(Some(file))
+    Ok(Some(dir_lock))
 }
 
 /// Reads blob `id` of `store` whole, authenticating every segment, and checks
@@ -444,17 +458,7 @@ fn archive_limits(config: &Config) -> Limits {
 
 /// A URL for messages: a password in its userinfo replaced by `***`.
 fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (auth, host) = match rest.split_once('@') {
-        Some(p) => p,
-        None => return url.to_owned(),
-    };
-    match auth.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
-    }
+    crate::config::redact_url(url)
 }
 
 /// The blob copy (no `--to-index`): each instance's blob verified at the
@@ -744,6 +748,13 @@ fn answers(
     if rows.is_empty() {
         bail!("no match");
     }
+    // Compared as a set: studies of one date come back in each engine's own
+    // order (SQLite and PostgreSQL break date ties differently).
+    let mut rows = rows
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.sort_by_key(|r| r.to_string());
     Ok(serde_json::to_string(&rows)?)
 }
 
@@ -780,7 +791,7 @@ fn switch_or_print(dir: &DataDir, args: &MigrateArgs) -> Result<()> {
     if let Some(url) = &args.to_index {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             bail!(
-                "--switch with a SQLite --to-index: an installation's SQLite index is always DIR/index.db; the data is migrated to {url}: move that file there by hand (serve stopped)"
+                "--switch with a SQLite --to-index: an installation's SQLite index is always DIR/index.db; the data is migrated to {}: move that file there by hand (serve stopped)", redact(url)
             );
         }
         updated = with_table_value(&updated, "index", "url", url)?;

@@ -334,6 +334,7 @@ fn web_app(
         max_upload_bytes: usize::try_from(h.max_upload_bytes).unwrap_or(usize::MAX),
         max_json_bytes: usize::try_from(h.max_json_bytes).unwrap_or(usize::MAX),
         body_timeout: Duration::from_secs(h.body_timeout_secs),
+        body_idle_timeout: Duration::from_secs(h.body_idle_timeout_secs.max(1)),
         max_matches: config.query.max_matches.max(1),
         ae_title: config.dicom.ae_title.clone(),
         ..bastion_web::WebConfig::default()

@@ -70,9 +70,11 @@ pub fn for_ingest_error(e: &ArchiveError) -> (Status, String) {
         ArchiveError::NotDicom(_) => Status::CANNOT_UNDERSTAND,
         ArchiveError::InvalidDataset(_) => Status::DATASET_DOES_NOT_MATCH_SOP_CLASS,
         ArchiveError::Conflict { .. } => Status::DUPLICATE_SOP_INSTANCE,
-        ArchiveError::TooLarge { .. } | ArchiveError::Busy { .. } | ArchiveError::NoSpace => {
-            Status::OUT_OF_RESOURCES
-        }
+        ArchiveError::TooLarge { .. }
+        | ArchiveError::Busy { .. }
+        | ArchiveError::SpoolFull { .. }
+        | ArchiveError::AttributesTooLarge { .. }
+        | ArchiveError::NoSpace => Status::OUT_OF_RESOURCES,
         ArchiveError::NotFound(_) | ArchiveError::Internal(_) => Status::OUT_OF_RESOURCES,
         // Nothing was stored; retrying later may succeed (PS3.4 §B.2.3).
         ArchiveError::StoreUnavailable(_) => Status::OUT_OF_RESOURCES,

@@ -54,11 +54,14 @@ pub async fn read_body(
 pub struct BodyFrames {
     body: Limited<Body>,
     waiting_left: Duration,
+    /// Longest wait for one frame (an idle upload is cut off).
+    idle: Duration,
 }
 
 impl BodyFrames {
     /// Checks the declared length against `limit` (413 at once) and starts
-    /// reading.
+    /// reading: the whole body within `deadline`, no wait for one frame
+    /// longer than `idle` (both [`ApiError::BodyTimeout`], 408).
     ///
     /// # Errors
     /// [`ApiError::TooLarge`], [`ApiError::BadRequest`] for a malformed
@@ -68,6 +71,7 @@ impl BodyFrames {
         body: Body,
         limit: usize,
         deadline: Duration,
+        idle: Duration,
     ) -> Result<BodyFrames, ApiError> {
         if declared_length(headers)?.is_some_and(|len| len > limit as u64) {
             return Err(ApiError::TooLarge);
@@ -75,6 +79,7 @@ impl BodyFrames {
         Ok(BodyFrames {
             body: Limited::new(body, limit),
             waiting_left: deadline,
+            idle,
         })
     }
 
@@ -87,7 +92,8 @@ impl BodyFrames {
     pub async fn next(&mut self) -> Result<Option<Bytes>, ApiError> {
         loop {
             let started = tokio::time::Instant::now();
-            let frame = tokio::time::timeout(self.waiting_left, self.body.frame()).await;
+            let frame =
+                tokio::time::timeout(self.waiting_left.min(self.idle), self.body.frame()).await;
             self.waiting_left = self.waiting_left.saturating_sub(started.elapsed());
             match frame {
                 Err(_) => return Err(ApiError::BodyTimeout),

@@ -1215,7 +1215,13 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
     // Retry-After). Each instance stored is whole and acknowledged in the
     // index, even if the request fails later (broken framing, timeout).
     let mut reservation = archive.budget().transfer();
-    let mut frames = BodyFrames::new(&parts.headers, body, cfg.max_upload_bytes, cfg.body_timeout)?;
+    let mut frames = BodyFrames::new(
+        &parts.headers,
+        body,
+        cfg.max_upload_bytes,
+        cfg.body_timeout,
+        cfg.body_idle_timeout,
+    )?;
     let mut splitter = PartSplitter::new(&related, &limits);
     // The part being spilled to disk: its headers, the spill, and the
     // error that ended the spill early (the part then fails alone).
@@ -1237,7 +1243,10 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
                             if let Some((headers, body)) = splitter.spill_part(&mut reservation)? {
                                 let mut spill = spill;
                                 let start = spill.append(&body);
-                                spilling = Some((headers, spill, start.err()));
+                                // Named by its meta information (in the
+                                // first bytes) should it fail.
+                                let named = crate::peek::meta_uids(&body).unwrap_or_default();
+                                spilling = Some((headers, spill, start.err(), named));
                                 splitter
                                     .push(data, &mut reservation)
                                     .map_err(|_| ApiError::Busy)?;
@@ -1278,7 +1287,7 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
                 }
                 // A spilled part: its body goes to the spool as it arrives,
                 // and is stored once its delimiter is found.
-                while let Some((_, spill, failure)) = spilling.as_mut() {
+                while let Some((_, spill, failure, _)) = spilling.as_mut() {
                     if failure.is_none() {
                         let Some(chunk) = splitter.drain_spill() else {
                             break;
@@ -1296,13 +1305,13 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
                     if failure.is_some() {
                         splitter.abandon_spill();
                     }
-                    let Some((headers, spill, failure)) = spilling.take() else {
+                    let Some((headers, spill, failure, (class, sop))) = spilling.take() else {
                         break;
                     };
                     let stored = match failure {
                         Some(e) => Stored::Failed {
-                            class: String::new(),
-                            sop: String::new(),
+                            class,
+                            sop,
                             reason: failure_reason(&e),
                             comment: failure_comment(&e),
                         },
@@ -1501,6 +1510,9 @@ fn store_part(
             }
         }
     }
+    // A failure is named by the part's file meta UIDs when it has readable
+    // ones (PS3.18 §10.5.3: the FailedSOPSequence item names the instance).
+    let named = crate::peek::meta_uids(&body.head()).unwrap_or_default();
     let received = match body {
         PartBody::Memory(bytes) => Received::File(bytes),
         PartBody::Spilled(spooled) => Received::SpooledFile(spooled),
@@ -1529,12 +1541,14 @@ fn store_part(
         // stored; else 202 naming the rest as not read, 0xA700).
         Err(ArchiveError::StoreUnavailable(_)) => Err(ApiError::StoreUnavailable),
         Err(e) => {
-            let sop = match &e {
-                ArchiveError::Conflict { sop_instance_uid } => sop_instance_uid.to_string(),
-                _ => String::new(),
+            let (class, sop) = match &e {
+                ArchiveError::Conflict { sop_instance_uid } => {
+                    (named.0, sop_instance_uid.to_string())
+                }
+                _ => named,
             };
             Ok(Stored::Failed {
-                class: String::new(),
+                class,
                 sop,
                 reason: failure_reason(&e),
                 comment: failure_comment(&e),
@@ -1570,9 +1584,15 @@ fn tally(
     Ok(())
 }
 
-/// A STOW-RS part being spilled to disk: its headers, the spill, and the
-/// error that ended the spill early (the part then fails alone).
-type Spilling = (Vec<(String, String)>, Spill, Option<ArchiveError>);
+/// A STOW-RS part being spilled to disk: its headers, the spill, the error
+/// that ended the spill early (the part then fails alone), and its SOP Class
+/// and Instance UIDs from its meta information (empty when unreadable).
+type Spilling = (
+    Vec<(String, String)>,
+    Spill,
+    Option<ArchiveError>,
+    (String, String),
+);
 
 /// The body of a STOW-RS part: in memory, or spilled to the encrypted
 /// spool (a part larger than the request's memory share).

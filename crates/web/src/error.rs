@@ -210,8 +210,10 @@ impl From<ArchiveError> for ApiError {
             ArchiveError::TooManyMatches { limit } => {
                 ApiError::BadRequest(format!("more than {limit} matches: refine the query"))
             }
-            ArchiveError::TooLarge { .. } => ApiError::TooLarge,
-            ArchiveError::Busy { .. } => ApiError::Busy,
+            ArchiveError::TooLarge { .. } | ArchiveError::AttributesTooLarge { .. } => {
+                ApiError::TooLarge
+            }
+            ArchiveError::Busy { .. } | ArchiveError::SpoolFull { .. } => ApiError::Busy,
             ArchiveError::NoSpace => {
                 tracing::error!("out of storage space");
                 ApiError::Unavailable
@@ -299,6 +301,8 @@ pub fn failure_reason(e: &ArchiveError) -> u16 {
         ArchiveError::Conflict { .. } => 0x0111,
         ArchiveError::TooLarge { .. }
         | ArchiveError::Busy { .. }
+        | ArchiveError::SpoolFull { .. }
+        | ArchiveError::AttributesTooLarge { .. }
         | ArchiveError::NoSpace
         | ArchiveError::NotFound(_)
         | ArchiveError::TooManyMatches { .. }

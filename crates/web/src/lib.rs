@@ -81,6 +81,9 @@ pub struct WebConfig {
     pub max_json_bytes: usize,
     /// A request body must arrive completely within this time.
     pub body_timeout: Duration,
+    /// A streamed (STOW-RS) body that sends nothing for this long is cut
+    /// off (408), releasing what it holds of the memory and spool budgets.
+    pub body_idle_timeout: Duration,
     /// QIDO-RS: more matches than this are refused (400, "refine the query").
     pub max_matches: usize,
     /// Our AE title (Retrieve AE Title in QIDO-RS results).
@@ -96,6 +99,7 @@ impl Default for WebConfig {
             max_upload_bytes: 2 << 30,
             max_json_bytes: 64 << 10,
             body_timeout: Duration::from_secs(300),
+            body_idle_timeout: Duration::from_secs(60),
             max_matches: bastion_archive::query::DEFAULT_MAX_MATCHES,
             ae_title: "BASTION".into(),
             bulk_threshold: 1024,
