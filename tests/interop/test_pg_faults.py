@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
-import json
 import os
 import re
 import secrets
@@ -45,6 +44,7 @@ from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as STUDY_FIND
 
@@ -179,21 +179,25 @@ def _new_token(srv) -> str:
     return out.strip().splitlines()[-1]
 
 
-def _stow(srv, token, files):
-    b = "pgfaultboundary42"
-    body = b"".join(f"--{b}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-                    + f.read_bytes() + b"\r\n" for f in files) + f"--{b}--\r\n".encode()
+def _request(srv, token, method, path, headers=None, body=None):
     ctx = ssl.create_default_context(cafile=str(srv.data / "tls" / "ca.crt"))
     conn = http.client.HTTPSConnection("localhost", srv.http_port, context=ctx, timeout=90)
     try:
-        conn.request("POST", "/dicomweb/studies", body=body, headers={
-            "Authorization": f"Bearer {token}",
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary="{b}"',
-            "Accept": "application/dicom+json"})
+        conn.request(method, path, body=body,
+                     headers={"Authorization": f"Bearer {token}", **(headers or {})})
         r = conn.getresponse()
         return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
     finally:
         conn.close()
+
+
+def _stow(srv, token, files):
+    b = "pgfaultboundary42"
+    body = b"".join(f"--{b}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                    + f.read_bytes() + b"\r\n" for f in files) + f"--{b}--\r\n".encode()
+    return _request(srv, token, "POST", "/dicomweb/studies", {
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary="{b}"',
+        "Accept": "application/dicom+json"}, body)
 
 
 def test_pg_stopped_mid_ingest_fails_safely_then_recovers(make_server, pg, tmp_path):
@@ -201,8 +205,12 @@ def test_pg_stopped_mid_ingest_fails_safely_then_recovers(make_server, pg, tmp_p
     helpers.wait_port(srv.http_port, 30, srv.proc)
     token = _new_token(srv)
     files = {}
+    study, series = generate_uid(), generate_uid()
     for i in range(40):
-        ds = helpers.make_dataset(patient_id=f"PGF-{i}", pixel_bytes=64 * 1024, seed_value=i)
+        # one series of one study: the writers contend on its rows
+        ds = helpers.make_dataset(patient_id="PGF-1", pixel_bytes=64 * 1024, seed_value=i,
+                                  study_uid=study, series_uid=series)
+        ds.InstanceNumber = i + 1
         p = tmp_path / f"s{i:03d}.dcm"
         files[p] = (ds.SOPInstanceUID, helpers.dataset_file(ds, p))
     paths = list(files)
@@ -263,6 +271,9 @@ def test_pg_stopped_mid_ingest_fails_safely_then_recovers(make_server, pg, tmp_p
     stow_file = paths[-1]
     status, headers, body = _stow(srv, token, [stow_file])
     assert status == 503 and headers.get("retry-after"), (status, headers, body[:400])
+    # QIDO-RS too: 503 with Retry-After, not an empty 200 nor a 500
+    status, headers, body = _request(srv, token, "GET", "/dicomweb/studies")
+    assert status == 503 and headers.get("retry-after"), (status, headers, body[:400])
     log = srv.log()
     assert "index database unavailable" in log and "PostgreSQL" in log, log[-3000:]
     assert pg.password not in log
@@ -276,6 +287,8 @@ def test_pg_stopped_mid_ingest_fails_safely_then_recovers(make_server, pg, tmp_p
         answered[p] = SUCCESS
     status, _, body = _stow(srv, token, [paths[-2]])
     assert status == 200, (status, body[:400])
+    status, _, body = _request(srv, token, "GET", "/dicomweb/studies")
+    assert status == 200 and study in body.decode(), (status, body[:400])
     answered[paths[-2]] = SUCCESS
     assert srv.starts == 1
     final, uids = _find_sop_uids(srv)

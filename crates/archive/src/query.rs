@@ -1776,6 +1776,16 @@ fn dicom_vr(t: Tag) -> VR {
         .unwrap_or(VR::UN)
 }
 
+/// An index error during a query: an unreachable index database as
+/// [`ArchiveError::StoreUnavailable`] (C-FIND 0xC000, QIDO-RS 503 with
+/// `Retry-After`, logged naming the index), anything else internal.
+fn query_index_err(e: bastion_index::IndexError) -> ArchiveError {
+    if e.is_unavailable() {
+        return crate::ingest::index_err(e);
+    }
+    ArchiveError::Internal(format!("query: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2264,12 +2274,3 @@ mod tests {
     }
 }
 
-/// An index error during a query: an unreachable index database as
-/// [`ArchiveError::StoreUnavailable`] (C-FIND 0xC000, QIDO-RS 503 with
-/// `Retry-After`, logged naming the index), anything else internal.
-fn query_index_err(e: bastion_index::IndexError) -> ArchiveError {
-    if e.is_unavailable() {
-        return crate::ingest::index_err(e);
-    }
-    ArchiveError::Internal(format!("query: {e}"))
-}
