@@ -206,7 +206,7 @@ def test_pg_stopped_mid_ingest_fails_safely_then_recovers(make_server, pg, tmp_p
     token = _new_token(srv)
     files = {}
     study, series = generate_uid(), generate_uid()
-    for i in range(40):
+    for i in range(70):
         # one series of one study: the writers contend on its rows
         ds = helpers.make_dataset(patient_id="PGF-1", pixel_bytes=64 * 1024, seed_value=i,
                                   study_uid=study, series_uid=series)
@@ -228,9 +228,13 @@ def test_pg_stopped_mid_ingest_fails_safely_then_recovers(make_server, pg, tmp_p
             if not assoc.is_established:
                 return
             with helpers.chunked_send():
-                for p in paths[3:]:
+                for p in paths[3:-2]:
                     if enough.is_set() or not assoc.is_established:
                         break
+                    # after the first 5, paced so that the stop (a second or
+                    # so under load) lands while the series is still flowing
+                    if len(statuses) >= 5 and not stopped.is_set():
+                        time.sleep(0.1)
                     was_stopped = stopped.is_set()
                     try:
                         st = assoc.send_c_store(p)
