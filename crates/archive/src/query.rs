@@ -2273,4 +2273,3 @@ mod tests {
         assert!(Query::parse(&ident("PATIENT", None, None), m, false).is_err());
     }
 }
-
