@@ -528,6 +528,15 @@ impl Archive {
                     sop_instance_uid: sop,
                 })
             }
+            // The index database went away during the commit: its outcome
+            // is unknown (the COMMIT may have been applied before the
+            // connection broke), so the blob stays; the orphan sweep removes
+            // it if no row references it. Deleting it could leave a committed
+            // row without its blob.
+            Err(e @ ArchiveError::StoreUnavailable(_)) => {
+                tracing::warn!(blob = %blob.id.as_str(), "index commit outcome unknown: the blob is kept for the orphan sweep");
+                Err(e)
+            }
             Err(e) => {
                 self.discard(&blob.id);
                 Err(e)
@@ -1204,9 +1213,18 @@ fn store_err(e: StoreError) -> ArchiveError {
     }
 }
 
-fn index_err(e: bastion_index::IndexError) -> ArchiveError {
+/// An index error as an archive error. An index database that cannot be
+/// reached (PostgreSQL stopped, restarting, unreachable) is reported like an
+/// unavailable blob store: nothing was acknowledged and retrying later may
+/// succeed (C-STORE 0xA700, STOW-RS 503 with `Retry-After`), with an
+/// operator log line naming the index database.
+pub(crate) fn index_err(e: bastion_index::IndexError) -> ArchiveError {
     match e {
         bastion_index::IndexError::NoSpace => ArchiveError::NoSpace,
+        e if e.is_unavailable() => {
+            tracing::error!(error = %e, "index database unavailable: the operation failed, nothing acknowledged; retrying later may succeed");
+            ArchiveError::StoreUnavailable(format!("index database: {e}"))
+        }
         other => ArchiveError::Internal(other.to_string()),
     }
 }

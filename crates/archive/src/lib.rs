@@ -94,11 +94,12 @@ pub enum ArchiveError {
     #[error("out of storage space")]
     NoSpace,
     /// The blob store (an object store) is unreachable, failing or refusing the
-    /// credentials: nothing was stored (C-STORE 0xA700 Refused: Out of Resources,
-    /// PS3.4 §B.2.3; STOW-RS 503 with `Retry-After`, PS3.18 §10.5.3). The detail
-    /// names the store and the operation, never credentials; it goes to the
-    /// operator log only.
-    #[error("blob store unavailable: {0}")]
+    /// credentials, or the index database (PostgreSQL) cannot be reached:
+    /// nothing was acknowledged (C-STORE 0xA700 Refused: Out of Resources,
+    /// PS3.4 §B.2.3; STOW-RS 503 with `Retry-After`, PS3.18 §10.5.3; C-FIND
+    /// 0xC000). The detail names the store or the index database and the
+    /// operation, never credentials; it goes to the operator log only.
+    #[error("image store unavailable: {0}")]
     StoreUnavailable(String),
     /// No such instance.
     #[error("no instance with SOP Instance UID {0}")]

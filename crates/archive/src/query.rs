@@ -1332,14 +1332,12 @@ impl Archive {
             }
             true
         })
-        .map_err(|e| ArchiveError::Internal(format!("query: {e}")))?;
+        .map_err(query_index_err)?;
         if let Some(k) = modalities {
             let mut kept = Vec::new();
             for row in out {
                 let Some(study) = row.ids.study else { continue };
-                let c = idx
-                    .study_counts(study)
-                    .map_err(|e| ArchiveError::Internal(format!("query: {e}")))?;
+                let c = idx.study_counts(study).map_err(query_index_err)?;
                 if c.modalities.iter().any(|m| value_matches(&k, m)) {
                     kept.push(row);
                     if kept.len() > limit {
@@ -1465,7 +1463,7 @@ impl Archive {
                 .collect();
             self.index()
                 .study_counts_many(&ids)
-                .map_err(|e| ArchiveError::Internal(format!("query: {e}")))?
+                .map_err(query_index_err)?
         } else {
             Default::default()
         };
@@ -1526,7 +1524,7 @@ impl Archive {
             out.extend(
                 self.index()
                     .instances_under(query.level, &row.ids)
-                    .map_err(|e| ArchiveError::Internal(format!("query: {e}")))?
+                    .map_err(query_index_err)?
                     .iter()
                     .map(InstanceRef::from),
             );
@@ -1636,7 +1634,7 @@ impl Archive {
             opts.retrieve_ae.clone(),
         );
         let idx = self.index();
-        let ierr = |e: bastion_index::IndexError| ArchiveError::Internal(format!("query: {e}"));
+        let ierr = query_index_err;
         for rk in &q.returns {
             let tag = rk.tag;
             if tag == tags::RETRIEVE_AE_TITLE {
@@ -1757,10 +1755,7 @@ impl Archive {
     ) -> Result<&'a StudyCounts, ArchiveError> {
         if extras.study.is_none() {
             let c = match row.ids.study {
-                Some(s) => self
-                    .index()
-                    .study_counts(s)
-                    .map_err(|e| ArchiveError::Internal(format!("query: {e}")))?,
+                Some(s) => self.index().study_counts(s).map_err(query_index_err)?,
                 None => StudyCounts::default(),
             };
             extras.study = Some(c);
@@ -1779,6 +1774,16 @@ fn dicom_vr(t: Tag) -> VR {
             _ => VR::UN,
         })
         .unwrap_or(VR::UN)
+}
+
+/// An index error during a query: an unreachable index database as
+/// [`ArchiveError::StoreUnavailable`] (C-FIND 0xC000, QIDO-RS 503 with
+/// `Retry-After`, logged naming the index), anything else internal.
+fn query_index_err(e: bastion_index::IndexError) -> ArchiveError {
+    if e.is_unavailable() {
+        return crate::ingest::index_err(e);
+    }
+    ArchiveError::Internal(format!("query: {e}"))
 }
 
 #[cfg(test)]

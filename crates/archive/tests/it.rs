@@ -713,3 +713,168 @@ fn a_spilled_dataset_without_pixel_data_over_the_share_names_the_share() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A TCP proxy to PostgreSQL that forwards everything until it has passed
+/// one `COMMIT` (a simple Query message, PS: the PostgreSQL frontend/backend
+/// protocol, "Message Formats") to the server while armed; it then swallows
+/// the server's CommandComplete and closes both sides: the commit happened,
+/// but the client only sees its connection break. Home-made: the fault is the
+/// test's subject and no crate injects exactly this one.
+mod cut_proxy {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    fn read_message(s: &mut TcpStream, typed: bool) -> std::io::Result<Vec<u8>> {
+        let mut head = vec![0u8; if typed { 5 } else { 4 }];
+        s.read_exact(&mut head)?;
+        let len_bytes: [u8; 4] = head[head.len() - 4..]
+            .try_into()
+            .map_err(|_| std::io::Error::other("length"))?;
+        let len = u32::from_be_bytes(len_bytes) as usize;
+        if !(4..=64 << 20).contains(&len) {
+            return Err(std::io::Error::other("bad message length"));
+        }
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body)?;
+        head.extend_from_slice(&body);
+        Ok(head)
+    }
+
+    fn pipe(mut client: TcpStream, upstream: SocketAddr, armed: Arc<AtomicBool>) {
+        let Ok(mut server) = TcpStream::connect(upstream) else {
+            return;
+        };
+        let cut = Arc::new(AtomicBool::new(false));
+        let (Ok(mut c2), Ok(mut s2)) = (client.try_clone(), server.try_clone()) else {
+            return;
+        };
+        let cut2 = cut.clone();
+        // server -> client: CommandComplete ('C') after the cut is swallowed,
+        // then both sides are closed
+        std::thread::spawn(move || {
+            while let Ok(m) = read_message(&mut s2, true) {
+                if cut2.load(Ordering::SeqCst) && m.first() == Some(&b'C') {
+                    let _ = c2.shutdown(Shutdown::Both);
+                    let _ = s2.shutdown(Shutdown::Both);
+                    return;
+                }
+                if c2.write_all(&m).is_err() {
+                    break;
+                }
+            }
+            let _ = c2.shutdown(Shutdown::Both);
+        });
+        // client -> server: the startup message has no type byte
+        let Ok(startup) = read_message(&mut client, false) else {
+            return;
+        };
+        if server.write_all(&startup).is_err() {
+            return;
+        }
+        while let Ok(m) = read_message(&mut client, true) {
+            if m.first() == Some(&b'Q')
+                && m.get(5..11) == Some(&b"COMMIT"[..])
+                && armed.swap(false, Ordering::SeqCst)
+            {
+                cut.store(true, Ordering::SeqCst);
+            }
+            if server.write_all(&m).is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Starts the proxy on 127.0.0.1; returns its address and the switch.
+    pub fn start(upstream: SocketAddr) -> (SocketAddr, Arc<AtomicBool>) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let armed = Arc::new(AtomicBool::new(false));
+        let a = armed.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let a = a.clone();
+                std::thread::spawn(move || pipe(c, upstream, a));
+            }
+        });
+        (addr, armed)
+    }
+}
+
+/// Index on PostgreSQL (`BASTION_TEST_PG_URL`): the connection breaks after
+/// PostgreSQL received the COMMIT of an instance, before its answer. The
+/// ingest fails ("retry later", never a success), and the blob is kept: the
+/// row did commit, so deleting the blob would leave an index row without its
+/// blob (a half-visible instance). The orphan sweep keeps it (referenced).
+#[test]
+fn commit_with_unknown_outcome_keeps_the_blob() {
+    use std::sync::atomic::Ordering;
+    let Ok(url) = std::env::var("BASTION_TEST_PG_URL") else {
+        println!("SKIP commit_with_unknown_outcome_keeps_the_blob: BASTION_TEST_PG_URL is not set");
+        return;
+    };
+    let password = match std::env::var_os("BASTION_TEST_PG_PASSWORD_FILE") {
+        Some(f) => std::fs::read_to_string(f).expect("password file"),
+        None => std::env::var("PGPASSWORD").unwrap_or_default(),
+    };
+    // postgres://USER@HOST:PORT/DB
+    let (head, db) = url.rsplit_once('/').expect("db in url");
+    let (user, hostport) = head
+        .trim_start_matches("postgres://")
+        .split_once('@')
+        .expect("user@host");
+    let upstream: std::net::SocketAddr = hostport.parse().expect("HOST:PORT");
+    let (proxy, armed) = cut_proxy::start(upstream);
+    let mut c = bastion_index::PgConnect::new(&format!("postgres://{user}@{proxy}/{db}"));
+    c.password = Some(zeroize::Zeroizing::new(password.trim_end().to_owned()));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    c.schema = format!("arch_unknown_{}_{nanos}", std::process::id());
+    c.pool_size = 2;
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let master = MasterKey::from_bytes([9u8; 32]);
+    let store =
+        Arc::new(BlobStore::open(&dir.path().join("blobs"), master.clone()).expect("store"));
+    let index = Index::open_postgres(&c, &master.derive("bastion index v1")).expect("index");
+    let events = EventLog::open(&dir.path().join("events/events.log")).expect("events");
+    let a = Archive::new(
+        store.clone(),
+        Arc::new(index),
+        Arc::new(events),
+        Limits::default(),
+    );
+    let uid = Uid::parse("1.2.3.4.5.77").expect("uid");
+    let (ds, _) = instance(uid.as_str(), "unknown outcome");
+    armed.store(true, Ordering::SeqCst);
+    let r = a.ingest(
+        network(ds.clone(), uid.as_str()),
+        &origin(OnConflict::Refuse),
+    );
+    assert!(
+        matches!(r, Err(ArchiveError::StoreUnavailable(_))),
+        "a commit with an unknown outcome must fail as 'retry later': {r:?}"
+    );
+    assert!(
+        !armed.load(Ordering::SeqCst),
+        "the proxy never saw the COMMIT"
+    );
+    // the row committed: it is served, whole
+    let back = a
+        .instance_part10(&uid)
+        .expect("the committed row lost its blob");
+    assert!(back.ends_with(&ds));
+    assert_eq!(a.sweep_orphans(Duration::ZERO).expect("sweep"), 0);
+    assert!(a.instance_part10(&uid).expect("still there").ends_with(&ds));
+    // a re-send (what a modality does after a failure) is a duplicate: success
+    let r = a.ingest(network(ds, uid.as_str()), &origin(OnConflict::Refuse));
+    assert_eq!(
+        r.ok(),
+        Some(Ingested::Duplicate {
+            sop_instance_uid: uid
+        })
+    );
+}

@@ -147,6 +147,38 @@ pub enum IndexError {
 }
 
 impl IndexError {
+    /// Whether the database could not be reached or the connection broke:
+    /// PostgreSQL stopped, restarting or unreachable (no connection within
+    /// the pool's timeout; SQLSTATE class 08 connection exception, 57P01..03
+    /// shutting down or starting up, 53300 too many connections; the
+    /// connection closed or failed at the socket). Retrying later may
+    /// succeed. A commit that failed this way has an unknown outcome: the
+    /// server may have applied it before the connection broke, so the
+    /// caller must not delete what the row would reference (the orphan sweep
+    /// removes it if the row never came to exist).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            IndexError::Unavailable { .. } => true,
+            IndexError::Postgres { source, .. } => match source.code() {
+                Some(code) => {
+                    let c = code.code();
+                    c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03" | "53300")
+                }
+                // Not an error sent by the server: a closed connection, or an
+                // I/O error (the cause chain holds an `io::Error`), or a timeout
+                // waiting for the server. Conversion errors (a column of the
+                // wrong type) have neither and stay internal errors.
+                None => {
+                    source.is_closed()
+                        || std::iter::successors(std::error::Error::source(source), |e| e.source())
+                            .any(|e| e.is::<std::io::Error>())
+                        || source.to_string().starts_with("timeout waiting for server")
+                }
+            },
+            _ => false,
+        }
+    }
+
     /// Whether PostgreSQL refused the login (wrong password or unknown role:
     /// SQLSTATE 28P01 / 28000), so the caller can name the credentials.
     pub fn is_credentials_refused(&self) -> bool {

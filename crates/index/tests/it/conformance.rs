@@ -830,6 +830,25 @@ fn no_plaintext_patient_data_at_rest() -> TestResult {
     })
 }
 
+/// A PostgreSQL server that cannot be reached (nothing listens on the port:
+/// the server is stopped) is reported as unavailable, so that the archive
+/// answers "retry later" (C-STORE 0xA700, STOW-RS 503) and keeps a blob whose
+/// commit outcome is unknown. Needs no PostgreSQL: runs everywhere.
+#[test]
+fn unreachable_postgres_is_unavailable() -> TestResult {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let c = PgConnect::new(&format!("postgres://bastion@127.0.0.1:{port}/bastion"));
+    let err = Index::open_postgres(&c, &KEY)
+        .err()
+        .ok_or("opened an index on a closed port")?;
+    assert!(err.is_unavailable(), "{err}");
+    assert!(!IndexError::NoSpace.is_unavailable());
+    Ok(())
+}
+
 /// PostgreSQL only: a wrong password is a clear error that does not echo it;
 /// several nodes starting on a new database at once migrate it exactly once.
 #[test]
@@ -850,6 +869,8 @@ fn postgres_credentials_and_concurrent_migration() -> TestResult {
         "{msg}"
     );
     assert!(!msg.contains("xyzzy"), "{msg}");
+    // a refused login is a configuration fault, not a database that is down
+    assert!(!err.is_unavailable(), "{msg}");
     c.password = good;
     let mut in_url = c.clone();
     in_url.url = in_url.url.replacen("://", "://u:secret-pw@", 1);
