@@ -119,9 +119,9 @@ class ScaleOut:
                 self.pg_proc.wait()
             self.pg_proc = None
 
-    def components_cpu_ms(self) -> float | None:
+    def components_cpu_ms(self) -> tuple[float, float] | None:
         """CPU time (user + system, ms) used so far by the PostgreSQL cluster
-        (postmaster, its live backends, and its reaped children) and Garage,
+        (postmaster, its live backends, and its reaped children) and by Garage,
         when this object started them; None otherwise."""
         if self.pg_datadir is None or self.garage_dir is None:
             return None
@@ -130,7 +130,7 @@ class ScaleOut:
             garage = int((self.garage_dir / "garage.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        ticks = 0
+        pg = ga = 0
         for d in Path("/proc").iterdir():
             if not d.name.isdigit():
                 continue
@@ -139,11 +139,14 @@ class ScaleOut:
             except (OSError, IndexError):
                 continue  # exited meanwhile
             pid, ppid = int(d.name), int(f[1])
-            if pid in (post, garage) or ppid == post:
-                ticks += int(f[11]) + int(f[12])
+            if pid == post or ppid == post:
+                pg += int(f[11]) + int(f[12])
             if pid == post:
-                ticks += int(f[13]) + int(f[14])  # backends already exited
-        return ticks * 1000.0 / os.sysconf("SC_CLK_TCK")
+                pg += int(f[13]) + int(f[14])  # backends already exited
+            if pid == garage:
+                ga += int(f[11]) + int(f[12])
+        tick = 1000.0 / os.sysconf("SC_CLK_TCK")
+        return pg * tick, ga * tick
 
     # -- per server ---------------------------------------------------------
     def init_args(self) -> list[str]:

@@ -187,12 +187,14 @@ def main():
                             r = run_bastion(Path(args.bin), files, parallel, work, so)
                             c1 = so.components_cpu_ms()
                             if c0 is not None and c1 is not None:
-                                r["engines_cpu_ms_per_inst"] = (c1 - c0) / len(files)
+                                r["pg_cpu_ms_per_inst"] = (c1[0] - c0[0]) / len(files)
+                                r["garage_cpu_ms_per_inst"] = (c1[1] - c0[1]) / len(files)
                         else:
                             r = run_storescp(files, parallel, work)
                         results.setdefault((server, parallel), []).append(r)
-                        extra = (f", PostgreSQL+Garage {r['engines_cpu_ms_per_inst']:.2f} ms CPU/inst"
-                                 if "engines_cpu_ms_per_inst" in r else "")
+                        extra = (f", PostgreSQL {r['pg_cpu_ms_per_inst']:.2f} + Garage "
+                                 f"{r['garage_cpu_ms_per_inst']:.2f} ms CPU/inst"
+                                 if "pg_cpu_ms_per_inst" in r else "")
                         print(f"round {rnd + 1} {server:8s} x{parallel}: "
                               f"{len(files) / r['secs']:.0f} inst/s, {mib / r['secs']:.1f} MiB/s, "
                               f"{r['cpu_ms_per_inst']:.2f} ms CPU/inst{extra}, "
@@ -221,9 +223,11 @@ def main():
             mibs = statistics.median(mib / r["secs"] for r in rs)
             cpu = statistics.median(r["cpu_ms_per_inst"] for r in rs)
             cpu_s = f"{cpu:.2f}"
-            eng = [r["engines_cpu_ms_per_inst"] for r in rs if "engines_cpu_ms_per_inst" in r]
-            if eng:
-                cpu_s += f" (+ {statistics.median(eng):.2f} PostgreSQL + Garage)"
+            pg = [r["pg_cpu_ms_per_inst"] for r in rs if "pg_cpu_ms_per_inst" in r]
+            ga = [r["garage_cpu_ms_per_inst"] for r in rs if "garage_cpu_ms_per_inst" in r]
+            if pg and ga:
+                cpu_s += (f" (+ PostgreSQL {statistics.median(pg):.2f}"
+                          f" + Garage {statistics.median(ga):.2f})")
             rss = max(r["rss_mib"] for r in rs)
             vs_scp = paired(server, "storescp", parallel) if server != "storescp" else ""
             vs_emb = paired(server, "bastion", parallel) if server == "scaleout" else ""

@@ -866,8 +866,10 @@ def main() -> None:
                     spec = dict(specs[srv], op="find", qtype=qt, warmup=args.warmup,
                                 queries=qs[qt][b::args.blocks])
                     c0 = bench.cpu_ms(srv)
+                    e0 = so.components_cpu_ms() if so and srv == "scaleout" else None
                     r = bench.run_worker(spec, in_ns[srv], 900)
                     r["cpu_ms"] = bench.cpu_ms(srv) - c0
+                    e1 = so.components_cpu_ms() if e0 else None
                     acc = res.setdefault(("find", qt, srv), {"lat": [], "wrong": 0, "errors": [],
                                                              "n_errors": 0, "matches": 0,
                                                              "examples": [], "cpu_ms": 0.0,
@@ -882,6 +884,8 @@ def main() -> None:
                     for k in ("wrong", "n_errors", "matches"):
                         acc[k] += r[k]
                     acc["cpu_ms"] += r["cpu_ms"]
+                    if e0 and e1:  # PostgreSQL, Garage
+                        acc["pg_cpu_ms"] = acc.get("pg_cpu_ms", 0.0) + e1[0] - e0[0]
                     acc["n"] += len(r["lat"]) + args.warmup
                     lat = r["lat"]
                     log(f"C-FIND {label:21s} {srv:8s} block {b + 1}: "
@@ -991,6 +995,11 @@ def report_engines(res: dict, m: dict, args, bench: Bench, specs: dict) -> None:
                       f"{a['wrong']} wrong, {a['n_errors']} errors") if a else "n/a"
         print(f"| C-FIND {label}: Bastion CPU ms/query | " + " | ".join(f(cpu[c]) for c in cols)
               + f" | {fmt_ratio(cpu.get('scaleout'), cpu.get('bastion'))} | | |")
+        a = res.get(("find", qt, "scaleout"))
+        if a and "pg_cpu_ms" in a and a["n"]:
+            print(f"| C-FIND {label}: PostgreSQL CPU ms/query | "
+                  + " | ".join("" if c != "scaleout" else f(a["pg_cpu_ms"] / a["n"]) for c in cols)
+                  + " | | | |")
         print(f"| C-FIND {label}: answers checked | " + " | ".join(chk[c] for c in cols)
               + " | | | all right |")
     for op, label in (("get", "C-GET"), ("move", "C-MOVE")):
