@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Ingest benchmark (not a test): DCMTK storescu -> bastion serve (TLS) vs
 DCMTK storescp (plain, no index/encryption/fsync), alternating, >= 3 rounds,
-over 1 and 4 parallel associations. See bench/README.md."""
+over 1 and 4 parallel associations. With `--engines embedded,scaleout`,
+Bastion runs twice per round: on its embedded default and with its index on
+PostgreSQL and its blobs on Garage (bench/engines.py), paired in the same run.
+See bench/README.md."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +25,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "interop"))
 import helpers  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+from engines import ScaleOut, parse_engines  # noqa: E402
 
 ENV = dict(os.environ, TCP_NODELAY="1")
 TARGET_BYTES = 512 * 1024
@@ -75,23 +81,30 @@ def send(port: int, files: list[Path], parallel: int, tls: list[str], aet: str, 
     return time.monotonic() - t0
 
 
-def run_bastion(binary: Path, files, parallel, work: Path) -> dict:
+def run_bastion(binary: Path, files, parallel, work: Path,
+                scaleout: ScaleOut | None = None) -> dict:
+    """One fresh Bastion; `scaleout`: its index in a fresh PostgreSQL schema
+    and its blobs under a fresh Garage key prefix."""
     data = work / "bastion-data"
     shutil.rmtree(data, ignore_errors=True)
-    subprocess.run([str(binary), "init", "--data", str(data)], check=True,
-                   capture_output=True, timeout=300)
-    subprocess.run([str(binary), "device", "add", "--data", str(data), "--ae", "BENCH",
-                    "--network", "127.0.0.1/32", "--transport", "mtls", "--allow", "echo,store"],
-                   check=True, capture_output=True, timeout=120)
+    env = scaleout.process_env() if scaleout else None
+    extra = scaleout.init_args() if scaleout else []
+
+    def cli(*a):
+        p = subprocess.run([str(binary), *a], capture_output=True, timeout=300, env=env)
+        if p.returncode != 0:
+            raise SystemExit(f"bastion {a[0]} failed:\n{p.stderr.decode(errors='replace')[-2000:]}")
+    cli("init", "--data", str(data), *extra)
+    cli("device", "add", "--data", str(data), "--ae", "BENCH", "--network", "127.0.0.1/32",
+        "--transport", "mtls", "--allow", "echo,store")
     certs = work / "certs"
     shutil.rmtree(certs, ignore_errors=True)
-    subprocess.run([str(binary), "cert", "issue", "--data", str(data), "--ae", "BENCH",
-                    "--out", str(certs)], check=True, capture_output=True, timeout=120)
+    cli("cert", "issue", "--data", str(data), "--ae", "BENCH", "--out", str(certs))
     port = helpers.free_port()
     log = open(work / "bastion.log", "ab")
     proc = subprocess.Popen([str(binary), "serve", "--data", str(data),
                              "--dicom-addr", f"127.0.0.1:{port}", "--http-addr", "off"],
-                            stdout=log, stderr=log)
+                            stdout=log, stderr=log, env=env)
     try:
         helpers.wait_port(port, 60, proc)
         c0 = cpu_ms(proc.pid)
@@ -108,6 +121,8 @@ def run_bastion(binary: Path, files, parallel, work: Path) -> dict:
             proc.kill()
             proc.wait()
         log.close()
+        if scaleout:
+            scaleout.drop_schema(scaleout.schemas[-1])
     return {"secs": secs, "cpu_ms_per_inst": cpu / len(files), "rss_mib": rss / 1024}
 
 
@@ -138,41 +153,86 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "bench" / "out"))
     ap.add_argument("--corpus", default=os.environ.get("BASTION_CORPUS", str(REPO / ".cache" / "corpus")))
+    ap.add_argument("--engines", default="embedded",
+                    help="Bastion engines, comma-separated: embedded (SQLCipher index + local "
+                         "files) and/or scaleout (index on PostgreSQL, blobs on Garage; see "
+                         "bench/engines.py). Default: embedded")
+    ap.add_argument("--no-storescp", action="store_true", help="skip the DCMTK storescp rows")
     args = ap.parse_args()
+    engines = parse_engines(args.engines)
+    servers = [{"embedded": "bastion", "scaleout": "scaleout"}[e] for e in engines]
+    if not args.no_storescp:
+        servers.append("storescp")
     files = generate(Path(args.out) / "instances", args.count, Path(args.corpus))
     mib = sum(f.stat().st_size for f in files) / 2**20
     print(f"{len(files)} instances, {mib:.1f} MiB total", flush=True)
     results = {}  # (server, parallel) -> [dict per round]
     with tempfile.TemporaryDirectory(prefix="bastion-bench-", dir=args.out) as tmp:
         work = Path(tmp)
-        for rnd in range(args.rounds):
-            for parallel in (1, 4):
-                # alternate the order each round
-                order = ["bastion", "storescp"] if rnd % 2 == 0 else ["storescp", "bastion"]
-                for server in order:
-                    if server == "bastion":
-                        r = run_bastion(Path(args.bin), files, parallel, work)
-                    else:
-                        r = run_storescp(files, parallel, work)
-                    results.setdefault((server, parallel), []).append(r)
-                    print(f"round {rnd + 1} {server:8s} x{parallel}: "
-                          f"{len(files) / r['secs']:.0f} inst/s, {mib / r['secs']:.1f} MiB/s, "
-                          f"{r['cpu_ms_per_inst']:.2f} ms CPU/inst, peak RSS {r['rss_mib']:.0f} MiB",
-                          flush=True)
+        so = ScaleOut(work) if "scaleout" in servers else None
+        try:
+            if so:
+                so.start()
+                print(f"scale-out engines: {', '.join(so.started) or 'from the environment'}",
+                      flush=True)
+            for rnd in range(args.rounds):
+                for parallel in (1, 4):
+                    # alternate the order each round
+                    order = servers if rnd % 2 == 0 else servers[::-1]
+                    for server in order:
+                        if server == "bastion":
+                            r = run_bastion(Path(args.bin), files, parallel, work)
+                        elif server == "scaleout":
+                            c0 = so.components_cpu_ms()
+                            r = run_bastion(Path(args.bin), files, parallel, work, so)
+                            c1 = so.components_cpu_ms()
+                            if c0 is not None and c1 is not None:
+                                r["pg_cpu_ms_per_inst"] = (c1[0] - c0[0]) / len(files)
+                                r["garage_cpu_ms_per_inst"] = (c1[1] - c0[1]) / len(files)
+                        else:
+                            r = run_storescp(files, parallel, work)
+                        results.setdefault((server, parallel), []).append(r)
+                        extra = (f", PostgreSQL {r['pg_cpu_ms_per_inst']:.2f} + Garage "
+                                 f"{r['garage_cpu_ms_per_inst']:.2f} ms CPU/inst"
+                                 if "pg_cpu_ms_per_inst" in r else "")
+                        print(f"round {rnd + 1} {server:8s} x{parallel}: "
+                              f"{len(files) / r['secs']:.0f} inst/s, {mib / r['secs']:.1f} MiB/s, "
+                              f"{r['cpu_ms_per_inst']:.2f} ms CPU/inst{extra}, "
+                              f"peak RSS {r['rss_mib']:.0f} MiB", flush=True)
+        finally:
+            if so:
+                so.stop()
+    names = {"bastion": "bastion embedded (TLS)", "scaleout": "bastion scale-out (TLS; PostgreSQL + Garage)",
+             "storescp": "storescp (plain)"}
+
+    def paired(a: str, b: str, parallel: int):
+        """Median over rounds of throughput(a) / throughput(b), same round."""
+        ra, rb = results.get((a, parallel)), results.get((b, parallel))
+        if not ra or not rb:
+            return ""
+        return f"{statistics.median(xb['secs'] / xa['secs'] for xa, xb in zip(ra, rb)):.2f}"
     print()
     print("| server | associations | instances/s (median) | MiB/s (median) | CPU ms/instance (median) "
-          "| peak RSS MiB (max) | paired median ratio Bastion/storescp |")
-    print("|---|---|---|---|---|---|---|")
+          "| peak RSS MiB (max) | paired median ratio Bastion/storescp "
+          "| paired median ratio scale-out/embedded |")
+    print("|---|---|---|---|---|---|---|---|")
     for parallel in (1, 4):
-        b, s = results[("bastion", parallel)], results[("storescp", parallel)]
-        ratio = statistics.median(sb["secs"] and ss["secs"] / sb["secs"] for sb, ss in zip(b, s))
-        for name, rs in (("bastion (TLS)", b), ("storescp (plain)", s)):
+        for server in servers:
+            rs = results[(server, parallel)]
             ips = statistics.median(len(files) / r["secs"] for r in rs)
             mibs = statistics.median(mib / r["secs"] for r in rs)
             cpu = statistics.median(r["cpu_ms_per_inst"] for r in rs)
+            cpu_s = f"{cpu:.2f}"
+            pg = [r["pg_cpu_ms_per_inst"] for r in rs if "pg_cpu_ms_per_inst" in r]
+            ga = [r["garage_cpu_ms_per_inst"] for r in rs if "garage_cpu_ms_per_inst" in r]
+            if pg and ga:
+                cpu_s += (f" (+ PostgreSQL {statistics.median(pg):.2f}"
+                          f" + Garage {statistics.median(ga):.2f})")
             rss = max(r["rss_mib"] for r in rs)
-            rt = f"{ratio:.2f}" if name.startswith("bastion") else ""
-            print(f"| {name} | {parallel} | {ips:.0f} | {mibs:.1f} | {cpu:.2f} | {rss:.0f} | {rt} |")
+            vs_scp = paired(server, "storescp", parallel) if server != "storescp" else ""
+            vs_emb = paired(server, "bastion", parallel) if server == "scaleout" else ""
+            print(f"| {names[server]} | {parallel} | {ips:.0f} | {mibs:.1f} | {cpu_s} | {rss:.0f} "
+                  f"| {vs_scp} | {vs_emb} |")
 
 
 if __name__ == "__main__":

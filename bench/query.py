@@ -12,6 +12,12 @@ table with the ratios Bastion/Orthanc of issue 3. See bench/README.md.
 The same file is the measuring client: `query.py worker SPEC OUT` runs one
 series (find / findscu / get / move / echo / orthanc-stats) and writes JSON,
 so that the Orthanc side can run it with `ip netns exec`.
+
+With `--engines embedded,scaleout` Bastion runs twice on the same data: on its
+embedded default and with its index on PostgreSQL and its blobs on Garage
+(bench/engines.py); the C-FIND and C-GET series then also print the paired
+ratios scale-out/embedded. `--no-orthanc` leaves Orthanc out (no root needed),
+`--studies N` a smaller data set.
 """
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, TCP_NODELAY="1")
+sys.path.insert(0, str(REPO / "bench"))
+from engines import ScaleOut, parse_engines  # noqa: E402
 
 N_INSTANCES, N_STUDIES, N_PATIENTS, RETRIEVE_N = 10_000, 1_000, 200, 100
 DATA_VERSION = 1  # bump when the generated set changes
@@ -73,7 +81,7 @@ def generate(out: Path, corpus: Path, seed: int) -> dict:
     manifest_path, inst_dir = out / "manifest.json", out / "instances"
     if manifest_path.exists():
         m = json.loads(manifest_path.read_text())
-        if (m.get("version") == DATA_VERSION
+        if (m.get("version") == DATA_VERSION and len(m["studies"]) == N_STUDIES
                 and sum(1 for _ in inst_dir.rglob("*.dcm")) == m["instances"]):
             return m
     log(f"generating {N_INSTANCES} instances into {inst_dir} ...")
@@ -531,11 +539,12 @@ class Bench:
         return {"lat": lat, "wrong": wrong, "errors": errors[:5], "n_errors": len(errors),
                 "matches": matches, "examples": examples}
 
-    def start(self, cmd, logname, in_netns=False) -> subprocess.Popen:
+    def start(self, cmd, logname, in_netns=False, env=None) -> subprocess.Popen:
         logf = open(self.work / logname, "ab")
         if in_netns:
             cmd = self.netns(cmd)  # `ip netns exec` execs: the pid is the server's
-        p = subprocess.Popen(cmd, stdout=logf, stderr=logf, env=ENV, start_new_session=True)
+        p = subprocess.Popen(cmd, stdout=logf, stderr=logf, env=env or ENV,
+                             start_new_session=True)
         logf.close()
         self.procs.append(p)
         return p
@@ -562,12 +571,23 @@ class Bench:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     # -- Bastion ----------------------------------------------------------
-    def setup_bastion(self, inst_dir: Path) -> dict:
-        b, data = self.args.bin, self.work / "bastion-data"
+    def setup_bastion(self, inst_dir: Path, name: str = "bastion",
+                      scaleout: ScaleOut | None = None) -> dict:
+        """A loaded `bastion serve`: `name` "bastion" on the embedded default
+        (its attributes b_* are what dicomweb.py reads), or any other name
+        with `scaleout` (index on PostgreSQL, blobs on Garage)."""
+        b = self.args.bin
+        data = self.work / ("bastion-data" if name == "bastion" else f"{name}-data")
+        env = scaleout.process_env(ENV) if scaleout else ENV
+
         def cli(*a, timeout=300):
-            return subprocess.run([b, *a, "--data", str(data)], check=True, capture_output=True,
-                                  timeout=timeout)
-        cli("init")
+            p = subprocess.run([b, *a, "--data", str(data)], capture_output=True,
+                               timeout=timeout, env=env)
+            if p.returncode != 0:
+                raise SystemExit(f"bastion {a[0]} ({name}) failed: "
+                                 f"{p.stderr.decode(errors='replace')[-2000:]}")
+            return p
+        cli("init", *(scaleout.init_args() if scaleout else []))
         self.b_dest_port = free_port()
         cli("device", "add", "--ae", "BENCH", "--network", "127.0.0.1/32", "--transport", "tls",
             "--allow", "echo,find,get,move", "--host", "127.0.0.1",
@@ -578,21 +598,28 @@ class Bench:
         cli("device", "add", "--ae", "BENCHP", "--network", "127.0.0.1/32", "--transport",
             "plain", "--allow", "echo,get,move", "--host", "127.0.0.1",
             "--port", str(self.b_dest_port_plain))
-        certs = self.work / "bench-cert"
+        certs = self.work / ("bench-cert" if name == "bastion" else f"{name}-cert")
         cli("cert", "issue", "--ae", "BENCH", "--out", str(certs))
         t0 = time.monotonic()
         p = subprocess.run([b, "import", "--data", str(data), str(inst_dir)], capture_output=True,
-                           timeout=3600)
+                           timeout=3600, env=env)
         load = time.monotonic() - t0
         summary = p.stdout.decode(errors="replace").strip().splitlines()[-4:]
         if p.returncode != 0:
             raise SystemExit(f"bastion import failed: {p.stderr.decode(errors='replace')[-2000:]}")
-        log(f"bastion import: {load:.1f} s ({' '.join(summary)})")
+        log(f"bastion import ({name}): {load:.1f} s ({' '.join(summary)})")
+        if scaleout:
+            size = scaleout.schema_bytes(scaleout.schemas[-1])
+        else:
+            size = sum(f.stat().st_size for f in data.glob("index.db*"))
+        self.index_bytes = getattr(self, "index_bytes", {})
+        self.index_bytes[name] = size
         port, plain_port, self.b_http_port = free_port(), free_port(), free_port()
         self.b_proc = self.start([b, "serve", "--data", str(data), "--dicom-addr",
                                   f"127.0.0.1:{port}", "--dicom-plain-addr",
                                   f"127.0.0.1:{plain_port}", "--http-addr",
-                                  f"127.0.0.1:{self.b_http_port}"], "bastion.log")
+                                  f"127.0.0.1:{self.b_http_port}"], f"{name}.log",
+                                 **({"env": env} if scaleout else {}))
         self.b_certs = certs
         spec = {"host": "127.0.0.1", "port": port, "calling": "BENCH", "called": "BASTION",
                 "max_pdu": self.args.max_pdu, "nagle": self.args.nagle,
@@ -600,11 +627,16 @@ class Bench:
                         "key": str(certs / "client.key"), "server_name": "localhost"}}
         r = self.run_worker(dict(spec, op="echo", wait=60), False, 90)
         if not r.get("ok"):
-            raise SystemExit(f"bastion does not answer C-ECHO: {r}")
-        self.loads = {"bastion": load}
+            raise SystemExit(f"bastion ({name}) does not answer C-ECHO: {r}")
+        self.loads = getattr(self, "loads", {})
+        self.loads[name] = load
         self.b_plain_spec = {"host": "127.0.0.1", "port": plain_port, "calling": "BENCHP",
                              "called": "BASTION", "max_pdu": self.args.max_pdu,
                              "nagle": self.args.nagle}
+        self.bastions = getattr(self, "bastions", {})
+        self.bastions[name] = {"proc": self.b_proc, "certs": certs, "dest_port": self.b_dest_port,
+                               "dest_port_plain": self.b_dest_port_plain,
+                               "plain_spec": self.b_plain_spec}
         return spec
 
     # -- Orthanc ----------------------------------------------------------
@@ -664,12 +696,16 @@ class Bench:
             f"{st.get('CountStudies')} studies")
         if st.get("CountInstances") != N_INSTANCES:
             raise SystemExit(f"Orthanc holds {st} instead of {N_INSTANCES} instances")
+        self.loads = getattr(self, "loads", {})
         self.loads["orthanc"] = load
         return spec
 
     # -- measurements -----------------------------------------------------
     def cpu_ms(self, server: str) -> float:
-        pid = (self.o_proc if server == "orthanc" else self.b_proc).pid
+        if server == "orthanc":
+            pid = self.o_proc.pid
+        else:  # "bastion-plain" is the "bastion" process
+            pid = self.bastions[server.removesuffix("-plain")]["proc"].pid
         f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(f[11]) + int(f[12])) * 1000.0 / os.sysconf("SC_CLK_TCK")
 
@@ -679,22 +715,24 @@ class Bench:
         # +B: files written as received, so that the destination's own parsing is
         # not what is measured (--dest-parse turns it off).
         bp = [] if self.args.dest_parse else ["+B"]
-        if server == "bastion":  # Bastion connects with TLS (device transport tls), our CA
-            c = self.b_certs
+        bastions = getattr(self, "bastions", {})
+        if server in bastions:  # Bastion connects with TLS (device transport tls), our CA
+            c = bastions[server]["certs"]
             cmd = ["/usr/bin/storescp", "-aet", "BENCH", "+tls", str(c / "client.key"),
                    str(c / "client.crt"), "-pw", "+cf", str(c / "ca.crt"), *bp, "-od", str(out),
-                   str(self.b_dest_port)]
-            p = self.start(cmd, "storescp-bastion.log")
+                   str(bastions[server]["dest_port"])]
+            p = self.start(cmd, f"storescp-{server}.log")
         elif server == "bastion-plain":
             cmd = ["/usr/bin/storescp", "-aet", "BENCHP", *bp, "-od", str(out),
-                   str(self.b_dest_port_plain)]
+                   str(bastions["bastion"]["dest_port_plain"])]
             p = self.start(cmd, "storescp-bastion-plain.log")
         else:
             cmd = ["/usr/bin/storescp", "-aet", "BENCH", *bp, "-od", str(out),
                    str(self.o_dest_port)]
             p = self.start(cmd, "storescp-orthanc.log", in_netns=True)
-        port = {"bastion": self.b_dest_port, "bastion-plain": self.b_dest_port_plain,
-                "orthanc": self.o_dest_port}[server]
+        port = ({n: b["dest_port"] for n, b in bastions.items()}
+                | {"bastion-plain": bastions.get("bastion", {}).get("dest_port_plain"),
+                   "orthanc": getattr(self, "o_dest_port", None)})[server]
         if server != "orthanc":
             wait_port(port, 20, p)
         else:  # probe inside the netns
@@ -739,6 +777,7 @@ def fmt_ratio(b, o, target: str | None = None) -> str:
 
 
 def main() -> None:
+    global N_INSTANCES, N_STUDIES, N_PATIENTS  # --studies
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default=str(REPO / "target" / "release" / "bastion"))
     ap.add_argument("--out", default=str(REPO / "bench" / "out"))
@@ -766,11 +805,25 @@ def main() -> None:
                     help="Orthanc StorageAccessOnFind (Always is its default)")
     ap.add_argument("--no-findscu", action="store_true", help="skip the DCMTK findscu cross-check")
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--engines", default="embedded",
+                    help="Bastion engines, comma-separated: embedded and/or scaleout (index on "
+                         "PostgreSQL, blobs on Garage; bench/engines.py). Default: embedded")
+    ap.add_argument("--no-orthanc", action="store_true",
+                    help="leave Orthanc out (no network namespace, no root needed)")
+    ap.add_argument("--studies", type=int, default=N_STUDIES,
+                    help="studies in the data set (10 instances each, 5 per patient; "
+                         f"100..2600, default {N_STUDIES}); the data lives in out/qr "
+                         "(out/qr-N for another N)")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("needs root (ip netns)")
-    m = generate(Path(args.out) / "qr", Path(args.corpus), args.seed)
-    inst_dir = Path(args.out) / "qr" / "instances"
+    engines = parse_engines(args.engines)
+    if not args.no_orthanc and os.geteuid() != 0:
+        raise SystemExit("needs root (ip netns); --no-orthanc runs without Orthanc")
+    if not 100 <= args.studies <= 2600:
+        raise SystemExit("--studies: 100..2600")
+    N_STUDIES, N_INSTANCES, N_PATIENTS = args.studies, 10 * args.studies, args.studies // 5
+    qr = Path(args.out) / ("qr" if args.studies == 1000 else f"qr-{args.studies}")
+    m = generate(qr, Path(args.corpus), args.seed)
+    inst_dir = qr / "instances"
     qs = build_queries(m, args.queries, args.seed)
     rbytes = m["retrieve_file_bytes"]
     log(f"data: {m['instances']} instances, {len(m['studies'])} studies, "
@@ -786,23 +839,37 @@ def main() -> None:
     work = Path(tmp)
     bench = Bench(args, work)
     res: dict = {}
+    so = None
     try:
-        specs = {"bastion": bench.setup_bastion(inst_dir), "orthanc": bench.setup_orthanc(inst_dir)}
-        specs["bastion-plain"] = bench.b_plain_spec
-        in_ns = {"bastion": False, "bastion-plain": False, "orthanc": True}
-        retr_order = [["bastion", "orthanc", "bastion-plain"], ["orthanc", "bastion-plain", "bastion"],
-                      ["bastion-plain", "bastion", "orthanc"]]
+        specs = {}
+        if "embedded" in engines:
+            specs["bastion"] = bench.setup_bastion(inst_dir)
+            specs["bastion-plain"] = bench.b_plain_spec
+        if "scaleout" in engines:
+            so = ScaleOut(work).start()
+            log(f"scale-out engines: {', '.join(so.started) or 'from the environment'}")
+            specs["scaleout"] = bench.setup_bastion(inst_dir, "scaleout", so)
+        if not args.no_orthanc:
+            specs["orthanc"] = bench.setup_orthanc(inst_dir)
+        in_ns = {"bastion": False, "bastion-plain": False, "scaleout": False, "orthanc": True}
+        # the servers measured by C-FIND (TLS Bastions and Orthanc), and by C-GET/C-MOVE
+        finders = [s for s in ("bastion", "scaleout", "orthanc") if s in specs]
+        retrievers = [s for s in ("bastion", "scaleout", "orthanc", "bastion-plain")
+                      if s in specs]
+        retr_order = [retrievers[i:] + retrievers[:i] for i in range(len(retrievers))]
 
         # C-FIND, pynetdicom: per type, `blocks` associations per server, alternating
         for ti, (qt, label) in enumerate(QTYPES):
             for b in range(args.blocks):
-                order = ["bastion", "orthanc"] if (ti + b) % 2 == 0 else ["orthanc", "bastion"]
+                order = finders if (ti + b) % 2 == 0 else finders[::-1]
                 for srv in order:
                     spec = dict(specs[srv], op="find", qtype=qt, warmup=args.warmup,
                                 queries=qs[qt][b::args.blocks])
                     c0 = bench.cpu_ms(srv)
+                    e0 = so.components_cpu_ms() if so and srv == "scaleout" else None
                     r = bench.run_worker(spec, in_ns[srv], 900)
                     r["cpu_ms"] = bench.cpu_ms(srv) - c0
+                    e1 = so.components_cpu_ms() if e0 else None
                     acc = res.setdefault(("find", qt, srv), {"lat": [], "wrong": 0, "errors": [],
                                                              "n_errors": 0, "matches": 0,
                                                              "examples": [], "cpu_ms": 0.0,
@@ -817,6 +884,8 @@ def main() -> None:
                     for k in ("wrong", "n_errors", "matches"):
                         acc[k] += r[k]
                     acc["cpu_ms"] += r["cpu_ms"]
+                    if e0 and e1:  # PostgreSQL, Garage
+                        acc["pg_cpu_ms"] = acc.get("pg_cpu_ms", 0.0) + e1[0] - e0[0]
                     acc["n"] += len(r["lat"]) + args.warmup
                     lat = r["lat"]
                     log(f"C-FIND {label:21s} {srv:8s} block {b + 1}: "
@@ -828,7 +897,7 @@ def main() -> None:
         if not args.no_findscu:
             for ti, (qt, label) in enumerate(QTYPES):
                 files = write_findscu_files(qs[qt], qt, work / f"findscu-{qt}")
-                order = ["bastion", "orthanc"] if ti % 2 == 0 else ["orthanc", "bastion"]
+                order = finders if ti % 2 == 0 else finders[::-1]
                 for srv in order:
                     r = bench.run_worker(dict(specs[srv], op="findscu", files=files),
                                          in_ns[srv], 900)
@@ -838,7 +907,7 @@ def main() -> None:
 
         # C-GET of the 100-instance study
         for rnd in range(args.rounds):
-            for srv in retr_order[rnd % 3]:
+            for srv in retr_order[rnd % len(retr_order)]:
                 r = bench.run_worker(dict(specs[srv], op="get", study=m["retrieve_study"]),
                                      in_ns[srv], 600)
                 res.setdefault(("get", srv), []).append(r)
@@ -849,7 +918,7 @@ def main() -> None:
 
         # C-MOVE of the study to DCMTK storescp (AE BENCH; BENCHP for Bastion in plain)
         for rnd in range(args.rounds):
-            for srv in retr_order[rnd % 3]:
+            for srv in retr_order[rnd % len(retr_order)]:
                 dest_dir = work / f"move-{srv}"
                 dest = bench.start_dest(srv, dest_dir)
                 try:
@@ -870,8 +939,84 @@ def main() -> None:
                 shutil.rmtree(dest_dir, ignore_errors=True)
     finally:
         bench.cleanup()
-    report(res, m, args, bench)
+        if so:
+            so.stop()
+    if "orthanc" in specs and "bastion" in specs:
+        report(res, m, args, bench)
+    if "scaleout" in specs:
+        report_engines(res, m, args, bench, specs)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def report_engines(res: dict, m: dict, args, bench: Bench, specs: dict) -> None:
+    """Bastion scale-out (PostgreSQL + Garage) against the embedded default:
+    medians, and the paired median ratio scale-out/embedded (per query: the
+    same query, the same block, the two servers one after the other)."""
+    mib = m["retrieve_file_bytes"] / 2**20
+    cols = [s for s in ("bastion", "scaleout") if s in specs]
+    names = {"bastion": "embedded (SQLCipher + files)", "scaleout": "scale-out (PostgreSQL + Garage)"}
+    print()
+    print(f"Data: {m['instances']} instances, {len(m['studies'])} studies, "
+          f"{len(m['patients'])} patients. Load (bastion import): "
+          + ", ".join(f"{names[c]} {bench.loads.get(c, 0):.1f} s "
+                      f"({m['instances'] / max(bench.loads.get(c, 0), 1e-9):.0f} inst/s)"
+                      for c in cols)
+          + ". Index size on disk after the load: "
+          + ", ".join(f"{names[c]} "
+                      + (f"{bench.index_bytes[c] / 2**20:.1f} MiB"
+                         if bench.index_bytes.get(c) is not None else "n/a") for c in cols)
+          + f". Client: {args.client}, TLS for both.")
+    print()
+    print("| measurement | " + " | ".join(f"Bastion {names[c]}" for c in cols)
+          + " | ratio scale-out/embedded (of medians) | paired median ratio | target |")
+    print("|---" * (len(cols) + 4) + "|")
+
+    def lat(c, qt):
+        a = res.get(("find", qt, c))
+        return a["lat"] if a and a["lat"] else []
+    for qt, label in QTYPES:
+        med = {c: statistics.median(lat(c, qt)) * 1e3 if lat(c, qt) else None for c in cols}
+        p95 = {c: pct(lat(c, qt), 95) * 1e3 if lat(c, qt) else None for c in cols}
+        le, ls = lat("bastion", qt), lat("scaleout", qt)
+        paired = (f"**{statistics.median(s_ / e for e, s_ in zip(le, ls) if e > 0):.2f}**"
+                  if le and len(le) == len(ls) else "n/a")
+        f = (lambda v: "n/a" if v is None else f"{v:.2f}")
+        print(f"| C-FIND {label}: median ms ({len(ls)} queries) | "
+              + " | ".join(f(med[c]) for c in cols)
+              + f" | {fmt_ratio(med.get('scaleout'), med.get('bastion'))} | {paired} | ≤ 2 |")
+        print(f"| C-FIND {label}: p95 ms | " + " | ".join(f(p95[c]) for c in cols)
+              + f" | {fmt_ratio(p95.get('scaleout'), p95.get('bastion'))} | | |")
+        cpu = {}
+        chk = {}
+        for c in cols:
+            a = res.get(("find", qt, c))
+            cpu[c] = a["cpu_ms"] / a["n"] if a and a["n"] else None
+            chk[c] = (f"{a['matches'] / max(1, len(a['lat'])):.1f} matches/query, "
+                      f"{a['wrong']} wrong, {a['n_errors']} errors") if a else "n/a"
+        print(f"| C-FIND {label}: Bastion CPU ms/query | " + " | ".join(f(cpu[c]) for c in cols)
+              + f" | {fmt_ratio(cpu.get('scaleout'), cpu.get('bastion'))} | | |")
+        a = res.get(("find", qt, "scaleout"))
+        if a and "pg_cpu_ms" in a and a["n"]:
+            print(f"| C-FIND {label}: PostgreSQL CPU ms/query | "
+                  + " | ".join("" if c != "scaleout" else f(a["pg_cpu_ms"] / a["n"]) for c in cols)
+                  + " | | | |")
+        print(f"| C-FIND {label}: answers checked | " + " | ".join(chk[c] for c in cols)
+              + " | | | all right |")
+    for op, label in (("get", "C-GET"), ("move", "C-MOVE")):
+        vals = {}
+        for c in cols:
+            rs = res.get((op, c), [])
+            ok = [r for r in rs if "error" not in r]
+            vals[c] = statistics.median(r["secs"] for r in ok) if ok and len(ok) == len(rs) else None
+        paired = "n/a"
+        re_, rs_ = res.get((op, "bastion"), []), res.get((op, "scaleout"), [])
+        if re_ and len(re_) == len(rs_) and all("error" not in r for r in re_ + rs_):
+            paired = f"{statistics.median(s_['secs'] / e['secs'] for e, s_ in zip(re_, rs_)):.2f}"
+        cells = " | ".join("n/a" if vals[c] is None else f"{vals[c]:.3f} s, {mib / vals[c]:.0f} MiB/s"
+                           for c in cols)
+        print(f"| {label} of the {RETRIEVE_N}-instance study over TLS (median of {args.rounds}) | "
+              f"{cells} | {fmt_ratio(vals.get('scaleout'), vals.get('bastion'))} (time) "
+              f"| {paired} (time) | |")
 
 
 def report(res: dict, m: dict, args, bench: Bench) -> None:

@@ -2,7 +2,10 @@
 //! test: it asserts nothing about time and is `#[ignore]`d; it prints the
 //! figures). `cargo test --workspace --test it timing -- --ignored --nocapture`
 //! with `BASTION_TEST_PG_URL` set to include PostgreSQL; `BASTION_TIMING_STUDIES`
-//! sets the size (default 10 000 studies, one series and instance each).
+//! sets the size (default 10 000 studies, one series and instance each), or
+//! a comma-separated rising list (`10000,100000,1000000`): the scaling probe
+//! of issue 12, one index filled step by step, every query kind and the
+//! index size on disk printed at each step (a markdown row per size).
 
 use std::time::{Duration, Instant};
 
@@ -38,9 +41,10 @@ const FAMILY: [&str; 24] = [
     "White",
 ];
 
-fn fill(idx: &Index, studies: usize) -> Result<(), Box<dyn std::error::Error>> {
+/// Indexes studies `from..to` (one series and instance each).
+fn fill(idx: &Index, from: usize, to: usize) -> Result<(), Box<dyn std::error::Error>> {
     let mut batch = Vec::new();
-    for i in 0..studies {
+    for i in from..to {
         let mut r = NewInstance::default();
         // Zipf-like: low family indexes much more frequent.
         let f = (i * 7919) % 300;
@@ -76,7 +80,12 @@ fn median(
 ) -> Result<(Duration, usize), Box<dyn std::error::Error>> {
     let mut times = Vec::new();
     let mut n = 0;
-    for _ in 0..21 {
+    // 21 runs, or at least 5 once 5 s are spent (the wide scans at 100k+ studies)
+    let start = Instant::now();
+    for i in 0..21 {
+        if i >= 5 && start.elapsed() > Duration::from_secs(5) {
+            break;
+        }
         let t = Instant::now();
         n = 0;
         idx.scan(Level::Study, filters, |_| {
@@ -89,69 +98,113 @@ fn median(
     Ok((times[times.len() / 2], n))
 }
 
+/// The index's size on disk: the SQLCipher file (after a WAL checkpoint),
+/// or every relation of the PostgreSQL schema (tables, indexes, TOAST).
+fn size_on_disk(f: &Fixture) -> Result<u64, Box<dyn std::error::Error>> {
+    if let Some(c) = &f.pg {
+        let mut client = super::conformance::pg_client_pub(c)?;
+        let row = client.query_one(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relkind IN ('r', 'm')",
+            &[&c.schema],
+        )?;
+        return Ok(u64::try_from(row.get::<_, i64>(0))?);
+    }
+    f.index.checkpoint()?;
+    let path = f.index.path();
+    let mut total = std::fs::metadata(path)?.len();
+    for ext in ["db-wal", "db-shm"] {
+        if let Ok(m) = std::fs::metadata(path.with_extension(ext)) {
+            total += m.len();
+        }
+    }
+    Ok(total)
+}
+
 #[test]
 #[ignore = "prints query timings; run on demand"]
 fn timing() -> Result<(), Box<dyn std::error::Error>> {
-    let studies: usize = std::env::var("BASTION_TIMING_STUDIES")
+    let sizes: Vec<usize> = std::env::var("BASTION_TIMING_STUDIES")
         .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| !v.is_empty() && v.windows(2).all(|w| w[0] < w[1]))
+        .unwrap_or_else(|| vec![10_000]);
+    println!(
+        "| engine | studies | PatientID exact: median ms (candidate rows) \
+         | PatientName SMITH1* | StudyDate one month | Modality MR | index on disk MiB |"
+    );
     each_engine_pub("timing", |f: &Fixture| {
-        let t = Instant::now();
-        fill(&f.index, studies)?;
-        let fill_time = t.elapsed();
-        // As autovacuum would after a bulk load: the planner needs statistics.
-        if let Some(c) = &f.pg {
-            let mut client = super::conformance::pg_client_pub(c)?;
-            client.batch_execute(&format!(
-                "SET search_path = {}; ANALYZE patients; ANALYZE patient_name_prefixes;
-                 ANALYZE studies; ANALYZE series; ANALYZE instances;",
-                c.schema
-            ))?;
-        }
-        let queries = [
-            (
-                "PatientID exact",
-                vec![Prefilter {
-                    column: Column::PatientId,
-                    filter: Filter::AnyOf(vec!["PID0001234".into()]),
-                }],
-            ),
-            (
-                "PatientName wildcard SMITH1*",
-                vec![Prefilter {
-                    column: Column::PatientName,
-                    filter: Filter::PrefixNoCase(vec!["SMITH1".into()]),
-                }],
-            ),
-            (
-                "StudyDate one month",
-                vec![Prefilter {
-                    column: Column::StudyDate,
-                    filter: Filter::Range(Some("20190301".into()), Some("20190331".into())),
-                }],
-            ),
-            (
-                "Modality MR",
-                vec![Prefilter {
-                    column: Column::Modality,
-                    filter: Filter::AnyOf(vec!["MR".into()]),
-                }],
-            ),
-        ];
-        println!(
-            "[{}] {studies} studies indexed in {:.1} s",
-            f.engine,
-            fill_time.as_secs_f64()
-        );
-        for (name, filters) in &queries {
-            let (m, n) = median(&f.index, filters)?;
+        let mut filled = 0;
+        for &studies in &sizes {
+            let t = Instant::now();
+            fill(&f.index, filled, studies)?;
+            filled = studies;
+            let fill_time = t.elapsed();
+            // As autovacuum would after a bulk load: the planner needs statistics.
+            if let Some(c) = &f.pg {
+                let mut client = super::conformance::pg_client_pub(c)?;
+                client.batch_execute(&format!(
+                    "SET search_path = {}; ANALYZE patients; ANALYZE patient_name_prefixes;
+                     ANALYZE studies; ANALYZE series; ANALYZE instances;",
+                    c.schema
+                ))?;
+            }
+            let bytes = size_on_disk(f)?;
             println!(
-                "[{}] {name}: median {:.2} ms, {n} candidate rows",
+                "[{}] {studies} studies: this step indexed in {:.1} s; index on disk {:.1} MiB",
                 f.engine,
-                m.as_secs_f64() * 1000.0
+                fill_time.as_secs_f64(),
+                bytes as f64 / 1048576.0
             );
+            let mut row = format!("| {} | {studies} |", f.engine);
+            for (name, filters) in &queries(studies) {
+                let (m, n) = median(&f.index, filters)?;
+                println!(
+                    "[{}] {studies} studies, {name}: median {:.2} ms, {n} candidate rows",
+                    f.engine,
+                    m.as_secs_f64() * 1000.0
+                );
+                row += &format!(" {:.2} ({n}) |", m.as_secs_f64() * 1000.0);
+            }
+            row += &format!(" {:.1} |", bytes as f64 / 1048576.0);
+            println!("{row}");
         }
         Ok(())
     })
+}
+
+/// The query kinds, for an index of `studies` studies: one patient's ID
+/// (from the middle of the filled range), a family-name prefix, one month.
+fn queries(studies: usize) -> [(&'static str, Vec<Prefilter>); 4] {
+    [
+        (
+            "PatientID exact",
+            vec![Prefilter {
+                column: Column::PatientId,
+                filter: Filter::AnyOf(vec![format!("PID{:07}", studies / 6)]),
+            }],
+        ),
+        (
+            "PatientName wildcard SMITH1*",
+            vec![Prefilter {
+                column: Column::PatientName,
+                filter: Filter::PrefixNoCase(vec!["SMITH1".into()]),
+            }],
+        ),
+        (
+            "StudyDate one month",
+            vec![Prefilter {
+                column: Column::StudyDate,
+                filter: Filter::Range(Some("20190301".into()), Some("20190331".into())),
+            }],
+        ),
+        (
+            "Modality MR",
+            vec![Prefilter {
+                column: Column::Modality,
+                filter: Filter::AnyOf(vec!["MR".into()]),
+            }],
+        ),
+    ]
 }
