@@ -17,6 +17,7 @@ and names in BASTION_GARAGE_DIR); without it the tests skip, naming the
 variable.
 """
 import os
+import re
 import subprocess
 import threading
 import time
@@ -236,3 +237,44 @@ def test_s3_kill9_during_ingest_keeps_every_acknowledged_instance(make_server, g
             assert data is not None, f"acknowledged {f.name} lost after kill -9"
         if data is not None:
             assert corpus.dataset_bytes(data)[1] == raw, f"{f.name} is not intact"
+
+
+def test_import_stops_when_the_store_goes_down(make_server, garage, tmp_path):
+    """`bastion import` whose object store goes down mid-run stops at the
+    first 'unavailable' and says how many files it did not try (exit 1),
+    instead of waiting out the store's retries once per remaining file and
+    listing every one as rejected (outside test: an import stayed stuck for
+    minutes after the index database stopped)."""
+    srv = make_server(init=False, start=False)
+    srv.cli("init", "--store-url", garage.url)
+    files = []
+    for i in range(600):
+        ds = helpers.make_dataset(pixel_bytes=16 * 1024, seed_value=i)
+        p = tmp_path / "in" / f"i{i}.dcm"
+        p.parent.mkdir(exist_ok=True)
+        helpers.dataset_file(ds, p)
+        files.append(p)
+    proc = subprocess.Popen([str(srv.bin), "import", "--data", str(srv.data), str(tmp_path / "in")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)
+    time.sleep(1.0)
+    garage.stop()
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        garage.resume()
+    assert proc.returncode == 1, out
+    m = re.search(r"^not imported: (\d+) files", out, re.M)
+    assert m and int(m.group(1)) > 0, out[-2000:]
+    assert "stopped: " in out, out[-2000:]
+    stored = int(re.search(r"^stored: (\d+)", out, re.M).group(1))
+    rejected = int(re.search(r"^rejected: (\d+)", out, re.M).group(1))
+    assert stored + rejected + int(m.group(1)) <= 600 and rejected == 0, out[-2000:]
+    # run again once the store is back: the rest is imported, nothing twice
+    r = srv.cli("import", str(tmp_path / "in"), check=False, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:]
+    again = int(re.search(r"^stored: (\d+)", r.stdout, re.M).group(1))
+    dup = int(re.search(r"^duplicates: (\d+)", r.stdout, re.M).group(1))
+    assert again + dup == 600 and dup >= stored, r.stdout[-500:]

@@ -59,7 +59,9 @@ pub fn import(dir: &DataDir, paths: &[PathBuf]) -> Result<ExitCode> {
     };
     let (mut stored, mut duplicates, mut conflicts) = (0u64, 0u64, 0u64);
     let max = config.limits.max_dataset_bytes + 64 * 1024;
-    for f in &files {
+    // Why the import stopped early, and how many files it did not try.
+    let mut stopped: Option<(String, usize)> = None;
+    for (n, f) in files.iter().enumerate() {
         bar.inc(1);
         let len = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
         if len > max {
@@ -80,6 +82,14 @@ pub fn import(dir: &DataDir, paths: &[PathBuf]) -> Result<ExitCode> {
             Ok(Ingested::Stored { .. } | Ingested::Replaced { .. }) => stored += 1,
             Ok(Ingested::Duplicate { .. }) => duplicates += 1,
             Err(ArchiveError::Conflict { .. }) => conflicts += 1,
+            // The image store or the index is down, or the disk is full: every
+            // further file would wait for the same failure (the PostgreSQL
+            // pool's 10 s, the object store's retries) and be misreported as
+            // rejected; stop, and say how to resume.
+            Err(e @ (ArchiveError::StoreUnavailable(_) | ArchiveError::NoSpace)) => {
+                stopped = Some((e.to_string(), files.len() - n));
+                break;
+            }
             Err(e) => rejected.push((f.clone(), e.to_string())),
         }
     }
@@ -93,6 +103,13 @@ pub fn import(dir: &DataDir, paths: &[PathBuf]) -> Result<ExitCode> {
     }
     if conflicts > 0 {
         println!("(conflicts: a different dataset is already stored under the same SOP Instance UID; nothing was overwritten)");
+    }
+    if let Some((reason, left)) = stopped {
+        println!("stopped: {reason}");
+        println!(
+            "not imported: {left} files (run the same import again once the store is back: what was stored counts as a duplicate)"
+        );
+        return Ok(ExitCode::from(1));
     }
     Ok(if rejected.is_empty() {
         ExitCode::SUCCESS
