@@ -346,7 +346,7 @@ pub fn migrate(dir: &DataDir, args: &MigrateArgs) -> Result<ExitCode> {
         "destination: store {}{}",
         dest_store.describe(),
         match &args.to_index {
-            Some(u) => format!(", index {}", redact(u)),
+            Some(u) => format!(", index {}", crate::config::redact_url(u)),
             None => format!(", index {} (kept)", dir.index_db().display()),
         }
     );
@@ -454,11 +454,6 @@ fn archive_limits(config: &Config) -> Limits {
         transfer_budget_bytes: l.transfer_budget_mib.saturating_mul(1 << 20),
         spool_budget_bytes: l.spool_budget_mib.saturating_mul(1 << 20),
     }
-}
-
-/// A URL for messages: a password in its userinfo replaced by `***`.
-fn redact(url: &str) -> String {
-    crate::config::redact_url(url)
 }
 
 /// The blob copy (no `--to-index`): each instance's blob verified at the
@@ -780,7 +775,10 @@ fn switch_or_print(dir: &DataDir, args: &MigrateArgs) -> Result<()> {
         println!("  {store_line}");
         if let Some(i) = &args.to_index {
             println!("  [index]");
-            println!("  url = {}", toml::Value::String(redact(i)));
+            println!(
+                "  url = {}",
+                toml::Value::String(crate::config::redact_url(i))
+            );
         }
         println!("(or run again with --switch; `bastion serve` then uses the new engines)");
         return Ok(());
@@ -791,7 +789,7 @@ fn switch_or_print(dir: &DataDir, args: &MigrateArgs) -> Result<()> {
     if let Some(url) = &args.to_index {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             bail!(
-                "--switch with a SQLite --to-index: an installation's SQLite index is always DIR/index.db; the data is migrated to {}: move that file there by hand (serve stopped)", redact(url)
+                "--switch with a SQLite --to-index: an installation's SQLite index is always DIR/index.db; the data is migrated to {}: move that file there by hand (serve stopped)", crate::config::redact_url(url)
             );
         }
         updated = with_table_value(&updated, "index", "url", url)?;
@@ -919,9 +917,12 @@ mod tests {
     #[test]
     fn passwords_in_urls_are_redacted() {
         assert_eq!(
-            redact("postgres://u:secret@h:5432/db"),
+            crate::config::redact_url("postgres://u:secret@h:5432/db"),
             "postgres://u:***@h:5432/db"
         );
-        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            crate::config::redact_url("postgres://u@h/db"),
+            "postgres://u@h/db"
+        );
     }
 }

@@ -1160,6 +1160,20 @@ enum Stored {
     },
 }
 
+impl Stored {
+    /// The FailedSOPSequence item for `e` (Failure Reason and Error
+    /// Comment, PS3.18 §10.5.3), named by the part's SOP Class and Instance
+    /// UIDs (empty when unknown).
+    fn failed(e: &ArchiveError, (class, sop): (String, String)) -> Stored {
+        Stored::Failed {
+            class,
+            sop,
+            reason: failure_reason(e),
+            comment: failure_comment(e),
+        }
+    }
+}
+
 async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Response, ApiError> {
     let (caller, note) = who(&req)?;
     note.action("stow");
@@ -1309,33 +1323,21 @@ async fn stow(state: AppState, req: Request, study: Option<Uid>) -> Result<Respo
                         break;
                     };
                     let stored = match failure {
-                        Some(e) => Stored::Failed {
-                            class,
-                            sop,
-                            reason: failure_reason(&e),
-                            comment: failure_comment(&e),
-                        },
+                        Some(e) => Stored::failed(&e, (class, sop)),
                         None => {
                             let (archive, origin, expected) =
                                 (archive.clone(), origin.clone(), study.clone());
                             let (stored, back) = blocking(move || {
-                                let body =
-                                    spill.finish().map(PartBody::Spilled).map_err(|e| (e, ()));
-                                let stored = match body {
+                                let stored = match spill.finish() {
                                     Ok(body) => store_part(
                                         &archive,
                                         &origin,
                                         expected.as_ref(),
                                         &headers,
-                                        body,
+                                        PartBody::Spilled(body),
                                         &mut reservation,
                                     )?,
-                                    Err((e, ())) => Stored::Failed {
-                                        class: String::new(),
-                                        sop: String::new(),
-                                        reason: failure_reason(&e),
-                                        comment: failure_comment(&e),
-                                    },
+                                    Err(e) => Stored::failed(&e, (class, sop)),
                                 };
                                 Ok((stored, reservation))
                             })
@@ -1541,18 +1543,13 @@ fn store_part(
         // stored; else 202 naming the rest as not read, 0xA700).
         Err(ArchiveError::StoreUnavailable(_)) => Err(ApiError::StoreUnavailable),
         Err(e) => {
-            let (class, sop) = match &e {
+            let named = match &e {
                 ArchiveError::Conflict { sop_instance_uid } => {
                     (named.0, sop_instance_uid.to_string())
                 }
                 _ => named,
             };
-            Ok(Stored::Failed {
-                class,
-                sop,
-                reason: failure_reason(&e),
-                comment: failure_comment(&e),
-            })
+            Ok(Stored::failed(&e, named))
         }
     }
 }
